@@ -1,0 +1,44 @@
+# make run   : install into .venv and run maild in the foreground with ./policies.toml
+# make test  : install everything the tests need (Debian packages too) and run every test
+# make bench : run the benchmarks (docs/BENCHMARKS.md)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd
+
+.PHONY: run test venv deps lint check clean bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	mkdir -p var
+	$(VENV)/bin/maild check-config -c policies.toml
+	$(VENV)/bin/maild serve -c policies.toml --log stderr
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs root to install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check maild tests bench
+
+test: venv deps lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: venv deps
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

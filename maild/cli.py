@@ -1,0 +1,194 @@
+"""The `maild` command line (click).
+
+Exit codes: 0 success; 1 the command ran and found a problem; 2 bad usage or a broken
+policies.toml. Errors are one readable message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from maild import __version__
+from maild import config as cfg
+
+DEFAULT_CONFIG = os.environ.get("MAILD_CONFIG", "policies.toml")
+
+
+def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_root().params["config"] = value
+
+
+def config_option(f: Callable) -> Callable:
+    """`-c FILE` accepted after any subcommand too (`maild serve -c policies.toml`)."""
+    return click.option("-c", "--config", "config_", metavar="FILE", default=None,
+                        expose_value=False, is_eager=True, callback=_set_config,
+                        help="policies.toml to use (default: $MAILD_CONFIG or ./policies.toml).")(f)
+
+
+def config_path(ctx: click.Context | None = None) -> str:
+    ctx = ctx or click.get_current_context()
+    return ctx.find_root().params.get("config") or DEFAULT_CONFIG
+
+
+def load_config(ctx: click.Context | None = None) -> cfg.Config:
+    """Load policies.toml or exit 2 with every problem listed."""
+    try:
+        return cfg.load(config_path(ctx))
+    except cfg.ConfigError as e:
+        click.echo(f"maild: {len(e.problems)} problem(s) in {e.path}:", err=True)
+        for p in e.problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine; a state-store failure is a clean error, not a traceback."""
+    from maild.store.base import StoreError
+
+    try:
+        return asyncio.run(coro)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE", show_default=True,
+              help="policies.toml to use ($MAILD_CONFIG overrides the default).")
+@click.version_option(__version__, prog_name="maild")
+def main(config: str) -> None:
+    """maild: a mail-server hygiene daemon in front of Postfix.
+
+    It enforces the provider's acceptable-use policy on mail (relay protection,
+    postmaster acceptance, rate limits, forged headers, list consent) and runs the
+    retention jobs on the mail store. Configuration: policies.toml.
+    """
+
+
+@main.command()
+@config_option
+@click.option("--log", "log_target", default="syslog", show_default=True, metavar="TARGET",
+              help="Where log lines go: syslog (facility mail, ident maild), stderr, or a file.")
+@click.option("--debug", is_flag=True, help="Log debug detail too.")
+def serve(log_target: str, debug: bool) -> None:
+    """Run the SMTP proxy and the scheduled jobs in the foreground.
+
+    SIGHUP reloads policies.toml without dropping sessions; SIGTERM stops gracefully.
+    Under systemd (Type=notify) readiness and reloads are reported to systemd.
+    """
+    import logging
+
+    from maild import log as mlog
+    from maild.daemon import serve as run_serve
+
+    config = load_config()
+    mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
+    try:
+        run_serve(config)
+    except OSError as e:
+        raise click.ClickException(f"cannot serve: {e.strerror or e} "
+                                   f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"
+                                   ) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command("check-config")
+@config_option
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing when the file is valid.")
+def check_config(quiet: bool) -> None:
+    """Validate policies.toml: exit 0, or list every problem and exit 2."""
+    config = load_config()
+    if not quiet:
+        s = config.server
+        click.echo(f"{config.path}: OK: mode={s.mode} listen={s.listen[0]}:{s.listen[1]} "
+                   f"downstream={s.downstream[0]}:{s.downstream[1]} customers={len(config.customers)} "
+                   f"hosted={len(config.hosted_domains)}")
+
+
+def parse_since(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return time.time() - cfg.parse_duration(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a duration such as 30m, 24h or 7d",
+                                 param_hint="--since") from None
+
+
+@main.command("log")
+@config_option
+@click.option("--since", metavar="DURATION", help="Only decisions newer than this (e.g. 1h, 7d).")
+@click.option("-n", "--limit", default=50, show_default=True, type=click.IntRange(1, 100000),
+              help="At most this many decisions.")
+@click.option("--customer", metavar="NAME", help="Only this customer's decisions ('-' for none).")
+@click.option("--action", type=click.Choice(["relay", "reject", "tempfail"]),
+              help="Only decisions with this outcome.")
+@click.option("--rule", metavar="NAME", help="Only decisions made by this rule (e.g. relay).")
+@click.option("--address", metavar="ADDR", help="Only mail from or to this address.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def log_cmd(since: str | None, limit: int, customer: str | None, action: str | None,
+            rule: str | None, address: str | None, as_json: bool) -> None:
+    """Show recent decisions from the state store, newest first."""
+    from maild.store import open_store
+    from maild.store.core import recent_decisions
+
+    config = load_config()
+    since_ts = parse_since(since)
+
+    async def fetch() -> list[dict]:
+        store = await open_store(config.server.state, config.path)
+        try:
+            return await recent_decisions(store, since=since_ts, limit=limit, customer=customer,
+                                          action=action, rule=rule, address=address)
+        finally:
+            await store.close()
+
+    rows = run_async(fetch())
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"]))
+        click.echo(f"{when} {r['session']}: {r['action']}: {r['stage']} from "
+                   f"{r['client_name']}[{r['client_addr']}]: {r['code']} {r['status']} "
+                   f"{r['reason']}; customer={r['customer']} from=<{r['sender']}> "
+                   f"to=<{r['recipient']}> rule={r['rule']}")
+    if not rows:
+        click.echo("no decisions match", err=True)
+
+
+def _register_plugins() -> None:
+    """Commands owned by other modules (retention, ...), each registering its own."""
+    import importlib
+
+    for mod in ("maild.retention.cli",):
+        try:
+            importlib.import_module(mod).register(main)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    _add_config_option(main)
+
+
+def _add_config_option(group: click.Group) -> None:
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            _add_config_option(cmd)
+        elif not any("-c" in getattr(p, "opts", ()) for p in cmd.params):
+            config_option(cmd)  # on a Command, click.option appends to cmd.params
+
+
+_register_plugins()

@@ -1,0 +1,441 @@
+"""policies.toml into typed, frozen objects.
+
+Loading never stops at the first problem: every bad key is collected and reported
+with the key, the bad value and what would be valid, so an operator fixes the file
+in one pass. Other modules (retention, ratelimit, ...) parse their own sections with
+the same :class:`Reader`, so every error in the file reads the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES = ("before-queue", "front")
+
+
+class ConfigError(Exception):
+    """All problems found in one policies.toml, one line each."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------- values
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$",
+    re.I,
+)
+
+
+def parse_duration(value: Any) -> float:
+    """'90s', '5m', '7d', or a bare number of seconds, into seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """'25MB', '1M', '512k', or a bare number of bytes, into bytes (powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_hostport(value: Any, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """'127.0.0.1:10025', '[::1]:10025' or ':10025' into (host, port)."""
+    s = str(value).strip()
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", s) or re.match(r"^([^:\s]*):(\d+)$", s)
+    if not m:
+        raise ValueError
+    port = int(m.group(2))
+    if not 0 < port < 65536:
+        raise ValueError
+    return (m.group(1) or default_host), port
+
+
+def is_hostname(value: str) -> bool:
+    return bool(_HOSTNAME.match(value.rstrip(".")))
+
+
+class Reader:
+    """Typed access to one TOML table that records problems instead of raising.
+
+    Every getter returns a usable default when the value is bad, so that loading
+    goes on and reports all problems together.
+    """
+
+    def __init__(self, table: Any, prefix: str, problems: list[str]):
+        self.prefix = prefix
+        self.problems = problems
+        if not isinstance(table, dict):
+            self.error("", table, "a table")
+            table = {}
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, value: Any, expected: str) -> None:
+        where = self.key(name) if name else self.prefix
+        self.problems.append(f"{where} = {_show(value)}: expected {expected}")
+
+    def _get(self, name: str, default: Any) -> Any:
+        self.seen.add(name)
+        return self.table.get(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = (),
+            required: bool = False) -> str:
+        value = self._get(name, default)
+        if value is None:
+            if required:
+                self.problems.append(f"{self.key(name)} is missing: it is required")
+            return ""
+        if not isinstance(value, str):
+            self.error(name, value, "a string")
+            return default or ""
+        if choices and value not in choices:
+            self.error(name, value, "one of " + ", ".join(f'"{c}"' for c in choices))
+            return default or choices[0]
+        return value
+
+    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+                maximum is not None and value > maximum):
+            rng = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            self.error(name, value, f"a whole number {rng}")
+            return default
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            self.error(name, value, "true or false")
+            return default
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            self.error(name, value, f"a number >= {minimum}")
+            return default
+        return float(value)
+
+    def duration(self, name: str, default: str | float) -> float:
+        value = self._get(name, default)
+        try:
+            return parse_duration(value)
+        except ValueError:
+            self.error(name, value, 'a duration such as "90s", "5m", "2h" or "7d"')
+            return parse_duration(default)
+
+    def size(self, name: str, default: str | int) -> int:
+        value = self._get(name, default)
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.error(name, value, 'a size such as "512k", "25MB" or a number of bytes')
+            return parse_size(default)
+
+    def hostport(self, name: str, default: str) -> tuple[str, int]:
+        value = self._get(name, default)
+        try:
+            return parse_hostport(value)
+        except ValueError:
+            self.error(name, value, 'HOST:PORT with a port from 1 to 65535, e.g. "127.0.0.1:10025"')
+            return parse_hostport(default)
+
+    def str_list(self, name: str, default: tuple[str, ...] = (), *, lower: bool = False) -> tuple[str, ...]:
+        value = self._get(name, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.error(name, value, "a list of strings")
+            return default
+        return tuple(v.strip().lower() if lower else v.strip() for v in value)
+
+    def domains(self, name: str) -> tuple[str, ...]:
+        out = []
+        for i, d in enumerate(self.str_list(name, lower=True)):
+            d = d.rstrip(".")
+            if not is_hostname(d):
+                self.error(f"{name}[{i}]", d, 'a domain name such as "example.com"')
+            else:
+                out.append(d)
+        return tuple(out)
+
+    def networks(self, name: str, default: tuple[str, ...] = ()) -> tuple[Network, ...]:
+        out = []
+        for i, n in enumerate(self.str_list(name, default)):
+            try:
+                out.append(ipaddress.ip_network(n, strict=False))
+            except ValueError:
+                self.error(f"{name}[{i}]", n, 'an IP address or CIDR network, e.g. "192.0.2.0/24"')
+        return tuple(out)
+
+    def table_of(self, name: str) -> Reader:
+        self.seen.add(name)
+        return Reader(self.table.get(name, {}), self.key(name), self.problems)
+
+    def tables(self, name: str) -> list[Reader]:
+        self.seen.add(name)
+        value = self.table.get(name, [])
+        if not isinstance(value, list):
+            self.error(name, value, f"an array of tables ([[{self.key(name)}]])")
+            return []
+        return [Reader(v, f"{self.key(name)}[{i}]", self.problems) for i, v in enumerate(value)]
+
+    def unknown(self, known_elsewhere: tuple[str, ...] = ()) -> None:
+        """Report keys nobody read: a typo silently ignored is a policy not enforced."""
+        for k in self.table:
+            if k not in self.seen and k not in known_elsewhere:
+                self.problems.append(f"{self.key(k)}: unknown key (misspelt? see docs/policies.md)")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{table}"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class Limits:
+    message_size: int = 25 * 1024 * 1024
+    recipients_per_message: int = 100
+    line_length: int = 1000
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_sessions: int = 500
+    max_sessions_per_ip: int = 20
+
+
+@dataclass(frozen=True)
+class Server:
+    mode: str = "before-queue"
+    listen: tuple[str, int] = ("127.0.0.1", 10025)
+    downstream: tuple[str, int] = ("127.0.0.1", 10026)
+    hostname: str = "localhost"
+    trusted_upstreams: tuple[Network, ...] = ()
+    state: str = "var/maild.db"
+    pid_file: str = ""
+    user: str = ""
+    downstream_timeout: float = 60.0
+    downstream_pool: int = 8
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Customer:
+    name: str
+    networks: tuple[Network, ...] = ()
+    logins: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    contact: str = ""
+    # Per-customer settings owned by other modules (see CUSTOMER_PARSERS), by key.
+    ext: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    domains: tuple[str, ...] = ()
+    hostnames: tuple[str, ...] = ()
+    local_parts: tuple[str, ...] = ("postmaster", "abuse")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: Server
+    customers: tuple[Customer, ...]
+    postmaster: Postmaster
+    # Sections owned by other modules, parsed by them (see SECTION_PARSERS).
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hosted_domains(self) -> frozenset[str]:
+        """Domains and host names this installation receives mail for."""
+        return frozenset(self.postmaster.domains) | frozenset(self.postmaster.hostnames)
+
+    def customer(self, name: str) -> Customer | None:
+        return next((c for c in self.customers if c.name == name), None)
+
+
+# Other modules register a parser for their own top-level section here:
+# SECTION_PARSERS["retention"] = parse_retention, where parse_retention(reader) -> object,
+# and read the result back as config.sections["retention"].
+SECTION_PARSERS: dict[str, Any] = {}
+# ... and for their own keys inside each [[customers]] entry: CUSTOMER_PARSERS["ratelimit"] =
+# fn(customer_reader) -> object, read back as customer.ext["ratelimit"]. The function reads
+# its keys from the reader (marking them known); it must not fail when they are absent.
+CUSTOMER_PARSERS: dict[str, Any] = {}
+# Modules that register parsers; imported before parsing.
+SECTION_MODULES: list[str] = ["maild.retention.config"]
+
+
+def _load_section_parsers() -> None:
+    """Import the modules that own sections, so their parsers are registered."""
+    import importlib
+
+    for mod in SECTION_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a module not written yet is not an error
+            if e.name != mod:
+                raise
+
+
+def _parse_limits(r: Reader) -> Limits:
+    d = Limits()
+    lim = Limits(
+        message_size=r.size("message_size", d.message_size),
+        recipients_per_message=r.int("recipients_per_message", d.recipients_per_message, minimum=1),
+        line_length=r.int("line_length", d.line_length, minimum=78, maximum=100000),
+        command_timeout=r.duration("command_timeout", d.command_timeout),
+        data_timeout=r.duration("data_timeout", d.data_timeout),
+        max_sessions=r.int("max_sessions", d.max_sessions, minimum=1),
+        max_sessions_per_ip=r.int("max_sessions_per_ip", d.max_sessions_per_ip, minimum=1),
+    )
+    r.unknown()
+    return lim
+
+
+def _parse_server(r: Reader) -> Server:
+    d = Server()
+    server = Server(
+        mode=r.str("mode", d.mode, choices=MODES),
+        listen=r.hostport("listen", "127.0.0.1:10025"),
+        downstream=r.hostport("downstream", "127.0.0.1:10026"),
+        hostname=r.str("hostname", "localhost"),
+        trusted_upstreams=r.networks("trusted_upstreams", ("127.0.0.0/8", "::1/128")),
+        state=r.str("state", d.state),
+        pid_file=r.str("pid_file", ""),
+        user=r.str("user", ""),
+        downstream_timeout=r.duration("downstream_timeout", d.downstream_timeout),
+        downstream_pool=r.int("downstream_pool", d.downstream_pool, minimum=0, maximum=1000),
+        limits=_parse_limits(r.table_of("limits")),
+    )
+    if server.hostname and not is_hostname(server.hostname):
+        r.error("hostname", server.hostname, 'a fully qualified host name, e.g. "mx1.example.net"')
+    if server.downstream_timeout >= 100:
+        # Postfix's smtpd_proxy_timeout is 100 s: slower than that and the client
+        # retries while we may still deliver, which duplicates mail.
+        r.error("downstream_timeout", server.downstream_timeout,
+                "less than 100s (Postfix's smtpd_proxy_timeout); 60s is a safe value")
+    if server.state and not server.state.startswith(("sqlite:", "postgresql:")) and "://" in server.state:
+        r.error("state", server.state, 'a file path or "sqlite:PATH"')
+    r.unknown()
+    return server
+
+
+def _parse_customers(readers: list[Reader]) -> tuple[Customer, ...]:
+    customers: list[Customer] = []
+    names: set[str] = set()
+    for r in readers:
+        name = r.str("name", required=True)
+        if name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
+            r.error("name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)")
+        if name in names:
+            r.error("name", name, "a name no other customer has")
+        names.add(name)
+        addresses = r.str_list("addresses", lower=True)
+        for i, a in enumerate(addresses):
+            if "@" not in a:
+                r.error(f"addresses[{i}]", a, 'a full address such as "news@partner.example"')
+        contact = r.str("contact", "")
+        if contact and "@" not in contact:
+            r.error("contact", contact, 'an email address such as "ops@customer.example"')
+        customers.append(Customer(
+            name=name,
+            networks=r.networks("networks"),
+            logins=r.str_list("logins"),
+            domains=r.domains("domains"),
+            addresses=addresses,
+            contact=contact,
+            ext={key: parser(r) for key, parser in CUSTOMER_PARSERS.items()},
+        ))
+        r.unknown()
+    return tuple(customers)
+
+
+def _parse_postmaster(r: Reader) -> Postmaster:
+    pm = Postmaster(
+        domains=r.domains("domains"),
+        hostnames=r.domains("hostnames"),
+        local_parts=r.str_list("local_parts", ("postmaster", "abuse"), lower=True),
+    )
+    if "postmaster" not in pm.local_parts:
+        r.error("local_parts", list(pm.local_parts),
+                'a list that includes "postmaster" (RFC 5321 section 4.5.1 requires it)')
+    r.unknown()
+    return pm
+
+
+def parse(data: dict[str, Any], path: str = "policies.toml") -> Config:
+    """Validate a decoded TOML document; raise ConfigError with every problem."""
+    _load_section_parsers()
+    problems: list[str] = []
+    root = Reader(data, "", problems)
+    server = _parse_server(root.table_of("server"))
+    customers = _parse_customers(root.tables("customers"))
+    postmaster = _parse_postmaster(root.table_of("postmaster"))
+    sections: dict[str, Any] = {}
+    for name, parser in SECTION_PARSERS.items():
+        sections[name] = parser(root.table_of(name))
+    root.unknown()
+    if problems:
+        raise ConfigError(path, problems)
+    return Config(path=path, server=server, customers=customers, postmaster=postmaster,
+                  sections=sections)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate policies.toml; raise ConfigError naming every problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read the file: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), ["the file is not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), [f"TOML syntax error: {e}"]) from None
+    return parse(data, str(p))

@@ -1,0 +1,134 @@
+"""`maild serve`: the SMTP proxy and the scheduled jobs in one event loop.
+
+Signals: SIGHUP reloads policies.toml (sessions in flight finish under the policy they
+started with; a broken file is logged and the running policy kept); SIGTERM/SIGINT stop
+accepting, let sessions in flight finish for up to `shutdown_grace` seconds, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from maild import config as cfg
+from maild.sdnotify import notify
+from maild.smtp.downstream import Downstream
+from maild.smtp.proxy import Proxy
+from maild.smtp.server import MaildSMTP, SessionCounter
+from maild.store import open_store
+from maild.store.core import DecisionLog
+
+log = logging.getLogger("maild")
+
+
+class Daemon:
+    def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0):
+        self.config = config
+        self.shutdown_grace = shutdown_grace
+        self.stop_event = asyncio.Event()
+        self.counter = SessionCounter()
+        self.server: asyncio.AbstractServer | None = None
+        self.retention = None
+
+    def _protocol(self) -> MaildSMTP:
+        c = self.proxy.config
+        return MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
+                         trusted=c.server.trusted_upstreams)
+
+    async def start(self) -> None:
+        c = self.config
+        self.store = await open_store(c.server.state, c.path)
+        self.decisions = DecisionLog(self.store)
+        self.decisions.start()
+        host, port = c.server.downstream
+        self.downstream = Downstream(host, port, local_hostname=c.server.hostname,
+                                     timeout=c.server.downstream_timeout,
+                                     pool_size=c.server.downstream_pool)
+        self.proxy = Proxy(c, self.downstream, self.decisions)
+        lhost, lport = c.server.listen
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
+                                               reuse_address=True, backlog=1024)
+        await self._start_retention()
+        if c.server.pid_file:
+            Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
+        log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
+                 _version(), c.server.mode, lhost, lport, host, port, self.store.path)
+
+    async def _start_retention(self) -> None:
+        try:
+            from maild.retention.scheduler import RetentionService
+        except ImportError:
+            return
+        self.retention = RetentionService(self.config, self.store)
+        await self.retention.start()
+
+    async def reload(self) -> None:
+        notify("RELOADING=1")
+        try:
+            new = cfg.load(self.config.path)
+        except cfg.ConfigError as e:
+            for p in e.problems:
+                log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
+            notify("READY=1")
+            return
+        if new.server.listen != self.config.server.listen or \
+                new.server.downstream != self.config.server.downstream or \
+                new.server.state != self.config.server.state:
+            log.warning("warning: reload: listen, downstream and state changes take effect "
+                        "only after a restart")
+        self.config = new
+        self.proxy.config = new
+        if self.retention is not None:
+            await self.retention.reload(new)
+        log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
+        notify("READY=1")
+
+    async def stop(self) -> None:
+        notify("STOPPING=1")
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_grace
+        while self.counter.total > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.retention is not None:
+            await self.retention.stop()
+        await self.downstream.close()
+        await self.decisions.stop()
+        await self.store.close()
+        if self.config.server.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.server.pid_file)
+        log.info("daemon stopped")
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        notify(f"READY=1\nMAINPID={os.getpid()}")
+        await self.stop_event.wait()
+        await self.stop()
+
+
+def _version() -> str:
+    from maild import __version__
+
+    return __version__
+
+
+def serve(config: cfg.Config) -> None:
+    try:
+        import uvloop  # optional: faster event loop when installed
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        uvloop.run(Daemon(config).run())
+    else:
+        asyncio.run(Daemon(config).run())

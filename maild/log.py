@@ -1,0 +1,81 @@
+"""Logging: syslog facility mail, ident maild, one Postfix-like line per decision.
+
+A decision line reads, for example:
+
+    maild[812]: 4F2A9C01B7: reject: RCPT from host[192.0.2.7]: 554 5.7.1 <x@y>: Relay
+    access denied; customer=- from=<a@b> to=<x@y> rule=relay
+
+so that operators grep it as they grep Postfix's. Values are stripped of control
+characters and never include message bodies or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import socket
+import sys
+
+_CTRL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def clean(value: object, limit: int = 200) -> str:
+    """A log-safe rendering: no control characters (no forged log lines), bounded length."""
+    s = _CTRL.sub("?", str(value))
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+class _Syslog(logging.handlers.SysLogHandler):
+    """SysLogHandler that writes 'maild[PID]: message', as syslog(3) would."""
+
+    def __init__(self, address: str):
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        self.ident = f"maild[{os.getpid()}]: "
+
+
+def setup(target: str = "syslog", level: int = logging.INFO) -> logging.Logger:
+    """Send the 'maild' logger to syslog (/dev/log), stderr, or a file path.
+
+    'syslog' falls back to stderr (with a warning) where there is no /dev/log, as in a
+    container without a syslog daemon, so that nothing is lost silently.
+    """
+    logger = logging.getLogger("maild")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.setLevel(level)
+    logger.propagate = False
+    handler: logging.Handler
+    fallback = None
+    if target == "syslog":
+        try:
+            handler = _Syslog("/dev/log")
+        except OSError as e:
+            handler = logging.StreamHandler(sys.stderr)
+            fallback = f"syslog unavailable ({e.strerror or e}); logging to stderr"
+        else:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+    elif target == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.FileHandler(target)
+    if not isinstance(handler, _Syslog):
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
+            datefmt="%b %d %H:%M:%S"))
+    logger.addHandler(handler)
+    if fallback:
+        logger.warning("warning: %s", fallback)
+    return logger
+
+
+decisions = logging.getLogger("maild.smtp")
+
+
+def decision_line(session: str, action: str, stage: str, client_label: str, reply: str,
+                  fields: dict[str, str]) -> str:
+    """'SESSION: ACTION: STAGE from CLIENT: REPLY; k=v k=v' (Postfix's reject line form)."""
+    kv = " ".join(f"{k}={clean(v)}" for k, v in fields.items())
+    return f"{session}: {action}: {stage} from {clean(client_label)}: {clean(reply, 400)}; {kv}"

@@ -1,0 +1,115 @@
+"""The typed context every rule reads: who is sending, as whom, what, to whom.
+
+One context lives for one SMTP transaction; the proxy fills it in as the session goes
+(connect, MAIL, RCPT, end of data). Rules only read it, which keeps them pure functions
+that unit tests can call with a context built by hand.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.parser
+import email.policy
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+
+from maild.address import Address
+from maild.config import Config, Customer
+
+
+class Stage(StrEnum):
+    CONNECT = "CONNECT"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+
+
+@dataclass(slots=True)
+class Client:
+    """The real SMTP client: the peer, or what a trusted upstream said via XFORWARD."""
+
+    addr: str
+    name: str = "unknown"
+    port: str = ""
+    helo: str = ""
+    proto: str = "SMTP"
+    ident: str = ""
+    source: str = ""
+    # The TCP peer maild talks to (Postfix in before-queue mode).
+    peer_addr: str = ""
+    trusted_peer: bool = False
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.addr)
+        except ValueError:
+            return None
+
+    @property
+    def label(self) -> str:
+        """host[1.2.3.4], as Postfix names clients in its logs."""
+        return f"{self.name or 'unknown'}[{self.addr}]"
+
+
+@dataclass(slots=True)
+class Identity:
+    """Which customer sends, and how maild knows (login > network > domain)."""
+
+    customer: Customer | None = None
+    by: str = "-"  # "login", "network", "domain" or "-"
+    login: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.customer.name if self.customer else "-"
+
+    @property
+    def may_relay(self) -> bool:
+        """A sender domain proves nothing (anyone can write it): only login or network."""
+        return self.customer is not None and self.by in ("login", "network")
+
+
+@dataclass
+class Message:
+    """The message content at end of data, parsed at most once, lazily."""
+
+    content: bytes
+
+    @cached_property
+    def header_block(self) -> bytes:
+        end = self.content.find(b"\r\n\r\n")
+        return self.content if end < 0 else self.content[: end + 2]
+
+    @cached_property
+    def headers(self) -> email.message.Message:
+        return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+            self.header_block + b"\r\n")
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+@dataclass
+class Context:
+    config: Config
+    session_id: str
+    client: Client
+    identity: Identity = field(default_factory=Identity)
+    stage: Stage = Stage.CONNECT
+    sender: Address | None = None
+    mail_params: list[str] = field(default_factory=list)
+    rcpt: Address | None = None  # the recipient being judged at RCPT
+    recipients: list[Address] = field(default_factory=list)  # accepted so far
+    postmaster_only: bool | None = None  # None until the first recipient
+    relay_pending: list[Address] = field(default_factory=list)
+    message: Message | None = None
+    # Rules may leave notes for later stages and for the log line (rule -> value).
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def hosted(self) -> frozenset[str]:
+        return self.config.hosted_domains

@@ -1,0 +1,65 @@
+"""One pipeline runs the rules of each SMTP stage, in order.
+
+A rule is a function `rule(ctx) -> Verdict | None` (or a coroutine function, for rules
+that must wait on DNS or the store); None means "no opinion". The first verdict that is
+not an accept ends the stage; a *final* accept (postmaster) also ends it, so that no
+later rule can refuse it. Rules register themselves with @rule in the module named
+after their family (maild/policy/relay.py, postmaster.py, ...), as in Mailman 3.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from maild.policy.context import Context, Stage
+from maild.policy.verdict import Verdict, accept
+
+RuleFn = Callable[[Context], "Verdict | None | Awaitable[Verdict | None]"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    stage: Stage
+    order: int
+    fn: RuleFn
+    is_async: bool
+
+
+RULES: dict[Stage, list[Rule]] = {s: [] for s in Stage}
+
+# The modules holding rule families; importing them registers their rules.
+FAMILIES = ("postmaster", "limits", "relay")
+
+
+def rule(stage: Stage, name: str, order: int = 50) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule for a stage. Lower order runs first; postmaster runs at 0."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        RULES[stage] = [r for r in RULES[stage] if r.name != name]
+        RULES[stage].append(Rule(name, stage, order, fn, inspect.iscoroutinefunction(fn)))
+        RULES[stage].sort(key=lambda r: r.order)
+        return fn
+
+    return deco
+
+
+def load_families() -> None:
+    import importlib
+
+    for fam in FAMILIES:
+        importlib.import_module(f"maild.policy.{fam}")
+
+
+async def run(stage: Stage, ctx: Context) -> Verdict:
+    """Run the stage's rules; return the deciding verdict (accept when none objects)."""
+    ctx.stage = stage
+    for r in RULES[stage]:
+        v = await r.fn(ctx) if r.is_async else r.fn(ctx)
+        if v is None:
+            continue
+        if not v.accepted or v.final:
+            return v
+    return accept()

@@ -1,0 +1,356 @@
+"""The proxy: runs the policy pipeline at each stage and relays the transaction downstream.
+
+The rule that matters most: the client hears 250 for its message only after the
+downstream accepted it, and hears the downstream's own reply (with its queue id). MAIL
+and RCPT are relayed as they arrive, so per-recipient refusals by Postfix reach the
+client per recipient. Any internal failure (downstream down or slow, state store error,
+a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from email.utils import format_datetime, localtime
+from typing import Any
+
+from maild import log as mlog
+from maild.address import Address
+from maild.config import Config
+from maild.policy import pipeline
+from maild.policy.context import Context, Message, Stage
+from maild.policy.customer import resolve
+from maild.policy.verdict import Verdict
+from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply, xtext
+from maild.smtp.received import authenticated_login, received_header
+from maild.smtp.server import MaildSession
+from maild.store.base import StoreError
+from maild.store.core import DecisionLog, DecisionRow
+
+log = logging.getLogger("maild.smtp")
+
+TEMPFAIL_DOWNSTREAM = "451 4.4.1 Temporary failure: our mail server is unavailable; try again later"
+TEMPFAIL_INTERNAL = "451 4.3.0 Temporary internal error; try again later"
+
+
+class Proxy:
+    """The aiosmtpd handler shared by every session."""
+
+    def __init__(self, config: Config, downstream: Downstream, decisions: DecisionLog | None):
+        pipeline.load_families()
+        self.config = config
+        self.downstream = downstream
+        self.decisions = decisions
+        self.started = time.time()
+        self.stats = {"relayed": 0, "rejected": 0, "tempfailed": 0}
+
+    # ------------------------------------------------------------------ logging
+
+    def record(self, session: MaildSession, action: str, stage: str, reply: str, *,
+               rule: str = "-", ctx: Context | None = None, rcpt: Address | None = None,
+               extra: dict[str, str] | None = None) -> None:
+        """One syslog line and one decision-log row per decision."""
+        try:
+            client = session.client
+            sender = ctx.sender.addr if ctx and ctx.sender else ""
+            if rcpt is not None:
+                to = rcpt.addr or rcpt.raw
+            elif ctx and ctx.recipients:
+                to = ",".join(a.addr for a in ctx.recipients[:20])
+            else:
+                to = ""
+            customer = ctx.identity.name if ctx else "-"
+            fields = {"customer": customer}
+            if ctx and ctx.identity.customer:
+                fields["by"] = ctx.identity.by
+            fields.update({"from": f"<{sender}>", "to": f"<{to}>" if "," not in to else to})
+            if extra:
+                fields.update(extra)
+            fields["rule"] = rule
+            line = mlog.decision_line(session.id, action, stage, client.label, reply, fields)
+            (log.warning if action != "relay" else log.info)(line)
+            code, _, rest = reply.partition(" ")
+            status, _, reason = rest.partition(" ")
+            if self.decisions is not None:
+                size = ctx.message.size if ctx and ctx.message else 0
+                self.decisions.add(DecisionRow(
+                    ts=time.time(), session=session.id, stage=stage, action=action,
+                    code=int(code) if code.isdigit() else 0, status=status,
+                    reason=mlog.clean(reason, 300), rule=rule, client_name=client.name,
+                    client_addr=client.addr, customer=customer, sender=sender,
+                    recipient=to, size=size))
+            key = {"relay": "relayed", "reject": "rejected"}.get(action, "tempfailed")
+            self.stats[key] += 1
+        except Exception:  # logging must never turn a delivered message into an error
+            log.exception("cannot record decision")
+
+    def _verdict(self, session: MaildSession, v: Verdict, ctx: Context,
+                 rcpt: Address | None = None) -> str:
+        self.record(session, v.action.value, ctx.stage.value, v.reply, rule=v.rule, ctx=ctx,
+                    rcpt=rcpt)
+        return v.reply
+
+    async def _run(self, stage: Stage, ctx: Context) -> Verdict | None:
+        """Run a stage; a StoreError (or any rule failure) is a tempfail, never an accept."""
+        return await pipeline.run(stage, ctx)
+
+    # ------------------------------------------------------------------ session
+
+    async def session_refused(self, session: MaildSession, reason: str) -> None:
+        self.record(session, "tempfail", "CONNECT", f"421 4.7.0 {reason}", rule="sessions")
+
+    def session_lost(self, session: MaildSession) -> None:
+        self._drop_conn(session, reusable=False)
+
+    async def xforward_refused(self, session: MaildSession) -> None:
+        self.record(session, "reject", "XFORWARD", "550 5.7.0 Error: insufficient authorization",
+                    rule="xforward")
+
+    def apply_xforward(self, session: MaildSession) -> None:
+        """XFORWARD from a trusted upstream defines the client that policy sees."""
+        xf, c = session.xforward, session.client
+        def val(k: str) -> str | None:
+            v = xf.get(k)
+            return None if v is None or v == "[UNAVAILABLE]" else v
+        if (addr := val("ADDR")) is not None:
+            c.addr = addr[5:] if addr.upper().startswith("IPV6:") else addr
+        if (name := val("NAME")) is not None:
+            c.name = name
+        for attr, key in (("port", "PORT"), ("proto", "PROTO"), ("helo", "HELO"),
+                          ("ident", "IDENT"), ("source", "SOURCE")):
+            if (v := val(key)) is not None:
+                setattr(c, attr, v)
+
+    async def handle_HELO(self, server: Any, session: MaildSession, envelope: Any,
+                          hostname: str) -> str:
+        session.host_name = hostname
+        if "HELO" not in session.xforward:
+            session.client.helo = hostname
+            session.client.proto = "SMTP"
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(self, server: Any, session: MaildSession, envelope: Any,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if "HELO" not in session.xforward:
+            session.client.helo = hostname
+        if "PROTO" not in session.xforward:
+            session.client.proto = "ESMTP"
+        self._drop_conn(session, reusable=True, rset=True)  # EHLO resets any transaction
+        extra = ["250-ENHANCEDSTATUSCODES", "250-DSN"]
+        if session.client.trusted_peer:
+            extra.append("250-XFORWARD " + " ".join(
+                ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")))
+        return responses[:-1] + extra + responses[-1:]
+
+    # ------------------------------------------------------------------ transaction
+
+    def _drop_conn(self, session: MaildSession, *, reusable: bool, rset: bool = False) -> None:
+        conn: Connection | None = session.conn
+        session.conn = None
+        session.ctx = None
+        if conn is None:
+            return
+        if rset and reusable:
+            import asyncio
+            asyncio.get_running_loop().create_task(self._rset_release(conn))
+        else:
+            self.downstream.release(conn, reusable=reusable)
+
+    async def _rset_release(self, conn: Connection) -> None:
+        try:
+            r = await self.downstream.command(conn, "RSET", timeout=10)
+            self.downstream.release(conn, reusable=r.code == 250)
+        except DownstreamError:
+            self.downstream.release(conn, reusable=False)
+
+    def _xforward_line(self, session: MaildSession, conn: Connection) -> list[str]:
+        """XFORWARD commands (each under 512 octets) for the attributes conn accepts."""
+        if not conn.xforward:
+            return []
+        c = session.client
+        values = {
+            "NAME": c.name if c.name and c.name != "unknown" else "[UNAVAILABLE]",
+            "ADDR": (f"IPV6:{c.addr}" if ":" in c.addr else c.addr) or "[UNAVAILABLE]",
+            "PORT": c.port or "[UNAVAILABLE]",
+            "PROTO": c.proto or "SMTP",
+            "HELO": c.helo or "[UNAVAILABLE]",
+            "IDENT": c.ident or "[UNAVAILABLE]",
+            "SOURCE": c.source or ("REMOTE" if not c.trusted_peer else "[UNAVAILABLE]"),
+        }
+        lines, cur = [], "XFORWARD"
+        for k, v in values.items():
+            if k not in conn.xforward:
+                continue
+            item = f" {k}={xtext(v[:255])}"
+            if len(cur) + len(item) > 500:
+                lines.append(cur)
+                cur = "XFORWARD"
+            cur += item
+        if cur != "XFORWARD":
+            lines.append(cur)
+        return lines
+
+    async def _open(self, session: MaildSession, mail_line: str) -> tuple[Connection, Reply]:
+        """Acquire a connection, send XFORWARD and MAIL; retry once if a pooled one died."""
+        for attempt in (1, 2):
+            conn, pooled = await self.downstream.acquire()
+            try:
+                for line in self._xforward_line(session, conn):
+                    r = await self.downstream.command(conn, line)
+                    if r.code != 250:
+                        log.warning("%s: warning: downstream refused XFORWARD (%d %s); allow "
+                                    "maild in smtpd_authorized_xforward_hosts", session.id,
+                                    r.code, r.text.splitlines()[0] if r.text else "")
+                        break
+                reply = await self.downstream.command(conn, mail_line)
+                if reply.code == 421:
+                    raise DownstreamError(f"downstream said {reply.code} {reply.text}")
+                return conn, reply
+            except DownstreamError:
+                self.downstream.release(conn, reusable=False)
+                if not pooled or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def handle_MAIL(self, server: Any, session: MaildSession, envelope: Any,
+                          address: Address, params: list[str]) -> str:
+        self._drop_conn(session, reusable=True, rset=True)
+        config = self.config
+        ctx = Context(config=config, session_id=session.id, client=session.client,
+                      sender=address, mail_params=params)
+        try:
+            ctx.identity = resolve(config, session.client, sender=address)
+            v = await self._run(Stage.MAIL, ctx)
+        except StoreError as e:
+            log.error("%s: error: state store: %s", session.id, e)
+            return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
+        if v is not None and not v.accepted:
+            # Like Postfix's smtpd_delay_reject: refuse at RCPT, so postmaster still gets mail.
+            ctx.notes["mail-verdict"] = v
+        line = "MAIL FROM:" + address.raw + (" " + " ".join(params) if params else "")
+        try:
+            conn, reply = await self._open(session, line)
+        except DownstreamError as e:
+            log.error("%s: error: downstream %s:%d: %s", session.id, self.downstream.host,
+                      self.downstream.port, e)
+            return self._tempfail(session, ctx, "MAIL", TEMPFAIL_DOWNSTREAM, "downstream")
+        if not reply.ok:
+            self.downstream.release(conn, reusable=reply.code != 421)
+            self.record(session, "reject" if reply.code >= 500 else "tempfail", "MAIL",
+                        f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
+                        rule="downstream", ctx=ctx)
+            return reply.smtp()
+        session.conn, session.ctx = conn, ctx
+        envelope.mail_from = address.addr or "<>"
+        envelope.sender = address
+        envelope.mail_params = params
+        envelope.mail_options = params
+        return reply.smtp()
+
+    def _tempfail(self, session: MaildSession, ctx: Context | None, stage: str, reply: str,
+                  rule: str, rcpt: Address | None = None) -> str:
+        self.record(session, "tempfail", stage, reply, rule=rule, ctx=ctx, rcpt=rcpt)
+        return reply
+
+    async def handle_RCPT(self, server: Any, session: MaildSession, envelope: Any,
+                          address: Address, params: list[str]) -> str:
+        ctx: Context | None = session.ctx
+        conn: Connection | None = session.conn
+        if ctx is None or conn is None:
+            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
+                                  rcpt=address)
+        ctx.rcpt = address
+        try:
+            v = await self._run(Stage.RCPT, ctx)
+        except StoreError as e:
+            log.error("%s: error: state store: %s", session.id, e)
+            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_INTERNAL, "store", address)
+        mail_v: Verdict | None = ctx.notes.get("mail-verdict")  # type: ignore[assignment]
+        if mail_v is not None and v.accepted and not v.final:
+            v = mail_v
+        if not v.accepted:
+            return self._verdict(session, v, ctx, rcpt=address)
+        line = "RCPT TO:" + address.raw + (" " + " ".join(params) if params else "")
+        try:
+            reply = await self.downstream.command(conn, line)
+        except DownstreamError as e:
+            log.error("%s: error: downstream lost at RCPT: %s", session.id, e)
+            self._drop_conn(session, reusable=False)
+            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", address)
+        if reply.ok:
+            ctx.recipients.append(address)
+            if ctx.postmaster_only is None:
+                ctx.postmaster_only = v.rule == "postmaster"
+            envelope.rcpt_tos.append(address.addr)
+            envelope.rcpt_options.extend(params)
+        else:
+            if address in ctx.relay_pending:
+                ctx.relay_pending.remove(address)
+            self.record(session, "reject" if reply.code >= 500 else "tempfail", "RCPT",
+                        f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
+                        rule="downstream", ctx=ctx, rcpt=address)
+        return reply.smtp()
+
+    async def handle_DATA_START(self, server: Any, session: MaildSession, envelope: Any) -> Any:
+        if session.conn is None or session.ctx is None:
+            return self._tempfail(session, session.ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        return None
+
+    async def handle_DATA_ABORT(self, server: Any, session: MaildSession, envelope: Any,
+                                reply: str) -> None:
+        ctx = session.ctx
+        rule = "smuggling" if "bare" in reply or "NUL" in reply else "limits"
+        self.record(session, "reject" if reply.startswith("5") else "tempfail", "DATA", reply,
+                    rule=rule, ctx=ctx)
+        self._drop_conn(session, reusable=True, rset=True)
+
+    async def handle_DATA(self, server: Any, session: MaildSession, envelope: Any) -> str:
+        ctx: Context | None = session.ctx
+        conn: Connection | None = session.conn
+        if ctx is None or conn is None:
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        ctx.message = Message(envelope.original_content)
+        try:
+            if session.client.trusted_peer:
+                login = authenticated_login(ctx.message.headers)
+                if login:
+                    ctx.identity = resolve(ctx.config, session.client, login, ctx.sender)
+            v = await self._run(Stage.DATA, ctx)
+        except StoreError as e:
+            log.error("%s: error: state store: %s", session.id, e)
+            self._drop_conn(session, reusable=True, rset=True)
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_INTERNAL, "store")
+        if not v.accepted:
+            self._drop_conn(session, reusable=True, rset=True)
+            return self._verdict(session, v, ctx)
+        header = received_header(session.client, ctx.config.server.hostname, session.id,
+                                 ctx.recipients, format_datetime(localtime()))
+        try:
+            reply = await self.downstream.data(conn, header + ctx.message.content)
+        except DownstreamError as e:
+            # The downstream may or may not have the message: Postfix's smtpd discards a
+            # transaction whose final dot it did not acknowledge, so a retry is right.
+            log.error("%s: error: downstream lost during DATA: %s", session.id, e)
+            self._drop_conn(session, reusable=False)
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        session.conn = session.ctx = None
+        self.downstream.release(conn, reusable=True)
+        first = reply.text.splitlines()[0] if reply.text else ""
+        action = "relay" if reply.ok else ("reject" if reply.code >= 500 else "tempfail")
+        self.record(session, action, "DATA", f"{reply.code} {first}",
+                    rule=v.rule if reply.ok else "downstream", ctx=ctx,
+                    extra={"size": str(ctx.message.size), "nrcpt": str(len(ctx.recipients))})
+        return reply.smtp()
+
+    async def handle_RSET(self, server: Any, session: MaildSession, envelope: Any) -> str:
+        self._drop_conn(session, reusable=True, rset=True)
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: Any, session: MaildSession, envelope: Any) -> str:
+        self._drop_conn(session, reusable=True, rset=True)
+        return "221 2.0.0 Bye"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("error: internal error in SMTP session: %s", type(error).__name__)
+        return TEMPFAIL_INTERNAL

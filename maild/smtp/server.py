@@ -1,0 +1,398 @@
+"""maild's SMTP server: aiosmtpd with what a proxy in front of Postfix needs.
+
+What this subclass adds to aiosmtpd 1.4.6, and why:
+- MAIL and RCPT keep the raw path and parameters, because Postfix requires a proxy to
+  forward them unmodified (aiosmtpd's parsed address loses routes and quoting); DSN
+  parameters (RET, ENVID, NOTIFY, ORCPT) are accepted and relayed.
+- XFORWARD, advertised and accepted only from trusted upstreams (550 5.7.0 otherwise).
+- DATA is read with SMTP smuggling in mind: aiosmtpd passes bare LF and bare CR inside
+  data untouched, and Postfix's own smtpd_forbid_bare_newline exempts $mynetworks, so
+  the re-injection smtpd would take `\\n.\\n` as end of data. maild refuses any bare CR
+  or LF (in data and in command lines) with 550 5.5.2 and closes the session, and NUL
+  bytes with 550 5.6.0: nothing after such a byte can reach the downstream.
+- Limits with enhanced status codes: message size (SIZE advertised and enforced), line
+  length, command idle timeout and a whole-DATA deadline (slowloris), sessions overall
+  and per client IP (421 4.7.0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from maild.address import Address, PathError, parse_params, parse_path, split_arg
+from maild.policy.context import Client
+
+log = logging.getLogger("maild.smtp")
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+MAIL_PARAMS = {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}
+RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+
+
+class BareLineEnding(Exception):
+    """A command line ended in a bare LF or held a bare CR."""
+
+
+class SessionCounter:
+    """Sessions in flight, overall and per client IP (shared by all connections)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def add(self, ip: str | None) -> None:
+        self.total += 1
+        if ip:
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def remove(self, ip: str | None) -> None:
+        self.total -= 1
+        if ip and ip in self.per_ip:
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+
+class MaildSession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.id = secrets.token_hex(5).upper()
+        self.client = Client(addr="")
+        self.xforward: dict[str, str] = {}
+        self.counted_ip: str | None = None
+        self.counted = False
+        # Per transaction, owned by the proxy handler.
+        self.ctx: Any = None
+        self.conn: Any = None
+
+
+class MaildEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sender: Address | None = None
+        self.mail_params: list[str] = []
+
+
+class _StrictReader:
+    """Wraps the StreamReader so command lines must end in CRLF and hold no bare CR.
+
+    Only the command-line read (readuntil with its default separator) is checked;
+    DATA is read by MaildSMTP.smtp_DATA with its own checks.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self._reader = reader
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line = await self._reader.readuntil(separator)
+        if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+            raise BareLineEnding()
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+class MaildSMTP(SMTP):
+    """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
+
+    def __init__(self, handler: Any, *, settings: Any, counter: SessionCounter,
+                 trusted: tuple, **kwargs: Any):
+        limits = settings.limits
+        # aiosmtpd sizes its StreamReader from this attribute: text + CRLF + a stuffed dot.
+        self.line_length_limit = limits.line_length + 3
+        self.settings = settings
+        self.counter = counter
+        self.trusted = trusted
+        super().__init__(
+            handler,
+            data_size_limit=limits.message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident="ESMTP maild",
+            timeout=limits.command_timeout,
+            **kwargs,
+        )
+
+    # ---------------------------------------------------------------- connection
+
+    def _create_session(self) -> MaildSession:
+        return MaildSession(self.loop)
+
+    def _create_envelope(self) -> MaildEnvelope:
+        return MaildEnvelope()
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super()._cb_client_connected(_StrictReader(reader), writer)  # type: ignore[arg-type]
+
+    def is_trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip.version == n.version and ip in n for n in self.trusted)
+
+    async def _handle_client(self) -> None:
+        session: MaildSession = self.session  # type: ignore[assignment]
+        peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
+        addr = str(peer[0])
+        if addr.startswith("::ffff:"):
+            addr = addr[7:]
+        trusted = self.is_trusted(addr)
+        session.client = Client(addr=addr, port=str(peer[1]), peer_addr=addr, trusted_peer=trusted,
+                                name="unknown")
+        limits = self.settings.limits
+        reason = None
+        if self.counter.total >= limits.max_sessions:
+            reason = f"Too many sessions in progress (limit {limits.max_sessions})"
+        elif not trusted and self.counter.per_ip.get(addr, 0) >= limits.max_sessions_per_ip:
+            reason = f"Too many connections from {addr} (limit {limits.max_sessions_per_ip})"
+        if reason:
+            await self.event_handler.session_refused(session, reason)
+            await self.push(f"421 4.7.0 {self.hostname} {reason}; try again later")
+            self.transport.close()
+            return
+        self.counter.add(None if trusted else addr)
+        session.counted, session.counted_ip = True, (None if trusted else addr)
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session: MaildSession | None = self.session  # type: ignore[assignment]
+        if session is not None and session.counted:
+            self.counter.remove(session.counted_ip)
+            session.counted = False
+            self.event_handler.session_lost(session)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bare LF/CR in a command ends the session; anything else is a 4xx, never a traceback."""
+        if isinstance(error, BareLineEnding):
+            reply = "500 5.5.2 Error: bare <LF> or <CR> in command line; end lines with CRLF"
+            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="smuggling")
+            self.close_after_reply()
+            return reply
+        return await self.event_handler.handle_exception(error)
+
+    def close_after_reply(self) -> None:
+        """Close once what was pushed so far is flushed (transport.close flushes)."""
+        self.loop.call_soon(lambda: self.transport and self.transport.close())
+
+    # ---------------------------------------------------------------- XFORWARD
+
+    @syntax("XFORWARD attribute=value ...", when="_xforward_allowed")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        session: MaildSession = self.session  # type: ignore[assignment]
+        if not session.client.trusted_peer:
+            await self.event_handler.xforward_refused(session)
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        if not arg:
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+            return
+        update: dict[str, str] = {}
+        for item in arg.split():
+            name, eq, value = item.partition("=")
+            name = name.upper()
+            if not eq or name not in XFORWARD_ATTRS:
+                await self.push(f"501 5.5.4 Bad XFORWARD attribute name: {name[:32]}")
+                return
+            decoded = _xtext_decode(value)
+            if decoded is None or len(decoded) > 255:
+                await self.push(f"501 5.5.4 Bad XFORWARD attribute value for {name}")
+                return
+            update[name] = decoded
+        session.xforward.update(update)
+        self.event_handler.apply_xforward(session)
+        await self.push("250 2.0.0 Ok")
+
+    @property
+    def _xforward_allowed(self) -> bool:
+        return bool(self.session and self.session.client.trusted_peer)  # type: ignore[attr-defined]
+
+    # ---------------------------------------------------------------- MAIL / RCPT
+
+    def _parse(self, keyword: str, arg: str | None, allowed: set[str]
+               ) -> tuple[Address, list[str]] | str:
+        """(address, params) or the error reply to send."""
+        what = "sender" if keyword == "FROM:" else "recipient"
+        syntaxerr = f"501 5.5.4 Syntax: {'MAIL FROM' if what == 'sender' else 'RCPT TO'}:<address>"
+        rest = self._strip_command_keyword(keyword, arg or "")
+        if rest is None:
+            return syntaxerr
+        try:
+            path, params = split_arg(rest)
+            address = parse_path(path)
+            plist = parse_params(params)
+        except PathError as e:
+            status = "5.1.7" if what == "sender" else "5.1.3"
+            return f"501 {status} Bad {what} address syntax ({e})"
+        if plist and not self.session.extended_smtp:
+            return syntaxerr
+        for p in plist:
+            key, _, value = p.partition("=")
+            key = key.upper()
+            if key not in allowed:
+                return f"555 5.5.4 Unsupported option: {key[:32]}"
+            if key == "SIZE":
+                if not value.isdigit():
+                    return "501 5.5.4 Bad message size syntax"
+                if self.data_size_limit and int(value) > self.data_size_limit:
+                    return (f"552 5.3.4 Message size exceeds fixed limit "
+                            f"({self.data_size_limit} bytes)")
+            elif key == "BODY" and value.upper() not in ("7BIT", "8BITMIME"):
+                return "501 5.5.4 Unsupported BODY type: use 7BIT or 8BITMIME"
+            elif key == "SMTPUTF8" and value:
+                return "501 5.5.4 SMTPUTF8 takes no value"
+            elif key == "RET" and value.upper() not in ("FULL", "HDRS"):
+                return "501 5.5.4 Bad RET parameter: use FULL or HDRS"
+            elif key == "NOTIFY" and not value:
+                return "501 5.5.4 Bad NOTIFY parameter"
+        return address, plist
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        parsed = self._parse("FROM:", arg, MAIL_PARAMS)
+        if isinstance(parsed, str):
+            await self.push(parsed)
+            return
+        address, params = parsed
+        if address.route or (address.domain == "" and not address.is_null):
+            # A reverse path must be a full address or <>.
+            await self.push("553 5.1.7 Sender address rejected: need fully-qualified address")
+            return
+        status = await self._call_handler_hook("MAIL", address, params)
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        parsed = self._parse("TO:", arg, RCPT_PARAMS)
+        if isinstance(parsed, str):
+            await self.push(parsed)
+            return
+        address, params = parsed
+        if address.is_null:
+            await self.push("501 5.1.3 Bad recipient address syntax: empty address")
+            return
+        status = await self._call_handler_hook("RCPT", address, params)
+        await self.push(status)
+
+    # ---------------------------------------------------------------- DATA
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        status = await self._call_handler_hook("DATA_START")
+        if isinstance(status, str):
+            await self.push(status)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, problem = await self._read_data()
+        if problem is not None:
+            await self._call_handler_hook("DATA_ABORT", problem)
+            await self.push(problem)
+            self._set_post_data_state()
+            if problem.startswith(("550 5.5.2", "421")):
+                self.close_after_reply()
+            return
+        self.envelope.original_content = self.envelope.content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read until CRLF.CRLF; (content, None) or (b"", error reply).
+
+        Size and line-length violations keep reading to the end of data and then reply
+        (RFC 5321 4.2.5). A bare CR/LF or NUL replies at once and ends the session: the
+        client's idea of where the message ends may differ from ours.
+        """
+        reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
+        limit = self.data_size_limit or 0
+        max_line = self.line_length_limit
+        deadline = self.settings.limits.data_timeout
+        self._reset_timeout(deadline)
+        buf = bytearray()
+        problem: str | None = None
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as e:
+                    await reader.read(e.consumed)
+                    problem = problem or (
+                        f"500 5.5.2 Message line longer than {max_line - 3} characters "
+                        "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
+                    buf.clear()
+                    continue
+                n = len(line)
+                if line.find(b"\n", 0, n - 1) >= 0 or line.find(b"\r", 0, n - 2) >= 0:
+                    return b"", ("550 5.5.2 Message refused: bare <LF> or <CR> received "
+                                 "(RFC 5321 2.3.8); send lines ending in CRLF")
+                if b"\x00" in line:
+                    return b"", "550 5.6.0 Message refused: NUL character in message data"
+                if line == b".\r\n":
+                    break
+                if problem:
+                    continue
+                if line[0:1] == b".":
+                    line = line[1:]
+                buf += line
+                if limit and len(buf) > limit:
+                    problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
+                    buf.clear()
+        finally:
+            self._reset_timeout()
+        return bytes(buf), problem
+
+
+def _xtext_decode(value: str) -> str | None:
+    """RFC 3461 xtext, as Postfix sends XFORWARD values; None if malformed."""
+    out, i = [], 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "+":
+            h = value[i + 1:i + 3]
+            if len(h) != 2 or any(c not in "0123456789ABCDEFabcdef" for c in h):
+                return None
+            out.append(chr(int(h, 16)))
+            i += 3
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)

@@ -1,0 +1,59 @@
+"""The state interface every component uses, and the schema-migration registry.
+
+Each component (core decision log, rate-limit counters, retention, ...) registers its
+own ordered list of migrations under its name; the store applies the ones not yet
+applied, in order, and records the version per component. A component reads and writes
+through the small SQL surface below (execute / executemany / fetchall / fetchone), so
+that it never holds a connection of its own and a second backend only has to provide
+these few calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+# component -> ordered SQL scripts; index + 1 is the schema version after applying it.
+MIGRATIONS: dict[str, list[str]] = {}
+
+
+def register_migrations(component: str, scripts: Sequence[str]) -> None:
+    """Declare a component's schema. Append new scripts; never edit a released one."""
+    MIGRATIONS[component] = list(scripts)
+
+
+class StoreError(Exception):
+    """The state store failed; callers answer 4xx (tempfail), never accept unchecked."""
+
+
+class Store(Protocol):
+    path: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None: ...
+    async def schema_versions(self) -> dict[str, int]: ...
+
+
+def resolve_state_path(state: str, config_path: str) -> str:
+    """A relative state path is relative to the directory of policies.toml."""
+    if state.startswith("sqlite:"):
+        state = state[len("sqlite:"):]
+    p = Path(state)
+    if not p.is_absolute():
+        p = Path(config_path).resolve().parent / p
+    return str(p)
+
+
+async def open_store(state: str, config_path: str = ".", *, migrate: bool = True) -> Store:
+    """Open the store named by `[server] state` and bring its schema up to date."""
+    from maild.store import core  # noqa: F401  (registers the core schema)
+    from maild.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate)
+    await store.open()
+    return store

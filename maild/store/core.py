@@ -1,0 +1,148 @@
+"""The core schema: the decision log, written in batches off the hot path.
+
+Every SMTP decision is one row. The proxy never awaits a database write per message:
+it hands rows to :class:`DecisionLog`, which flushes them every half second (or every
+500 rows) from a background task. A failed flush is retried with the next batch and is
+logged; rows beyond a bound are dropped with a count, because the syslog line, written
+synchronously, is the decision's record of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import astuple, dataclass
+
+from maild.store.base import Store, StoreError, register_migrations
+
+register_migrations("core", [
+    """
+    CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        session TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        action TEXT NOT NULL,
+        code INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        client_name TEXT NOT NULL,
+        client_addr TEXT NOT NULL,
+        customer TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        size INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX decisions_ts ON decisions(ts);
+    CREATE INDEX decisions_customer_ts ON decisions(customer, ts);
+    """,
+])
+
+log = logging.getLogger("maild.store")
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRow:
+    ts: float
+    session: str
+    stage: str
+    action: str
+    code: int
+    status: str
+    reason: str
+    rule: str
+    client_name: str
+    client_addr: str
+    customer: str
+    sender: str
+    recipient: str
+    size: int = 0
+
+
+COLUMNS = tuple(DecisionRow.__dataclass_fields__)
+_INSERT = f"INSERT INTO decisions({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+class DecisionLog:
+    """Buffered, batched writer of decision rows."""
+
+    def __init__(self, store: Store, *, interval: float = 0.5, batch: int = 500,
+                 max_pending: int = 100_000):
+        self.store = store
+        self.interval = interval
+        self.batch = batch
+        self.max_pending = max_pending
+        self.pending: list[DecisionRow] = []
+        self.dropped = 0
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    def add(self, row: DecisionRow) -> None:
+        if len(self.pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        self.pending.append(row)
+        if len(self.pending) >= self.batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        rows, self.pending = self.pending, []
+        try:
+            await self.store.executemany(_INSERT, [astuple(r) for r in rows])
+        except StoreError as e:
+            log.error("decision log: cannot write %d rows, will retry: %s", len(rows), e)
+            self.pending[:0] = rows[: self.max_pending - len(self.pending)]
+        if self.dropped:
+            log.error("decision log: %d rows dropped (store unavailable for too long)", self.dropped)
+            self.dropped = 0
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+
+async def recent_decisions(store: Store, *, since: float | None = None, limit: int = 100,
+                           customer: str | None = None, action: str | None = None,
+                           rule: str | None = None, address: str | None = None) -> list[dict]:
+    """Newest first; every filter optional. `address` matches sender or recipient."""
+    where, params = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    for col, val in (("customer", customer), ("action", action), ("rule", rule)):
+        if val:
+            where.append(f"{col} = ?")
+            params.append(val)
+    if address:
+        where.append("(lower(sender) = lower(?) OR lower(recipient) = lower(?))")
+        params += [address, address]
+    sql = f"SELECT {', '.join(COLUMNS)} FROM decisions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(limit)
+    rows = await store.fetchall(sql, params)
+    return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+
+
+def now() -> float:
+    return time.time()

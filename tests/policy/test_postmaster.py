@@ -1,0 +1,64 @@
+"""Postmaster acceptance and the all-or-none split of postmaster transactions."""
+
+import pytest
+
+from maild.address import parse_path
+from maild.policy import pipeline
+from maild.policy.context import Stage
+from maild.policy.postmaster import is_postmaster
+from maild.policy.verdict import reject
+
+
+@pytest.mark.parametrize("path", ["<Postmaster>", "<POSTMASTER>", "<postmaster@hosted.example>",
+                                  "<POSTMASTER@HOSTED.EXAMPLE>", "<abuse@mx.hosted.example>",
+                                  '<"postmaster"@hosted.example>', "<postmaster@hosted.example.>"])
+def test_postmaster_addresses(config, path):
+    assert is_postmaster(parse_path(path), config)
+
+
+@pytest.mark.parametrize("path", ["<abuse>", "<postmaster@outside.example>", "<webmaster@hosted.example>",
+                                  "<@outside.example:postmaster@hosted.example>"])
+def test_not_postmaster(config, path):
+    assert not is_postmaster(parse_path(path), config)
+
+
+async def test_postmaster_beats_a_rule_that_refuses_everything(make_ctx):
+    def refuse_all(ctx):
+        return reject(554, "5.7.1", "blocked", "test-block")
+
+    pipeline.rule(Stage.RCPT, "test-block", order=5)(refuse_all)
+    try:
+        ctx = make_ctx()
+        ctx.rcpt = parse_path("<postmaster@hosted.example>")
+        assert (await pipeline.run(Stage.RCPT, ctx)).accepted
+        ctx.rcpt = parse_path("<bob@hosted.example>")
+        assert (await pipeline.run(Stage.RCPT, ctx)).rule == "test-block"
+    finally:
+        pipeline.RULES[Stage.RCPT] = [r for r in pipeline.RULES[Stage.RCPT] if r.name != "test-block"]
+
+
+async def test_mixed_transactions_are_split(make_ctx):
+    ctx = make_ctx()
+    ctx.postmaster_only = True
+    ctx.rcpt = parse_path("<bob@hosted.example>")
+    v = await pipeline.run(Stage.RCPT, ctx)
+    assert (v.code, v.status) == (452, "4.5.3")
+    ctx.postmaster_only = False
+    ctx.rcpt = parse_path("<abuse@hosted.example>")
+    v = await pipeline.run(Stage.RCPT, ctx)
+    assert (v.code, v.status) == (452, "4.5.3")
+
+
+async def test_recipient_limit_applies_to_everyone(make_ctx):
+    ctx = make_ctx()
+    ctx.recipients = [parse_path(f"<u{i}@hosted.example>") for i in range(3)]
+    ctx.rcpt = parse_path("<postmaster@hosted.example>")
+    v = await pipeline.run(Stage.RCPT, ctx)
+    assert (v.code, v.status, v.rule) == (452, "4.5.3", "recipients-per-message")
+
+
+async def test_data_stage_postmaster_only_is_final(make_ctx):
+    ctx = make_ctx()
+    ctx.postmaster_only = True
+    v = await pipeline.run(Stage.DATA, ctx)
+    assert v.final and v.rule == "postmaster"

@@ -1,0 +1,52 @@
+"""maild's Received line and the login parsed from Postfix's."""
+
+import email.parser
+import email.policy
+
+from maild.address import parse_path
+from maild.policy.context import Client
+from maild.smtp.downstream import Reply, xtext
+from maild.smtp.received import authenticated_login, received_header
+from maild.smtp.server import _xtext_decode
+
+
+def headers(text: str):
+    return email.parser.HeaderParser(policy=email.policy.compat32).parsestr(text)
+
+
+def test_received_names_the_real_client():
+    h = received_header(Client(addr="203.0.113.9", name="mail.client.example", helo="client",
+                               proto="ESMTPA"), "mx.hosted.example", "ABCDEF0123",
+                        [parse_path("<bob@hosted.example>")], "Sun, 22 Nov 2026 12:00:00 +0000")
+    text = h.decode()
+    assert text.startswith("Received: from client (mail.client.example [203.0.113.9])\r\n")
+    assert "by mx.hosted.example (maild) with ESMTPA id ABCDEF0123" in text
+    assert "for <bob@hosted.example>;" in text and text.endswith("+0000\r\n")
+
+
+def test_received_header_cannot_be_injected_through_helo():
+    h = received_header(Client(addr="2001:db8::1", helo="evil\r\nBcc: x (y)"), "mx", "ID", [],
+                        "date").decode()
+    assert h.count("\r\n") == 3 and "Bcc: x" not in h and "[IPv6:2001:db8::1]" in h
+
+
+def test_login_only_from_topmost_received():
+    top = headers("Received: from x (y [1.2.3.4])\n\t(Authenticated sender: alice)\n\tby mx (Postfix)\n"
+                  "Received: from evil\n\t(Authenticated sender: mallory)\n\n")
+    assert authenticated_login(top) == "alice"
+    forged = headers("Received: from x (y [1.2.3.4])\n\tby mx (Postfix)\n"
+                     "Received: from evil (Authenticated sender: mallory)\n\n")
+    assert authenticated_login(forged) == ""
+
+
+def test_xtext_round_trip():
+    for s in ["plain", "a+b=c", "ümlaut", "sp ace"]:
+        enc = xtext(s)
+        assert " " not in enc and "=" not in enc
+        assert _xtext_decode(enc).encode("latin-1").decode("utf-8") == s
+    assert _xtext_decode("bad+Z1") is None
+
+
+def test_multiline_reply_rendering():
+    assert Reply(250, "one\ntwo").smtp() == "250-one\r\n250 two"
+    assert Reply(550, "5.1.1 no").smtp() == "550 5.1.1 no"

@@ -1,0 +1,83 @@
+"""Address parsing keeps what aiosmtpd would lose, and finds every possible destination."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from maild.address import PathError, canonical, parse_params, parse_path, split_arg
+
+HOSTED = frozenset({"hosted.example", "mx.hosted.example"})
+
+
+@pytest.mark.parametrize("path, dests", [
+    ("<bob@hosted.example>", {"hosted.example"}),
+    ("<Bob@HOSTED.Example.>", {"hosted.example"}),
+    ("<relaytest%outside.example@hosted.example>", {"hosted.example", "outside.example"}),
+    ("<relaytest%outside.example@[127.0.0.1]>", {"[127.0.0.1]", "outside.example"}),
+    ('<"relaytest@outside.example">', {"", "outside.example"}),
+    ('<"relaytest%outside.example">', {"", "outside.example"}),
+    ("<relaytest@outside.example@[127.0.0.1]>", {"outside.example", "[127.0.0.1]"}),
+    ('<"relaytest@outside.example"@[127.0.0.1]>', {"outside.example", "[127.0.0.1]"}),
+    ("<relaytest@outside.example@hosted.example>", {"outside.example", "hosted.example"}),
+    ("<@[127.0.0.1]:relaytest@outside.example>", {"[127.0.0.1]", "outside.example"}),
+    ("<@hosted.example:relaytest@outside.example>", {"hosted.example", "outside.example"}),
+    ("<outside.example!relaytest>", {"outside.example", ""}),
+    ("<outside.example!relaytest@hosted.example>", {"outside.example", "hosted.example"}),
+    ("<a!b!user@hosted.example>", {"a", "b", "hosted.example"}),
+])
+def test_destinations_cover_every_reading(path, dests):
+    assert parse_path(path).destinations() == frozenset(dests)
+
+
+def test_local_only_when_every_reading_is_hosted():
+    assert parse_path("<bob@hosted.example>").is_local_to(HOSTED)
+    assert parse_path("<bob%mx.hosted.example@hosted.example>").is_local_to(HOSTED)
+    assert not parse_path("<bob%evil.example@hosted.example>").is_local_to(HOSTED)
+    assert not parse_path("<bob>").is_local_to(HOSTED)
+
+
+def test_raw_is_kept_and_quotes_removed():
+    a = parse_path('<"john smith"@hosted.example>')
+    assert a.raw == '<"john smith"@hosted.example>'
+    assert a.local == "john smith" and a.quoted
+    assert a.addr == "john smith@hosted.example"
+
+
+def test_null_path():
+    a = parse_path("<>")
+    assert a.is_null and a.addr == ""
+
+
+def test_split_arg_with_params_and_quoted_bracket():
+    assert split_arg('<"a>b"@x.example> SIZE=10 BODY=8BITMIME') == (
+        '<"a>b"@x.example>', "SIZE=10 BODY=8BITMIME")
+    assert split_arg("bob@x.example NOTIFY=NEVER") == ("bob@x.example", "NOTIFY=NEVER")
+
+
+@pytest.mark.parametrize("bad", ["<a@b", '<"abc@x>', "<@x>", "<a\r@b>", "<@a,b:c@d>", "<@@>"])
+def test_malformed_paths_raise(bad):
+    with pytest.raises(PathError):
+        parse_path(split_arg(bad[1:] if bad.startswith(":") else bad)[0])
+
+
+def test_params():
+    assert parse_params("SIZE=100 BODY=8BITMIME SMTPUTF8") == ["SIZE=100", "BODY=8BITMIME", "SMTPUTF8"]
+    with pytest.raises(PathError):
+        parse_params("SIZE= ")
+    with pytest.raises(PathError):
+        parse_params("=x")
+
+
+def test_canonical_folds_case_and_plus_tags():
+    assert canonical("Alice+news@Example.COM") == "alice@example.com"
+    assert canonical("alice@example.com.") == "alice@example.com"
+    assert canonical("+weird@example.com") == "+weird@example.com"
+
+
+@given(st.text(max_size=80))
+def test_parser_never_crashes(text):
+    try:
+        a = parse_path(split_arg(text)[0])
+    except PathError:
+        return
+    assert isinstance(a.destinations(), frozenset)
