@@ -322,12 +322,14 @@ class MaildSMTP(SMTP):
             await self.push(status)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content, problem = await self._read_data()
+        content, problem, fatal = await self._read_data()
         if problem is not None:
             await self._call_handler_hook("DATA_ABORT", problem)
             await self.push(problem)
             self._set_post_data_state()
-            if problem.startswith(("550 5.5.2", "421")):
+            if fatal:
+                # The rest of the client's bytes could be read as commands: a smuggled
+                # transaction. Nothing more is read from this session.
                 self.close_after_reply()
             return
         self.envelope.original_content = self.envelope.content = content
@@ -335,8 +337,8 @@ class MaildSMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, str | None]:
-        """Read until CRLF.CRLF; (content, None) or (b"", error reply).
+    async def _read_data(self) -> tuple[bytes, str | None, bool]:
+        """Read until CRLF.CRLF; (content, None, False) or (b"", error reply, fatal).
 
         Size and line-length violations keep reading to the end of data and then reply
         (RFC 5321 4.2.5). A bare CR/LF or NUL replies at once and ends the session: the
@@ -363,9 +365,9 @@ class MaildSMTP(SMTP):
                 n = len(line)
                 if line.find(b"\n", 0, n - 1) >= 0 or line.find(b"\r", 0, n - 2) >= 0:
                     return b"", ("550 5.5.2 Message refused: bare <LF> or <CR> received "
-                                 "(RFC 5321 2.3.8); send lines ending in CRLF")
+                                 "(RFC 5321 2.3.8); send lines ending in CRLF"), True
                 if b"\x00" in line:
-                    return b"", "550 5.6.0 Message refused: NUL character in message data"
+                    return b"", "550 5.6.0 Message refused: NUL character in message data", True
                 if line == b".\r\n":
                     break
                 if problem:
@@ -378,7 +380,7 @@ class MaildSMTP(SMTP):
                     buf.clear()
         finally:
             self._reset_timeout()
-        return bytes(buf), problem
+        return bytes(buf), problem, False
 
 
 def _xtext_decode(value: str) -> str | None:

@@ -1,0 +1,95 @@
+"""The CLI: readable errors with exit code 2, never a traceback; --help everywhere."""
+
+from __future__ import annotations
+
+import json
+import time
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from maild.cli import main
+
+MAILD = str(Path(sys.executable).parent / "maild")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([MAILD, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("maild, version ")
+
+
+def test_check_config_ok():
+    r = run("check-config", "-c", "policies.toml")
+    assert r.returncode == 0 and "OK" in r.stdout
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[server\nmode = 1", "TOML syntax error"),
+    ('[server]\nmode = "sideways"\n', 'server.mode = "sideways": expected one of'),
+    ('[server]\nlisten = 25\n[postmaster]\ndomains = ["x"]\n', "server.listen = 25: expected HOST:PORT"),
+    ("[[customers]]\nnetworks = ['bad']\n", "customers[0].name is missing"),
+])
+def test_broken_config_is_exit_2_with_a_readable_error(tmp_path, text, needle):
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    for cmd in (["check-config"], ["serve", "--log", "stderr"], ["log"]):
+        r = run(*cmd, "-c", str(p))
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_missing_config_file(tmp_path):
+    r = run("-c", str(tmp_path / "none.toml"), "check-config")
+    assert r.returncode == 2 and "cannot read the file" in r.stderr
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+
+    def walk(group, path):
+        for name, cmd in group.commands.items():
+            res = runner.invoke(main, [*path, name, "--help"])
+            assert res.exit_code == 0 and len(res.output) > 80, (path, name, res.output)
+            if hasattr(cmd, "commands"):
+                walk(cmd, [*path, name])
+
+    walk(main, [])
+
+
+def test_log_filters_and_json(tmp_path):
+    import asyncio
+
+    from maild.store import open_store
+    from maild.store.core import DecisionLog, DecisionRow
+
+    db = tmp_path / "state.db"
+    (tmp_path / "p.toml").write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n')
+
+    async def seed():
+        store = await open_store(str(db))
+        dl = DecisionLog(store)
+        for i, (action, rule) in enumerate([("relay", "-"), ("reject", "relay"), ("tempfail", "downstream")]):
+            dl.add(DecisionRow(ts=time.time() - 7200 + i, session=f"S{i}", stage="RCPT",
+                               action=action, code=250, status="2.0.0", reason="r", rule=rule,
+                               client_name="unknown", client_addr="192.0.2.1", customer="-",
+                               sender="a@b.example", recipient=f"r{i}@h.example"))
+        await dl.stop()
+        await store.close()
+
+    asyncio.run(seed())
+    r = run("log", "-c", str(tmp_path / "p.toml"), "--json", "--action", "reject")
+    rows = json.loads(r.stdout)
+    assert r.returncode == 0 and [x["session"] for x in rows] == ["S1"]
+    r = run("log", "-c", str(tmp_path / "p.toml"), "--address", "R2@h.example")
+    assert "S2: tempfail: RCPT" in r.stdout and "S1" not in r.stdout
+    r = run("log", "-c", str(tmp_path / "p.toml"), "--since", "1h", "--json")
+    assert [x["session"] for x in json.loads(r.stdout)] == []
+    r = run("log", "-c", str(tmp_path / "p.toml"), "--since", "soon")
+    assert r.returncode == 2 and "expected a duration" in r.stderr
