@@ -94,7 +94,7 @@ def test_postfix_down_gives_4xx_and_nothing_is_lost(tmp_path):
 def test_downstream_connections_are_reused(tmp_path):
     pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED)
     with pf, Maild(tmp_path / "m", front_policy(pf.reinject_port)) as m:
-        for i in range(5):
+        for _i in range(5):
             r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER)
             assert r.data_code == 250, r.output
         pf.wait_for_messages("bob@hosted.example", 5)

@@ -8,6 +8,7 @@ through Postfix's loopback re-injection smtpd on its own, so this test can fail.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -32,10 +33,8 @@ def converse(port: int, chunks: list[bytes], source: str = STRANGER) -> bytes:
             except OSError:  # closed by the server after a refusal
                 break
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(OSError):  # the server may have closed the session already
             s.shutdown(socket.SHUT_WR)
-        except OSError:  # the server already closed the session
-            pass
         s.settimeout(5)
         while True:
             try:

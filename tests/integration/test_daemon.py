@@ -1,0 +1,76 @@
+"""`maild serve` as systemd runs it: readiness, SIGHUP reload, graceful stop, decision log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+from tests.harness.clients import swaks
+from tests.harness.maild import Maild
+from tests.integration.conftest import STRANGER, front_policy, smtp
+
+
+def test_sighup_reloads_policy_without_dropping_sessions(postfix, tmp_path):
+    m = Maild(tmp_path / "m", front_policy(postfix.reinject_port))
+    with m:
+        s = smtp(m.port)  # a session open across the reload
+        r = swaks(m.port, frm="a@newcust.example", to="x@outside.example", bind=STRANGER)
+        assert r.rcpt_codes and r.rcpt_codes[0] == 554
+        m.policy["customers"].append({"name": "newcust", "networks": [f"{STRANGER}/32"]})
+        m.write()
+        m.signal(signal.SIGHUP)
+        m.wait_log("reload: policy reloaded")
+        r = swaks(m.port, frm="a@newcust.example", to="x@outside.example", bind=STRANGER)
+        assert r.data_code == 250, r.output
+        # the session opened before the reload still works
+        s.mail("a@outside.example")
+        assert s.rcpt("bob@hosted.example")[0] == 250
+        assert s.data(b"Subject: old session\r\n\r\nx\r\n")[0] == 250
+        s.quit()
+        # a broken file on reload is refused and the running policy kept
+        m.config.write_text("[server\n")
+        m.signal(signal.SIGHUP)
+        m.wait_log("reload refused, keeping the running policy")
+        assert swaks(m.port, frm="a@newcust.example", to="y@outside.example", bind=STRANGER).data_code == 250
+
+
+def test_ready_notification_and_graceful_stop(postfix, tmp_path, monkeypatch):
+    sock_path = tmp_path / "notify.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(sock_path))
+    rx.settimeout(15)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    m = Maild(tmp_path / "m", front_policy(postfix.reinject_port, pid_file=str(tmp_path / "maild.pid")))
+    m.start()
+    try:
+        assert rx.recv(1000).startswith(b"READY=1")
+        pid = int((tmp_path / "maild.pid").read_text())
+        assert pid == m.proc.pid
+        m.signal(signal.SIGHUP)
+        assert rx.recv(1000) == b"RELOADING=1"
+        assert rx.recv(1000) == b"READY=1"
+    finally:
+        rc = m.stop()
+    assert rc == 0
+    assert rx.recv(1000) == b"STOPPING=1"
+    assert not (tmp_path / "maild.pid").exists()
+    rx.close()
+
+
+def test_decisions_are_in_the_store_for_maild_log(postfix, tmp_path):
+    with Maild(tmp_path / "m", front_policy(postfix.reinject_port)) as m:
+        swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER)
+        swaks(m.port, frm="a@outside.example", to="evil@outside.example", bind=STRANGER)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = json.loads(m.cli("log", "--json").stdout)
+            if len(rows) >= 2:
+                break
+            time.sleep(0.3)
+        actions = {(r["action"], r["rule"], r["recipient"]) for r in rows}
+        assert ("relay", "-", "bob@hosted.example") in actions
+        assert ("reject", "relay", "evil@outside.example") in actions
+        rejects = json.loads(m.cli("log", "--json", "--rule", "relay").stdout)
+        assert [r["code"] for r in rejects] == [554]
