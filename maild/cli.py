@@ -174,7 +174,8 @@ def _register_plugins() -> None:
     """Commands owned by other modules (retention, ...), each registering its own."""
     import importlib
 
-    for mod in ("maild.retention.cli",):
+    for mod in ("maild.retention.cli", "maild.policy.headers_cli", "maild.sanctions.cli",
+                "maild.optin.cli"):
         try:
             importlib.import_module(mod).register(main)
         except ModuleNotFoundError as e:

@@ -39,8 +39,17 @@ class Daemon:
         return MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
                          trusted=c.server.trusted_upstreams)
 
+    def _configure_services(self, c: cfg.Config) -> None:
+        """Module-level services rules use (DNS resolver, ...), set from the config."""
+        try:
+            from maild import dns
+        except ImportError:
+            return
+        dns.configure(c)
+
     async def start(self) -> None:
         c = self.config
+        self._configure_services(c)
         self.store = await open_store(c.server.state, c.path)
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
@@ -81,6 +90,7 @@ class Daemon:
                 new.server.state != self.config.server.state:
             log.warning("warning: reload: listen, downstream and state changes take effect "
                         "only after a restart")
+        self._configure_services(new)
         self.config = new
         self.proxy.config = new
         if self.retention is not None:

@@ -109,6 +109,9 @@ class Context:
     message: Message | None = None
     # Rules may leave notes for later stages and for the log line (rule -> value).
     notes: dict[str, object] = field(default_factory=dict)
+    # Header lines (name, value) rules ask the proxy to add to the relayed message,
+    # e.g. ("X-Maild-Verdict", "...") in tag mode. The proxy folds and encodes them.
+    add_headers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def hosted(self) -> frozenset[str]:

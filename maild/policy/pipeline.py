@@ -30,8 +30,7 @@ class Rule:
 
 RULES: dict[Stage, list[Rule]] = {s: [] for s in Stage}
 
-# The modules holding rule families; importing them registers their rules.
-FAMILIES = ("postmaster", "limits", "relay")
+_loaded = False
 
 
 def rule(stage: Stage, name: str, order: int = 50) -> Callable[[RuleFn], RuleFn]:
@@ -47,10 +46,18 @@ def rule(stage: Stage, name: str, order: int = 50) -> Callable[[RuleFn], RuleFn]
 
 
 def load_families() -> None:
+    """Import every module of maild.policy: each rule family registers its rules."""
+    global _loaded
+    if _loaded:
+        return
     import importlib
+    import pkgutil
 
-    for fam in FAMILIES:
-        importlib.import_module(f"maild.policy.{fam}")
+    import maild.policy as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"maild.policy.{mod.name}")
+    _loaded = True
 
 
 async def run(stage: Stage, ctx: Context) -> Verdict:

@@ -22,6 +22,7 @@ from maild.policy.context import Context, Message, Stage
 from maild.policy.customer import resolve
 from maild.policy.verdict import Verdict
 from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply, xtext
+from maild.smtp.headers import customer_header, header_line, strip_own_headers
 from maild.smtp.received import authenticated_login, received_header
 from maild.smtp.server import MaildSession
 from maild.store.base import StoreError
@@ -324,10 +325,13 @@ class Proxy:
         if not v.accepted:
             self._drop_conn(session, reusable=True, rset=True)
             return self._verdict(session, v, ctx)
-        header = received_header(session.client, ctx.config.server.hostname, session.id,
-                                 ctx.recipients, format_datetime(localtime()))
+        added = received_header(session.client, ctx.config.server.hostname, session.id,
+                                ctx.recipients, format_datetime(localtime()))
+        added += customer_header(ctx.identity)
+        added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
         try:
-            reply = await self.downstream.data(conn, header + ctx.message.content)
+            reply = await self.downstream.data(
+                conn, added + strip_own_headers(ctx.message.content))
         except DownstreamError as e:
             # The downstream may or may not have the message: Postfix's smtpd discards a
             # transaction whose final dot it did not acknowledge, so a retry is right.
