@@ -75,6 +75,11 @@ def main(config: str) -> None:
     postmaster acceptance, rate limits, forged headers, list consent) and runs the
     retention jobs on the mail store. Configuration: policies.toml.
     """
+    from maild import log as mlog
+
+    # What a command changes (a block, a reset) is logged like the daemon's own
+    # decisions: to syslog, or to stderr where there is no syslog.
+    mlog.setup("syslog", quiet=True)
 
 
 @main.command()
@@ -174,12 +179,12 @@ def _register_plugins() -> None:
     """Commands owned by other modules (retention, ...), each registering its own."""
     import importlib
 
-    for mod in ("maild.retention.cli", "maild.policy.headers_cli", "maild.sanctions.cli",
+    for mod in ("maild.retention.cli", "maild.policy.headers_cli", "maild.antispam.cli",
                 "maild.optin.cli"):
         try:
             importlib.import_module(mod).register(main)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
+        except ModuleNotFoundError as e:  # that capability is not installed
+            if not e.name or not mod.startswith(e.name):
                 raise
     _add_config_option(main)
 

@@ -313,6 +313,10 @@ def _load_section_parsers() -> None:
     """Import the modules that own sections, so their parsers are registered."""
     import importlib
 
+    from maild.policy import pipeline
+
+    pipeline.load_families()  # every rule family registers the sections it owns
+    importlib.import_module("maild.antispam.sanctions")
     for mod in SECTION_MODULES:
         try:
             importlib.import_module(mod)

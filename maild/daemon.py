@@ -58,6 +58,7 @@ class Daemon:
                                      timeout=c.server.downstream_timeout,
                                      pool_size=c.server.downstream_pool)
         self.proxy = Proxy(c, self.downstream, self.decisions)
+        await self._start_antispam()
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
@@ -67,6 +68,60 @@ class Daemon:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
         log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
                  _version(), c.server.mode, lhost, lport, host, port, self.store.path)
+
+    async def _start_antispam(self) -> None:
+        """Rate-limit counters (loaded from the store), campaigns, sanctions."""
+        from maild import services
+        from maild.antispam import notify
+        from maild.antispam.campaigns import Campaigns
+        from maild.antispam.limiter import Limiter
+        from maild.antispam.sanctions import Sanctions
+
+        self.limiter = Limiter()
+        n = await self.limiter.load(self.store)
+        self.campaigns = Campaigns()
+        self._configure_campaigns(self.config)
+
+        async def send_notice(customer: str, action: str, reason: str, strikes: int) -> None:
+            await notify.send(self.downstream, self.config, customer, action, reason, strikes)
+
+        self.sanctions = Sanctions(self.store, lambda: self.config, send_notice)
+        await self.sanctions.load()
+        self.sanctions.on_control.append(self._control)
+        services.limiter, services.campaigns, services.sanctions = (
+            self.limiter, self.campaigns, self.sanctions)
+        services.sessions = self.counter
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
+
+    def _configure_campaigns(self, c: cfg.Config) -> None:
+        from maild.policy.bulk import BulkConfig
+
+        b = c.sections.get("bulk") or BulkConfig()
+        self.campaigns.window, self.campaigns.match = b.window, b.match
+        self.campaigns.max_campaigns, self.campaigns.max_customers = b.max_campaigns, b.max_customers
+
+    def _control(self, kind: str, arg: str) -> None:
+        if kind == "ratelimit-reset":
+            n = self.limiter.reset(arg)
+            log.warning("ratelimit: reset key=%s counters=%d", arg, n)
+
+    async def _housekeep(self) -> None:
+        """Every 2 s: apply CLI changes; every 5 s: persist counters; every 60 s: expire."""
+        from maild.store.base import StoreError
+
+        tick = 0
+        while True:
+            await asyncio.sleep(2)
+            tick += 1
+            try:
+                await self.sanctions.poll()
+                if tick % 3 == 0:
+                    await self.limiter.flush(self.store)
+                if tick % 30 == 0:
+                    self.limiter.expire()
+            except StoreError as e:
+                log.error("error: state store: %s", e)
 
     async def _start_retention(self) -> None:
         try:
@@ -91,6 +146,7 @@ class Daemon:
             log.warning("warning: reload: listen, downstream and state changes take effect "
                         "only after a restart")
         self._configure_services(new)
+        self._configure_campaigns(new)
         self.config = new
         self.proxy.config = new
         if self.retention is not None:
@@ -108,6 +164,12 @@ class Daemon:
             await asyncio.sleep(0.1)
         if self.retention is not None:
             await self.retention.stop()
+        self._housekeeping.cancel()
+        await self.sanctions.drain()
+        try:
+            await self.limiter.flush(self.store)
+        except Exception as e:  # noqa: BLE001  a failed final flush loses at most 5 s of counts
+            log.error("error: cannot persist rate-limit counters at stop: %s", e)
         await self.downstream.close()
         await self.decisions.stop()
         await self.store.close()

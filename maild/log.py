@@ -35,7 +35,7 @@ class _Syslog(logging.handlers.SysLogHandler):
         self.ident = f"maild[{os.getpid()}]: "
 
 
-def setup(target: str = "syslog", level: int = logging.INFO) -> logging.Logger:
+def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = False) -> logging.Logger:
     """Send the 'maild' logger to syslog (/dev/log), stderr, or a file path.
 
     'syslog' falls back to stderr (with a warning) where there is no /dev/log, as in a
@@ -66,7 +66,7 @@ def setup(target: str = "syslog", level: int = logging.INFO) -> logging.Logger:
             f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
             datefmt="%b %d %H:%M:%S"))
     logger.addHandler(handler)
-    if fallback:
+    if fallback and not quiet:
         logger.warning("warning: %s", fallback)
     return logger
 

@@ -32,6 +32,30 @@ RULES: dict[Stage, list[Rule]] = {s: [] for s in Stage}
 
 _loaded = False
 
+# Called once when a transaction ends: finish(ctx, accepted) with accepted=True only
+# after the downstream took the message (rate limits commit, campaigns count, ...).
+FINISH_HOOKS: list[Callable[[Context, bool], None]] = []
+
+
+def on_finish(fn: Callable[[Context, bool], None]) -> Callable[[Context, bool], None]:
+    if fn not in FINISH_HOOKS:
+        FINISH_HOOKS.append(fn)
+    return fn
+
+
+def finish(ctx: Context, accepted: bool) -> None:
+    """End a transaction exactly once; a hook's failure never affects the others."""
+    if ctx.notes.get("finished"):
+        return
+    ctx.notes["finished"] = True
+    for fn in FINISH_HOOKS:
+        try:
+            fn(ctx, accepted)
+        except Exception:
+            import logging
+
+            logging.getLogger("maild.policy").exception("finish hook %s failed", fn.__name__)
+
 
 def rule(stage: Stage, name: str, order: int = 50) -> Callable[[RuleFn], RuleFn]:
     """Register a rule for a stage. Lower order runs first; postmaster runs at 0."""

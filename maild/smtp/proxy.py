@@ -15,6 +15,7 @@ from email.utils import format_datetime, localtime
 from typing import Any
 
 from maild import log as mlog
+from maild import services
 from maild.address import Address
 from maild.config import Config
 from maild.policy import pipeline
@@ -89,6 +90,9 @@ class Proxy:
                  rcpt: Address | None = None) -> str:
         self.record(session, v.action.value, ctx.stage.value, v.reply, rule=v.rule, ctx=ctx,
                     rcpt=rcpt)
+        if v.strike and ctx.identity.customer is not None and services.sanctions is not None:
+            services.sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason,
+                                           session=session.id)
         return v.reply
 
     async def _run(self, stage: Stage, ctx: Context) -> Verdict | None:
@@ -114,7 +118,11 @@ class Proxy:
             v = xf.get(k)
             return None if v is None or v == "[UNAVAILABLE]" else v
         if (addr := val("ADDR")) is not None:
-            c.addr = addr[5:] if addr.upper().startswith("IPV6:") else addr
+            addr = addr[5:] if addr.upper().startswith("IPV6:") else addr
+            if services.sessions is not None and addr != c.addr and session.counted:
+                services.sessions.client_remove(c.addr)
+                services.sessions.client_add(addr)
+            c.addr = addr
         if (name := val("NAME")) is not None:
             c.name = name
         for attr, key in (("port", "PORT"), ("proto", "PROTO"), ("helo", "HELO"),
@@ -147,7 +155,10 @@ class Proxy:
     # ------------------------------------------------------------------ transaction
 
     def _drop_conn(self, session: MaildSession, *, reusable: bool, rset: bool = False) -> None:
+        """End the session's transaction (unaccepted, if it was still open)."""
         conn: Connection | None = session.conn
+        if session.ctx is not None:
+            pipeline.finish(session.ctx, accepted=False)
         session.conn = None
         session.ctx = None
         if conn is None:
@@ -267,9 +278,6 @@ class Proxy:
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
             return self._tempfail(session, ctx, "RCPT", TEMPFAIL_INTERNAL, "store", address)
-        mail_v: Verdict | None = ctx.notes.get("mail-verdict")  # type: ignore[assignment]
-        if mail_v is not None and v.accepted and not v.final:
-            v = mail_v
         if not v.accepted:
             return self._verdict(session, v, ctx, rcpt=address)
         line = "RCPT TO:" + address.raw + (" " + " ".join(params) if params else "")
@@ -338,6 +346,7 @@ class Proxy:
             log.error("%s: error: downstream lost during DATA: %s", session.id, e)
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        pipeline.finish(ctx, accepted=reply.ok)
         session.conn = session.ctx = None
         self.downstream.release(conn, reusable=True)
         first = reply.text.splitlines()[0] if reply.text else ""

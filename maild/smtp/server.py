@@ -45,6 +45,19 @@ class SessionCounter:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: dict[str, int] = {}
+        # Sessions per *real* client (XFORWARD ADDR where a trusted upstream sent it),
+        # for per-customer connection limits.
+        self.clients: dict[str, int] = {}
+
+    def client_add(self, addr: str) -> None:
+        self.clients[addr] = self.clients.get(addr, 0) + 1
+
+    def client_remove(self, addr: str) -> None:
+        n = self.clients.get(addr, 0) - 1
+        if n > 0:
+            self.clients[addr] = n
+        else:
+            self.clients.pop(addr, None)
 
     def add(self, ip: str | None) -> None:
         self.total += 1
@@ -160,6 +173,7 @@ class MaildSMTP(SMTP):
             self.transport.close()
             return
         self.counter.add(None if trusted else addr)
+        self.counter.client_add(addr)
         session.counted, session.counted_ip = True, (None if trusted else addr)
         await super()._handle_client()
 
@@ -167,6 +181,7 @@ class MaildSMTP(SMTP):
         session: MaildSession | None = self.session  # type: ignore[assignment]
         if session is not None and session.counted:
             self.counter.remove(session.counted_ip)
+            self.counter.client_remove(session.client.addr)
             session.counted = False
             self.event_handler.session_lost(session)
         super().connection_lost(error)

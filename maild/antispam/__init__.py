@@ -1,0 +1,1 @@
+"""Outbound anti-spam state: rate-limit counters, bulk campaigns, sanctions."""

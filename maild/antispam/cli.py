@@ -1,0 +1,208 @@
+"""CLI for outbound anti-spam: customers' state, warn/block/unblock, counter resets.
+
+These commands write to the state store and leave a `control` row; a running
+`maild serve` applies it within two seconds. Counters shown are those last persisted
+by the daemon (it writes them every few seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from maild.antispam.limiter import Counter
+from maild.antispam.sanctions import control, set_state
+from maild.cli import echo_json, load_config, run_async
+from maild.config import Config
+from maild.store import open_store
+from maild.store.base import Store
+
+
+async def _with_store(config: Config, fn: Any) -> Any:
+    store = await open_store(config.server.state, config.path)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _need_customer(config: Config, name: str) -> None:
+    if config.customer(name) is None:
+        known = ", ".join(c.name for c in config.customers) or "none"
+        raise click.BadParameter(f"no customer named {name!r} in {config.path} (known: {known})",
+                                 param_hint="NAME")
+
+
+async def _state(store: Store, name: str) -> dict:
+    row = await store.fetchone(
+        "SELECT state, since, reason, actor FROM sanctions WHERE customer = ?", (name,))
+    state = {"state": "ok", "since": None, "reason": "", "actor": ""}
+    if row:
+        state = {"state": row[0], "since": row[1], "reason": row[2], "actor": row[3]}
+    week = time.time() - 7 * 86400
+    state["strikes_7d"] = (await store.fetchone(
+        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week)))[0]
+    return state
+
+
+async def _counters(store: Store, prefix: str) -> dict[str, float]:
+    now = time.time()
+    rows = await store.fetchall(
+        "SELECT key, value, ts, period FROM ratelimit_counters WHERE key = ? OR key LIKE ?",
+        (prefix, prefix + "|%"))
+    return {k: round(Counter(value=v, ts=ts).current(now, p), 2) for k, v, ts, p in rows}
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def register(main: click.Group) -> None:
+    @main.command("customers")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def customers(as_json: bool) -> None:
+        """List customers with their sanction state, strikes and message counters."""
+        config = load_config()
+
+        async def collect(store: Store) -> list[dict]:
+            out = []
+            for c in config.customers:
+                st = await _state(store, c.name)
+                counters = await _counters(store, f"cust:{c.name}")
+                out.append({"name": c.name, **st, "counters": counters})
+            return out
+
+        rows = run_async(_with_store(config, collect))
+        if as_json:
+            echo_json(rows)
+            return
+        click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES")
+        for r in rows:
+            msgs = r["counters"].get(f"cust:{r['name']}", 0)
+            click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs:g}")
+
+    @main.group("customer")
+    def customer() -> None:
+        """Show one customer, or warn, block or unblock it."""
+
+    @customer.command("show")
+    @click.argument("name")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def show(name: str, as_json: bool) -> None:
+        """State, strikes, counters and sanction history of customer NAME."""
+        config = load_config()
+        _need_customer(config, name)
+
+        async def collect(store: Store) -> dict:
+            st = await _state(store, name)
+            st["counters"] = await _counters(store, f"cust:{name}")
+            st["strikes"] = [dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
+                             for r in await store.fetchall(
+                                 "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
+                                 "ORDER BY id DESC LIMIT 20", (name,))]
+            st["history"] = [dict(zip(("ts", "action", "reason", "actor"), r, strict=True))
+                             for r in await store.fetchall(
+                                 "SELECT ts, action, reason, actor FROM sanction_events WHERE "
+                                 "customer = ? ORDER BY id DESC LIMIT 50", (name,))]
+            return st
+
+        st = run_async(_with_store(config, collect))
+        c = config.customer(name)
+        assert c is not None
+        st.update({"name": name, "contact": c.contact, "networks": [str(n) for n in c.networks],
+                   "logins": list(c.logins), "domains": list(c.domains)})
+        if as_json:
+            echo_json(st)
+            return
+        click.echo(f"customer {name}: {st['state']} since {_when(st['since'])}"
+                   + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else ""))
+        click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
+        click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
+        for k, v in sorted(st["counters"].items()):
+            click.echo(f"  counter {k}: {v:g}")
+        for h in st["history"][:10]:
+            click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
+
+    def _change(name: str, state: str, reason: str, as_json: bool) -> None:
+        config = load_config()
+        _need_customer(config, name)
+        actor = f"cli:{_user()}"
+        run_async(_with_store(config, lambda store: set_state(
+            store, name, state, reason, actor, clear=(state == "ok"))))
+        if as_json:
+            echo_json({"name": name, "state": state, "reason": reason, "actor": actor})
+        else:
+            click.echo(f"customer {name}: {state}")
+
+    json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+    @customer.command("warn")
+    @click.argument("name")
+    @click.option("--reason", required=True, help="Why; recorded and shown in `customer show`.")
+    @json_opt
+    def warn(name: str, reason: str, as_json: bool) -> None:
+        """Record a warning for customer NAME (mail still flows)."""
+        _change(name, "warned", reason, as_json)
+
+    @customer.command("block")
+    @click.argument("name")
+    @click.option("--reason", required=True, help="Why; recorded, and part of the 554 reply.")
+    @json_opt
+    def block(name: str, reason: str, as_json: bool) -> None:
+        """Block all outbound mail of customer NAME (postmaster and abuse still reachable)."""
+        _change(name, "blocked", reason, as_json)
+
+    @customer.command("unblock")
+    @click.argument("name")
+    @click.option("--reason", default="unblocked by operator", show_default=True,
+                  help="Why; recorded in the history.")
+    @json_opt
+    def unblock(name: str, reason: str, as_json: bool) -> None:
+        """Lift a block (or warning) on NAME; strikes before now no longer count."""
+        _change(name, "ok", reason, as_json)
+
+    @main.group("ratelimit")
+    def ratelimit() -> None:
+        """Inspect or reset rate-limit counters."""
+
+    @ratelimit.command("reset")
+    @click.argument("key")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def reset(key: str, as_json: bool) -> None:
+        """Reset counters for KEY: a customer name, or cust:NAME, login:L, ip:ADDR, from:ADDR.
+
+        A bare customer name resets everything counted for that customer (messages,
+        recipients, bytes, per-recipient counters).
+        """
+        config = load_config()
+        prefixes = [key]
+        if ":" not in key:
+            _need_customer(config, key)
+            prefixes = [f"cust:{key}", f"rcpt:{key}"]
+
+        async def do(store: Store) -> int:
+            n = 0
+            for p in prefixes:
+                n += await store.execute(
+                    "DELETE FROM ratelimit_counters WHERE key = ? OR key LIKE ? OR key LIKE ?",
+                    (p, p + "|%", p + ":%"))
+                await control(store, "ratelimit-reset", p)
+            return n
+
+        n = run_async(_with_store(config, do))
+        if as_json:
+            echo_json({"key": key, "prefixes": prefixes, "deleted": n})
+        else:
+            click.echo(f"reset {key}: {n} stored counter(s) removed; the running daemon resets "
+                       "its own within 2 seconds")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "unknown"

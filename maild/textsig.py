@@ -1,0 +1,123 @@
+"""Near-duplicate signatures of message text: normalisation and MinHash over word shingles.
+
+Personalised copies of one campaign differ in names, addresses, numbers and tracking
+URLs; normalisation folds those away so the copies hash alike: HTML reduced to text, URLs
+cut to scheme://host/path, numbers folded to '#', email addresses to '@', and tokens
+taken from the recipients' addresses and display names removed. The signature is 32
+minima of keyed hashes over 3-word shingles (as rspamd's shingles): two texts match
+when more than 16 of the 32 agree. One blake2b call per shingle gives all 32 hashes (its
+64-byte digest read as 32 independent 16-bit values), so a signature costs one hash per
+shingle, not 32.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import hashlib
+import re
+import struct
+from email.message import EmailMessage
+from email.parser import BytesParser
+from html.parser import HTMLParser
+
+SLOTS = 32
+_KEY = b"maild-minhash-v1"
+_URL = re.compile(r"\b((?:https?|ftp)://[^\s/?#<>\"']+[^\s?#<>\"']*)[^\s<>\"']*", re.I)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_NUM = re.compile(r"\d+")
+_WORD = re.compile(r"[^\W_]+|[#@]", re.UNICODE)
+_MAX_TEXT = 64 * 1024
+_UNPACK = struct.Struct(f"<{SLOTS}H").unpack
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in ("script", "style"):
+            self.skip += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self.skip:
+            self.skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    p = _Text()
+    try:
+        p.feed(html)
+        p.close()
+    except Exception:  # malformed HTML still yields what was parsed
+        pass
+    return " ".join(p.parts)
+
+
+def body_text(content: bytes) -> str:
+    """The message's readable text: text/plain parts, and text/html parts as text."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(content)
+    out: list[str] = []
+    size = 0
+    parts = msg.walk() if msg.is_multipart() else [msg]
+    for part in parts:
+        if size >= _MAX_TEXT or part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        if ctype not in ("text/plain", "text/html"):
+            continue
+        try:
+            text = part.get_content() if isinstance(part, EmailMessage) else ""
+        except (LookupError, ValueError, AssertionError):
+            payload = part.get_payload(decode=True) or b""
+            text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+        if ctype == "text/html":
+            text = html_to_text(text)
+        out.append(text[: _MAX_TEXT - size])
+        size += len(out[-1])
+    return "\n".join(out)
+
+
+def volatile_tokens(addresses: list[str], names: list[str]) -> set[str]:
+    """Words that personalise a copy: pieces of recipient addresses and display names."""
+    toks: set[str] = set()
+    for a in addresses:
+        local = a.split("@", 1)[0].lower()
+        toks.update(t for t in re.split(r"[._+\-]", local) if len(t) > 1)
+    for n in names:
+        toks.update(w.lower() for w in _WORD.findall(n) if len(w) > 1)
+    return toks
+
+
+def normalise(text: str, volatile: set[str] = frozenset()) -> list[str]:
+    text = _URL.sub(lambda m: " " + m.group(1) + " ", text)
+    text = _EMAIL.sub(" @ ", text).lower()
+    text = _NUM.sub("#", text)
+    return [w for w in _WORD.findall(text) if w not in volatile]
+
+
+def signature(words: list[str]) -> tuple[int, ...] | None:
+    """MinHash of 3-word shingles; None for texts too short to judge (< 3 words)."""
+    if len(words) < 3:
+        return None
+    mins = [0xFFFF] * SLOTS
+    seen: set[str] = set()
+    for i in range(len(words) - 2):
+        sh = " ".join(words[i:i + 3])
+        if sh in seen:
+            continue
+        seen.add(sh)
+        vals = _UNPACK(hashlib.blake2b(sh.encode("utf-8", "surrogatepass"), digest_size=64,
+                                       key=_KEY).digest())
+        mins = list(map(min, mins, vals))
+    return tuple(mins)
+
+
+def similarity(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many of the 32 minima agree."""
+    return sum(x == y for x, y in zip(a, b, strict=True))
