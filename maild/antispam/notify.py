@@ -9,14 +9,14 @@ Sending is retried a few times; every attempt's outcome is an event in the store
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from email.message import EmailMessage
 from email.utils import format_datetime, localtime
 
 from maild.config import Config
-from maild.smtp.downstream import Downstream, DownstreamError
+from maild.smtp.downstream import Downstream
+from maild.smtp.submit import as_bytes, submit
 
 log = logging.getLogger("maild.sanctions")
 
@@ -76,34 +76,11 @@ def compose(config: Config, customer: str, action: str, reason: str, strikes: in
 async def send(downstream: Downstream, config: Config, customer: str, action: str, reason: str,
                strikes: int, *, attempts: int = 3, delay: float = 30.0) -> bool:
     msg, rcpts = compose(config, customer, action, reason, strikes)
-    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-    for attempt in range(1, attempts + 1):
-        try:
-            conn, _ = await downstream.acquire()
-        except DownstreamError as e:
-            log.error("sanction: customer=%s notice=%s attempt=%d: %s", customer, action, attempt, e)
-            await asyncio.sleep(delay)
-            continue
-        ok = False
-        try:
-            r = await downstream.command(conn, "MAIL FROM:<>")
-            accepted = []
-            if r.ok:
-                for a in rcpts:
-                    if (await downstream.command(conn, f"RCPT TO:<{a}>")).ok:
-                        accepted.append(a)
-            if accepted:
-                r = await downstream.data(conn, data)
-                ok = r.ok
-                log.warning("sanction: customer=%s notice=%s to=%s status=%s", customer, action,
-                            ",".join(accepted), f"{r.code} {r.text.splitlines()[0] if r.text else ''}")
-            else:
-                await downstream.command(conn, "RSET")
-            downstream.release(conn, reusable=True)
-        except DownstreamError as e:
-            downstream.release(conn, reusable=False)
-            log.error("sanction: customer=%s notice=%s attempt=%d: %s", customer, action, attempt, e)
-        if ok:
-            return True
-        await asyncio.sleep(delay)
+    reply, took = await submit(downstream, "", rcpts, as_bytes(msg), attempts=attempts,
+                               delay=delay, what=f"notice={action} customer={customer}")
+    if reply is not None and took:
+        log.warning("sanction: customer=%s notice=%s to=%s status=%d %s", customer, action,
+                    ",".join(took), reply.code, reply.text.splitlines()[0] if reply.text else "")
+        return True
+    log.error("sanction: customer=%s notice=%s not sent", customer, action)
     return False
