@@ -179,8 +179,8 @@ def _register_plugins() -> None:
     """Commands owned by other modules (retention, ...), each registering its own."""
     import importlib
 
-    for mod in ("maild.retention.cli", "maild.policy.headers_cli", "maild.antispam.cli",
-                "maild.optin.cli"):
+    for mod in ("maild.opscli", "maild.retention.cli", "maild.policy.headers_cli",
+                "maild.antispam.cli", "maild.optin.cli"):
         try:
             importlib.import_module(mod).register(main)
         except ModuleNotFoundError as e:  # that capability is not installed

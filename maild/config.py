@@ -317,6 +317,7 @@ def _load_section_parsers() -> None:
 
     pipeline.load_families()  # every rule family registers the sections it owns
     importlib.import_module("maild.antispam.sanctions")
+    importlib.import_module("maild.report")
     for mod in SECTION_MODULES:
         try:
             importlib.import_module(mod)

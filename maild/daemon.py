@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 from maild import config as cfg
@@ -33,6 +35,8 @@ class Daemon:
         self.counter = SessionCounter()
         self.server: asyncio.AbstractServer | None = None
         self.retention = None
+        self.report_job = None
+        self.scheduler = None
 
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
@@ -64,6 +68,8 @@ class Daemon:
         self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
                                                reuse_address=True, backlog=1024)
         await self._start_retention()
+        self._start_report()
+        self.write_status()
         if c.server.pid_file:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
         log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
@@ -94,6 +100,41 @@ class Daemon:
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
 
+    @property
+    def status_path(self) -> Path:
+        return Path(self.store.path).with_name("maild.status.json")
+
+    def status(self) -> dict:
+        """What `maild status` shows: a snapshot written every 2 seconds."""
+        jobs = []
+        sched = getattr(self.retention, "scheduler", None)
+        for j in (sched.get_jobs() if sched is not None else []):
+            nxt = getattr(j, "next_run_time", None)
+            jobs.append({"id": j.id, "next_run": nxt.isoformat() if nxt else None})
+        if self.report_job is not None and self.report_job.next_run_time:
+            jobs.append({"id": "report", "next_run": self.report_job.next_run_time.isoformat()})
+        return {
+            "pid": os.getpid(), "version": _version(), "started": self.proxy.started,
+            "written": time.time(), "mode": self.config.server.mode,
+            "listen": "{}:{}".format(*self.config.server.listen),
+            "downstream": "{}:{}".format(*self.config.server.downstream),
+            "sessions": self.counter.total, "downstream_in_use": self.downstream.in_use,
+            "downstream_idle": len(self.downstream._idle),
+            "decisions_pending": len(self.decisions.pending),
+            "relayed": self.proxy.stats["relayed"], "rejected": self.proxy.stats["rejected"],
+            "tempfailed": self.proxy.stats["tempfailed"],
+            "blocked_customers": sorted(self.sanctions.blocked), "jobs": jobs,
+            "config": self.config.path,
+        }
+
+    def write_status(self) -> None:
+        try:
+            tmp = self.status_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.status(), indent=1))
+            os.replace(tmp, self.status_path)
+        except OSError as e:
+            log.error("error: cannot write %s: %s", self.status_path, e)
+
     def _configure_campaigns(self, c: cfg.Config) -> None:
         from maild.policy.bulk import BulkConfig
 
@@ -114,6 +155,7 @@ class Daemon:
         while True:
             await asyncio.sleep(2)
             tick += 1
+            self.write_status()
             try:
                 await self.sanctions.poll()
                 if tick % 3 == 0:
@@ -122,6 +164,31 @@ class Daemon:
                     self.limiter.expire()
             except StoreError as e:
                 log.error("error: state store: %s", e)
+
+    def _start_report(self) -> None:
+        """The daily report (`[report]`), scheduled with APScheduler in this event loop."""
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.start()
+        self._schedule_report(self.config)
+
+    def _schedule_report(self, c: cfg.Config) -> None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        from maild.report import ReportConfig, mail_report
+
+        rc = c.sections.get("report") or ReportConfig()
+        if self.report_job is not None:
+            self.report_job.remove()
+            self.report_job = None
+        if not rc.mail:
+            return
+        hour, minute = rc.at
+        self.report_job = self.scheduler.add_job(
+            mail_report, CronTrigger(hour=hour, minute=minute), args=[self], id="report",
+            misfire_grace_time=3600, coalesce=True)
 
     async def _start_retention(self) -> None:
         try:
@@ -147,6 +214,7 @@ class Daemon:
                         "only after a restart")
         self._configure_services(new)
         self._configure_campaigns(new)
+        self._schedule_report(new)
         self.config = new
         self.proxy.config = new
         if self.retention is not None:
@@ -173,6 +241,10 @@ class Daemon:
         await self.downstream.close()
         await self.decisions.stop()
         await self.store.close()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        with contextlib.suppress(OSError):
+            self.status_path.unlink()
         if self.config.server.pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.server.pid_file)

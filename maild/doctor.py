@@ -1,0 +1,305 @@
+"""`maild doctor`: is this deployment wired right? One line per check, with the fix.
+
+Each check returns OK, WARN or FAIL and, unless OK, what to do. The exit code is the
+worst level: 0 OK, 1 WARN, 2 FAIL. Checks only read and probe (EHLO, never a message).
+Postfix's configuration is read with `postconf` (`-c DIR` for a second instance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from maild.config import Config, parse_duration
+from maild.probe import probe
+from maild.store.base import MIGRATIONS, resolve_state_path
+
+LEVELS = {"OK": 0, "WARN": 1, "FAIL": 2}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        s = f"{self.level:4} {self.name}: {self.message}"
+        return s + (f"\n     fix: {self.fix}" if self.fix and self.level != "OK" else "")
+
+
+def ok(name: str, msg: str) -> Check:
+    return Check(name, "OK", msg)
+
+
+def warn(name: str, msg: str, fix: str) -> Check:
+    return Check(name, "WARN", msg, fix)
+
+
+def fail(name: str, msg: str, fix: str) -> Check:
+    return Check(name, "FAIL", msg, fix)
+
+
+# ------------------------------------------------------------------------- state store
+
+def check_state(config: Config) -> Check:
+    import sqlite3
+
+    path = resolve_state_path(config.server.state, config.path)
+    p = Path(path)
+    if not p.exists():
+        parent = p.parent if p.parent.exists() else p.parent.parent
+        if os.access(parent, os.W_OK):
+            return warn("state", f"{path} does not exist yet", "start `maild serve` once: it creates it")
+        return fail("state", f"{path} does not exist and {parent} is not writable",
+                    f"create {p.parent} owned by the maild user (mode 0750)")
+    if not os.access(path, os.W_OK) or not os.access(p.parent, os.W_OK):
+        return fail("state", f"{path} (or its directory) is not writable by uid {os.getuid()}",
+                    f"chown the state directory {p.parent} to the user maild runs as")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        have = dict(db.execute("SELECT component, version FROM schema_version").fetchall())
+        db.close()
+    except sqlite3.Error as e:
+        return fail("state", f"{path}: {e}", "restore the state file from backup, or move it away "
+                    "and let maild create a new one")
+    from maild.store import core  # noqa: F401  registers the core schema
+    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in MIGRATIONS.items() if have.get(c, 0) < len(m)]
+    ahead = [f"{c} v{v}>v{len(MIGRATIONS[c])}" for c, v in have.items() if c in MIGRATIONS and v > len(MIGRATIONS[c])]
+    if ahead:
+        return fail("state", f"schema newer than this maild knows ({', '.join(ahead)})",
+                    "upgrade maild to the version that wrote this state")
+    if behind:
+        return warn("state", f"schema older than this maild ({', '.join(behind)})",
+                    "restart `maild serve`: it migrates the schema at start")
+    return ok("state", f"{path} writable, schema current")
+
+
+# ------------------------------------------------------------------------- daemon, SMTP
+
+def daemon_status(config: Config) -> dict | None:
+    path = Path(resolve_state_path(config.server.state, config.path)).with_name("maild.status.json")
+    try:
+        st = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(st["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return st
+
+
+def check_daemon(config: Config) -> Check:
+    st = daemon_status(config)
+    if st is None:
+        return warn("daemon", "maild serve is not running (no live status file)",
+                    "systemctl start maild (or `make run` for a trial)")
+    age = time.time() - st.get("written", 0)
+    if age > 30:
+        return warn("daemon", f"pid {st['pid']} has not updated its status for {age:.0f}s",
+                    "the daemon may be hung: check `journalctl -u maild`, then restart it")
+    return ok("daemon", f"pid {st['pid']} up {time.time() - st['started']:.0f}s, "
+              f"{st['sessions']} sessions in flight")
+
+
+def check_listen(config: Config) -> Check:
+    host, port = config.server.listen
+    r = probe(host or "127.0.0.1", port, [], helo=config.server.hostname, timeout=5)
+    if not r.connected:
+        return warn("listen", f"nothing answers on {host}:{port} ({r.error})",
+                    "start `maild serve`; check [server] listen")
+    return ok("listen", f"{host}:{port} answers: {r.banner[:60]}")
+
+
+def check_downstream(config: Config) -> Check:
+    host, port = config.server.downstream
+    r = probe(host, port, [], helo=config.server.hostname, timeout=10)
+    if not r.connected:
+        return fail("downstream", f"cannot reach {host}:{port}: {r.error}",
+                    "add the re-injection smtpd to master.cf (docs/postfix.md) and `postfix reload`")
+    if not r.ehlo:
+        return fail("downstream", f"{host}:{port} did not answer EHLO ({r.banner})",
+                    "point [server] downstream at Postfix's re-injection smtpd")
+    if "xforward" not in r.ehlo:
+        return warn("downstream", f"{host}:{port} answers EHLO but does not offer XFORWARD to maild",
+                    "add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to the re-injection "
+                    "service, so Postfix logs the real client")
+    return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
+
+
+# ------------------------------------------------------------------------- Postfix wiring
+
+def _postconf(args: list[str], confdir: str | None) -> str | None:
+    exe = shutil.which("postconf") or ("/usr/sbin/postconf" if os.path.exists("/usr/sbin/postconf") else None)
+    if exe is None:
+        return None
+    cmd = [exe] + (["-c", confdir] if confdir else []) + args
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _hostport(value: str) -> tuple[str, int] | None:
+    v = value.strip()
+    v = v.split(":", 1)[1] if v.startswith(("inet:", "smtp:")) else v
+    m = re.match(r"^\[?([^\]]*?)\]?:(\d+)$", v)
+    return (m.group(1) or "127.0.0.1", int(m.group(2))) if m else None
+
+
+def _same(a: tuple[str, int] | None, b: tuple[str, int]) -> bool:
+    if a is None:
+        return False
+    loop = {"127.0.0.1", "localhost", ""}
+    return a[1] == b[1] and (a[0] == b[0] or (a[0] in loop and b[0] in loop))
+
+
+def check_postfix(config: Config, confdir: str | None) -> list[Check]:
+    params = _postconf(["-P"], confdir)
+    services = _postconf(["-M"], confdir)
+    if params is None or services is None:
+        return [warn("postfix", "postconf is not available or failed" + (f" for {confdir}" if confdir else ""),
+                     "install postfix, or pass --postfix-config DIR")]
+    out: list[Check] = []
+    # master.cf services: "127.0.0.1:10026 inet n - n - - smtpd -o ..."
+    svc_lines = [line.split() for line in services.splitlines() if line.strip()]
+    per_service: dict[str, dict[str, str]] = {}
+    for line in params.splitlines():
+        m = re.match(r"^(\S+)/(\w+)/(\S+)\s*=\s*(.*)$", line)
+        if m:
+            per_service.setdefault(f"{m.group(1)}/{m.group(2)}", {})[m.group(3)] = m.group(4).strip()
+    down = config.server.downstream
+    reinject = [f"{s[0]}/{s[1]}" for s in svc_lines
+                if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and _same(_hostport(s[0]), down)]
+    if not reinject:
+        out.append(fail("postfix-reinject", f"no smtpd service listens on {down[0]}:{down[1]} in master.cf",
+                        "add the re-injection service from docs/postfix.md and `postfix reload`"))
+    else:
+        opts = per_service.get(reinject[0], {})
+        if opts.get("smtpd_proxy_filter"):
+            out.append(fail("postfix-reinject", f"{reinject[0]} has smtpd_proxy_filter set: mail would loop",
+                            f"set -o smtpd_proxy_filter= on {reinject[0]}"))
+        elif "smtpd_authorized_xforward_hosts" not in opts:
+            out.append(warn("postfix-reinject", f"{reinject[0]} does not set smtpd_authorized_xforward_hosts",
+                            f"add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to {reinject[0]}"))
+        else:
+            out.append(ok("postfix-reinject", f"{reinject[0]} is the re-injection smtpd"))
+    if config.server.mode != "before-queue":
+        return out
+    listen = config.server.listen
+    filtered = [svc for svc, opts in per_service.items()
+                if _same(_hostport(opts.get("smtpd_proxy_filter", "")), listen)]
+    main_filter = (_postconf(["-h", "smtpd_proxy_filter"], confdir) or "").strip()
+    if _same(_hostport(main_filter), listen):
+        filtered.append("main.cf")
+    if not filtered:
+        out.append(fail("postfix-proxy-filter",
+                        f"no smtpd service has smtpd_proxy_filter = {listen[0]}:{listen[1]}",
+                        f"add -o smtpd_proxy_filter={listen[0]}:{listen[1]} to the smtp (and submission) "
+                        "service in master.cf"))
+        return out
+    out.append(ok("postfix-proxy-filter", f"{', '.join(filtered)} hand sessions to maild"))
+    main_timeout = (_postconf(["-h", "smtpd_proxy_timeout"], confdir) or "100s").strip()
+    for svc in filtered:
+        raw = per_service.get(svc, {}).get("smtpd_proxy_timeout", main_timeout)
+        try:
+            t = parse_duration(raw)
+        except ValueError:
+            out.append(warn("postfix-proxy-timeout", f"{svc}: cannot read smtpd_proxy_timeout = {raw}",
+                            "write it as seconds, e.g. 100s"))
+            continue
+        if t <= config.server.downstream_timeout:
+            out.append(fail("postfix-proxy-timeout",
+                            f"{svc}: smtpd_proxy_timeout = {raw} is not above maild's downstream_timeout "
+                            f"({config.server.downstream_timeout:g}s): a slow downstream would duplicate mail",
+                            "raise smtpd_proxy_timeout to 100s, or lower [server] downstream_timeout"))
+        else:
+            out.append(ok("postfix-proxy-timeout", f"{svc}: {raw} > downstream_timeout "
+                          f"{config.server.downstream_timeout:g}s"))
+    auth_header = (_postconf(["-h", "smtpd_sasl_authenticated_header"], confdir) or "").strip()
+    if auth_header != "yes":
+        out.append(warn("postfix-sasl-header", "smtpd_sasl_authenticated_header is not yes: maild "
+                        "cannot see SASL logins", "postconf -e smtpd_sasl_authenticated_header=yes"))
+    return out
+
+
+# ------------------------------------------------------------------------- DNS, systemd
+
+def check_dns(config: Config) -> Check:
+    import dns.exception
+    import dns.resolver
+
+    section = config.sections.get("dns")
+    res = dns.resolver.Resolver(configure=not getattr(section, "nameservers", None))
+    servers = getattr(section, "nameservers", None) or ()
+    if servers:
+        res.nameservers = [s.rsplit(":", 1)[0].strip("[]") if s.count(":") == 1 or s.startswith("[")
+                           else s for s in servers]
+        ports = {int(s.rsplit(":", 1)[1]) for s in servers if s.count(":") == 1 or "]:" in s}
+        if ports:
+            res.port = ports.pop()
+    res.lifetime = 5.0
+    name = (config.postmaster.domains or (config.server.hostname,))[0]
+    try:
+        res.resolve(name, "MX")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        pass  # an answer, even a negative one, is what we want to know about
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        return fail("dns", f"the resolver did not answer for {name}: {type(e).__name__}",
+                    "check /etc/resolv.conf or [dns] nameservers; header checks tempfail without DNS")
+    return ok("dns", f"resolver answers ({', '.join(res.nameservers)})")
+
+
+UNIT_PATHS = ("/etc/systemd/system/maild.service", "/lib/systemd/system/maild.service",
+              "/usr/lib/systemd/system/maild.service")
+
+
+def check_systemd(config: Config, unit: str | None = None) -> Check:
+    path = unit or next((p for p in UNIT_PATHS if os.path.exists(p)), None)
+    if path is None:
+        return warn("systemd", "maild.service is not installed", "install systemd/maild.service "
+                    "(docs/install.md)")
+    text = Path(path).read_text()
+    m = re.search(r"^User=(\S+)", text, re.M)
+    user = m.group(1) if m else "root"
+    if user == "root":
+        return warn("systemd", f"{path} runs maild as root", "set User=maild (docs/install.md)")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return fail("systemd", f"{path}: User={user} does not exist", f"adduser --system --group {user}")
+    state_dir = Path(resolve_state_path(config.server.state, config.path)).parent
+    if state_dir.exists():
+        st = state_dir.stat()
+        if st.st_uid != pw.pw_uid:
+            return fail("systemd", f"{state_dir} belongs to uid {st.st_uid}, not {user}",
+                        f"chown -R {user}: {state_dir}")
+    return ok("systemd", f"{path}: runs as {user}, who owns {state_dir}")
+
+
+# ------------------------------------------------------------------------- all together
+
+EXTRA_CHECKS: list[Callable[[Config], list[Check]]] = []  # retention adds mail-store checks
+
+
+def run_all(config: Config, *, postfix_config: str | None = None, unit: str | None = None) -> list[Check]:
+    checks = [ok("config", f"{config.path} is valid"), check_state(config), check_daemon(config),
+              check_listen(config), check_downstream(config)]
+    checks += check_postfix(config, postfix_config)
+    checks.append(check_dns(config))
+    for extra in EXTRA_CHECKS:
+        checks += extra(config)
+    checks.append(check_systemd(config, unit))
+    return checks
+
+
+def exit_code(checks: list[Check]) -> int:
+    return max((LEVELS[c.level] for c in checks), default=0)
