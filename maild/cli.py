@@ -87,7 +87,9 @@ def main(config: str) -> None:
 @click.option("--log", "log_target", default="syslog", show_default=True, metavar="TARGET",
               help="Where log lines go: syslog (facility mail, ident maild), stderr, or a file.")
 @click.option("--debug", is_flag=True, help="Log debug detail too.")
-def serve(log_target: str, debug: bool) -> None:
+@click.option("--allow-root", is_flag=True, help="Keep running as root when [server] user is "
+              "not set (containers, tests). Never needed under systemd.")
+def serve(log_target: str, debug: bool, allow_root: bool) -> None:
     """Run the SMTP proxy and the scheduled jobs in the foreground.
 
     SIGHUP reloads policies.toml without dropping sessions; SIGTERM stops gracefully.
@@ -100,8 +102,13 @@ def serve(log_target: str, debug: bool) -> None:
 
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
+    from maild.privs import PrivilegeError
+
     try:
-        run_serve(config)
+        run_serve(config, allow_root=allow_root)
+    except PrivilegeError as e:
+        click.echo(f"maild: {e}", err=True)
+        sys.exit(2)
     except OSError as e:
         raise click.ClickException(f"cannot serve: {e.strerror or e} "
                                    f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"

@@ -17,19 +17,23 @@ import time
 from pathlib import Path
 
 from maild import config as cfg
+from maild import privs
 from maild.sdnotify import notify
 from maild.smtp.downstream import Downstream
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP, SessionCounter
 from maild.store import open_store
+from maild.store.base import resolve_state_path
 from maild.store.core import DecisionLog
 
 log = logging.getLogger("maild")
 
 
 class Daemon:
-    def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0):
+    def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0,
+                 allow_root: bool = False):
         self.config = config
+        self.allow_root = allow_root
         self.shutdown_grace = shutdown_grace
         self.stop_event = asyncio.Event()
         self.counter = SessionCounter()
@@ -54,6 +58,22 @@ class Daemon:
     async def start(self) -> None:
         c = self.config
         self._configure_services(c)
+        state_path = resolve_state_path(c.server.state, c.path)
+        privs.check_files(c.path, state_path)
+        # Bind first (port 25 may need root), then drop root before touching any state.
+        lhost, lport = c.server.listen
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
+                                               reuse_address=True, backlog=1024,
+                                               start_serving=False)
+        if os.geteuid() == 0:
+            if c.server.user:
+                uid, gid = privs.drop(c.server.user, state_path)
+                log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
+            elif not self.allow_root:
+                raise privs.PrivilegeError(
+                    'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
+                    "or pass --allow-root")
         self.store = await open_store(c.server.state, c.path)
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
@@ -63,10 +83,7 @@ class Daemon:
                                      pool_size=c.server.downstream_pool)
         self.proxy = Proxy(c, self.downstream, self.decisions)
         await self._start_antispam()
-        lhost, lport = c.server.listen
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
-                                               reuse_address=True, backlog=1024)
+        await self.server.start_serving()
         await self._start_retention()
         self._start_report()
         self.write_status()
@@ -267,12 +284,13 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: cfg.Config) -> None:
+def serve(config: cfg.Config, *, allow_root: bool = False) -> None:
+    daemon = Daemon(config, allow_root=allow_root)
     try:
         import uvloop  # optional: faster event loop when installed
     except ImportError:
         uvloop = None
     if uvloop is not None:
-        uvloop.run(Daemon(config).run())
+        uvloop.run(daemon.run())
     else:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(daemon.run())

@@ -82,8 +82,9 @@ class Maild:
 
     def start(self, timeout: float = 15) -> Maild:
         self.write()
+        root_flag = ["--allow-root"] if os.geteuid() == 0 and not self.policy["server"].get("user") else []
         self.proc = subprocess.Popen([*MAILD, "serve", "-c", str(self.config), "--log",
-                                      str(self.logfile)], stdout=subprocess.PIPE,
+                                      str(self.logfile), *root_flag], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, cwd=self.root, env={**os.environ})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
