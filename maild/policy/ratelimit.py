@@ -182,14 +182,20 @@ def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str,
     return checks
 
 
-@rule(Stage.RCPT, "ratelimit", order=30)
-def ratelimit_rcpt(ctx: Context) -> Verdict | None:
+def _active(ctx: Context) -> tuple[Any, Limits] | None:
+    """(limiter, limits) when rate limiting applies to this transaction."""
     limiter = services.limiter
     if limiter is None or not section(ctx).enabled:
         return None
     lim = limits_for(ctx)
-    if lim is None:
+    return None if lim is None else (limiter, lim)
+
+
+@rule(Stage.RCPT, "ratelimit", order=30)
+def ratelimit_rcpt(ctx: Context) -> Verdict | None:
+    if (active := _active(ctx)) is None:
         return None
+    limiter, lim = active
     assert ctx.rcpt is not None
     if len(ctx.recipients) >= lim.recipients_per_message:
         return tempfail(452, "4.5.3", f"Too many recipients: at most {lim.recipients_per_message} "
@@ -216,12 +222,9 @@ def ratelimit_rcpt(ctx: Context) -> Verdict | None:
 
 @rule(Stage.DATA, "ratelimit", order=30)
 def ratelimit_data(ctx: Context) -> Verdict | None:
-    limiter = services.limiter
-    if limiter is None or not section(ctx).enabled:
+    if (active := _active(ctx)) is None:
         return None
-    lim = limits_for(ctx)
-    if lim is None:
-        return None
+    limiter, lim = active
     res = _reservation(ctx)
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.notes.get("ratelimit-who") != (ctx.identity.name, ctx.identity.login):
