@@ -306,7 +306,7 @@ SECTION_PARSERS: dict[str, Any] = {}
 # its keys from the reader (marking them known); it must not fail when they are absent.
 CUSTOMER_PARSERS: dict[str, Any] = {}
 # Modules that register parsers; imported before parsing.
-SECTION_MODULES: list[str] = ["maild.retention.config"]
+SECTION_MODULES: list[str] = ["maild.retention.config", "maild.dns", "maild.policy.identity"]
 
 
 def _load_section_parsers() -> None:

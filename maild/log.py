@@ -35,6 +35,18 @@ class _Syslog(logging.handlers.SysLogHandler):
         self.ident = f"maild[{os.getpid()}]: "
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by tests)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = False) -> logging.Logger:
     """Send the 'maild' logger to syslog (/dev/log), stderr, or a file path.
 
@@ -53,12 +65,12 @@ def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = Fa
         try:
             handler = _Syslog("/dev/log")
         except OSError as e:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _Stderr()
             fallback = f"syslog unavailable ({e.strerror or e}); logging to stderr"
         else:
             handler.setFormatter(logging.Formatter("%(message)s"))
     elif target == "stderr":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
     else:
         handler = logging.FileHandler(target)
     if not isinstance(handler, _Syslog):

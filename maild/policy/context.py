@@ -92,6 +92,30 @@ class Message:
     def size(self) -> int:
         return len(self.content)
 
+    @cached_property
+    def field_counts(self) -> dict[str, int]:
+        """How often each header field occurs, by lower-case name (RFC 5322 3.6 limits)."""
+        counts: dict[str, int] = {}
+        for name in self.headers:
+            key = name.strip().lower()
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @cached_property
+    def mailboxes(self) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
+        """From/Sender/Reply-To as ((display name, addr-spec, domain), ...) per field, or
+        None for a malformed field; parsed once, shared by the forged-header checks."""
+        from maild.policy.headers import parse_mailboxes
+
+        return parse_mailboxes(self.headers)
+
+    @cached_property
+    def decoded_headers(self) -> dict[str, list[str]]:
+        """From/Sender/Reply-To values with RFC 2047 encoded words decoded, comments kept."""
+        from maild.policy.headers import decoded_values
+
+        return decoded_values(self.headers)
+
 
 @dataclass
 class Context:

@@ -127,8 +127,9 @@ class Proxy:
             c.name = name
         for attr, key in (("port", "PORT"), ("proto", "PROTO"), ("helo", "HELO"),
                           ("ident", "IDENT"), ("source", "SOURCE")):
-            if (v := val(key)) is not None:
-                setattr(c, attr, v)
+            if key in xf:
+                # [UNAVAILABLE] means unknown: never keep the upstream's own value.
+                setattr(c, attr, val(key) or "")
 
     async def handle_HELO(self, server: Any, session: MaildSession, envelope: Any,
                           hostname: str) -> str:

@@ -45,13 +45,21 @@ def render(doc: dict) -> str:
             elif isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     out.append(f"[[{key}]]")
+                    nested = {ik: iv for ik, iv in item.items() if isinstance(iv, dict) or (
+                        isinstance(iv, list) and iv and isinstance(iv[0], dict))}
                     for ik, iv in item.items():
-                        if not isinstance(iv, dict):
+                        if ik not in nested:
                             out.append(f"{ik} = {toml_value(iv)}")
                     out.append("")
-                    for ik, iv in item.items():
+                    # sub-tables and arrays of sub-tables belong to the item just written
+                    for ik, iv in nested.items():
                         if isinstance(iv, dict):
                             table(f"{key}.{ik}", iv)
+                        else:
+                            for sub in iv:
+                                out.append(f"[[{key}.{ik}]]")
+                                out.extend(f"{sk} = {toml_value(sv)}" for sk, sv in sub.items())
+                                out.append("")
 
     table("", doc)
     return "\n".join(out) + "\n"

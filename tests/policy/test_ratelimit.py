@@ -10,7 +10,7 @@ from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.ratelimit import limits_for
 
-CONFIG = parse({
+CONFIG = parse({"headers": {"enabled": False},
     "postmaster": {"domains": ["hosted.example"]},
     "ratelimit": {"messages": ["3/1h"], "same_recipient": ["2/1h"], "bytes": ["1000/1h"],
                   "tiers": {"big": {"messages": ["100/1h"]}}},
