@@ -32,7 +32,7 @@ deps:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check maild tests bench
+	$(VENV)/bin/ruff check maild tests $(wildcard bench)
 
 test: venv deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
