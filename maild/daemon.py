@@ -114,6 +114,11 @@ class Daemon:
         services.limiter, services.campaigns, services.sanctions = (
             self.limiter, self.campaigns, self.sanctions)
         services.sessions = self.counter
+        from maild.optin.service import OptinService
+
+        self.optin = OptinService(self.config, self.store, self.downstream)
+        await self.optin.start()
+        services.optin = self.optin
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
 
@@ -255,6 +260,7 @@ class Daemon:
             await self.limiter.flush(self.store)
         except Exception as e:  # noqa: BLE001  a failed final flush loses at most 5 s of counts
             log.error("error: cannot persist rate-limit counters at stop: %s", e)
+        await self.optin.stop()
         await self.downstream.close()
         await self.decisions.stop()
         await self.store.close()

@@ -47,6 +47,15 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = False) -> logging.Logger:
     """Send the 'maild' logger to syslog (/dev/log), stderr, or a file path.
 
@@ -62,12 +71,12 @@ def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = Fa
     handler: logging.Handler
     fallback = None
     if target == "syslog":
-        try:
-            handler = _Syslog("/dev/log")
-        except OSError as e:
+        # SysLogHandler connects lazily and swallows the error (Python 3.11), so look first.
+        if not _is_socket("/dev/log"):
             handler = _Stderr()
-            fallback = f"syslog unavailable ({e.strerror or e}); logging to stderr"
+            fallback = "syslog unavailable (no /dev/log); logging to stderr"
         else:
+            handler = _Syslog("/dev/log")
             handler.setFormatter(logging.Formatter("%(message)s"))
     elif target == "stderr":
         handler = _Stderr()

@@ -12,4 +12,5 @@ from typing import Any
 limiter: Any = None
 campaigns: Any = None
 sanctions: Any = None
+optin: Any = None  # maild.optin.service.OptinService
 sessions: Any = None  # maild.smtp.server.SessionCounter: sessions per real client
