@@ -295,6 +295,13 @@ def run_all(config: Config, *, postfix_config: str | None = None, unit: str | No
               check_listen(config), check_downstream(config)]
     checks += check_postfix(config, postfix_config)
     checks.append(check_dns(config))
+    try:
+        from maild.retention.ops import doctor_checks
+
+        if doctor_checks not in EXTRA_CHECKS:
+            EXTRA_CHECKS.append(doctor_checks)
+    except ImportError:  # retention not installed
+        pass
     for extra in EXTRA_CHECKS:
         checks += extra(config)
     checks.append(check_systemd(config, unit))

@@ -91,6 +91,13 @@ async def build(store: Store, config: Config, since: float, until: float | None 
                       for ts, c, a, r, who in sanctions],
         "list_mail_refused_no_consent": optin[0][0],
     }
+    try:
+        from maild.retention.ops import report_section
+
+        if report_section not in REPORT_SECTIONS:
+            REPORT_SECTIONS.append(report_section)
+    except ImportError:  # retention not installed
+        pass
     for section in REPORT_SECTIONS:
         got = await section(store, since, until)
         if got is not None:

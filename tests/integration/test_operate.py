@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import time
 
@@ -153,3 +154,51 @@ def test_status_and_reload(postfix, tmp_path):
         m.signal(signal.SIGTERM)
         m.proc.wait(timeout=20)
         assert m.cli("status").returncode == 1
+
+
+def test_report_and_doctor_cover_retention(tmp_path):
+    """Deletions by a retention run appear in the report; doctor checks store and log."""
+    store = tmp_path / "vmail"
+    md = store / "hosted.example" / "alice" / "Maildir"
+    for sub in ("cur", "new", "tmp", ".Trash/cur", ".Trash/new", ".Trash/tmp"):
+        (md / sub).mkdir(parents=True)
+    for i in range(3):
+        (md / ".Trash" / "cur" / f"{1000 + i}.M1P1.host:2,S").write_bytes(b"Subject: x\r\n\r\n" + b"y" * 100)
+    (md / "cur" / "2000.M1P1.host:2,S").write_bytes(b"Subject: keep\r\n\r\nkeep\r\n")
+    dlog = tmp_path / "dovecot.log"
+    dlog.write_text("Nov 22 10:00:00 host dovecot: imap-login: Login: user=<bob@hosted.example>, "
+                    "method=PLAIN, rip=127.0.0.1\n")
+    policy = front_policy(9)
+    policy["retention"] = {
+        "store": {"layout": "maildir++", "path": str(store) + "/%d/%n/Maildir"},
+        "access": {"dovecot_log": str(dlog)},
+        "rules": [{"name": "trash-fast", "folders": ["\\Trash"], "age": "1s", "age_by": "saved",
+                   "action": "delete", "schedule": "manual"}],
+    }
+    m = Maild(tmp_path / "m", policy)
+    m.write()
+    time.sleep(1.2)  # the rule's age: the files must be in Trash for over a second
+    r = m.cli("retention", "run", "trash-fast")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (md / ".Trash" / "cur").iterdir()) == []
+    assert [p.name for p in (md / "cur").iterdir()] == ["2000.M1P1.host:2,S"]
+    rep = json.loads(m.cli("report", "--since", "1h", "--json").stdout)
+    assert rep["retention"]["deleted_messages"] == 3
+    assert rep["retention"]["by_rule"]["trash-fast"]["bytes"] == 3 * 114
+    assert "Retention:" in m.cli("report", "--since", "1h").stdout
+    rc, lines = doctor_plain(m)
+    assert lines["mail-store"] == ["OK"] and lines["access-log"] == ["OK"], lines
+    dlog.write_text("nothing here\n")
+    shutil.rmtree(store / "hosted.example")
+    rc, lines = doctor_plain(m)
+    assert lines["mail-store"] == ["WARN"] and lines["access-log"] == ["WARN"], lines
+
+
+def doctor_plain(m: Maild) -> tuple[int, dict[str, list[str]]]:
+    r = m.cli("doctor")
+    lines: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        mm = re.match(r"^(OK|WARN|FAIL)\s+([\w-]+):", line)
+        if mm:
+            lines.setdefault(mm.group(2), []).append(mm.group(1))
+    return r.returncode, lines
