@@ -21,7 +21,8 @@ venv: $(VENV)/.installed
 run: venv
 	mkdir -p var
 	$(VENV)/bin/maild check-config -c policies.toml
-	$(VENV)/bin/maild serve -c policies.toml --log stderr
+	@# As root (a container, a trial box), keep root: production runs as User=maild under systemd.
+	$(VENV)/bin/maild serve -c policies.toml --log stderr $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
