@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd systemd
+DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd systemd postgresql
 
 .PHONY: run test venv deps lint check clean bench
 

@@ -187,7 +187,7 @@ def _register_plugins() -> None:
     import importlib
 
     for mod in ("maild.opscli", "maild.retention.cli", "maild.policy.headers_cli",
-                "maild.antispam.cli", "maild.optin.cli"):
+                "maild.antispam.cli", "maild.optin.cli", "maild.store.cli"):
         try:
             importlib.import_module(mod).register(main)
         except ModuleNotFoundError as e:  # that capability is not installed

@@ -102,6 +102,8 @@ class Daemon:
 
         self.limiter = Limiter()
         n = await self.limiter.load(self.store)
+        if getattr(self.store, "dialect", "sqlite") == "postgresql":
+            self.limiter.share(self.store)  # one counter per customer across the nodes
         self.campaigns = Campaigns()
         self._configure_campaigns(self.config)
 
@@ -124,7 +126,8 @@ class Daemon:
 
     @property
     def status_path(self) -> Path:
-        return Path(self.store.path).with_name("maild.status.json")
+        return Path(resolve_state_path(self.config.server.state, self.config.path)
+                    ).with_name("maild.status.json")
 
     def status(self) -> dict:
         """What `maild status` shows: a snapshot written every 2 seconds."""
@@ -170,21 +173,30 @@ class Daemon:
             log.warning("ratelimit: reset key=%s counters=%d", arg, n)
 
     async def _housekeep(self) -> None:
-        """Every 2 s: apply CLI changes; every 5 s: persist counters; every 60 s: expire."""
+        """Every 2 s: apply CLI changes (and other nodes' blocks); every 6 s persist
+        counters (shared counters: sync every 2 s); every 60 s: expire."""
         from maild.store.base import StoreError
 
         tick = 0
+        failing = False
         while True:
             await asyncio.sleep(2)
             tick += 1
             self.write_status()
             try:
                 await self.sanctions.poll()
-                if tick % 3 == 0:
+                if tick % 3 == 0 or self.limiter.shared is not None:
                     await self.limiter.flush(self.store)
                 if tick % 30 == 0:
                     self.limiter.expire()
+                if failing:
+                    log.warning("state store: available again: %s", self.store.path)
+                    failing = False
             except StoreError as e:
+                # Void the local rate-limit allowances: until the store answers again,
+                # mail that needs a counter is tempfailed, never admitted unchecked.
+                self.limiter.healthy = False
+                failing = True
                 log.error("error: state store: %s", e)
 
     def _start_report(self) -> None:

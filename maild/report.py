@@ -67,9 +67,11 @@ async def build(store: Store, config: Config, since: float, until: float | None 
                          "AND ts >= ? AND ts < ?")
     refused = await rows("SELECT rule, action, COUNT(*) FROM decisions WHERE action != 'relay' "
                          "AND ts >= ? AND ts < ? GROUP BY rule, action ORDER BY COUNT(*) DESC")
-    customers = await rows("SELECT customer, SUM(action = 'relay'), SUM(action = 'reject'), "
-                           "SUM(action = 'tempfail') FROM decisions WHERE ts >= ? AND ts < ? "
-                           "GROUP BY customer ORDER BY SUM(action = 'relay') DESC")
+    customers = await rows("SELECT customer, SUM(CASE WHEN action = 'relay' THEN 1 ELSE 0 END), "
+                           "SUM(CASE WHEN action = 'reject' THEN 1 ELSE 0 END), "
+                           "SUM(CASE WHEN action = 'tempfail' THEN 1 ELSE 0 END) FROM decisions "
+                           "WHERE ts >= ? AND ts < ? GROUP BY customer "
+                           "ORDER BY SUM(CASE WHEN action = 'relay' THEN 1 ELSE 0 END) DESC")
     senders = await rows("SELECT customer, sender, COUNT(*), SUM(CASE WHEN recipient = '' THEN 0 ELSE "
                          "LENGTH(recipient) - LENGTH(REPLACE(recipient, ',', '')) + 1 END) "
                          "FROM decisions WHERE action = 'relay' AND ts >= ? AND ts < ? "

@@ -10,6 +10,16 @@ refusal or abort (rspamd's pending reservation, without rspamd#4467's leak: a
 Reservation releases itself unless committed). Counters live in memory; dirty ones
 are written to the store every few seconds, never per message, and loaded at start,
 so they survive a restart. Counters that have decayed to zero are dropped.
+
+Shared counters (several nodes on one PostgreSQL, `share()`): each node sends the
+increments it committed since its last sync as one atomic UPSERT that decays the stored
+value and adds them in SQL (no lost increments between nodes), and reads back the global
+value. Between syncs a node admits, without a round trip, at most a *local allowance*
+per key: `max(ALLOWANCE x (limit - global value at the last sync), one charge)`. Past
+it, `try_reserve_async` syncs the keys first (one round trip). So N nodes together admit
+at most N x max(ALLOWANCE x limit, largest single charge) over a limit; docs/scale-out.md.
+The allowance is void while the store is failing: then every check needs a round trip,
+which fails, and the message is tempfailed, never accepted unchecked.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from maild.store.base import Store, register_migrations
+from maild.store.base import Store, StoreError, register_migrations
 
 register_migrations("ratelimit", [
     """
@@ -100,6 +110,20 @@ class Reservation:
     done: bool = False
 
 
+ALLOWANCE = 0.1  # share of a key's remaining room a node may admit between syncs
+ALLOWANCE_TTL = 10.0  # an allowance older than this (seconds) needs a fresh sync
+
+_SYNC = (
+    "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES {rows} "
+    "ON CONFLICT(key) DO UPDATE SET "
+    "value = CASE WHEN excluded.ts - ratelimit_counters.ts >= ratelimit_counters.period "
+    "THEN 0 ELSE ratelimit_counters.value * (1 - GREATEST(excluded.ts - ratelimit_counters.ts, 0)"
+    " / ratelimit_counters.period) END + excluded.value, "
+    "ts = GREATEST(excluded.ts, ratelimit_counters.ts), "
+    "period = GREATEST(excluded.period, ratelimit_counters.period) "
+    "RETURNING key, value, ts")
+
+
 class Limiter:
     def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = 1_000_000):
         self.clock = clock
@@ -107,6 +131,32 @@ class Limiter:
         self.counters: dict[str, Counter] = {}
         self.periods: dict[str, float] = {}
         self.dirty: set[str] = set()
+        # shared mode (share()): the store, this node's unsynced commits per key, and the
+        # global value (value, ts) read at each key's last sync, with the time of it.
+        self.shared: Store | None = None
+        self.delta: dict[str, float] = {}
+        self.synced: dict[str, tuple[float, float, float]] = {}
+        self.healthy = True
+        self.round_trips = 0
+
+    def share(self, store: Store) -> None:
+        """Share counters with the other nodes through store (PostgreSQL)."""
+        self.shared = store
+
+    def _allowed(self, key: str, rate: Rate, n: float, pending: float) -> bool:
+        """Shared mode: may this node admit n more at key without a round trip?"""
+        if not self.healthy:
+            return False
+        now = self.clock()
+        snap = self.synced.get(key)
+        if snap is None:
+            return False
+        value, ts, at = snap
+        if now - at > ALLOWANCE_TTL:
+            return False
+        g = Counter(value=value, ts=ts).current(now, rate.period)
+        allowance = max(ALLOWANCE * max(0.0, rate.limit - g), n)
+        return self.delta.get(key, 0.0) + pending + n <= allowance
 
     def check(self, key: str, rate: Rate, n: float = 1.0) -> float | None:
         """None if n more fit under rate at key, else seconds until they would."""
@@ -139,6 +189,53 @@ class Limiter:
             self.reserve(res, key, rate, n)
         return None
 
+    async def try_reserve_async(self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
+                                ) -> Over | None:
+        """try_reserve, after a round trip for the keys whose local allowance cannot serve
+        (shared mode only; a StoreError propagates and the caller tempfails)."""
+        if self.shared is not None:
+            need = []
+            for _name, key, rate, n in checks:
+                c = self.counters.get(key)
+                if not self._allowed(key, rate, n, c.pending if c else 0.0):
+                    need.append(key)
+            if need:
+                await self.sync(self.shared, need)
+        return self.try_reserve(res, checks)
+
+    async def sync(self, store: Store, keys: list[str] | None = None) -> int:
+        """Shared mode: add this node's unsynced increments to the global counters and
+        read them back, atomically per key (one statement); keys=None syncs every key
+        with unsynced increments."""
+        if keys is None:
+            keys = [k for k, d in self.delta.items() if d > 0]
+        keys = sorted(set(keys))  # one lock order on every node: no deadlocks
+        if not keys:
+            return 0
+        now = self.clock()
+        sent = {k: self.delta.get(k, 0.0) for k in keys}
+        params: list[object] = []
+        for k in keys:
+            params += [k, sent[k], now, self.periods.get(k, 0.0)]
+        sql = _SYNC.format(rows=", ".join("(?, ?, ?, ?)" for _ in keys))
+        self.round_trips += 1
+        try:
+            rows = await store.fetchall(sql, params)
+        except StoreError:
+            self.healthy = False
+            raise
+        self.healthy = True
+        for key, value, ts in rows:
+            self.delta[key] = max(0.0, self.delta.get(key, 0.0) - sent.get(key, 0.0))
+            if self.delta[key] == 0.0:
+                del self.delta[key]
+            self.synced[key] = (float(value), float(ts), now)
+            c = self.counters.get(key)
+            if c is None:
+                c = self.counters[key] = Counter()
+            c.value, c.ts = float(value) + self.delta.get(key, 0.0), float(ts)
+        return len(rows)
+
     def commit(self, res: Reservation) -> None:
         if res.done:
             return
@@ -152,6 +249,8 @@ class Limiter:
             c.value = c.current(now, period) + n
             c.ts = now
             self.dirty.add(key)
+            if self.shared is not None:
+                self.delta[key] = self.delta.get(key, 0.0) + n
 
     def release(self, res: Reservation) -> None:
         if res.done:
@@ -199,7 +298,11 @@ class Limiter:
         return len(self.counters)
 
     async def flush(self, store: Store) -> int:
-        """Write dirty counters (delete the dropped ones); one batch, off the hot path."""
+        """Write dirty counters (delete the dropped ones); one batch, off the hot path.
+        Shared mode: sync the unsynced increments instead (never overwrite other nodes')."""
+        if self.shared is not None:
+            self.dirty.clear()
+            return await self.sync(store)
         if not self.dirty:
             return 0
         keys, self.dirty = self.dirty, set()

@@ -64,6 +64,7 @@ register_migrations("sanctions", [
 ])
 
 ACTIONS = ("warn", "block")
+CONTROL_LOOKBACK = 1000  # ids below the highest seen that may still appear (late commits)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class Sanctions:
         self.blocked: dict[str, Block] = {}
         self.last_strike: dict[tuple[str, str], float] = {}
         self.last_control = 0
+        self.applied: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.on_control: list[Callable[[str, str], None]] = []
 
@@ -162,18 +164,34 @@ class Sanctions:
             "SELECT customer, reason, since, actor FROM sanctions WHERE state = 'blocked'")
         self.blocked = {c: Block(r, s, a) for c, r, s, a in rows}
         row = await self.store.fetchone("SELECT COALESCE(MAX(id), 0) FROM control")
-        self.last_control = row[0] if row else 0
+        if not self.last_control:  # at start: everything so far is already in the state read
+            self.last_control = row[0] if row else 0
+            rows = await self.store.fetchall("SELECT id FROM control WHERE id > ?",
+                                             (max(0, self.last_control - CONTROL_LOOKBACK),))
+            self.applied = {r[0] for r in rows}
 
     async def poll(self) -> None:
-        """Apply what the CLI (or another process) changed since the last poll."""
+        """Apply what the CLI (or another node) changed since the last poll.
+
+        With several writers (nodes on PostgreSQL) ids are not committed in order: a row
+        may become visible after a higher id was already read. So the poll looks back
+        over a window of ids and remembers which it applied, instead of trusting
+        "everything above the last id seen".
+        """
         rows = await self.store.fetchall(
-            "SELECT id, kind, arg FROM control WHERE id > ? ORDER BY id", (self.last_control,))
-        if not rows:
+            "SELECT id, kind, arg FROM control WHERE id > ? ORDER BY id",
+            (max(0, self.last_control - CONTROL_LOOKBACK),))
+        new = [r for r in rows if r[0] not in self.applied]
+        if not new:
             return
-        self.last_control = rows[-1][0]
-        if any(kind == "sanctions" for _, kind, _ in rows):
+        for r in new:
+            self.applied.add(r[0])
+        self.last_control = max(self.last_control, new[-1][0])
+        floor = self.last_control - CONTROL_LOOKBACK
+        self.applied = {i for i in self.applied if i > floor}
+        if any(kind == "sanctions" for _, kind, _ in new):
             await self.load()
-        for _, kind, arg in rows:
+        for _, kind, arg in new:
             for fn in self.on_control:
                 fn(kind, arg)
 

@@ -173,39 +173,51 @@ class Ledger:
             return []
         async with self._lock:
             for attempt in range(_ATTEMPTS):
-                head = await self.store.fetchone(
-                    "SELECT seq, hash FROM optin_events WHERE list_id = ? ORDER BY seq DESC "
-                    "LIMIT 1", (list_id,))
-                seq, prev = (head[0], head[1]) if head else (0, GENESIS)
-                chained: list[Event] = []
-                for e in events:
-                    seq += 1
-                    e = replace(e, list_id=list_id, seq=seq, prev_hash=prev)
-                    e = replace(e, hash=row_hash(e, prev))
-                    chained.append(e)
-                    prev = e.hash
                 try:
-                    await self.store.executemany(_INSERT, [(
-                        e.list_id, e.seq, e.ts, e.address, str(e.kind), e.channel, e.actor, e.ip,
-                        e.user_agent, e.consent_hash, e.token_hash, e.message_id, e.raw_sha256,
-                        detail_text(e.detail), e.prev_hash, e.hash) for e in chained])
+                    # One transaction holding the list's lock: with several nodes on one
+                    # PostgreSQL, writers of a list queue here instead of racing; the
+                    # UNIQUE(list_id, seq) retry below stays as the last line of defence.
+                    async with self.store.transaction():
+                        await self.store.xact_lock(f"optin:{list_id}")
+                        chained = await self._chain(list_id, events)
+                        await self.store.executemany(_INSERT, [(
+                            e.list_id, e.seq, e.ts, e.address, str(e.kind), e.channel, e.actor,
+                            e.ip, e.user_agent, e.consent_hash, e.token_hash, e.message_id,
+                            e.raw_sha256, detail_text(e.detail), e.prev_hash, e.hash)
+                            for e in chained])
+                        last = chained[-1]
+                        await self.store.execute(
+                            "INSERT INTO optin_heads(list_id, seq, hash) VALUES (?, ?, ?) "
+                            "ON CONFLICT(list_id) DO UPDATE SET seq = excluded.seq, "
+                            "hash = excluded.hash WHERE excluded.seq > optin_heads.seq",
+                            (list_id, last.seq, last.hash))
                 except StoreError as err:
                     if _unique_violation(err) and attempt < _ATTEMPTS - 1:
                         await asyncio.sleep(0.005 * (attempt + 1))
                         continue
                     raise
                 break
-            last = chained[-1]
-            await self.store.execute(
-                "INSERT INTO optin_heads(list_id, seq, hash) VALUES (?, ?, ?) "
-                "ON CONFLICT(list_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash "
-                "WHERE excluded.seq > optin_heads.seq", (list_id, last.seq, last.hash))
         rows = await self.store.fetchall(
             _SELECT + " WHERE list_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
             (list_id, chained[0].seq, last.seq))
         if len(rows) != len(chained):
             raise StoreError(f"optin events {list_id}#{chained[0].seq}.. vanished after writing")
         return [_row(r) for r in rows]
+
+    async def _chain(self, list_id: str, events: list[Event]) -> list[Event]:
+        """The events with seq, prev_hash and hash following the list's current head."""
+        head = await self.store.fetchone(
+            "SELECT seq, hash FROM optin_events WHERE list_id = ? ORDER BY seq DESC "
+            "LIMIT 1", (list_id,))
+        seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+        chained: list[Event] = []
+        for e in events:
+            seq += 1
+            e = replace(e, list_id=list_id, seq=seq, prev_hash=prev)
+            e = replace(e, hash=row_hash(e, prev))
+            chained.append(e)
+            prev = e.hash
+        return chained
 
     # ------------------------------------------------------------------ reading
 

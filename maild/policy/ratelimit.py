@@ -192,7 +192,7 @@ def _active(ctx: Context) -> tuple[Any, Limits] | None:
 
 
 @rule(Stage.RCPT, "ratelimit", order=30)
-def ratelimit_rcpt(ctx: Context) -> Verdict | None:
+async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
     limiter, lim = active
@@ -212,7 +212,7 @@ def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     checks = _rcpt_checks(ctx, lim, [ctx.rcpt])
     if first:
         checks = _sender_checks(ctx, lim, 1.0) + checks
-    over = limiter.try_reserve(_reservation(ctx), checks)
+    over = await limiter.try_reserve_async(_reservation(ctx), checks)
     if over is not None:
         return _refuse(over)
     ctx.notes["ratelimit-msg"] = True
@@ -221,7 +221,7 @@ def ratelimit_rcpt(ctx: Context) -> Verdict | None:
 
 
 @rule(Stage.DATA, "ratelimit", order=30)
-def ratelimit_data(ctx: Context) -> Verdict | None:
+async def ratelimit_data(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
     limiter, lim = active
@@ -236,7 +236,7 @@ def ratelimit_data(ctx: Context) -> Verdict | None:
     if ctx.identity.customer is not None and ctx.message is not None:
         checks += [("bytes", f"cust:{ctx.identity.name}|bytes", r, float(ctx.message.size))
                    for r in lim.bytes]
-    over = limiter.try_reserve(res, checks)
+    over = await limiter.try_reserve_async(res, checks)
     return _refuse(over) if over is not None else None
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from maild.retention import quota, state
 from maild.retention.config import RetentionConfig, Rule
-from maild.retention.locks import LockBusy, mailbox_lock, rule_lock
+from maild.retention.locks import LockBusy, bind_store, mailbox_lock, rule_lock
 from maild.retention.mailboxes import Mailbox, RootMailboxes, find_mailboxes, user_path
 from maild.retention.maildir import (
     SUBDIRS,
@@ -124,6 +124,7 @@ class Runner:
         self.clock = clock
         self.stop_event = threading.Event()
         self.lock_dir = cfg.resolve(cfg.store.lock_dir)
+        bind_store(self.lock_dir, store)  # shared state: mailbox locks take store leases
         self.userdb = (quota.UserdbOverrides(cfg.resolve(cfg.quota.dovecot_userdb), cfg.lock_timeout)
                        if cfg.quota.dovecot_userdb else None)
         self._later: set[asyncio.Task] = set()

@@ -4,15 +4,36 @@ A scheduled run, a `maild retention run` from cron, and a login that restores a 
 may all touch the same mailbox; each takes the mailbox's lock first. Locks live in
 maild's lock directory, never in the mail store, and vanish with the process holding
 them (flock), so a crash never leaves a stale lock behind.
+
+With a shared PostgreSQL state (several nodes, each with its own lock directory), a
+mailbox lock also takes the mailbox's lease in the store (maild.store.leases), so two
+nodes never work on one mailbox at the same time: the second waits up to the lock
+timeout, then skips the mailbox as busy, exactly as with a local lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
 import time
 from types import TracebackType
+from typing import Any
+
+LEASE_TTL = 900.0  # a crashed node's mailbox lease frees itself after this many seconds
+# lock_dir -> (store, event loop): mailbox locks under that directory also take a lease
+_LEASES: dict[str, tuple[Any, asyncio.AbstractEventLoop]] = {}
+
+
+def bind_store(lock_dir: str, store: Any) -> None:
+    """Make mailbox locks under lock_dir take store leases too, when the store is shared
+    (PostgreSQL). Call from the event loop the store runs on."""
+    if getattr(store, "dialect", "sqlite") != "postgresql":
+        return
+    with contextlib.suppress(RuntimeError):
+        _LEASES[lock_dir] = (store, asyncio.get_running_loop())
 
 
 class LockBusy(Exception):
@@ -59,8 +80,54 @@ def _key(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
+class LeasedLock(FileLock):
+    """The local file lock, then the store lease (from a worker thread, never the loop)."""
+
+    def __init__(self, path: str, timeout: float, name: str, store: Any,
+                 loop: asyncio.AbstractEventLoop):
+        super().__init__(path, timeout)
+        self.name, self.store, self.loop = name, store, loop
+
+    def _call(self, coro: Any) -> Any:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # waiting here would deadlock the loop: treat as busy, never skip the lease
+            coro.close()
+            raise LockBusy(f"{self.name}: lease taken from the event loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def acquire(self) -> None:
+        from maild.store import leases
+
+        super().acquire()
+        deadline = time.monotonic() + self.timeout
+        try:
+            while not self._call(leases.acquire(self.store, self.name, ttl=LEASE_TTL)):
+                if time.monotonic() >= deadline:
+                    raise LockBusy(self.name)
+                time.sleep(0.1)
+        except BaseException:
+            super().release()
+            raise
+
+    def release(self) -> None:
+        from maild.store import leases
+
+        try:
+            if self.fd is not None:
+                self._call(leases.release(self.store, self.name))
+        finally:
+            super().release()
+
+
 def mailbox_lock(lock_dir: str, user: str, timeout: float) -> FileLock:
-    return FileLock(os.path.join(lock_dir, "mailbox", _key(user) + ".lock"), timeout)
+    path = os.path.join(lock_dir, "mailbox", _key(user) + ".lock")
+    shared = _LEASES.get(lock_dir)
+    if shared is not None:
+        return LeasedLock(path, timeout, f"mailbox:{user}", *shared)
+    return FileLock(path, timeout)
 
 
 def rule_lock(lock_dir: str, rule: str) -> FileLock:

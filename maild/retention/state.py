@@ -147,9 +147,11 @@ async def record_access(store: Store, accesses: Iterable[tuple[str, float, str]]
         INSERT INTO retention_mailboxes(user, first_seen, last_access, access_source)
         VALUES (?1, ?2, ?2, ?3)
         ON CONFLICT(user) DO UPDATE SET
-            access_source = CASE WHEN excluded.last_access > coalesce(last_access, 0)
-                                 THEN excluded.access_source ELSE access_source END,
-            last_access = max(coalesce(last_access, 0), excluded.last_access)
+            access_source = CASE WHEN excluded.last_access > coalesce(retention_mailboxes.last_access, 0)
+                                 THEN excluded.access_source ELSE retention_mailboxes.access_source END,
+            last_access = CASE WHEN excluded.last_access > coalesce(retention_mailboxes.last_access, 0)
+                               THEN excluded.last_access
+                               ELSE coalesce(retention_mailboxes.last_access, 0) END
         """, [(u, t, s) for u, t, s in accesses])
 
 

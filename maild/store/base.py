@@ -11,6 +11,7 @@ these few calls.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,9 +39,30 @@ class Store(Protocol):
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None: ...
     async def schema_versions(self) -> dict[str, int]: ...
 
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """The calls made inside the block commit (or roll back) together."""
+        ...
+
+    async def xact_lock(self, name: str) -> None:
+        """Inside transaction(): wait for the lock on name, held until the block ends.
+        Serialises writers across nodes (PostgreSQL); SQLite's BEGIN IMMEDIATE already
+        serialises every writer of its one file."""
+        ...
+
+
+def is_postgres(state: str) -> bool:
+    return state.startswith(("postgresql://", "postgres://"))
+
 
 def resolve_state_path(state: str, config_path: str) -> str:
-    """A relative state path is relative to the directory of policies.toml."""
+    """A relative state path is relative to the directory of policies.toml.
+
+    For a postgresql:// state, the shared state is in the database, but each node still
+    keeps local files (its status file, its lock directory) next to where a SQLite state
+    would be: `var/maild.pg` beside policies.toml, a name that is never created itself.
+    """
+    if is_postgres(state):
+        return str(Path(config_path).resolve().parent / "var" / "maild.pg")
     if state.startswith("sqlite:"):
         state = state[len("sqlite:"):]
     p = Path(state)
@@ -50,10 +72,18 @@ def resolve_state_path(state: str, config_path: str) -> str:
 
 
 async def open_store(state: str, config_path: str = ".", *, migrate: bool = True) -> Store:
-    """Open the store named by `[server] state` and bring its schema up to date."""
-    from maild.store import core  # noqa: F401  (registers the core schema)
-    from maild.store.sqlite import SQLiteStore
+    """Open the store named by `[server] state` and bring its schema up to date:
+    `postgresql://...` for several nodes sharing one state, else a SQLite file."""
+    from maild.store import core, leases  # noqa: F401  (register their schemas)
 
-    store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate)
+    store: Store
+    if is_postgres(state):
+        from maild.store.postgres import PostgresStore
+
+        store = PostgresStore(state, migrate=migrate)
+    else:
+        from maild.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate)
     await store.open()
     return store

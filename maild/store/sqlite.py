@@ -7,9 +7,12 @@ most the last transactions of decision-log rows, never corrupting the file).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,58 @@ from maild.store.base import MIGRATIONS, StoreError
 
 
 class SQLiteStore:
+    dialect = "sqlite"
+
     def __init__(self, path: str, *, migrate: bool = True):
         self.path = path
         self.migrate = migrate
         self.db: aiosqlite.Connection | None = None
+        # One connection: a transaction() holds the lock so that no other task's commit
+        # lands in the middle of it; calls made inside the block skip the lock.
+        self._tx_lock = asyncio.Lock()
+        self._in_tx: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"maild-sqlite-{id(self)}", default=False)
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        if self._in_tx.get():
+            yield
+            return
+        async with self._tx_lock:
+            yield
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """Run the calls inside the block in one transaction (BEGIN IMMEDIATE)."""
+        if self._in_tx.get():
+            yield
+            return
+        async with self._tx_lock:
+            token = self._in_tx.set(True)
+            try:
+                try:
+                    await self._conn().execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as e:
+                    raise StoreError(f"state store {self.path}: {e}") from e
+                try:
+                    yield
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._conn().rollback()
+                    raise
+                try:
+                    await self._conn().commit()
+                except sqlite3.Error as e:
+                    raise StoreError(f"state store {self.path}: {e}") from e
+            finally:
+                self._in_tx.reset(token)
+
+    async def xact_lock(self, name: str) -> None:
+        """BEGIN IMMEDIATE already holds SQLite's one write lock: nothing more to take."""
+
+    async def _commit(self) -> None:
+        if not self._in_tx.get():
+            await self._conn().commit()
 
     async def open(self) -> None:
         try:
@@ -76,29 +127,31 @@ class SQLiteStore:
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         try:
-            cur = await self._conn().execute(sql, params)
-            await self._conn().commit()
-            return cur.rowcount
+            async with self._guard():
+                cur = await self._conn().execute(sql, params)
+                await self._commit()
+                return cur.rowcount
         except sqlite3.Error as e:
             raise StoreError(f"state store {self.path}: {e}") from e
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
-            await self._conn().executemany(sql, rows)
-            await self._conn().commit()
+            async with self._guard():
+                await self._conn().executemany(sql, rows)
+                await self._commit()
         except sqlite3.Error as e:
             raise StoreError(f"state store {self.path}: {e}") from e
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         try:
-            async with self._conn().execute(sql, params) as cur:
+            async with self._guard(), self._conn().execute(sql, params) as cur:
                 return list(await cur.fetchall())
         except sqlite3.Error as e:
             raise StoreError(f"state store {self.path}: {e}") from e
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         try:
-            async with self._conn().execute(sql, params) as cur:
+            async with self._guard(), self._conn().execute(sql, params) as cur:
                 return await cur.fetchone()
         except sqlite3.Error as e:
             raise StoreError(f"state store {self.path}: {e}") from e

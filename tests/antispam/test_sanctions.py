@@ -117,3 +117,17 @@ def test_notice_text_says_what_and_how(tmp_path):
     assert "warning" in body.lower() and "abuse@h.example" in body and "rate limit" in body.lower()
     assert msg["Auto-Submitted"] == "auto-generated"
     asyncio.get_event_loop_policy()  # keep asyncio import used
+
+
+async def test_a_control_row_committed_late_is_still_applied(tmp_path):
+    """Several nodes: id 5 may become visible after id 6 was read; it must not be lost."""
+    s, store, _ = await make(tmp_path)
+    seen = []
+    s.on_control.append(lambda kind, arg: seen.append((kind, arg)))
+    await store.execute("INSERT INTO control(id, ts, kind, arg) VALUES (6, 0, 'ratelimit-reset', 'b')")
+    await s.poll()
+    await store.execute("INSERT INTO control(id, ts, kind, arg) VALUES (5, 0, 'ratelimit-reset', 'a')")
+    await s.poll()
+    await s.poll()  # and only once
+    assert seen == [("ratelimit-reset", "b"), ("ratelimit-reset", "a")]
+    await store.close()
