@@ -154,6 +154,7 @@ class Daemon:
 
     def write_status(self) -> None:
         try:
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.status_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.status(), indent=1))
             os.replace(tmp, self.status_path)

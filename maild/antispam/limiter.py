@@ -77,7 +77,7 @@ class Counter:
 
     def current(self, now: float, period: float) -> float:
         elapsed = now - self.ts
-        if elapsed >= period:
+        if period <= 0 or elapsed >= period:
             return 0.0
         return self.value * (1.0 - max(elapsed, 0.0) / period)
 
@@ -116,9 +116,11 @@ ALLOWANCE_TTL = 10.0  # an allowance older than this (seconds) needs a fresh syn
 _SYNC = (
     "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES {rows} "
     "ON CONFLICT(key) DO UPDATE SET "
-    "value = CASE WHEN excluded.ts - ratelimit_counters.ts >= ratelimit_counters.period "
+    # A stored period of 0 (a key first written without a rate) must not divide by zero,
+    # whatever the clocks of the nodes say: NULLIF makes it NULL, COALESCE makes it 0.
+    "value = COALESCE(CASE WHEN excluded.ts - ratelimit_counters.ts >= ratelimit_counters.period "
     "THEN 0 ELSE ratelimit_counters.value * (1 - GREATEST(excluded.ts - ratelimit_counters.ts, 0)"
-    " / ratelimit_counters.period) END + excluded.value, "
+    " / NULLIF(ratelimit_counters.period, 0)) END, 0) + excluded.value, "
     "ts = GREATEST(excluded.ts, ratelimit_counters.ts), "
     "period = GREATEST(excluded.period, ratelimit_counters.period) "
     "RETURNING key, value, ts")

@@ -221,6 +221,13 @@ class Sanctions:
         """Record one strike and walk the ladder; returns the action taken, if any."""
         s = self.settings
         now = now or self.clock()
+        # The cooldown is also checked in the store: with several nodes, each has its own
+        # memory, and one offence seen by two nodes is still one strike.
+        recent = await self.store.fetchone(
+            "SELECT COUNT(*) FROM strikes WHERE customer = ? AND rule = ? AND ts > ?",
+            (customer, rule, now - s.cooldown))
+        if recent and recent[0]:
+            return None
         await self.store.execute(
             "INSERT INTO strikes(ts, customer, rule, reason, session) VALUES (?, ?, ?, ?, ?)",
             (now, customer, rule, reason, session))

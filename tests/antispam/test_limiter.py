@@ -124,3 +124,10 @@ async def test_counters_survive_a_restart(tmp_path):
     clock.t += 3600
     assert await Limiter(clock).load(store) == 0
     await store.close()
+
+
+def test_a_counter_without_a_period_never_divides_by_zero():
+    """A key stored with period 0, seen by a node whose clock is behind (elapsed < 0)."""
+    from maild.antispam.limiter import Counter
+
+    assert Counter(value=5, ts=100).current(now=99, period=0) == 0.0

@@ -42,6 +42,7 @@ async def test_first_offence_warns_second_blocks(tmp_path):
     await s.drain()
     assert notices == [("acme", "warn", 1), ("acme", "block", 2)]
     # further strikes while blocked change nothing
+    clock.t += 7200
     assert await s.strike("acme", "bulk", "more") is None
     rows = await store.fetchall("SELECT action FROM sanction_events WHERE customer='acme' ORDER BY id")
     assert [r[0] for r in rows] == ["strike", "warn", "strike", "block", "strike"]
@@ -130,4 +131,14 @@ async def test_a_control_row_committed_late_is_still_applied(tmp_path):
     await s.poll()
     await s.poll()  # and only once
     assert seen == [("ratelimit-reset", "b"), ("ratelimit-reset", "a")]
+    await store.close()
+
+
+async def test_one_offence_seen_by_two_nodes_is_one_strike(tmp_path):
+    a, store, clock = await make(tmp_path)
+    b = Sanctions(store, lambda: CONFIG, None, clock=clock)  # a second node, own memory
+    await b.load()
+    assert await a.strike("acme", "ratelimit", "seen on a") == "warn"
+    assert await b.strike("acme", "ratelimit", "seen on b") is None
+    assert (await store.fetchone("SELECT COUNT(*) FROM strikes"))[0] == 1
     await store.close()

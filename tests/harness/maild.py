@@ -84,9 +84,12 @@ class Maild:
     def write(self) -> None:
         self.config.write_text(render(self.policy))
 
+    def cli_argv(self, *args: str) -> list[str]:
+        return [*MAILD, *args, "-c", str(self.config)]
+
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([*MAILD, *args, "-c", str(self.config)], capture_output=True,
-                              text=True, timeout=timeout, check=check)
+        return subprocess.run(self.cli_argv(*args), capture_output=True, text=True,
+                              timeout=timeout, check=check)
 
     def start(self, timeout: float = 15) -> Maild:
         self.write()
