@@ -103,12 +103,17 @@ def serve(log_target: str, debug: bool, allow_root: bool) -> None:
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
     from maild.privs import PrivilegeError
+    from maild.store.base import StoreError
 
     try:
         run_serve(config, allow_root=allow_root)
     except PrivilegeError as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
+    except StoreError as e:
+        # systemd's Restart= retries; the operator reads one line, not a traceback.
+        click.echo(f"maild: {e}", err=True)
+        sys.exit(1)
     except OSError as e:
         raise click.ClickException(f"cannot serve: {e.strerror or e} "
                                    f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"

@@ -59,8 +59,34 @@ def html_to_text(html: str) -> str:
     return " ".join(p.parts)
 
 
+MAX_PARTS = 100  # MIME boundary lines; more (or deep nesting) and the raw body is used
+MAX_PARSE = 512 * 1024  # bytes handed to the MIME parser at most
+
+
 def body_text(content: bytes) -> str:
-    """The message's readable text: text/plain parts, and text/html parts as text."""
+    """The message's readable text: text/plain parts, and text/html parts as text.
+
+    The work is bounded, because this runs on the event loop for every customer message:
+    a message with many MIME parts (or parts nested deep: the stdlib recurses per level)
+    is not parsed part by part; its raw body, reduced to text, is signed instead, which
+    is as good for recognising copies of one campaign.
+    """
+    if content.count(b"\n--", 0, MAX_PARSE) > MAX_PARTS or len(content) > MAX_PARSE:
+        return _raw_text(content)
+    try:
+        return _parsed_text(content)
+    except RecursionError:  # nesting the boundary count did not catch
+        return _raw_text(content)
+
+
+def _raw_text(content: bytes) -> str:
+    end = content.find(b"\r\n\r\n")
+    body = content[end + 4 if end >= 0 else 0:][:_MAX_TEXT]
+    text = body.decode("utf-8", "replace")
+    return html_to_text(text) if "<" in text else text
+
+
+def _parsed_text(content: bytes) -> str:
     msg = BytesParser(policy=email.policy.default).parsebytes(content)
     out: list[str] = []
     size = 0

@@ -342,6 +342,10 @@ _PLAIN_MAILBOX = re.compile(
     rf"^[ \t]*(?:([A-Za-z0-9 \t]*?)[ \t]*<({_LOCAL})@({_HOST})>|({_LOCAL})@({_HOST}))[ \t]*$")
 
 
+MAX_ADDRESS_FIELD = 4096  # characters in one From:/Sender:/Reply-To:/... field
+MAX_ENCODED_WORDS = 50  # RFC 2047 encoded words in one address field
+
+
 def parse_mailboxes(headers: email.message.Message) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
     """Each address field as ((display name, addr-spec, lower-case domain), ...), or None
     when present but malformed: there a mail program could show another address than
@@ -361,6 +365,11 @@ def parse_mailboxes(headers: email.message.Message) -> dict[str, tuple[tuple[str
                 boxes.append((" ".join((m.group(1) or "").split()), f"{local}@{domain}",
                               domain.lower().rstrip(".")))
                 continue
+            if len(text) > MAX_ADDRESS_FIELD or text.count("=?") > MAX_ENCODED_WORDS:
+                # The stdlib parser needs memory quadratic in the encoded words: a few KB
+                # of them cost hundreds of MB. No real address field looks like this.
+                bad = True
+                break
             try:
                 h = email.policy.default.header_factory(name, text)
             except Exception:  # the stdlib parser on hostile input: malformed

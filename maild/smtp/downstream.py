@@ -149,10 +149,10 @@ class Downstream:
             raise DownstreamError(str(e) or type(e).__name__) from e
         return Reply(r.code, r.message)
 
-    async def data(self, conn: Connection, message: bytes) -> Reply:
+    async def data(self, conn: Connection, message: bytes, timeout: float | None = None) -> Reply:
         """DATA, the message (dot-stuffed by aiosmtplib), and the final reply."""
         try:
-            r = await conn.smtp.data(message, timeout=self.timeout)
+            r = await conn.smtp.data(message, timeout=timeout or self.timeout)
         except aiosmtplib.SMTPResponseException as e:
             return Reply(e.code, e.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:

@@ -9,6 +9,7 @@ a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from email.utils import format_datetime, localtime
@@ -31,6 +32,59 @@ from maild.store.core import DecisionLog, DecisionRow
 
 log = logging.getLogger("maild.smtp")
 
+LATE_REPLY_WAIT = 600.0  # RFC 5321 4.5.3.2.6: a client waits 10 minutes for the final reply
+
+
+class LateReplies:
+    """Messages whose final reply came after we had answered 451 (see handle_DATA).
+
+    Keyed by a digest of sender, recipients and content; a late 250 is remembered for
+    `keep` seconds so that the client's retry is answered 250 and not relayed again.
+    """
+
+    def __init__(self, keep: float = 86400.0, max_entries: int = 100_000):
+        self.keep = keep
+        self.max_entries = max_entries
+        self.accepted: dict[str, str] = {}
+        self._when: dict[str, float] = {}
+
+    @staticmethod
+    def key(ctx: Context) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update((ctx.sender.raw if ctx.sender else "").encode("utf-8", "surrogateescape"))
+        for a in ctx.recipients:
+            h.update(b"\0" + a.raw.encode("utf-8", "surrogateescape"))
+        h.update(b"\0" + (ctx.message.content if ctx.message else b""))
+        return h.hexdigest()
+
+    def watch(self, key: str, task: asyncio.Future, conn: Connection, downstream: Downstream,
+              session_id: str) -> None:
+        def done(t: asyncio.Future) -> None:
+            reply = None if t.cancelled() or t.exception() else t.result()
+            downstream.release(conn, reusable=False)
+            if reply is not None and reply.ok:
+                self._expire()
+                first = reply.text.splitlines()[0] if reply.text else ""
+                self.accepted[key] = first.removeprefix("2.0.0 ").strip() or "queued"
+                self._when[key] = time.monotonic()
+                log.warning("%s: warning: downstream accepted late: %d %s; the client's retry "
+                            "will be answered 250 without relaying again", session_id,
+                            reply.code, first)
+        task.add_done_callback(done)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, t in self._when.items() if now - t > self.keep]:
+            self.accepted.pop(k, None)
+            self._when.pop(k, None)
+        while len(self.accepted) >= self.max_entries:
+            k = next(iter(self.accepted))
+            self.accepted.pop(k)
+            self._when.pop(k, None)
+
+
 TEMPFAIL_DOWNSTREAM = "451 4.4.1 Temporary failure: our mail server is unavailable; try again later"
 TEMPFAIL_INTERNAL = "451 4.3.0 Temporary internal error; try again later"
 
@@ -45,6 +99,7 @@ class Proxy:
         self.decisions = decisions
         self.started = time.time()
         self.stats = {"relayed": 0, "rejected": 0, "tempfailed": 0}
+        self.late = LateReplies()
 
     # ------------------------------------------------------------------ logging
 
@@ -338,12 +393,32 @@ class Proxy:
                                 ctx.recipients, format_datetime(localtime()))
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
+        key = self.late.key(ctx)
+        if (queued := self.late.accepted.get(key)) is not None:
+            # The client retries a message the downstream took after we had answered 451:
+            # say 250 and do not relay it a second time.
+            self._drop_conn(session, reusable=True, rset=True)
+            reply_text = f"250 2.0.0 Ok: {queued} (accepted earlier, after a delay)"
+            pipeline.finish(ctx, accepted=True)
+            self.record(session, "relay", "DATA", reply_text, rule="late-accept", ctx=ctx)
+            return reply_text
+        task = asyncio.ensure_future(self.downstream.data(
+            conn, added + strip_own_headers(ctx.message.content), timeout=LATE_REPLY_WAIT))
         try:
-            reply = await self.downstream.data(
-                conn, added + strip_own_headers(ctx.message.content))
+            reply = await asyncio.wait_for(asyncio.shield(task), self.downstream.timeout)
+        except TimeoutError:
+            # Postfix may still queue it (its smtpd finishes end-of-data work even if we
+            # stop listening), so keep waiting in the background and remember a late 250:
+            # the client's retry of the same message is then answered without a 2nd copy.
+            log.error("%s: error: downstream slower than %gs after the final dot; answering 451 "
+                      "and waiting for its reply", session.id, self.downstream.timeout)
+            self.late.watch(key, task, conn, self.downstream, session.id)
+            session.conn = None
+            self._drop_conn(session, reusable=False)
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
         except DownstreamError as e:
-            # The downstream may or may not have the message: Postfix's smtpd discards a
-            # transaction whose final dot it did not acknowledge, so a retry is right.
+            # The connection broke before a reply: the downstream never acknowledged the
+            # final dot; the retry is what a client does with any 4xx.
             log.error("%s: error: downstream lost during DATA: %s", session.id, e)
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")

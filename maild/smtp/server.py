@@ -31,6 +31,8 @@ from maild.policy.context import Client
 log = logging.getLogger("maild.smtp")
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+JUNK_COMMAND_LIMITS = {"NOOP": 100, "RSET": 100, "VRFY": 20, "EXPN": 20, "HELP": 20,
+                       "EHLO": 20, "HELO": 20, "XFORWARD": 100, "*": 100_000}
 MAIL_PARAMS = {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
@@ -131,8 +133,22 @@ class MaildSMTP(SMTP):
             hostname=settings.hostname,
             ident="ESMTP maild",
             timeout=limits.command_timeout,
+            # Postfix's smtpd_junk_command_limit: a client may not hold a session for ever
+            # with NOOPs (or RSETs, VRFYs, HELPs) sent just before each idle timeout.
+            command_call_limit=JUNK_COMMAND_LIMITS,
             **kwargs,
         )
+        # While a handler waits on the downstream, the client is waiting on us: its idle
+        # timer must not run out (that would hang up on a message Postfix then commits).
+        self._hook_timeout = settings.downstream_timeout * 3 + 10
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        self._reset_timeout(max(self._hook_timeout, self._timeout_duration))
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
 
     # ---------------------------------------------------------------- connection
 
