@@ -1,0 +1,102 @@
+"""Smoke runs of every benchmark in bench/ with tiny sizes: the scripts keep working.
+
+Why: CI does not run the benchmarks (too slow and too noisy for a shared machine), but
+scripts nobody runs rot. Each benchmark runs once in a subprocess, exactly as a person
+would run it (``python -m bench.NAME``, the smoke preset of bench/run.py), and its JSON
+result is checked for shape: every configuration measured, numbers that are numbers, a
+Markdown table with the targets. No assertion is about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import PRESETS, write_docs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def need_postfix() -> None:
+    for b in ("postfix", "smtp-source", "smtp-sink"):
+        if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}"):
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{b} is not installed: CI must install it (make deps)")
+            pytest.skip(f"{b} not installed")
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the benchmarks need root (a private Postfix)")
+        pytest.skip("the benchmarks need root (a private Postfix)")
+
+
+def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    args = [*PRESETS["smoke"][name], *extra, "--workdir", str(tmp_path / "work"),
+            "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"bench.{name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name
+    assert result["markdown"].count("|") > 10 and "status" in result["markdown"]
+    assert result["machine"]["cores"] >= 1
+    return result
+
+
+def finite(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_throughput_smoke(tmp_path):
+    need_postfix()
+    r = run_bench("throughput", tmp_path)
+    (combo,) = r["combos"]
+    assert set(combo["rates"]) >= {"postfix", "sink", "maild>sink", "maild>postfix"}
+    for stat in combo["rates"].values():
+        assert stat["n"] == 1 and finite(stat["median"]) and stat["median"] > 0
+    assert set(combo["ratios"]) >= {"maild>postfix", "maild>sink"}
+
+
+def test_latency_smoke(tmp_path):
+    need_postfix()
+    r = run_bench("latency", tmp_path)
+    assert not r["problems"], r["problems"]
+    assert set(r["p99_ms"]) == {"postfix", "maild>postfix"}
+    assert finite(r["added_p99_ms"]["maild>postfix"]["median"])
+
+
+def test_memory_smoke(tmp_path):
+    need_postfix()
+    r = run_bench("memory", tmp_path)
+    (one,) = r["results"]
+    assert one["relayed"] >= 100 + 20  # the load and the warm-up, every message relayed
+    for key in ("before_kb", "warm_kb", "peak_kb", "after_kb"):
+        assert isinstance(one[key], int) and one[key] > 1000
+    assert all(i["n"] == 5 and finite(i["kb_each"]) for i in one["idle"])
+
+
+def test_retention_smoke(tmp_path):
+    r = run_bench("retention", tmp_path)
+    assert r["mismatch"] == [], (r["find_counts"], r["maild_counts"])
+    assert r["manifest"]["messages"] == 300
+    assert r["maild_counts"]["trash-7d"] == r["manifest"]["trash_old"] > 0
+    assert finite(r["ratio"]["median"]) and finite(r["unchanged_ratio"]["median"])
+    assert r["real"]["rules"]["idle-60d-older-90d"]["status"] == "done"
+
+
+def test_write_docs_keeps_the_analysis(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# B\n\nanalysis by hand\n\n<!-- bench:memory -->\nold\n<!-- /bench:memory -->\n"
+                   "\nmore analysis\n")
+    write_docs({"memory": {"markdown": "| new |\n"}}, {"cores": 2}, "python -m bench.run", doc)
+    text = doc.read_text()
+    assert "analysis by hand" in text and "more analysis" in text
+    assert "| new |" in text and "old" not in text
+    assert "<!-- bench:machine -->" in text  # a missing block is appended
