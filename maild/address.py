@@ -106,7 +106,8 @@ def parse_path(path: str) -> Address:
     """Parse one SMTP path (`<...>`, or a bare address) without losing anything."""
     raw = path
     inner = path[1:-1] if path.startswith("<") and path.endswith(">") else path
-    if any(c in inner for c in "\r\n\x00"):
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in inner):
+        # Never valid in a path (RFC 5321 4.1.2), and the downstream client refuses them.
         raise PathError("control characters in address")
     if inner == "":
         return Address(raw=raw, route=(), local="", domain="", quoted=False)
@@ -161,7 +162,7 @@ def parse_params(params: str) -> list[str]:
     """ESMTP parameters as a list of 'KEY=value' strings; raise PathError if malformed."""
     out = params.split()
     for p in out:
-        if not _PARAM.match(p):
+        if not _PARAM.match(p) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in p):
             raise PathError(f"malformed parameter {p[:40]!r}")
     return out
 

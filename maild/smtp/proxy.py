@@ -46,6 +46,7 @@ class LateReplies:
         self.keep = keep
         self.max_entries = max_entries
         self.accepted: dict[str, str] = {}
+        self.pending: set[str] = set()
         self._when: dict[str, float] = {}
 
     @staticmethod
@@ -61,7 +62,10 @@ class LateReplies:
 
     def watch(self, key: str, task: asyncio.Future, conn: Connection, downstream: Downstream,
               session_id: str) -> None:
+        self.pending.add(key)
+
         def done(t: asyncio.Future) -> None:
+            self.pending.discard(key)
             reply = None if t.cancelled() or t.exception() else t.result()
             downstream.release(conn, reusable=False)
             if reply is not None and reply.ok:
@@ -143,12 +147,13 @@ class Proxy:
 
     def _verdict(self, session: MaildSession, v: Verdict, ctx: Context,
                  rcpt: Address | None = None) -> str:
-        self.record(session, v.action.value, ctx.stage.value, v.reply, rule=v.rule, ctx=ctx,
+        reply = v.reply.encode("utf-8", "replace").decode("utf-8")  # an 8-bit address in it
+        self.record(session, v.action.value, ctx.stage.value, reply, rule=v.rule, ctx=ctx,
                     rcpt=rcpt)
         if v.strike and ctx.identity.customer is not None and services.sanctions is not None:
             services.sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason,
                                            session=session.id)
-        return v.reply
+        return reply
 
     async def _run(self, stage: Stage, ctx: Context) -> Verdict | None:
         """Run a stage; a StoreError (or any rule failure) is a tempfail, never an accept."""
@@ -394,6 +399,11 @@ class Proxy:
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
         key = self.late.key(ctx)
+        if key in self.late.pending:
+            # The first attempt's late reply is still awaited: relaying again could make
+            # a second copy. The client retries later and learns the outcome then.
+            self._drop_conn(session, reusable=True, rset=True)
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "late-pending")
         if (queued := self.late.accepted.get(key)) is not None:
             # The client retries a message the downstream took after we had answered 451:
             # say 250 and do not relay it a second time.

@@ -356,17 +356,6 @@ def session_replies(port: int, lines: list[bytes], source: str = STRANGER) -> li
     return [r for _s, r in t.exchanges][: 1 + len(lines)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a refused relay recipient with a byte that is not UTF-8, e.g. "
-    "`RCPT TO:<\\xff@outside.example>` from a stranger, is answered '451 4.3.0 Temporary "
-    "internal error' instead of '554 5.7.1 Relay access denied': the verdict's reason "
-    "embeds rcpt.addr (a str with a lone surrogate from aiosmtpd's surrogateescape), and "
-    "aiosmtpd's push() encodes replies as strict UTF-8 -> UnicodeEncodeError -> "
-    "handle_exception. The decision log says 'reject' while the client was told to retry, "
-    "so the attempt is repeated for days, with a traceback each time. The same happens "
-    "to `XFORWARD \\xff=1` from a trusted upstream. Fix: make MaildSMTP.push() encode "
-    "with errors='backslashreplace' (or pass every client-supplied string through "
-    "headers.show() before it goes into a reply)."))
 def test_8bit_relay_refusal_is_554_not_an_internal_error(server: InProcessMaild) -> None:
     replies = session_replies(server.port, [b"EHLO client.example\r\n",
                                             b"MAIL FROM:<a@outside.example>\r\n",
@@ -411,20 +400,6 @@ def test_overlong_command_line_is_not_taken_for_smuggling(server: InProcessMaild
     assert replies[3].startswith(b"250"), replies[3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (remote DoS): a MAIL or RCPT path with a control character (\\x01-\\x1f, \\x7f; "
-    "e.g. `MAIL FROM:<a\\x01b@outside.example>`, TAB included) passes maild.address "
-    "(which only refuses CR, LF, NUL), and aiosmtplib then refuses to send it downstream "
-    "with ValueError('Command arg contains a prohibited control character'). That is not "
-    "a DownstreamError: it escapes Proxy._open/handle_MAIL (or handle_RCPT) as an internal "
-    "error (451 4.3.0 and a traceback), and at MAIL the downstream connection just "
-    "acquired is never released. "
-    "Measured: 20 such MAIL commands from one stranger left 20 idle connections open to "
-    "Postfix and downstream_in_use = 20 for good (Postfix drops them only after its "
-    "smtpd_timeout, 300 s): a few hundred commands exhaust Postfix's smtpd processes for "
-    "all mail. Fix: refuse control characters in parse_path/parse_params (501 5.1.7 / "
-    "5.1.3 / 5.5.4), and in Proxy catch any exception around a downstream exchange, "
-    "releasing the connection as not reusable."))
 def test_control_character_in_a_path_is_refused_and_leaks_nothing(server: InProcessMaild) -> None:
     before = server.downstream.in_use
     lines = [b"EHLO client.example\r\n"]

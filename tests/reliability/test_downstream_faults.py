@@ -17,8 +17,6 @@ import os
 import signal
 import smtplib
 
-import pytest
-
 from tests.harness.sink import SmtpSink
 from tests.integration.conftest import HOSTED, STRANGER, front_policy
 from tests.reliability.helpers import (
@@ -244,16 +242,6 @@ def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postf
     assert copies(pf, RCPT, subj) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (in the BUG-1 fix): a client that retries *before* the late reply of its first "
-    "attempt has come is relayed a second time: Proxy.late only knows keys whose late 250 "
-    "has arrived, not the ones still awaited. With Postfix taking 4 s after the final dot "
-    "and downstream_timeout = 1s, two attempts 0.1 s apart both get 451 and both are "
-    "committed by Postfix: 2 copies. (The same happens when the DATA command itself is "
-    "slow, e.g. smtp-sink -w: maild now sends the message in the background after having "
-    "answered 451, once per attempt.) Fix: record the key as pending when the background "
-    "wait starts, answer a retry of a pending key 451 without relaying it, and drop the "
-    "key if the late reply is not a 2xx."))
 def test_retry_before_the_late_reply_is_not_duplicated(postfix_factory, maild_factory):
     pf = postfix_factory(hosted_domains=HOSTED,
                          reinject_options={"smtpd_end_of_data_restrictions": "sleep 4, permit"})
