@@ -172,8 +172,10 @@ def canonical(addr: str) -> str:
 
     'Alice+news@Example.COM' and 'alice@example.com' are one recipient.
     """
+    addr = addr.rstrip("@")  # degenerate "x@@" and "x@" are "x": canonical(canonical(a)) == canonical(a)
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
     local = local.split("+", 1)[0] if not local.startswith("+") else local
-    return f"{local.lower()}@{domain.lower().rstrip('.')}" if domain else local.lower()
+    domain = domain.lower().rstrip(".")
+    return f"{local.lower()}@{domain}" if domain else local.lower()

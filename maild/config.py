@@ -9,6 +9,7 @@ the same :class:`Reader`, so every error in the file reads the same way.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:  # TOML has nan and inf literals
             raise ValueError
         return float(value)
     m = _DURATION.match(str(value))
@@ -153,12 +154,17 @@ class Reader:
             return default
         return float(value)
 
-    def duration(self, name: str, default: str | float) -> float:
+    def duration(self, name: str, default: str | float, *, positive: bool = False) -> float:
+        """A duration in seconds; `positive` for timeouts and periods, where 0 is nonsense."""
         value = self._get(name, default)
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
+            if positive and seconds <= 0:
+                raise ValueError
+            return seconds
         except ValueError:
-            self.error(name, value, 'a duration such as "90s", "5m", "2h" or "7d"')
+            more = "greater than zero, " if positive else ""
+            self.error(name, value, f'a duration {more}such as "90s", "5m", "2h" or "7d"')
             return parse_duration(default)
 
     def size(self, name: str, default: str | int) -> int:
@@ -332,8 +338,8 @@ def _parse_limits(r: Reader) -> Limits:
         message_size=r.size("message_size", d.message_size),
         recipients_per_message=r.int("recipients_per_message", d.recipients_per_message, minimum=1),
         line_length=r.int("line_length", d.line_length, minimum=78, maximum=100000),
-        command_timeout=r.duration("command_timeout", d.command_timeout),
-        data_timeout=r.duration("data_timeout", d.data_timeout),
+        command_timeout=r.duration("command_timeout", d.command_timeout, positive=True),
+        data_timeout=r.duration("data_timeout", d.data_timeout, positive=True),
         max_sessions=r.int("max_sessions", d.max_sessions, minimum=1),
         max_sessions_per_ip=r.int("max_sessions_per_ip", d.max_sessions_per_ip, minimum=1),
     )
@@ -352,7 +358,7 @@ def _parse_server(r: Reader) -> Server:
         state=r.str("state", d.state),
         pid_file=r.str("pid_file", ""),
         user=r.str("user", ""),
-        downstream_timeout=r.duration("downstream_timeout", d.downstream_timeout),
+        downstream_timeout=r.duration("downstream_timeout", d.downstream_timeout, positive=True),
         downstream_pool=r.int("downstream_pool", d.downstream_pool, minimum=0, maximum=1000),
         limits=_parse_limits(r.table_of("limits")),
     )
@@ -443,4 +449,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(p), ["the file is not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), [f"TOML syntax error: {e}"]) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(str(p), ["the file is nested too deeply to be a policy; "
+                                   "check for runaway brackets"]) from None
     return parse(data, str(p))

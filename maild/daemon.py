@@ -35,6 +35,7 @@ class Daemon:
         self.config = config
         self.allow_root = allow_root
         self.shutdown_grace = shutdown_grace
+        self._status_failing = False
         self.stop_event = asyncio.Event()
         self.counter = SessionCounter()
         self.server: asyncio.AbstractServer | None = None
@@ -159,7 +160,13 @@ class Daemon:
             tmp.write_text(json.dumps(self.status(), indent=1))
             os.replace(tmp, self.status_path)
         except OSError as e:
-            log.error("error: cannot write %s: %s", self.status_path, e)
+            if not self._status_failing:  # once per outage, not every 2 s
+                log.error("error: cannot write %s: %s", self.status_path, e)
+            self._status_failing = True
+        else:
+            if self._status_failing:
+                log.info("status file %s written again", self.status_path)
+            self._status_failing = False
 
     def _configure_campaigns(self, c: cfg.Config) -> None:
         from maild.policy.bulk import BulkConfig
@@ -234,13 +241,21 @@ class Daemon:
         await self.retention.start()
 
     async def reload(self) -> None:
+        """SIGHUP: apply a new policy, or keep the running one and say why; READY=1 either way."""
         notify("RELOADING=1")
+        try:
+            await self._reload()
+        except Exception as e:  # never a dead reload task and a unit stuck in "reloading"
+            log.error("reload failed, keeping the running policy: %s: %s", type(e).__name__, e)
+        finally:
+            notify("READY=1")
+
+    async def _reload(self) -> None:
         try:
             new = cfg.load(self.config.path)
         except cfg.ConfigError as e:
             for p in e.problems:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
-            notify("READY=1")
             return
         if new.server.listen != self.config.server.listen or \
                 new.server.downstream != self.config.server.downstream or \
@@ -255,7 +270,6 @@ class Daemon:
         if self.retention is not None:
             await self.retention.reload(new)
         log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
-        notify("READY=1")
 
     async def stop(self) -> None:
         notify("STOPPING=1")

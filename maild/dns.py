@@ -98,7 +98,7 @@ def parse_dns(r: cfg.Reader) -> DnsSettings:
                     'or "127.0.0.1:5353" (no host names: the resolver cannot resolve itself)')
     settings = DnsSettings(
         nameservers=tuple(servers),
-        timeout=r.duration("timeout", "5s"),
+        timeout=r.duration("timeout", "5s", positive=True),
         cache_size=r.int("cache_size", d.cache_size, minimum=0),
         max_ttl=r.duration("max_ttl", "1h"),
         negative_ttl=r.duration("negative_ttl", "5m"),

@@ -40,7 +40,7 @@ def parse_report(r: Reader) -> ReportConfig:
     cfg = ReportConfig(
         mail=r.bool("mail", d.mail),
         at=(int(m.group(1)), int(m.group(2))) if m else d.at,
-        period=r.duration("period", "24h"),
+        period=r.duration("period", "24h", positive=True),
         to=r.str_list("to"),
     )
     for i, a in enumerate(cfg.to):

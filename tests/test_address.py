@@ -74,6 +74,12 @@ def test_canonical_folds_case_and_plus_tags():
     assert canonical("+weird@example.com") == "+weird@example.com"
 
 
+@pytest.mark.parametrize("degenerate", ["x@@", "x@", "X@.", "a@b@", "x@@z", '"a@b"@Example.com.'])
+def test_canonical_is_idempotent_on_degenerate_input(degenerate):
+    once = canonical(degenerate)
+    assert canonical(once) == once
+
+
 @given(st.text(max_size=80))
 def test_parser_never_crashes(text):
     try:

@@ -87,7 +87,7 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     cfg = SanctionsConfig(
         enabled=r.bool("enabled", d.enabled),
         ladder=tuple(s for s in ladder if s in ACTIONS) or d.ladder,
-        window=r.duration("window", "7d"),
+        window=r.duration("window", "7d", positive=True),
         cooldown=r.duration("cooldown", "1h"),
         contact=r.str("contact", ""),
         notify=r.bool("notify", d.notify),

@@ -133,7 +133,7 @@ def parse_optin(r: Reader) -> OptinConfig:
     cfg = OptinConfig(
         enabled=r.bool("enabled", d.enabled),
         lists=lists,
-        token_lifetime=r.duration("token_lifetime", "3d"),
+        token_lifetime=r.duration("token_lifetime", "3d", positive=True),
         max_requests=r.int("max_requests", d.max_requests, minimum=1),
         confirm_local_part=local,
         attested_consent=r.bool("attested_consent", d.attested_consent),

@@ -36,7 +36,7 @@ def parse_bulk(r: Reader) -> BulkConfig:
     cfg = BulkConfig(
         enabled=r.bool("enabled", d.enabled),
         threshold=r.float("threshold", d.threshold, minimum=1.0),
-        window=r.duration("window", "24h"),
+        window=r.duration("window", "24h", positive=True),
         match=r.int("match", d.match, minimum=1, maximum=32),
         max_campaigns=r.int("max_campaigns", d.max_campaigns, minimum=10),
         max_customers=r.int("max_customers", d.max_customers, minimum=10),

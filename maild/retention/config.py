@@ -184,8 +184,8 @@ def _parse_access(r: Reader) -> AccessSettings:
         journal_match=r.str_list("journal_match", d.journal_match),
         last_login_dict=r.str("last_login_dict", ""),
         last_login_key_prefix=r.str("last_login_key_prefix", d.last_login_key_prefix),
-        poll_interval=r.duration("poll_interval", d.poll_interval),
-        import_interval=r.duration("import_interval", d.import_interval),
+        poll_interval=r.duration("poll_interval", d.poll_interval, positive=True),
+        import_interval=r.duration("import_interval", d.import_interval, positive=True),
     )
     if a.poll_interval <= 0:
         r.error("poll_interval", a.poll_interval, 'a positive duration such as "1s"')
@@ -314,7 +314,7 @@ def parse_retention(r: Reader) -> RetentionConfig:
         quota=_parse_quota(r.table_of("quota")),
         daily_at=daily_at,
         keep_records=r.duration("keep_records", "180d"),
-        lock_timeout=r.duration("lock_timeout", "30s"),
+        lock_timeout=r.duration("lock_timeout", "30s", positive=True),
         config_dir=".",
     )
     if any(rule.mailboxes in ("root", "other") for rule in rules) and not (

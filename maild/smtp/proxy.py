@@ -71,7 +71,7 @@ class LateReplies:
             if reply is not None and reply.ok:
                 self._expire()
                 first = reply.text.splitlines()[0] if reply.text else ""
-                self.accepted[key] = first.removeprefix("2.0.0 ").strip() or "queued"
+                self.accepted[key] = first.removeprefix("2.0.0 ").removeprefix("Ok: ").strip() or "queued"
                 self._when[key] = time.monotonic()
                 log.warning("%s: warning: downstream accepted late: %d %s; the client's retry "
                             "will be answered 250 without relaying again", session_id,

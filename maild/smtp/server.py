@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import secrets
 from typing import Any
 
@@ -39,6 +40,40 @@ RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
 class BareLineEnding(Exception):
     """A command line ended in a bare LF or held a bare CR."""
+
+
+class LineTooLong(Exception):
+    """A command line longer than the reader's limit (already read to its end)."""
+
+
+class ClientEOF(asyncio.CancelledError):
+    """The client half-closed and every complete command it sent has been answered.
+
+    A CancelledError, so aiosmtpd's loop ends the session as it does on a reset.
+    """
+
+
+# RFC 2034 3: after EHLO advertised ENHANCEDSTATUSCODES, every 4xx/5xx reply carries
+# one. aiosmtpd's own replies ("500 Error: bad syntax", "503 Error: send HELO first")
+# do not: push() adds the code Postfix uses for the same reply.
+ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+DEFAULT_ENHANCED = {"421": "4.7.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+                    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                    "504": "5.5.4", "530": "5.7.0", "550": "5.0.0", "552": "5.3.4",
+                    "553": "5.1.3", "554": "5.7.0"}
+PLAIN_REPLIES = {"250 OK": "250 2.0.0 Ok", "221 Bye": "221 2.0.0 Bye"}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """The reply with an enhanced status code where a 4xx/5xx (or a bare Ok/Bye) has none."""
+    if reply in PLAIN_REPLIES:
+        return PLAIN_REPLIES[reply]
+    if reply[:1] not in ("4", "5") or len(reply) < 4 or "\n" in reply:
+        return reply
+    code, text = reply[:3], reply[4:]
+    if ENHANCED.match(text):
+        return reply
+    return f"{code} {DEFAULT_ENHANCED.get(code, reply[0] + '.0.0')} {text}".rstrip()
 
 
 class SessionCounter:
@@ -105,10 +140,31 @@ class _StrictReader:
         self._reader = reader
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        line = await self._reader.readuntil(separator)
-        if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]):
+        if separator != b"\n":
+            return await self._reader.readuntil(separator)
+        try:
+            line = await self._reader.readuntil(separator)
+        except asyncio.LimitOverrunError as e:
+            # Read the overlong line to its end before answering, so its tail (or the
+            # LF after a CR the overrun split off) is not taken for the next command.
+            await self._reader.read(e.consumed)
+            await self.skip_line()
+            raise LineTooLong() from None
+        except asyncio.IncompleteReadError:
+            raise ClientEOF() from None
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             raise BareLineEnding()
         return line
+
+    async def skip_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.read(e.consumed)
+            except asyncio.IncompleteReadError:
+                raise ClientEOF() from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
@@ -202,6 +258,22 @@ class MaildSMTP(SMTP):
             self.event_handler.session_lost(session)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        """A half-close: answer every command the client sent before it, then close.
+
+        aiosmtpd cancels the session at EOF, replies still owed included: a pipelining
+        client that sends QUIT and shuts down its side lost its replies, and a message
+        handed to Postfix could be committed while its client never heard the 250.
+        """
+        if self.session is None or self.session.ssl is not None:
+            return super().eof_received()
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = with_enhanced_code(status)
+        await super().push(status)
+
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(
@@ -214,6 +286,11 @@ class MaildSMTP(SMTP):
             reply = "500 5.5.2 Error: bare <LF> or <CR> in command line; end lines with CRLF"
             self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="smuggling")
             self.close_after_reply()
+            return reply
+        if isinstance(error, LineTooLong):
+            reply = (f"500 5.5.2 Error: command line longer than "
+                     f"{self.settings.limits.line_length} characters")
+            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="line_length")
             return reply
         return await self.event_handler.handle_exception(error)
 
@@ -264,7 +341,7 @@ class MaildSMTP(SMTP):
         what = "sender" if keyword == "FROM:" else "recipient"
         syntaxerr = f"501 5.5.4 Syntax: {'MAIL FROM' if what == 'sender' else 'RCPT TO'}:<address>"
         rest = self._strip_command_keyword(keyword, arg or "")
-        if rest is None:
+        if not rest:  # "MAIL FROM:" with no path at all is not the null path <>
             return syntaxerr
         try:
             path, params = split_arg(rest)
@@ -386,6 +463,8 @@ class MaildSMTP(SMTP):
             while True:
                 try:
                     line = await reader.readuntil(b"\r\n")
+                except asyncio.IncompleteReadError:
+                    raise ClientEOF() from None  # the message is incomplete: nothing relayed
                 except asyncio.LimitOverrunError as e:
                     await reader.read(e.consumed)
                     problem = problem or (

@@ -79,6 +79,8 @@ class DecisionLog:
         self.dropped = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # While the store fails, retries (and their log lines) back off to once every 30 s.
+        self.retry_delay = 0.0
 
     def add(self, row: DecisionRow) -> None:
         if len(self.pending) >= self.max_pending:
@@ -93,8 +95,11 @@ class DecisionLog:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            if self.retry_delay:
+                await asyncio.sleep(self.retry_delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             await self.flush()
 
@@ -105,8 +110,14 @@ class DecisionLog:
         try:
             await self.store.executemany(_INSERT, [astuple(r) for r in rows])
         except StoreError as e:
-            log.error("decision log: cannot write %d rows, will retry: %s", len(rows), e)
+            self.retry_delay = min(max(self.retry_delay * 2, self.interval), 30.0)
+            log.error("decision log: cannot write %d rows, will retry in %gs: %s",
+                      len(rows), self.retry_delay, e)
             self.pending[:0] = rows[: self.max_pending - len(self.pending)]
+        else:
+            if self.retry_delay:
+                log.info("decision log: store writable again, %d rows written", len(rows))
+            self.retry_delay = 0.0
         if self.dropped:
             log.error("decision log: %d rows dropped (store unavailable for too long)", self.dropped)
             self.dropped = 0

@@ -51,15 +51,6 @@ HANG = 20.0  # seconds without any reply: a hang (replies normally take millisec
 TRUSTED = "127.0.0.1"
 LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
 ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(\s|$)")
-# aiosmtpd's own replies, sent without an enhanced status code although maild advertises
-# ENHANCEDSTATUSCODES: a known bug (test_every_refusal_has_an_enhanced_status_code below).
-# Remove this allowance when it is fixed.
-KNOWN_BARE = re.compile(
-    rb"^(500 Error: command \".*\" not recognized|500 Error: bad syntax|500 Command line too "
-    rb"long|501 Syntax: .*|503 Error: send (HELO|EHLO) first|502 EXPN not implemented|"
-    rb"502 Could not VRFY .*|454 TLS not available|500 Error: command 'AUTH' not recognized|"
-    rb"503 Already authenticated|501 Not enough value|501 Too many values|"
-    rb"501 Supported commands: .*)$")
 
 
 # --------------------------------------------------------------------------- the server
@@ -243,10 +234,9 @@ def check_reply(sent: bytes, reply: bytes) -> None:
     assert b"Traceback" not in reply and b"Error: (" not in reply, reply
     if code[:1] in b"45":
         text = LINE.match(lines[-1]).group(3)
-        if not KNOWN_BARE.match(lines[-1]):
-            m = ENHANCED.match(text)
-            assert m and m.group(1) == code[:1], f"refusal without a matching enhanced " \
-                                                 f"status code: {reply!r} (to {sent[:80]!r})"
+        m = ENHANCED.match(text)
+        assert m and m.group(1) == code[:1], f"refusal without a matching enhanced " \
+                                             f"status code: {reply!r} (to {sent[:80]!r})"
 
 
 def bad_bytes(body: bytes) -> bool:
@@ -364,16 +354,6 @@ def test_8bit_relay_refusal_is_554_not_an_internal_error(server: InProcessMaild)
     assert replies[3][:1] == b"5" and ENHANCED.match(replies[3][4:]), replies[3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after EHLO advertised ENHANCEDSTATUSCODES, aiosmtpd's own refusals carry none "
-    "(RFC 2034 3: every 2xx/4xx/5xx reply after EHLO must): '500 Error: command \"FOO\" "
-    "not recognized', '500 Error: bad syntax' (empty line, non-ASCII verb), '501 Syntax: "
-    "HELO hostname', '501 Syntax: RSET', '501 Syntax: QUIT', '502 EXPN not implemented', "
-    "'454 TLS not available', '501 Supported commands: ...' (HELP with an unknown "
-    "topic), '503 Error: send HELO first' (before EHLO). Fix: in "
-    "MaildSMTP.push(), insert a default enhanced code when a 4xx/5xx reply has none "
-    "(500->5.5.2, 501->5.5.4, 502->5.5.1, 503->5.5.1, 454->4.7.0), or override those "
-    "smtp_* methods."))
 def test_every_refusal_has_an_enhanced_status_code(server: InProcessMaild) -> None:
     replies = session_replies(server.port, [b"EHLO client.example\r\n", b"FOO bar\r\n", b"\r\n",
                                             b"\xff\xfe\r\n", b"HELO\r\n", b"RSET x\r\n",
@@ -383,15 +363,16 @@ def test_every_refusal_has_an_enhanced_status_code(server: InProcessMaild) -> No
     assert not bare, bare
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a command line longer than line_length (1,000) that arrives in one segment is "
-    "answered '500 5.5.2 Error: bare <LF> or <CR> in command line' and the session is "
-    "closed, and logged as rule=smuggling: asyncio's LimitOverrunError reports the "
-    "offset of the '\\n', aiosmtpd reads up to it (leaving the '\\r' in the consumed part) "
-    "and then _StrictReader sees a line that is just '\\n'. A client with a long "
-    "(but CRLF-terminated) line should get '500 5.5.2 line too long' and keep its "
-    "session, as aiosmtpd intends. Fix: in _StrictReader (or _handle_client) drain "
-    "an overlong line to its CRLF before the bare-LF check."))
+def test_mail_from_without_a_path_is_a_syntax_error(server: InProcessMaild) -> None:
+    replies = session_replies(server.port, [b"EHLO client.example\r\n", b"MAIL FROM:\r\n",
+                                            b"MAIL FROM: \r\n", b"MAIL FROM:<>\r\n",
+                                            b"RCPT TO:\r\n"])
+    assert replies[2].startswith(b"501 5.5.4 Syntax: MAIL FROM"), replies[2]
+    assert replies[3].startswith(b"501 5.5.4 Syntax: MAIL FROM"), replies[3]
+    assert replies[4].startswith(b"250"), replies[4]  # the real null path is fine
+    assert replies[5].startswith(b"501 5.5.4 Syntax: RCPT TO"), replies[5]
+
+
 def test_overlong_command_line_is_not_taken_for_smuggling(server: InProcessMaild) -> None:
     replies = session_replies(server.port, [b"EHLO client.example\r\n",
                                             b"NOOP " + b"a" * 1200 + b"\r\n", b"NOOP\r\n"])

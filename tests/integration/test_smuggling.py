@@ -34,7 +34,7 @@ def converse(port: int, chunks: list[bytes], source: str = STRANGER, *,
             except OSError:  # closed by the server after a refusal
                 break
             time.sleep(0.05)
-        if half_close:  # (aiosmtpd cancels a session on EOF, replies still owed included)
+        if half_close:  # maild answers everything sent before the EOF (BUG-15)
             with contextlib.suppress(OSError):  # the server may have closed it already
                 s.shutdown(socket.SHUT_WR)
         s.settimeout(5)

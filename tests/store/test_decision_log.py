@@ -1,0 +1,71 @@
+"""The decision log's retry: rows kept while the store fails, retries backing off."""
+
+from __future__ import annotations
+
+import asyncio
+
+from maild.store.base import StoreError
+from maild.store.core import DecisionLog, DecisionRow
+
+
+class FlakyStore:
+    """Pure stand-in for a store whose writes fail until `healthy` is set."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+        self.written: list[tuple] = []
+        self.attempts = 0
+
+    async def executemany(self, sql: str, rows: list[tuple]) -> None:
+        self.attempts += 1
+        if not self.healthy:
+            raise StoreError("database is locked")
+        self.written += rows
+
+
+def row(n: int) -> DecisionRow:
+    return DecisionRow(ts=float(n), session=f"S{n}", stage="DATA", action="relay", code=250,
+                       status="2.0.0", reason="Ok", rule="", client_name="c", client_addr="192.0.2.1",
+                       customer="", sender="a@x.example", recipient="b@y.example")
+
+
+def test_failures_back_off_to_30s_and_recovery_writes_each_row_once(caplog) -> None:
+    caplog.set_level("INFO", logger="maild.store")
+
+    async def go() -> None:
+        store = FlakyStore()
+        log = DecisionLog(store, interval=0.5)  # type: ignore[arg-type]
+        log.add(row(1))
+        delays = []
+        for _ in range(9):
+            await log.flush()
+            delays.append(log.retry_delay)
+        assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+        log.add(row(2))
+        store.healthy = True
+        await log.flush()
+        assert log.retry_delay == 0 and not log.pending
+        assert [r[1] for r in store.written] == ["S1", "S2"]
+
+    asyncio.run(go())
+    assert "will retry in 30s" in caplog.text and "store writable again" in caplog.text
+
+
+def test_while_backing_off_a_full_batch_does_not_retry_at_once() -> None:
+    async def go() -> int:
+        store = FlakyStore()
+        log = DecisionLog(store, interval=0.05, batch=2)  # type: ignore[arg-type]
+        log.start()
+        for n in range(40):  # 20 full batches, each of which would wake the writer
+            log.add(row(n))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        store.healthy = True
+        attempts = store.attempts
+        log._task.cancel()  # type: ignore[union-attr]
+        await log.flush()
+        assert len(store.written) == 40
+        return attempts
+
+    # without back-off each full batch would be a failed attempt (about 20 or more)
+    assert asyncio.run(go()) <= 6
