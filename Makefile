@@ -7,6 +7,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd systemd postgresql
+# Test processes in parallel (pytest-xdist), one test module per worker at a time: most of
+# the suite waits on real Postfix, Dovecot and PostgreSQL processes, not on the CPU.
+TEST_WORKERS ?= 3
 
 .PHONY: run test venv deps lint check clean bench
 
@@ -36,7 +39,7 @@ lint: venv
 	$(VENV)/bin/ruff check maild tests $(wildcard bench)
 
 test: venv deps lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 bench: venv deps
 	$(PY) -m bench.run

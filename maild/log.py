@@ -21,10 +21,32 @@ import sys
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def printable(value: str) -> str:
+    """Bytes that are not UTF-8 (kept as lone surrogates by surrogateescape) as \\xNN.
+
+    An 8-bit address is legal on the wire; as a lone surrogate it cannot be written to
+    syslog, a file or the state store (each encodes UTF-8 strictly).
+    """
+    if value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def clean(value: object, limit: int = 200) -> str:
     """A log-safe rendering: no control characters (no forged log lines), bounded length."""
-    s = _CTRL.sub("?", str(value))
+    s = _CTRL.sub("?", printable(str(value)))
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+class _Formatter(logging.Formatter):
+    """Every line UTF-8-encodable, whatever a message's arguments held."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 class _Syslog(logging.handlers.SysLogHandler):
@@ -77,13 +99,13 @@ def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = Fa
             fallback = "syslog unavailable (no /dev/log); logging to stderr"
         else:
             handler = _Syslog("/dev/log")
-            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setFormatter(_Formatter("%(message)s"))
     elif target == "stderr":
         handler = _Stderr()
     else:
         handler = logging.FileHandler(target)
     if not isinstance(handler, _Syslog):
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(_Formatter(
             f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
             datefmt="%b %d %H:%M:%S"))
     logger.addHandler(handler)

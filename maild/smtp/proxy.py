@@ -113,11 +113,11 @@ class Proxy:
         """One syslog line and one decision-log row per decision."""
         try:
             client = session.client
-            sender = ctx.sender.addr if ctx and ctx.sender else ""
+            sender = mlog.printable(ctx.sender.addr) if ctx and ctx.sender else ""
             if rcpt is not None:
-                to = rcpt.addr or rcpt.raw
+                to = mlog.printable(rcpt.addr or rcpt.raw)
             elif ctx and ctx.recipients:
-                to = ",".join(a.addr for a in ctx.recipients[:20])
+                to = mlog.printable(",".join(a.addr for a in ctx.recipients[:20]))
             else:
                 to = ""
             customer = ctx.identity.name if ctx else "-"

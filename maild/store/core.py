@@ -114,6 +114,9 @@ class DecisionLog:
             log.error("decision log: cannot write %d rows, will retry in %gs: %s",
                       len(rows), self.retry_delay, e)
             self.pending[:0] = rows[: self.max_pending - len(self.pending)]
+        except Exception as e:  # rows no retry can write: drop them, keep the writer alive
+            log.error("decision log: cannot write %d rows, dropped: %s: %s", len(rows),
+                      type(e).__name__, e)
         else:
             if self.retry_delay:
                 log.info("decision log: store writable again, %d rows written", len(rows))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.harness.ports import free_port
+from tests.harness.waits import patience
 
 MAILD = [str(Path(sys.executable).parent / "maild")]
 
@@ -92,6 +93,7 @@ class Maild:
                               timeout=timeout, check=check)
 
     def start(self, timeout: float = 15) -> Maild:
+        timeout = patience(timeout)
         self.write()
         root_flag = ["--allow-root"] if os.geteuid() == 0 and not self.policy["server"].get("user") else []
         self.proc = subprocess.Popen([*MAILD, "serve", "-c", str(self.config), "--log",
@@ -103,7 +105,7 @@ class Maild:
                 out = self.proc.stdout.read().decode() if self.proc.stdout else ""
                 raise RuntimeError(f"maild exited with {self.proc.returncode}: {out}\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
                     s.recv(100)
                     s.sendall(b"QUIT\r\n")
                 return self
@@ -116,6 +118,7 @@ class Maild:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
     def wait_log(self, needle: str, timeout: float = 10) -> str:
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()

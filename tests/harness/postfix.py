@@ -53,6 +53,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.harness.waits import patience
+
 from .ports import free_port, listened_by, port_open
 
 MASTER_CF_TEMPLATES = (Path("/etc/postfix/master.cf"), Path("/usr/share/postfix/master.cf.dist"))
@@ -258,6 +260,7 @@ class DovecotAuth:
         self._conf: Path | None = None
 
     def start(self, timeout: float = 20.0) -> None:
+        timeout = patience(timeout)
         dovecot = _need_binary("dovecot")
         self._rundir = Path(tempfile.mkdtemp(prefix="maild-dv-", dir=_tmp_base()))
         os.chmod(self._rundir, 0o755)
@@ -657,6 +660,7 @@ class Postfix:
         Raises PostfixError with Postfix's own output and the log tail.  If an
         automatically chosen port was taken in the meantime, retries with new ports.
         """
+        timeout = patience(timeout)
         if self._started:
             return self
         if os.geteuid() != 0:
@@ -797,6 +801,7 @@ class Postfix:
 
     def wait_queue_empty(self, timeout: float = 20.0, *, flush: bool = False) -> None:
         """Poll until nothing is queued; ``flush=True`` also retries deferred mail."""
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         if flush:
             self.flush()
@@ -869,10 +874,12 @@ class Postfix:
 
     def wait_for_messages(self, address: str, n: int = 1, timeout: float = 20.0) -> list[bytes]:
         """Poll until ``address`` has at least ``n`` messages; AssertionError + log otherwise."""
+        timeout = patience(timeout)
         return self._wait(lambda: self.messages(address), n, timeout, address)
 
     def wait_for_outside(self, n: int = 1, timeout: float = 20.0) -> list[bytes]:
         """Like ``wait_for_messages`` for the outside catch-all Maildir."""
+        timeout = patience(timeout)
         return self._wait(self.outside_messages, n, timeout, "outside catch-all")
 
     # ------------------------------------------------------------------- log

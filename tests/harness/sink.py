@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness.waits import patience
+
 from .ports import free_port, listened_by, port_open
 from .postfix import PostfixError, cleanup_runtime_dir, find_binary, runtime_dir
 
@@ -114,6 +116,7 @@ class SmtpSink:
 
     def start(self, timeout: float = 10.0) -> SmtpSink:
         """Start smtp-sink and wait until it accepts connections."""
+        timeout = patience(timeout)
         if self.running:
             return self
         cmd = self.command()
@@ -210,6 +213,7 @@ class SmtpSink:
 
     def wait_for_messages(self, n: int = 1, timeout: float = 20.0) -> list[SinkMessage]:
         """Poll until at least ``n`` transactions were dumped; AssertionError otherwise."""
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         while True:
             msgs = self.parsed()

@@ -8,6 +8,7 @@ import pytest
 
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
+from tests.harness.waits import patience
 from tests.integration.conftest import front_policy
 
 LIMITED, SPAMMER, BLOCKME = "127.0.0.20", "127.0.0.21", "127.0.0.22"
@@ -34,6 +35,7 @@ def m(postfix, tmp_path_factory):
 
 
 def wait_until(fn, timeout: float = 10.0):
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if fn():

@@ -9,6 +9,7 @@ import time
 
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
+from tests.harness.waits import patience
 from tests.integration.conftest import STRANGER, front_policy, smtp
 
 
@@ -57,6 +58,34 @@ def test_ready_notification_and_graceful_stop(postfix, tmp_path, monkeypatch):
     assert rx.recv(1000) == b"STOPPING=1"
     assert not (tmp_path / "maild.pid").exists()
     rx.close()
+
+
+def test_an_8bit_address_is_logged_escaped_and_the_decision_log_goes_on(postfix, tmp_path):
+    """RFC 5321 allows 8-bit bytes on the wire; syslog and the state store take only UTF-8.
+    The refusal is logged with the byte as \\xff, and later decisions are still written."""
+    with Maild(tmp_path / "m", front_policy(postfix.reinject_port)) as m:
+        with socket.create_connection(("127.0.0.1", m.port), timeout=30,
+                                      source_address=(STRANGER, 0)) as s:
+            f = s.makefile("rb")
+            f.readline()
+            for line in (b"EHLO client.example", b"MAIL FROM:<a@outside.example>",
+                         b"RCPT TO:<\xff@outside.example>", b"QUIT"):
+                s.sendall(line + b"\r\n")
+                while (reply := f.readline())[3:4] == b"-":
+                    pass
+                if line.startswith(b"RCPT"):
+                    assert reply.startswith(b"554 5.7.1"), reply
+        swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER)
+        deadline = time.monotonic() + patience(10)
+        while time.monotonic() < deadline:
+            rows = json.loads(m.cli("log", "--json").stdout)
+            if len(rows) >= 2:
+                break
+            time.sleep(0.3)
+        recipients = {(r["action"], r["recipient"]) for r in rows}
+        assert ("reject", "\\xff@outside.example") in recipients, rows
+        assert ("relay", "bob@hosted.example") in recipients, rows
+        assert "to=<\\xff@outside.example>" in m.log()
 
 
 def test_decisions_are_in_the_store_for_maild_log(postfix, tmp_path):

@@ -18,6 +18,7 @@ from tests.harness.clients import swaks
 from tests.harness.maild import Maild, render
 from tests.harness.ports import free_port
 from tests.harness.postfix import Postfix
+from tests.harness.waits import patience
 from tests.integration.conftest import CUSTOMER_IP, HOSTED, STRANGER, front_policy, need, smtp
 
 HELO = "mail.acme.example"
@@ -64,6 +65,7 @@ def outside_with(postfix: Postfix, needle: str) -> list[bytes]:
 
 def wait_outside_with(postfix: Postfix, needle: str, timeout: float = 20) -> bytes:
     """The delivered outside message containing needle, once Postfix has delivered it."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = outside_with(postfix, needle)

@@ -23,6 +23,7 @@ import pytest
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.postfix import Postfix
+from tests.harness.waits import patience
 from tests.integration.conftest import CUSTOMER_IP, HOSTED, STRANGER, front_policy, need
 
 LISTCO, ROGUE, NEWSCO = "127.0.0.30", "127.0.0.31", "127.0.0.32"
@@ -83,6 +84,7 @@ def m(postfix, tmp_path_factory):
 
 
 def wait_until(fn, timeout: float = 15.0):
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if fn():

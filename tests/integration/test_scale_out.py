@@ -16,6 +16,7 @@ import pytest
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.postgres import Postgres, need_postgres
+from tests.harness.waits import patience
 from tests.integration.conftest import front_policy
 
 NODE_CUSTOMER = "127.0.0.40"
@@ -41,6 +42,7 @@ def two_nodes(pg: Postgres, postfix, tmp_path, db: str, **extra) -> tuple[Maild,
 
 
 def wait_until(fn, timeout: float = 15.0) -> bool:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if fn():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.harness.postfix import Postfix
+from tests.harness.waits import patience
 
 T = TypeVar("T")
 
@@ -198,6 +199,7 @@ def _gone(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 10) -> None:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while not all(_gone(p) for p in pids):
         if time.monotonic() > deadline:
@@ -219,6 +221,7 @@ def crash_postfix(pf: Postfix) -> list[int]:
 
 def wait_for(cond: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.02) -> T:
     """Poll ``cond()`` until it returns something truthy (a bounded wait, not a timing check)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while True:
         v = cond()

@@ -19,6 +19,7 @@ from maild.retention.jobs import Runner
 from maild.retention.scheduler import RetentionService
 from maild.retention.show import mailbox_info
 from maild.store.base import open_store
+from tests.harness.waits import patience
 
 from .dovecot import Dovecot, find_lda
 from .helpers import DAY, require_binary, require_root, retention, skip_or_fail, write_config
@@ -91,6 +92,7 @@ async def env(dovecot, tmp_path):
 
 
 async def wait_for(predicate, timeout=15.0) -> bool:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while True:
         if await predicate():
@@ -221,6 +223,13 @@ async def test_a_shrunk_quota_refuses_deliveries_and_a_login_restores_it(dovecot
 
         assert await wait_for(restored)
         assert (await state.mailbox(store, user)).access_source == login
+
+        async def limit_is_back():
+            # the login's own Dovecot process may write the 1 MB limit it read back into
+            # maildirsize; maild's check a moment after the restore puts it right
+            return dovecot.quota_limit_kb(user) == original_kb
+
+        assert await wait_for(limit_is_back), dovecot.quota_limit_kb(user)
     finally:
         await svc.stop()
     if user.startswith("alice"):

@@ -327,7 +327,7 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
                                                                      monkeypatch):
     """Dovecot rewrites maildirsize with the limit it read; if it read the shrunk one just
     before the restore, maild notices and restores again."""
-    monkeypatch.setattr(jobs, "VERIFY_AFTER", 0.0)
+    monkeypatch.setattr(jobs, "VERIFY_AFTER", (0.0,))
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     root = box(mail, "root")
@@ -351,7 +351,7 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
 async def test_a_login_while_a_run_holds_the_mailbox_restores_when_it_is_free(
         tmp_path, mail, store, monkeypatch):
     monkeypatch.setattr(jobs, "RESTORE_RETRY", 0.01)
-    monkeypatch.setattr(jobs, "VERIFY_AFTER", 0.0)
+    monkeypatch.setattr(jobs, "VERIFY_AFTER", (0.0,))
     cfg = dataclasses.replace(retention(keydata_config(tmp_path, mail)), lock_timeout=0.0)
     now = 2e9
     root = box(mail, "root")

@@ -8,12 +8,14 @@ import time
 from maild.config import load
 from maild.retention import state
 from maild.retention.scheduler import RetentionService, next_runs, period
+from tests.harness.waits import patience
 
 from .helpers import DAY, add_msg, keydata_config, make_maildir, write_config
 
 
 async def wait_for(predicate, timeout=10.0):
     """Poll an async predicate until it holds (a wait, not a timing assertion)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while True:
         if await predicate():

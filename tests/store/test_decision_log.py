@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from maild.store.base import StoreError
 from maild.store.core import DecisionLog, DecisionRow
@@ -69,3 +70,26 @@ def test_while_backing_off_a_full_batch_does_not_retry_at_once() -> None:
 
     # without back-off each full batch would be a failed attempt (about 20 or more)
     assert asyncio.run(go()) <= 6
+
+
+def test_a_row_no_retry_can_write_is_dropped_and_the_writer_goes_on(caplog) -> None:
+    class Unencodable(FlakyStore):
+        async def executemany(self, sql: str, rows: list[tuple]) -> None:
+            if any("\udcff" in str(v) for r in rows for v in r):
+                raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+            self.written += rows
+
+    async def go() -> Unencodable:
+        store = Unencodable()
+        log = DecisionLog(store)  # type: ignore[arg-type]
+        bad = dataclasses.replace(row(1), sender="\udcff@x.example")
+        log.add(bad)
+        await log.flush()
+        log.add(row(2))
+        await log.flush()
+        assert log.retry_delay == 0 and not log.pending
+        return store
+
+    store = asyncio.run(go())
+    assert [r[1] for r in store.written] == ["S2"]
+    assert "1 rows, dropped: UnicodeEncodeError" in caplog.text
