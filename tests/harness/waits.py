@@ -8,7 +8,13 @@ MAILD_TEST_WAIT_SCALE, else 4 under CI=true and 2 elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def _scale() -> float:
@@ -24,3 +30,28 @@ SCALE = _scale()
 def patience(seconds: float) -> float:
     """The limit to wait for something that normally takes well under `seconds`."""
     return seconds * SCALE
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.1) -> T | None:
+    """Poll ``cond()`` until it returns something truthy; that value, or None at the limit."""
+    deadline = time.monotonic() + patience(timeout)
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+
+
+async def wait_until_async(cond: Callable[[], Awaitable[T]], timeout: float = 10.0,
+                           interval: float = 0.05) -> T | None:
+    """The same for an async predicate, without blocking the event loop."""
+    deadline = time.monotonic() + patience(timeout)
+    while True:
+        value = await cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(interval)

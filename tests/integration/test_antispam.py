@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
-from tests.harness.waits import patience
+from tests.harness.waits import wait_until
 from tests.integration.conftest import front_policy
 
 LIMITED, SPAMMER, BLOCKME = "127.0.0.20", "127.0.0.21", "127.0.0.22"
@@ -32,16 +30,6 @@ def m(postfix, tmp_path_factory):
     md.start()
     yield md
     md.stop()
-
-
-def wait_until(fn, timeout: float = 10.0):
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_limit_refuses_the_fourth_warns_and_survives_restart(postfix, m):

@@ -14,7 +14,6 @@ import email.policy
 import json
 import re
 import sqlite3
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.postfix import Postfix
-from tests.harness.waits import patience
+from tests.harness.waits import wait_until
 from tests.integration.conftest import CUSTOMER_IP, HOSTED, STRANGER, front_policy, need
 
 LISTCO, ROGUE, NEWSCO = "127.0.0.30", "127.0.0.31", "127.0.0.32"
@@ -81,16 +80,6 @@ def m(postfix, tmp_path_factory):
                     "maild.optin.service.OptinService and set services.optin (docs/optin.md)")
     yield md
     md.stop()
-
-
-def wait_until(fn, timeout: float = 15.0):
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def status(m: Maild, address: str) -> dict:

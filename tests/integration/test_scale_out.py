@@ -16,7 +16,7 @@ import pytest
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.postgres import Postgres, need_postgres
-from tests.harness.waits import patience
+from tests.harness.waits import wait_until
 from tests.integration.conftest import front_policy
 
 NODE_CUSTOMER = "127.0.0.40"
@@ -39,16 +39,6 @@ def two_nodes(pg: Postgres, postfix, tmp_path, db: str, **extra) -> tuple[Maild,
         policy.update(extra)
         nodes.append(Maild(tmp_path / name, policy))
     return nodes[0], nodes[1]
-
-
-def wait_until(fn, timeout: float = 15.0) -> bool:
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 def test_limit_holds_across_nodes_and_a_block_on_one_refuses_on_the_other(pg, postfix, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.harness.postfix import Postfix
-from tests.harness.waits import patience
+from tests.harness.waits import patience, wait_until
 
 T = TypeVar("T")
 
@@ -221,17 +221,10 @@ def crash_postfix(pf: Postfix) -> list[int]:
 
 def wait_for(cond: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.02) -> T:
     """Poll ``cond()`` until it returns something truthy (a bounded wait, not a timing check)."""
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
+    value = wait_until(cond, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out waiting for {what}")
+    return value
 def in_sleep(pid: int) -> bool:
     """Is the process blocked in nanosleep/clock_nanosleep (x86-64 syscalls 35 and 230)?
 

@@ -3,7 +3,6 @@ a shrunk quota refusing deliveries and a login restoring it (both quota wirings)
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import imaplib
 import os
@@ -19,7 +18,7 @@ from maild.retention.jobs import Runner
 from maild.retention.scheduler import RetentionService
 from maild.retention.show import mailbox_info
 from maild.store.base import open_store
-from tests.harness.waits import patience
+from tests.harness.waits import wait_until_async as wait_for
 
 from .dovecot import Dovecot, find_lda
 from .helpers import DAY, require_binary, require_root, retention, skip_or_fail, write_config
@@ -89,17 +88,6 @@ async def env(dovecot, tmp_path):
     store = await open_store(str(tmp_path / "maild.db"), str(cfg_path))
     yield cfg_path, retention(cfg_path), store
     await store.close()
-
-
-async def wait_for(predicate, timeout=15.0) -> bool:
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        if await predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
 
 
 def imap(dc: Dovecot, user: str) -> imaplib.IMAP4:

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from maild.config import load
 from maild.retention import state
 from maild.retention.scheduler import RetentionService, next_runs, period
-from tests.harness.waits import patience
+from tests.harness.waits import wait_until_async as wait_for
 
 from .helpers import DAY, add_msg, keydata_config, make_maildir, write_config
-
-
-async def wait_for(predicate, timeout=10.0):
-    """Poll an async predicate until it holds (a wait, not a timing assertion)."""
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        if await predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
 
 
 async def test_without_retention_start_does_nothing(tmp_path, store):
