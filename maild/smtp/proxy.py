@@ -426,6 +426,15 @@ class Proxy:
             session.conn = None
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        except asyncio.CancelledError:
+            # The client reset the connection while Postfix held the final dot. Postfix
+            # may still queue the message: the client will retry it, and the retry must
+            # be answered from Postfix's late reply, not relayed a second time.
+            log.warning("%s: warning: client left while the downstream held the final dot; "
+                        "its reply is kept for the client's retry", session.id)
+            self.late.watch(key, task, conn, self.downstream, session.id)
+            session.conn = None
+            raise
         except DownstreamError as e:
             # The connection broke before a reply: the downstream never acknowledged the
             # final dot; the retry is what a client does with any 4xx.

@@ -17,6 +17,7 @@ import os
 import signal
 import smtplib
 import socket
+import struct
 
 from tests.harness.sink import SmtpSink
 from tests.integration.conftest import HOSTED, STRANGER, front_policy
@@ -331,3 +332,25 @@ def test_client_eof_in_the_middle_of_data_relays_nothing(postfix_factory, maild_
     settle(pf)
     assert copies(pf, RCPT, subj) == 0
     assert attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER).accepted
+
+
+def test_client_reset_while_postfix_holds_the_dot_then_retry_is_one_copy(postfix_factory,
+                                                                         maild_factory):
+    """The client resets the connection (RST) while Postfix takes 3 s over the final dot.
+    Postfix commits the message; the client heard nothing and retries. The retry must be
+    answered 250 from Postfix's late reply, not relayed a second time."""
+    pf = postfix_factory(hosted_domains=HOSTED,
+                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 3, permit"})
+    m = maild_factory(front_policy(pf.reinject_port))
+    subj = unique_subject("client-reset")
+    s = open_in_data(m.port, STRANGER, SENDER, RCPT)
+    s.sendall(message(subj) + b".\r\n")
+    wait_for(lambda: any(in_sleep(p) for p in reinject_smtpd_pids(pf)), "Postfix at end of data")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    m.wait_log("client left while the downstream held the final dot")
+    m.wait_log("downstream accepted late")
+    retry = retry_until_accepted(m.port, message(subj))
+    assert "accepted earlier" in retry.text, retry
+    settle(pf)
+    assert copies(pf, RCPT, subj) == 1
