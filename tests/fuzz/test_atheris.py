@@ -3,8 +3,8 @@ tests/fuzz/atheris_target.py: SMTP argument parsing, policies.toml, message head
 xtext. libFuzzer's own limits make hangs (-timeout) and memory blow-ups (-rss_limit_mb)
 findings; a finding fails the test with the input and its traceback.
 
-The default run is ~10 s; MAILD_SLOW=1 runs fifteen times longer. Without atheris (it is not
-in pyproject's test extra: `pip install atheris`), the same target is driven by
+The default run is ~10 s; MAILD_SLOW=1 runs fifteen times longer. atheris is in pyproject's
+test extra for x86-64 Linux (binary wheels); elsewhere the same target is driven by
 hypothesis with many examples instead, so the test never silently skips.
 """
 
