@@ -28,21 +28,52 @@ BANDS, ROWS = 16, 2
 
 @dataclass
 class Campaign:
+    """Copies in the window, merged per second, with running totals.
+
+    Why: scoring summed every copy in the window, so each message cost O(copies) and a
+    campaign that is never refused (confirmed opt-in list mail is exempt) made maild
+    quadratic in its size and grew by one tuple per copy: 200,000 copies, 30 MB and
+    2 ms per message. Copies accepted in the same second share one entry (they would
+    leave the window within the same second anyway), and the totals move with add and
+    prune, so scoring is O(1) and memory is bounded by the window in seconds.
+    """
+
     id: int
     sig: tuple[int, ...]
     first_seen: float
-    copies: deque = field(default_factory=deque)  # (ts, sqrt(recipients), recipients)
+    # (second, sum of sqrt(recipients), recipients, copies), oldest first
+    copies: deque = field(default_factory=deque)
+    total_weight: float = 0.0
+    total_recipients: int = 0
+    count: int = 0  # copies in the window
+
+    def add_copy(self, now: float, recipients: int) -> None:
+        w = math.sqrt(max(recipients, 1))
+        sec = float(int(now))
+        if self.copies and self.copies[-1][0] == sec:
+            _, pw, pn, pk = self.copies[-1]
+            self.copies[-1] = (sec, pw + w, pn + recipients, pk + 1)
+        else:
+            self.copies.append((sec, w, recipients, 1))
+        self.total_weight += w
+        self.total_recipients += recipients
+        self.count += 1
 
     def prune(self, now: float, window: float) -> None:
         while self.copies and now - self.copies[0][0] > window:
-            self.copies.popleft()
+            _, w, n, k = self.copies.popleft()
+            self.total_weight -= w
+            self.total_recipients -= n
+            self.count -= k
+        if not self.copies:  # no float drift left behind
+            self.total_weight, self.total_recipients, self.count = 0.0, 0, 0
 
     def score(self) -> float:
-        return sum(w for _, w, _ in self.copies)
+        return self.total_weight
 
     @property
     def recipients(self) -> int:
-        return sum(n for _, _, n in self.copies)
+        return self.total_recipients
 
 
 def _bands(sig: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
@@ -118,7 +149,7 @@ class Campaigns:
             while len(cust.campaigns) > self.max_campaigns:
                 cust.remove(next(iter(cust.campaigns)))
         cust.campaigns.move_to_end(c.id)
-        c.copies.append((now, math.sqrt(max(recipients, 1)), recipients))
+        c.add_copy(now, recipients)
         return c
 
     def top(self, customer: str, n: int = 10) -> list[Campaign]:

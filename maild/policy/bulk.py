@@ -79,7 +79,7 @@ def bulk(ctx: Context) -> Verdict | None:
         return None
     campaign, score = campaigns.score_with(ctx.identity.name, sig, len(ctx.recipients))
     ctx.notes["bulk-score"] = score
-    ctx.notes["bulk-copies"] = (len(campaign.copies) if campaign else 0) + 1
+    ctx.notes["bulk-copies"] = (campaign.count if campaign else 0) + 1
     if score < cfg.threshold or any(ex(ctx) for ex in EXEMPTIONS):
         return None
     return reject(550, "5.7.1", f"Bulk mail refused: {ctx.notes['bulk-copies']} substantially "
