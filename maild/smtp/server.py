@@ -22,14 +22,18 @@ import ipaddress
 import logging
 import re
 import secrets
-from typing import Any
+import socket
+from typing import Any, ClassVar
 
+import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from maild.address import Address, PathError, parse_params, parse_path, split_arg
 from maild.policy.context import Client
 
 log = logging.getLogger("maild.smtp")
+# aiosmtpd versions whose SMTP.__init__ _fast_init mirrors (tests/smtp/test_server_init.py)
+_FAST_INIT = _aiosmtpd.__version__.startswith("1.4.")
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 JUNK_COMMAND_LIMITS = {"NOOP": 100, "RSET": 100, "VRFY": 20, "EXPN": 20, "HELP": 20,
@@ -181,22 +185,26 @@ class MaildSMTP(SMTP):
         self.settings = settings
         self.counter = counter
         self.trusted = trusted
-        super().__init__(
-            handler,
-            data_size_limit=limits.message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.hostname,
-            ident="ESMTP maild",
-            timeout=limits.command_timeout,
-            # Postfix's smtpd_junk_command_limit: a client may not hold a session for ever
-            # with NOOPs (or RSETs, VRFYs, HELPs) sent just before each idle timeout.
-            command_call_limit=JUNK_COMMAND_LIMITS,
-            **kwargs,
-        )
+        if not kwargs and _FAST_INIT:
+            self._fast_init(handler, limits)
+        else:
+            super().__init__(
+                handler,
+                data_size_limit=limits.message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=settings.hostname,
+                ident="ESMTP maild",
+                timeout=limits.command_timeout,
+                # Postfix's smtpd_junk_command_limit: a client may not hold a session for
+                # ever with NOOPs (or RSETs, VRFYs, HELPs) sent just before each idle timeout.
+                command_call_limit=JUNK_COMMAND_LIMITS,
+                **kwargs,
+            )
         # While a handler waits on the downstream, the client is waiting on us: its idle
         # timer must not run out (that would hang up on a message Postfix then commits).
         self._hook_timeout = settings.downstream_timeout * 3 + 10
+        self._deadline = 0.0  # when the idle timer really expires (see _reset_timeout)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         self._reset_timeout(max(self._hook_timeout, self._timeout_duration))
@@ -205,6 +213,81 @@ class MaildSMTP(SMTP):
         finally:
             if self.transport is not None:
                 self._reset_timeout()
+
+    # aiosmtpd's SMTP.__init__ finds the command methods, handler hooks and AUTH
+    # mechanisms with inspect.getmembers() and dir() on every connection (330 us, more
+    # than the whole policy pipeline once the rules are fast). They depend only on the
+    # classes, so _fast_init looks them up once per (protocol class, handler class) and
+    # otherwise sets exactly what SMTP.__init__ sets for maild's arguments (no TLS, no
+    # AUTH, no PROXY protocol; the junk-command call limits). tests/smtp/test_server_init.py compares
+    # the result with aiosmtpd's own constructor, so an aiosmtpd upgrade that changes
+    # __init__ fails a test instead of a connection.
+    _names: ClassVar[dict[tuple[type, type], tuple[Any, ...]]] = {}
+
+    def _introspect(self, handler: Any) -> tuple[Any, ...]:
+        key = (type(self), type(handler))
+        names = self._names.get(key)
+        if names is None:
+            import inspect
+
+            auth = tuple(
+                (getattr(mfunc, "__auth_mechanism_name__",
+                         mname.replace("auth_", "").replace("__", "-")), mname, obj is self)
+                for obj in (self, handler)
+                for mname, mfunc in inspect.getmembers(obj)
+                if mname.startswith("auth_"))
+            hooks = tuple(m for m in dir(handler) if m.startswith("handle_"))
+            ehlo = getattr(handler, "handle_EHLO", None)
+            ver = None if ehlo is None else {4: "old", 5: "new"}.get(
+                len(inspect.signature(ehlo).parameters))
+            if ehlo is not None and ver != "new":
+                raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
+            methods = tuple(m for m in dir(self) if m.startswith("smtp_"))
+            names = self._names[key] = (auth, hooks, ver, methods)
+        return names
+
+    def _fast_init(self, handler: Any, limits: Any) -> None:
+        """SMTP.__init__(handler, data_size_limit=..., enable_SMTPUTF8=True,
+        decode_data=False, hostname=..., ident="ESMTP maild", timeout=...,
+        command_call_limit=JUNK_COMMAND_LIMITS) without the per-connection introspection."""
+        self.__ident__ = "ESMTP maild"
+        self.loop = _aiosmtpd.make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self.event_handler = handler
+        self.data_size_limit = limits.message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = self.settings.hostname or socket.getfqdn()
+        self.tls_context = None
+        self.require_starttls = None
+        self._timeout_duration = limits.command_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._auth_callback = _aiosmtpd.login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        auth, hooks, ver, methods = self._introspect(handler)
+        self._auth_methods = {mech: _aiosmtpd._AuthMechAttr(
+            getattr(self if is_self else handler, mname), is_self)
+            for mech, mname, is_self in auth}
+        self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
+        self._ehlo_hook_ver = ver
+        self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}
+        # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
+        self._enforce_call_limit = True
+        self._call_limit_base = JUNK_COMMAND_LIMITS
+        self._call_limit_default = JUNK_COMMAND_LIMITS.get("*", _aiosmtpd.CALL_LIMIT_DEFAULT)
 
     # ---------------------------------------------------------------- connection
 
@@ -274,7 +357,33 @@ class MaildSMTP(SMTP):
             status = with_enhanced_code(status)
         await super().push(status)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, re-armed lazily.
+
+        aiosmtpd cancels the timer and schedules a new one for every command, and maild
+        moves it twice more around every handler hook and DATA: about 15 timer handles
+        per message, each a heap push and a cancelled entry left in the loop's heap.
+        Here a new deadline that is no earlier than the pending timer only moves
+        `_deadline`; when the timer fires before the deadline, _timeout_cb re-arms it for
+        the rest. A deadline earlier than the pending timer re-arms at once, so a timeout
+        happens exactly when it did.
+        """
+        loop = self.loop
+        now = loop.time()
+        deadline = now + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and now < handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = loop.call_at(deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
+        handle = self._timeout_handle
+        if handle is not None and self._deadline > handle.when():  # moved on since: re-arm
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(
                 f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())

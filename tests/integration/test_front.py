@@ -127,3 +127,26 @@ def test_trusted_xforward_defines_the_client_and_is_passed_downstream(postfix, m
     msg = postfix.wait_for_messages("carol@hosted.example", 1)[-1]
     assert b"Received: from c.example (relay.client.example [203.0.113.9])" in msg
     postfix.wait_for_log(r"client=relay\.client\.example\[203\.0\.113\.9\]")
+
+
+# Lines that dot-stuffing must get right on both hops: client -> maild (DATA) and maild ->
+# downstream (BDAT where the downstream offers CHUNKING, as Postfix does; DATA with
+# dot-stuffing where it does not, as smtp-sink).
+DOTTED = (b"Subject: dots\r\n\r\n.\r\n..\r\n...\r\n.leading\r\nmiddle . line\r\n"
+          b". space\r\nlast\r\n")
+
+
+def test_dotted_lines_arrive_intact_through_postfix(postfix, maild):
+    with smtp(maild.port) as s:
+        s.sendmail("dots@outside.example", ["dots@hosted.example"], DOTTED)
+    msg = postfix.wait_for_messages("dots@hosted.example", 1)[-1].replace(b"\r\n", b"\n")
+    assert msg.endswith(DOTTED.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")), msg[-200:]
+
+
+def test_dotted_lines_arrive_intact_through_a_downstream_without_chunking(smtp_sink_factory,
+                                                                          tmp_path):
+    sink = smtp_sink_factory()
+    with Maild(tmp_path / "m", front_policy(sink.port)) as m, smtp(m.port) as s:
+        s.sendmail("dots@outside.example", ["dots@hosted.example"], DOTTED)
+    body = sink.wait_for_messages(1)[-1].data
+    assert body.endswith(DOTTED.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")), body[-200:]
