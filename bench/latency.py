@@ -38,6 +38,22 @@ from bench.throughput import Rig
 TARGET_P99_MS = 5.0
 
 
+def p99_status(name: str, added: Stat, p99: dict[str, Stat], added50: dict[str, Stat]) -> str:
+    """The verdict on the added p99, unless the noise is larger than what is measured.
+
+    Why: on a shared machine Postfix alone's own p99 can move by tens or hundreds of ms
+    between repetitions (one stall of another tenant's job is enough), and then "maild's
+    p99 minus Postfix's" is noise, often negative; a negative median is not a met target.
+    """
+    base = p99.get("postfix")
+    spread = base.hi - base.lo if base is not None and base.values else 0.0
+    a50 = added50[name].median if name in added50 and added50[name].values else 0.0
+    if spread > TARGET_P99_MS or added.median < a50:
+        return (f"**not measurable** here: Postfix alone's p99 moved by {spread:.0f} ms "
+                f"between repetitions; maild's added p50 alone is {a50:.2f} ms")
+    return verdict(added.median < TARGET_P99_MS)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="per configuration and rep")
@@ -117,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "final 250; median (min-max) of the per-repetition percentiles, in ms.", "",
           table(["configuration", "messages", "p50 ms", "p99 ms", "added p50 ms",
                  "added p99 ms"], rows), ""]
-    trows = [[f"added p99 < 5 ms ({n})", st.fmt(".2f", " ms"),
-              verdict(st.median < TARGET_P99_MS)] for n, st in added99.items()]
+    trows = [[f"added p99 < 5 ms ({n})", st.fmt(".2f", " ms"), p99_status(n, st, p99, added50)]
+             for n, st in added99.items()]
     md.append(table(["target", "measured", "status"], trows))
     if problems:
         md += ["", "Problems: " + "; ".join(problems)]

@@ -501,12 +501,16 @@ class _Work:
     def _plan(self, mb: Mailbox, root_fd: int
               ) -> tuple[list[Folder], dict[str, tuple[int, int]], list[MsgFile]]:
         rule = self.rule
-        folders = list_folders(root_fd, self.cfg.store.layout)
+        # Only the folders the rule reads are listed (and checked for being maildirs); the
+        # victims, which _delete looks up in `folders`, come from these alone.
         if rule.action == "delete":
-            wanted = [f for f in folders if self.selected(f.name)]
+            want = self.selected
         else:
-            wanted = [f for f in folders if self.selected(f.name) or self.counted(f.name)]
-        files, totals, skipped_dirs = self._collect(mb, root_fd, wanted)
+            selected, counted = self.selected, self.counted
+            def want(name: str) -> bool:
+                return selected(name) or counted(name)
+        folders = list_folders(root_fd, self.cfg.store.layout, want)
+        files, totals, skipped_dirs = self._collect(mb, root_fd, folders)
         if rule.action != "delete":
             usage = self._usage_of(totals, rule)
             limit = rule.quota if rule.action == "shrink" else rule.max_size

@@ -62,6 +62,28 @@ def test_maildirpp_folders(tmp_path):
         ("Archive/2024", (".Archive.2024",)), ("Gelöschte", (".Gel&APY-schte",))}
 
 
+def test_folders_filtered_by_want(tmp_path):
+    """A rule lists only the folders it reads (the others are not even opened)."""
+    mb = make_maildir(tmp_path / "m", ("Trash", "Sent", "Gelöschte"))
+    (mb / ".Junk").mkdir()                     # wanted, but no cur/ or new/: not a folder
+    fd = open_root(str(mb))
+    try:
+        got = list_folders(fd, "maildir++", want=lambda n: n in ("Trash", "Gelöschte", "Junk"))
+        assert {(f.name, f.rel) for f in got} == {
+            ("Trash", (".Trash",)), ("Gelöschte", (".Gel&APY-schte",))}
+        assert [f.name for f in list_folders(fd, "maildir++", want=lambda n: n == "INBOX")] \
+            == ["INBOX"]
+    finally:
+        os.close(fd)
+    fs = make_maildir(tmp_path / "f", ("Trash", "Archive/2024"), layout="fs")
+    fd = open_root(str(fs))
+    try:
+        assert [f.name for f in list_folders(fd, "fs", want=lambda n: n != "INBOX")] \
+            == ["Archive/2024", "Trash"]
+    finally:
+        os.close(fd)
+
+
 def test_fs_layout_folders(tmp_path):
     mb = make_maildir(tmp_path / "m", ("Trash", "Archive/2024", "Archive/2024/Q1"), layout="fs")
     assert _names(mb, "fs") == {
@@ -131,6 +153,20 @@ def test_symlinked_cur_is_not_followed(tmp_path):
 ])
 def test_message_size_as_the_quota_counts_it(name, st_size, expected):
     assert message_size(name, st_size) == expected
+
+
+@pytest.mark.parametrize("name, st_size, expected", [
+    ("1.M1P1.host,S=1234:2,S", 9, 1234),
+    ("1.M1P1.host,S=12x4:2,", 9, 9),
+    ("1.M1P1.host,S=:2,S=77", 9, 77),
+])
+def test_scan_reads_sizes_as_message_size(tmp_path, name, st_size, expected):
+    """scan_dir parses ",S=" inline (per-file speed); it must agree with message_size."""
+    mb = make_maildir(tmp_path / "m")
+    (mb / "cur" / name).write_bytes(b"x" * st_size)
+    summary, files = _scan(mb)
+    assert message_size(name, st_size) == expected
+    assert [f.size for f in files] == [expected] and summary.bytes == expected
 
 
 def _unlink(mb, f):

@@ -1,0 +1,131 @@
+"""CPU time per message: maild's own CPU (user + system, from /proc) per relayed message.
+
+Why: on a shared machine the throughput ratios move by tens of percent between runs,
+because the other tenants' load changes while a run lasts. The CPU maild spends per
+message moves far less, so it is the number to compare two trees by (an optimisation,
+a proposal): maild from this checkout and maild from ``--compare-src`` run side by side
+in front of the same smtp-sink (or Postfix), each fed the same smtp-source load in turn,
+alternated, and the CPU seconds each consumed are divided by the messages it relayed.
+
+    python -m bench.cpu [--compare-src TREE] [--messages 2000] [--sessions 20]
+                        [--size 2048] [--reps 3] [--downstream sink|postfix]
+                        [--uvloop DIR] [--loops asyncio|uvloop|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MaildProc,
+    Stat,
+    bench_policy,
+    log,
+    new_port,
+    raise_nofile,
+    rotate,
+    smtp_source,
+    start_dns,
+    table,
+    uvloop_path,
+)
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare-src", default=None, help="also run maild from this tree, as @patched")
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--downstream", default="sink", choices=("sink", "postfix"))
+    ap.add_argument("--loops", default="asyncio", choices=("asyncio", "uvloop", "both"))
+    ap.add_argument("--uvloop", default=None, help="directory holding uvloop (pip --target)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+
+    from tests.harness.sink import SmtpSink
+
+    raise_nofile()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="maild-bench-cpu-"))
+    loops = ["asyncio", "uvloop"] if args.loops == "both" else [args.loops]
+    srcs: list[tuple[str, str | None]] = [("maild", None)]
+    if args.compare_src:
+        srcs.append(("maild@patched", args.compare_src))
+    dns = start_dns()
+    sink = pf = None
+    mailds: dict[str, MaildProc] = {}
+    try:
+        if args.downstream == "postfix":
+            from tests.harness.postfix import Postfix
+
+            pf = Postfix(workdir / "pf", hosted_domains=["hosted.example"],
+                         hostname="mx.bench.example", outside_sink="discard:",
+                         main_cf={"queue_run_delay": "300s"})
+            pf.start()
+            port = pf.reinject_port
+        else:
+            sink = SmtpSink(backlog=1024).start()
+            port = sink.port
+        for loop in loops:
+            for name, src in srcs:
+                key = name + ("+uvloop" if loop == "uvloop" else "")
+                wd = workdir / key.replace("@", "-").replace("+", "-")
+                policy = bench_policy(wd, listen_port=new_port(), downstream_port=port,
+                                      nameserver=dns.nameserver)
+                mailds[key] = MaildProc(wd, policy, loop=loop, src=src,
+                                        uvloop_dir=uvloop_path(args.uvloop)).start()
+        for m in mailds.values():  # warm-up: imports, pools, DNS cache
+            smtp_source(m.port, sessions=args.sessions, messages=args.sessions * 4, size=args.size)
+        per_msg = {k: Stat() for k in mailds}
+        user_msg = {k: Stat() for k in mailds}
+        for rep in range(args.reps):
+            for key in rotate(list(mailds), rep):
+                m = mailds[key]
+                before, relayed0 = cpu_times(m.pid), m.count_log(": relay: DATA")
+                r = smtp_source(m.port, sessions=args.sessions, messages=args.messages,
+                                size=args.size)
+                if r.returncode != 0:
+                    raise RuntimeError(f"smtp-source into {key} failed:\n{r.output}\n{m.tail()}")
+                after = cpu_times(m.pid)
+                user, system = after[0] - before[0], after[1] - before[1]
+                n = max(m.count_log(": relay: DATA") - relayed0, 1)
+                per_msg[key].add(1e6 * (user + system) / n)
+                user_msg[key].add(1e6 * user / n)
+                log(f"   rep {rep + 1} {key:22s} {1e6 * (user + system) / n:7.0f} us CPU/msg "
+                    f"(user {1e6 * user / n:.0f}, system {1e6 * system / n:.0f}; {n} relayed, "
+                    f"{r.rate:.0f} msg/s)")
+                if pf is not None:
+                    pf.wait_queue_empty(timeout=300)
+    finally:
+        for m in mailds.values():
+            m.stop()
+        if sink is not None:
+            sink.close()
+        if pf is not None:
+            pf.close()
+        dns.stop()
+    rows = [[k, v.fmt(".0f", " us"), user_msg[k].fmt(".0f", " us")] for k, v in per_msg.items()]
+    md = (f"maild CPU per message ({args.sessions} sessions, {args.size} B, in front of "
+          f"{args.downstream}, {args.reps} repetitions alternated; median (min-max)):\n\n"
+          + table(["maild", "CPU per message", "of which user"], rows) + "\n")
+    print(md)
+    return {"benchmark": "cpu", "per_message_us": {k: v.as_dict() for k, v in per_msg.items()},
+            "user_per_message_us": {k: v.as_dict() for k, v in user_msg.items()},
+            "markdown": md}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
