@@ -182,6 +182,7 @@ class Connection:
     transactions: int = 0
     pipelining: bool = False
     chunking: bool = False
+    content_sent: bool = False  # this transaction's message has been written (for the log)
 
     @property
     def is_connected(self) -> bool:
@@ -309,7 +310,9 @@ class Downstream:
         message = _LINE_ENDINGS.sub(b"\r\n", message)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
+        conn.content_sent = False
         if conn.chunking:
+            conn.content_sent = True
             r = await client.reply(client.send(b"BDAT %d LAST\r\n" % len(message) + message, 1)[0],
                                    timeout)
             if r.code == 250:
@@ -319,6 +322,7 @@ class Downstream:
         r = await client.reply(client.send(b"DATA\r\n", 1)[0], timeout)
         if r.code != 354:
             return r
+        conn.content_sent = True
         r = await client.reply(client.send(message, 1)[0], timeout)
         if r.code == 250:
             conn.transactions += 1

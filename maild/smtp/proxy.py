@@ -434,8 +434,9 @@ class Proxy:
             # Postfix may still queue it (its smtpd finishes end-of-data work even if we
             # stop listening), so keep waiting in the background and remember a late 250:
             # the client's retry of the same message is then answered without a 2nd copy.
-            log.error("%s: error: downstream slower than %gs after the final dot; answering 451 "
-                      "and waiting for its reply", session.id, self.downstream.timeout)
+            where = "after the final dot" if conn.content_sent else "at the DATA command"
+            log.error("%s: error: downstream slower than %gs %s; answering 451 "
+                      "and waiting for its reply", session.id, self.downstream.timeout, where)
             self.late.watch(key, task, conn, self.downstream, session.id)
             session.conn = None
             self._drop_conn(session, reusable=False)

@@ -220,6 +220,7 @@ def test_downstream_silent_at_data_command_past_deadline(smtp_sink_factory, mail
         fast.stop()
     assert m.proc.poll() is None
     m.wait_log("tempfail: DATA from unknown[127.0.0.5]: 451 4.4.1")
+    m.wait_log("downstream slower than 2s at the DATA command")
 
 
 def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postfix_factory,
@@ -236,6 +237,7 @@ def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postf
     subj = unique_subject("slow-dot")
     a = attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER)
     assert a.temporary and "4.4.1" in a.text, a
+    m.wait_log("downstream slower than 2s after the final dot")
     # Observed: the message is delivered although the client was told to retry.
     pf.wait_queue_empty(30)
     pf.reinject_options.pop("smtpd_end_of_data_restrictions")
