@@ -38,6 +38,7 @@ from maild.retention.maildir import (
     MsgFile,
     dir_stat,
     exists,
+    folder_usage,
     list_folders,
     open_dir,
     open_folder,
@@ -378,21 +379,9 @@ class Runner:
         """What the quota counts, from the directories themselves."""
         counted = quota_counts(self.cfg.store, self.cfg.quota.ignore_folders)
         b = c = 0
-        for folder in list_folders(root_fd, self.cfg.store.layout):
-            if not counted(folder.name):
-                continue
-            try:
-                ffd = open_folder(root_fd, folder)
-            except OSError:
-                continue
-            try:
-                for sub in SUBDIRS:
-                    res = scan_dir(ffd, sub, folder.name)
-                    if res is not None:
-                        b += res[0].bytes
-                        c += res[0].count
-            finally:
-                os.close(ffd)
+        for _folder, fb, fc in folder_usage(root_fd, self.cfg.store.layout, counted):
+            b += fb
+            c += fc
         return b, c
 
 

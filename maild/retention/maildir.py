@@ -286,3 +286,25 @@ def iter_subdirs(folder_fd: int) -> Iterator[tuple[str, int]]:
             yield sub, fd
         finally:
             os.close(fd)
+
+
+def folder_usage(root_fd: int, layout: str, want: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[Folder, int, int]]:
+    """(folder, bytes, messages) of each folder of a mailbox (those `want` accepts),
+    counted from the directories themselves (what a Maildir++ recalculation counts); an
+    unreadable folder is skipped."""
+    for folder in list_folders(root_fd, layout, want):
+        try:
+            ffd = open_folder(root_fd, folder)
+        except OSError:
+            continue
+        b = c = 0
+        try:
+            for sub in SUBDIRS:
+                res = scan_dir(ffd, sub, folder.name)
+                if res is not None:
+                    b += res[0].bytes
+                    c += res[0].count
+        finally:
+            os.close(ffd)
+        yield folder, b, c

@@ -17,7 +17,7 @@ from maild.retention import quota, state
 from maild.retention.config import RetentionConfig
 from maild.retention.jobs import RunError, Runner
 from maild.retention.mailboxes import user_path
-from maild.retention.maildir import SUBDIRS, list_folders, open_folder, open_root, scan_dir
+from maild.retention.maildir import folder_usage, open_root
 from maild.retention.scheduler import next_runs
 from maild.retention.select import quota_counts
 from maild.store.base import Store
@@ -29,23 +29,9 @@ def _folders_usage(cfg: RetentionConfig, path: str) -> tuple[list[dict[str, Any]
     try:
         md = quota.read(root_fd)
         original = quota.read_original(root_fd)
-        out = []
-        for folder in list_folders(root_fd, cfg.store.layout):
-            n = b = 0
-            try:
-                ffd = open_folder(root_fd, folder)
-            except OSError:
-                continue
-            try:
-                for sub in SUBDIRS:
-                    res = scan_dir(ffd, sub, folder.name)
-                    if res is not None:
-                        n += res[0].count
-                        b += res[0].bytes
-            finally:
-                os.close(ffd)
-            out.append({"folder": folder.name, "messages": n, "bytes": b,
-                        "quota_counted": counted(folder.name)})
+        out = [{"folder": folder.name, "messages": n, "bytes": b,
+                "quota_counted": counted(folder.name)}
+               for folder, b, n in folder_usage(root_fd, cfg.store.layout)]
     finally:
         os.close(root_fd)
     mds = None
