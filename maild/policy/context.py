@@ -102,6 +102,16 @@ class Message:
         return counts
 
     @cached_property
+    def header_values(self) -> dict[str, list[str]]:
+        """Every header field's values by lower-case name, as str(get_all(name)) gives them
+        (compat32: 8-bit values as unknown-8bit Header objects): the header is walked once,
+        not once per get()/get_all() of each check."""
+        out: dict[str, list[str]] = {}
+        for name, value in self.headers.items():
+            out.setdefault(name.lower(), []).append(str(value))
+        return out
+
+    @cached_property
     def mailboxes(self) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
         """From/Sender/Reply-To as ((display name, addr-spec, domain), ...) per field, or
         None for a malformed field; parsed once, shared by the forged-header checks."""
@@ -136,6 +146,9 @@ class Context:
     # Header lines (name, value) rules ask the proxy to add to the relayed message,
     # e.g. ("X-Maild-Verdict", "...") in tag mode. The proxy folds and encodes them.
     add_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Values a rule family derives from the context once per transaction (the forged-header
+    # checks' settings, skip reasons and overrides): caches only, never logged.
+    cache: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def hosted(self) -> frozenset[str]:

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -195,6 +196,7 @@ def check(name: str, stage: Stage, *, order: int, scope: str, default: str, code
         c = Check(name, stage, order, scope, default, code, status, summary, fn, skip,
                   inspect.iscoroutinefunction(fn))
         CHECKS[name] = c
+        _DEFAULT_ACTIONS[name] = default
         rule(stage, name, order)(_rule_for(c))
         if recheck_order is not None:
             rule(Stage.DATA, name, recheck_order)(_rule_for(c))
@@ -203,17 +205,40 @@ def check(name: str, stage: Stage, *, order: int, scope: str, default: str, code
     return deco
 
 
-def _rule_for(c: Check) -> Callable[[Context], Awaitable[Verdict | None]]:
-    async def run(ctx: Context) -> Verdict | None:
-        done: set[tuple[str, str]] = ctx.notes.setdefault(_DONE, set())  # type: ignore[assignment]
-        key = (c.name, ctx.identity.name)
-        if key in done or skip_reason(c, ctx) is not None:
-            return None
-        done.add(key)
-        finding = await evaluate(c, ctx)
-        return None if finding is None else decide(c, ctx, finding)
+def _rule_for(c: Check) -> Callable[[Context], Verdict | None | Awaitable[Verdict | None]]:
+    """The check's pipeline rule: judged once per (check, customer) in a transaction,
+    unless skip_reason() says it does not apply (here from the transaction's Plan).
+    A synchronous check gets a synchronous rule: no coroutine per check and message."""
+    name, fn, default, skip = c.name, c.fn, c.default, c.skip
+    customer_only = c.scope == "customer"
 
-    run.__name__ = f"check_{c.name.replace('-', '_')}"
+    def applies(ctx: Context, p: Plan) -> bool:  # skip_reason(c, ctx) is None
+        if (p.skip_customer if customer_only else p.skip_any) is not None:
+            return False
+        if p.actions.get(name, default) == "off":
+            return False
+        return skip is None or skip(ctx) is None
+
+    if c.is_async:
+        async def run(ctx: Context) -> Verdict | None:
+            p = plan(ctx)
+            key = (name, p.who)
+            if key in p.done or not applies(ctx, p):
+                return None
+            p.done.add(key)
+            finding = await fn(ctx)  # type: ignore[misc]
+            return None if finding is None else decide(c, ctx, finding)
+    else:
+        def run(ctx: Context) -> Verdict | None:  # type: ignore[misc]
+            p = plan(ctx)
+            key = (name, p.who)
+            if key in p.done or not applies(ctx, p):
+                return None
+            p.done.add(key)
+            finding = fn(ctx)
+            return None if finding is None else decide(c, ctx, finding)  # type: ignore[arg-type]
+
+    run.__name__ = f"check_{name.replace('-', '_')}"
     return run
 
 
@@ -222,20 +247,73 @@ def submitted(ctx: Context) -> bool:
     return ctx.identity.may_relay
 
 
+_DEFAULT_ACTIONS: dict[str, str] = {}  # check name -> its default action, kept by @check
+_PLAN = "headers"  # ctx.cache key
+
+
+class Plan:
+    """[headers] as it applies to one transaction and the identity judged now: the
+    settings, whether the mail is submitted, the customer's overrides, the mode, every
+    check's configured action and the skip reasons that do not depend on the check.
+    Computed once per transaction by plan(), again only if the identity or the config
+    changes (before-queue mode: the login arrives at end of data)."""
+
+    __slots__ = ("config", "customer", "by", "who", "settings", "submitted", "customer_headers",
+                 "mode", "actions", "skip_any", "skip_customer", "done", "_own_names")
+
+    def __init__(self, ctx: Context) -> None:
+        ident = ctx.identity
+        self.config = ctx.config
+        self.customer = ident.customer
+        self.by = ident.by
+        self.who = ident.name
+        s = self.settings = settings(ctx)
+        sub = self.submitted = ident.may_relay
+        # A stranger writing a customer's domain must not get that customer's relaxations.
+        ch = ident.customer.ext.get("headers") if sub and ident.customer is not None else None
+        ch = self.customer_headers = ch if isinstance(ch, CustomerHeaders) else None
+        self.mode = (ch.mode if ch is not None and ch.mode else None) or s.mode
+        # Precedence: the customer's override, else [headers.checks], else the default.
+        self.actions = _DEFAULT_ACTIONS | s.checks | (ch.checks if ch is not None else {})
+        if not s.enabled:
+            self.skip_any = self.skip_customer = "[headers] enabled = false"
+        elif sub:
+            self.skip_any = self.skip_customer = None
+        else:
+            self.skip_customer = "not submitted by a customer"
+            self.skip_any = (None if s.apply_to == "all"
+                             else 'not submitted by a customer (apply_to = "customers")')
+        done = ctx.notes.setdefault(_DONE, set())
+        self.done: set[tuple[str, str]] = done  # type: ignore[assignment]
+        self._own_names: frozenset[str] | None = None
+
+    def action(self, c: Check) -> str:
+        return self.actions.get(c.name, c.default)
+
+    def skip_reason(self, c: Check, ctx: Context) -> str | None:
+        why = self.skip_customer if c.scope == "customer" else self.skip_any
+        if why is not None:
+            return why
+        if self.actions.get(c.name, c.default) == "off":
+            return "turned off"
+        if c.skip is not None:
+            return c.skip(ctx)
+        return None
+
+
+def plan(ctx: Context) -> Plan:
+    """The transaction's Plan, made on first use and whenever the identity changed."""
+    p: Plan | None = ctx.cache.get(_PLAN)  # type: ignore[assignment]
+    ident = ctx.identity
+    if (p is None or p.customer is not ident.customer or p.by != ident.by
+            or p.config is not ctx.config):
+        p = ctx.cache[_PLAN] = Plan(ctx)
+    return p
+
+
 def skip_reason(c: Check, ctx: Context) -> str | None:
     """Why the check does not apply here, or None when it does."""
-    if not settings(ctx).enabled:
-        return "[headers] enabled = false"
-    if not submitted(ctx):
-        if c.scope == "customer":
-            return "not submitted by a customer"
-        if settings(ctx).apply_to != "all":
-            return 'not submitted by a customer (apply_to = "customers")'
-    if configured_action(c, ctx) == "off":
-        return "turned off"
-    if c.skip is not None:
-        return c.skip(ctx)
-    return None
+    return plan(ctx).skip_reason(c, ctx)
 
 
 async def evaluate(c: Check, ctx: Context) -> Finding | None:
@@ -246,30 +324,23 @@ async def evaluate(c: Check, ctx: Context) -> Finding | None:
 
 
 def _customer_headers(ctx: Context) -> CustomerHeaders | None:
-    # A stranger writing a customer's domain must not get that customer's relaxations.
-    if not submitted(ctx) or ctx.identity.customer is None:
-        return None
-    ch = ctx.identity.customer.ext.get("headers")
-    return ch if isinstance(ch, CustomerHeaders) else None
+    return plan(ctx).customer_headers
 
 
 def configured_action(c: Check, ctx: Context) -> str:
     """The customer's override, else [headers.checks], else the check's default."""
-    ch = _customer_headers(ctx)
-    if ch is not None and c.name in ch.checks:
-        return ch.checks[c.name]
-    return settings(ctx).checks.get(c.name, c.default)
+    return plan(ctx).action(c)
 
 
 def mode(ctx: Context) -> str:
-    ch = _customer_headers(ctx)
-    return (ch.mode if ch is not None and ch.mode else None) or settings(ctx).mode
+    return plan(ctx).mode
 
 
 def effective_action(c: Check, ctx: Context) -> str:
     """Tag mode turns every refusal into a tag; "off" stays off."""
-    a = configured_action(c, ctx)
-    if a in ("reject", "tempfail") and mode(ctx) == "tag":
+    p = plan(ctx)
+    a = p.action(c)
+    if a in ("reject", "tempfail") and p.mode == "tag":
         return "tag"
     return a
 
@@ -318,16 +389,30 @@ def show(value: str, limit: int = 80) -> str:
 def own_names(ctx: Context) -> frozenset[str]:
     """Host names and domains that are ours: server.hostname, [postmaster] and
     [headers] own_names. Names without a dot (localhost) identify nobody."""
-    c = ctx.config
-    names = {c.server.hostname, *c.postmaster.hostnames, *c.postmaster.domains,
-             *settings(ctx).own_names}
-    return frozenset(n.lower().rstrip(".") for n in names if "." in n.strip("."))
+    p = plan(ctx)
+    if p._own_names is None:
+        c = ctx.config
+        names = {c.server.hostname, *c.postmaster.hostnames, *c.postmaster.domains,
+                 *p.settings.own_names}
+        p._own_names = frozenset(n.lower().rstrip(".") for n in names if "." in n.strip("."))
+    return p._own_names
 
 
 def first(ctx: Context, name: str) -> str | None:
+    """The first value of a header field, or None (as str(headers.get(name)))."""
     assert ctx.message is not None
-    v = ctx.message.headers.get(name)
-    return None if v is None else str(v)
+    values = ctx.message.header_values.get(name.lower())
+    return values[0] if values else None
+
+
+_IP_CHARS = "0123456789."
+
+
+def maybe_ip(text: str) -> bool:
+    """False when ipaddress.ip_address(text) would certainly raise: an IPv4 address is
+    ASCII digits and dots only, an IPv6 address (scoped or not) has a colon. Spares the
+    two exceptions ip_address raises for every host name."""
+    return ":" in text or (text != "" and not text.strip(_IP_CHARS))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -577,6 +662,8 @@ def message_id_invalid(ctx: Context) -> Finding | None:
     right = m.group(2).strip("[]")
     if right.lower().startswith("ipv6:"):
         right = right[5:]
+    if not maybe_ip(right):
+        return None
     try:
         ipaddress.ip_address(right)
     except ValueError:
@@ -612,7 +699,7 @@ def received_forged(ctx: Context) -> Finding | None:
         ours = frozenset(n for n in ours if not any(related(n, d) for d in customer.domains))
     if not ours:
         return None
-    lines = [str(v) for v in ctx.message.headers.get_all("Received") or []]
+    lines = ctx.message.header_values.get("received") or []
     i = 1 if ctx.client.trusted_peer and lines and received_by(lines[0]) in ours else 0
     if i < len(lines) and (host := received_by(lines[i])) in ours:
         return Finding(f"Received: header claims the message passed our server {host}, "
@@ -647,8 +734,6 @@ async def display_name_spoof(ctx: Context) -> Finding | None:
     """'"billing@bank.example" <x@customer.example>' shows the reader a bank. A mentioned
     domain counts only when its top-level domain exists in DNS ("J.R. Smith", "Dr.Who"
     are names); a lookup failure skips the mention rather than refusing on a guess."""
-    import unicodedata
-
     assert ctx.message is not None
     boxes = ctx.message.mailboxes.get("from")
     if not boxes:
@@ -666,12 +751,15 @@ async def display_name_spoof(ctx: Context) -> Finding | None:
         for _, addr, _ in boxes:
             text = re.sub(re.escape(addr), " ", text, flags=re.I)
         text = unicodedata.normalize("NFKC", text)  # fullwidth ＠ and ． are @ and .
-        for m in _ADDR_IN_TEXT.finditer(text):
-            dom = m.group(1).rstrip(".")
-            if "." in dom and foreign(dom):
-                return Finding(f"From: display name shows the address {show(m.group(0), 60)}, "
-                               f"which is not the From address; put only a name there")
-        text = _ADDR_IN_TEXT.sub(" ", text)
+        if "@" in text:  # (an address needs an @, a domain a dot: most names have neither)
+            for m in _ADDR_IN_TEXT.finditer(text):
+                dom = m.group(1).rstrip(".")
+                if "." in dom and foreign(dom):
+                    return Finding(f"From: display name shows the address {show(m.group(0), 60)}, "
+                                   f"which is not the From address; put only a name there")
+            text = _ADDR_IN_TEXT.sub(" ", text)
+        if "." not in text:
+            continue
         for m in _DOMAIN_IN_TEXT.finditer(text):
             dom = m.group(1)
             if foreign(dom) and await _tld_exists(m.group(2).lower()):

@@ -31,7 +31,7 @@ from maild.address import PathError, canonical, parse_path
 from maild.antispam.limiter import Reservation
 from maild.config import Customer
 from maild.policy.context import Context, Stage
-from maild.policy.headers import Finding, check, own_names, settings, show, submitted
+from maild.policy.headers import Finding, check, maybe_ip, own_names, settings, show, submitted
 from maild.policy.pipeline import on_finish
 
 log = logging.getLogger("maild.policy")
@@ -104,10 +104,10 @@ def owner_of(customer: Customer, addr: str, where: str) -> str | None:
     domain = _domain_of(addr)
     if "@" not in addr or not domain:
         return None
-    canon = canonical(addr)
     for d in customer.domains:
         if domain == d or domain.endswith("." + d):
             return f"domain {d}"
+    canon = canonical(addr)
     if any(canonical(a) == canon for a in customer.addresses):
         return f"address {canon}"
     for p in customer.ext.get("permitted", ()):
@@ -204,11 +204,12 @@ def helo_problem(helo: str, client_addr: str) -> str | None:
             return (f"HELO {show(h)} is not your address [{show(client_addr)}]; greet with "
                     "your host's name or your real address")
         return None
-    try:
-        ipaddress.ip_address(h)
-        return f"HELO {show(h)} is a bare IP address; write it as [{show(h)}] or use your host's name"
-    except ValueError:
-        pass
+    if maybe_ip(h):  # (a host name never is one: spare ip_address its exceptions)
+        try:
+            ipaddress.ip_address(h)
+            return f"HELO {show(h)} is a bare IP address; write it as [{show(h)}] or use your host's name"
+        except ValueError:
+            pass
     name = h.rstrip(".")
     if not cfg.is_hostname(name) or name.rpartition(".")[2].isdigit():
         return f"HELO {show(h)} is not a valid host name"
@@ -250,21 +251,25 @@ _AUTO_SUBJECT = re.compile(
 def looks_automatic(ctx: Context) -> bool:
     """A bounce (DSN), a receipt (MDN) or an auto-reply (RFC 3834), judged on headers only."""
     assert ctx.message is not None
-    h = ctx.message.headers
-    ctype = str(h.get("Content-Type", "")).lower()
-    if ctype.startswith("multipart/report"):
+    values = ctx.message.header_values
+
+    def get(name: str) -> str:  # the first value, as str(headers.get(name, ""))
+        v = values.get(name)
+        return v[0] if v else ""
+
+    if get("content-type").lower().startswith("multipart/report"):
         return True
-    auto = str(h.get("Auto-Submitted", "")).strip().lower()
+    auto = get("auto-submitted").strip().lower()
     if auto and not auto.startswith("no"):
         return True
-    if h.get("X-Autoreply") is not None or h.get("X-Autorespond") is not None:
+    if "x-autoreply" in values or "x-autorespond" in values:
         return True
-    if str(h.get("Precedence", "")).strip().lower() == "auto_reply":
+    if get("precedence").strip().lower() == "auto_reply":
         return True
     for _, addr, _ in ctx.message.mailboxes.get("from") or ():
         if addr.partition("@")[0].lower() in ("mailer-daemon", "postmaster"):
             return True
-    return bool(_AUTO_SUBJECT.match(str(h.get("Subject", ""))))
+    return bool(_AUTO_SUBJECT.match(get("subject")))
 
 
 @check("null-sender", Stage.DATA, order=45, scope="customer", default="reject", code=550,
@@ -350,8 +355,8 @@ def reply_to_owner(ctx: Context) -> Finding | None:
        summary="a Return-Path: in a submitted message is <> or the customer's")
 def return_path_owner(ctx: Context) -> Finding | None:
     assert ctx.message is not None
-    for value in ctx.message.headers.get_all("Return-Path") or []:
-        v = " ".join(str(value).split())
+    for value in ctx.message.header_values.get("return-path") or ():
+        v = " ".join(value.split())
         try:
             path = parse_path(v if v.startswith("<") else f"<{v}>")
         except PathError:
