@@ -562,44 +562,149 @@ class MaildSMTP(SMTP):
         client's idea of where the message ends may differ from ours.
         """
         reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
-        limit = self.data_size_limit or 0
-        max_line = self.line_length_limit
-        deadline = self.settings.limits.data_timeout
-        self._reset_timeout(deadline)
-        buf = bytearray()
-        problem: str | None = None
+        self._reset_timeout(self.settings.limits.data_timeout)
         try:
-            while True:
-                try:
-                    line = await reader.readuntil(b"\r\n")
-                except asyncio.IncompleteReadError:
-                    raise ClientEOF() from None  # the message is incomplete: nothing relayed
-                except asyncio.LimitOverrunError as e:
-                    await reader.read(e.consumed)
-                    problem = problem or (
-                        f"500 5.5.2 Message line longer than {max_line - 3} characters "
-                        "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
-                    buf.clear()
-                    continue
-                n = len(line)
-                if line.find(b"\n", 0, n - 1) >= 0 or line.find(b"\r", 0, n - 2) >= 0:
-                    return b"", ("550 5.5.2 Message refused: bare <LF> or <CR> received "
-                                 "(RFC 5321 2.3.8); send lines ending in CRLF"), True
-                if b"\x00" in line:
-                    return b"", "550 5.6.0 Message refused: NUL character in message data", True
-                if line == b".\r\n":
-                    break
-                if problem:
-                    continue
-                if line[0:1] == b".":
-                    line = line[1:]
-                buf += line
-                if limit and len(buf) > limit:
-                    problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
-                    buf.clear()
+            return await read_data(reader, self.data_size_limit or 0, self.line_length_limit)
         finally:
             self._reset_timeout()
-        return bytes(buf), problem, False
+
+
+_BARE_REPLY = ("550 5.5.2 Message refused: bare <LF> or <CR> received (RFC 5321 2.3.8); "
+               "send lines ending in CRLF")
+_NUL_REPLY = "550 5.6.0 Message refused: NUL character in message data"
+
+
+async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
+                    ) -> tuple[bytes, str | None, bool]:
+    """MaildSMTP._read_data's reader: DATA from `reader` up to and including CRLF.CRLF.
+
+    It decides exactly what reading one line at a time with readuntil(b"\\r\\n") on a
+    StreamReader whose limit is `max_line` decided (tests/smtp/test_data_reader.py
+    keeps that reader and compares the two), but works on the StreamReader's own buffer
+    a block at a time: for the run of complete lines buffered, the end line and the
+    stuffed dots are found with find(b"\\r\\n."), and the bare CR/LF check (counts of
+    CR, LF and CRLF agree), the NUL check and the line-length check (every window of
+    max_line + 2 bytes holds an LF) are a few bytes methods. A run that fails a check
+    is read one line at a time with the old rules, so the first offending line
+    decides, as it did:
+
+    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF,
+      it is skipped unchecked (500, content dropped, reading goes on), however its
+      bytes arrive: a partial line that already holds max_line + 2 bytes without a CRLF
+      is dropped up to its CRLF, whatever comes in between;
+    - a bare CR or LF in a line: 550 5.5.2, fatal; else a NUL: 550 5.6.0, fatal;
+    - ".\\r\\n" ends the data; a leading dot is removed; past `limit` bytes: 552, content
+      dropped, reading goes on;
+    - EOF before the end: ClientEOF (the buffer cleared, as IncompleteReadError did).
+
+    Bytes after the end line (or after a fatal line) stay in the reader's buffer.
+    """
+    buf: bytearray = reader._buffer  # type: ignore[attr-defined]
+    if reader._exception is not None:  # type: ignore[attr-defined]
+        raise reader._exception  # type: ignore[attr-defined]
+    out = bytearray()
+    problem: str | None = None
+    window = max_line + 2  # a line's LF lies within this many bytes of its start
+    pos = 0  # start of the current line in buf
+    skipping = False  # inside an overlong line: everything up to its CRLF is dropped
+    while True:
+        if skipping:
+            p = buf.find(b"\r\n", pos)
+            if p >= 0:
+                pos, skipping = p + 2, False
+            else:
+                pos = max(pos, len(buf) - 1)  # a trailing CR may pair with the next LF
+        while not skipping:  # the complete lines in buf[pos:]
+            if buf.startswith(b".\r\n", pos):
+                del buf[:pos + 3]
+                reader._maybe_resume_transport()  # type: ignore[attr-defined]
+                return bytes(out), problem, False
+            last = buf.rfind(b"\r\n", pos)
+            if last < 0:
+                break
+            last += 2  # the complete lines are buf[pos:last]
+            end = last  # the end line's start, if it is in there
+            dots = [pos] if buf[pos] == 46 else []  # the stuffed dots in buf[pos:end]
+            i = buf.find(b"\r\n.", pos, last)
+            while i >= 0:
+                if buf.startswith(b"\r\n", i + 3):
+                    end = i + 2
+                    break
+                dots.append(i + 2)
+                i = buf.find(b"\r\n.", i + 3, last)
+            if _clean(buf, pos, end, window):
+                if problem is None:
+                    for d in dots:
+                        out += buf[pos:d]
+                        pos = d + 1
+                    out += buf[pos:end]
+                    if limit and len(out) > limit:
+                        problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
+                        out.clear()
+                pos = end
+                if end == last:
+                    break
+                continue
+            while pos < end:  # the old rules, one line at a time
+                p = buf.find(b"\r\n", pos)
+                if p - pos > max_line:
+                    problem = problem or _long_reply(max_line)
+                    out.clear()
+                    pos = p + 2
+                    continue
+                if buf.find(b"\n", pos, p) >= 0 or buf.find(b"\r", pos, p) >= 0:
+                    del buf[:p + 2]
+                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
+                    return b"", _BARE_REPLY, True
+                if buf.find(b"\x00", pos, p) >= 0:
+                    del buf[:p + 2]
+                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
+                    return b"", _NUL_REPLY, True
+                if p == pos + 1 and buf[pos] == 46:  # not reached: the end is found above
+                    del buf[:p + 2]
+                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
+                    return bytes(out), problem, False
+                if problem is None:
+                    out += buf[pos + 1 if buf[pos] == 46 else pos:p + 2]
+                    if limit and len(out) > limit:
+                        problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
+                        out.clear()
+                pos = p + 2
+        # buf[pos:] is a partial line (no CRLF)
+        if not skipping and len(buf) - pos - 1 > max_line:
+            # An overlong line: the rest of it, up to its CRLF, is never read as lines
+            # (a dot or a command after a pause must not end DATA where the client's
+            # line does not end: that would be a smuggling vector).
+            problem = problem or _long_reply(max_line)
+            out.clear()
+            skipping = True
+            pos = len(buf) - 1
+        if reader._eof:  # type: ignore[attr-defined]
+            buf.clear()
+            raise ClientEOF()  # the message is incomplete: nothing relayed
+        del buf[:pos]
+        pos = 0
+        reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
+
+
+def _long_reply(max_line: int) -> str:
+    return (f"500 5.5.2 Message line longer than {max_line - 3} characters "
+            "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
+
+
+def _clean(buf: bytearray, start: int, end: int, window: int) -> bool:
+    """buf[start:end] (whole lines) holds no bare CR or LF, no NUL, no overlong line."""
+    lines = buf.count(b"\r\n", start, end)
+    if buf.count(b"\n", start, end) != lines or buf.count(b"\r", start, end) != lines:
+        return False
+    if buf.find(b"\x00", start, end) >= 0:
+        return False
+    while end - start > window:
+        start = buf.rfind(b"\n", start, start + window) + 1
+        if not start:
+            return False
+    return True
 
 
 def _xtext_decode(value: str) -> str | None:
