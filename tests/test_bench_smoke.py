@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench.run import PRESETS, write_docs
+from tests.integration.conftest import need
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def need_postfix() -> None:
-    for b in ("postfix", "smtp-source", "smtp-sink"):
-        if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}"):
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{b} is not installed: CI must install it (make deps)")
-            pytest.skip(f"{b} not installed")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the benchmarks need root (a private Postfix)")
-        pytest.skip("the benchmarks need root (a private Postfix)")
+    need("postfix", "smtp-source", "smtp-sink")
 
 
 def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:

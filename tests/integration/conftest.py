@@ -7,12 +7,11 @@ is a trusted upstream here, so the stranger may not send XFORWARD.
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 
 import pytest
 
+from tests.harness import require_binary, require_root
 from tests.harness.dns import shared_server as shared_dns_server
 from tests.harness.maild import Maild
 from tests.harness.postfix import Postfix
@@ -23,15 +22,10 @@ HOSTED = ["hosted.example", "host.hosted.example"]
 
 
 def need(*binaries: str) -> None:
+    """Skip locally, fail under CI=true, when a program or root is missing."""
     for b in binaries:
-        if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}"):
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{b} is not installed: CI must install it (make deps)")
-            pytest.skip(f"{b} not installed")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("integration tests need root (to run a private Postfix)")
-        pytest.skip("integration tests need root")
+        require_binary(b)
+    require_root()
 
 
 def front_policy(downstream_port: int, **server: object) -> dict:
