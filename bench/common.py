@@ -443,3 +443,11 @@ def new_port() -> int:
 def log(msg: str) -> None:
     """Progress on stderr (stdout carries the Markdown result)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict, text: str, json_path: str | None) -> dict:
+    """A benchmark's end: its raw numbers to `json_path` (when asked), its tables to stdout."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+    print(text)
+    return result

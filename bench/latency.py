@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from bench.common import (
     Stat,
+    emit,
     log,
     machine,
     percentile,
@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "added_p50_ms": {k: v.as_dict() for k, v in added50.items()},
               "added_p99_ms": {k: v.as_dict() for k, v in added99.items()},
               "problems": problems, "markdown": text}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    print(text)
-    return result
+    return emit(result, text, args.json)
 
 
 if __name__ == "__main__":

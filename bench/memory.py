@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 from bench.common import (
     MaildProc,
     bench_policy,
+    emit,
     log,
     machine,
     new_port,
@@ -200,10 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = "\n".join(md) + "\n"
     result = {"benchmark": "memory", "machine": info, "command": cmd.strip(),
               "results": results, "markdown": text}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    print(text)
-    return result
+    return emit(result, text, args.json)
 
 
 if __name__ == "__main__":

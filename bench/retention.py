@@ -38,7 +38,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, SHIPPED_POLICY, Stat, log, machine, rotate, table, verdict
+from bench.common import REPO, SHIPPED_POLICY, Stat, emit, log, machine, rotate, table, verdict
 from bench.gen_store import Manifest, generate, load
 
 DAY = 86400.0
@@ -325,10 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "unchanged_ratio": unchanged_ratio["maild"].as_dict(),
               "unchanged_ratios": {k: v.as_dict() for k, v in unchanged_ratio.items()},
               "markdown": text}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    print(text)
-    return result
+    return emit(result, text, args.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ restrictions, same cleanup/queue/qmgr work). Each run must have every message ac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from bench.common import (
     SourceRun,
     Stat,
     bench_policy,
+    emit,
     log,
     machine,
     new_port,
@@ -272,10 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = report(combos, info, cmd.strip(), args.reps)
     result = {"benchmark": "throughput", "machine": info, "command": cmd.strip(),
               "combos": [c.as_dict() for c in combos], "markdown": md}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    print(md)
-    return result
+    return emit(result, md, args.json)
 
 
 if __name__ == "__main__":
