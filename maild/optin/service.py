@@ -99,6 +99,7 @@ class OptinService:
         self._reg_for: tuple[Config, int] | None = None
         self._lists_version = 0
         self._refresh_lock = asyncio.Lock()
+        self._looked_again = 0.0  # when a refusal last re-read the ledger
         self._dirty = False
         self._lists_dirty = False
         self._warned: dict[str, float] = {}
@@ -202,6 +203,23 @@ class OptinService:
         for kind, ts, channel, _ in self.overlay.get(key, ()):
             st = apply(st, kind, ts, channel)
         return effective(st, attested_ok=section(config or self.config).attested_consent)
+
+    async def standing_before_refusal(self, list_id: str, address: str,
+                                      config: Config | None = None) -> Standing:
+        """standing(), read again from the ledger before it refuses (at most every 0.2 s):
+        a confirmation that the CLI or a web form wrote a moment ago counts at once, not
+        only after the next periodic fold. A store error keeps the cached standing."""
+        st = self.standing(list_id, address, config)
+        now = time.monotonic()
+        if st.sendable or now - self._looked_again < 0.2:
+            return st
+        self._looked_again = now
+        try:
+            await self.refresh()
+        except StoreError as e:
+            log.warning("optin: ledger not re-read before a refusal: %s", e)
+            return st
+        return self.standing(list_id, address, config)
 
     async def find_token(self, th: str) -> Token | None:
         """A token by hash; one the CLI just issued may not be folded in yet, so look again."""

@@ -129,7 +129,7 @@ async def optin_rcpt(ctx: Context) -> Verdict | None:
     lst = _return_path_list(ctx, svc)
     if lst is None:
         return None
-    st = svc.standing(lst.id, rcpt.addr, ctx.config)
+    st = await svc.standing_before_refusal(lst.id, rcpt.addr, ctx.config)
     if st.sendable:
         return None
     return reject(550, "5.7.1", f"<{rcpt.addr}> {refusal(st, lst.id)}", "optin-consent")

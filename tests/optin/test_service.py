@@ -65,6 +65,23 @@ async def test_cli_changes_reach_the_daemon_through_control(config, store, tmp_p
         await svc.stop()
 
 
+async def test_a_refusal_reads_the_ledger_again_first(config, store):
+    """A confirmation the CLI wrote a moment ago counts before the periodic fold."""
+    svc = await started(config, store)
+    other = await open_store(store.path)  # the CLI's own connection
+    try:
+        await Ledger(other).append(list_id=LIST, address="d@x.example", kind=Kind.OWNER_ADD,
+                                   channel="cli")
+        assert svc.standing(LIST, "d@x.example").state is State.UNKNOWN  # the cache lags
+        st = await svc.standing_before_refusal(LIST, "d@x.example")
+        assert st.state is State.CONFIRMED and st.sendable
+        nobody = await svc.standing_before_refusal(LIST, "nobody@x.example")
+        assert not nobody.sendable
+    finally:
+        await other.close()
+        await svc.stop()
+
+
 async def test_own_events_apply_at_once_and_survive_a_store_outage(config, store, caplog):
     svc = await started(config, store)
     try:
