@@ -76,6 +76,19 @@ def assert_tempfail(code: int | None, text: str, status: str = "4.4.1") -> None:
     assert status in text, (code, text)
 
 
+def assert_one_copy(pf, subj: str) -> None:
+    """Once Postfix has delivered all it has, exactly one copy of the message."""
+    settle(pf)
+    assert copies(pf, RCPT, subj) == 1
+
+
+def end_of_data_at_full_speed(pf) -> None:
+    """Postfix healthy again: its end-of-data `sleep` restriction removed, live."""
+    pf.reinject_options.pop("smtpd_end_of_data_restrictions")
+    pf.write_config()
+    pf.reload()
+
+
 # --------------------------------------------------------------------------- crashes
 
 
@@ -96,8 +109,7 @@ def test_postfix_crash_after_rcpt_gives_451_then_exactly_one_copy(postfix_factor
     pf.start()
     a = attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER)
     assert a.accepted, f"first attempt after Postfix came back: {a}"
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
     assert m.proc.poll() is None
     m.wait_log("tempfail: DATA from unknown[127.0.0.5]: 451 4.4.1")
 
@@ -135,8 +147,7 @@ def test_reinject_smtpd_killed_mid_transfer_loses_nothing(postfix_factory, maild
     assert_tempfail(code, text.decode())
     s.close()
     retry_until_accepted(m.port, message(subj))
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
     assert m.proc.poll() is None
 
 
@@ -162,12 +173,9 @@ def test_reinject_smtpd_killed_after_final_dot_before_reply(postfix_factory, mai
     code, text = s.getreply()
     assert_tempfail(code, text.decode())
     s.close()
-    pf.reinject_options.pop("smtpd_end_of_data_restrictions")
-    pf.write_config()
-    pf.reload()
+    end_of_data_at_full_speed(pf)
     retry_until_accepted(m.port, message(subj))
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
     assert m.proc.poll() is None
 
 
@@ -187,8 +195,7 @@ def test_postfix_crash_after_250_keeps_the_message_and_maild_redials(postfix_fac
     subj2 = unique_subject("after-restart")
     b = attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj2), source=STRANGER)
     assert b.accepted, f"first client after the downstream restart: {b}"
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
     assert copies(pf, RCPT, subj2) == 1
 
 
@@ -240,14 +247,11 @@ def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postf
     m.wait_log("downstream slower than 2s after the final dot")
     # Observed: the message is delivered although the client was told to retry.
     pf.wait_queue_empty(30)
-    pf.reinject_options.pop("smtpd_end_of_data_restrictions")
-    pf.write_config()
-    pf.reload()
+    end_of_data_at_full_speed(pf)
     retry = retry_until_accepted(m.port, message(subj))
     # answered from the record of the late reply, Postfix's queue id included, said once
     assert "queued as" in retry.text and "Ok: Ok:" not in retry.text, retry
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
 
 
 def test_retry_before_the_late_reply_is_not_duplicated(postfix_factory, maild_factory):
@@ -261,12 +265,9 @@ def test_retry_before_the_late_reply_is_not_duplicated(postfix_factory, maild_fa
         a = attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER)
         assert a.temporary and "4.4.1" in a.text, a
     pf.wait_queue_empty(30)
-    pf.reinject_options.pop("smtpd_end_of_data_restrictions")
-    pf.write_config()
-    pf.reload()
+    end_of_data_at_full_speed(pf)
     retry_until_accepted(m.port, message(subj))
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
 
 
 def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(postfix_factory,
@@ -284,12 +285,9 @@ def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(postfix
     assert a.accepted or a.temporary, a
     pf.wait_queue_empty(30)
     if not a.accepted:
-        pf.reinject_options.pop("smtpd_end_of_data_restrictions")
-        pf.write_config()
-        pf.reload()
+        end_of_data_at_full_speed(pf)
         retry_until_accepted(m.port, message(subj))
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
     m.wait_log(f"from=<{SENDER}>")  # the decision is logged
 
 
@@ -314,8 +312,7 @@ def test_client_half_close_while_postfix_holds_the_dot_still_gets_its_reply(post
         s.close()
     assert rest.startswith(b"250 2.0.0") and b"queued as" in rest, rest
     assert b"221 2.0.0" in rest, rest
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
 
 
 def test_client_eof_in_the_middle_of_data_relays_nothing(postfix_factory, maild_factory):
@@ -354,5 +351,4 @@ def test_client_reset_while_postfix_holds_the_dot_then_retry_is_one_copy(postfix
     m.wait_log("downstream accepted late")
     retry = retry_until_accepted(m.port, message(subj))
     assert "accepted earlier" in retry.text, retry
-    settle(pf)
-    assert copies(pf, RCPT, subj) == 1
+    assert_one_copy(pf, subj)
