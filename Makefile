@@ -1,5 +1,7 @@
-# make run   : install into .venv and run maild in the foreground with ./policies.toml
-# make test  : install everything the tests need (Debian packages too) and run every test
+# make run   : install maild (its runtime dependencies only) into .venv and run it in the
+#              foreground with ./policies.toml
+# make test  : install everything the tests need (test extras, Debian packages) and run every test
+# make venv  : .venv with the test extras (pytest, hypothesis, ruff, ...), for development
 # make bench : run the benchmarks (docs/BENCHMARKS.md)
 
 PYTHON ?= python3
@@ -13,15 +15,22 @@ TEST_WORKERS ?= 3
 
 .PHONY: run test venv deps lint check clean bench
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+
+# One stamp per install: `make run` after `make test` (or before it) still installs its own.
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-test
 
-run: venv
+run: $(VENV)/.installed-run
 	mkdir -p var
 	$(VENV)/bin/maild check-config -c policies.toml
 	@# As root (a container, a trial box), keep root: production runs as User=maild under systemd.

@@ -165,15 +165,24 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
     config = load_config()
     since_ts = parse_since(since)
 
-    async def fetch() -> list[dict]:
+    async def fetch() -> tuple[list[dict], bool]:
+        """The matching rows, and whether the customer asked for has any decision at all."""
         store = await open_store(config.server.state, config.path)
         try:
-            return await recent_decisions(store, since=since_ts, limit=limit, customer=customer,
+            rows = await recent_decisions(store, since=since_ts, limit=limit, customer=customer,
                                           action=action, rule=rule, address=address)
+            seen = bool(rows) or not customer or bool(
+                await recent_decisions(store, limit=1, customer=customer))
+            return rows, seen
         finally:
             await store.close()
 
-    rows = run_async(fetch())
+    rows, seen = run_async(fetch())
+    if not seen and customer != "-" and config.customer(customer or "") is None:
+        known = ", ".join(c.name for c in config.customers) or "none"
+        raise click.BadParameter(f"unknown customer {customer} (known: {known}; '-' for mail of "
+                                 f"no customer): not in {config.path}, never in the decision log",
+                                 param_hint="--customer")
     if as_json:
         echo_json(rows)
         return
@@ -183,8 +192,11 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
                    f"{r['client_name']}[{r['client_addr']}]: {r['code']} {r['status']} "
                    f"{r['reason']}; customer={r['customer']} from=<{r['sender']}> "
                    f"to=<{r['recipient']}> rule={r['rule']}")
-    if not rows:
-        click.echo("no decisions match", err=True)
+    if not rows and not seen:
+        click.echo(f"customer {customer} has no decisions in the state store", err=True)
+    elif not rows:
+        click.echo(f"no decisions of customer {customer} match" if customer else "no decisions match",
+                   err=True)
 
 
 def _register_plugins() -> None:

@@ -8,6 +8,7 @@ the same :class:`Reader`, so every error in the file reads the same way.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -223,9 +224,12 @@ class Reader:
 
     def unknown(self, known_elsewhere: tuple[str, ...] = ()) -> None:
         """Report keys nobody read: a typo silently ignored is a policy not enforced."""
+        known = sorted((self.seen | set(known_elsewhere)) - set(self.table))
         for k in self.table:
             if k not in self.seen and k not in known_elsewhere:
-                self.problems.append(f"{self.key(k)}: unknown key (misspelt? see docs/policies.md)")
+                near = difflib.get_close_matches(k, known, n=1)
+                hint = f"did you mean {self.key(near[0])}?" if near else "misspelt?"
+                self.problems.append(f"{self.key(k)}: unknown key ({hint} see docs/policies.md)")
 
 
 def _show(value: Any) -> str:

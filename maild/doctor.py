@@ -139,13 +139,35 @@ def check_downstream(config: Config) -> Check:
 
 # ------------------------------------------------------------------------- Postfix wiring
 
-def _postconf(args: list[str], confdir: str | None) -> str | None:
+class PostconfError(Exception):
+    """postconf refused: its own message (e.g. a main.cf that is not there)."""
+
+
+class PostconfMissing(PostconfError):
+    """No postconf on this host."""
+
+
+def _run_postconf(args: list[str], confdir: str | None) -> str:
     exe = shutil.which("postconf") or ("/usr/sbin/postconf" if os.path.exists("/usr/sbin/postconf") else None)
     if exe is None:
-        return None
+        raise PostconfMissing("postconf is not installed (not on PATH, not in /usr/sbin)")
     cmd = [exe] + (["-c", confdir] if confdir else []) + args
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    return r.stdout if r.returncode == 0 else None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PostconfError(f"{' '.join(cmd)}: {e}") from None
+    if r.returncode != 0:
+        err = " ".join(r.stderr.split()) or f"exit status {r.returncode}"
+        raise PostconfError(err)
+    return r.stdout
+
+
+def _postconf(args: list[str], confdir: str | None) -> str | None:
+    """postconf's output, or None when it fails (for lookups after the first succeeded)."""
+    try:
+        return _run_postconf(args, confdir)
+    except PostconfError:
+        return None
 
 
 def _hostport(value: str) -> tuple[str, int] | None:
@@ -163,11 +185,16 @@ def _same(a: tuple[str, int] | None, b: tuple[str, int]) -> bool:
 
 
 def check_postfix(config: Config, confdir: str | None) -> list[Check]:
-    params = _postconf(["-P"], confdir)
-    services = _postconf(["-M"], confdir)
-    if params is None or services is None:
-        return [warn("postfix", "postconf is not available or failed" + (f" for {confdir}" if confdir else ""),
-                     "install postfix, or pass --postfix-config DIR")]
+    try:
+        params = _run_postconf(["-P"], confdir)
+        services = _run_postconf(["-M"], confdir)
+    except PostconfMissing as e:
+        return [warn("postfix", str(e), "install postfix on this host, or run doctor where "
+                     "Postfix runs")]
+    except PostconfError as e:
+        return [warn("postfix", f"postconf{' -c ' + confdir if confdir else ''} failed: {e}",
+                     "pass --postfix-config DIR, the directory holding this Postfix's main.cf "
+                     "and master.cf (postconf -c DIR)")]
     out: list[Check] = []
     # master.cf services: "127.0.0.1:10026 inet n - n - - smtpd -o ..."
     svc_lines = [line.split() for line in services.splitlines() if line.strip()]

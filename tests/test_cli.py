@@ -63,27 +63,31 @@ def test_every_command_has_help():
     walk(main, [])
 
 
-def test_log_filters_and_json(tmp_path):
+def seed_decisions(db: Path, decisions: list[tuple[str, str, str]]) -> None:
+    """Write (action, rule, customer) decisions two hours old, as the daemon's DecisionLog does."""
     import asyncio
 
     from maild.store import open_store
     from maild.store.core import DecisionLog, DecisionRow
 
-    db = tmp_path / "state.db"
-    (tmp_path / "p.toml").write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n')
-
     async def seed():
         store = await open_store(str(db))
         dl = DecisionLog(store)
-        for i, (action, rule) in enumerate([("relay", "-"), ("reject", "relay"), ("tempfail", "downstream")]):
+        for i, (action, rule, customer) in enumerate(decisions):
             dl.add(DecisionRow(ts=time.time() - 7200 + i, session=f"S{i}", stage="RCPT",
                                action=action, code=250, status="2.0.0", reason="r", rule=rule,
-                               client_name="unknown", client_addr="192.0.2.1", customer="-",
+                               client_name="unknown", client_addr="192.0.2.1", customer=customer,
                                sender="a@b.example", recipient=f"r{i}@h.example"))
         await dl.stop()
         await store.close()
 
     asyncio.run(seed())
+
+
+def test_log_filters_and_json(tmp_path):
+    db = tmp_path / "state.db"
+    (tmp_path / "p.toml").write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n')
+    seed_decisions(db, [("relay", "-", "-"), ("reject", "relay", "-"), ("tempfail", "downstream", "-")])
     r = run("log", "-c", str(tmp_path / "p.toml"), "--json", "--action", "reject")
     rows = json.loads(r.stdout)
     assert r.returncode == 0 and [x["session"] for x in rows] == ["S1"]
@@ -93,3 +97,21 @@ def test_log_filters_and_json(tmp_path):
     assert [x["session"] for x in json.loads(r.stdout)] == []
     r = run("log", "-c", str(tmp_path / "p.toml"), "--since", "soon")
     assert r.returncode == 2 and "expected a duration" in r.stderr
+
+
+def test_log_names_an_unknown_customer_and_one_without_decisions(tmp_path):
+    db = tmp_path / "state.db"
+    policy = tmp_path / "p.toml"
+    policy.write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n'
+                      '[[customers]]\nname = "acme"\n[[customers]]\nname = "beta"\n')
+    # "gone" was a customer once: no longer in policies.toml, still in the decision log
+    seed_decisions(db, [("relay", "-", "acme"), ("relay", "-", "gone")])
+    r = run("log", "-c", str(policy), "--customer", "nosuch")
+    assert r.returncode == 2 and "unknown customer nosuch (known: acme, beta;" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run("log", "-c", str(policy), "--customer", "beta")
+    assert r.returncode == 0 and r.stderr.strip() == "customer beta has no decisions in the state store"
+    r = run("log", "-c", str(policy), "--customer", "acme", "--action", "reject")
+    assert r.returncode == 0 and r.stderr.strip() == "no decisions of customer acme match"
+    r = run("log", "-c", str(policy), "--customer", "gone")
+    assert r.returncode == 0 and "S1: relay: RCPT" in r.stdout and "customer=gone" in r.stdout

@@ -111,3 +111,15 @@ def test_section_parsers_registry(monkeypatch):
     assert c.sections["widget"] == 3
     with pytest.raises(ConfigError, match=r"widget\.m: unknown key"):
         parse({**MINIMAL, "widget": {"m": 3}})
+
+
+def test_an_unknown_key_names_the_near_one():
+    with pytest.raises(ConfigError) as e:
+        parse({**MINIMAL, "customers": [{"name": "acme", "contakt": "ops@acme.example"}],
+               "server": {"downstram": "127.0.0.1:10026", "colour": 1}})
+    problems = e.value.problems
+    assert "customers[0].contakt: unknown key (did you mean customers[0].contact? see " \
+           "docs/policies.md)" in problems
+    assert "server.downstram: unknown key (did you mean server.downstream? see docs/policies.md)" \
+           in problems
+    assert "server.colour: unknown key (misspelt? see docs/policies.md)" in problems

@@ -55,6 +55,24 @@ async def _counters(store: Store, prefix: str) -> dict[str, float]:
     return {k: round(Counter(value=v, ts=ts).current(now, p), 2) for k, v, ts, p in rows}
 
 
+async def _message_counts(store: Store, config: Config, name: str) -> list[dict] | None:
+    """The customer's messages counter against each of its [ratelimit] messages windows,
+    as the limiter judges it (decayed over that window), in whole messages; None when
+    rate limits are off."""
+    from maild.policy.ratelimit import customer_limits
+
+    rl = config.sections.get("ratelimit")
+    if rl is not None and not rl.enabled:
+        return None
+    row = await store.fetchone("SELECT value, ts FROM ratelimit_counters WHERE key = ?",
+                               (f"cust:{name}",))
+    counter = Counter(value=row[0], ts=row[1]) if row else Counter()
+    limits = customer_limits(config, config.customer(name))
+    now = time.time()
+    return [{"rate": r.text, "count": round(counter.current(now, r.period)), "limit": round(r.limit)}
+            for r in (limits.messages if limits else ())]
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
@@ -71,17 +89,21 @@ def register(main: click.Group) -> None:
             for c in config.customers:
                 st = await _state(store, c.name)
                 counters = await _counters(store, f"cust:{c.name}")
-                out.append({"name": c.name, **st, "counters": counters})
+                messages = await _message_counts(store, config, c.name)
+                out.append({"name": c.name, **st, "counters": counters, "messages": messages})
             return out
 
         rows = run_async(_with_store(config, collect))
         if as_json:
             echo_json(rows)
             return
-        click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES")
+        click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)")
         for r in rows:
-            msgs = r["counters"].get(f"cust:{r['name']}", 0)
-            click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs:g}")
+            msgs = ("rate limits off" if r["messages"] is None else
+                    ", ".join(f"{m['count']} of {m['rate']}" for m in r["messages"]) or "no limit")
+            click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}")
+        click.echo("MESSAGES: the rate limiter's decaying counter, decayed over each window as "
+                   "it is compared with the limit; as the daemon last stored it")
 
     @main.group("customer")
     def customer() -> None:

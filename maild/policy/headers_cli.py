@@ -4,6 +4,8 @@ Operators run a complaint's or a customer's .eml through the checks as if the cu
 had just submitted it, and see each check's result and the reply maild would give,
 under the policy in policies.toml (overrides, tag mode and [dns] included). Nothing is
 sent, counted or logged. Only the header checks run (not relay, rate limits, ...).
+A saved message does not carry the client's HELO: without --helo the HELO checks
+are skipped, not failed, so they do not hide the verdict that matters.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def _crlf(data: bytes) -> bytes:
 @click.option("--login", metavar="LOGIN", help="The SASL login it was submitted with.")
 @click.option("--client", "client_addr", metavar="IP", help="The client's IP address (also "
               "identifies the customer by network when --customer is not given).")
-@click.option("--helo", metavar="NAME", default="", help="The client's HELO/EHLO name.")
+@click.option("--helo", metavar="NAME", help="The client's HELO/EHLO name; without it the HELO "
+              "checks are skipped ('' judges a client that sent none).")
 @click.option("--mail-from", "mail_from", metavar="ADDR", help="The envelope sender ('<>' "
               "for the null sender); default: the message's Return-Path:, if any.")
 @click.option("--smtputf8", is_flag=True, help="As if sent with MAIL FROM ... SMTPUTF8.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check_message(file: Any, customer: str | None, login: str | None, client_addr: str | None,
-                  helo: str, mail_from: str | None, smtputf8: bool, as_json: bool) -> None:
+                  helo: str | None, mail_from: str | None, smtputf8: bool, as_json: bool) -> None:
     """Run every forged-header check on FILE (a saved .eml, '-' for stdin).
 
     Exit status: 0 when maild would relay the message (tags allowed), 1 when it would
@@ -77,12 +80,13 @@ def check_message(file: Any, customer: str | None, login: str | None, client_add
 
 
 async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
-               client_addr: str, helo: str, mail_from: str | None, smtputf8: bool) -> dict:
+               client_addr: str, helo: str | None, mail_from: str | None, smtputf8: bool) -> dict:
     from maild import dns as maild_dns
     from maild.address import PathError, parse_path
     from maild.policy import headers as h
     from maild.policy.context import Client, Context, Identity, Message
     from maild.policy.customer import resolve
+    from maild.policy.identity import HELO_CHECKS
 
     maild_dns.configure(config)
     message = Message(content)
@@ -98,7 +102,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
             sender = parse_path(raw if raw.startswith("<") else f"<{raw}>")
         except PathError as e:
             raise click.BadParameter(f"{mail_from!r}: {e}", param_hint="--mail-from") from None
-    client = Client(addr=client_addr, helo=helo)
+    client = Client(addr=client_addr, helo=helo or "")
     if customer is not None:
         c = config.customer(customer)
         if c is None:
@@ -118,7 +122,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
         c = h.CHECKS[d["name"]]
         ctx.stage = c.stage
         row: dict[str, Any] = {"name": c.name, "stage": c.stage.value}
-        skip = h.skip_reason(c, ctx)
+        skip = "no --helo given" if helo is None and c.name in HELO_CHECKS else h.skip_reason(c, ctx)
         if skip is not None:
             row.update(result="skip", why=skip)
         elif (f := await h.evaluate(c, ctx)) is None:
@@ -133,7 +137,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
                 row["header"] = f"{h.VERDICT_HEADER}: {h.tag_value(c, ctx, f)}"
         results.append(row)
     who = identity.name + (f" (by {identity.by})" if identity.customer else " (not identified)")
-    return {"customer": who, "client": client_addr, "helo": helo,
+    return {"customer": who, "client": client_addr, "helo": helo or "",
             "mail_from": None if sender is None else f"<{sender.addr}>",
             "mode": h.mode(ctx), "checks": results,
             "verdict": verdict or {"action": "relay", "rule": "-", "reply": ""}}

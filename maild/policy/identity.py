@@ -176,6 +176,8 @@ async def sender_domain_unknown(ctx: Context) -> Finding | None:
 
 # --------------------------------------------------------------------------- HELO
 
+HELO_CHECKS = ("helo-invalid", "helo-ours")  # they judge only the HELO/EHLO name
+
 def _helo_skip(ctx: Context) -> str | None:
     if ctx.identity.by == "login" and not settings(ctx).helo_for_logins:
         return "authenticated login (helo_for_logins = false)"

@@ -23,7 +23,7 @@ from typing import Any
 from maild import services
 from maild.address import canonical
 from maild.antispam.limiter import Over, Rate, Reservation
-from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Reader
+from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import on_finish, rule
 from maild.policy.verdict import Verdict, tempfail
@@ -131,8 +131,12 @@ def section(ctx: Context) -> RateLimitConfig:
 
 def limits_for(ctx: Context) -> Limits | None:
     """The limits that apply to this transaction's sender, or None for no limits."""
-    rl = section(ctx)
-    c = ctx.identity.customer
+    return customer_limits(ctx.config, ctx.identity.customer)
+
+
+def customer_limits(config: Config, c: Customer | None) -> Limits | None:
+    """A customer's limits (its tier, then its overrides); for None, the unidentified ones."""
+    rl = config.sections.get("ratelimit") or RateLimitConfig()
     if c is None:
         return rl.unidentified
     ext = c.ext.get("ratelimit") or {"tier": "", "overrides": {}}

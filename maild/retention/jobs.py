@@ -110,6 +110,14 @@ def _yesno(b: bool) -> str:
     return "yes" if b else "no"
 
 
+_WOULD = {"deleted": "would_delete", "shrunk": "would_shrink"}
+
+
+def _verb(done: str, dry_run: bool) -> str:
+    """The log key for an action: what was done, or in a dry run what would be."""
+    return _WOULD[done] if dry_run else done
+
+
 def should_restore(row: state.MailboxRow) -> bool:
     """A shrunk mailbox accessed after the idle period that justified the shrink."""
     if row.quota_state == "normal" or row.last_access is None:
@@ -182,12 +190,14 @@ class Runner:
         finally:
             lock.release()
             report.seconds = time.monotonic() - started
+            # A dry run says would_delete/would_shrink: a grep for "deleted=" counts only
+            # what was deleted.
             (log.debug if quiet else log.info)("retention: run rule=%s status=%s mailboxes=%d scanned=%d cached_dirs=%d "
-                     "deleted=%d bytes=%d vanished=%d skipped=%d shrunk=%d restored=%d errors=%d "
+                     "%s=%d bytes=%d vanished=%d skipped=%d %s=%d restored=%d errors=%d "
                      "dry_run=%s seconds=%.2f", rule.name, report.status, report.mailboxes,
-                     report.scanned, report.cached_dirs, report.deleted, report.bytes,
-                     report.vanished, report.skipped, report.shrunk, report.restored,
-                     report.errors, _yesno(dry_run), report.seconds)
+                     report.scanned, report.cached_dirs, _verb("deleted", dry_run), report.deleted,
+                     report.bytes, report.vanished, report.skipped, _verb("shrunk", dry_run),
+                     report.shrunk, report.restored, report.errors, _yesno(dry_run), report.seconds)
         return report
 
     async def _finish(self, report: Report, work: _Work, now: float) -> None:
@@ -607,8 +617,8 @@ class _Work:
                 rep.bytes += f.size
             for folder, (n, b) in per.items():
                 (log.debug if self.quiet else log.info)(
-                    "retention: rule=%s user=%s folder=%s deleted=%d bytes=%d dry_run=yes",
-                    rule.name, mb.user, folder, n, b)
+                    "retention: rule=%s user=%s folder=%s %s=%d bytes=%d dry_run=yes",
+                    rule.name, mb.user, folder, _verb("deleted", True), n, b)
             return
         by_name = {f.name: f for f in folders}
         ts = self.r.clock()

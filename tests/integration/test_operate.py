@@ -83,6 +83,23 @@ def test_doctor_reproduces_each_failure(tmp_path, case):
     assert rc == {"FAIL": 2, "WARN": 1}[expected[1]] or rc == 2
 
 
+def test_doctor_reports_postconfs_own_error_for_a_config_dir_without_main_cf(tmp_path):
+    """postconf exists but cannot read the configuration: say what postconf said and point
+    at --postfix-config, not "install postfix"."""
+    need("postconf")
+    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED)
+    pf.write_config()
+    (pf.etc / "main.cf").unlink()
+    m = Maild(tmp_path / "m", front_policy(pf.reinject_port))
+    m.write()
+    r = m.cli("doctor", "--postfix-config", str(pf.etc))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("WARN postfix:"))
+    assert re.search(rf"postconf -c {re.escape(str(pf.etc))} failed: \S*postconf: fatal: open "
+                     rf"{re.escape(str(pf.etc))}/main.cf: No such file or directory$", line), r.stdout
+    fix = r.stdout.splitlines()[r.stdout.splitlines().index(line) + 1]
+    assert "--postfix-config DIR" in fix and "install postfix" not in fix, r.stdout
+
+
 def test_postmaster_check_finds_a_domain_whose_postfix_refuses_postmaster(tmp_path):
     need("postfix")
     pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED + ["bad.example"], reinject_options={

@@ -400,6 +400,24 @@ def test_check_message_prints_every_verdict_and_exits_1_when_refused(policy_file
     assert lines[-1].startswith("verdict: reject by from-owner: 550 5.7.1")
 
 
+def test_check_message_without_helo_skips_the_helo_checks_and_shows_the_real_verdict(policy_file,
+                                                                                     tmp_path):
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(load("forged-from.eml"))
+    r = cli(policy_file, str(msg), "--customer", "acme", "--mail-from", "boss@acme.example", "--json")
+    assert r.exit_code == 1, r.output
+    data = json.loads(r.output)
+    rows = {c["name"]: c for c in data["checks"]}
+    assert rows["helo-invalid"] == {"name": "helo-invalid", "stage": "MAIL", "result": "skip",
+                                    "why": "no --helo given"}
+    assert rows["helo-ours"]["result"] == "skip"
+    assert data["verdict"]["rule"] == "from-owner"
+    # an empty --helo is a client that greeted with nothing: judged, and refused
+    r = cli(policy_file, str(msg), "--customer", "acme", "--mail-from", "boss@acme.example",
+            "--helo", "", "--json")
+    assert json.loads(r.output)["verdict"]["rule"] == "helo-invalid"
+
+
 def test_check_message_json_and_a_clean_message(policy_file, tmp_path):
     msg = tmp_path / "ok.eml"
     msg.write_bytes(load("legit-permitted.eml"))

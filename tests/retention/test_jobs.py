@@ -391,10 +391,10 @@ async def test_every_decision_is_one_greppable_log_line(tmp_path, mail, store, c
     await runner.on_access([("root@hosted.example", now, "imap")])
     lines = [r.getMessage() for r in caplog.records if r.name == "maild.retention"]
     expected = [
-        "retention: rule=trash user=root@hosted.example folder=Deleted Items deleted=1 "
+        "retention: rule=trash user=root@hosted.example folder=Deleted Items would_delete=1 "
         "bytes=1234 dry_run=yes",
-        "retention: run rule=trash status=done mailboxes=1 scanned=1 cached_dirs=0 deleted=1 "
-        "bytes=1234 vanished=0 skipped=0 shrunk=0 restored=0 errors=0 dry_run=yes",
+        "retention: run rule=trash status=done mailboxes=1 scanned=1 cached_dirs=0 would_delete=1 "
+        "bytes=1234 vanished=0 skipped=0 would_shrink=0 restored=0 errors=0 dry_run=yes",
         "retention: rule=idle user=root@hosted.example folder=Deleted Items deleted=1 bytes=1234 "
         "vanished=0 dry_run=no",
         "retention: run rule=idle status=done mailboxes=1 scanned=2 ",
@@ -405,6 +405,8 @@ async def test_every_decision_is_one_greppable_log_line(tmp_path, mail, store, c
     ]
     for want in expected:
         assert any(line.startswith(want) for line in lines), (want, lines)
+    # a grep for what was deleted finds only the real runs' lines
+    assert all("dry_run=no" in line for line in lines if "deleted=" in line), lines
     assert all(line.startswith("retention: ") for line in lines)
     assert not any("xxxx" in line for line in lines)             # never message content
 
