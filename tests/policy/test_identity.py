@@ -17,7 +17,7 @@ from maild.antispam.limiter import Limiter
 from maild.config import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
-from maild.policy.identity import helo_problem, looks_automatic, owner_of
+from maild.policy.identity import helo_problem, lists_of, looks_automatic, owner_of
 from maild.policy.verdict import Action
 from tests.harness.dns import STANDARD_DROP, STANDARD_SERVFAIL, STANDARD_ZONE, DnsServer
 
@@ -86,6 +86,68 @@ async def test_envelope_owner_unqualified_and_literal_senders(config):
         v = await pipeline.run(Stage.MAIL, ctx)
         assert (v.rule, v.code, v.status) == ("envelope-owner", 553, "5.7.1"), sender
         assert "has no domain name" in v.reason
+
+
+# A list registered by acme on the provider's list domain, and one of another customer there.
+LISTS = {"lists": [
+    {"id": "news.acme.example", "customer": "acme", "owner": "news-owner@acme.example",
+     "domain": "hosted.example", "return_paths": ["news-bounces+*@hosted.example"],
+     "unsubscribe": ["news-leave@hosted.example", "news-leave+*@hosted.example"],
+     "consent_text": "Acme News, monthly."},
+    {"id": "deals.other.example", "customer": "other", "owner": "deals@other.example",
+     "domain": "hosted.example", "return_paths": ["deals-bounces@hosted.example"],
+     "consent_text": "Deals, weekly."},
+]}
+
+
+def list_config(dns_server):
+    c = parse({
+        "server": {"hostname": "mx.hosted.example"},
+        "postmaster": {"domains": ["hosted.example", "acme.example"]},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["acme.example"]},
+                      {"name": "other", "networks": ["198.51.100.0/24"]}],
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "500ms"},
+        "optin": LISTS,
+    })
+    maild_dns.configure(c)
+    return c
+
+
+@pytest.mark.parametrize("addr, acme, other", [
+    ("news-bounces+bob=example.org@hosted.example", "return path of list news.acme.example",
+     None),
+    ("NEWS-bounces+x@Hosted.Example", "return path of list news.acme.example", None),
+    ("news-leave@hosted.example", "unsubscribe address of list news.acme.example", None),
+    ("news-leave+bob=example.org@hosted.example",
+     "unsubscribe address of list news.acme.example", None),
+    ("deals-bounces@hosted.example", None, "return path of list deals.other.example"),
+    ("news-bounces@hosted.example", None, None),  # the pattern needs the '+'
+    ("someone@hosted.example", None, None),
+])
+def test_a_registered_lists_addresses_are_its_customers_only(dns_server, addr, acme, other):
+    """owner_of, the one lookup behind every ownership check, knows registered lists."""
+    c = list_config(dns_server)
+    assert owner_of(c.customer("acme"), addr, "envelope", lists_of(c)) == acme
+    assert owner_of(c.customer("other"), addr, "from", lists_of(c)) == other
+
+
+async def test_list_mail_from_its_return_path_passes_every_ownership_check(dns_server):
+    c = list_config(dns_server)
+    rp = "news-bounces+bob=example.org@hosted.example"
+    msg = (f"From: Acme News <{rp}>\r\nSender: {rp}\r\nReply-To: news-leave@hosted.example"
+           f"\r\nReturn-Path: <{rp}>\r\nTo: bob@example.org\r\nSubject: June\r\n"
+           "Date: " + format_datetime(localtime()) + "\r\nMessage-ID: <j@acme.example>\r\n"
+           "\r\nhello\r\n").encode()
+    ctx = ctx_for(c, sender=f"<{rp}>")
+    assert (await pipeline.run(Stage.MAIL, ctx)).accepted
+    ctx = ctx_for(c, sender=f"<{rp}>", message=msg)
+    v = await pipeline.run(Stage.DATA, ctx)
+    assert not (v.rule or "").endswith("-owner"), v.reason
+    # the other customer, from the same network range of its own, is refused and struck
+    ctx = ctx_for(c, sender=f"<{rp}>")
+    ctx.identity = Identity(c.customer("other"), "network", "")
+    v = await pipeline.run(Stage.MAIL, ctx)
+    assert (v.rule, v.code, v.status, v.strike) == ("envelope-owner", 553, "5.7.1", True)
 
 
 # --------------------------------------------------------------------------- HELO
