@@ -12,8 +12,9 @@ The null reverse path is allowed ("of course null reverse paths can be used") bu
 what looks like a bounce or an auto-reply, and at a small rate per customer.
 
 Non-existent machines: the envelope sender's and From: domains must resolve (MX, else A or
-AAAA; DNS failure is a 451, NXDOMAIN a 550), and the HELO name must be a real host name or
-the client's own address literal, never one of ours.
+AAAA; DNS failure is a 451, NXDOMAIN a 550) unless we receive mail for them ([postmaster]
+domains and hostnames), and the HELO name must be a real host name or the client's own
+address literal, never one of ours.
 """
 
 from __future__ import annotations
@@ -176,6 +177,15 @@ def envelope_owner(ctx: Context) -> Finding | None:
     return _not_yours(ctx, "Sender address", s.addr, "envelope")
 
 
+async def mail_domain(ctx: Context, domain: str) -> maild_dns.Lookup:
+    """maild.dns.mail_domain, except for a domain or host name we receive mail for: replies
+    reach it by definition, so it needs no lookup (Postfix's reject_unknown_sender_domain
+    skips domains it is the final destination for). Its subdomains are looked up."""
+    if domain.lower().rstrip(".") in ctx.config.hosted_domains:
+        return maild_dns.Lookup("ok", f"{domain} is hosted here")
+    return await maild_dns.mail_domain(domain)
+
+
 def _domain_finding(what: str, domain: str, r: maild_dns.Lookup) -> Finding | None:
     if r.status == "ok":
         return None
@@ -197,7 +207,7 @@ async def sender_domain_unknown(ctx: Context) -> Finding | None:
     s = ctx.sender
     if s is None or s.is_null or not s.domain or s.domain.startswith("["):
         return None
-    return _domain_finding("sender", s.domain, await maild_dns.mail_domain(s.domain))
+    return _domain_finding("sender", s.domain, await mail_domain(ctx, s.domain))
 
 
 # --------------------------------------------------------------------------- HELO
@@ -405,7 +415,7 @@ async def from_domain_unknown(ctx: Context) -> Finding | None:
         if not domain or domain in seen or domain.startswith("["):
             continue
         seen.add(domain)
-        f = _domain_finding("From:", domain, await maild_dns.mail_domain(domain))
+        f = _domain_finding("From:", domain, await mail_domain(ctx, domain))
         if f is not None:
             return f
     return None

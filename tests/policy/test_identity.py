@@ -211,6 +211,31 @@ async def test_nullmx_sender_is_5_7_27(config):
     assert (v.code, v.status, v.rule) == (550, "5.7.27", "sender-domain-unknown")
 
 
+async def test_a_domain_hosted_here_needs_no_dns(dns_server):
+    """As Postfix's reject_unknown_sender_domain, which skips domains it is the final
+    destination for: mail to a [postmaster] domain comes here, so replies reach it. Its
+    subdomains are looked up as any other name (a resolver that answers nothing: 451)."""
+    c = parse({
+        "server": {"hostname": "mail.try.example"},
+        "postmaster": {"domains": ["try.example"], "hostnames": ["mail.try.example"]},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["try.example"]}],
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "500ms"},
+    })
+    maild_dns.configure(c)
+    maild_dns.cache_clear()
+    asked = len(dns_server.queries)
+    msg = (b"From: You <you@Try.Example>\r\nTo: friend@outside.example\r\nSubject: hi\r\n"
+           b"Date: " + format_datetime(localtime()).encode() + b"\r\n"
+           b"Message-ID: <1@try.example>\r\n\r\nhello\r\n")
+    for sender in ("<you@try.example>", "<you@mail.try.example>"):
+        assert (await pipeline.run(Stage.MAIL, ctx_for(c, sender=sender))).accepted, sender
+    v = await pipeline.run(Stage.DATA, ctx_for(c, sender="<you@try.example>", message=msg))
+    assert v.accepted, v.reason
+    assert len(dns_server.queries) == asked  # nothing was looked up
+    v = await pipeline.run(Stage.MAIL, ctx_for(c, sender="<you@sub.try.example>"))
+    assert (v.rule, v.code) == ("sender-domain-unknown", 550), v.reason  # NXDOMAIN here
+
+
 # --------------------------------------------------------------------------- null sender
 
 BOUNCE = (b"From: MAILER-DAEMON@mail.acme.example\r\nSubject: Undelivered Mail\r\n"
