@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target)
-_CODE = re.compile(r"`([^`\n]+)`")
+_CODE = re.compile(r"`([^`]+)`")  # may wrap onto the next line
 _PAGE = re.compile(r"(?<![\w./-])((?:\.\./)?[\w./-]*\w\.md)\b")  # a page named in the text
 _URL = re.compile(r"[a-z][a-z0-9+.-]*:")
 _REPO_PATH = re.compile(r"(?:\.\./)*(?:maild|tests|docs|systemd|bench|examples)/|[\w./-]+\.md$")
@@ -39,14 +39,14 @@ def references(doc: Path, text: str | None = None) -> list[tuple[str, bool]]:
     text = doc.read_text(encoding="utf-8") if text is None else text
     out = [(t, False) for t in _LINK.findall(text)
            if not _URL.match(t) and not t.startswith("#")]
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
     for span in _CODE.findall(text):
-        s = span.strip().rstrip(":,.")
+        s = " ".join(span.split()).rstrip(":,.")
         if " " in s or s.startswith(("/", "~")) or any(c in s for c in "*%<>$"):
             continue  # a command, a path on the target host, a pattern
         if _REPO_PATH.match(s):
             out.append((s, True))
-    prose = re.sub(r"```.*?```", " ", text, flags=re.S)
-    prose = _LINK.sub("] ", _CODE.sub(" ", prose))
+    prose = _LINK.sub("] ", _CODE.sub(" ", text))
     prose = re.sub(r"[a-z][a-z0-9+.-]*://\S+", " ", prose)
     out += [(t, True) for t in _PAGE.findall(prose)]
     return out
@@ -63,7 +63,8 @@ def test_the_checker_sees_links_code_spans_and_pages():
     doc = ROOT / "docs" / "x.md"
     text = ("See [a](optin.md#x), `docs/headers.md`, `../shared/SOURCES.md`, `maild serve -c F`, "
             "`/etc/maild/policies.toml` and antispam.md; [w](https://example.org/a.md), "
-            "https://example.org/b.md.\n```\ncat notes.md\n```\n")
+            "https://example.org/b.md, `maild optin\nrevoke`.\n"
+            "```\ncat `notes.md`\n```\n")
     assert {t for t, _ in references(doc, text)} == {
         "optin.md#x", "docs/headers.md", "../shared/SOURCES.md", "antispam.md"}
     assert not _inside(doc, "../shared/SOURCES.md", from_root=True)
