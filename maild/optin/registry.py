@@ -4,11 +4,16 @@ A list is found by its return path (envelope sender, VERP patterns allowed: '*' 
 for any text without '@'), by its List-Id, by the address its unsubscribe requests go
 to, and by its domain (where confirm+TOKEN@ replies arrive). A list registered in both
 places is taken from policies.toml: the file is what the operator reviews.
+
+A list's return paths, unsubscribe addresses and confirm+TOKEN@ addresses are its
+customer's own for the ownership checks (maild.policy.identity.owner_of): registering a
+list is the operator's record that they are, as a customer's `addresses` are.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from maild.optin.settings import ListConfig, OptinConfig
@@ -111,6 +116,27 @@ class Registry:
             m = lst.is_unsubscribe(addr)
             if m:
                 return lst, m
+        return None
+
+    def address_of(self, customer: str, addr: str, confirm_local: str,
+                   token_list: Callable[[str], str | None]) -> str | None:
+        """Which of the customer's lists `addr` is an address of (as a reason), or None.
+
+        Only that customer's lists are searched, so a list domain several customers share
+        lends none of them another's addresses; a confirm+TOKEN@ address belongs to the
+        list whose token it carries (`token_list(token)` -> list id or None)."""
+        local, _, domain = addr.lower().rpartition("@")
+        if domain not in self.mail_domains:
+            return None
+        for lst in self.by_customer.get(customer, ()):
+            if lst.return_path_match(addr):
+                return f"return path of list {lst.id}"
+            if lst.is_unsubscribe(addr):
+                return f"unsubscribe address of list {lst.id}"
+        token = self.confirm_token(local, domain, confirm_local)
+        lst = self.get(token_list(token) or "") if token else None
+        if lst is not None and lst.customer == customer and lst.cfg.domain == domain:
+            return f"confirmation address of list {lst.id}"
         return None
 
     def confirm_token(self, local: str, domain: str, confirm_local: str) -> str | None:

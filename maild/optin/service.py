@@ -42,6 +42,7 @@ from maild.optin.ledger import Ledger
 from maild.optin.model import Event, Kind, Standing, apply, effective, from_iso, iso
 from maild.optin.registry import Registry
 from maild.optin.settings import ListConfig, OptinConfig, section
+from maild.optin.tokens import token_hash
 from maild.store.base import Store, StoreError
 
 log = logging.getLogger("maild.optin")
@@ -181,6 +182,15 @@ class OptinService:
                 self.config = config
                 self._check(config, self._reg)
         return self._reg
+
+    def list_address(self, config: Config, customer: str, addr: str) -> str | None:
+        """Registry.address_of over the lists and the confirmation tokens in memory."""
+        def token_list(token: str) -> str | None:
+            t = self.tokens.get(token_hash(token))
+            return t.list_id if t is not None else None
+
+        return self.registry(config).address_of(customer, addr,
+                                                section(config).confirm_local_part, token_list)
 
     def _check(self, config: Config, reg: Registry) -> None:
         """Problems the config parser cannot see: they need the whole policy."""

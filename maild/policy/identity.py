@@ -2,7 +2,8 @@
 
 Ownership: MAIL FROM, From:, Sender:, Reply-To: and Return-Path: must be addresses or
 domains of the submitting customer (its domains and their subdomains, its extra
-addresses) or be covered by a `permitted` entry recording who granted the permission
+addresses, the return paths, unsubscribe and confirm+TOKEN@ addresses of its registered
+lists) or be covered by a `permitted` entry recording who granted the permission
 ("It is also forgery to arrange for replies ... to be sent to other users ... if prior
 permission has been granted ... there is no problem"). Postfix checks only the envelope
 (reject_sender_login_mismatch, skipped for MAIL FROM:<>) and never header From:.
@@ -11,16 +12,19 @@ The null reverse path is allowed ("of course null reverse paths can be used") bu
 what looks like a bounce or an auto-reply, and at a small rate per customer.
 
 Non-existent machines: the envelope sender's and From: domains must resolve (MX, else A or
-AAAA; DNS failure is a 451, NXDOMAIN a 550), and the HELO name must be a real host name or
-the client's own address literal, never one of ours.
+AAAA; DNS failure is a 451, NXDOMAIN a 550) unless we receive mail for them ([postmaster]
+domains and hostnames), and the HELO name must be a real host name or the client's own
+address literal, never one of ours.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from maild import config as cfg
@@ -30,6 +34,8 @@ from maild import services
 from maild.address import PathError, canonical, parse_path
 from maild.antispam.limiter import Reservation
 from maild.config import Customer
+from maild.optin.registry import Registry
+from maild.optin.settings import section as optin_section
 from maild.policy.context import Context, Stage
 from maild.policy.headers import Finding, check, maybe_ip, own_names, settings, show, submitted
 from maild.policy.pipeline import on_finish
@@ -97,10 +103,29 @@ def _domain_of(addr: str) -> str:
     return d
 
 
-def owner_of(customer: Customer, addr: str, where: str) -> str | None:
+# (customer name, address) -> why the address is one of that customer's registered lists'
+ListAddresses = Callable[[str, str], "str | None"]
+
+
+def lists_of(config: cfg.Config) -> ListAddresses:
+    """The registered lists' addresses: the running daemon's (policies.toml and the store,
+    with its confirmation tokens), else those in policies.toml (check-message, tests)."""
+    svc = services.optin
+    if svc is not None:
+        return functools.partial(svc.list_address, config)
+    s = optin_section(config)
+    reg = Registry.build(s, [])
+    return lambda customer, addr: reg.address_of(customer, addr, s.confirm_local_part,
+                                                 lambda token: None)
+
+
+def owner_of(customer: Customer, addr: str, where: str,
+             lists: ListAddresses | None = None) -> str | None:
     """Why `addr` may be used by the customer in `where`, or None when it may not.
 
-    "domain acme.example", "address news@partner.example" or "permitted by <who>"."""
+    The one ownership lookup of every check: "domain acme.example", "address
+    news@partner.example", "return path of list news.acme.example" (or "unsubscribe
+    address", "confirmation address"), or "permitted by <who>"."""
     domain = _domain_of(addr)
     if "@" not in addr or not domain:
         return None
@@ -110,6 +135,8 @@ def owner_of(customer: Customer, addr: str, where: str) -> str | None:
     canon = canonical(addr)
     if any(canonical(a) == canon for a in customer.addresses):
         return f"address {canon}"
+    if lists is not None and (why := lists(customer.name, addr)):
+        return why
     for p in customer.ext.get("permitted", ()):
         if where in p.fields and p.covers(addr, domain):
             return f"permitted by {p.granted_by}"
@@ -124,7 +151,7 @@ def _yours(customer: Customer) -> str:
 def _not_yours(ctx: Context, what: str, addr: str, where: str) -> Finding | None:
     customer = ctx.identity.customer
     assert customer is not None
-    why = owner_of(customer, addr, where)
+    why = owner_of(customer, addr, where, lists_of(ctx.config))
     if why is None:
         return Finding(f"{what} <{show(addr)}> is not an address of yours: send from your "
                        f"domains{_yours(customer)}, or ask support to record the owner's "
@@ -150,6 +177,15 @@ def envelope_owner(ctx: Context) -> Finding | None:
     return _not_yours(ctx, "Sender address", s.addr, "envelope")
 
 
+async def mail_domain(ctx: Context, domain: str) -> maild_dns.Lookup:
+    """maild.dns.mail_domain, except for a domain or host name we receive mail for: replies
+    reach it by definition, so it needs no lookup (Postfix's reject_unknown_sender_domain
+    skips domains it is the final destination for). Its subdomains are looked up."""
+    if domain.lower().rstrip(".") in ctx.config.hosted_domains:
+        return maild_dns.Lookup("ok", f"{domain} is hosted here")
+    return await maild_dns.mail_domain(domain)
+
+
 def _domain_finding(what: str, domain: str, r: maild_dns.Lookup) -> Finding | None:
     if r.status == "ok":
         return None
@@ -171,7 +207,7 @@ async def sender_domain_unknown(ctx: Context) -> Finding | None:
     s = ctx.sender
     if s is None or s.is_null or not s.domain or s.domain.startswith("["):
         return None
-    return _domain_finding("sender", s.domain, await maild_dns.mail_domain(s.domain))
+    return _domain_finding("sender", s.domain, await mail_domain(ctx, s.domain))
 
 
 # --------------------------------------------------------------------------- HELO
@@ -381,7 +417,7 @@ async def from_domain_unknown(ctx: Context) -> Finding | None:
         if not domain or domain in seen or domain.startswith("["):
             continue
         seen.add(domain)
-        f = _domain_finding("From:", domain, await maild_dns.mail_domain(domain))
+        f = _domain_finding("From:", domain, await mail_domain(ctx, domain))
         if f is not None:
             return f
     return None

@@ -2,7 +2,9 @@
 
 Customer acme (network 127.0.0.9, domain acme.example) submits with swaks; the checks run
 in enforce mode here (front_policy's default for other tests is tag mode). Sanctions only
-warn, so one test's strike does not block acme for the next.
+warn, so one test's strike does not block acme for the next. newsco (127.0.0.34) runs a
+list on the provider's domain and otherco (127.0.0.35) does not; neither is struck
+elsewhere, so their sanction lines are the list test's own.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from tests.harness.clients import swaks
 from tests.harness.maild import Maild, render
 from tests.harness.ports import free_port
 from tests.harness.postfix import Postfix
-from tests.harness.waits import patience
+from tests.harness.waits import patience, wait_until
 from tests.integration.conftest import CUSTOMER_IP, HOSTED, STRANGER, front_policy, need, smtp
 
 HELO = "mail.acme.example"
+NEWSCO, OTHERCO = "127.0.0.34", "127.0.0.35"
 GRANT = """
 [[customers.permitted]]
 domain = "bank.example"
@@ -44,6 +47,9 @@ def enforcing(port: int, **headers: object) -> dict:
     p["headers"] = {"mode": "enforce", **headers}
     p["dns"]["timeout"] = "1s"
     p["sanctions"] = {"ladder": ["warn"], "notify": False}
+    # before acme: PolicyMaild.extra's [[customers.permitted]] belongs to the last customer
+    p["customers"] = [{"name": "newsco", "networks": [f"{NEWSCO}/32"], "domains": ["newsco.example"]},
+                      {"name": "otherco", "networks": [f"{OTHERCO}/32"]}, *p["customers"]]
     return p
 
 
@@ -133,6 +139,49 @@ def test_forged_envelope_is_refused_at_rcpt_but_postmaster_still_gets_it(postfix
     s.quit()
     postfix.wait_for_messages("postmaster@hosted.example", 1)
     m.wait_log("rule=envelope-owner")
+
+
+def test_a_registered_lists_return_path_on_a_hosted_domain_is_its_customers(postfix, m):
+    """`optin list register --return-path 'news-bounces+*@hosted.example'` (the pattern of
+    the shipped policies.toml, on the provider's domain): list mail from that return path,
+    with its unsubscribe address in Reply-To:, passes every ownership check for the list's
+    customer and costs no strike; for another customer it is still a forgery."""
+    r = m.cli("optin", "list", "register", "news.newsco.example", "--customer", "newsco",
+              "--owner", "news-owner@newsco.example", "--domain", "hosted.example",
+              "--return-path", "news-bounces+*@hosted.example",
+              "--unsubscribe", "news-leave@hosted.example",
+              "--consent-text", "Newsco News: one message a month.")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sub = "reader@hosted.example"
+    r = m.cli("optin", "add", "news.newsco.example", sub, "--source", "signup form",
+              "--obtained", "2024-01-15")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def daemon_knows_the_list() -> bool:  # hosted.example became a list domain: a made-up
+        s = smtp(m.port)                  # confirm+TOKEN@ is refused at RCPT (no strike)
+        try:
+            s.mail("someone@outside.example")
+            return s.rcpt(f"confirm+{'a' * 32}@hosted.example")[0] == 550
+        finally:
+            s.close()
+
+    assert wait_until(daemon_knows_the_list)
+    rp = "news-bounces+reader=hosted.example@hosted.example"
+    subj = subject()
+    head = [f"From: Newsco News <{rp}>", f"To: {sub}", "Reply-To: news-leave@hosted.example",
+            "List-Id: <news.newsco.example>", "List-Unsubscribe: <mailto:news-leave@hosted.example>",
+            f"Subject: {subj}"]
+    r = swaks(m.port, frm=rp, to=sub, bind=NEWSCO, helo="mail.newsco.example", header=head)
+    assert r.rcpt_codes == [250] and r.data_code == 250, r.output
+    assert any(subj.encode() in x for x in postfix.wait_for_messages(sub, 1))
+    log = m.wait_log(f"from=<{rp}>")
+    assert "sanction: customer=newsco" not in log
+    assert not re.search(r"customer=newsco .*rule=\S+-owner", log), log[-2000:]
+    # the same return path is not another customer's
+    r = swaks(m.port, frm=rp, to=sub, bind=OTHERCO, helo="mail.otherco.example", header=head)
+    assert r.rcpt_codes == [553], r.output
+    assert f"5.7.1 Sender address <{rp}> is not an address of yours" in r.output
+    m.wait_log("sanction: customer=otherco action=strike rule=envelope-owner")
 
 
 def test_sender_domain_nxdomain_is_550_and_dns_timeout_is_451(postfix, m):

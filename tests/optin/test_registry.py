@@ -40,3 +40,33 @@ def test_config_wins_over_the_store(config):
     assert reg.get("news.acme.example").customer == "acme" and reg.shadowed == ["news.acme.example"]
     assert reg.get("tips.other.example").source == "store"
     assert "tips.other.example" in reg.domains
+
+
+def test_a_lists_addresses_belong_to_its_customer_only(config):
+    """Both customers' lists share lists.hosted.example; neither gets the other's."""
+    reg = Registry.build(section(config), [])
+    tokens = {"t1": "news.acme.example", "t2": "deals.other.example"}
+
+    def of(customer: str, addr: str) -> str | None:
+        return reg.address_of(customer, addr, "confirm", tokens.get)
+
+    assert of("acme", "news-bounces+bob=example.org@Lists.Hosted.Example") == \
+        "return path of list news.acme.example"
+    assert of("acme", "news-leave+bob=example.org@lists.hosted.example") == \
+        "unsubscribe address of list news.acme.example"
+    assert of("acme", "confirm+T1@lists.hosted.example") == \
+        "confirmation address of list news.acme.example"
+    assert of("other", "deals-bounces@lists.hosted.example") == \
+        "return path of list deals.other.example"
+    assert of("other", "confirm+t2@lists.hosted.example") == \
+        "confirmation address of list deals.other.example"
+    for customer, addr in (("other", "news-bounces+x@lists.hosted.example"),
+                           ("other", "news-leave@lists.hosted.example"),
+                           ("other", "confirm+t1@lists.hosted.example"),
+                           ("acme", "deals-bounces@lists.hosted.example"),
+                           ("acme", "confirm+t2@lists.hosted.example"),
+                           ("acme", "confirm+unknown@lists.hosted.example"),
+                           ("acme", "confirm+t1@hosted.example"),  # not the list's domain
+                           ("acme", "postmaster@lists.hosted.example"),
+                           ("nobody", "news-bounces+x@lists.hosted.example")):
+        assert of(customer, addr) is None, (customer, addr)

@@ -13,6 +13,7 @@ from maild.optin.ledger import Ledger
 from maild.optin.model import Kind, State
 from maild.optin.service import OptinService
 from maild.optin.settings import ListConfig
+from maild.optin.tokens import token_hash
 from maild.store import open_store
 
 LIST = "news.acme.example"
@@ -79,6 +80,34 @@ async def test_a_refusal_reads_the_ledger_again_first(config, store):
         assert not nobody.sendable
     finally:
         await other.close()
+        await svc.stop()
+
+
+async def test_a_stored_lists_addresses_are_its_customers_for_ownership(config, store, ledger,
+                                                                      monkeypatch):
+    """`maild optin list register` lists and issued tokens reach owner_of through the
+    running service, for the list's customer only."""
+    from maild.policy.identity import lists_of, owner_of
+
+    await ledger.register_list(ListConfig(
+        id="tips.acme.example", customer="acme", owner="tips@acme.example", consent_text="t",
+        domain="hosted.example", return_paths=("tips-bounces+*@hosted.example",),
+        unsubscribe=("tips-leave@hosted.example",)), "cli:root")
+    await ledger.append(list_id="tips.acme.example", address="b@x.example", kind=Kind.REQUEST,
+                        channel="web", token_hash=token_hash("tok1"),
+                        detail={"expires": "2999-01-01T00:00:00.000000Z"})
+    svc = await started(config, store)
+    monkeypatch.setattr(services, "optin", svc)
+    try:
+        acme, other = config.customer("acme"), config.customer("other")
+        for addr, why in (("tips-bounces+b=x.example@hosted.example", "return path"),
+                          ("tips-leave@hosted.example", "unsubscribe address"),
+                          ("confirm+tok1@hosted.example", "confirmation address")):
+            assert owner_of(acme, addr, "envelope", lists_of(config)) == \
+                f"{why} of list tips.acme.example"
+            assert owner_of(other, addr, "envelope", lists_of(config)) is None
+        assert owner_of(acme, "confirm+tok2@hosted.example", "from", lists_of(config)) is None
+    finally:
         await svc.stop()
 
 

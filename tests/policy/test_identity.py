@@ -17,7 +17,7 @@ from maild.antispam.limiter import Limiter
 from maild.config import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
-from maild.policy.identity import helo_problem, looks_automatic, owner_of
+from maild.policy.identity import helo_problem, lists_of, looks_automatic, owner_of
 from maild.policy.verdict import Action
 from tests.harness.dns import STANDARD_DROP, STANDARD_SERVFAIL, STANDARD_ZONE, DnsServer
 
@@ -88,6 +88,68 @@ async def test_envelope_owner_unqualified_and_literal_senders(config):
         assert "has no domain name" in v.reason
 
 
+# A list registered by acme on the provider's list domain, and one of another customer there.
+LISTS = {"lists": [
+    {"id": "news.acme.example", "customer": "acme", "owner": "news-owner@acme.example",
+     "domain": "hosted.example", "return_paths": ["news-bounces+*@hosted.example"],
+     "unsubscribe": ["news-leave@hosted.example", "news-leave+*@hosted.example"],
+     "consent_text": "Acme News, monthly."},
+    {"id": "deals.other.example", "customer": "other", "owner": "deals@other.example",
+     "domain": "hosted.example", "return_paths": ["deals-bounces@hosted.example"],
+     "consent_text": "Deals, weekly."},
+]}
+
+
+def list_config(dns_server):
+    c = parse({
+        "server": {"hostname": "mx.hosted.example"},
+        "postmaster": {"domains": ["hosted.example", "acme.example"]},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["acme.example"]},
+                      {"name": "other", "networks": ["198.51.100.0/24"]}],
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "500ms"},
+        "optin": LISTS,
+    })
+    maild_dns.configure(c)
+    return c
+
+
+@pytest.mark.parametrize("addr, acme, other", [
+    ("news-bounces+bob=example.org@hosted.example", "return path of list news.acme.example",
+     None),
+    ("NEWS-bounces+x@Hosted.Example", "return path of list news.acme.example", None),
+    ("news-leave@hosted.example", "unsubscribe address of list news.acme.example", None),
+    ("news-leave+bob=example.org@hosted.example",
+     "unsubscribe address of list news.acme.example", None),
+    ("deals-bounces@hosted.example", None, "return path of list deals.other.example"),
+    ("news-bounces@hosted.example", None, None),  # the pattern needs the '+'
+    ("someone@hosted.example", None, None),
+])
+def test_a_registered_lists_addresses_are_its_customers_only(dns_server, addr, acme, other):
+    """owner_of, the one lookup behind every ownership check, knows registered lists."""
+    c = list_config(dns_server)
+    assert owner_of(c.customer("acme"), addr, "envelope", lists_of(c)) == acme
+    assert owner_of(c.customer("other"), addr, "from", lists_of(c)) == other
+
+
+async def test_list_mail_from_its_return_path_passes_every_ownership_check(dns_server):
+    c = list_config(dns_server)
+    rp = "news-bounces+bob=example.org@hosted.example"
+    msg = (f"From: Acme News <{rp}>\r\nSender: {rp}\r\nReply-To: news-leave@hosted.example"
+           f"\r\nReturn-Path: <{rp}>\r\nTo: bob@example.org\r\nSubject: June\r\n"
+           "Date: " + format_datetime(localtime()) + "\r\nMessage-ID: <j@acme.example>\r\n"
+           "\r\nhello\r\n").encode()
+    ctx = ctx_for(c, sender=f"<{rp}>")
+    assert (await pipeline.run(Stage.MAIL, ctx)).accepted
+    ctx = ctx_for(c, sender=f"<{rp}>", message=msg)
+    v = await pipeline.run(Stage.DATA, ctx)
+    assert not (v.rule or "").endswith("-owner"), v.reason
+    # the other customer, from the same network range of its own, is refused and struck
+    ctx = ctx_for(c, sender=f"<{rp}>")
+    ctx.identity = Identity(c.customer("other"), "network", "")
+    v = await pipeline.run(Stage.MAIL, ctx)
+    assert (v.rule, v.code, v.status, v.strike) == ("envelope-owner", 553, "5.7.1", True)
+
+
 # --------------------------------------------------------------------------- HELO
 
 @pytest.mark.parametrize("helo, client, ok", [
@@ -147,6 +209,31 @@ async def test_dns_failure_in_tag_mode_is_a_tag(dns_server):
 async def test_nullmx_sender_is_5_7_27(config):
     v = await pipeline.run(Stage.MAIL, ctx_for(config, sender="<x@nullmx.acme.example>"))
     assert (v.code, v.status, v.rule) == (550, "5.7.27", "sender-domain-unknown")
+
+
+async def test_a_domain_hosted_here_needs_no_dns(dns_server):
+    """As Postfix's reject_unknown_sender_domain, which skips domains it is the final
+    destination for: mail to a [postmaster] domain comes here, so replies reach it. Its
+    subdomains are looked up as any other name (a resolver that answers nothing: 451)."""
+    c = parse({
+        "server": {"hostname": "mail.try.example"},
+        "postmaster": {"domains": ["try.example"], "hostnames": ["mail.try.example"]},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["try.example"]}],
+        "dns": {"nameservers": [dns_server.nameserver], "timeout": "500ms"},
+    })
+    maild_dns.configure(c)
+    maild_dns.cache_clear()
+    asked = len(dns_server.queries)
+    msg = (b"From: You <you@Try.Example>\r\nTo: friend@outside.example\r\nSubject: hi\r\n"
+           b"Date: " + format_datetime(localtime()).encode() + b"\r\n"
+           b"Message-ID: <1@try.example>\r\n\r\nhello\r\n")
+    for sender in ("<you@try.example>", "<you@mail.try.example>"):
+        assert (await pipeline.run(Stage.MAIL, ctx_for(c, sender=sender))).accepted, sender
+    v = await pipeline.run(Stage.DATA, ctx_for(c, sender="<you@try.example>", message=msg))
+    assert v.accepted, v.reason
+    assert len(dns_server.queries) == asked  # nothing was looked up
+    v = await pipeline.run(Stage.MAIL, ctx_for(c, sender="<you@sub.try.example>"))
+    assert (v.rule, v.code) == ("sender-domain-unknown", 550), v.reason  # NXDOMAIN here
 
 
 # --------------------------------------------------------------------------- null sender
