@@ -1,0 +1,103 @@
+"""maild's HTTP listener ([web]): aiohttp in the daemon's own event loop.
+
+aiohttp because it is asyncio-native (the pages call the same ledger, downstream and
+store objects the SMTP side uses, in the same loop, with no thread or second process),
+well kept, and its web server and test client are one package. TLS is the reverse
+proxy's job (docs/operations.md). aiohttp's access log is off: URLs here carry
+confirmation tokens and one-click capabilities, which never go to a log; each request
+that decides something logs one line of its own instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from maild.web import metrics
+from maild.web.settings import WebConfig, section
+
+log = logging.getLogger("maild.web")
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        resp = e
+    for k, v in SECURITY_HEADERS.items():
+        resp.headers.setdefault(k, v)
+    return resp
+
+
+class WebService:
+    """The [web] listener (and the optional separate /metrics listener) of one daemon."""
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.runners: list[web.AppRunner] = []
+        self.started_with: WebConfig | None = None
+
+    @property
+    def settings(self) -> WebConfig:
+        return section(self.daemon.config)
+
+    def count(self, page: str, outcome: str) -> None:
+        self.outcomes[(page, outcome)] += 1
+
+    def app(self, *, pages: bool, with_metrics: bool) -> web.Application:
+        app = web.Application(middlewares=[_headers], client_max_size=64 * 1024)
+        if with_metrics:
+            app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await metrics.exposition(self.daemon, self)
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    async def _serve(self, app: web.Application, where: tuple[str, int]) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = where
+        await web.TCPSite(runner, host or None, port, reuse_address=True).start()
+        self.runners.append(runner)
+
+    async def start(self) -> None:
+        w = self.settings
+        self.started_with = w
+        separate = w.metrics and w.metrics_listen is not None
+        await self._serve(self.app(pages=True, with_metrics=w.metrics and not separate),
+                          w.listen)
+        if separate:
+            assert w.metrics_listen is not None
+            await self._serve(self.app(pages=False, with_metrics=True), w.metrics_listen)
+        log.info("web: listening on %s:%d base_url=%s metrics=%s", *w.listen, w.base_url,
+                 "off" if not w.metrics else ("{}:{}".format(*w.metrics_listen) if separate
+                                              else "on the web listener"))
+
+    async def stop(self) -> None:
+        for r in self.runners:
+            await r.cleanup()
+        self.runners = []
+
+
+def reload_note(old: Any, new: Any) -> None:
+    """SIGHUP: base_url, limits and require_one_click apply at once; addresses do not."""
+    a, b = section(old), section(new)
+    if (a.enabled, a.listen, a.metrics, a.metrics_listen) != \
+            (b.enabled, b.listen, b.metrics, b.metrics_listen):
+        log.warning("warning: reload: [web] enabled, listen, metrics and metrics_listen "
+                    "changes take effect only after a restart")
