@@ -92,8 +92,8 @@ class RequestResult:
 async def request(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
                   address: str, *, channel: str = "web", actor: str = "", ip: str = "",
                   user_agent: str = "", evidence: bytes | None = None,
-                  now: float | None = None, attempts: int = 2, delay: float = 2.0
-                  ) -> RequestResult:
+                  now: float | None = None, attempts: int = 2, delay: float = 2.0,
+                  detail: dict[str, object] | None = None) -> RequestResult:
     """Record a subscription request and send the confirmation mail with a fresh token."""
     s = section(config)
     address = check_address(address)
@@ -119,7 +119,7 @@ async def request(ledger: Ledger, config: Config, downstream: Downstream | None,
         list_id=lst.id, address=address, kind=Kind.REQUEST, channel=channel, actor=actor, ip=ip,
         user_agent=user_agent, consent_text=lst.consent_text, token_hash=token_hash(token),
         message_id=mid, raw=evidence, ts=now,
-        detail={"expires": expires, "confirm_domain": lst.domain,
+        detail={**(detail or {}), "expires": expires, "confirm_domain": lst.domain,
                 "confirmation_sha256": sent_copy})
     await control(ledger.store, "optin", lst.id)
     log_event(ev, f"expires={expires}")
@@ -205,7 +205,8 @@ class RevokeResult:
 async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
                  address: str, *, channel: str, actor: str, ip: str = "", user_agent: str = "",
                  reason: str = "", evidence: bytes | None = None, notify: bool = True,
-                 attempts: int = 2, delay: float = 2.0) -> RevokeResult:
+                 attempts: int = 2, delay: float = 2.0,
+                 detail: dict[str, object] | None = None) -> RevokeResult:
     """Record a revocation (honoured at once) and tell the subscriber, once."""
     address = check_address(address)
     before, _ = await standing(ledger, lst.id, address)
@@ -214,7 +215,7 @@ async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, 
               and before.state in (State.CONFIRMED, State.PENDING))
     notice, mid = messages.revocation_notice(lst, address, channel=channel, when=iso(now)[:19],
                                              hostname=config.server.hostname)
-    detail: dict[str, object] = {"previous_state": str(before.state)}
+    detail = {**(detail or {}), "previous_state": str(before.state)}
     if reason:
         detail["reason"] = reason[:500]
     if notify:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from maild.web import metrics
+from maild.web import keys, metrics
+from maild.web.consent import Consent
 from maild.web.settings import WebConfig, section
 
 log = logging.getLogger("maild.web")
@@ -50,6 +52,7 @@ class WebService:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.runners: list[web.AppRunner] = []
         self.started_with: WebConfig | None = None
+        self.keys: dict[str, bytes] = {}  # web_keys rows, by name; never logged
 
     @property
     def settings(self) -> WebConfig:
@@ -58,10 +61,22 @@ class WebService:
     def count(self, page: str, outcome: str) -> None:
         self.outcomes[(page, outcome)] += 1
 
+    async def key(self, name: str) -> bytes:
+        k = self.keys.get(name)
+        if k is None:
+            k = self.keys[name] = await keys.key(self.daemon.store, name)
+        return k
+
+    async def list_key(self, list_id: str) -> bytes:
+        return await self.key(keys.list_key_name(list_id))
+
     def app(self, *, pages: bool, with_metrics: bool) -> web.Application:
         app = web.Application(middlewares=[_headers], client_max_size=64 * 1024)
         if with_metrics:
             app.router.add_get("/metrics", self.metrics)
+        if pages:
+            # base_url's path is where the reverse proxy sends maild's pages, unchanged
+            Consent(self).routes(app, urlsplit(self.settings.base_url).path.rstrip("/"))
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:

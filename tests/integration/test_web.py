@@ -7,6 +7,10 @@ hosted.example, which the test Postfix delivers to Maildirs the test reads.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import json
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -17,7 +21,7 @@ from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.ports import free_port
 from tests.integration import test_optin
-from tests.integration.conftest import STRANGER, front_policy
+from tests.integration.conftest import CUSTOMER_IP, STRANGER, front_policy, need
 
 LIST = "news.acme.example"
 LISTS = test_optin.LISTS
@@ -41,7 +45,8 @@ def policy(downstream: int, web_port: int, **web: object) -> dict:
 @pytest.fixture(scope="module")
 def m(postfix, tmp_path_factory):
     port = free_port()
-    md = Maild(tmp_path_factory.mktemp("web"), policy(postfix.reinject_port, port))
+    md = Maild(tmp_path_factory.mktemp("web"), policy(postfix.reinject_port, port,
+                                                       require_one_click=True))
     md.web = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     md.start()
     md.wait_log("web: listening on")
@@ -99,3 +104,66 @@ def test_metrics_on_their_own_address_are_not_on_the_public_listener(postfix, tm
         md.wait_log("web: listening on")
         assert "maild_relayed" in scrape(f"http://127.0.0.1:{mport}/metrics")
         assert get(f"http://127.0.0.1:{port}/metrics")[0] == 404
+
+
+def subscribe_by_owner(m: Maild, address: str) -> None:
+    r = m.cli("optin", "add", LIST, address, "--source", "paper form", "--obtained", "2024-03-01")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def unsubscribe_url(m: Maild, address: str) -> str:
+    r = m.cli("optin", "unsubscribe-url", LIST, address, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)["url"]
+
+
+def list_mail(m: Maild, to: str, url: str):
+    local, _, domain = to.partition("@")
+    return swaks(m.port, frm=f"news-bounces+{local}={domain}@{LISTS}", to=to, bind=CUSTOMER_IP,
+                 header=[f"To: {to}", f"List-Id: <{LIST}>", "Subject: This month",
+                         f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>",
+                         "List-Unsubscribe-Post: List-Unsubscribe=One-Click"],
+                 body=f"Hello {to}, here is this month's news.\r\n")
+
+
+def curl_post(url: str, *data: str) -> tuple[int, str]:
+    """A real curl POST; `data` as curl's --data-raw values (none: an empty body)."""
+    args = [a for d in data for a in ("--data-raw", d)] or ["-X", "POST"]
+    r = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args, url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code), body
+
+
+def test_one_click_post_over_tcp_with_and_without_the_exact_body(postfix, m):
+    need("curl")
+    bob, carol = "bob@hosted.example", "carol@hosted.example"
+    subscribe_by_owner(m, bob)
+    subscribe_by_owner(m, carol)
+    url = unsubscribe_url(m, bob)
+    assert url.startswith(m.web + "/unsubscribe/news.acme.example/")
+    # require_one_click: maild's URL for the recipient passes, another recipient's does not
+    assert list_mail(m, bob, url).data_code == 250
+    r = list_mail(m, carol, url)
+    assert r.data_code == 550 and "5.7.1" in r.output, r.output
+    assert "one-click List-Unsubscribe URL is not the one for <carol@hosted.example>" in r.output
+    assert "maild optin unsubscribe-url news.acme.example ADDRESS" in r.output
+    m.wait_log("rule=optin-one-click")
+    r = list_mail(m, carol, "https://unsubscribe.example/x")
+    assert r.data_code == 550 and "has no one-click URL of this provider" in r.output
+    # a GET and POSTs without the exact body change nothing
+    assert get(url)[0] == 200
+    assert curl_post(url)[0] == 400
+    assert curl_post(url, "List-Unsubscribe=Yes")[0] == 400
+    assert list_mail(m, bob, url).data_code == 250
+    # the exact body: revoked at once, the very next message refused, bob told once
+    code, page = curl_post(url, "List-Unsubscribe=One-Click")
+    assert code == 200 and "is unsubscribed from Acme News" in page
+    r = list_mail(m, bob, url)
+    assert r.rcpt_codes == [550] and "unsubscribed from list news.acme.example" in r.output
+    notices = [email.message_from_bytes(b, policy=email.policy.default)
+               for b in postfix.wait_for_messages(bob, 3)]
+    assert [n["Subject"] for n in notices].count("You have been unsubscribed from Acme News") == 1
+    r = m.cli("optin", "status", bob, "--json")
+    assert json.loads(r.stdout)[0]["state"] == "revoked"
