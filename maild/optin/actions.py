@@ -26,6 +26,7 @@ from maild.optin.settings import ListConfig, section
 from maild.optin.tokens import new_token, short, token_hash
 from maild.smtp.downstream import Downstream
 from maild.smtp.submit import as_bytes, submit
+from maild.web import settings as web_settings
 
 log = logging.getLogger("maild.optin")
 
@@ -113,7 +114,8 @@ async def request(ledger: Ledger, config: Config, downstream: Downstream | None,
     expires = iso(now + s.token_lifetime)
     msg, mid = messages.confirmation(lst, address, token, confirm_local=s.confirm_local_part,
                                      hostname=config.server.hostname, when=iso(now)[:19],
-                                     expires=expires[:19], ip=ip)
+                                     expires=expires[:19], ip=ip,
+                                     confirm_url=web_settings.confirm_url(config, token))
     sent_copy = await ledger.put_raw(messages.redacted(msg, token))
     ev = await ledger.append(
         list_id=lst.id, address=address, kind=Kind.REQUEST, channel=channel, actor=actor, ip=ip,

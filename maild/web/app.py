@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from maild.web import keys, metrics
-from maild.web.consent import Consent
+from maild.store.base import StoreError
+from maild.web import guard, keys, metrics
+from maild.web.consent import Consent, problem
 from maild.web.settings import WebConfig, section
 
 log = logging.getLogger("maild.web")
@@ -35,13 +36,29 @@ SECURITY_HEADERS = {
 
 @web.middleware
 async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Security headers on every answer; a store failure is a 503 (try again), a bug a 500
+    page, never a traceback; either way nothing was recorded half."""
     try:
         resp = await handler(request)
     except web.HTTPException as e:
         resp = e
+    except StoreError as e:
+        log.error("web: %s %s: state store: %s", request.method, _where(request), e)
+        resp = problem("Try again later", "A temporary problem kept us from doing this; "
+                       "nothing was changed. Please try again in a few minutes.", 503)
+        resp.headers["Retry-After"] = "300"
+    except Exception:
+        log.exception("web: %s %s failed", request.method, _where(request))
+        resp = problem("Error", "Something went wrong on our side; nothing was changed.", 500)
     for k, v in SECURITY_HEADERS.items():
         resp.headers.setdefault(k, v)
     return resp
+
+
+def _where(request: web.Request) -> str:
+    """The route, not the path: paths carry tokens and one-click MACs."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "-"
 
 
 class WebService:
@@ -53,10 +70,16 @@ class WebService:
         self.runners: list[web.AppRunner] = []
         self.started_with: WebConfig | None = None
         self.keys: dict[str, bytes] = {}  # web_keys rows, by name; never logged
+        self.limiter = guard.Limiter()
 
     @property
     def settings(self) -> WebConfig:
         return section(self.daemon.config)
+
+    @property
+    def base_path(self) -> str:
+        """base_url's path: where the reverse proxy sends maild's pages, unchanged."""
+        return urlsplit(self.settings.base_url).path.rstrip("/")
 
     def count(self, page: str, outcome: str) -> None:
         self.outcomes[(page, outcome)] += 1
@@ -75,8 +98,7 @@ class WebService:
         if with_metrics:
             app.router.add_get("/metrics", self.metrics)
         if pages:
-            # base_url's path is where the reverse proxy sends maild's pages, unchanged
-            Consent(self).routes(app, urlsplit(self.settings.base_url).path.rstrip("/"))
+            Consent(self).routes(app, self.base_path)
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:

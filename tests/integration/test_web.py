@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import http.cookiejar
 import json
+import re
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,12 +58,36 @@ def m(postfix, tmp_path_factory):
     md.stop()
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, opener: urllib.request.OpenerDirector | None = None,
+        data: dict[str, str] | None = None) -> tuple[int, str]:
+    """A GET (a POST with `data`) over TCP; an opener keeps a browser's cookies."""
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with (opener or urllib.request.build_opener()).open(url, body, timeout=30) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def browser() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(
+        http.cookiejar.CookieJar()))
+
+
+def csrf(page: str) -> str:
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+
+
+def ledger_rows(m: Maild) -> int:
+    r = m.cli("optin", "verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return sum(c["rows"] for c in json.loads(r.stdout)["chains"])
+
+
+def links(message: bytes) -> list[str]:
+    body = email.message_from_bytes(message, policy=email.policy.default).get_body(
+        ("plain",)).get_content()
+    return re.findall(r"https?://[^\s<>\"]+", body)
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -165,5 +193,49 @@ def test_one_click_post_over_tcp_with_and_without_the_exact_body(postfix, m):
     notices = [email.message_from_bytes(b, policy=email.policy.default)
                for b in postfix.wait_for_messages(bob, 3)]
     assert [n["Subject"] for n in notices].count("You have been unsubscribed from Acme News") == 1
-    r = m.cli("optin", "status", bob, "--json")
-    assert json.loads(r.stdout)[0]["state"] == "revoked"
+    assert state(m, bob) == "revoked"
+
+
+def test_subscribe_and_confirm_over_http_and_a_get_of_every_link_changes_nothing(
+        postfix, m, tmp_path):
+    erin = "erin@hosted.example"
+    b = browser()
+    status, page = get(f"{m.web}/subscribe/{LIST}", b)
+    assert status == 200 and "Acme News &amp; &lt;Friends&gt;: one message" in page
+    status, page = get(f"{m.web}/subscribe/{LIST}", b, {"csrf": csrf(page), "address": erin})
+    assert status == 200, page
+    conf = postfix.wait_for_messages(erin, 1)[-1]
+    urls = links(conf)
+    [confirm] = [u for u in urls if "/confirm/" in u]
+    assert re.fullmatch(rf"{re.escape(m.web)}/confirm/[a-z2-7]{{32}}", confirm)
+    assert state(m, erin) == "pending"
+    rows = ledger_rows(m)
+    # a link scanner: every link of the mail and of maild's pages, fetched three times
+    for url in [*urls, f"{m.web}/subscribe/{LIST}", unsubscribe_url(m, erin)] * 3:
+        assert get(url)[0] in (200, 404), url
+    assert ledger_rows(m) == rows and state(m, erin) == "pending"
+    # the person: the button on the confirmation page
+    b2 = browser()
+    status, page = get(confirm, b2)
+    assert status == 200 and 'id="confirm"' in page
+    status, page = get(confirm, b2, {"csrf": csrf(page)})
+    assert status == 200 and "is now subscribed to Acme News" in page
+    assert state(m, erin) == "confirmed"
+    r = m.cli("optin", "evidence", erin, "--out", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(json.loads(r.stdout)["path"]) as z:
+        names = z.namelist()
+        doc = json.loads(z.read("evidence.json"))
+        http_files = [n for n in names if n.endswith(".http")]
+        assert len(http_files) == 2, names
+        raw = b"".join(z.read(n) for n in http_files)
+    assert raw.count(b"POST /") == 2 and b"/confirm/TOKEN-SHA256-" in raw
+    assert confirm.rsplit("/", 1)[1].encode() not in raw
+    assert [e["kind"] for e in doc["events"]] == ["request", "confirm"]
+    assert {e["channel"] for e in doc["events"]} == {"web"}
+
+
+def state(m: Maild, address: str) -> str:
+    r = m.cli("optin", "status", address, "--json")
+    assert r.returncode == 0, r.stderr
+    return {x["list_id"]: x for x in json.loads(r.stdout)}.get(LIST, {}).get("state", "unknown")
