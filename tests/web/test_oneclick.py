@@ -103,3 +103,15 @@ async def test_pages_are_escaped_and_framed_safely(site):
     text = await r.text()
     assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;&amp;@hosted.example" in text
     assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
+
+
+def test_the_documented_recipe_builds_the_same_url():
+    """docs/optin.md tells list software how to build the URL; the recipe must agree."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "optin.md").read_text()
+    recipe = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    key = bytes(range(32))
+    scope = {"KEY_HEX": key.hex(), "BASE": BASE}
+    exec(recipe, scope)  # noqa: S102  (our own documentation)
+    assert scope["url"] == oneclick.url(BASE, key, "news.customer.example", "bob@example.org")
