@@ -68,7 +68,6 @@ class WebService:
         self.daemon = daemon
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.runners: list[web.AppRunner] = []
-        self.started_with: WebConfig | None = None
         self.keys: dict[str, bytes] = {}  # web_keys rows, by name; never logged
         self.limiter = guard.Limiter()
 
@@ -105,22 +104,33 @@ class WebService:
         body = await metrics.exposition(self.daemon, self)
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
-    async def _serve(self, app: web.Application, where: tuple[str, int]) -> None:
+    async def _serve(self, app: web.Application, where: tuple[str, int], what: str) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = where
-        await web.TCPSite(runner, host or None, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(runner, host or None, port, reuse_address=True).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(e.errno, f"{e.strerror or e} ([web] {what} = {host}:{port}; maild "
+                          "binds it after dropping root: a port above 1023)") from None
         self.runners.append(runner)
 
     async def start(self) -> None:
         w = self.settings
-        self.started_with = w
+        # Keys before the first message: the require_one_click rule then reads memory only
+        # (a list registered later gets its key at its first message, from the store).
+        await self.key("csrf")
+        optin = getattr(self.daemon, "optin", None)
+        for list_id in (optin.registry().lists if optin is not None else ()):
+            await self.list_key(list_id)
         separate = w.metrics and w.metrics_listen is not None
         await self._serve(self.app(pages=True, with_metrics=w.metrics and not separate),
-                          w.listen)
+                          w.listen, "listen")
         if separate:
             assert w.metrics_listen is not None
-            await self._serve(self.app(pages=False, with_metrics=True), w.metrics_listen)
+            await self._serve(self.app(pages=False, with_metrics=True), w.metrics_listen,
+                              "metrics_listen")
         log.info("web: listening on %s:%d base_url=%s metrics=%s", *w.listen, w.base_url,
                  "off" if not w.metrics else ("{}:{}".format(*w.metrics_listen) if separate
                                               else "on the web listener"))
@@ -132,9 +142,10 @@ class WebService:
 
 
 def reload_note(old: Any, new: Any) -> None:
-    """SIGHUP: base_url, limits and require_one_click apply at once; addresses do not."""
+    """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
+    once; what the listeners and routes were built from does not."""
     a, b = section(old), section(new)
-    if (a.enabled, a.listen, a.metrics, a.metrics_listen) != \
-            (b.enabled, b.listen, b.metrics, b.metrics_listen):
-        log.warning("warning: reload: [web] enabled, listen, metrics and metrics_listen "
-                    "changes take effect only after a restart")
+    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != \
+            (b.enabled, b.listen, b.metrics, b.metrics_listen, urlsplit(b.base_url).path):
+        log.warning("warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
+                    "path of base_url take effect only after a restart")

@@ -25,6 +25,7 @@ from maild.log import clean
 from maild.optin import actions
 from maild.optin.actions import ActionError, log_event
 from maild.optin.model import GONE, Kind, iso
+from maild.optin.settings import section as optin_section
 from maild.optin.tokens import short, token_hash
 from maild.store.base import StoreError
 from maild.web import guard, keys, pages
@@ -77,8 +78,10 @@ class Consent:
         return self.web.daemon.optin
 
     def _list(self, list_id: str) -> Any:
-        lst = self.optin.registry().get(list_id) if self.optin is not None else None
-        return lst
+        """A registered list, while [optin] is enabled (else nothing may be recorded)."""
+        if self.optin is None or not optin_section(self.web.daemon.config).enabled:
+            return None
+        return self.optin.registry().get(list_id)
 
     # ------------------------------------------------------------- one-click
 

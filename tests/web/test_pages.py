@@ -164,3 +164,14 @@ def test_limiter_window_slides():
     assert [lim.allow("k", 2, 10) for _ in range(3)] == [True, True, False]
     now[0] = 10.5
     assert lim.allow("k", 2, 10)
+
+
+async def test_nothing_is_served_or_recorded_while_optin_is_disabled(site):
+    from maild.config import parse
+    from tests.web.conftest import BASE, POLICY
+
+    site.daemon.config = parse({**POLICY, "optin": {**POLICY["optin"], "enabled": False},
+                                "web": {"enabled": True, "base_url": BASE}})
+    assert (await site.client.get(PAGE)).status == 404
+    token = await pending(site)
+    assert (await site.client.get(f"/maild/confirm/{token}")).status == 404

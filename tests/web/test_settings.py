@@ -57,3 +57,15 @@ def test_mistakes_are_named(web, needle):
 def test_plain_http_only_for_a_loopback_host():
     c = parse({**MINIMAL, "web": {"enabled": True, "base_url": "http://127.0.0.1:8025"}})
     assert section(c).base_url == "http://127.0.0.1:8025"
+
+
+def test_reload_says_which_changes_wait_for_a_restart(caplog):
+    from maild.web.app import reload_note
+
+    on = {"enabled": True, "base_url": "https://x.example/maild"}
+    old = parse({**MINIMAL, "web": on})
+    reload_note(old, parse({**MINIMAL, "web": {**on, "client_limit": 3}}))
+    assert "take effect only after a restart" not in caplog.text
+    reload_note(old, parse({**MINIMAL, "web": {**on, "listen": "127.0.0.1:8099"}}))
+    assert "[web] enabled, listen, metrics, metrics_listen and the path of base_url take " \
+           "effect only after a restart" in caplog.text
