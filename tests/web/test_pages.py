@@ -175,3 +175,13 @@ async def test_nothing_is_served_or_recorded_while_optin_is_disabled(site):
     assert (await site.client.get(PAGE)).status == 404
     token = await pending(site)
     assert (await site.client.get(f"/maild/confirm/{token}")).status == 404
+
+
+async def test_a_store_failure_is_a_503_page_and_records_nothing(site):
+    csrf = await form(site, PAGE)
+    await site.store.close()  # the state store goes away
+    r = await site.client.post(PAGE, data={"csrf": csrf, "address": "hal@hosted.example"})
+    assert r.status == 503 and r.headers["Retry-After"] == "300"
+    assert "nothing was changed" in await r.text() and "Traceback" not in await r.text()
+    await site.store.open()
+    assert not await events(site, "hal@hosted.example")
