@@ -316,7 +316,8 @@ SECTION_PARSERS: dict[str, Any] = {}
 # its keys from the reader (marking them known); it must not fail when they are absent.
 CUSTOMER_PARSERS: dict[str, Any] = {}
 # Modules that register parsers; imported before parsing.
-SECTION_MODULES: list[str] = ["maild.retention.config", "maild.dns", "maild.policy.identity"]
+SECTION_MODULES: list[str] = ["maild.retention.config", "maild.dns", "maild.policy.identity",
+                              "maild.web.settings"]
 
 
 def _load_section_parsers() -> None:

@@ -42,6 +42,7 @@ class Daemon:
         self.retention = None
         self.report_job = None
         self.scheduler = None
+        self.web = None
 
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
@@ -84,6 +85,7 @@ class Daemon:
                                      pool_size=c.server.downstream_pool)
         self.proxy = Proxy(c, self.downstream, self.decisions)
         await self._start_antispam()
+        await self._start_web()
         await self.server.start_serving()
         await self._start_retention()
         self._start_report()
@@ -124,6 +126,17 @@ class Daemon:
         services.optin = self.optin
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
+
+    async def _start_web(self) -> None:
+        """[web]: the consent pages, one-click unsubscribe and /metrics (maild.web)."""
+        from maild import services
+        from maild.web.app import WebService
+        from maild.web.settings import section
+
+        if section(self.config).enabled:
+            self.web = WebService(self)
+            await self.web.start()
+            services.web = self.web
 
     @property
     def status_path(self) -> Path:
@@ -262,6 +275,9 @@ class Daemon:
                 new.server.state != self.config.server.state:
             log.warning("warning: reload: listen, downstream and state changes take effect "
                         "only after a restart")
+        from maild.web.app import reload_note
+
+        reload_note(self.config, new)
         self._configure_services(new)
         self._configure_campaigns(new)
         self._schedule_report(new)
@@ -275,6 +291,8 @@ class Daemon:
         notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        if self.web is not None:
+            await self.web.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace
         while self.counter.total > 0 and loop.time() < deadline:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +35,8 @@ log = logging.getLogger("maild.policy")
 Status = Literal["ok", "nxdomain", "nodata", "nullmx", "error"]
 # Tests replace this to move time without waiting.
 clock = time.monotonic
+# Lookups sent (by result status) and answered from the cache, since start (/metrics).
+STATS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,7 @@ async def _cached(kind: str, name: str, fn: Any) -> Lookup:
     key = (kind, name)
     hit = st.cache.get(key)
     if hit is not None:
+        STATS["cache-hit"] += 1
         return hit
     loop = asyncio.get_running_loop()
     task = st.inflight.get(key)
@@ -301,6 +304,7 @@ async def _lookup_and_store(st: _State, key: tuple[str, str], fn: Any) -> Lookup
     finally:
         if st.inflight.get(key) is asyncio.current_task():
             del st.inflight[key]
+    STATS[result.status] += 1
     if result.status == "error":
         log.warning("dns: warning: %s", result.detail)
         st.cache.put(key, result, st.settings.error_ttl)

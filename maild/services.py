@@ -13,4 +13,5 @@ limiter: Any = None
 campaigns: Any = None
 sanctions: Any = None
 optin: Any = None  # maild.optin.service.OptinService
+web: Any = None  # maild.web.app.WebService: one-click keys for the policy rule
 sessions: Any = None  # maild.smtp.server.SessionCounter: sessions per real client

@@ -26,6 +26,7 @@ from maild.optin.settings import ListConfig, section
 from maild.optin.tokens import new_token, short, token_hash
 from maild.smtp.downstream import Downstream
 from maild.smtp.submit import as_bytes, submit
+from maild.web import settings as web_settings
 
 log = logging.getLogger("maild.optin")
 
@@ -92,8 +93,8 @@ class RequestResult:
 async def request(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
                   address: str, *, channel: str = "web", actor: str = "", ip: str = "",
                   user_agent: str = "", evidence: bytes | None = None,
-                  now: float | None = None, attempts: int = 2, delay: float = 2.0
-                  ) -> RequestResult:
+                  now: float | None = None, attempts: int = 2, delay: float = 2.0,
+                  detail: dict[str, object] | None = None) -> RequestResult:
     """Record a subscription request and send the confirmation mail with a fresh token."""
     s = section(config)
     address = check_address(address)
@@ -113,13 +114,14 @@ async def request(ledger: Ledger, config: Config, downstream: Downstream | None,
     expires = iso(now + s.token_lifetime)
     msg, mid = messages.confirmation(lst, address, token, confirm_local=s.confirm_local_part,
                                      hostname=config.server.hostname, when=iso(now)[:19],
-                                     expires=expires[:19], ip=ip)
+                                     expires=expires[:19], ip=ip,
+                                     confirm_url=web_settings.confirm_url(config, token))
     sent_copy = await ledger.put_raw(messages.redacted(msg, token))
     ev = await ledger.append(
         list_id=lst.id, address=address, kind=Kind.REQUEST, channel=channel, actor=actor, ip=ip,
         user_agent=user_agent, consent_text=lst.consent_text, token_hash=token_hash(token),
         message_id=mid, raw=evidence, ts=now,
-        detail={"expires": expires, "confirm_domain": lst.domain,
+        detail={**(detail or {}), "expires": expires, "confirm_domain": lst.domain,
                 "confirmation_sha256": sent_copy})
     await control(ledger.store, "optin", lst.id)
     log_event(ev, f"expires={expires}")
@@ -205,7 +207,8 @@ class RevokeResult:
 async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
                  address: str, *, channel: str, actor: str, ip: str = "", user_agent: str = "",
                  reason: str = "", evidence: bytes | None = None, notify: bool = True,
-                 attempts: int = 2, delay: float = 2.0) -> RevokeResult:
+                 attempts: int = 2, delay: float = 2.0,
+                 detail: dict[str, object] | None = None) -> RevokeResult:
     """Record a revocation (honoured at once) and tell the subscriber, once."""
     address = check_address(address)
     before, _ = await standing(ledger, lst.id, address)
@@ -214,7 +217,7 @@ async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, 
               and before.state in (State.CONFIRMED, State.PENDING))
     notice, mid = messages.revocation_notice(lst, address, channel=channel, when=iso(now)[:19],
                                              hostname=config.server.hostname)
-    detail: dict[str, object] = {"previous_state": str(before.state)}
+    detail = {**(detail or {}), "previous_state": str(before.state)}
     if reason:
         detail["reason"] = reason[:500]
     if notify:

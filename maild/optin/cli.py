@@ -551,3 +551,7 @@ def register(main: click.Group) -> None:
                        f"chain(s) checked in {time.monotonic() - t0:.2f}s")
         if not report.ok:
             sys.exit(1)
+
+    from maild.web.cli import register as register_web
+
+    register_web(optin)  # unsubscribe-url, unsubscribe-key

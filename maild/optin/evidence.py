@@ -142,14 +142,18 @@ evidence.json      every consent event recorded for {address}, oldest first per 
 messages/          the raw messages the events refer to, exactly as received (all
                    headers): subscription requests, confirmation replies, unsubscribe
                    requests, complaints; and *-confirmation-sent.eml, the confirmation
-                   maild sent (its single-use token replaced by the token's hash)
+                   maild sent (its single-use token replaced by the token's hash);
+                   *.http: the raw HTTP requests maild's own pages received (subscribe
+                   form, confirmation button, one-click unsubscribe: request line,
+                   headers, body; a token in them replaced by its hash)
 consent/           the consent texts the subscriber was shown, named by their SHA-256
 
 Events
   request    someone asked to subscribe the address (web form, email, API); maild
              sent a confirmation with a single-use token (stored only as a hash)
-  confirm    the subscriber replied to that confirmation: proof that the owner of the
-             mailbox agreed (the reply is in messages/, with all its headers)
+  confirm    the subscriber replied to that confirmation, or pressed the button on
+             the page its link opens: proof that the owner of the mailbox agreed (the
+             reply or the HTTP request is in messages/, with all its headers)
   owner-add  the list owner attested that consent was obtained elsewhere (source and
              date in detail.attestation); this is the owner's word, not maild's proof
   import     the same for many addresses at once
@@ -230,7 +234,8 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
             if e.raw_sha256:
                 raw = await ledger.raw(e.raw_sha256)
                 if raw is not None:
-                    raw_file = f"messages/{_safe(lid)}/{e.seq:06d}-{e.kind}.eml"
+                    ext = "http" if "http" in e.detail else "eml"  # maild's own pages
+                    raw_file = f"messages/{_safe(lid)}/{e.seq:06d}-{e.kind}.{ext}"
                     files[raw_file] = raw
                     intact = hashlib.sha256(raw).hexdigest() == e.raw_sha256
                 else:

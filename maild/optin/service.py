@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +94,7 @@ class OptinService:
         self.overlay: dict[Key, list[tuple[Kind, str, str, Job]]] = {}
         self.stored_lists: list[ListConfig] = []
         self.last_id = 0
+        self.kinds: Counter[Kind] = Counter()  # ledger events by kind, for /metrics
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
         self._reg: Registry | None = None
@@ -246,6 +247,7 @@ class OptinService:
         k = _KINDS.get(kind)
         if k is None:
             return
+        self.kinds[k] += 1
         key = (list_id, address)
         self.standings[key] = apply(self.standings.get(key, _NOBODY), k, ts, channel)
         if k is Kind.REQUEST and th:

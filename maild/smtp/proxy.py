@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from email.utils import format_datetime, localtime
 from typing import Any
 
@@ -103,6 +104,8 @@ class Proxy:
         self.decisions = decisions
         self.started = time.time()
         self.stats = {"relayed": 0, "rejected": 0, "tempfailed": 0}
+        # (stage, action, rule) -> decisions, for /metrics; rule names are a fixed set.
+        self.decided: Counter[tuple[str, str, str]] = Counter()
         self.late = LateReplies()
 
     # ------------------------------------------------------------------ logging
@@ -142,6 +145,7 @@ class Proxy:
                     recipient=to, size=size))
             key = {"relay": "relayed", "reject": "rejected"}.get(action, "tempfailed")
             self.stats[key] += 1
+            self.decided[(stage, action, rule)] += 1
         except Exception:  # logging must never turn a delivered message into an error
             log.exception("cannot record decision")
 

@@ -27,6 +27,12 @@ def register_migrations(component: str, scripts: Sequence[str]) -> None:
 class StoreError(Exception):
     """The state store failed; callers answer 4xx (tempfail), never accept unchecked."""
 
+    raised = 0  # errors since start, every caller alike (/metrics)
+
+    def __init__(self, *args: object):
+        StoreError.raised += 1
+        super().__init__(*args)
+
 
 class Store(Protocol):
     path: str

@@ -1,0 +1,47 @@
+"""[web] require_one_click: list mail must carry maild's own one-click URL for its recipient.
+
+Gmail and Yahoo ask bulk senders for RFC 8058 one-click unsubscribe honoured within two
+days; when maild serves the URL itself, the unsubscribe is honoured at once and
+recorded first-hand. This rule runs after the opt-in rule passed a message of a
+registered list (so the message has an acceptable List-Unsubscribe already) and asks
+that one of its http(s) URIs is maild's one-click URL for that list and each recipient.
+"""
+
+from __future__ import annotations
+
+from maild import services
+from maild.optin.detect import _URI
+from maild.policy.context import Context, Stage
+from maild.policy.pipeline import rule
+from maild.policy.verdict import Verdict, reject
+from maild.web import oneclick
+from maild.web.settings import section
+
+
+@rule(Stage.DATA, "optin-one-click", order=56)
+async def optin_one_click(ctx: Context) -> Verdict | None:
+    w = section(ctx.config)
+    list_id = ctx.notes.get("optin-deliver")  # set by the opt-in rule when it passed
+    web = services.web
+    if not (w.enabled and w.require_one_click) or not isinstance(list_id, str) or web is None:
+        return None
+    assert ctx.message is not None
+    uris = [u.strip() for v in ctx.message.headers.get_all("List-Unsubscribe", [])
+            for u in _URI.findall(str(v))]
+    key = await web.list_key(list_id)
+    missing = [a.addr for a in ctx.recipients
+               if not any(oneclick.for_recipient(w.base_url, key, u, list_id, a.addr)
+                          for u in uris)]
+    if not missing:
+        return None
+    how = (f"maild optin unsubscribe-url {list_id} ADDRESS prints it; list software can "
+           "compute it with the list's key (docs/optin.md)")
+    if not any(oneclick.parse(w.base_url, u) for u in uris):
+        why = (f"its List-Unsubscribe has no one-click URL of this provider "
+               f"({oneclick.prefix(w.base_url)}...), which is required here; add "
+               f"<{oneclick.prefix(w.base_url)}...> for each recipient ({how})")
+    else:
+        shown = ", ".join(f"<{a}>" for a in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        why = (f"its one-click List-Unsubscribe URL is not the one for {shown} (each "
+               f"recipient has its own; send one message per subscriber; {how})")
+    return reject(550, "5.7.1", f"List mail for {list_id} refused: {why}", "optin-one-click")
