@@ -19,7 +19,7 @@ from pathlib import Path
 from maild.config import Config
 
 SIG_CONTROL = signal.SIGUSR1
-WAIT = 15.0  # seconds: a reload probes a new downstream for up to 5 s
+WAIT = 15.0  # seconds: a reload probes a new downstream for up to 9 s (3 s per step)
 
 
 def monotonic() -> float:
