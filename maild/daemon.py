@@ -102,8 +102,6 @@ class Daemon:
         self.proxy = Proxy(c, self.downstream, self.decisions)
         await self._start_antispam()
         await self.server.start_serving()
-        # A missing downstream would otherwise show only as the first message's 451.
-        self._probe = loop.create_task(self.check_downstream("start"))
         await self._start_retention()
         self._start_report()
         self.write_status()
@@ -111,6 +109,8 @@ class Daemon:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
         log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
                  _version(), c.server.mode, lhost, lport, host, port, self.store.path)
+        # A missing downstream would otherwise show only as the first message's 451.
+        self._probe = loop.create_task(self.check_downstream("start"))
 
     async def _start_antispam(self) -> None:
         """Rate-limit counters (loaded from the store), campaigns, sanctions."""

@@ -38,13 +38,15 @@ def ask(config: Config, sig: int, key: str, *, timeout: float = WAIT) -> Answer:
     """Signal the daemon and wait until its status file's `key` (a CLOCK_MONOTONIC time
     at which it began the work) is later than the moment the signal was sent.
 
-    The daemon is found by its status file, else by `[server] pid_file`: after an edit of
-    `[server] state` the status file is where the old state is until the daemon reloads
-    (it then writes one where the file says, too)."""
+    The daemon is found by its status file, else by `[server] pid_file`, else as the
+    `maild serve` process of this policies.toml: after an edit of `[server] state` the
+    status file is where the old state is until the daemon reloads (it then writes one
+    where the file says, too)."""
     from maild.doctor import daemon_status
 
     st = daemon_status(config)
-    pid = int(st["pid"]) if st else pid_from_file(config.server.pid_file)
+    pid = int(st["pid"]) if st else (pid_from_file(config.server.pid_file)
+                                     or pid_serving(config.path))
     if pid is None:
         return Answer("not-running")
     began = monotonic()
@@ -72,6 +74,37 @@ def pid_from_file(path: str) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if pid and alive(pid) else None
+
+
+def pid_serving(config_path: str) -> int | None:
+    """The one `maild serve` process whose policies.toml is config_path (Linux /proc)."""
+    want = Path(config_path).resolve()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0")]
+            if "serve" not in argv or not any(Path(a).name == "maild" for a in argv[:2]):
+                continue
+            path = _config_arg(argv) or _environ(d).get("MAILD_CONFIG") or "policies.toml"
+            if (d / "cwd").resolve() / path == want or Path(path).resolve() == want:
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    return found[0] if len(found) == 1 else None
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _environ(d: Path) -> dict[str, str]:
+    pairs = (e.decode(errors="replace").partition("=") for e in (d / "environ").read_bytes().split(b"\0"))
+    return {k: v for k, _, v in pairs if k}
 
 
 def alive(pid: int) -> bool:

@@ -200,7 +200,7 @@ def register(main: click.Group) -> None:
         if st["restart_needed"]:
             for r in st["restart_needed"]:
                 click.echo(f"  not in effect until a restart: {_pending(r)}", err=True)
-            click.echo("  restart maild to apply them: systemctl restart maild", err=True)
+            click.echo("  restart maild to apply them (systemctl restart maild)", err=True)
             sys.exit(1)
 
 

@@ -83,9 +83,12 @@ def test_reload_moves_listen_and_downstream_and_sessions_in_flight_finish(
         assert "warning: downstream" not in m.log()
 
 
-def test_reload_names_a_state_change_that_needs_a_restart_and_exits_1(postfix, tmp_path):
-    # The status file lives beside the state: the command finds the daemon by its pid_file.
-    m = Maild(tmp_path / "m", front_policy(postfix.reinject_port, pid_file=str(tmp_path / "maild.pid")))
+@pytest.mark.parametrize("pid_file", [True, False], ids=["pid-file", "process-table"])
+def test_reload_names_a_state_change_that_needs_a_restart_and_exits_1(postfix, tmp_path, pid_file):
+    # The status file lives beside the old state: the command finds the daemon by its
+    # pid_file, or else as the `maild serve` process of this policies.toml.
+    server = {"pid_file": str(tmp_path / "maild.pid")} if pid_file else {}
+    m = Maild(tmp_path / "m", front_policy(postfix.reinject_port, **server))
     with m:
         running = str(tmp_path / "m" / "state.db")
         elsewhere = tmp_path / "elsewhere" / "maild.db"
