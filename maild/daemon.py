@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from maild import config as cfg
@@ -454,10 +455,21 @@ class Daemon:
         log.info("daemon stopped")
 
     async def run(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        loop.add_signal_handler(SIG_CONTROL, lambda: loop.create_task(self._control_now()))
+        # Before start: the CLI may find the daemon (pid_file, process table) before it is
+        # ready, and the default action of SIGHUP and SIGUSR1 is to terminate.
+        ready = asyncio.Event()
+
+        def when_ready(job: Callable[[], Awaitable[None]]) -> None:
+            async def go() -> None:
+                await ready.wait()
+                await job()
+            loop.create_task(go())
+
+        loop.add_signal_handler(signal.SIGHUP, when_ready, self.reload)
+        loop.add_signal_handler(SIG_CONTROL, when_ready, self._control_now)
+        await self.start()
+        ready.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         notify(f"READY=1\nMAINPID={os.getpid()}")
@@ -496,6 +508,8 @@ def _version() -> str:
 
 
 def serve(config: cfg.Config, *, allow_root: bool = False) -> None:
+    for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
+        signal.signal(sig, signal.SIG_IGN)
     daemon = Daemon(config, allow_root=allow_root)
     try:
         import uvloop  # optional: faster event loop when installed
