@@ -1,8 +1,14 @@
 """`maild serve`: the SMTP proxy and the scheduled jobs in one event loop.
 
 Signals: SIGHUP reloads policies.toml (sessions in flight finish under the policy they
-started with; a broken file is logged and the running policy kept); SIGTERM/SIGINT stop
-accepting, let sessions in flight finish for up to `shutdown_grace` seconds, then exit.
+started with; a broken file is logged and the running policy kept). A reload also applies
+[server] listen (the new socket is bound before the old listener closes) and the
+downstream settings (a new pool; connections in use finish their session's transaction on
+the old one); `state` and `user` need a restart, and the status file says so. SIGUSR1
+applies the state store's control rows (blocks, unblocks, counter resets) at once instead
+of at the next 2-second poll. The status file records when each was done, for the CLI
+(maild.daemonctl). SIGTERM/SIGINT stop accepting, let sessions in flight finish for up to
+`shutdown_grace` seconds, then exit.
 """
 
 from __future__ import annotations
@@ -14,16 +20,19 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from maild import config as cfg
 from maild import privs
+from maild.daemonctl import SIG_CONTROL, monotonic
+from maild.doctor import downstream_verdict
 from maild.sdnotify import notify
-from maild.smtp.downstream import Downstream
+from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP, SessionCounter
 from maild.store import open_store
-from maild.store.base import resolve_state_path
+from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 
 log = logging.getLogger("maild")
@@ -43,6 +52,12 @@ class Daemon:
         self.report_job = None
         self.scheduler = None
         self.web = None
+        self.last_reload: dict | None = None
+        self.control_synced = 0.0  # CLOCK_MONOTONIC time at which the last control poll began
+        self._control_lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()
+        self._listen_error = ""
+        self._probe: asyncio.Task | None = None
 
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
@@ -68,6 +83,11 @@ class Daemon:
         self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
                                                reuse_address=True, backlog=1024,
                                                start_serving=False)
+        # What is in effect: a reload may change listen, never state or user.
+        self.listening = c.server.listen
+        self.started_with = c.server
+        self.pid_file = c.server.pid_file
+        self._status_paths = {self.status_path}
         if os.geteuid() == 0:
             if c.server.user:
                 uid, gid = privs.drop(c.server.user, state_path)
@@ -80,9 +100,7 @@ class Daemon:
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
         host, port = c.server.downstream
-        self.downstream = Downstream(host, port, local_hostname=c.server.hostname,
-                                     timeout=c.server.downstream_timeout,
-                                     pool_size=c.server.downstream_pool)
+        self.downstream = _downstream(c)
         self.proxy = Proxy(c, self.downstream, self.decisions)
         await self._start_antispam()
         await self._start_web()
@@ -94,6 +112,8 @@ class Daemon:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
         log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
                  _version(), c.server.mode, lhost, lport, host, port, self.store.path)
+        # A missing downstream would otherwise show only as the first message's 451.
+        self._probe = loop.create_task(self.check_downstream("start"))
 
     async def _start_antispam(self) -> None:
         """Rate-limit counters (loaded from the store), campaigns, sanctions."""
@@ -140,8 +160,53 @@ class Daemon:
 
     @property
     def status_path(self) -> Path:
+        """Where the CLI reading the current policies.toml looks for this daemon's status."""
         return Path(resolve_state_path(self.config.server.state, self.config.path)
                     ).with_name("maild.status.json")
+
+    async def check_downstream(self, when: str) -> str:
+        """Connect and EHLO to the downstream with a short timeout; a problem is logged as
+        a warning with doctor's words and fix, and returned. Mail is not held back.
+        (3 s per step: the three steps end well within the time `maild reload` waits.)"""
+        ds = self.downstream
+        probe = Downstream(ds.host, ds.port, local_hostname=ds.local_hostname,
+                           timeout=min(ds.timeout, 3.0), pool_size=0)
+        where = f"cannot connect to {ds.host}:{ds.port}: "
+        try:
+            xforward = await probe.probe()
+        except DownstreamRefused as e:
+            check = downstream_verdict(ds.host, ds.port, error=str(e).removeprefix(where))
+        except DownstreamError as e:
+            check = downstream_verdict(ds.host, ds.port, error=str(e).removeprefix(where),
+                                       answered=False)
+        else:
+            check = downstream_verdict(ds.host, ds.port, xforward=bool(xforward))
+        if check.level == "OK":
+            log.info("downstream: %s", check.message)
+            return ""
+        text = check.message + (": mail is tempfailed (451 4.4.1) until it answers"
+                                if check.level == "FAIL" else "")
+        log.warning("warning: downstream at %s: %s; fix: %s", when, text, check.fix)
+        return f"{text}; fix: {check.fix}"
+
+    def restart_needed(self) -> list[dict]:
+        """[server] settings in the file that are not in effect, each with the reason."""
+        file, run = self.config.server, self.started_with
+        out = []
+        if file.listen != self.listening:
+            out.append({"key": "listen", "file": _hostport(file.listen),
+                        "running": _hostport(self.listening), "why": self._listen_error})
+        if _state_shown(file.state, self.config.path) != self.store.path:
+            out.append({"key": "state", "file": _state_shown(file.state, self.config.path),
+                        "running": self.store.path,
+                        "why": "the state store is opened once, at start"})
+        if file.user != run.user:
+            out.append({"key": "user", "file": file.user, "running": run.user,
+                        "why": "root is given up once, at start"})
+        if file.pid_file != self.pid_file:
+            out.append({"key": "pid_file", "file": file.pid_file, "running": self.pid_file,
+                        "why": "cannot write it"})
+        return out
 
     def status(self) -> dict:
         """What `maild status` shows: a snapshot written every 2 seconds."""
@@ -155,8 +220,10 @@ class Daemon:
         return {
             "pid": os.getpid(), "version": _version(), "started": self.proxy.started,
             "written": time.time(), "mode": self.config.server.mode,
-            "listen": "{}:{}".format(*self.config.server.listen),
-            "downstream": "{}:{}".format(*self.config.server.downstream),
+            "listen": _hostport(self.listening),
+            "downstream": f"{self.downstream.host}:{self.downstream.port}",
+            "state": self.store.path, "restart_needed": self.restart_needed(),
+            "reload": self.last_reload, "control_synced": self.control_synced,
             "sessions": self.counter.total, "downstream_in_use": self.downstream.in_use,
             "downstream_idle": len(self.downstream._idle),
             "decisions_pending": len(self.decisions.pending),
@@ -167,14 +234,22 @@ class Daemon:
         }
 
     def write_status(self) -> None:
-        try:
-            self.status_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.status_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.status(), indent=1))
-            os.replace(tmp, self.status_path)
-        except OSError as e:
+        # Also where the edited file's state would put it: `maild reload` and `maild status`
+        # after a change of [server] state still find the daemon that has to be restarted.
+        self._status_paths.add(self.status_path)
+        text = json.dumps(self.status(), indent=1)
+        failed = []
+        for path in sorted(self._status_paths):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            except OSError as e:
+                failed.append(f"{path}: {e}")
+        if failed:
             if not self._status_failing:  # once per outage, not every 2 s
-                log.error("error: cannot write %s: %s", self.status_path, e)
+                log.error("error: cannot write %s", "; ".join(failed))
             self._status_failing = True
         else:
             if self._status_failing:
@@ -187,6 +262,22 @@ class Daemon:
         b = c.sections.get("bulk") or BulkConfig()
         self.campaigns.window, self.campaigns.match = b.window, b.match
         self.campaigns.max_campaigns, self.campaigns.max_customers = b.max_campaigns, b.max_customers
+
+    async def poll_control(self) -> None:
+        """Apply the control rows the CLI (or another node) wrote; the status file then
+        says when this poll began, which is what `maild customer block` waits for."""
+        async with self._control_lock:
+            began = monotonic()
+            await self.sanctions.poll()
+            self.control_synced = began
+        self.write_status()
+
+    async def _control_now(self) -> None:
+        """SIGUSR1: the CLI changed something; do not wait for the next poll."""
+        try:
+            await self.poll_control()
+        except StoreError as e:
+            log.error("error: state store: %s", e)
 
     def _control(self, kind: str, arg: str) -> None:
         if kind == "ratelimit-reset":
@@ -205,7 +296,7 @@ class Daemon:
             tick += 1
             self.write_status()
             try:
-                await self.sanctions.poll()
+                await self.poll_control()
                 if tick % 3 == 0 or self.limiter.shared is not None:
                     await self.limiter.flush(self.store)
                 if tick % 30 == 0:
@@ -254,27 +345,30 @@ class Daemon:
         await self.retention.start()
 
     async def reload(self) -> None:
-        """SIGHUP: apply a new policy, or keep the running one and say why; READY=1 either way."""
-        notify("RELOADING=1")
-        try:
-            await self._reload()
-        except Exception as e:  # never a dead reload task and a unit stuck in "reloading"
-            log.error("reload failed, keeping the running policy: %s: %s", type(e).__name__, e)
-        finally:
-            notify("READY=1")
+        """SIGHUP: apply a new policy, or keep the running one and say why; READY=1 either
+        way. What was done is recorded in the status file for `maild reload`."""
+        async with self._reload_lock:
+            notify("RELOADING=1")
+            result: dict = {"began": monotonic(), "refused": [], "applied": [], "warnings": []}
+            try:
+                await self._reload(result)
+            except Exception as e:  # never a dead reload task and a unit stuck in "reloading"
+                log.error("reload failed, keeping the running policy: %s: %s", type(e).__name__, e)
+                result["refused"].append(f"{type(e).__name__}: {e}")
+            finally:
+                self.last_reload = result
+                self.write_status()
+                notify("READY=1")
 
-    async def _reload(self) -> None:
+    async def _reload(self, result: dict) -> None:
         try:
             new = cfg.load(self.config.path)
         except cfg.ConfigError as e:
             for p in e.problems:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
+                result["refused"].append(f"{e.path}: {p}")
             return
-        if new.server.listen != self.config.server.listen or \
-                new.server.downstream != self.config.server.downstream or \
-                new.server.state != self.config.server.state:
-            log.warning("warning: reload: listen, downstream and state changes take effect "
-                        "only after a restart")
+        old = self.config
         from maild.web.app import reload_note
 
         reload_note(self.config, new)
@@ -286,6 +380,63 @@ class Daemon:
         if self.retention is not None:
             await self.retention.reload(new)
         log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
+        if new.server.listen != self.listening and await self._listen(new.server.listen):
+            result["applied"].append("listen")
+        if _downstream_settings(new) != _downstream_settings(old):
+            await self._replace_downstream(new)
+            result["applied"].append("downstream")
+            if warning := await self.check_downstream("reload"):
+                result["warnings"].append(warning)
+        if new.server.pid_file != self.pid_file:
+            self._move_pid_file(new.server.pid_file)
+        for r in self.restart_needed():
+            log.warning("warning: reload: [server] %s = %s is not in effect (running: %s): %s; "
+                        "restart maild to apply it", r["key"], r["file"] or '""',
+                        r["running"] or '""', r["why"])
+
+    async def _listen(self, addr: tuple[str, int]) -> bool:
+        """Bind the new address before closing the old listener: no moment without one,
+        and sessions accepted on the old socket go on."""
+        host, port = addr
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                self._protocol, host=host or None, port=port, reuse_address=True, backlog=1024)
+        except OSError as e:
+            why = f"cannot bind {host}:{port}: {e.strerror or e}"
+            if port < 1024 and os.geteuid() != 0:
+                why += " (a port below 1024 needs root, which maild gave up after binding at start)"
+            elif port == self.listening[1]:
+                why += " (the running listener holds the port)"
+            self._listen_error = why
+            log.error("error: reload: %s; still listening on %s", why, _hostport(self.listening))
+            return False
+        old, self.server = self.server, server
+        assert old is not None
+        old.close()  # stops accepting; the connections it accepted stay open
+        log.info("reload: listening on %s instead of %s; sessions in flight continue",
+                 _hostport(addr), _hostport(self.listening))
+        self.listening, self._listen_error = addr, ""
+        return True
+
+    async def _replace_downstream(self, c: cfg.Config) -> None:
+        """A new pool for new mail; the old one's connections end with their sessions."""
+        old, self.downstream = self.downstream, _downstream(c)
+        self.proxy.downstream = self.optin.downstream = self.downstream
+        await old.retire()
+        log.info("reload: downstream %s:%d instead of %s:%d; transactions in flight finish on "
+                 "the old one", self.downstream.host, self.downstream.port, old.host, old.port)
+
+    def _move_pid_file(self, path: str) -> None:
+        try:
+            if path:
+                Path(path).write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            log.error("error: reload: cannot write pid_file %s: %s", path, e.strerror)
+            return
+        if self.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_file)
+        self.pid_file = path
 
     async def stop(self) -> None:
         notify("STOPPING=1")
@@ -293,6 +444,8 @@ class Daemon:
             self.server.close()
         if self.web is not None:
             await self.web.stop()
+        if self._probe is not None:
+            self._probe.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace
         while self.counter.total > 0 and loop.time() < deadline:
@@ -311,22 +464,59 @@ class Daemon:
         await self.store.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
-        with contextlib.suppress(OSError):
-            self.status_path.unlink()
-        if self.config.server.pid_file:
+        for path in self._status_paths | {self.status_path}:
             with contextlib.suppress(OSError):
-                os.unlink(self.config.server.pid_file)
+                path.unlink()
+        if self.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_file)
         log.info("daemon stopped")
 
     async def run(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        # Before start: the CLI may find the daemon (pid_file, process table) before it is
+        # ready, and the default action of SIGHUP and SIGUSR1 is to terminate.
+        ready = asyncio.Event()
+
+        def when_ready(job: Callable[[], Awaitable[None]]) -> None:
+            async def go() -> None:
+                await ready.wait()
+                await job()
+            loop.create_task(go())
+
+        loop.add_signal_handler(signal.SIGHUP, when_ready, self.reload)
+        loop.add_signal_handler(SIG_CONTROL, when_ready, self._control_now)
+        await self.start()
+        ready.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         notify(f"READY=1\nMAINPID={os.getpid()}")
         await self.stop_event.wait()
         await self.stop()
+
+
+def _downstream(c: cfg.Config) -> Downstream:
+    host, port = c.server.downstream
+    return Downstream(host, port, local_hostname=c.server.hostname,
+                      timeout=c.server.downstream_timeout, pool_size=c.server.downstream_pool)
+
+
+def _downstream_settings(c: cfg.Config) -> tuple:
+    s = c.server
+    return s.downstream, s.hostname, s.downstream_timeout, s.downstream_pool
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    return "{}:{}".format(*addr)
+
+
+def _state_shown(state: str, config_path: str) -> str:
+    """As the store names itself (store.path): a file's full path, a URL without password."""
+    if is_postgres(state):
+        from maild.store.postgres import _redact
+
+        return _redact(state)
+    return resolve_state_path(state, config_path)
 
 
 def _version() -> str:
@@ -336,6 +526,8 @@ def _version() -> str:
 
 
 def serve(config: cfg.Config, *, allow_root: bool = False) -> None:
+    for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
+        signal.signal(sig, signal.SIG_IGN)
     daemon = Daemon(config, allow_root=allow_root)
     try:
         import uvloop  # optional: faster event loop when installed

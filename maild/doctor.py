@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maild.config import Config, parse_duration
+from maild.daemonctl import alive
 from maild.probe import probe
 from maild.store.base import MIGRATIONS, resolve_state_path
 
@@ -93,10 +94,10 @@ def daemon_status(config: Config) -> dict | None:
     except (OSError, ValueError):
         return None
     try:
-        os.kill(int(st["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+        running = alive(int(st["pid"]))
+    except (KeyError, ValueError):
         return None
-    return st
+    return st if running else None
 
 
 def check_daemon(config: Config) -> Check:
@@ -112,29 +113,60 @@ def check_daemon(config: Config) -> Check:
               f"{st['sessions']} sessions in flight")
 
 
+def _running_differs(config: Config, key: str) -> str:
+    """Where the running daemon's value of [server] KEY differs from the file's: say so,
+    so that a probe of the file's address is not mistaken for what the daemon uses."""
+    st = daemon_status(config)
+    want = "{}:{}".format(*getattr(config.server, key))
+    if st is None or not st.get(key) or st[key] == want:
+        return ""
+    pending = [r for r in st.get("restart_needed", []) if r.get("key") == key]
+    todo = (f"restart maild to apply the file ({pending[0]['why']})" if pending
+            else "`maild reload` applies the file")
+    return f"; the running daemon (pid {st['pid']}) uses {key} {st[key]}, not the file's {want}: {todo}"
+
+
 def check_listen(config: Config) -> Check:
     host, port = config.server.listen
     r = probe(host or "127.0.0.1", port, [], helo=config.server.hostname, timeout=5)
+    other = _running_differs(config, "listen")
     if not r.connected:
-        return warn("listen", f"nothing answers on {host}:{port} ({r.error})",
+        return warn("listen", f"nothing answers on {host}:{port} ({r.error}){other}",
                     "start `maild serve`; check [server] listen")
-    return ok("listen", f"{host}:{port} answers: {r.banner[:60]}")
+    return ok("listen", f"{host}:{port} answers: {r.banner[:60]}{other}")
+
+
+DOWNSTREAM_FIX = "add the re-injection smtpd to master.cf (docs/postfix.md) and `postfix reload`"
+
+
+def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool = True,
+                       xforward: bool = True) -> Check:
+    """The downstream check's words, for doctor's probe and for the daemon's at start and
+    reload: `error` when nothing usable answered (`answered`: something did, but refused
+    the greeting or EHLO), else whether XFORWARD is offered to maild."""
+    if error and not answered:
+        return fail("downstream", f"cannot reach {host}:{port}: {error}", DOWNSTREAM_FIX)
+    if error:
+        return fail("downstream", f"{host}:{port} did not answer EHLO ({error})",
+                    "point [server] downstream at Postfix's re-injection smtpd")
+    if not xforward:
+        return warn("downstream", f"{host}:{port} answers EHLO but does not offer XFORWARD to maild",
+                    "add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to the re-injection "
+                    "service, so Postfix logs the real client")
+    return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
 
 
 def check_downstream(config: Config) -> Check:
     host, port = config.server.downstream
     r = probe(host, port, [], helo=config.server.hostname, timeout=10)
     if not r.connected:
-        return fail("downstream", f"cannot reach {host}:{port}: {r.error}",
-                    "add the re-injection smtpd to master.cf (docs/postfix.md) and `postfix reload`")
-    if not r.ehlo:
-        return fail("downstream", f"{host}:{port} did not answer EHLO ({r.banner})",
-                    "point [server] downstream at Postfix's re-injection smtpd")
-    if "xforward" not in r.ehlo:
-        return warn("downstream", f"{host}:{port} answers EHLO but does not offer XFORWARD to maild",
-                    "add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to the re-injection "
-                    "service, so Postfix logs the real client")
-    return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
+        c = downstream_verdict(host, port, error=r.error or "no answer", answered=False)
+    elif not r.ehlo:
+        c = downstream_verdict(host, port, error=r.banner or "no reply")
+    else:
+        c = downstream_verdict(host, port, xforward="xforward" in r.ehlo)
+    other = _running_differs(config, "downstream")
+    return Check(c.name, c.level, c.message + other, c.fix) if other else c
 
 
 # ------------------------------------------------------------------------- Postfix wiring

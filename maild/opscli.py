@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -151,6 +149,9 @@ def register(main: click.Group) -> None:
             return
         click.echo(f"maild {st['version']} pid {st['pid']}: up {st['uptime']}s, mode {st['mode']}, "
                    f"listen {st['listen']} -> {st['downstream']}")
+        click.echo(f"  state: {st.get('state', '-')}")
+        for r in st.get("restart_needed", []):
+            click.echo(f"  not in effect until a restart: {_pending(r)}")
         click.echo(f"  sessions in flight: {st['sessions']}; downstream connections: "
                    f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle")
         click.echo(f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
@@ -164,20 +165,47 @@ def register(main: click.Group) -> None:
     def reload() -> None:
         """Reload policies.toml in the running daemon (SIGHUP); sessions are not dropped.
 
-        The file is checked first: a broken file is reported here and not sent.
+        The file is checked first: a broken file is reported here and not sent. Then the
+        command waits for the daemon's answer: listen and downstream changes are applied
+        (sessions in flight finish where they started); [server] state and user need a
+        restart. Exit code 0 when everything in the file is in effect, 1 otherwise.
         """
-        from maild.doctor import daemon_status
+        from maild import daemonctl
 
         config = load_config()  # exits 2 with the problems if the file is broken
-        st = daemon_status(config)
-        pid = int(st["pid"]) if st else None
-        if pid is None and config.server.pid_file and os.path.exists(config.server.pid_file):
-            pid = int(Path(config.server.pid_file).read_text().strip() or 0) or None
-        if pid is None:
-            raise click.ClickException("maild is not running (no status file or PID file); "
-                                       "under systemd use `systemctl reload maild`")
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as e:
-            raise click.ClickException(f"cannot signal pid {pid}: {e.strerror}") from None
-        click.echo(f"reload sent to maild pid {pid}")
+        answer = daemonctl.ask(config, signal.SIGHUP, "reload")
+        if answer.outcome == "not-running":
+            raise click.ClickException(
+                "maild is not running (no live status file beside [server] state, no pid_file); "
+                "under systemd use `systemctl reload maild`; if you changed [server] state, that "
+                "needs `systemctl restart maild`")
+        if answer.outcome == "timeout" and answer.status is None:
+            raise click.ClickException(
+                f"reload sent to maild pid {answer.pid}, but it wrote no status file beside "
+                f"[server] state = {config.server.state}: cannot tell what took effect; see its log")
+        if answer.signal_error or answer.outcome == "timeout":
+            raise click.ClickException(
+                answer.signal_error or f"maild pid {answer.pid} did not confirm the reload within "
+                f"{daemonctl.WAIT:g}s; see its log")
+        assert answer.status is not None
+        result, st = answer.status["reload"], answer.status
+        if result["refused"]:
+            raise click.ClickException("the daemon refused the reload and keeps the running "
+                                       "policy: " + "; ".join(result["refused"]))
+        click.echo(f"reload: maild pid {answer.pid} reloaded {config.path}")
+        for key in result["applied"]:
+            click.echo(f"  {key} now {st[key]} (sessions in flight finish on the old one)")
+        for w in result["warnings"]:
+            click.echo(f"  warning: {w}", err=True)
+        if st["restart_needed"]:
+            for r in st["restart_needed"]:
+                click.echo(f"  not in effect until a restart: {_pending(r)}", err=True)
+            click.echo("  restart maild to apply them (systemctl restart maild)", err=True)
+            sys.exit(1)
+
+
+def _pending(r: dict) -> str:
+    """One restart_needed entry of the status file, as `maild status` and `reload` print it."""
+    empty = '""'
+    why = f": {r['why']}" if r["why"] else ""
+    return f"[server] {r['key']} = {r['file'] or empty} (running: {r['running'] or empty}){why}"

@@ -1,12 +1,14 @@
 """CLI for outbound anti-spam: customers' state, warn/block/unblock, counter resets.
 
-These commands write to the state store and leave a `control` row; a running
-`maild serve` applies it within two seconds. Counters shown are those last persisted
-by the daemon (it writes them every few seconds).
+These commands write to the state store and leave a `control` row, then signal the
+running `maild serve` on this node to apply it at once and wait for its answer
+(maild.daemonctl); they say when the change takes effect. Counters shown are those last
+persisted by the daemon (it writes them every few seconds).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from maild.antispam.limiter import Counter
 from maild.antispam.sanctions import control, set_state
 from maild.cli import echo_json, load_config, run_async
 from maild.config import Config
+from maild.daemonctl import apply_control
 from maild.store import open_store
 from maild.store.base import Store
 
@@ -153,10 +156,8 @@ def register(main: click.Group) -> None:
         actor = f"cli:{_user()}"
         run_async(_with_store(config, lambda store: set_state(
             store, name, state, reason, actor, clear=(state == "ok"))))
-        if as_json:
-            echo_json({"name": name, "state": state, "reason": reason, "actor": actor})
-        else:
-            click.echo(f"customer {name}: {state}")
+        _effect(config, {"name": name, "state": state, "reason": reason, "actor": actor},
+                f"customer {name}: {state}", as_json)
 
     json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -214,11 +215,20 @@ def register(main: click.Group) -> None:
             return n
 
         n = run_async(_with_store(config, do))
-        if as_json:
-            echo_json({"key": key, "prefixes": prefixes, "deleted": n})
-        else:
-            click.echo(f"reset {key}: {n} stored counter(s) removed; the running daemon resets "
-                       "its own within 2 seconds")
+        _effect(config, {"key": key, "prefixes": prefixes, "deleted": n},
+                f"reset {key}: {n} stored counter(s) removed", as_json)
+
+
+def _effect(config: Config, result: dict, text: str, as_json: bool) -> None:
+    """Have the running daemon apply the change now and say when it takes effect;
+    exit 1 when the daemon did not confirm (the change is recorded all the same)."""
+    settled, effect = apply_control(config)
+    if as_json:
+        echo_json({**result, "applied": settled, "effect": effect})
+    else:
+        click.echo(f"{text}; {effect}", err=not settled)
+    if not settled:
+        sys.exit(1)
 
 
 def _user() -> str:

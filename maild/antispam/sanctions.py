@@ -8,9 +8,10 @@ The ladder (default: warn, block) is walked by the number of strikes within `win
 since the customer was last unblocked.
 
 Every state change is one syslog line and an append-only row (who, why, when). The CLI
-writes to the same store and leaves a row in `control`; the daemon polls it every two
-seconds, so `maild customer block/unblock` and `maild ratelimit reset` act at once on
-the running daemon without a signal.
+writes to the same store and leaves a row in `control`; every daemon polls it every two
+seconds (so other nodes on the same PostgreSQL see it), and `maild customer
+block/unblock` and `maild ratelimit reset` also signal the daemon on their node, which
+polls at once (maild.daemonctl).
 """
 
 from __future__ import annotations

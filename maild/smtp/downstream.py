@@ -31,6 +31,10 @@ class DownstreamError(Exception):
     """The downstream could not be reached or did not answer in time."""
 
 
+class DownstreamRefused(DownstreamError):
+    """The downstream answered, but refused the greeting or EHLO: not a usable smtpd."""
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     code: int
@@ -183,6 +187,7 @@ class Connection:
     pipelining: bool = False
     chunking: bool = False
     content_sent: bool = False  # this transaction's message has been written (for the log)
+    pool: Downstream | None = None  # the pool it came from: after a reload swapped pools, it goes back there
 
     @property
     def is_connected(self) -> bool:
@@ -225,7 +230,7 @@ class Downstream:
         try:
             greeting = await client.reply(client.greeting, self.timeout)
             if greeting.code != 220:
-                raise DownstreamError(f"cannot connect to {where}: {greeting.code} {greeting.text}")
+                raise DownstreamRefused(f"cannot connect to {where}: {greeting.code} {greeting.text}")
             ehlo = await client.reply(
                 client.send(f"EHLO {self.local_hostname}\r\n".encode("utf-8", "surrogateescape"),
                             1)[0], self.timeout)
@@ -234,13 +239,20 @@ class Downstream:
             raise
         if ehlo.code != 250:
             client.close()
-            raise DownstreamError(f"{where} refused EHLO: {ehlo.code} {ehlo.text}")
+            raise DownstreamRefused(f"{where} refused EHLO: {ehlo.code} {ehlo.text}")
         ext = esmtp_extensions(ehlo.text)
         xf = frozenset(a.upper() for a in ext["xforward"].split()) if "xforward" in ext \
             else frozenset()
         now = time.monotonic()
         return Connection(client=client, xforward=xf, created=now, last_used=now,
-                          pipelining="pipelining" in ext, chunking="chunking" in ext)
+                          pipelining="pipelining" in ext, chunking="chunking" in ext, pool=self)
+
+    async def probe(self) -> frozenset[str]:
+        """Connect and EHLO, then QUIT: the XFORWARD attributes offered, or DownstreamError
+        (DownstreamRefused when something answered but would not take mail)."""
+        conn = await self._connect()
+        await self._quit(conn)
+        return conn.xforward
 
     async def acquire(self) -> tuple[Connection, bool]:
         """A connection ready for MAIL; the bool says whether it came from the pool."""
@@ -257,6 +269,9 @@ class Downstream:
 
     def release(self, conn: Connection, *, reusable: bool) -> None:
         """Give a connection back: pooled when its transaction ended cleanly."""
+        if conn.pool is not None and conn.pool is not self:
+            conn.pool.release(conn, reusable=reusable)
+            return
         self.in_use -= 1
         conn.last_used = time.monotonic()
         if (reusable and conn.is_connected and len(self._idle) < self.pool_size
@@ -327,6 +342,12 @@ class Downstream:
         if r.code == 250:
             conn.transactions += 1
         return r
+
+    async def retire(self) -> None:
+        """Replaced by a new pool (reload): close the idle connections now; those in use
+        finish their session's transaction and are closed when released."""
+        self.pool_size = 0
+        await self.close()
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -55,8 +55,15 @@ def test_limit_holds_across_nodes_and_a_block_on_one_refuses_on_the_other(pg, po
         assert 6 <= accepted <= 8, codes
         assert set(codes) <= {250, 450}, codes
         assert postfix.wait_for_outside(before + accepted)
-        # a block made through node a's CLI is seen by node b
-        assert a.cli("customer", "block", "acme", "--reason", "two-node test").returncode == 0
+        # a block made through node a's CLI is in effect on a when the command returns, and
+        # node b sees it at its next poll
+        r = a.cli("customer", "block", "acme", "--reason", "two-node test")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == (
+            f"customer acme: blocked; applied in the running daemon (pid {a.proc.pid}) on this "
+            "node; other nodes sharing the state store apply it at their next poll, within 2 seconds")
+        assert swaks(a.port, frm="boss@acme.example", to="x@outside.example",
+                     bind="127.0.0.9").rcpt_codes == [554]
         assert wait_until(lambda: swaks(b.port, frm="boss@acme.example", to="x@outside.example",
                                         bind="127.0.0.9").rcpt_codes == [554])
         # postmaster still reachable through b
