@@ -180,7 +180,8 @@ class MaildSMTP(SMTP):
     def __init__(self, handler: Any, *, settings: Any, counter: SessionCounter,
                  trusted: tuple, **kwargs: Any):
         limits = settings.limits
-        # aiosmtpd sizes its StreamReader from this attribute: text + CRLF + a stuffed dot.
+        # aiosmtpd sizes its StreamReader from this attribute: room for a line's text, a
+        # stuffed dot and CRLF. The DATA line rule itself is read_data's (max_line).
         self.line_length_limit = limits.line_length + 3
         self.settings = settings
         self.counter = counter
@@ -564,7 +565,8 @@ class MaildSMTP(SMTP):
         reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
         self._reset_timeout(self.settings.limits.data_timeout)
         try:
-            return await read_data(reader, self.data_size_limit or 0, self.line_length_limit)
+            return await read_data(reader, self.data_size_limit or 0,
+                                   self.settings.limits.line_length)
         finally:
             self._reset_timeout()
 
@@ -578,20 +580,25 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                     ) -> tuple[bytes, str | None, bool]:
     """MaildSMTP._read_data's reader: DATA from `reader` up to and including CRLF.CRLF.
 
+    `max_line` is the longest line text allowed: RFC 5321 4.5.3.1.6 counts 1000 octets
+    with the CRLF and without the leading dot a client doubles for transparency, so
+    line_length = 998 takes 998 characters, or 999 on the wire when the first is a dot.
+
     It decides exactly what reading one line at a time with readuntil(b"\\r\\n") on a
-    StreamReader whose limit is `max_line` decided (tests/smtp/test_data_reader.py
+    StreamReader whose limit is `max_line` + 1 decided (tests/smtp/test_data_reader.py
     keeps that reader and compares the two), but works on the StreamReader's own buffer
     a block at a time: for the run of complete lines buffered, the end line and the
     stuffed dots are found with find(b"\\r\\n."), and the bare CR/LF check (counts of
     CR, LF and CRLF agree), the NUL check and the line-length check (every window of
-    max_line + 2 bytes holds an LF) are a few bytes methods. A run that fails a check
-    is read one line at a time with the old rules, so the first offending line
-    decides, as it did:
+    max_line + 2 bytes holds an LF, so a stuffed line of max_line + 1 takes the slow
+    path) are a few bytes methods. A run that fails a check is read one line at a time
+    with the old rules, so the first offending line decides, as it did:
 
-    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF,
-      it is skipped unchecked (500, content dropped, reading goes on), however its
-      bytes arrive: a partial line that already holds max_line + 2 bytes without a CRLF
-      is dropped up to its CRLF, whatever comes in between;
+    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF
+      (`max_line` + 1 if it starts with a dot), it is skipped unchecked (500, content
+      dropped, reading goes on), however its bytes arrive: a partial line that already
+      holds more than that and a byte (its CR, perhaps) without a CRLF is dropped up to
+      its CRLF, whatever comes in between;
     - a bare CR or LF in a line: 550 5.5.2, fatal; else a NUL: 550 5.6.0, fatal;
     - ".\\r\\n" ends the data; a leading dot is removed; past `limit` bytes: 552, content
       dropped, reading goes on;
@@ -604,7 +611,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
         raise reader._exception  # type: ignore[attr-defined]
     out = bytearray()
     problem: str | None = None
-    window = max_line + 2  # a line's LF lies within this many bytes of its start
+    window = max_line + 2  # an unstuffed line's LF lies within this many bytes of its start
     pos = 0  # start of the current line in buf
     skipping = False  # inside an overlong line: everything up to its CRLF is dropped
     while True:
@@ -647,7 +654,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                 continue
             while pos < end:  # the old rules, one line at a time
                 p = buf.find(b"\r\n", pos)
-                if p - pos > max_line:
+                if p - pos > max_line + (buf[pos] == 46):
                     problem = problem or _long_reply(max_line)
                     out.clear()
                     pos = p + 2
@@ -671,7 +678,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                         out.clear()
                 pos = p + 2
         # buf[pos:] is a partial line (no CRLF)
-        if not skipping and len(buf) - pos - 1 > max_line:
+        if not skipping and len(buf) - pos - 1 > max_line + (buf[pos:pos + 1] == b"."):
             # An overlong line: the rest of it, up to its CRLF, is never read as lines
             # (a dot or a command after a pause must not end DATA where the client's
             # line does not end: that would be a smuggling vector).
@@ -689,7 +696,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
 
 
 def _long_reply(max_line: int) -> str:
-    return (f"500 5.5.2 Message line longer than {max_line - 3} characters "
+    return (f"500 5.5.2 Message line longer than {max_line} characters "
             "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
 
 
