@@ -167,6 +167,18 @@ class Proxy:
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
 
+    def path_refused(self, session: MaildSession, stage: str, reply: str,
+                     address: Address) -> None:
+        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
+        if stage == "MAIL":
+            ctx = Context(config=self.config, session_id=session.id, client=session.client,
+                          sender=address)
+            ctx.identity = resolve(self.config, session.client, sender=address)
+            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
+        else:
+            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx,
+                        rcpt=address)
+
     async def xforward_refused(self, session: MaildSession) -> None:
         self.record(session, "reject", "XFORWARD", "550 5.7.0 Error: insufficient authorization",
                     rule="xforward")
@@ -207,6 +219,10 @@ class Proxy:
         if "PROTO" not in session.xforward:
             session.client.proto = "ESMTP"
         self._drop_conn(session, reusable=True, rset=True)  # EHLO resets any transaction
+        # aiosmtpd's own lines: the host name, SIZE, 8BITMIME, SMTPUTF8 (STARTTLS and
+        # AUTH when they are on), HELP. PIPELINING: aiosmtpd reads one command at a time
+        # and answers in order, so a pipelined group (RFC 2920) is handled; smtpsmug
+        # counted pipelining without the keyword as bad synchronization.
         extra = ["250-ENHANCEDSTATUSCODES", "250-DSN"]
         if session.client.trusted_peer:
             extra.append("250-XFORWARD " + " ".join(
@@ -214,7 +230,8 @@ class Proxy:
         # One element, so aiosmtpd pushes the whole reply in one write: it writes (and
         # the kernel sends) each element on its own, and on loopback every send wakes
         # the client (8 sends per session; was bench/proposals/04, in git history).
-        return ["\r\n".join(responses[:-1] + extra + responses[-1:])]
+        return ["\r\n".join(responses[:1] + ["250-PIPELINING"] + responses[1:-1] + extra
+                             + responses[-1:])]
 
     # ------------------------------------------------------------------ transaction
 

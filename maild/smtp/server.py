@@ -28,7 +28,15 @@ from typing import Any, ClassVar
 import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from maild.address import Address, PathError, parse_params, parse_path, split_arg
+from maild.address import (
+    Address,
+    PathError,
+    declares_smtputf8,
+    eight_bit,
+    parse_params,
+    parse_path,
+    split_arg,
+)
 from maild.policy.context import Client
 
 log = logging.getLogger("maild.smtp")
@@ -408,6 +416,32 @@ class MaildSMTP(SMTP):
         """Close once what was pushed so far is flushed (transport.close flushes)."""
         self.loop.call_soon(lambda: self.transport and self.transport.close())
 
+    # ---------------------------------------------------------------- what is offered
+
+    # SMTP AUTH: off until maild has an authenticator (front-mode AUTH, after STARTTLS).
+    # Switching it on is setting this with aiosmtpd's authenticator and TLS arguments:
+    # EHLO then offers AUTH (aiosmtpd's rule: after STARTTLS), HELP lists it, and
+    # smtp_AUTH hands over to aiosmtpd's.
+    auth_enabled: ClassVar[bool] = False
+
+    @syntax("AUTH <mechanism>", when="auth_enabled")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.auth_enabled:
+            # Postfix's reply with smtpd_sasl_auth_enable = no (aiosmtpd's is "538
+            # Encryption required", as if AUTH would work after a STARTTLS maild lacks).
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        await super().smtp_AUTH(arg)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not self.tls_context:
+            # Postfix's reply without TLS; aiosmtpd's "454 TLS not available" is a
+            # temporary failure, which tells a client to expect TLS later.
+            await self.push("502 5.5.1 Error: command not implemented")
+            return
+        await super().smtp_STARTTLS(arg)
+
     # ---------------------------------------------------------------- XFORWARD
 
     @syntax("XFORWARD attribute=value ...", when="_xforward_allowed")
@@ -483,6 +517,29 @@ class MaildSMTP(SMTP):
                 return "501 5.5.4 Bad NOTIFY parameter"
         return address, plist
 
+    async def _refused_8bit(self, stage: str, address: Address, params: list[str],
+                            smtputf8: bool) -> bool:
+        """Refuse (and log) a non-ASCII path or parameter without SMTPUTF8, or one that is
+        not valid UTF-8 (RFC 6531 3.4: 553 5.6.7); True if refused.
+
+        Postfix's smtpd takes UTF-8 addresses without SMTPUTF8 and leaves the failure to
+        a later hop; maild refuses them where the client can still act on it.
+        """
+        what = "Sender" if stage == "MAIL" else "Recipient"
+        reply = None
+        for text, name in ((address.raw, f"{what} address"), (" ".join(params), f"{stage} parameter")):
+            kind = eight_bit(text)
+            if kind == "malformed":
+                reply = f"553 5.6.7 {name} is not valid UTF-8 (RFC 6531 3.3)"
+            elif kind == "utf-8" and not smtputf8:
+                reply = (f"553 5.6.7 {name} has non-ASCII characters: "
+                         "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)")
+            if reply is not None:
+                self.event_handler.path_refused(self.session, stage, reply, address)
+                await self.push(reply)
+                return True
+        return False
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -498,6 +555,8 @@ class MaildSMTP(SMTP):
         if address.route or (address.domain == "" and not address.is_null):
             # A reverse path must be a full address or <>.
             await self.push("553 5.1.7 Sender address rejected: need fully-qualified address")
+            return
+        if await self._refused_8bit("MAIL", address, params, declares_smtputf8(params)):
             return
         status = await self._call_handler_hook("MAIL", address, params)
         await self.push(status)
@@ -516,6 +575,9 @@ class MaildSMTP(SMTP):
         address, params = parsed
         if address.is_null:
             await self.push("501 5.1.3 Bad recipient address syntax: empty address")
+            return
+        if await self._refused_8bit("RCPT", address, params,
+                                    declares_smtputf8(self.envelope.mail_params)):
             return
         status = await self._call_handler_hook("RCPT", address, params)
         await self.push(status)
