@@ -182,6 +182,22 @@ class _StrictReader:
         return getattr(self._reader, name)
 
 
+def _only_when_offered(command: str, when: str, reply: str) -> Any:
+    """aiosmtpd's smtp_COMMAND where MaildSMTP.`when` is true; elsewhere `reply`, and
+    HELP does not list the command."""
+    base = getattr(SMTP, "smtp_" + command)
+
+    @syntax(base.__smtp_syntax__, when=when)
+    async def method(self: SMTP, arg: str) -> None:
+        if not getattr(self, when):
+            await self.push(reply)
+            return
+        await base(self, arg)
+
+    method.__name__ = method.__qualname__ = "smtp_" + command
+    return method
+
+
 class MaildSMTP(SMTP):
     """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
 
@@ -424,23 +440,13 @@ class MaildSMTP(SMTP):
     # smtp_AUTH hands over to aiosmtpd's.
     auth_enabled: ClassVar[bool] = False
 
-    @syntax("AUTH <mechanism>", when="auth_enabled")
-    async def smtp_AUTH(self, arg: str) -> None:
-        if not self.auth_enabled:
-            # Postfix's reply with smtpd_sasl_auth_enable = no (aiosmtpd's is "538
-            # Encryption required", as if AUTH would work after a STARTTLS maild lacks).
-            await self.push("503 5.5.1 Error: authentication not enabled")
-            return
-        await super().smtp_AUTH(arg)
-
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if not self.tls_context:
-            # Postfix's reply without TLS; aiosmtpd's "454 TLS not available" is a
-            # temporary failure, which tells a client to expect TLS later.
-            await self.push("502 5.5.1 Error: command not implemented")
-            return
-        await super().smtp_STARTTLS(arg)
+    # Postfix's replies with smtpd_sasl_auth_enable = no and without TLS. aiosmtpd's own
+    # are "538 Encryption required" (as if AUTH would work after a STARTTLS maild lacks)
+    # and "454 TLS not available" (a temporary failure: try TLS again later).
+    smtp_AUTH = _only_when_offered("AUTH", "auth_enabled",
+                                   "503 5.5.1 Error: authentication not enabled")
+    smtp_STARTTLS = _only_when_offered("STARTTLS", "tls_context",
+                                       "502 5.5.1 Error: command not implemented")
 
     # ---------------------------------------------------------------- XFORWARD
 
