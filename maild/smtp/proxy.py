@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from email.utils import format_datetime, localtime
 from typing import Any
@@ -38,8 +39,9 @@ LATE_REPLY_WAIT = 600.0  # RFC 5321 4.5.3.2.6: a client waits 10 minutes for the
 class LateReplies:
     """Messages whose final reply came after we had answered 451 (see handle_DATA).
 
-    Keyed by a digest of sender, recipients and content; a late 250 is remembered for
-    `keep` seconds so that the client's retry is answered 250 and not relayed again.
+    Keyed by what identifies the message (key()); a late 250 is remembered for `keep`
+    seconds so that the client's retry is answered 250 and not relayed again. The
+    window that remains is in docs/reliability.md ("Retries after a late accept").
     """
 
     def __init__(self, keep: float = 86400.0, max_entries: int = 100_000):
@@ -51,13 +53,25 @@ class LateReplies:
 
     @staticmethod
     def key(ctx: Context) -> str:
+        """The envelope (sender, the set of recipients) and the Message-ID, or the whole
+        content for a message without one.
+
+        A client that rebuilds its message for the retry (a new Date:, a new MIME
+        boundary) keeps its Message-ID, and by RFC 5322 3.6.4 a Message-ID names one
+        message: two different contents under one id, sender and recipients are one
+        message, of which the first copy was delivered.
+        """
         import hashlib
 
         h = hashlib.sha256()
         h.update((ctx.sender.raw if ctx.sender else "").encode("utf-8", "surrogateescape"))
-        for a in ctx.recipients:
-            h.update(b"\0" + a.raw.encode("utf-8", "surrogateescape"))
-        h.update(b"\0" + (ctx.message.content if ctx.message else b""))
+        for raw in sorted(a.raw for a in ctx.recipients):
+            h.update(b"\0" + raw.encode("utf-8", "surrogateescape"))
+        msgid = message_id(ctx.message) if ctx.message else None
+        if msgid is not None:
+            h.update(b"\0id\0" + msgid.encode())
+        else:
+            h.update(b"\0content\0" + (ctx.message.content if ctx.message else b""))
         return h.hexdigest()
 
     def watch(self, key: str, task: asyncio.Future, conn: Connection, downstream: Downstream,
@@ -87,6 +101,19 @@ class LateReplies:
             k = next(iter(self.accepted))
             self.accepted.pop(k)
             self._when.pop(k, None)
+
+
+_MSGID = re.compile(r"\s*(<[!-;=?-~]+>)\s*")  # RFC 5322 3.6.4 msg-id, no comments
+
+
+def message_id(message: Message) -> str | None:
+    """The message's one Message-ID, or None (missing, repeated, or not a plain msg-id:
+    then the content identifies the message)."""
+    values = message.header_values.get("message-id", [])
+    if len(values) != 1:
+        return None
+    m = _MSGID.fullmatch(values[0].replace("\r\n", "").replace("\n", ""))
+    return m.group(1) if m else None
 
 
 TEMPFAIL_DOWNSTREAM = "451 4.4.1 Temporary failure: our mail server is unavailable; try again later"
