@@ -5,13 +5,17 @@ What this subclass adds to aiosmtpd 1.4.6, and why:
   forward them unmodified (aiosmtpd's parsed address loses routes and quoting); DSN
   parameters (RET, ENVID, NOTIFY, ORCPT) are accepted and relayed.
 - XFORWARD, advertised and accepted only from trusted upstreams (550 5.7.0 otherwise).
+- SMTPUTF8 (RFC 6531 3.4): a non-ASCII path or parameter only in a transaction that
+  declared it, and only valid UTF-8 (553 5.6.7); aiosmtpd would pass either on.
+- AUTH and STARTTLS, which maild does not offer, answered as Postfix answers them when
+  they are off, and left out of HELP.
 - DATA is read with SMTP smuggling in mind: aiosmtpd passes bare LF and bare CR inside
   data untouched, and Postfix's own smtpd_forbid_bare_newline exempts $mynetworks, so
   the re-injection smtpd would take `\\n.\\n` as end of data. maild refuses any bare CR
   or LF (in data and in command lines) with 550 5.5.2 and closes the session, and NUL
   bytes with 550 5.6.0: nothing after such a byte can reach the downstream.
-- Limits with enhanced status codes: message size (SIZE advertised and enforced), line
-  length, command idle timeout and a whole-DATA deadline (slowloris), sessions overall
+- Limits with enhanced status codes: message size (SIZE advertised and enforced), DATA
+  line length (RFC 5321's count: no CRLF, no stuffed dot), command idle timeout and a whole-DATA deadline (slowloris), sessions overall
   and per client IP (421 4.7.0).
 """
 
