@@ -456,7 +456,9 @@ class Proxy:
                                 ctx.recipients, format_datetime(localtime()))
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
-        key = self.late.key(ctx)
+        # Only while some late reply is awaited or remembered can this be a retry of one
+        # (the key reads the Message-ID: a header parse not every message needs).
+        key = self.late.key(ctx) if self.late.pending or self.late.accepted else None
         if key in self.late.pending:
             # The first attempt's late reply is still awaited: relaying again could make
             # a second copy. The client retries later and learns the outcome then.
@@ -481,7 +483,8 @@ class Proxy:
             where = "after the final dot" if conn.content_sent else "at the DATA command"
             log.error("%s: error: downstream slower than %gs %s; answering 451 "
                       "and waiting for its reply", session.id, self.downstream.timeout, where)
-            self.late.watch(key, task, conn, self.downstream, session.id)
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
+                            session.id)
             session.conn = None
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
@@ -491,7 +494,8 @@ class Proxy:
             # be answered from Postfix's late reply, not relayed a second time.
             log.warning("%s: warning: client left while the downstream held the final dot; "
                         "its reply is kept for the client's retry", session.id)
-            self.late.watch(key, task, conn, self.downstream, session.id)
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
+                            session.id)
             session.conn = None
             raise
         except DownstreamError as e:
