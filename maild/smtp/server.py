@@ -15,8 +15,8 @@ What this subclass adds to aiosmtpd 1.4.6, and why:
   or LF (in data and in command lines) with 550 5.5.2 and closes the session, and NUL
   bytes with 550 5.6.0: nothing after such a byte can reach the downstream.
 - Limits with enhanced status codes: message size (SIZE advertised and enforced), DATA
-  line length (RFC 5321's count: no CRLF, no stuffed dot), command idle timeout and a whole-DATA deadline (slowloris), sessions overall
-  and per client IP (421 4.7.0).
+  line length (RFC 5321's count: no CRLF, no stuffed dot), command idle timeout and a
+  whole-DATA deadline (slowloris), sessions overall and per client IP (421 4.7.0).
 """
 
 from __future__ import annotations
@@ -537,7 +537,8 @@ class MaildSMTP(SMTP):
         """
         what = "Sender" if stage == "MAIL" else "Recipient"
         reply = None
-        for text, name in ((address.raw, f"{what} address"), (" ".join(params), f"{stage} parameter")):
+        for text, name in ((address.raw, f"{what} address"),
+                           (" ".join(params), f"{stage} parameter")):
             kind = eight_bit(text)
             if kind == "malformed":
                 reply = f"553 5.6.7 {name} is not valid UTF-8 (RFC 6531 3.3)"

@@ -60,7 +60,8 @@ def test_non_ascii_paths_without_smtputf8_are_refused_and_never_reach_postfix(po
     maild.wait_log("reject: MAIL from unknown[127.0.0.5]: 553 5.6.7 Sender address has "
                    "non-ASCII characters")
     log = maild.wait_log("to=<b\\xffb@hosted.example> rule=smtputf8")
-    assert "from=<älice@outside.example>" in log and "to=<bøb@hosted.example> rule=smtputf8" in log
+    assert "from=<älice@outside.example>" in log
+    assert "to=<bøb@hosted.example> rule=smtputf8" in log
 
 
 def test_non_ascii_paths_with_smtputf8_are_relayed_if_valid_utf8(postfix, maild):
