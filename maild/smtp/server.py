@@ -7,8 +7,9 @@ What this subclass adds to aiosmtpd 1.4.6, and why:
 - XFORWARD, advertised and accepted only from trusted upstreams (550 5.7.0 otherwise).
 - SMTPUTF8 (RFC 6531 3.4): a non-ASCII path or parameter only in a transaction that
   declared it, and only valid UTF-8 (553 5.6.7); aiosmtpd would pass either on.
-- AUTH and STARTTLS, which maild does not offer, answered as Postfix answers them when
-  they are off, and left out of HELP.
+- AUTH, STARTTLS and BDAT, which maild does not offer, answered as Postfix answers them
+  when they are off (BDAT ends the session: its chunk would be read as commands), and
+  left out of HELP.
 - DATA is read with SMTP smuggling in mind: aiosmtpd passes bare LF and bare CR inside
   data untouched, and Postfix's own smtpd_forbid_bare_newline exempts $mynetworks, so
   the re-injection smtpd would take `\\n.\\n` as end of data. maild refuses any bare CR
@@ -154,8 +155,13 @@ class _StrictReader:
 
     def __init__(self, reader: asyncio.StreamReader):
         self._reader = reader
+        # Set by MaildSMTP.close_after_reply: no further command is read, even one the
+        # client already sent (aiosmtpd would run it before the close takes effect).
+        self.closed = False
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self.closed:
+            raise ClientEOF()
         if separator != b"\n":
             return await self._reader.readuntil(separator)
         try:
@@ -433,7 +439,9 @@ class MaildSMTP(SMTP):
         return await self.event_handler.handle_exception(error)
 
     def close_after_reply(self) -> None:
-        """Close once what was pushed so far is flushed (transport.close flushes)."""
+        """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
+        flushed (transport.close flushes); read no further command meanwhile."""
+        self._reader.closed = True  # type: ignore[attr-defined]
         self.loop.call_soon(lambda: self.transport and self.transport.close())
 
     # ---------------------------------------------------------------- what is offered
@@ -451,6 +459,17 @@ class MaildSMTP(SMTP):
                                    "503 5.5.1 Error: authentication not enabled")
     smtp_STARTTLS = _only_when_offered("STARTTLS", "tls_context",
                                        "502 5.5.1 Error: command not implemented")
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """BDAT, although CHUNKING is not offered: the chunk that follows cannot be told
+        from commands, so refuse and hang up, as Postfix does with CHUNKING off (no
+        @syntax: HELP does not list it)."""
+        reply = "521 5.5.1 Error: command not implemented"
+        session: MaildSession = self.session  # type: ignore[assignment]
+        self.event_handler.record(session, "reject", "DATA", reply, rule="smuggling",
+                                  ctx=session.ctx)
+        await self.push(reply)
+        self.close_after_reply()
 
     # ---------------------------------------------------------------- XFORWARD
 

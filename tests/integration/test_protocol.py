@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import socket
 
-from tests.integration.conftest import STRANGER
+from tests.harness.postfix import Postfix
+from tests.integration.conftest import HOSTED, STRANGER
 
 
-def converse(port: int, lines: list[bytes], source: str = STRANGER) -> list[bytes]:
-    """The banner and the (whole, possibly multi-line) reply to each line, in order."""
+def converse(port: int, lines: list[bytes], source: str = STRANGER, closes: bool = False
+             ) -> list[bytes]:
+    """The banner and the (whole, possibly multi-line) reply to each line, in order; with
+    `closes`, then what the server sends before it closes (b"" if nothing)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30,
                                   source_address=(source, 0)) as s:
         f = s.makefile("rb")
@@ -30,6 +33,8 @@ def converse(port: int, lines: list[bytes], source: str = STRANGER) -> list[byte
         for line in lines:
             s.sendall(line + b"\r\n")
             replies.append(reply())
+        if closes:
+            replies.append(f.read())
         return replies
 
 
@@ -140,3 +145,21 @@ def test_auth_and_starttls_are_answered_as_postfix_answers_without_them(postfix,
     assert theirs[2].startswith(b"503 5.5.1") and theirs[3].startswith(b"502 5.5.1"), theirs
     assert ours[2:4] == theirs[2:4]
     assert ours[4].startswith(b"250"), ours[4]  # and the session goes on
+
+
+def test_bdat_without_chunking_ends_the_session_as_postfix_does(postfix, maild, tmp_path):
+    """maild does not offer CHUNKING: a BDAT's chunk would be read as commands (here a
+    whole second transaction). Postfix with CHUNKING off answers 521 and hangs up."""
+    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED,
+                 smtpd_options={"smtpd_discard_ehlo_keywords": "chunking"})
+    chunk = (b"RSET\r\nMAIL FROM:<x@outside.example>\r\nRCPT TO:<hidden@hosted.example>\r\n"
+             b"DATA\r\nSubject: hidden\r\n\r\n.\r\n")
+    probe = [b"EHLO client.example", b"MAIL FROM:<a@outside.example>",
+             b"RCPT TO:<bdat@hosted.example>", b"BDAT %d LAST\r\n" % len(chunk) + chunk]
+    with pf:
+        theirs = converse(pf.smtpd_port, probe, closes=True)
+    ours = converse(maild.port, probe, closes=True)
+    assert theirs[4] == b"521 5.5.1 Error: command not implemented\r\n", theirs
+    assert ours[4] == theirs[4] and ours[5:] == theirs[5:] == [b""], (ours, theirs)
+    maild.wait_log("reject: DATA from unknown[127.0.0.5]: 521 5.5.1")
+    assert "hidden@hosted.example" not in maild.log()
