@@ -47,7 +47,7 @@ def test_non_ascii_paths_without_smtputf8_are_refused_and_never_reach_postfix(po
         "MAIL FROM:<älice@outside.example>".encode(),
         b"MAIL FROM:<a\xfflice@outside.example>",
         b"MAIL FROM:<a@outside.example>",
-        "RCPT TO:<bøb@hosted.example>".encode(),
+        "RCPT TO:<bjørn@hosted.example>".encode(),
         b"RCPT TO:<b\xffb@hosted.example>",
         b"RCPT TO:<plain8@hosted.example>",
         b"DATA", b"Subject: plain\r\n\r\nbody\r\n.", b"QUIT"])
@@ -60,13 +60,15 @@ def test_non_ascii_paths_without_smtputf8_are_refused_and_never_reach_postfix(po
     assert r[7].startswith(b"250") and r[9].startswith(b"250"), r
     postfix.wait_for_messages("plain8@hosted.example", 1)
     postfix.wait_queue_empty()
-    assert [k for k in postfix.all_messages() if not k.isascii()] == []
+    # (bøb@ is the next test's)
+    assert [k for k in postfix.all_messages() if not k.isascii() and k != "bøb@hosted.example"
+            ] == []
     # each refusal is one decision line, the 8-bit byte escaped
     maild.wait_log("reject: MAIL from unknown[127.0.0.5]: 553 5.6.7 Sender address has "
                    "non-ASCII characters")
     log = maild.wait_log("to=<b\\xffb@hosted.example> rule=smtputf8")
     assert "from=<älice@outside.example>" in log
-    assert "to=<bøb@hosted.example> rule=smtputf8" in log
+    assert "to=<bjørn@hosted.example> rule=smtputf8" in log
 
 
 def test_non_ascii_paths_with_smtputf8_are_relayed_if_valid_utf8(postfix, maild):
