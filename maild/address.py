@@ -167,6 +167,27 @@ def parse_params(params: str) -> list[str]:
     return out
 
 
+def declares_smtputf8(mail_params: list[str]) -> bool:
+    """MAIL FROM carried SMTPUTF8 (RFC 6531 3.4): the transaction may use UTF-8."""
+    return any(p.upper() == "SMTPUTF8" for p in mail_params)
+
+
+def eight_bit(text: str) -> str | None:
+    """None for ASCII text, "utf-8" for valid UTF-8, "malformed" otherwise.
+
+    aiosmtpd decodes command arguments as UTF-8 with surrogateescape, so a byte that is
+    not part of valid UTF-8 (a lone 0xff, an overlong form, an encoded surrogate) is a
+    lone surrogate here, which UTF-8 cannot encode.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "malformed"
+    return "utf-8"
+
+
 def canonical(addr: str) -> str:
     """A recipient as a counter key: lower case, plus-address tag removed.
 

@@ -248,7 +248,7 @@ def _show(value: Any) -> str:
 class Limits:
     message_size: int = 25 * 1024 * 1024
     recipients_per_message: int = 100
-    line_length: int = 1000
+    line_length: int = 998  # RFC 5321 4.5.3.1.6: 1000 octets with the CRLF
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     max_sessions: int = 500

@@ -4,7 +4,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maild.address import PathError, canonical, parse_params, parse_path, split_arg
+from maild.address import (
+    PathError,
+    canonical,
+    declares_smtputf8,
+    eight_bit,
+    parse_params,
+    parse_path,
+    split_arg,
+)
 
 HOSTED = frozenset({"hosted.example", "mx.hosted.example"})
 
@@ -87,3 +95,23 @@ def test_parser_never_crashes(text):
     except PathError:
         return
     assert isinstance(a.destinations(), frozenset)
+
+
+@pytest.mark.parametrize(("wire", "kind"), [
+    (b"<bob@hosted.example>", None),
+    ("<bøb@hosted.example>".encode(), "utf-8"),
+    ("<用户@例子.广告>".encode(), "utf-8"),
+    (b"<b\xffb@hosted.example>", "malformed"),
+    (b"<b\xc3@hosted.example>", "malformed"),  # a truncated sequence
+    (b"<b\xc0\xafb@hosted.example>", "malformed"),  # an overlong '/'
+    (b"<b\xed\xa0\x80b@hosted.example>", "malformed"),  # an encoded surrogate
+])
+def test_eight_bit_tells_utf8_from_other_bytes(wire, kind):
+    """As aiosmtpd hands a command argument over: UTF-8 with surrogateescape."""
+    assert eight_bit(wire.decode("utf-8", "surrogateescape")) == kind
+
+
+def test_declares_smtputf8():
+    assert declares_smtputf8(["BODY=8BITMIME", "smtputf8"])
+    assert not declares_smtputf8(["BODY=8BITMIME", "SMTPUTF8=yes"])
+    assert not declares_smtputf8([])

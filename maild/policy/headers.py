@@ -35,6 +35,7 @@ from typing import Any
 
 from maild import config as cfg
 from maild import log as mlog
+from maild.address import declares_smtputf8
 from maild.antispam.limiter import Rate
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import rule
@@ -497,7 +498,7 @@ def header_syntax(ctx: Context) -> Finding | None:
     hb = ctx.message.header_block
     if b"\x00" in hb:
         return Finding("Message header contains a NUL character; remove it")
-    if not hb.isascii() and not any(p.upper() == "SMTPUTF8" for p in ctx.mail_params):
+    if not hb.isascii() and not declares_smtputf8(ctx.mail_params):
         return Finding("Message header contains raw 8-bit characters: encode them "
                        "(RFC 2047) or send with SMTPUTF8")
     limit = settings(ctx).max_line_length

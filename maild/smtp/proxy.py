@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from email.utils import format_datetime, localtime
@@ -39,8 +40,9 @@ LATE_REPLY_WAIT = 600.0  # RFC 5321 4.5.3.2.6: a client waits 10 minutes for the
 class LateReplies:
     """Messages whose final reply came after we had answered 451 (see handle_DATA).
 
-    Keyed by a digest of sender, recipients and content; a late 250 is remembered for
-    `keep` seconds so that the client's retry is answered 250 and not relayed again.
+    Keyed by what identifies the message (key()); a late 250 is remembered for `keep`
+    seconds so that the client's retry is answered 250 and not relayed again. The
+    window that remains is in docs/reliability.md ("Retries after a late accept").
     """
 
     def __init__(self, keep: float = 86400.0, max_entries: int = 100_000):
@@ -52,13 +54,25 @@ class LateReplies:
 
     @staticmethod
     def key(ctx: Context) -> str:
+        """The envelope (sender, the set of recipients) and the Message-ID, or the whole
+        content for a message without one.
+
+        A client that rebuilds its message for the retry (a new Date:, a new MIME
+        boundary) keeps its Message-ID, and by RFC 5322 3.6.4 a Message-ID names one
+        message: two different contents under one id, sender and recipients are one
+        message, of which the first copy was delivered.
+        """
         import hashlib
 
         h = hashlib.sha256()
         h.update((ctx.sender.raw if ctx.sender else "").encode("utf-8", "surrogateescape"))
-        for a in ctx.recipients:
-            h.update(b"\0" + a.raw.encode("utf-8", "surrogateescape"))
-        h.update(b"\0" + (ctx.message.content if ctx.message else b""))
+        for raw in sorted(a.raw for a in ctx.recipients):
+            h.update(b"\0" + raw.encode("utf-8", "surrogateescape"))
+        msgid = message_id(ctx.message) if ctx.message else None
+        if msgid is not None:
+            h.update(b"\0id\0" + msgid.encode())
+        else:
+            h.update(b"\0content\0" + (ctx.message.content if ctx.message else b""))
         return h.hexdigest()
 
     def watch(self, key: str, task: asyncio.Future, conn: Connection, downstream: Downstream,
@@ -88,6 +102,19 @@ class LateReplies:
             k = next(iter(self.accepted))
             self.accepted.pop(k)
             self._when.pop(k, None)
+
+
+_MSGID = re.compile(r"\s*(<[!-;=?-~]+>)\s*")  # RFC 5322 3.6.4 msg-id, no comments
+
+
+def message_id(message: Message) -> str | None:
+    """The message's one Message-ID, or None (missing, repeated, or not a plain msg-id:
+    then the content identifies the message)."""
+    values = message.header_values.get("message-id", [])
+    if len(values) != 1:
+        return None
+    m = _MSGID.fullmatch(values[0].replace("\r\n", "").replace("\n", ""))
+    return m.group(1) if m else None
 
 
 TEMPFAIL_DOWNSTREAM = "451 4.4.1 Temporary failure: our mail server is unavailable; try again later"
@@ -171,6 +198,18 @@ class Proxy:
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
 
+    def path_refused(self, session: MaildSession, stage: str, reply: str,
+                     address: Address) -> None:
+        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
+        if stage == "MAIL":
+            ctx = Context(config=self.config, session_id=session.id, client=session.client,
+                          sender=address)
+            ctx.identity = resolve(self.config, session.client, sender=address)
+            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
+        else:
+            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx,
+                        rcpt=address)
+
     async def xforward_refused(self, session: MaildSession) -> None:
         self.record(session, "reject", "XFORWARD", "550 5.7.0 Error: insufficient authorization",
                     rule="xforward")
@@ -211,6 +250,10 @@ class Proxy:
         if "PROTO" not in session.xforward:
             session.client.proto = "ESMTP"
         self._drop_conn(session, reusable=True, rset=True)  # EHLO resets any transaction
+        # aiosmtpd's own lines: the host name, SIZE, 8BITMIME, SMTPUTF8 (STARTTLS and
+        # AUTH when they are on), HELP. PIPELINING: aiosmtpd reads one command at a time
+        # and answers in order, so a pipelined group (RFC 2920) is handled; smtpsmug
+        # counted pipelining without the keyword as bad synchronization.
         extra = ["250-ENHANCEDSTATUSCODES", "250-DSN"]
         if session.client.trusted_peer:
             extra.append("250-XFORWARD " + " ".join(
@@ -218,7 +261,8 @@ class Proxy:
         # One element, so aiosmtpd pushes the whole reply in one write: it writes (and
         # the kernel sends) each element on its own, and on loopback every send wakes
         # the client (8 sends per session; was bench/proposals/04, in git history).
-        return ["\r\n".join(responses[:-1] + extra + responses[-1:])]
+        return ["\r\n".join(responses[:1] + ["250-PIPELINING"] + responses[1:-1] + extra
+                             + responses[-1:])]
 
     # ------------------------------------------------------------------ transaction
 
@@ -416,7 +460,9 @@ class Proxy:
                                 ctx.recipients, format_datetime(localtime()))
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
-        key = self.late.key(ctx)
+        # Only while some late reply is awaited or remembered can this be a retry of one
+        # (the key reads the Message-ID: a header parse not every message needs).
+        key = self.late.key(ctx) if self.late.pending or self.late.accepted else None
         if key in self.late.pending:
             # The first attempt's late reply is still awaited: relaying again could make
             # a second copy. The client retries later and learns the outcome then.
@@ -441,7 +487,8 @@ class Proxy:
             where = "after the final dot" if conn.content_sent else "at the DATA command"
             log.error("%s: error: downstream slower than %gs %s; answering 451 "
                       "and waiting for its reply", session.id, self.downstream.timeout, where)
-            self.late.watch(key, task, conn, self.downstream, session.id)
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
+                            session.id)
             session.conn = None
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
@@ -451,7 +498,8 @@ class Proxy:
             # be answered from Postfix's late reply, not relayed a second time.
             log.warning("%s: warning: client left while the downstream held the final dot; "
                         "its reply is kept for the client's retry", session.id)
-            self.late.watch(key, task, conn, self.downstream, session.id)
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
+                            session.id)
             session.conn = None
             raise
         except DownstreamError as e:

@@ -5,14 +5,19 @@ What this subclass adds to aiosmtpd 1.4.6, and why:
   forward them unmodified (aiosmtpd's parsed address loses routes and quoting); DSN
   parameters (RET, ENVID, NOTIFY, ORCPT) are accepted and relayed.
 - XFORWARD, advertised and accepted only from trusted upstreams (550 5.7.0 otherwise).
+- SMTPUTF8 (RFC 6531 3.4): a non-ASCII path or parameter only in a transaction that
+  declared it, and only valid UTF-8 (553 5.6.7); aiosmtpd would pass either on.
+- AUTH, STARTTLS and BDAT, which maild does not offer, answered as Postfix answers them
+  when they are off (BDAT ends the session: its chunk would be read as commands), and
+  left out of HELP.
 - DATA is read with SMTP smuggling in mind: aiosmtpd passes bare LF and bare CR inside
   data untouched, and Postfix's own smtpd_forbid_bare_newline exempts $mynetworks, so
   the re-injection smtpd would take `\\n.\\n` as end of data. maild refuses any bare CR
   or LF (in data and in command lines) with 550 5.5.2 and closes the session, and NUL
   bytes with 550 5.6.0: nothing after such a byte can reach the downstream.
-- Limits with enhanced status codes: message size (SIZE advertised and enforced), line
-  length, command idle timeout and a whole-DATA deadline (slowloris), sessions overall
-  and per client IP (421 4.7.0).
+- Limits with enhanced status codes: message size (SIZE advertised and enforced), DATA
+  line length (RFC 5321's count: no CRLF, no stuffed dot), command idle timeout and a
+  whole-DATA deadline (slowloris), sessions overall and per client IP (421 4.7.0).
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from typing import Any, ClassVar
 import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from maild.address import Address, PathError, parse_params, parse_path, split_arg
+from maild.address import (
+    Address,
+    PathError,
+    declares_smtputf8,
+    eight_bit,
+    parse_params,
+    parse_path,
+    split_arg,
+)
 from maild.policy.context import Client
 
 log = logging.getLogger("maild.smtp")
@@ -142,8 +155,13 @@ class _StrictReader:
 
     def __init__(self, reader: asyncio.StreamReader):
         self._reader = reader
+        # Set by MaildSMTP.close_after_reply: no further command is read, even one the
+        # client already sent (aiosmtpd would run it before the close takes effect).
+        self.closed = False
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self.closed:
+            raise ClientEOF()
         if separator != b"\n":
             return await self._reader.readuntil(separator)
         try:
@@ -174,13 +192,30 @@ class _StrictReader:
         return getattr(self._reader, name)
 
 
+def _only_when_offered(command: str, when: str, reply: str) -> Any:
+    """aiosmtpd's smtp_COMMAND where MaildSMTP.`when` is true; elsewhere `reply`, and
+    HELP does not list the command."""
+    base = getattr(SMTP, "smtp_" + command)
+
+    @syntax(base.__smtp_syntax__, when=when)
+    async def method(self: SMTP, arg: str) -> None:
+        if not getattr(self, when):
+            await self.push(reply)
+            return
+        await base(self, arg)
+
+    method.__name__ = method.__qualname__ = "smtp_" + command
+    return method
+
+
 class MaildSMTP(SMTP):
     """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
 
     def __init__(self, handler: Any, *, settings: Any, counter: SessionCounter,
                  trusted: tuple, **kwargs: Any):
         limits = settings.limits
-        # aiosmtpd sizes its StreamReader from this attribute: text + CRLF + a stuffed dot.
+        # aiosmtpd sizes its StreamReader from this attribute: room for a line's text, a
+        # stuffed dot and CRLF. The DATA line rule itself is read_data's (max_line).
         self.line_length_limit = limits.line_length + 3
         self.settings = settings
         self.counter = counter
@@ -404,8 +439,37 @@ class MaildSMTP(SMTP):
         return await self.event_handler.handle_exception(error)
 
     def close_after_reply(self) -> None:
-        """Close once what was pushed so far is flushed (transport.close flushes)."""
+        """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
+        flushed (transport.close flushes); read no further command meanwhile."""
+        self._reader.closed = True  # type: ignore[attr-defined]
         self.loop.call_soon(lambda: self.transport and self.transport.close())
+
+    # ---------------------------------------------------------------- what is offered
+
+    # SMTP AUTH: off until maild has an authenticator (front-mode AUTH, after STARTTLS).
+    # Switching it on is setting this with aiosmtpd's authenticator and TLS arguments:
+    # EHLO then offers AUTH (aiosmtpd's rule: after STARTTLS), HELP lists it, and
+    # smtp_AUTH hands over to aiosmtpd's.
+    auth_enabled: ClassVar[bool] = False
+
+    # Postfix's replies with smtpd_sasl_auth_enable = no and without TLS. aiosmtpd's own
+    # are "538 Encryption required" (as if AUTH would work after a STARTTLS maild lacks)
+    # and "454 TLS not available" (a temporary failure: try TLS again later).
+    smtp_AUTH = _only_when_offered("AUTH", "auth_enabled",
+                                   "503 5.5.1 Error: authentication not enabled")
+    smtp_STARTTLS = _only_when_offered("STARTTLS", "tls_context",
+                                       "502 5.5.1 Error: command not implemented")
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """BDAT, although CHUNKING is not offered: the chunk that follows cannot be told
+        from commands, so refuse and hang up, as Postfix does with CHUNKING off (no
+        @syntax: HELP does not list it)."""
+        reply = "521 5.5.1 Error: command not implemented"
+        session: MaildSession = self.session  # type: ignore[assignment]
+        self.event_handler.record(session, "reject", "DATA", reply, rule="smuggling",
+                                  ctx=session.ctx)
+        await self.push(reply)
+        self.close_after_reply()
 
     # ---------------------------------------------------------------- XFORWARD
 
@@ -482,6 +546,30 @@ class MaildSMTP(SMTP):
                 return "501 5.5.4 Bad NOTIFY parameter"
         return address, plist
 
+    async def _refused_8bit(self, stage: str, address: Address, params: list[str],
+                            smtputf8: bool) -> bool:
+        """Refuse (and log) a non-ASCII path or parameter without SMTPUTF8, or one that is
+        not valid UTF-8 (RFC 6531 3.4: 553 5.6.7); True if refused.
+
+        Postfix's smtpd takes UTF-8 addresses without SMTPUTF8 and leaves the failure to
+        a later hop; maild refuses them where the client can still act on it.
+        """
+        what = "Sender" if stage == "MAIL" else "Recipient"
+        reply = None
+        for text, name in ((address.raw, f"{what} address"),
+                           (" ".join(params), f"{stage} parameter")):
+            kind = eight_bit(text)
+            if kind == "malformed":
+                reply = f"553 5.6.7 {name} is not valid UTF-8 (RFC 6531 3.3)"
+            elif kind == "utf-8" and not smtputf8:
+                reply = (f"553 5.6.7 {name} has non-ASCII characters: "
+                         "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)")
+            if reply is not None:
+                self.event_handler.path_refused(self.session, stage, reply, address)
+                await self.push(reply)
+                return True
+        return False
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -497,6 +585,8 @@ class MaildSMTP(SMTP):
         if address.route or (address.domain == "" and not address.is_null):
             # A reverse path must be a full address or <>.
             await self.push("553 5.1.7 Sender address rejected: need fully-qualified address")
+            return
+        if await self._refused_8bit("MAIL", address, params, declares_smtputf8(params)):
             return
         status = await self._call_handler_hook("MAIL", address, params)
         await self.push(status)
@@ -515,6 +605,9 @@ class MaildSMTP(SMTP):
         address, params = parsed
         if address.is_null:
             await self.push("501 5.1.3 Bad recipient address syntax: empty address")
+            return
+        if await self._refused_8bit("RCPT", address, params,
+                                    declares_smtputf8(self.envelope.mail_params)):
             return
         status = await self._call_handler_hook("RCPT", address, params)
         await self.push(status)
@@ -564,7 +657,8 @@ class MaildSMTP(SMTP):
         reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
         self._reset_timeout(self.settings.limits.data_timeout)
         try:
-            return await read_data(reader, self.data_size_limit or 0, self.line_length_limit)
+            return await read_data(reader, self.data_size_limit or 0,
+                                   self.settings.limits.line_length)
         finally:
             self._reset_timeout()
 
@@ -578,20 +672,25 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                     ) -> tuple[bytes, str | None, bool]:
     """MaildSMTP._read_data's reader: DATA from `reader` up to and including CRLF.CRLF.
 
+    `max_line` is the longest line text allowed: RFC 5321 4.5.3.1.6 counts 1000 octets
+    with the CRLF and without the leading dot a client doubles for transparency, so
+    line_length = 998 takes 998 characters, or 999 on the wire when the first is a dot.
+
     It decides exactly what reading one line at a time with readuntil(b"\\r\\n") on a
-    StreamReader whose limit is `max_line` decided (tests/smtp/test_data_reader.py
+    StreamReader whose limit is `max_line` + 1 decided (tests/smtp/test_data_reader.py
     keeps that reader and compares the two), but works on the StreamReader's own buffer
     a block at a time: for the run of complete lines buffered, the end line and the
     stuffed dots are found with find(b"\\r\\n."), and the bare CR/LF check (counts of
     CR, LF and CRLF agree), the NUL check and the line-length check (every window of
-    max_line + 2 bytes holds an LF) are a few bytes methods. A run that fails a check
-    is read one line at a time with the old rules, so the first offending line
-    decides, as it did:
+    max_line + 2 bytes holds an LF, so a stuffed line of max_line + 1 takes the slow
+    path) are a few bytes methods. A run that fails a check is read one line at a time
+    with the old rules, so the first offending line decides, as it did:
 
-    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF,
-      it is skipped unchecked (500, content dropped, reading goes on), however its
-      bytes arrive: a partial line that already holds max_line + 2 bytes without a CRLF
-      is dropped up to its CRLF, whatever comes in between;
+    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF
+      (`max_line` + 1 if it starts with a dot), it is skipped unchecked (500, content
+      dropped, reading goes on), however its bytes arrive: a partial line that already
+      holds more than that and a byte (its CR, perhaps) without a CRLF is dropped up to
+      its CRLF, whatever comes in between;
     - a bare CR or LF in a line: 550 5.5.2, fatal; else a NUL: 550 5.6.0, fatal;
     - ".\\r\\n" ends the data; a leading dot is removed; past `limit` bytes: 552, content
       dropped, reading goes on;
@@ -604,7 +703,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
         raise reader._exception  # type: ignore[attr-defined]
     out = bytearray()
     problem: str | None = None
-    window = max_line + 2  # a line's LF lies within this many bytes of its start
+    window = max_line + 2  # an unstuffed line's LF lies within this many bytes of its start
     pos = 0  # start of the current line in buf
     skipping = False  # inside an overlong line: everything up to its CRLF is dropped
     while True:
@@ -647,7 +746,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                 continue
             while pos < end:  # the old rules, one line at a time
                 p = buf.find(b"\r\n", pos)
-                if p - pos > max_line:
+                if p - pos > max_line + (buf[pos] == 46):
                     problem = problem or _long_reply(max_line)
                     out.clear()
                     pos = p + 2
@@ -671,7 +770,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                         out.clear()
                 pos = p + 2
         # buf[pos:] is a partial line (no CRLF)
-        if not skipping and len(buf) - pos - 1 > max_line:
+        if not skipping and len(buf) - pos - 1 > max_line + (buf[pos:pos + 1] == b"."):
             # An overlong line: the rest of it, up to its CRLF, is never read as lines
             # (a dot or a command after a pause must not end DATA where the client's
             # line does not end: that would be a smuggling vector).
@@ -689,7 +788,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
 
 
 def _long_reply(max_line: int) -> str:
-    return (f"500 5.5.2 Message line longer than {max_line - 3} characters "
+    return (f"500 5.5.2 Message line longer than {max_line} characters "
             "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
 
 

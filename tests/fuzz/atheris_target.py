@@ -32,12 +32,19 @@ except ImportError:  # the hypothesis fallback imports this module too
 
 
 def _imports() -> None:
-    global PathError, canonical, parse_params, parse_path, split_arg, cfg, Message
+    global PathError, canonical, eight_bit, parse_params, parse_path, split_arg, cfg, Message
     global strip_own_headers, header_line, xtext, _xtext_decode, SMTP, MaildSMTP
     from aiosmtpd.smtp import SMTP
 
     from maild import config as cfg
-    from maild.address import PathError, canonical, parse_params, parse_path, split_arg
+    from maild.address import (
+        PathError,
+        canonical,
+        eight_bit,
+        parse_params,
+        parse_path,
+        split_arg,
+    )
     from maild.policy.context import Message
     from maild.smtp.downstream import xtext
     from maild.smtp.headers import header_line, strip_own_headers
@@ -73,6 +80,13 @@ _PARSER = _Parser()
 
 def smtp_argument(data: bytes) -> None:
     arg = data.decode("utf-8", "surrogateescape")
+    # as aiosmtpd decodes an argument: eight_bit() must agree with a strict decoder
+    try:
+        data.decode("utf-8")
+        valid = True
+    except UnicodeDecodeError:
+        valid = False
+    assert eight_bit(arg) == (None if data.isascii() else "utf-8" if valid else "malformed")
     for keyword, allowed in (("FROM:", {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}),
                              ("TO:", {"NOTIFY", "ORCPT"})):
         out = _PARSER._parse(keyword, arg, allowed)

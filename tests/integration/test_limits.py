@@ -50,6 +50,30 @@ def test_line_length(tight):
     s.quit()
 
 
+@pytest.mark.parametrize("n", [201, 202, 203])
+def test_a_line_one_to_three_over_line_length_is_refused(tight, postfix, n):
+    """line_length = 200: 200 characters of text, CRLF not counted (RFC 5321 4.5.3.1.6)."""
+    with smtp(tight.port) as s:
+        s.mail("a@outside.example")
+        s.rcpt(f"over{n}@hosted.example")
+        code, text = s.data(b"Subject: over\r\n\r\n" + b"z" * n + b"\r\n")
+    assert (code, text[:5]) == (500, b"5.5.2"), text
+    assert b"longer than 200 characters" in text, text
+    tight.wait_log(f"to=<over{n}@hosted.example> rule=limits")
+    assert postfix.messages(f"over{n}@hosted.example") == []
+
+
+def test_a_line_of_line_length_arrives_whole_with_or_without_a_leading_dot(tight, postfix):
+    """200 characters are allowed; a line starting with a dot goes on the wire as 201
+    (smtplib doubles the dot) and the doubled dot is not counted."""
+    plain, dotted = b"p" * 200, b"." + b"d" * 199
+    with smtp(tight.port) as s:
+        s.sendmail("a@outside.example", ["fits@hosted.example"],
+                   b"Subject: fits\r\n\r\n" + plain + b"\r\n" + dotted + b"\r\n")
+    msg = postfix.wait_for_messages("fits@hosted.example", 1)[-1].replace(b"\r\n", b"\n")
+    assert b"\n" + plain + b"\n" + dotted + b"\n" in msg, msg[-500:]
+
+
 def test_command_timeout_says_421(tight):
     with socket.create_connection(("127.0.0.1", tight.port), timeout=10,
                                   source_address=(STRANGER, 0)) as c:

@@ -72,6 +72,24 @@ def test_bare_lf_in_a_command_line_is_refused(maild):
     assert b"500 5.5.2" in out, out
 
 
+AFTER = b"NOOP\r\nMAIL FROM:<evil@outside.example>\r\nRCPT TO:<after@hosted.example>\r\n"
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"EHLO client.example\r\nMAIL FROM:<a@outside.example>\r\nRCPT TO:<bob@hosted.example>\r\n"
+     b"DATA\r\nSubject: x\r\n\r\nbare\nlf\r\n.\r\n" + AFTER],
+    [b"EHLO client.example\r\nNOOP\n" + AFTER],
+], ids=["in-data", "in-a-command"])
+def test_nothing_sent_after_a_bare_line_ending_is_read_as_a_command(maild, chunks):
+    """The session ends at the refusal, although the client's next commands are already
+    in maild's buffer (aiosmtpd ran them before the close took effect)."""
+    out = converse(maild.port, chunks, half_close=False)
+    refusal = out.rfind(b" 5.5.2 ")
+    assert refusal > 0 and out.endswith(b"\r\n") and out[refusal:].count(b"\r\n") == 1, out
+    maild.wait_log("rule=smuggling")
+    assert "after@hosted.example" not in maild.log()
+
+
 def test_two_pipelined_messages_are_two_messages_once_each(postfix, maild):
     one = (b"MAIL FROM:<a@outside.example>\r\nRCPT TO:<pipe@hosted.example>\r\nDATA\r\n"
            b"Subject: first\r\n\r\n1\r\n.\r\n")

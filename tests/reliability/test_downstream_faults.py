@@ -270,6 +270,39 @@ def test_retry_before_the_late_reply_is_not_duplicated(postfix_factory, maild_fa
     assert_one_copy(pf, subj)
 
 
+def test_a_rebuilt_retry_after_a_late_accept_is_not_duplicated(postfix_factory, maild_factory):
+    """The re-injection smtpd is frozen (SIGSTOP) while maild hands it the message, past
+    maild's 2 s deadline: the client hears 451, Postfix commits the message once it runs
+    again. The client rebuilds the message for its retry (a new Date:, as the clients of
+    issue 13 did: 6 of 8,000 were delivered twice) and keeps its Message-ID: the same
+    message, answered from maild's record of the late reply, one copy."""
+    pf = postfix_factory(hosted_domains=HOSTED)
+    policy = front_policy(pf.reinject_port)
+    policy["server"]["downstream_timeout"] = "2s"
+    m = maild_factory(policy)
+    subj = unique_subject("rebuilt")
+    s = session(m.port)
+    s.mail(SENDER)
+    assert s.rcpt(RCPT)[0] == 250
+    frozen = reinject_smtpd_pids(pf)
+    assert frozen, "no re-injection smtpd serves the open transaction"
+    for p in frozen:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        code, text = finish(s, message(subj, extra=b"Date: Thu, 3 Dec 2026 06:00:00 +0000\r\n"))
+        assert_tempfail(code, text)
+    finally:
+        for p in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+    s.close()
+    m.wait_log("downstream accepted late", timeout=30)
+    retry = retry_until_accepted(
+        m.port, message(subj, extra=b"Date: Thu, 3 Dec 2026 06:00:31 +0000\r\n"))
+    assert "accepted earlier" in retry.text, retry
+    assert_one_copy(pf, subj)
+
+
 def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(postfix_factory,
                                                                           maild_factory):
     """The client's idle timer (command_timeout, 2 s here) must not run out while maild

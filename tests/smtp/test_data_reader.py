@@ -15,15 +15,19 @@ from hypothesis import strategies as st
 
 from maild.smtp.server import ClientEOF, read_data
 
-LIMIT = 1003  # line_length 1000 + 3, as MaildSMTP sizes its StreamReader
+LIMIT = 998  # line_length, as MaildSMTP passes it: the longest text, stuffed dot not counted
 
 
 async def line_reader(reader: asyncio.StreamReader, limit: int, max_line: int
                       ) -> tuple[bytes, str | None, bool]:
-    """MaildSMTP._read_data before the block reader (5160c42), minus the timer, with one
-    fix: the rest of an overlong line is dropped up to its CRLF (5160c42 restarted a line
+    """MaildSMTP._read_data before the block reader (5160c42), minus the timer, with two
+    fixes: the rest of an overlong line is dropped up to its CRLF (5160c42 restarted a line
     at the last byte it had buffered, so a pause after "AAAA...A." then CRLF ended DATA
-    where the client's line did not end)."""
+    where the client's line did not end), and `max_line` is the longest text, one more
+    with a stuffed dot (5160c42 was given line_length + 3 and took that much text).
+
+    The StreamReader's limit is max_line + 1 (see run()): a line without a leading dot
+    that fills it is too long as well."""
     buf = bytearray()
     problem: str | None = None
     skipping = False
@@ -34,9 +38,7 @@ async def line_reader(reader: asyncio.StreamReader, limit: int, max_line: int
             raise ClientEOF() from None  # the message is incomplete: nothing relayed
         except asyncio.LimitOverrunError as e:
             await reader.read(e.consumed)
-            problem = problem or (
-                f"500 5.5.2 Message line longer than {max_line - 3} characters "
-                "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
+            problem = problem or too_long(max_line)
             buf.clear()
             skipping = True
             continue
@@ -44,6 +46,10 @@ async def line_reader(reader: asyncio.StreamReader, limit: int, max_line: int
             skipping = False
             continue
         n = len(line)
+        if n - 2 > max_line and line[:1] != b".":  # one over, and no stuffed dot to discount
+            problem = problem or too_long(max_line)
+            buf.clear()
+            continue
         if line.find(b"\n", 0, n - 1) >= 0 or line.find(b"\r", 0, n - 2) >= 0:
             return b"", ("550 5.5.2 Message refused: bare <LF> or <CR> received "
                          "(RFC 5321 2.3.8); send lines ending in CRLF"), True
@@ -62,6 +68,11 @@ async def line_reader(reader: asyncio.StreamReader, limit: int, max_line: int
     return bytes(buf), problem, False
 
 
+def too_long(max_line: int) -> str:
+    return (f"500 5.5.2 Message line longer than {max_line} characters "
+            "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
+
+
 def run(fn, chunks: list[bytes], yields: list[bool], limit: int, max_line: int,
         eof: bool = True):
     """Feed `chunks` to a StreamReader (a yield to the reader after chunk i when
@@ -69,7 +80,7 @@ def run(fn, chunks: list[bytes], yields: list[bool], limit: int, max_line: int,
     the reader returned)."""
 
     async def main():
-        reader = asyncio.StreamReader(limit=max_line)
+        reader = asyncio.StreamReader(limit=max_line + 1)
         left: list[bytes] = []
 
         async def consume():
@@ -137,8 +148,9 @@ def message(lines: list[bytes]) -> bytes:
 
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(st.sampled_from([b"", b".", b"..", b"x" * 78, b"y" * 998, b".z" * 400,
-                                       b"Subject: hello", b"y" * 1002, b"y" * 1003,
-                                       b"y" * 1004, b"y" * 1005]),
+                                       b"Subject: hello", b"y" * 999, b"y" * 1000,
+                                       b"y" * 1001, b"." + b"y" * 998, b"." + b"y" * 999,
+                                       b".." + b"y" * 998]),
                       max_size=60),
        tail=st.sampled_from([b".\r\n", b".\r\nQUIT\r\n", b".\r\nMAIL FROM:<a@b>\r\nRCPT",
                              b"", b".", b".\r"]),
@@ -152,7 +164,8 @@ def test_same_on_realistic_messages(lines, tail, cuts, yields, limit):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, 1000, 65536])
 def test_markers_split_at_every_boundary(size):
-    body = message([b"Subject: t", b"", b".leading dot", b"..", b"x" * 1003, b"end"])
+    body = message([b"Subject: t", b"", b".leading dot", b"..", b"x" * 998,
+                    b"." + b"x" * 998, b"end"])
     data = body + b".\r\nQUIT\r\n"
     chunks = [data[i:i + size] for i in range(0, len(data), size)]
     result, _, left = same(data, chunks, [True] * len(chunks), 0, LIMIT)
@@ -163,16 +176,20 @@ def test_markers_split_at_every_boundary(size):
 @pytest.mark.parametrize("max_line", [8, 40, LIMIT])
 @pytest.mark.parametrize("d", [-2, -1, 0, 1, 2])
 @pytest.mark.parametrize("where", [0, 1, 5])
-def test_line_length_boundary(max_line, d, where):
+@pytest.mark.parametrize("stuffed", [False, True], ids=["plain", "stuffed"])
+def test_line_length_boundary(max_line, d, where, stuffed):
+    """max_line + d characters of text: refused when d > 0; a line that starts with a dot
+    is sent with one more (the client doubles it) and is judged by its text."""
+    text = b"." * stuffed + b"L" * (max_line + d - stuffed)
     lines = [b"x" * (max_line - 1 - i % 3) for i in range(6)]
-    lines.insert(where, b"L" * (max_line + d))
+    lines.insert(where, b"." * stuffed + text)
     data = message(lines) + b".\r\nQUIT\r\n"
     result, _, left = same(data, [data], [True], 0, max_line)
     assert left == b"QUIT\r\n"
     if d > 0:
-        assert result == (b"", f"500 5.5.2 Message line longer than {max_line - 3} characters "
-                          "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable", False)
+        assert result == (b"", too_long(max_line), False)
     else:
+        lines[where] = text
         assert result == (message(lines), None, False)
 
 
@@ -188,8 +205,11 @@ def test_examples():
          "send lines ending in CRLF", True), b".\r\nMAIL")
     assert one(b"a\x00\r\n.\r\n")[0][1:] == (
         "550 5.6.0 Message refused: NUL character in message data", True)
-    assert one(b"a" * 1004 + b"\r\nb\r\n.\r\n")[0][1].startswith("500 5.5.2")
-    assert one(b"a" * 1003 + b"\r\n.\r\n")[0] == (b"a" * 1003 + b"\r\n", None, False)
+    assert one(b"a" * 999 + b"\r\nb\r\n.\r\n")[0][1].startswith("500 5.5.2")
+    assert one(b"a" * 998 + b"\r\n.\r\n")[0] == (b"a" * 998 + b"\r\n", None, False)
+    # the dot a client doubles for transparency is not counted (RFC 5321 4.5.3.1.6)
+    assert one(b".." + b"a" * 997 + b"\r\n.\r\n")[0] == (b"." + b"a" * 997 + b"\r\n", None, False)
+    assert one(b"." + b"a" * 999 + b"\r\n.\r\n")[0][1].startswith("500 5.5.2")
     assert one(b"abc\r\n" * 10 + b".\r\n", limit=49)[0][1].startswith("552 5.3.4")
     assert one(b"abc\r\n" * 10 + b".\r\n", limit=50)[0] == (b"abc\r\n" * 10, None, False)
     assert one(b"abc\r\n")[0] == "ClientEOF"
