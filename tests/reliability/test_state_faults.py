@@ -19,6 +19,7 @@ size-limited tmpfs filled to ENOSPC.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -172,3 +173,89 @@ def test_start_with_unusable_state_is_one_clear_error(pf, maild_factory):
     assert "Traceback" not in out, out[:3000]
     # and once the store is usable again, it starts
     maild_factory(m.policy, root=m.root, port=m.port)
+
+
+def until_tempfailed(m, port: int, tag: str) -> tuple[list[tuple[str, str, Attempt]], Attempt]:
+    """Send stranger mail until maild answers 451 4.3.0 (a message accepted before maild
+    saw the fault is fine: it must still be delivered once); maild must stay up."""
+    sent: list[tuple[str, str, Attempt]] = []
+
+    def one() -> Attempt | None:
+        subj = unique_subject(tag)
+        sender = f"{subj}@outside.example"
+        a = attempt(port, sender=sender, rcpts=[RCPT], data=message(subj), source=STRANGER)
+        assert m.proc.poll() is None, f"maild died (exit {m.proc.returncode}): {a}"
+        assert a.accepted or (a.final == 451 and a.text.startswith("4.3.0")), a
+        sent.append((subj, sender, a))
+        return None if a.accepted else a
+
+    return sent, wait_for(one, "a 451 4.3.0 while the store is broken", timeout=30,
+                          interval=0.2)
+
+
+def rounds_after(m, n: int) -> None:
+    """Wait until the daemon ran n more housekeeping rounds (each rewrites its status file)."""
+    status = m.root / "maild.status.json"
+
+    def written() -> float:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(status.read_text())["written"]
+        return 0.0
+    seen = {written()}
+    wait_for(lambda: seen.add(written()) or len(seen) > n, f"{n} housekeeping rounds", timeout=30)
+
+
+def retry_and_count(pf, m, sent: list[tuple[str, str, Attempt]]) -> None:
+    """The clients' retries are accepted; every message is delivered exactly once."""
+    for subj, sender, a in sent:
+        if not a.accepted:
+            b = attempt(m.port, sender=sender, rcpts=[RCPT], data=message(subj), source=STRANGER)
+            assert b.accepted, b
+    settle(pf)
+    for subj, _sender, _a in sent:
+        assert copies(pf, RCPT, subj) == 1, subj
+
+
+def test_shared_memory_file_not_writable(pf, maild_factory):
+    """Only the -shm file immutable (issue 13 #6): SQLite writes its WAL index through a
+    mapping of it, which the kernel answers with SIGBUS; maild died within 2 s and every
+    client got "connection refused". Now it stays up, logs the cause once, answers
+    451 4.3.0, and relays again once the file is writable."""
+    m = maild_factory(front_policy(pf.reinject_port))
+    shm = m.root / "state.db-shm"
+    assert shm.exists()
+    chattr("+i", shm)
+    try:
+        sent, _ = until_tempfailed(m, m.port, "shm")
+        for _ in range(3):  # and it keeps answering 451, without a new log line each time
+            sent += until_tempfailed(m, m.port, "shm")[0]
+        log = m.log()
+        assert log.count("state store: unavailable") == 1, log[-3000:]
+        assert log.count(f"cannot write {shm}") == 1, log[-3000:]
+        assert "available again" not in log, log[-3000:]
+    finally:
+        chattr("-i", shm)
+    m.wait_log("state store: available again", timeout=20)
+    retry_and_count(pf, m, sent)
+
+
+def test_database_not_writable_tempfails_until_repaired(pf, maild_factory):
+    """The database and its WAL immutable (issue 13 #7): reads still work from the cache,
+    writes fail. Mail got 250 and the log said "available again" every few seconds.
+    Health is judged by writes: 451 4.3.0 and no "available again" until a write works."""
+    m = maild_factory(front_policy(pf.reinject_port))
+    db = m.root / "state.db"
+    files = [db, db.with_name("state.db-wal")]
+    chattr("+i", *files)
+    try:
+        sent, _ = until_tempfailed(m, m.port, "ro")
+        m.wait_log("state store: unavailable")
+        # past several housekeeping rounds (each polls the store with a read that works)
+        rounds_after(m, 4)
+        wait_for(lambda: m.log().count("decision log: cannot write") >= 1, "the decision log")
+        sent += until_tempfailed(m, m.port, "ro")[0]
+        assert "available again" not in m.log(), m.log()[-3000:]
+    finally:
+        chattr("-i", *files)
+    m.wait_log("state store: available again", timeout=20)
+    retry_and_count(pf, m, sent)
