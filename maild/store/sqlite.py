@@ -129,6 +129,17 @@ class SQLiteStore:
 
     async def open(self) -> None:
         try:
+            await self._open()
+        except StateRefused:
+            if not self.init:
+                raise
+            self._move_aside()
+            await self._open()
+        if os.path.exists(self.path):
+            os.chmod(self.path, 0o640)
+
+    async def _open(self) -> None:
+        try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             if not os.path.exists(self.path):
                 _create(self.path)
@@ -142,20 +153,13 @@ class SQLiteStore:
             await self._check_contents()
             if self.migrate:
                 await self._migrate()
-        except StateRefused:
-            await self.close()
-            if not self.init:
-                raise
-            self._move_aside()
-            self.init = False
-            return await self.open()
         except (OSError, sqlite3.Error, StoreError) as e:
             await self.close()
             if isinstance(e, StoreError):
                 raise
+            if type(e) is sqlite3.DatabaseError:  # SQLITE_CORRUPT, SQLITE_NOTADB
+                raise _unusable(self.path, f"is damaged ({e})") from e
             raise StoreError(f"cannot open state store {self.path}: {e}") from e
-        if os.path.exists(self.path):
-            os.chmod(self.path, 0o640)
 
     def _check_file(self) -> None:
         """Before SQLite opens it: an empty file or one that is not SQLite is refused
@@ -172,15 +176,12 @@ class SQLiteStore:
         start) so is a damaged one: SQLite's quick_check reads every page, ~1 s a GB."""
         assert self.db is not None
         verdict = "ok"
-        try:
-            if self.check:
-                async with self.db.execute("PRAGMA quick_check(1)") as cur:
-                    verdict = (await cur.fetchone() or ("no answer",))[0]
-            async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                       "AND name = 'schema_version'") as cur:
-                ours = await cur.fetchone() is not None
-        except sqlite3.DatabaseError as e:
-            raise _unusable(self.path, f"is damaged ({e})") from e
+        if self.check:
+            async with self.db.execute("PRAGMA quick_check(1)") as cur:
+                verdict = (await cur.fetchone() or ("no answer",))[0]
+        async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                   "AND name = 'schema_version'") as cur:
+            ours = await cur.fetchone() is not None
         if verdict != "ok":
             raise _unusable(self.path, f"is damaged (SQLite quick_check: {verdict})")
         if not ours:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,3 +260,37 @@ def test_database_not_writable_tempfails_until_repaired(pf, maild_factory):
         chattr("-i", *files)
     m.wait_log("state store: available again", timeout=20)
     retry_and_count(pf, m, sent)
+
+
+def test_start_with_an_empty_state_file_is_refused_unless_init_state(pf, maild_factory):
+    """A 0-byte state file (a lost disk, a bad restore) was silently re-initialised at
+    start, dropping sanctions and the consent ledger (issue 13 #8). `maild serve` now
+    refuses it with one line naming the file and `--init-state`, and leaves it alone;
+    with the flag it moves the file aside and starts, and mail flows."""
+    m = maild_factory(front_policy(pf.reinject_port))
+    m.stop()
+    db = m.root / "state.db"
+    db.write_bytes(b"")
+    with pytest.raises(RuntimeError) as exc:
+        maild_factory(m.policy, root=m.root, port=m.port)
+    out = str(exc.value)
+    assert f"{db} is empty (0 bytes)" in out and "maild serve --init-state" in out, out
+    assert "Traceback" not in out, out[:3000]
+    assert db.read_bytes() == b""
+
+    again = maild_factory(m.policy, root=m.root, port=m.port, start=False)
+    again.write()
+    again.logfile = m.root / "maild-init.log"  # the first run's "daemon started" is in the other
+    again.proc = subprocess.Popen([*again.cli_argv("serve"), "--log", str(again.logfile),
+                                   "--allow-root", "--init-state"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, cwd=again.root)
+    again.wait_log("daemon started", timeout=20)
+    assert f"moved {db} aside" in again.log(), again.log()
+    aside = [p for p in m.root.iterdir() if p.name.startswith("state.db.refused-")]
+    assert [p.read_bytes() for p in aside] == [b""], aside
+    subj = unique_subject("init")
+    a = attempt(again.port, sender=f"{subj}@outside.example", rcpts=[RCPT], data=message(subj),
+                source=STRANGER)
+    assert a.accepted, a
+    settle(pf)
+    assert copies(pf, RCPT, subj) == 1
