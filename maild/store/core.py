@@ -142,6 +142,9 @@ class DecisionLog:
                 await self._task
             self._task = None
         await self.flush()
+        if self.pending:
+            log.error("decision log: %d rows not written at stop (the store takes no writes); "
+                      "syslog has a line for each decision", len(self.pending))
 
 
 async def heartbeat(store: Store, node: str = socket.gethostname()) -> None:

@@ -258,6 +258,26 @@ def test_shared_memory_file_not_writable(pf, maild_factory):
     wait_recovered(m)
     retry_and_count(pf, m, sent)
 
+    # Stopped while the file is immutable: closing SQLite would checkpoint through the
+    # mapping (SIGBUS); maild leaves it open, exits 0, and the next start recovers the WAL.
+    db = m.root / "state.db"
+    relayed = "SELECT COUNT(*) FROM decisions WHERE action = 'relay' AND sender LIKE 'shm-%'"
+    wait_for(lambda: decision_rows(db, relayed) == [(len(sent),)], "the relay rows")
+    chattr("+i", shm)
+    try:
+        until_tempfailed(m, m.port, "stop")
+        assert m.stop() == 0
+    finally:
+        chattr("-i", shm)
+    m = maild_factory(m.policy, root=m.root, port=m.port)
+    assert decision_rows(db, relayed) == [(len(sent),)]
+    assert decision_rows(db, "PRAGMA integrity_check") == [("ok",)]
+    subj = unique_subject("after")
+    a = attempt(m.port, sender=f"{subj}@outside.example", rcpts=[RCPT], data=message(subj),
+                source=STRANGER)
+    assert a.accepted, a
+    retry_and_count(pf, m, [(subj, f"{subj}@outside.example", a)])
+
 
 def test_database_not_writable_tempfails_until_repaired(pf, maild_factory):
     """The database and its WAL immutable (issue 13 #7): reads still work from the cache,
