@@ -89,7 +89,10 @@ def main(config: str) -> None:
 @click.option("--debug", is_flag=True, help="Log debug detail too.")
 @click.option("--allow-root", is_flag=True, help="Keep running as root when [server] user is "
               "not set (containers, tests). Never needed under systemd.")
-def serve(log_target: str, debug: bool, allow_root: bool) -> None:
+@click.option("--init-state", is_flag=True, help="Start even if the SQLite state file is "
+              "empty, damaged or not maild's: move it aside (*.refused-TIME) and begin an "
+              "empty state, without sanctions or consent ledger. Use once, not in the unit.")
+def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> None:
     """Run the SMTP proxy and the scheduled jobs in the foreground.
 
     SIGHUP reloads policies.toml without dropping sessions; SIGTERM stops gracefully.
@@ -106,7 +109,7 @@ def serve(log_target: str, debug: bool, allow_root: bool) -> None:
     from maild.store.base import StoreError
 
     try:
-        run_serve(config, allow_root=allow_root)
+        run_serve(config, allow_root=allow_root, init_state=init_state)
     except PrivilegeError as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)

@@ -40,9 +40,10 @@ log = logging.getLogger("maild")
 
 class Daemon:
     def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0,
-                 allow_root: bool = False):
+                 allow_root: bool = False, init_state: bool = False):
         self.config = config
         self.allow_root = allow_root
+        self.init_state = init_state
         self.shutdown_grace = shutdown_grace
         self._status_failing = False
         self.stop_event = asyncio.Event()
@@ -96,12 +97,12 @@ class Daemon:
                 raise privs.PrivilegeError(
                     'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
                     "or pass --allow-root")
-        self.store = await open_store(c.server.state, c.path)
+        self.store = await open_store(c.server.state, c.path, check=True, init=self.init_state)
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
         host, port = c.server.downstream
         self.downstream = _downstream(c)
-        self.proxy = Proxy(c, self.downstream, self.decisions)
+        self.proxy = Proxy(c, self.downstream, self.decisions, health=self.store.health)
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -285,31 +286,32 @@ class Daemon:
             log.warning("ratelimit: reset key=%s counters=%d", arg, n)
 
     async def _housekeep(self) -> None:
-        """Every 2 s: apply CLI changes (and other nodes' blocks); every 6 s persist
-        counters (shared counters: sync every 2 s); every 60 s: expire."""
+        """Every 2 s: a heartbeat write unless something else wrote (the store's health
+        is judged by writes), apply CLI changes (and other nodes' blocks); every 6 s
+        persist counters (shared counters: sync every 2 s); every 60 s: expire."""
         from maild.store.base import StoreError
+        from maild.store.core import heartbeat
 
         tick = 0
-        failing = False
+        health = self.store.health
         while True:
             await asyncio.sleep(2)
             tick += 1
             self.write_status()
             try:
+                if not health.ok or time.monotonic() - health.last_write >= 2:
+                    await heartbeat(self.store)
                 await self.poll_control()
                 if tick % 3 == 0 or self.limiter.shared is not None:
                     await self.limiter.flush(self.store)
                 if tick % 30 == 0:
                     self.limiter.expire()
-                if failing:
-                    log.warning("state store: available again: %s", self.store.path)
-                    failing = False
             except StoreError as e:
                 # Void the local rate-limit allowances: until the store answers again,
                 # mail that needs a counter is tempfailed, never admitted unchecked.
                 self.limiter.healthy = False
-                failing = True
-                log.error("error: state store: %s", e)
+                if health.ok:  # a store failure was logged once by health.failed()
+                    log.error("error: state store: %s", e)
 
     def _start_report(self) -> None:
         """The daily report (`[report]`), scheduled with APScheduler in this event loop."""
@@ -525,10 +527,10 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: cfg.Config, *, allow_root: bool = False) -> None:
+def serve(config: cfg.Config, *, allow_root: bool = False, init_state: bool = False) -> None:
     for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
         signal.signal(sig, signal.SIG_IGN)
-    daemon = Daemon(config, allow_root=allow_root)
+    daemon = Daemon(config, allow_root=allow_root, init_state=init_state)
     try:
         import uvloop  # optional: faster event loop when installed
     except ImportError:

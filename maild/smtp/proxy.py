@@ -29,7 +29,7 @@ from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply
 from maild.smtp.headers import customer_header, header_line, strip_own_headers
 from maild.smtp.received import authenticated_login, received_header
 from maild.smtp.server import MaildSession
-from maild.store.base import StoreError
+from maild.store.base import Health, StoreError
 from maild.store.core import DecisionLog, DecisionRow
 
 log = logging.getLogger("maild.smtp")
@@ -124,11 +124,15 @@ TEMPFAIL_INTERNAL = "451 4.3.0 Temporary internal error; try again later"
 class Proxy:
     """The aiosmtpd handler shared by every session."""
 
-    def __init__(self, config: Config, downstream: Downstream, decisions: DecisionLog | None):
+    def __init__(self, config: Config, downstream: Downstream, decisions: DecisionLog | None,
+                 health: Health | None = None):
         pipeline.load_families()
         self.config = config
         self.downstream = downstream
         self.decisions = decisions
+        # While the state store takes no writes, no transaction is accepted: the strikes,
+        # consent events and counters it would produce could not be recorded.
+        self.health = health
         self.started = time.time()
         self.stats = {"relayed": 0, "rejected": 0, "tempfailed": 0}
         # (stage, action, rule) -> decisions, for /metrics; rule names are a fixed set.
@@ -356,6 +360,8 @@ class Proxy:
                       sender=address, mail_params=params)
         try:
             ctx.identity = resolve(config, session.client, sender=address)
+            if self._store_down():
+                return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
             v = await self._run(Stage.MAIL, ctx)
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
@@ -382,6 +388,9 @@ class Proxy:
         envelope.mail_params = params
         envelope.mail_options = params
         return reply.smtp()
+
+    def _store_down(self) -> bool:
+        return self.health is not None and not self.health.ok
 
     def _tempfail(self, session: MaildSession, ctx: Context | None, stage: str, reply: str,
                   rule: str, rcpt: Address | None = None) -> str:
@@ -456,6 +465,9 @@ class Proxy:
         if not v.accepted:
             self._drop_conn(session, reusable=True, rset=True)
             return self._verdict(session, v, ctx)
+        if self._store_down():  # it broke during this transaction
+            self._drop_conn(session, reusable=True, rset=True)
+            return self._tempfail(session, ctx, "DATA", TEMPFAIL_INTERNAL, "store")
         added = received_header(session.client, ctx.config.server.hostname, session.id,
                                 ctx.recipients, format_datetime(localtime()))
         added += customer_header(ctx.identity)

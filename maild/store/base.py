@@ -10,10 +10,14 @@ these few calls.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("maild.store")
 
 # component -> ordered SQL scripts; index + 1 is the schema version after applying it.
 MIGRATIONS: dict[str, list[str]] = {}
@@ -34,8 +38,34 @@ class StoreError(Exception):
         super().__init__(*args)
 
 
+class Health:
+    """Whether the store takes writes, judged only by writes: any failed call makes it
+    failing, only a successful write makes it healthy again. While it fails the proxy
+    answers 451 4.3.0, so nothing is accepted that maild could not record. Each change
+    is one log line (the cause once per outage, not once per retry)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ok = True
+        self.cause = ""
+        self.last_write = time.monotonic()
+
+    def wrote(self) -> None:
+        self.last_write = time.monotonic()
+        if not self.ok:
+            self.ok, self.cause = True, ""
+            log.warning("state store: available again: %s", self.name)
+
+    def failed(self, cause: str) -> None:
+        if self.ok:
+            self.ok, self.cause = False, cause
+            log.error("error: state store: unavailable, mail is answered 451 4.3.0 until a "
+                      "write succeeds: %s", cause)
+
+
 class Store(Protocol):
     path: str
+    health: Health
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -77,9 +107,13 @@ def resolve_state_path(state: str, config_path: str) -> str:
     return str(p)
 
 
-async def open_store(state: str, config_path: str = ".", *, migrate: bool = True) -> Store:
+async def open_store(state: str, config_path: str = ".", *, migrate: bool = True,
+                     check: bool = False, init: bool = False) -> Store:
     """Open the store named by `[server] state` and bring its schema up to date:
-    `postgresql://...` for several nodes sharing one state, else a SQLite file."""
+    `postgresql://...` for several nodes sharing one state, else a SQLite file.
+
+    A SQLite file that exists but is empty or not maild's is refused (and, with check,
+    the daemon's start, a damaged one), unless init: that moves it aside, starts anew."""
     from maild.store import core, leases  # noqa: F401  (register their schemas)
 
     store: Store
@@ -90,6 +124,7 @@ async def open_store(state: str, config_path: str = ".", *, migrate: bool = True
     else:
         from maild.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate)
+        store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate,
+                            check=check, init=init)
     await store.open()
     return store

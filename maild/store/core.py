@@ -3,8 +3,8 @@
 Every SMTP decision is one row. The proxy never awaits a database write per message:
 it hands rows to :class:`DecisionLog`, which flushes them every half second (or every
 500 rows) from a background task. A failed flush is retried with the next batch and is
-logged; rows beyond a bound are dropped with a count, because the syslog line, written
-synchronously, is the decision's record of truth.
+logged once per outage; rows beyond a bound are dropped with a count, because the syslog
+line, written synchronously, is the decision's record of truth.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import astuple, dataclass
 
@@ -38,6 +39,12 @@ register_migrations("core", [
     );
     CREATE INDEX decisions_ts ON decisions(ts);
     CREATE INDEX decisions_customer_ts ON decisions(customer, ts);
+    """,
+    """
+    CREATE TABLE heartbeat (
+        node TEXT PRIMARY KEY,
+        ts REAL NOT NULL
+    );
     """,
 ])
 
@@ -110,9 +117,12 @@ class DecisionLog:
         try:
             await self.store.executemany(_INSERT, [astuple(r) for r in rows])
         except StoreError as e:
+            if not self.retry_delay:  # once per outage, and the cause only if health did not
+                health = getattr(self.store, "health", None)
+                cause = "" if health is not None and not health.ok else f": {e}"
+                log.error("decision log: cannot write %d rows, will retry until it can%s",
+                          len(rows), cause)
             self.retry_delay = min(max(self.retry_delay * 2, self.interval), 30.0)
-            log.error("decision log: cannot write %d rows, will retry in %gs: %s",
-                      len(rows), self.retry_delay, e)
             self.pending[:0] = rows[: self.max_pending - len(self.pending)]
         except Exception as e:  # rows no retry can write: drop them, keep the writer alive
             log.error("decision log: cannot write %d rows, dropped: %s: %s", len(rows),
@@ -132,6 +142,16 @@ class DecisionLog:
                 await self._task
             self._task = None
         await self.flush()
+        if self.pending:
+            log.error("decision log: %d rows not written at stop (the store takes no writes); "
+                      "syslog has a line for each decision", len(self.pending))
+
+
+async def heartbeat(store: Store, node: str = socket.gethostname()) -> None:
+    """One small write: how the daemon learns whether the store takes writes, when
+    nothing else wrote lately (and, while it fails, when it works again)."""
+    await store.execute("INSERT INTO heartbeat(node, ts) VALUES (?, ?) ON CONFLICT(node) "
+                        "DO UPDATE SET ts = excluded.ts", (node, time.time()))
 
 
 async def recent_decisions(store: Store, *, since: float | None = None, limit: int = 100,

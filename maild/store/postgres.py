@@ -20,7 +20,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from maild.store.base import MIGRATIONS, StoreError
+from maild.store.base import MIGRATIONS, Health, StoreError
 
 try:  # optional: pip install 'maild[postgresql]'
     import asyncpg
@@ -82,8 +82,11 @@ def _status_count(status: str) -> int:
 
 
 _ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+# Errors of the statement, not of the store: they say nothing about its health.
+_NOT_HEALTH: tuple[type[BaseException], ...] = ()
 if asyncpg is not None:
     _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+    _NOT_HEALTH = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 
 class PostgresStore:
@@ -101,6 +104,13 @@ class PostgresStore:
         self._conn: contextvars.ContextVar[Any] = contextvars.ContextVar(
             f"maild-pg-{id(self)}", default=None)
         self._sql: dict[str, str] = {}
+        self.health = Health(self.path)
+
+    def _error(self, e: BaseException) -> StoreError:
+        err = StoreError(f"state store {self.path}: {e}")
+        if not isinstance(e, _NOT_HEALTH):
+            self.health.failed(str(err))
+        return err
 
     async def open(self) -> None:
         if asyncpg is None:
@@ -182,7 +192,8 @@ class PostgresStore:
                 finally:
                     self._conn.reset(token)
         except _ERRORS as e:
-            raise StoreError(f"state store {self.path}: {e}") from e
+            raise self._error(e) from e
+        self.health.wrote()
 
     async def xact_lock(self, name: str) -> None:
         """Wait for the transaction-scoped advisory lock on name (inside transaction())."""
@@ -200,9 +211,12 @@ class PostgresStore:
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         try:
             async with self._acquire() as conn:
-                return _status_count(await conn.execute(self._t(sql), *params))
+                n = _status_count(await conn.execute(self._t(sql), *params))
         except _ERRORS as e:
-            raise StoreError(f"state store {self.path}: {e}") from e
+            raise self._error(e) from e
+        if self._conn.get() is None:
+            self.health.wrote()
+        return n
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = [tuple(r) for r in rows]
@@ -212,14 +226,16 @@ class PostgresStore:
             async with self._acquire() as conn, conn.transaction():
                 await conn.executemany(self._t(sql), rows)
         except _ERRORS as e:
-            raise StoreError(f"state store {self.path}: {e}") from e
+            raise self._error(e) from e
+        if self._conn.get() is None:
+            self.health.wrote()
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         try:
             async with self._acquire() as conn:
                 return [tuple(r) for r in await conn.fetch(self._t(sql), *params)]
         except _ERRORS as e:
-            raise StoreError(f"state store {self.path}: {e}") from e
+            raise self._error(e) from e
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         try:
@@ -227,7 +243,7 @@ class PostgresStore:
                 r = await conn.fetchrow(self._t(sql), *params)
                 return None if r is None else tuple(r)
         except _ERRORS as e:
-            raise StoreError(f"state store {self.path}: {e}") from e
+            raise self._error(e) from e
 
 
 def _redact(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
@@ -197,3 +198,83 @@ async def test_shared_limit_holds_across_nodes_within_the_bound(store, state_url
         assert a.round_trips + b.round_trips < 40 * 2
     finally:
         await node2.close()
+
+
+# ---------------------------------------------------------------- an unusable state file (SQLite)
+
+
+async def _refused(path, **kw) -> str:
+    with pytest.raises(StoreError) as exc:
+        await open_store(str(path), **kw)
+    return str(exc.value)
+
+
+async def test_missing_state_is_created_complete(tmp_path):
+    path = tmp_path / "var" / "maild.db"
+    s = await open_store(str(path), check=True)
+    assert await s.schema_versions() == {c: len(v) for c, v in MIGRATIONS.items()}
+    await s.close()
+    assert not (tmp_path / "var" / "maild.db.new").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all\n" * 10])
+async def test_empty_or_garbage_state_is_refused_and_left_alone(tmp_path, content):
+    """A 0-byte state was silently re-initialised, dropping sanctions and the consent
+    ledger (issue 13 #8): now it is refused like a garbage file, naming the way out."""
+    path = tmp_path / "maild.db"
+    path.write_bytes(content)
+    for check in (False, True):  # the CLI's opens and the daemon's start
+        msg = await _refused(path, check=check)
+        assert str(path) in msg and "--init-state" in msg, msg
+        assert ("empty (0 bytes)" if not content else "not a SQLite database") in msg, msg
+    assert path.read_bytes() == content
+
+
+async def test_a_database_that_is_not_maild_state_is_refused(tmp_path):
+    path = tmp_path / "maild.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE other(x)")
+    con.commit()
+    con.close()
+    msg = await _refused(path)
+    assert "holds no maild state" in msg and "--init-state" in msg, msg
+
+
+async def test_a_damaged_state_is_refused_at_the_daemons_start(tmp_path):
+    path = tmp_path / "maild.db"
+    s = await open_store(str(path))
+    await s.executemany("INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)",
+                        [(float(i), "k", "x" * 500) for i in range(2000)])
+    await s.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated copy, as a bad restore leaves
+    msg = await _refused(path, check=True)
+    assert "is damaged" in msg and "--init-state" in msg, msg
+
+
+async def test_init_state_moves_the_refused_file_aside_and_starts_empty(tmp_path):
+    path = tmp_path / "maild.db"
+    path.write_bytes(b"")
+    s = await open_store(str(path), check=True, init=True)
+    assert await s.fetchone("SELECT COUNT(*) FROM sanctions") == (0,)
+    await s.close()
+    aside = [p.name for p in tmp_path.iterdir() if ".refused-" in p.name]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"", aside
+    # a healthy state is left as it is, with or without the flag
+    s = await open_store(str(path), check=True, init=True)
+    await s.close()
+    assert len([p for p in tmp_path.iterdir() if ".refused-" in p.name]) == 1
+
+
+async def test_health_is_judged_by_writes(store):
+    """Reads that work do not make a failing store healthy; a write does (both backends)."""
+    assert store.health.ok
+    with pytest.raises(StoreError):
+        await store.execute("INSERT INTO no_such_table VALUES (1)")
+    assert not store.health.ok
+    assert await store.fetchone("SELECT COUNT(*) FROM control") == (0,)
+    assert not store.health.ok
+    from maild.store.core import heartbeat
+
+    await heartbeat(store)
+    assert store.health.ok
