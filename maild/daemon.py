@@ -91,7 +91,10 @@ class Daemon:
         self._status_paths = {self.status_path}
         if os.geteuid() == 0:
             if c.server.user:
-                uid, gid = privs.drop(c.server.user, state_path)
+                from maild.web import settings as web
+
+                extra = web.PRELOAD if web.section(c).enabled else ()
+                uid, gid = privs.drop(c.server.user, state_path, extra)
                 log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
             elif not self.allow_root:
                 raise privs.PrivilegeError(
@@ -151,10 +154,11 @@ class Daemon:
     async def _start_web(self) -> None:
         """[web]: the consent pages, one-click unsubscribe and /metrics (maild.web)."""
         from maild import services
-        from maild.web.app import WebService
         from maild.web.settings import section
 
         if section(self.config).enabled:
+            from maild.web.app import WebService  # aiohttp: only where [web] is on
+
             self.web = WebService(self)
             await self.web.start()
             services.web = self.web
@@ -371,7 +375,7 @@ class Daemon:
                 result["refused"].append(f"{e.path}: {p}")
             return
         old = self.config
-        from maild.web.app import reload_note
+        from maild.web.settings import reload_note
 
         reload_note(self.config, new)
         self._configure_services(new)
@@ -488,7 +492,16 @@ class Daemon:
 
         loop.add_signal_handler(signal.SIGHUP, when_ready, self.reload)
         loop.add_signal_handler(SIG_CONTROL, when_ready, self._control_now)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # The store's worker thread would keep a process that failed to start alive,
+            # listening on nothing, instead of exiting for systemd to see and restart.
+            store = getattr(self, "store", None)
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    await store.close()
+            raise
         ready.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)

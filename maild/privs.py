@@ -80,12 +80,12 @@ PRELOAD = (
 )
 
 
-def preload() -> list[str]:
+def preload(extra: tuple[str, ...] = ()) -> list[str]:
     """Import every module maild may need later; returns those not available."""
     import importlib
 
     missing = []
-    for mod in PRELOAD:
+    for mod in PRELOAD + extra:
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -93,10 +93,14 @@ def preload() -> list[str]:
     return missing
 
 
-def drop(user: str, state_path: str) -> tuple[int, int]:
-    """Become `user` for good (no way back to root); returns (uid, gid)."""
+def drop(user: str, state_path: str, extra: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Become `user` for good (no way back to root); returns (uid, gid).
+
+    `extra`: modules of the features this configuration turns on (aiohttp for [web] is
+    10 MB that a daemon without it should not carry).
+    """
     uid, gid, groups = resolve_user(user)
-    preload()
+    preload(extra)
     if uid == 0:
         raise PrivilegeError(f"[server] user = \"{user}\" is root: choose an unprivileged user")
     prepare_state_dir(state_path, uid, gid)

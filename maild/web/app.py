@@ -139,13 +139,3 @@ class WebService:
         for r in self.runners:
             await r.cleanup()
         self.runners = []
-
-
-def reload_note(old: Any, new: Any) -> None:
-    """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
-    once; what the listeners and routes were built from does not."""
-    a, b = section(old), section(new)
-    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != \
-            (b.enabled, b.listen, b.metrics, b.metrics_listen, urlsplit(b.base_url).path):
-        log.warning("warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
-                    "path of base_url take effect only after a restart")

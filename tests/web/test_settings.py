@@ -60,7 +60,7 @@ def test_plain_http_only_for_a_loopback_host():
 
 
 def test_reload_says_which_changes_wait_for_a_restart(caplog):
-    from maild.web.app import reload_note
+    from maild.web.settings import reload_note
 
     on = {"enabled": True, "base_url": "https://x.example/maild"}
     old = parse({**MINIMAL, "web": on})
