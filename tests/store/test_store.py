@@ -86,7 +86,7 @@ async def test_limiter_flush_and_load(store):
     assert await lim.flush(store) == 1
     other = Limiter(clock=lambda: 1000.0)
     assert await other.load(store) == 1
-    assert other.value("cust:a") == pytest.approx(3.0)
+    assert other.value("cust:a", Rate.parse("10/1h")) == pytest.approx(3.0)
 
 
 async def test_sanctions_block_is_seen_by_another_node(store, state_url):
@@ -165,10 +165,10 @@ async def test_shared_counters_lose_no_increments(store, state_url):
                 res = Reservation()
                 assert await lim.try_reserve_async(res, [("m", "cust:a", rate, 1.0)]) is None
                 lim.commit(res)
-                await lim.sync(s, ["cust:a"])
+                await lim.sync(s, ["cust:a#1w"])
 
         await asyncio.gather(*(send(lim, s) for lim, s in zip(nodes, (store, node2), strict=True)))
-        row = await store.fetchone("SELECT value FROM ratelimit_counters WHERE key = 'cust:a'")
+        row = await store.fetchone("SELECT value FROM ratelimit_counters WHERE key = 'cust:a#1w'")
         assert row is not None and row[0] == pytest.approx(60.0)
 
 
