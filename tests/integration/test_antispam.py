@@ -16,7 +16,7 @@ def policy(port: int) -> dict:
     p = front_policy(port)
     p["customers"] += [
         {"name": "limited", "networks": [f"{LIMITED}/32"], "contact": "ops-limited@hosted.example",
-         "ratelimit": {"messages": ["3/1h"]}},
+         "ratelimit": {"messages": ["3/1h", "10/1d"]}},  # each window counts a message once
         {"name": "spammer", "networks": [f"{SPAMMER}/32"], "contact": "ops-spammer@hosted.example"},
         {"name": "blockme", "networks": [f"{BLOCKME}/32"]},
     ]
@@ -38,6 +38,9 @@ def test_limit_refuses_the_fourth_warns_and_survives_restart(postfix, m):
         assert r.data_code == 250, r.output
     m.stop()  # counters are persisted at stop ...
     m.start()  # ... and loaded at start
+    shown = m.cli("customers").stdout
+    assert any(line.startswith("limited ") and line.endswith(" 3 of 3/1h, 3 of 10/1d")
+               for line in shown.splitlines()), shown
     r = swaks(m.port, frm="a@limited.example", to="r9@outside.example", bind=LIMITED)
     assert r.rcpt_codes == [450], r.output
     assert "450 4.7.1 Rate limit messages (3/1h) exceeded; try again in" in r.output
