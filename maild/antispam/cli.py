@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from maild.antispam.limiter import Counter
+from maild.antispam.limiter import Counter, counter_key, legacy_share, under
 from maild.antispam.sanctions import control, set_state
 from maild.cli import echo_json, load_config, run_async
 from maild.config import Config
@@ -50,30 +50,55 @@ async def _state(store: Store, name: str) -> dict:
     return state
 
 
+async def _stored(store: Store, prefix: str) -> list[tuple]:
+    """The stored counters a reset of prefix clears (limiter.under): (key, value, ts, period)."""
+    rows = await store.fetchall(
+        "SELECT key, value, ts, period FROM ratelimit_counters WHERE substr(key, 1, ?) = ?",
+        (len(prefix), prefix))
+    return [r for r in rows if under(r[0], prefix)]
+
+
 async def _counters(store: Store, prefix: str) -> dict[str, float]:
     now = time.time()
-    rows = await store.fetchall(
-        "SELECT key, value, ts, period FROM ratelimit_counters WHERE key = ? OR key LIKE ?",
-        (prefix, prefix + "|%"))
-    return {k: round(Counter(value=v, ts=ts).current(now, p), 2) for k, v, ts, p in rows}
+    return {k: round(Counter(value=v, ts=ts).current(now, p), 2)
+            for k, v, ts, p in await _stored(store, prefix)}
 
 
-async def _message_counts(store: Store, config: Config, name: str) -> list[dict] | None:
-    """The customer's messages counter against each of its [ratelimit] messages windows,
-    as the limiter judges it (decayed over that window), in whole messages; None when
+async def _window_counts(store: Store, config: Config, name: str, kinds: tuple[str, ...]
+                         ) -> dict[str, list[dict]] | None:
+    """The customer's counter against each of its windows, per kind (messages, recipients,
+    bytes), as the limiter judges it (decayed over that window), in whole numbers; a
+    counter stored before per-window counting by its share (limiter._adopt). None when
     rate limits are off."""
-    from maild.policy.ratelimit import customer_limits
+    from maild.policy.ratelimit import customer_key, customer_limits
 
     rl = config.sections.get("ratelimit")
     if rl is not None and not rl.enabled:
         return None
-    row = await store.fetchone("SELECT value, ts FROM ratelimit_counters WHERE key = ?",
-                               (f"cust:{name}",))
-    counter = Counter(value=row[0], ts=row[1]) if row else Counter()
+    stored = {k: (v, ts) for k, v, ts, _p in await _stored(store, f"cust:{name}")}
     limits = customer_limits(config, config.customer(name))
     now = time.time()
-    return [{"rate": r.text, "count": round(counter.current(now, r.period)), "limit": round(r.limit)}
-            for r in (limits.messages if limits else ())]
+    out: dict[str, list[dict]] = {}
+    for kind in kinds:
+        key = customer_key(kind, name)
+        rates = getattr(limits, kind) if limits else ()
+        old = stored.get(key)
+        out[kind] = []
+        for r in rates:
+            row = stored.get(counter_key(key, r))
+            c = (Counter(value=row[0], ts=row[1]) if row else
+                 legacy_share(*old, len(set(rates))) if old else Counter())
+            out[kind].append({"rate": r.text, "count": round(c.current(now, r.period)),
+                              "limit": round(r.limit)})
+    return out
+
+
+def _against(counts: list[dict]) -> str:
+    """'5 of 200/1h, 40 of 2000/1d'."""
+    return ", ".join(f"{m['count']} of {m['rate']}" for m in counts) or "no limit"
+
+
+_SHOWN = ("messages", "recipients", "bytes")  # per-customer counters `customer show` lists
 
 
 def _when(ts: float | None) -> str:
@@ -92,8 +117,9 @@ def register(main: click.Group) -> None:
             for c in config.customers:
                 st = await _state(store, c.name)
                 counters = await _counters(store, f"cust:{c.name}")
-                messages = await _message_counts(store, config, c.name)
-                out.append({"name": c.name, **st, "counters": counters, "messages": messages})
+                counts = await _window_counts(store, config, c.name, ("messages",))
+                out.append({"name": c.name, **st, "counters": counters,
+                            "messages": None if counts is None else counts["messages"]})
             return out
 
         rows = run_async(_with_store(config, collect))
@@ -102,8 +128,7 @@ def register(main: click.Group) -> None:
             return
         click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)")
         for r in rows:
-            msgs = ("rate limits off" if r["messages"] is None else
-                    ", ".join(f"{m['count']} of {m['rate']}" for m in r["messages"]) or "no limit")
+            msgs = "rate limits off" if r["messages"] is None else _against(r["messages"])
             click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}")
         click.echo("MESSAGES: the rate limiter's decaying counter, decayed over each window as "
                    "it is compared with the limit; as the daemon last stored it")
@@ -123,6 +148,8 @@ def register(main: click.Group) -> None:
         async def collect(store: Store) -> dict:
             st = await _state(store, name)
             st["counters"] = await _counters(store, f"cust:{name}")
+            counts = await _window_counts(store, config, name, _SHOWN)
+            st.update(counts or dict.fromkeys(_SHOWN))
             st["strikes"] = [dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
                              for r in await store.fetchall(
                                  "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
@@ -145,8 +172,8 @@ def register(main: click.Group) -> None:
                    + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else ""))
         click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
         click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
-        for k, v in sorted(st["counters"].items()):
-            click.echo(f"  counter {k}: {v:g}")
+        for kind in _SHOWN:
+            click.echo(f"  {kind}: " + ("rate limits off" if st[kind] is None else _against(st[kind])))
         for h in st["history"][:10]:
             click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
 
@@ -208,9 +235,9 @@ def register(main: click.Group) -> None:
         async def do(store: Store) -> int:
             n = 0
             for p in prefixes:
-                n += await store.execute(
-                    "DELETE FROM ratelimit_counters WHERE key = ? OR key LIKE ? OR key LIKE ?",
-                    (p, p + "|%", p + ":%"))
+                keys = [(r[0],) for r in await _stored(store, p)]
+                await store.executemany("DELETE FROM ratelimit_counters WHERE key = ?", keys)
+                n += len(keys)
                 await control(store, "ratelimit-reset", p)
             return n
 

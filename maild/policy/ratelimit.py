@@ -10,9 +10,10 @@ recipients, mail bombing) or at end of data (bytes), and a strike. Mail is charg
 when the downstream accepted it (see maild.antispam.limiter). Postmaster and abuse are
 never limited: the postmaster rule ends the stage before this one runs.
 
-Keys: `cust:NAME` (the customer), `login:LOGIN`, `ip:ADDR`, `from:SENDER`,
-`rcpt:NAME|RECIPIENT` (per customer and recipient, recipients normalised by case and
-plus-address tag, so one person is not counted twice).
+Keys: `cust:NAME` (the customer's messages), `cust:NAME|rcpts`, `cust:NAME|bytes`,
+`login:LOGIN`, `ip:ADDR`, `from:SENDER`, `rcpt:NAME|RECIPIENT` (per customer and
+recipient, recipients normalised by case and plus-address tag, so one person is not
+counted twice). The limiter keeps one counter per key and window (`cust:NAME#1h`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,14 @@ def customer_limits(config: Config, c: Customer | None) -> Limits | None:
     return replace(base, **ext["overrides"]) if ext["overrides"] else base
 
 
+_CUSTOMER_KEYS = {"messages": "cust:{}", "recipients": "cust:{}|rcpts", "bytes": "cust:{}|bytes"}
+
+
+def customer_key(kind: str, name: str) -> str:
+    """The key a customer's messages, recipients or bytes are counted at (per window)."""
+    return _CUSTOMER_KEYS[kind].format(name)
+
+
 def _reservation(ctx: Context) -> Reservation:
     res = ctx.notes.get("ratelimit")
     if res is None:
@@ -165,7 +174,7 @@ def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, 
     checks = []
     c = ctx.identity.customer
     if c is not None:
-        checks += [("messages", f"cust:{c.name}", r, n_msgs) for r in lim.messages]
+        checks += [("messages", customer_key("messages", c.name), r, n_msgs) for r in lim.messages]
     if ctx.identity.login:
         checks += [("per_login", f"login:{ctx.identity.login.lower()}", r, n_msgs) for r in lim.per_login]
     checks += [("per_ip", f"ip:{ctx.client.addr}", r, n_msgs) for r in lim.per_ip]
@@ -179,7 +188,7 @@ def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str,
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:
-        checks += [("recipients", f"cust:{name}|rcpts", r, float(len(rcpts))) for r in lim.recipients]
+        checks += [("recipients", customer_key("recipients", name), r, float(len(rcpts))) for r in lim.recipients]
         for a in rcpts:
             checks += [("same_recipient", f"rcpt:{name}|{canonical(a.addr)}", r, 1.0)
                        for r in lim.same_recipient]
@@ -238,7 +247,7 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
         res = ctx.notes["ratelimit"] = Reservation()
         checks += _sender_checks(ctx, lim, 1.0) + _rcpt_checks(ctx, lim, ctx.recipients)
     if ctx.identity.customer is not None and ctx.message is not None:
-        checks += [("bytes", f"cust:{ctx.identity.name}|bytes", r, float(ctx.message.size))
+        checks += [("bytes", customer_key("bytes", ctx.identity.name), r, float(ctx.message.size))
                    for r in lim.bytes]
     over = await limiter.try_reserve_async(res, checks)
     return _refuse(over) if over is not None else None

@@ -13,7 +13,7 @@ import pytest
 from maild import dns as maild_dns
 from maild import services
 from maild.address import parse_path
-from maild.antispam.limiter import Limiter
+from maild.antispam.limiter import Limiter, Rate
 from maild.config import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
@@ -275,14 +275,14 @@ async def test_null_sender_rate_counts_only_delivered_messages(dns_server, monke
     # refused by an earlier check (a Date far ahead): never reaches the rate, not charged
     assert (await bounce(date="Mon, 3 Jun 2099 10:00:00 +0000")).rule == "date-future"
     assert (await bounce(delivered=False)).accepted  # refused downstream: released
-    assert services.limiter.value("null-sender:acme") == 0.0
+    assert services.limiter.value("null-sender:acme", Rate.parse("2/1h")) == 0.0
     assert (await bounce()).accepted
     assert (await bounce()).accepted
     v = await bounce()
     assert (v.action, v.code, v.status, v.rule) == (Action.TEMPFAIL, 451, "4.7.1",
                                                      "null-sender-rate")
     assert "limit 2/1h" in v.reason and "try again in" in v.reason
-    assert services.limiter.value("null-sender:acme") == 2.0
+    assert services.limiter.value("null-sender:acme", Rate.parse("2/1h")) == 2.0
 
 
 async def test_plain_mail_with_the_null_sender_is_refused(config):

@@ -111,3 +111,18 @@ async def test_tier_and_override():
 async def test_unidentified_clients_not_limited_by_default():
     ctx = Context(config=CONFIG, session_id="T", client=Client(addr="203.0.113.1"))
     assert limits_for(ctx) is None
+
+
+DEFAULTS = parse({"headers": {"enabled": False}, "postmaster": {"domains": ["hosted.example"]},
+                  "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}]})
+
+
+async def test_default_windows_accept_exactly_200_messages_an_hour(monkeypatch):
+    """The shipped messages = ["200/1h", "2000/1d"]: each window counts a message once."""
+    monkeypatch.setattr(f"{__name__}.CONFIG", DEFAULTS)
+    assert [r.text for r in limits_for(ctx_for("acme")).messages] == ["200/1h", "2000/1d"]
+    for i in range(200):
+        codes, dv = await send("acme", [f"x{i}@outside.example"])
+        assert codes[0].accepted and dv.accepted, (i, codes[0].reason)
+    codes, _ = await send("acme", ["y@outside.example"])
+    assert codes[0].code == 450 and "messages (200/1h)" in codes[0].reason
