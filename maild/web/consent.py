@@ -118,7 +118,7 @@ class Consent:
         if target is None:
             return self._bad_link("unsubscribe")
         lst, address = target
-        form = await request.post()
+        form = await guard.read_form(request)
         if form.get(ONE_CLICK_FIELD) != ONE_CLICK_VALUE:
             self.web.count("unsubscribe", "no-one-click")
             return problem("Nothing changed", "This request did not say "
@@ -161,7 +161,7 @@ class Consent:
 
     async def _guarded(self, request: web.Request, page: str) -> tuple[Any, str] | web.Response:
         """A form POST's (fields, client), or the refusal: bad CSRF pair, over the limit."""
-        form = await request.post()
+        form = await guard.read_form(request)
         csrf = form.get("csrf")
         if not guard.csrf_ok(await self.web.key("csrf"), request.cookies.get(guard.CSRF_COOKIE),
                              request.path, csrf if isinstance(csrf, str) else None):

@@ -8,10 +8,14 @@
   Another site can neither read nor set the cookie, and a token is good for one path.
 * Rate limits: sliding windows in memory, per client address and per subscriber
   address, bounded in size.
+* Slow clients: a request's headers and its body must each arrive within
+  CLIENT_SECONDS (aiohttp would wait an hour), so that a slowloris cannot hold the
+  file descriptors the SMTP side of the same process needs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
@@ -22,11 +26,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from maild.config import Network
 
 CSRF_COOKIE = "maild_csrf"
 _MAX_KEYS = 100_000
+CLIENT_SECONDS = 20.0  # for the headers (and an idle keep-alive), and again for the body
 
 
 def client_address(peer: str, forwarded_for: Iterable[str],
@@ -58,6 +64,15 @@ def client_of(request: web.Request, settings: Any) -> str:
     addr = str(peer[0]) if peer else (request.remote or "")
     return client_address(addr, request.headers.getall("X-Forwarded-For", []),
                           settings.trusted_proxies)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The POSTed fields, if the client sends them within CLIENT_SECONDS; else a 408."""
+    try:
+        async with asyncio.timeout(CLIENT_SECONDS):
+            return await request.post()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="The request body did not arrive in time.") from None
 
 
 def new_nonce() -> str:
