@@ -47,11 +47,27 @@ def problem(title: str, message: str, status: int) -> web.Response:
     return html(pages.problem(title, message), status)
 
 
+def _redacted(name: str, value: str) -> str:
+    """A header's value as evidence keeps it: cookies keep their names and HTTP
+    credentials their scheme, never a value (the browser sends the host's other cookies,
+    a webmail session among them, and the ledger and its bundles outlive them all)."""
+    n = name.lower()
+    if n == "cookie":
+        return "; ".join(f"{c.split('=', 1)[0].strip()}=REDACTED"
+                         for c in value.split(";") if c.strip())
+    if n in ("authorization", "proxy-authorization"):
+        return f"{value.strip().split(' ', 1)[0]} REDACTED"
+    return value
+
+
 async def raw_request(request: web.Request, secrets: dict[str, str] | None = None) -> bytes:
-    """The request as received: request line, headers, body; secrets replaced by markers."""
+    """The request as received: request line, headers, body; credentials and secrets
+    replaced by markers."""
     v = request.version
     head = [f"{request.method} {request.raw_path} HTTP/{v.major}.{v.minor}"]
-    head += [f"{k.decode('latin-1')}: {val.decode('latin-1')}" for k, val in request.raw_headers]
+    for k, val in request.raw_headers:
+        name = k.decode("latin-1")
+        head.append(f"{name}: {_redacted(name, val.decode('latin-1'))}")
     data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + await request.read()
     for secret, marker in (secrets or {}).items():
         data = data.replace(secret.encode("utf-8"), marker.encode("ascii"))

@@ -185,3 +185,19 @@ async def test_a_store_failure_is_a_503_page_and_records_nothing(site):
     assert "nothing was changed" in await r.text() and "Traceback" not in await r.text()
     await site.store.open()
     assert not await events(site, "hal@hosted.example")
+
+
+async def test_the_raw_request_keeps_no_cookie_or_credential(site):
+    """maild's pages may sit under a host whose other cookies (a webmail session, path=/)
+    the browser sends along: the ledger, and every evidence bundle made from it, must not
+    keep them, nor HTTP credentials, nor the CSRF nonce."""
+    site.client.session.cookie_jar.update_cookies({"webmail_session": "s3cr3t-session"})
+    r = await subscribe(site, "ivy@hosted.example", Authorization="Basic aXZ5OnBhc3N3b3Jk")
+    assert r.status == 200
+    [ev] = await events(site, "ivy@hosted.example")
+    raw = await Ledger(site.store).raw(ev.raw_sha256)
+    nonce = site.client.session.cookie_jar.filter_cookies(site.client.make_url(PAGE))[
+        guard.CSRF_COOKIE].value
+    assert b"s3cr3t-session" not in raw and nonce.encode() not in raw
+    assert b"aXZ5OnBhc3N3b3Jk" not in raw and b"\r\nAuthorization: Basic REDACTED\r\n" in raw
+    assert b"webmail_session=REDACTED" in raw and b"maild_csrf=REDACTED" in raw
