@@ -231,7 +231,8 @@ class Consent:
                            "an email address such as bob@example.org. Go back and correct it.",
                            400)
         w = self.web.settings
-        if not self.web.limiter.allow(f"address:{address}", w.address_limit, w.limit_window):
+        if not self.web.limiter.allow(f"address:{guard.mailbox(address)}", w.address_limit,
+                                      w.limit_window):
             return self._busy("subscribe", client)
         try:
             res = await actions.request(  # the CLI's own path: one chain

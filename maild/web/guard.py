@@ -89,6 +89,14 @@ def csrf_ok(key: bytes, nonce: str | None, path: str, given: str | None) -> bool
     return hmac.compare_digest(csrf_token(key, nonce, path), given)
 
 
+def mailbox(address: str) -> str:
+    """The mailbox a (lower-cased) address reaches, without its +tag (the usual Postfix
+    recipient_delimiter): what the per-address limit counts, so that bob+1@, bob+2@ ...
+    cannot bomb bob with confirmation requests."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
 class Limiter:
     """At most `limit` hits per key within `window` seconds."""
 

@@ -201,3 +201,15 @@ async def test_the_raw_request_keeps_no_cookie_or_credential(site):
     assert b"s3cr3t-session" not in raw and nonce.encode() not in raw
     assert b"aXZ5OnBhc3N3b3Jk" not in raw and b"\r\nAuthorization: Basic REDACTED\r\n" in raw
     assert b"webmail_session=REDACTED" in raw and b"maild_csrf=REDACTED" in raw
+
+
+async def test_address_limit_counts_a_mailbox_under_all_its_tags(site):
+    """bob+1@, bob+2@ ... all land in bob's mailbox: subscription bombing through
+    +tags (and case) is one address to the per-address limit."""
+    for i in range(5):  # address_limit = 5
+        r = await subscribe(site, f"Kim+{i}@hosted.example",
+                            **{"X-Forwarded-For": f"198.51.100.{i}"})
+        assert r.status == 200
+    r = await subscribe(site, "kim+other@Hosted.example", **{"X-Forwarded-For": "198.51.100.9"})
+    assert r.status == 429 and not await events(site, "kim+other@hosted.example")
+    assert (await subscribe(site, "kimberly@hosted.example")).status == 200
