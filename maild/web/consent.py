@@ -74,6 +74,15 @@ async def raw_request(request: web.Request, secrets: dict[str, str] | None = Non
     return data
 
 
+def hidden_capability(request: web.Request, marker: str) -> tuple[dict[str, str], str]:
+    """The path's last segment is a capability (a confirmation token, a one-click MAC) that
+    evidence must not hand on: the secrets for raw_request (the segment as routed and as
+    the client sent it, %-escapes and all) and the path to record, both with `marker`."""
+    head, routed = request.path.rsplit("/", 1)
+    sent = request.raw_path.split("?", 1)[0].rsplit("/", 1)[-1]
+    return {sent: marker, routed: marker}, f"{head}/{marker}"
+
+
 def http_detail(request: web.Request, client: str, path: str) -> dict[str, Any]:
     """What the event's detail says about the request (the raw bytes hold the rest)."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -145,12 +154,13 @@ class Consent:
         if before.state in GONE:
             outcome = "already-gone"
         else:
-            evidence = await raw_request(request)
+            hide, path = hidden_capability(request, "MAC-REDACTED")
             res = await actions.revoke(  # the CLI's own path: one chain
                 self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst.cfg,
                 address, channel="one-click", actor="maild-web", ip=client,
-                user_agent=request.headers.get("User-Agent", ""), evidence=evidence,
-                detail=http_detail(request, client, request.path))
+                user_agent=request.headers.get("User-Agent", ""),
+                evidence=await raw_request(request, hide),
+                detail=http_detail(request, client, path))
             await self.optin.refresh()  # the very next message to the address is refused
             outcome = f"revoked (was {res.before.state})"
         self.web.count("unsubscribe", outcome.split(" ")[0])
@@ -297,16 +307,15 @@ class Consent:
             return got
         t, lst, th = got
         t.used = True  # before any await: a reply arriving meanwhile adds nothing
-        token = request.match_info["token"]
+        hide, path = hidden_capability(request, f"TOKEN-SHA256-{th[:32]}")
         try:
             ev = await self.optin.ledger.append(
                 list_id=t.list_id, address=t.address, kind=Kind.CONFIRM, channel="web",
                 actor="maild-web", ip=client, user_agent=request.headers.get("User-Agent", ""),
                 consent_hash=t.consent_hash or lst.cfg.consent_hash, token_hash=th,
-                raw=await raw_request(request, {token: f"TOKEN-SHA256-{th[:32]}"}),
-                detail={**http_detail(request, client, request.path.replace(
-                    token, f"TOKEN-SHA256-{th[:32]}")), "request_seq": t.request_seq,
-                    "confirmation_message_id": t.message_id})
+                raw=await raw_request(request, hide),
+                detail={**http_detail(request, client, path), "request_seq": t.request_seq,
+                        "confirmation_message_id": t.message_id})
         except StoreError:
             t.used = False
             raise

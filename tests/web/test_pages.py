@@ -14,7 +14,7 @@ from maild.optin.ledger import Ledger
 from maild.optin.model import Kind, State, iso
 from maild.optin.tokens import new_token, token_hash
 from maild.web import guard
-from tests.web.conftest import LIST
+from tests.web.conftest import LIST, as_sent
 
 PAGE = "/maild/subscribe/" + LIST
 CONSENT = "Acme News: one message a month. Leave at any time."
@@ -213,3 +213,13 @@ async def test_address_limit_counts_a_mailbox_under_all_its_tags(site):
     r = await subscribe(site, "kim+other@Hosted.example", **{"X-Forwarded-For": "198.51.100.9"})
     assert r.status == 429 and not await events(site, "kim+other@hosted.example")
     assert (await subscribe(site, "kimberly@hosted.example")).status == 200
+
+
+async def test_a_percent_encoded_token_is_redacted_too(site):
+    token = await pending(site)
+    sent = "/maild/confirm/" + "".join(f"%{ord(c):02x}" for c in token)
+    csrf = await form(site, PAGE.replace(f"/subscribe/{LIST}", f"/confirm/{token}"))
+    r = await site.client.session.post(as_sent(site, sent), data={"csrf": csrf})
+    assert r.status == 200 and "is now subscribed" in await r.text()
+    raw = await Ledger(site.store).raw((await events(site))[-1].raw_sha256)
+    assert sent.rsplit("/", 1)[1].encode() not in raw and b"/confirm/TOKEN-SHA256-" in raw
