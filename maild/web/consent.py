@@ -14,6 +14,7 @@ Rules every handler keeps:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -244,23 +245,42 @@ class Consent:
         if not self.web.limiter.allow(f"address:{guard.mailbox(address)}", w.address_limit,
                                       w.limit_window):
             return self._busy("subscribe", client)
+        # Recorded and sent after the answer: how long that takes (a ledger write and a
+        # mail, or neither for an address subscribed already) must not tell who is.
+        self.optin.spawn(self._request(lst.cfg, address, client,
+                                       request.headers.get("User-Agent", ""),
+                                       await raw_request(request),
+                                       http_detail(request, client, request.path)))
+        return html(pages.render(pages.SUBSCRIBE_SENT, f"Subscribe to {lst.cfg.name}",
+                                 address=address, name=lst.cfg.name))
+
+    async def _request(self, lst: Any, address: str, client: str, user_agent: str,
+                       evidence: bytes, detail: dict[str, Any]) -> None:
+        """The subscribe POST's work, after its answer; each outcome is one log line."""
+        def logged(level: int, result: str, reason: str) -> str:
+            log.log(level, "web: subscribe list=%s address=%s result=%s client=%s "
+                    "reason=\"%s\"", lst.id, clean(address), result, clean(client),
+                    clean(reason))
+            return result
+
         try:
             res = await actions.request(  # the CLI's own path: one chain
-                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst.cfg,
-                address, channel="web", actor="maild-web", ip=client,
-                user_agent=request.headers.get("User-Agent", ""),
-                evidence=await raw_request(request),
-                detail=http_detail(request, client, request.path))
+                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst,
+                address, channel="web", actor="maild-web", ip=client, user_agent=user_agent,
+                evidence=evidence, detail=detail)
             await self.optin.refresh()
             outcome = "requested" if res.sent or self.optin.downstream is None else "not-sent"
         except ActionError as e:
-            # Answered like a success: the page must not tell a stranger who is subscribed.
-            outcome = "refused"
-            log.warning("web: subscribe list=%s address=%s result=refused client=%s "
-                        "reason=\"%s\"", lst.id, clean(address), clean(client), clean(str(e)))
+            outcome = logged(logging.WARNING, "refused", str(e))
+        except StoreError as e:
+            outcome = logged(logging.ERROR, "not-recorded", f"state store: {e}")
+        except asyncio.CancelledError:
+            logged(logging.ERROR, "not-recorded", "maild stopped")
+            raise
+        except Exception as e:
+            log.exception("web: subscribe list=%s failed", lst.id)
+            outcome = logged(logging.ERROR, "not-recorded", f"internal error: {e}")
         self.web.count("subscribe", outcome)
-        return html(pages.render(pages.SUBSCRIBE_SENT, f"Subscribe to {lst.cfg.name}",
-                                 address=address, name=lst.cfg.name))
 
     # ------------------------------------------------------------- confirm
 
