@@ -105,7 +105,8 @@ class WebService:
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def _serve(self, app: web.Application, where: tuple[str, int], what: str) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               keepalive_timeout=guard.CLIENT_SECONDS)
         await runner.setup()
         host, port = where
         try:

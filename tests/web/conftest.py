@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from maild import services
 from maild.config import parse
@@ -41,3 +42,9 @@ async def site(store, monkeypatch):
     yield SimpleNamespace(client=client, web=web, optin=optin, daemon=daemon, store=store)
     await client.close()
     await optin.stop()
+
+
+def as_sent(site, path: str) -> URL:
+    """The test server's URL for `path`, sent exactly as written: yarl would decode
+    %-escapes of unreserved characters, which a client may send all the same."""
+    return URL(str(site.client.make_url("/")).rstrip("/") + path, encoded=True)
