@@ -332,6 +332,17 @@ class MaildSMTP(SMTP):
     def _create_envelope(self) -> MaildEnvelope:
         return MaildEnvelope()
 
+    def _getaddr(self, arg: str) -> tuple[Any, Any]:
+        """aiosmtpd's parser for VRFY's argument (MAIL and RCPT use maild's own).
+
+        The standard library's address parser raises IndexError on `a@`: that was a
+        451 and a logged traceback; it is the same "Could not VRFY" as any bad address.
+        """
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         super()._cb_client_connected(_StrictReader(reader), writer)  # type: ignore[arg-type]
 
