@@ -40,8 +40,10 @@ async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
     page, never a traceback; either way nothing was recorded half."""
     try:
         resp = await handler(request)
-    except web.HTTPException as e:
-        resp = e
+    except web.HTTPException as e:  # 404, 405, 408, 413: aiohttp wants them raised
+        for k, v in SECURITY_HEADERS.items():
+            e.headers.setdefault(k, v)
+        raise
     except StoreError as e:
         log.error("web: %s %s: state store: %s", request.method, _where(request), e)
         resp = problem("Try again later", "A temporary problem kept us from doing this; "
