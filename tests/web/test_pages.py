@@ -54,7 +54,8 @@ async def test_form_shows_the_consent_text_and_changes_nothing(site):
     assert r.status == 200 and f'<div class="consent" id="consent">{CONSENT}</div>' in text
     assert guard.CSRF_COOKIE in r.cookies and r.cookies[guard.CSRF_COOKIE]["samesite"] == "Strict"
     assert await events(site) == []
-    assert (await site.client.get("/maild/subscribe/nope.example")).status == 404
+    missing = await site.client.get("/maild/subscribe/nope.example")
+    assert missing.status == 404 and missing.headers["X-Frame-Options"] == "DENY"
 
 
 async def test_post_records_a_request_with_the_raw_http_request(site):
