@@ -303,7 +303,7 @@ class Rspamd(Addon):
 class Syslog:
     """A syslog receiver on 127.0.0.1:514/udp, for the add-on that only logs to syslog.
 
-    postfwd logs every request it matches (as in production); without a syslog daemon
+    postfwd logs only to syslog (its startup and its warnings); without a syslog daemon
     (a container) its datagrams would bounce. The lines go to a file for a look."""
 
     def __init__(self, path: Path) -> None:
