@@ -69,7 +69,7 @@ from bench.common import (
     wait_port,
 )
 from tests.harness.postfix import cleanup_runtime_dir, find_binary, runtime_dir
-from tests.harness.waits import wait_until
+from tests.harness.waits import patience, wait_until
 
 CONFIGS = ("postfix", "rspamd", "postfwd", "policyd-rate-limit", "maild-before-queue",
            "maild-front")
@@ -180,7 +180,7 @@ class Daemon:
         self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, **self.popen)
         try:
-            wait_port(port, timeout=60)
+            wait_port(port, timeout=patience(60))
         except RuntimeError as e:
             self.stop()
             raise RuntimeError(f"{self.name}: {e}\n{self.tail()}") from e
@@ -360,7 +360,7 @@ class Postfwd(Addon):
                             "--pidfile", str(self.pidfile)],
                            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                            check=True, timeout=60)
-        wait_port(self.port, timeout=60)
+        wait_port(self.port, timeout=patience(60))
 
     def smtpd_options(self) -> dict[str, str]:
         return {"smtpd_recipient_restrictions": f"check_policy_service inet:127.0.0.1:{self.port}"}
@@ -459,6 +459,9 @@ class MaildAddon(Addon):
         self.mode = mode
         self.name = f"maild-{mode}"
         self.maild: MaildProc | None = None
+        self.port = 0
+
+    def start(self) -> None:
         self.port = new_port()
 
     def start_maild(self, downstream_port: int) -> None:
@@ -506,15 +509,27 @@ class Peer:
     addon_us: Stat = field(default_factory=Stat)
     postfix_us: Stat = field(default_factory=Stat)
 
-    def start(self) -> None:
-        if self.addon is not None:
-            self.addon.start()
-        opts = self.addon.smtpd_options() if self.addon is not None else {}
-        self.pf = bench_postfix(self.workdir / "pf", smtpd_options=opts,
-                                proxy_timeout="100s" if "smtpd_proxy_filter" in opts else None)
-        if isinstance(self.addon, MaildAddon):
-            self.addon.start_maild(self.pf.reinject_port)
-        self.pf.start()
+    def start(self, attempts: int = 2) -> None:
+        """Start the add-on, then its Postfix. A second attempt, on new ports, when the
+        first fails: a port chosen free can be taken by another process before the
+        add-on (rspamd needs 15 s on this machine) binds it."""
+        for attempt in range(attempts):
+            try:
+                if self.addon is not None:
+                    self.addon.start()
+                opts = self.addon.smtpd_options() if self.addon is not None else {}
+                self.pf = bench_postfix(
+                    self.workdir / f"pf{attempt or ''}", smtpd_options=opts,
+                    proxy_timeout="100s" if "smtpd_proxy_filter" in opts else None)
+                if isinstance(self.addon, MaildAddon):
+                    self.addon.start_maild(self.pf.reinject_port)
+                self.pf.start()
+                return
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log(f"{self.name} did not start (attempt {attempt + 1}): {e}")
+                self.stop()
+                if attempt + 1 == attempts:
+                    raise
 
     @property
     def port(self) -> int:
@@ -642,7 +657,7 @@ def report(peers: list[Peer], args: argparse.Namespace, info: dict[str, Any], cm
                      p.addon_us.fmt(".0f", " us") if p.addon is not None else "-",
                      p.postfix_us.fmt(".0f", " us")])
     head = (f"Measured {info['date']} with `{cmd}`: {args.messages} messages of {args.size} B "
-            f"per run, {args.sessions} sessions, {args.reps} repetitions, configurations "
+            f"per run, {args.sessions} sessions, {args.reps} repetition(s), configurations "
             "alternated; median (min-max); the ratio is taken within each repetition. CPU per "
             "message is user + system from /proc (load average at the start: "
             f"{info['loadavg']}).")

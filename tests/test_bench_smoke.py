@@ -26,12 +26,12 @@ def need_postfix() -> None:
     need("postfix", "smtp-source", "smtp-sink")
 
 
-def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:
+def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = 180) -> dict:
     out = tmp_path / f"{name}.json"
     args = [*PRESETS["smoke"][name], *extra, "--workdir", str(tmp_path / "work"),
             "--json", str(out)]
     proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"bench.{name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert result["benchmark"] == name
@@ -85,7 +85,7 @@ def test_peers_smoke(tmp_path):
     # every peer runs (CI installs them: Makefile DEB_PACKAGES; policyd-rate-limit from PyPI)
     need_postfix()
     need("rspamd", "redis-server", "postfwd")
-    r = run_bench("peers", tmp_path)
+    r = run_bench("peers", tmp_path, timeout=600)  # rspamd alone takes 15-20 s to start
     peers = r["peers"]
     assert list(peers) == list(CONFIGS)
     for name, p in peers.items():
