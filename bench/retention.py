@@ -68,11 +68,11 @@ def retention_policy(man: Manifest, workdir: Path) -> dict[str, Any]:
 
 async def _worker(config: str, now: float, rules: list[str], dry_run: bool,
                   seed_access: str | None) -> dict[str, Any]:
-    from maild.config import load as load_config
+    from maild.components import load as load_config
+    from maild.components import open_store
     from maild.retention.config import retention_of
     from maild.retention.jobs import Runner
     from maild.retention.state import record_access
-    from maild.store.base import open_store
 
     cfg = load_config(config)
     rcfg = retention_of(cfg)

@@ -7,7 +7,6 @@ Postfix's configuration is read with `postconf` (`-c DIR` for a second instance)
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -17,11 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maild.config import Config, parse_duration
-from maild.daemonctl import alive
+from maild.daemonctl import daemon_status
 from maild.probe import probe
-from maild.store.base import MIGRATIONS, resolve_state_path
+from maild.store.base import Migrations, resolve_state_path
+
+if TYPE_CHECKING:
+    from maild.wiring import Wiring
 
 LEVELS = {"OK": 0, "WARN": 1, "FAIL": 2}
 
@@ -38,6 +41,10 @@ class Check:
         return s + (f"\n     fix: {self.fix}" if self.fix and self.level != "OK" else "")
 
 
+# A component's checks of its own part of the deployment (maild.components lists them).
+DoctorCheck = Callable[[Config], list[Check]]
+
+
 def ok(name: str, msg: str) -> Check:
     return Check(name, "OK", msg)
 
@@ -52,7 +59,7 @@ def fail(name: str, msg: str, fix: str) -> Check:
 
 # ------------------------------------------------------------------------- state store
 
-def check_state(config: Config) -> Check:
+def check_state(config: Config, migrations: Migrations) -> Check:
     import sqlite3
 
     path = resolve_state_path(config.server.state, config.path)
@@ -73,9 +80,9 @@ def check_state(config: Config) -> Check:
     except sqlite3.Error as e:
         return fail("state", f"{path}: {e}", "restore the state file from backup, or move it away "
                     "and let maild create a new one")
-    from maild.store import core  # noqa: F401  registers the core schema
-    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in MIGRATIONS.items() if have.get(c, 0) < len(m)]
-    ahead = [f"{c} v{v}>v{len(MIGRATIONS[c])}" for c, v in have.items() if c in MIGRATIONS and v > len(MIGRATIONS[c])]
+    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in migrations.items() if have.get(c, 0) < len(m)]
+    ahead = [f"{c} v{v}>v{len(migrations[c])}" for c, v in have.items()
+             if c in migrations and v > len(migrations[c])]
     if ahead:
         return fail("state", f"schema newer than this maild knows ({', '.join(ahead)})",
                     "upgrade maild to the version that wrote this state")
@@ -86,19 +93,6 @@ def check_state(config: Config) -> Check:
 
 
 # ------------------------------------------------------------------------- daemon, SMTP
-
-def daemon_status(config: Config) -> dict | None:
-    path = Path(resolve_state_path(config.server.state, config.path)).with_name("maild.status.json")
-    try:
-        st = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        running = alive(int(st["pid"]))
-    except (KeyError, ValueError):
-        return None
-    return st if running else None
-
 
 def check_daemon(config: Config) -> Check:
     st = daemon_status(config)
@@ -346,22 +340,14 @@ def check_systemd(config: Config, unit: str | None = None) -> Check:
 
 # ------------------------------------------------------------------------- all together
 
-EXTRA_CHECKS: list[Callable[[Config], list[Check]]] = []  # retention adds mail-store checks
-
-
-def run_all(config: Config, *, postfix_config: str | None = None, unit: str | None = None) -> list[Check]:
-    checks = [ok("config", f"{config.path} is valid"), check_state(config), check_daemon(config),
-              check_listen(config), check_downstream(config)]
+def run_all(config: Config, parts: Wiring, *, postfix_config: str | None = None,
+            unit: str | None = None) -> list[Check]:
+    """Every check: maild's own, then the components' (parts.doctor_checks), then systemd."""
+    checks = [ok("config", f"{config.path} is valid"), check_state(config, parts.migrations),
+              check_daemon(config), check_listen(config), check_downstream(config)]
     checks += check_postfix(config, postfix_config)
     checks.append(check_dns(config))
-    try:
-        from maild.retention.ops import doctor_checks
-
-        if doctor_checks not in EXTRA_CHECKS:
-            EXTRA_CHECKS.append(doctor_checks)
-    except ImportError:  # retention not installed
-        pass
-    for extra in EXTRA_CHECKS:
+    for extra in parts.doctor_checks:
         checks += extra(config)
     checks.append(check_systemd(config, unit))
     return checks

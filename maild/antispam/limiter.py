@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("ratelimit", [
+# The ratelimit schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE ratelimit_counters (
         key TEXT PRIMARY KEY,
@@ -41,7 +42,7 @@ register_migrations("ratelimit", [
         period REAL NOT NULL
     );
     """,
-])
+)
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?[bB]?)\s*/\s*(\d*)\s*(s|m|h|d|w)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

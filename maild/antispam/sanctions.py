@@ -22,13 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.log import clean
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
 log = logging.getLogger("maild.sanctions")
 
-register_migrations("sanctions", [
+# The sanctions schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE sanctions (
         customer TEXT PRIMARY KEY,
@@ -62,7 +63,7 @@ register_migrations("sanctions", [
         arg TEXT NOT NULL
     );
     """,
-])
+)
 
 ACTIONS = ("warn", "block")
 CONTROL_LOOKBACK = 1000  # ids below the highest seen that may still appear (late commits)
@@ -98,7 +99,6 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     return cfg
 
 
-SECTION_PARSERS["sanctions"] = parse_sanctions
 
 
 @dataclass(frozen=True, slots=True)

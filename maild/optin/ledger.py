@@ -22,9 +22,10 @@ from typing import Any
 from maild.optin.chain import GENESIS, detail_json, row_hash
 from maild.optin.model import Event, Kind, iso, now_iso
 from maild.optin.settings import ListConfig, consent_hash
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("optin", [
+# The optin schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE optin_events (
         id INTEGER PRIMARY KEY,
@@ -83,7 +84,7 @@ register_migrations("optin", [
         PRIMARY KEY (list_id, hour)
     );
     """,
-])
+)
 
 EVENT_COLUMNS = ("id", "list_id", "seq", "ts", "address", "event", "channel", "actor", "ip",
                  "user_agent", "consent_hash", "token_hash", "message_id", "raw_sha256", "detail",

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.retention import state as _state  # noqa: F401  (registers the schema)
 
 ACTIONS = ("delete", "trim", "shrink")
@@ -354,4 +354,3 @@ def retention_of(config) -> RetentionConfig:
     return cfg
 
 
-SECTION_PARSERS["retention"] = parse_retention

@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maild.config import SECTION_PARSERS, Network, Reader, is_hostname
+from maild.config import Network, Reader, is_hostname
 from maild.web import keys as _keys  # noqa: F401  (registers the schema)
 
 
@@ -92,4 +92,3 @@ def confirm_url(config: object, token: str) -> str:
     return f"{w.base_url}/confirm/{token}" if w.enabled and w.base_url else ""
 
 
-SECTION_PARSERS["web"] = parse_web

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from maild.components import open_store
 from maild.retention import jobs, quota, state
 from maild.retention.jobs import RunBusy, RunError, Runner
 from maild.retention.locks import mailbox_lock, rule_lock
-from maild.store.base import open_store
 
 from .helpers import DAY, add_msg, files_in, fs_tick, keydata_config, make_maildir, retention
 
@@ -610,7 +610,7 @@ CRASH = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from retention.helpers import retention
     from maild.retention import jobs, quota
-    from maild.store.base import open_store
+    from maild.components import open_store
 
     point, n = sys.argv[1], int(sys.argv[2])
     count = 0
