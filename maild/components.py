@@ -85,7 +85,8 @@ COMPONENTS: tuple[Component, ...] = (
                         retention_cli.access_group),
               doctor_checks=(retention_ops.doctor_checks,),
               report_sections=(retention_ops.report_section,),
-              preloads=("maild.retention.scheduler", "maild.retention.jobs")),
+              preloads=("maild.retention.scheduler", "maild.retention.jobs",
+                        "maild.retention.sweep", "maild.retention.restore")),
 )
 
 
