@@ -23,7 +23,7 @@ from maild.clitools import (
     wiring,
 )
 
-# Command modules import these from maild.clitools; maild.cli keeps the names they had.
+# The shared helpers, importable from here too (maild.policy.headers_cli does).
 __all__ = ["config_option", "echo_json", "load_config", "main", "parse_since", "run_async"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "obj": components.WIRING})

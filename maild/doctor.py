@@ -30,7 +30,7 @@ LEVELS = {"OK": 0, "WARN": 1, "FAIL": 2}
 
 
 @dataclass(frozen=True)
-class Check:
+class Finding:
     name: str
     level: str
     message: str
@@ -42,24 +42,24 @@ class Check:
 
 
 # A component's checks of its own part of the deployment (maild.components lists them).
-DoctorCheck = Callable[[Config], list[Check]]
+DoctorCheck = Callable[[Config], list[Finding]]
 
 
-def ok(name: str, msg: str) -> Check:
-    return Check(name, "OK", msg)
+def ok(name: str, msg: str) -> Finding:
+    return Finding(name, "OK", msg)
 
 
-def warn(name: str, msg: str, fix: str) -> Check:
-    return Check(name, "WARN", msg, fix)
+def warn(name: str, msg: str, fix: str) -> Finding:
+    return Finding(name, "WARN", msg, fix)
 
 
-def fail(name: str, msg: str, fix: str) -> Check:
-    return Check(name, "FAIL", msg, fix)
+def fail(name: str, msg: str, fix: str) -> Finding:
+    return Finding(name, "FAIL", msg, fix)
 
 
 # ------------------------------------------------------------------------- state store
 
-def check_state(config: Config, migrations: Migrations) -> Check:
+def check_state(config: Config, migrations: Migrations) -> Finding:
     import sqlite3
 
     path = resolve_state_path(config.server.state, config.path)
@@ -94,7 +94,7 @@ def check_state(config: Config, migrations: Migrations) -> Check:
 
 # ------------------------------------------------------------------------- daemon, SMTP
 
-def check_daemon(config: Config) -> Check:
+def check_daemon(config: Config) -> Finding:
     st = daemon_status(config)
     if st is None:
         return warn("daemon", "maild serve is not running (no live status file)",
@@ -120,7 +120,7 @@ def _running_differs(config: Config, key: str) -> str:
     return f"; the running daemon (pid {st['pid']}) uses {key} {st[key]}, not the file's {want}: {todo}"
 
 
-def check_listen(config: Config) -> Check:
+def check_listen(config: Config) -> Finding:
     host, port = config.server.listen
     r = probe(host or "127.0.0.1", port, [], helo=config.server.hostname, timeout=5)
     other = _running_differs(config, "listen")
@@ -134,7 +134,7 @@ DOWNSTREAM_FIX = "add the re-injection smtpd to master.cf (docs/postfix.md) and 
 
 
 def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool = True,
-                       xforward: bool = True) -> Check:
+                       xforward: bool = True) -> Finding:
     """The downstream check's words, for doctor's probe and for the daemon's at start and
     reload: `error` when nothing usable answered (`answered`: something did, but refused
     the greeting or EHLO), else whether XFORWARD is offered to maild."""
@@ -150,7 +150,7 @@ def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool 
     return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
 
 
-def check_downstream(config: Config) -> Check:
+def check_downstream(config: Config) -> Finding:
     host, port = config.server.downstream
     r = probe(host, port, [], helo=config.server.hostname, timeout=10)
     if not r.connected:
@@ -160,7 +160,7 @@ def check_downstream(config: Config) -> Check:
     else:
         c = downstream_verdict(host, port, xforward="xforward" in r.ehlo)
     other = _running_differs(config, "downstream")
-    return Check(c.name, c.level, c.message + other, c.fix) if other else c
+    return Finding(c.name, c.level, c.message + other, c.fix) if other else c
 
 
 # ------------------------------------------------------------------------- Postfix wiring
@@ -210,7 +210,7 @@ def _same(a: tuple[str, int] | None, b: tuple[str, int]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or (a[0] in loop and b[0] in loop))
 
 
-def check_postfix(config: Config, confdir: str | None) -> list[Check]:
+def check_postfix(config: Config, confdir: str | None) -> list[Finding]:
     try:
         params = _run_postconf(["-P"], confdir)
         services = _run_postconf(["-M"], confdir)
@@ -221,7 +221,7 @@ def check_postfix(config: Config, confdir: str | None) -> list[Check]:
         return [warn("postfix", f"postconf{' -c ' + confdir if confdir else ''} failed: {e}",
                      "pass --postfix-config DIR, the directory holding this Postfix's main.cf "
                      "and master.cf (postconf -c DIR)")]
-    out: list[Check] = []
+    out: list[Finding] = []
     # master.cf services: "127.0.0.1:10026 inet n - n - - smtpd -o ..."
     svc_lines = [line.split() for line in services.splitlines() if line.strip()]
     per_service: dict[str, dict[str, str]] = {}
@@ -286,7 +286,7 @@ def check_postfix(config: Config, confdir: str | None) -> list[Check]:
 
 # ------------------------------------------------------------------------- DNS, systemd
 
-def check_dns(config: Config) -> Check:
+def check_dns(config: Config) -> Finding:
     import dns.exception
     import dns.resolver
 
@@ -315,7 +315,7 @@ UNIT_PATHS = ("/etc/systemd/system/maild.service", "/lib/systemd/system/maild.se
               "/usr/lib/systemd/system/maild.service")
 
 
-def check_systemd(config: Config, unit: str | None = None) -> Check:
+def check_systemd(config: Config, unit: str | None = None) -> Finding:
     path = unit or next((p for p in UNIT_PATHS if os.path.exists(p)), None)
     if path is None:
         return warn("systemd", "maild.service is not installed", "install systemd/maild.service "
@@ -341,7 +341,7 @@ def check_systemd(config: Config, unit: str | None = None) -> Check:
 # ------------------------------------------------------------------------- all together
 
 def run_all(config: Config, parts: Wiring, *, postfix_config: str | None = None,
-            unit: str | None = None) -> list[Check]:
+            unit: str | None = None) -> list[Finding]:
     """Every check: maild's own, then the components' (parts.doctor_checks), then systemd."""
     checks = [ok("config", f"{config.path} is valid"), check_state(config, parts.migrations),
               check_daemon(config), check_listen(config), check_downstream(config)]
@@ -353,5 +353,5 @@ def run_all(config: Config, parts: Wiring, *, postfix_config: str | None = None,
     return checks
 
 
-def exit_code(checks: list[Check]) -> int:
+def exit_code(checks: list[Finding]) -> int:
     return max((LEVELS[c.level] for c in checks), default=0)

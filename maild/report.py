@@ -15,10 +15,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, localtime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maild.config import Config, Reader
 from maild.store.base import Store
+
+if TYPE_CHECKING:
+    from maild.daemon import Daemon
+    from maild.smtp.downstream import Downstream
 
 log = logging.getLogger("maild.report")
 
@@ -155,7 +159,7 @@ def compose(config: Config, rep: dict) -> EmailMessage:
     return msg
 
 
-async def send(downstream: Any, config: Config, rep: dict) -> bool:
+async def send(downstream: Downstream, config: Config, rep: dict) -> bool:
     from maild.smtp.submit import as_bytes, submit
 
     reply, took = await submit(downstream, "", recipients(config), as_bytes(compose(config, rep)),
@@ -165,7 +169,7 @@ async def send(downstream: Any, config: Config, rep: dict) -> bool:
     return bool(took)
 
 
-async def mail_report(daemon: Any) -> None:
+async def mail_report(daemon: Daemon) -> None:
     """The scheduled job: the last period's report, mailed to postmaster."""
     rc = daemon.config.sections.get("report") or ReportConfig()
     now = time.time()

@@ -65,7 +65,7 @@ MIGRATIONS = (
     """,
 )
 
-ACTIONS = ("warn", "block")
+LADDER_STEPS = ("warn", "block")
 CONTROL_LOOKBACK = 1000  # ids below the highest seen that may still appear (late commits)
 
 
@@ -84,11 +84,11 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     d = SanctionsConfig()
     ladder = r.str_list("ladder", d.ladder, lower=True)
     for i, step in enumerate(ladder):
-        if step not in ACTIONS:
+        if step not in LADDER_STEPS:
             r.error(f"ladder[{i}]", step, 'one of "warn", "block"')
     cfg = SanctionsConfig(
         enabled=r.bool("enabled", d.enabled),
-        ladder=tuple(s for s in ladder if s in ACTIONS) or d.ladder,
+        ladder=tuple(s for s in ladder if s in LADDER_STEPS) or d.ladder,
         window=r.duration("window", "7d", positive=True),
         cooldown=r.duration("cooldown", "1h"),
         contact=r.str("contact", ""),

@@ -34,7 +34,7 @@ def _load(ctx: click.Context) -> tuple[Config, RetentionConfig]:
     return config, retention_of(config)
 
 
-def _need_enabled(cfg: RetentionConfig, config: Any) -> None:
+def _need_enabled(cfg: RetentionConfig, config: Config) -> None:
     if not cfg.enabled:
         raise click.ClickException(
             f"retention is off: {config.path} has no [retention] section (or enabled = false)")

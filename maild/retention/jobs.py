@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maild.retention import quota, state
-from maild.retention.config import RetentionConfig, Rule
+from maild.retention.config import RetentionConfig, RetentionRule
 from maild.retention.locks import LockBusy, bind_store, rule_lock
 from maild.retention.mailboxes import Mailbox, RootMailboxes, find_mailboxes, user_path
 from maild.retention.restore import QuotaRestorer
@@ -145,7 +145,7 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers (thread)
 
-    def _mailboxes(self, rule: Rule, user: str | None) -> list[Mailbox]:
+    def _mailboxes(self, rule: RetentionRule, user: str | None) -> list[Mailbox]:
         store = self.cfg.store
         if user is not None:
             try:

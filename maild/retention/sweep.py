@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from maild.retention import quota, state
-from maild.retention.config import Rule
+from maild.retention.config import RetentionRule
 from maild.retention.locks import LockBusy, mailbox_lock
 from maild.retention.mailboxes import Mailbox
 from maild.retention.maildir import (
@@ -88,7 +88,7 @@ def verb(done: str, dry_run: bool) -> str:
 class Sweep:
     """One run's pass over the mailboxes (runs in a worker thread)."""
 
-    def __init__(self, runner: Runner, rule: Rule, now: float, dry_run: bool, report: Report,
+    def __init__(self, runner: Runner, rule: RetentionRule, now: float, dry_run: bool, report: Report,
                  cache: dict[str, tuple], pending: dict[str, list[tuple[int, str, str, int]]],
                  bridge: Bridge, on_progress: Callable[[int, int], None] | None,
                  on_plan: Callable[[dict[str, Any]], None] | None):
@@ -209,7 +209,7 @@ class Sweep:
         victims = plan(rule, files, self.now, selected=self.selected, counted=self.counted)
         return folders, totals, victims
 
-    def _usage_of(self, totals: dict[str, tuple[int, int]], rule: Rule) -> int:
+    def _usage_of(self, totals: dict[str, tuple[int, int]], rule: RetentionRule) -> int:
         pick = self.counted if rule.action == "shrink" else self.selected
         return sum(b for name, (b, _c) in totals.items() if pick(name))
 
