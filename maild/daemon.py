@@ -31,17 +31,18 @@ from maild.sdnotify import notify
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP, SessionCounter
-from maild.store import open_store
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
+from maild.wiring import Wiring
 
 log = logging.getLogger("maild")
 
 
 class Daemon:
-    def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0,
+    def __init__(self, config: cfg.Config, wiring: Wiring, *, shutdown_grace: float = 30.0,
                  allow_root: bool = False, init_state: bool = False):
         self.config = config
+        self.wiring = wiring  # the components: their sections, schemas, preloads
         self.allow_root = allow_root
         self.init_state = init_state
         self.shutdown_grace = shutdown_grace
@@ -67,10 +68,8 @@ class Daemon:
 
     def _configure_services(self, c: cfg.Config) -> None:
         """Module-level services rules use (DNS resolver, ...), set from the config."""
-        try:
-            from maild import dns
-        except ImportError:
-            return
+        from maild import dns
+
         dns.configure(c)
 
     async def start(self) -> None:
@@ -91,16 +90,14 @@ class Daemon:
         self._status_paths = {self.status_path}
         if os.geteuid() == 0:
             if c.server.user:
-                from maild.web import settings as web
-
-                extra = web.PRELOAD if web.section(c).enabled else ()
-                uid, gid = privs.drop(c.server.user, state_path, extra)
+                uid, gid = privs.drop(c.server.user, state_path, self.wiring.preloads)
                 log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
             elif not self.allow_root:
                 raise privs.PrivilegeError(
                     'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
                     "or pass --allow-root")
-        self.store = await open_store(c.server.state, c.path, check=True, init=self.init_state)
+        self.store = await self.wiring.open_store(c.server.state, c.path, check=True,
+                                                  init=self.init_state)
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
         host, port = c.server.downstream
@@ -343,10 +340,8 @@ class Daemon:
             misfire_grace_time=3600, coalesce=True)
 
     async def _start_retention(self) -> None:
-        try:
-            from maild.retention.scheduler import RetentionService
-        except ImportError:
-            return
+        from maild.retention.scheduler import RetentionService
+
         self.retention = RetentionService(self.config, self.store)
         await self.retention.start()
 
@@ -368,7 +363,7 @@ class Daemon:
 
     async def _reload(self, result: dict) -> None:
         try:
-            new = cfg.load(self.config.path)
+            new = self.wiring.load(self.config.path)
         except cfg.ConfigError as e:
             for p in e.problems:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
@@ -540,10 +535,11 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: cfg.Config, *, allow_root: bool = False, init_state: bool = False) -> None:
+def serve(config: cfg.Config, wiring: Wiring, *, allow_root: bool = False,
+          init_state: bool = False) -> None:
     for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
         signal.signal(sig, signal.SIG_IGN)
-    daemon = Daemon(config, allow_root=allow_root, init_state=init_state)
+    daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)
     try:
         import uvloop  # optional: faster event loop when installed
     except ImportError:

@@ -38,9 +38,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("ratelimit", [
+# The ratelimit schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE ratelimit_counters (
         key TEXT PRIMARY KEY,
@@ -49,7 +50,7 @@ register_migrations("ratelimit", [
         period REAL NOT NULL
     );
     """,
-])
+)
 
 log = logging.getLogger("maild.ratelimit")
 

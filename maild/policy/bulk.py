@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from maild import services
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import on_finish, rule
 from maild.policy.verdict import Verdict, reject
@@ -45,7 +45,6 @@ def parse_bulk(r: Reader) -> BulkConfig:
     return cfg
 
 
-SECTION_PARSERS["bulk"] = parse_bulk
 
 # Checks that may vouch for a bulk message (confirmed opt-in list mail); first True wins.
 EXEMPTIONS: list[Callable[[Context], bool]] = []

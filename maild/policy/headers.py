@@ -132,8 +132,6 @@ def parse_customer_headers(r: cfg.Reader) -> CustomerHeaders:
     return CustomerHeaders(mode, checks)
 
 
-cfg.SECTION_PARSERS["headers"] = parse_headers
-cfg.CUSTOMER_PARSERS["headers"] = parse_customer_headers
 
 
 def settings(ctx: Context) -> HeaderSettings:

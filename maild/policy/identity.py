@@ -92,7 +92,6 @@ def parse_permitted(r: cfg.Reader) -> tuple[Permit, ...]:
     return tuple(out)
 
 
-cfg.CUSTOMER_PARSERS["permitted"] = parse_permitted
 
 
 def _domain_of(addr: str) -> str:

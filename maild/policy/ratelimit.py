@@ -24,7 +24,7 @@ from typing import Any
 from maild import services
 from maild.address import canonical
 from maild.antispam.limiter import Over, Rate, Reservation
-from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
+from maild.config import Config, Customer, Reader
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import on_finish, rule
 from maild.policy.verdict import Verdict, tempfail
@@ -122,8 +122,6 @@ def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
     return {"tier": tier, "overrides": overrides or {}}
 
 
-SECTION_PARSERS["ratelimit"] = parse_ratelimit
-CUSTOMER_PARSERS["ratelimit"] = parse_customer_ratelimit
 
 
 def section(ctx: Context) -> RateLimitConfig:

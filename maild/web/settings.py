@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maild.config import SECTION_PARSERS, Network, Reader, is_hostname
+from maild.config import Network, Reader, is_hostname
 from maild.web import keys as _keys  # noqa: F401  (registers the schema)
 
 log = logging.getLogger("maild.web")
@@ -100,9 +100,6 @@ def confirm_url(config: object, token: str) -> str:
     """The confirmation page for a token, or '' when maild serves no pages."""
     w = section(config)
     return f"{w.base_url}/confirm/{token}" if w.enabled and w.base_url else ""
-
-
-SECTION_PARSERS["web"] = parse_web
 
 
 def reload_note(old: object, new: object) -> None:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.cli import main
-from maild.store import open_store
+from maild.components import open_store
 
 
 def test_customers_shows_whole_messages_against_each_window(tmp_path):

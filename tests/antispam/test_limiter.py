@@ -3,7 +3,7 @@
 import pytest
 
 from maild.antispam.limiter import Limiter, Rate, Reservation, seconds_until_free
-from maild.store import open_store
+from maild.components import open_store
 
 
 class Clock:

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from maild import components, textsig
 from maild import config as cfg
 from maild import dns as maild_dns
-from maild import textsig
 from maild.address import parse_path
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Message, Stage
@@ -44,7 +44,7 @@ def enforcing() -> cfg.Config:
     p = front_policy(10026)
     p["headers"] = {"mode": "enforce"}
     p["dns"]["timeout"] = "1s"
-    return cfg.parse(p, "fuzz.toml")
+    return components.parse(p, "fuzz.toml")
 
 
 CONFIG = enforcing()

@@ -37,6 +37,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from maild import components
 from maild import config as cfg
 from maild import dns as maild_dns
 from maild.smtp.downstream import Downstream
@@ -128,7 +129,7 @@ def server(sink: SmtpSink) -> Iterator[InProcessMaild]:
         "data_timeout": "60s", "max_sessions_per_ip": 50})
     policy["headers"] = {"mode": "enforce"}
     policy["dns"]["timeout"] = "1s"
-    m = InProcessMaild(cfg.parse(policy, "fuzz.toml")).start()
+    m = InProcessMaild(components.parse(policy, "fuzz.toml")).start()
     handler = Collect(m.records)
     logging.getLogger("maild").addHandler(handler)
     yield m

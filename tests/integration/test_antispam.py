@@ -104,8 +104,7 @@ def test_blocked_customer_reaches_postmaster_and_unblock_restores(postfix, m):
 def test_counters_stored_before_the_upgrade_are_carried_over(postfix, tmp_path):
     """A state written by a maild with one counter for both windows: 2 messages stored as
     4. The daemon starts, says so in one line, and the customer has 1 message left."""
-    import maild.antispam.limiter  # noqa: F401  (registers the counters' table)
-    from maild.store import open_store
+    from maild.components import open_store
 
     policy = front_policy(postfix.reinject_port)
     policy["customers"] += [{"name": "upgraded", "networks": [f"{UPGRADED}/32"],

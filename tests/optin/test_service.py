@@ -9,12 +9,12 @@ import pytest
 
 from maild import services
 from maild.antispam.sanctions import control
+from maild.components import open_store
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind, State
 from maild.optin.service import OptinService
 from maild.optin.settings import ListConfig
 from maild.optin.tokens import token_hash
-from maild.store import open_store
 
 LIST = "news.acme.example"
 

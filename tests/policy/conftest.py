@@ -3,7 +3,7 @@
 import pytest
 
 from maild.address import parse_path
-from maild.config import parse
+from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity
 

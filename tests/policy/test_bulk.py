@@ -5,7 +5,7 @@ import pytest
 from maild import services
 from maild.address import parse_path
 from maild.antispam.campaigns import Campaigns
-from maild.config import parse
+from maild.components import parse
 from maild.policy import bulk, pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 

@@ -22,7 +22,8 @@ from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.cli import main
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from maild.policy import headers as h
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Message, Stage
@@ -319,7 +320,7 @@ def test_defaults_when_the_section_is_absent():
 
 
 def test_the_shipped_policy_parses_with_the_documented_defaults():
-    from maild.config import load as load_config
+    from maild.components import load as load_config
 
     conf = load_config(Path(__file__).resolve().parents[2] / "policies.toml")
     s = conf.sections["headers"]

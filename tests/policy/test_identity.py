@@ -14,7 +14,7 @@ from maild import dns as maild_dns
 from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter, Rate
-from maild.config import parse
+from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.identity import helo_problem, lists_of, looks_automatic, owner_of

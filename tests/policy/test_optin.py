@@ -7,13 +7,13 @@ import pytest
 from maild import services
 from maild.address import parse_path
 from maild.antispam.campaigns import Campaigns
+from maild.components import open_store
 from maild.optin.model import Kind, State
 from maild.optin.service import OptinService
 from maild.optin.tokens import token_hash
 from maild.policy import bulk, pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.optin import vouch
-from maild.store import open_store
 from tests.optin.conftest import make_config
 
 pipeline.load_families()

@@ -5,7 +5,7 @@ import pytest
 from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter
-from maild.config import parse
+from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.ratelimit import limits_for

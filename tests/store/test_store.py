@@ -9,12 +9,15 @@ import pytest
 
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.antispam.sanctions import Sanctions
+from maild.components import WIRING, open_store
 from maild.optin.evidence import verify_all
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind
 from maild.retention import state as rstate
-from maild.store import leases, open_store
-from maild.store.base import MIGRATIONS, StoreError
+from maild.store import leases
+from maild.store.base import StoreError
+
+MIGRATIONS = WIRING.migrations
 
 
 async def test_migrations_apply_once_and_record_versions(store, state_url):

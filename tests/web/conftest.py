@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from maild import services
-from maild.config import parse
+from maild.components import parse
 from maild.optin.service import OptinService
 from maild.web.app import WebService
 from tests.optin import conftest as optin_conftest

@@ -206,7 +206,7 @@ def test_limiter_window_slides():
 
 
 async def test_nothing_is_served_or_recorded_while_optin_is_disabled(site):
-    from maild.config import parse
+    from maild.components import parse
     from tests.web.conftest import BASE, POLICY
 
     site.daemon.config = parse({**POLICY, "optin": {**POLICY["optin"], "enabled": False},

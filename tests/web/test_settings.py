@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from maild.web.settings import confirm_url, section
 
 MINIMAL = {"postmaster": {"domains": ["hosted.example"]}}
