@@ -38,7 +38,7 @@ from maild import log as mlog
 from maild.address import declares_smtputf8
 from maild.antispam.limiter import Rate
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.pipeline import Rule
 from maild.policy.verdict import Verdict, reject, tempfail
 
 log = logging.getLogger("maild.policy")
@@ -157,10 +157,18 @@ CheckFn = Callable[[Context], "Finding | None | Awaitable[Finding | None]"]
 
 
 @dataclass(frozen=True)
-class Check:
+class HeaderCheck:
+    """A forged-header check: a function finding a problem, and what it leads to.
+
+    Called, it is its function (unit tests call checks directly); the pipeline runs its
+    `rule` at `stage`, and its `recheck_rule` at DATA when `recheck` is set (a MAIL-stage
+    check judged again once the customer became known at end of data: before-queue mode,
+    where the SASL login arrives in Postfix's Received line). Where each runs is its line
+    in maild/policy/chain.py.
+    """
+
     name: str
     stage: Stage
-    order: int
     scope: str  # "customer": submitted by a customer only; "any": see apply_to
     default: str  # reject | tempfail | tag
     code: int  # reply code and RFC 3463 status when rejecting
@@ -170,43 +178,60 @@ class Check:
     # None, or a reason why the check does not apply to this transaction
     skip: Callable[[Context], str | None] | None = None
     is_async: bool = False
+    recheck: bool = False
+    # A refusal that is forgery, the AUPs' offence, counts as a sanction strike. Malformed
+    # headers (a missing Date:, a bad HELO) are refused too, but are a broken mail
+    # program, not abuse: two such mistakes must not block a customer's mail.
+    strike: bool = False
+
+    def __call__(self, ctx: Context) -> Finding | None | Awaitable[Finding | None]:
+        return self.fn(ctx)
+
+    @property
+    def rule(self) -> Rule:
+        return _rules_for(self)[0]
+
+    @property
+    def recheck_rule(self) -> Rule | None:
+        return _rules_for(self)[1] if self.recheck else None
 
 
-CHECKS: dict[str, Check] = {}
-
-# Refusals that are forgery, the AUPs' offence, count as sanction strikes. Malformed
-# headers (a missing Date:, a bad HELO) are refused too, but are a broken mail program,
-# not abuse: two such mistakes must not block a customer's mail.
-FORGERY = frozenset({"envelope-owner", "null-sender", "from-owner", "sender-owner", "reply-to-owner",
-                     "return-path-owner", "display-name-spoof", "received-forged", "helo-ours"})
+CHECKS: dict[str, HeaderCheck] = {}
+_RULES: dict[str, tuple[Rule, Rule]] = {}  # check name -> (its rule, its DATA recheck rule)
 
 
 def _load_checks() -> None:
-    import maild.policy.identity  # noqa: F401  (registers the identity checks)
+    import maild.policy.identity  # noqa: F401  (declares the identity checks)
 
 
-def check(name: str, stage: Stage, *, order: int, scope: str, default: str, code: int,
-          status: str, summary: str, recheck_order: int | None = None,
-          skip: Callable[[Context], str | None] | None = None) -> Callable[[CheckFn], CheckFn]:
-    """Register a check and its pipeline rule. A MAIL-stage check with `recheck_order`
-    runs again at DATA when the customer became known only there (before-queue mode,
-    where the SASL login arrives in Postfix's Received line at end of data)."""
+def check(name: str, stage: Stage, *, scope: str, default: str, code: int, status: str,
+          summary: str, recheck: bool = False, strike: bool = False,
+          skip: Callable[[Context], str | None] | None = None
+          ) -> Callable[[CheckFn], HeaderCheck]:
+    """Declare a check; `recheck`: a MAIL-stage check that runs again at DATA."""
     assert default in ACTIONS and scope in ("customer", "any")
+    assert not recheck or stage is Stage.MAIL
 
-    def deco(fn: CheckFn) -> CheckFn:
-        c = Check(name, stage, order, scope, default, code, status, summary, fn, skip,
-                  inspect.iscoroutinefunction(fn))
+    def deco(fn: CheckFn) -> HeaderCheck:
+        c = HeaderCheck(name, stage, scope, default, code, status, summary, fn, skip,
+                        inspect.iscoroutinefunction(fn), recheck, strike)
         CHECKS[name] = c
         _DEFAULT_ACTIONS[name] = default
-        rule(stage, name, order)(_rule_for(c))
-        if recheck_order is not None:
-            rule(Stage.DATA, name, recheck_order)(_rule_for(c))
-        return fn
+        return c
 
     return deco
 
 
-def _rule_for(c: Check) -> Callable[[Context], Verdict | None | Awaitable[Verdict | None]]:
+def _rules_for(c: HeaderCheck) -> tuple[Rule, Rule]:
+    rules = _RULES.get(c.name)
+    if rules is None:
+        fn = _rule_for(c)
+        rules = _RULES[c.name] = (Rule(c.name, c.stage, fn, c.is_async),
+                                  Rule(c.name, Stage.DATA, fn, c.is_async))
+    return rules
+
+
+def _rule_for(c: HeaderCheck) -> Callable[[Context], Verdict | None | Awaitable[Verdict | None]]:
     """The check's pipeline rule: judged once per (check, customer) in a transaction,
     unless skip_reason() says it does not apply (here from the transaction's Plan).
     A synchronous check gets a synchronous rule: no coroutine per check and message."""
@@ -288,10 +313,10 @@ class Plan:
         self.done: set[tuple[str, str]] = done  # type: ignore[assignment]
         self._own_names: frozenset[str] | None = None
 
-    def action(self, c: Check) -> str:
+    def action(self, c: HeaderCheck) -> str:
         return self.actions.get(c.name, c.default)
 
-    def skip_reason(self, c: Check, ctx: Context) -> str | None:
+    def skip_reason(self, c: HeaderCheck, ctx: Context) -> str | None:
         why = self.skip_customer if c.scope == "customer" else self.skip_any
         if why is not None:
             return why
@@ -312,23 +337,19 @@ def plan(ctx: Context) -> Plan:
     return p
 
 
-def skip_reason(c: Check, ctx: Context) -> str | None:
+def skip_reason(c: HeaderCheck, ctx: Context) -> str | None:
     """Why the check does not apply here, or None when it does."""
     return plan(ctx).skip_reason(c, ctx)
 
 
-async def evaluate(c: Check, ctx: Context) -> Finding | None:
+async def evaluate(c: HeaderCheck, ctx: Context) -> Finding | None:
     out = c.fn(ctx)
     if c.is_async:
         out = await out  # type: ignore[misc]
     return out  # type: ignore[return-value]
 
 
-def _customer_headers(ctx: Context) -> CustomerHeaders | None:
-    return plan(ctx).customer_headers
-
-
-def configured_action(c: Check, ctx: Context) -> str:
+def configured_action(c: HeaderCheck, ctx: Context) -> str:
     """The customer's override, else [headers.checks], else the check's default."""
     return plan(ctx).action(c)
 
@@ -337,7 +358,7 @@ def mode(ctx: Context) -> str:
     return plan(ctx).mode
 
 
-def effective_action(c: Check, ctx: Context) -> str:
+def effective_action(c: HeaderCheck, ctx: Context) -> str:
     """Tag mode turns every refusal into a tag; "off" stays off."""
     p = plan(ctx)
     a = p.action(c)
@@ -346,7 +367,7 @@ def effective_action(c: Check, ctx: Context) -> str:
     return a
 
 
-def outcome(c: Check, ctx: Context, f: Finding) -> tuple[str, Verdict | None]:
+def outcome(c: HeaderCheck, ctx: Context, f: Finding) -> tuple[str, Verdict | None]:
     """What a finding leads to, without side effects: (action, verdict to answer)."""
     action = effective_action(c, ctx)
     if action in ("off", "tag"):
@@ -357,14 +378,14 @@ def outcome(c: Check, ctx: Context, f: Finding) -> tuple[str, Verdict | None]:
     status = f.status or c.status
     if action == "tempfail":
         return action, tempfail(451, "4" + status[1:], reason, c.name)
-    return action, reject(f.code or c.code, status, reason, c.name, strike=c.name in FORGERY)
+    return action, reject(f.code or c.code, status, reason, c.name, strike=c.strike)
 
 
-def tag_value(c: Check, ctx: Context, f: Finding) -> str:
+def tag_value(c: HeaderCheck, ctx: Context, f: Finding) -> str:
     return f"rule={c.name} result=fail enforce={configured_action(c, ctx)}; {f.reason}"
 
 
-def decide(c: Check, ctx: Context, f: Finding) -> Verdict | None:
+def decide(c: HeaderCheck, ctx: Context, f: Finding) -> Verdict | None:
     """A finding into a verdict: refuse with an SMTP reply, or tag and let it pass."""
     action, verdict = outcome(c, ctx, f)
     if action == "tag":
@@ -490,7 +511,7 @@ def decoded_values(headers: email.message.Message) -> dict[str, list[str]]:
 _FIELD = re.compile(rb"^[!-9;-~]+[ \t]*:")
 
 
-@check("header-syntax", Stage.DATA, order=30, scope="any", default="reject", code=550,
+@check("header-syntax", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="header lines are 'Name: value', ASCII unless SMTPUTF8, "
        "no NULs, at most 998 characters")
 def header_syntax(ctx: Context) -> Finding | None:
@@ -515,7 +536,7 @@ def header_syntax(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-missing", Stage.DATA, order=31, scope="any", default="reject", code=550,
+@check("from-missing", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="a From: header is present (RFC 5322 3.6)")
 def from_missing(ctx: Context) -> Finding | None:
     assert ctx.message is not None
@@ -524,7 +545,7 @@ def from_missing(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-multiple", Stage.DATA, order=32, scope="any", default="reject", code=550,
+@check("from-multiple", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="exactly one From: field; several authors need a Sender:")
 def from_multiple(ctx: Context) -> Finding | None:
     assert ctx.message is not None
@@ -538,7 +559,7 @@ def from_multiple(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-invalid", Stage.DATA, order=33, scope="any", default="reject", code=550,
+@check("from-invalid", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="From: is a well-formed address that every reader parses alike")
 def from_invalid(ctx: Context) -> Finding | None:
     assert ctx.message is not None
@@ -555,7 +576,7 @@ SINGLE_FIELDS = ("date", "sender", "reply-to", "to", "cc", "bcc", "message-id",
                  "in-reply-to", "references", "subject")
 
 
-@check("header-duplicate", Stage.DATA, order=34, scope="any", default="reject", code=550,
+@check("header-duplicate", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="at most one Date:, Sender:, Reply-To:, To:, Cc:, Bcc:, "
        "Message-ID:, In-Reply-To:, References:, Subject: (RFC 5322 3.6)")
 def header_duplicate(ctx: Context) -> Finding | None:
@@ -572,7 +593,7 @@ def _title(name: str) -> str:
     return {"message-id": "Message-ID"}.get(name, "-".join(p.capitalize() for p in name.split("-")))
 
 
-@check("date-missing", Stage.DATA, order=35, scope="any", default="reject", code=550,
+@check("date-missing", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="a Date: header is present (RFC 5322 3.6.1)")
 def date_missing(ctx: Context) -> Finding | None:
     if first(ctx, "Date") is None:
@@ -600,7 +621,7 @@ def _date(ctx: Context) -> float | None:
     return ts
 
 
-@check("date-invalid", Stage.DATA, order=36, scope="any", default="reject", code=550,
+@check("date-invalid", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="Date: is an RFC 5322 date-time")
 def date_invalid(ctx: Context) -> Finding | None:
     value = first(ctx, "Date")
@@ -614,7 +635,7 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
 
 
-@check("date-future", Stage.DATA, order=37, scope="any", default="reject", code=550,
+@check("date-future", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="Date: is not more than date_future (2 h) ahead")
 def date_future(ctx: Context) -> Finding | None:
     ts = _date(ctx)
@@ -625,7 +646,7 @@ def date_future(ctx: Context) -> Finding | None:
     return None
 
 
-@check("date-past", Stage.DATA, order=38, scope="any", default="tag", code=550,
+@check("date-past", Stage.DATA, scope="any", default="tag", code=550,
        status="5.6.0", summary="Date: is not more than date_past (7 days) old")
 def date_past(ctx: Context) -> Finding | None:
     ts = _date(ctx)
@@ -636,7 +657,7 @@ def date_past(ctx: Context) -> Finding | None:
     return None
 
 
-@check("message-id-missing", Stage.DATA, order=39, scope="any", default="tag", code=550,
+@check("message-id-missing", Stage.DATA, scope="any", default="tag", code=550,
        status="5.6.0", summary="a Message-ID: header is present (RFC 5322 3.6.4: SHOULD)")
 def message_id_missing(ctx: Context) -> Finding | None:
     if first(ctx, "Message-ID") is None:
@@ -649,7 +670,7 @@ _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 _MSGID = re.compile(rf'^\s*<({_DOT_ATOM}|"[^"\\\r\n]*")@({_DOT_ATOM}|\[[^\[\]\\\s]*\])>\s*$')
 
 
-@check("message-id-invalid", Stage.DATA, order=40, scope="any", default="reject", code=550,
+@check("message-id-invalid", Stage.DATA, scope="any", default="reject", code=550,
        status="5.6.0", summary="Message-ID: is <left@right> with a domain, not a bare IP, "
        "on the right")
 def message_id_invalid(ctx: Context) -> Finding | None:
@@ -686,7 +707,7 @@ def received_by(value: str) -> str:
     return m.group(1).lower().rstrip(".") if m else ""
 
 
-@check("received-forged", Stage.DATA, order=41, scope="any", default="reject", code=550,
+@check("received-forged", Stage.DATA, strike=True, scope="any", default="reject", code=550,
        status="5.7.1", summary="no Received: line from the client claims one of our host names")
 def received_forged(ctx: Context) -> Finding | None:
     """The client's own topmost Received: line cannot have been written by us: the message
@@ -728,7 +749,7 @@ async def _tld_exists(tld: str) -> bool:
     return r.ok
 
 
-@check("display-name-spoof", Stage.DATA, order=51, scope="any", default="reject", code=550,
+@check("display-name-spoof", Stage.DATA, strike=True, scope="any", default="reject", code=550,
        status="5.7.1", summary="the From: display name shows no address or domain other "
        "than the From address's own")
 async def display_name_spoof(ctx: Context) -> Finding | None:
@@ -770,9 +791,11 @@ async def display_name_spoof(ctx: Context) -> Finding | None:
 
 
 def describe() -> list[dict[str, Any]]:
-    """Every check, in pipeline order, for check-message and the docs."""
-    _load_checks()
-    stage_rank = {Stage.MAIL: 0, Stage.DATA: 1}
+    """Every check, in pipeline order (its own stage's line in maild/policy/chain.py),
+    for check-message and the docs."""
+    from maild.policy.chain import CHAIN
+
+    ordered = [c for stage in (Stage.MAIL, Stage.DATA) for r in CHAIN[stage]
+               if (c := CHECKS.get(r.name)) is not None and c.stage is stage]
     return [{"name": c.name, "stage": c.stage.value, "scope": c.scope, "default": c.default,
-             "reply": f"{c.code} {c.status}", "summary": c.summary}
-            for c in sorted(CHECKS.values(), key=lambda c: (stage_rank.get(c.stage, 2), c.order))]
+             "reply": f"{c.code} {c.status}", "summary": c.summary} for c in ordered]

@@ -11,7 +11,7 @@ from maild.policy.pipeline import rule
 from maild.policy.verdict import Verdict, tempfail
 
 
-@rule(Stage.RCPT, "recipients-per-message", order=-10)
+@rule(Stage.RCPT, "recipients-per-message")
 def recipients_per_message(ctx: Context) -> Verdict | None:
     limit = ctx.config.server.limits.recipients_per_message
     if len(ctx.recipients) >= limit:

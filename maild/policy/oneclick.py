@@ -9,7 +9,6 @@ that one of its http(s) URIs is maild's one-click URL for that list and each rec
 
 from __future__ import annotations
 
-from maild import services
 from maild.optin.detect import _URI
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import rule
@@ -18,11 +17,11 @@ from maild.web import oneclick
 from maild.web.settings import section
 
 
-@rule(Stage.DATA, "optin-one-click", order=56)
+@rule(Stage.DATA, "optin-one-click")
 async def optin_one_click(ctx: Context) -> Verdict | None:
     w = section(ctx.config)
     list_id = ctx.notes.get("optin-deliver")  # set by the opt-in rule when it passed
-    web = services.web
+    web = ctx.services.web
     if not (w.enabled and w.require_one_click) or not isinstance(list_id, str) or web is None:
         return None
     assert ctx.message is not None

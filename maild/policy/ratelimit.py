@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from maild import services
 from maild.address import canonical
 from maild.antispam.limiter import Over, Rate, Reservation
 from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
@@ -188,14 +187,14 @@ def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str,
 
 def _active(ctx: Context) -> tuple[Any, Limits] | None:
     """(limiter, limits) when rate limiting applies to this transaction."""
-    limiter = services.limiter
+    limiter = ctx.services.limiter
     if limiter is None or not section(ctx).enabled:
         return None
     lim = limits_for(ctx)
     return None if lim is None else (limiter, lim)
 
 
-@rule(Stage.RCPT, "ratelimit", order=30)
+@rule(Stage.RCPT, "ratelimit")
 async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -205,7 +204,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
         return tempfail(452, "4.5.3", f"Too many recipients: at most {lim.recipients_per_message} "
                         "per message for your account; send the rest in another message",
                         "recipients-per-message")
-    sessions = services.sessions
+    sessions = ctx.services.sessions
     if sessions is not None and ctx.identity.customer is not None:
         n = sessions.clients.get(ctx.client.addr, 0)
         if n > lim.connections_per_client:
@@ -224,7 +223,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     return None
 
 
-@rule(Stage.DATA, "ratelimit", order=30)
+@rule(Stage.DATA, "ratelimit")
 async def ratelimit_data(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -247,9 +246,10 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
 @on_finish
 def ratelimit_finish(ctx: Context, accepted: bool) -> None:
     res = ctx.notes.get("ratelimit")
-    if res is None or services.limiter is None:
+    limiter = ctx.services.limiter
+    if not isinstance(res, Reservation) or limiter is None:
         return
     if accepted:
-        services.limiter.commit(res)
+        limiter.commit(res)
     else:
-        services.limiter.release(res)
+        limiter.release(res)

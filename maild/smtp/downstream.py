@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("maild.downstream")
 
-XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MAX_LINE = 8192                 # a reply line longer than this is a protocol error
 MAX_REPLY = MAX_LINE * 4        # and so is a (multi-line) reply longer than this
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -192,12 +191,6 @@ class Connection:
     @property
     def is_connected(self) -> bool:
         return self.client.is_connected
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' as +HH."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value.encode("utf-8", "surrogateescape").decode("latin-1"))
 
 
 class Downstream:

@@ -6,6 +6,7 @@ from maild.address import parse_path
 from maild.config import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity
+from maild.policy.services import Services
 
 pipeline.load_families()
 
@@ -23,14 +24,21 @@ def config():
 
 
 @pytest.fixture
-def make_ctx():
+def services():
+    """The services the contexts of one test see (none running unless a test adds one)."""
+    return Services()
+
+
+@pytest.fixture
+def make_ctx(services):
     def make(*, addr="198.51.100.7", sender="<x@stranger.example>", trusted=False,
              config=CONFIG, identity=None, mode=None):
         c = config
         if mode:
             from dataclasses import replace
             c = replace(config, server=replace(config.server, mode=mode))
-        ctx = Context(config=c, session_id="TEST", client=Client(addr=addr, trusted_peer=trusted))
+        ctx = Context(config=c, session_id="TEST", client=Client(addr=addr, trusted_peer=trusted),
+                      services=services)
         ctx.sender = parse_path(sender)
         ctx.identity = identity or Identity()
         return ctx

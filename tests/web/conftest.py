@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from maild import services
 from maild.config import parse
 from maild.optin.service import OptinService
 from maild.web.app import WebService
@@ -30,7 +29,6 @@ def web_config(**web):
 @pytest.fixture
 async def site(store, monkeypatch):
     """(client, web service, opt-in service) for one test."""
-    monkeypatch.setattr(services, "sanctions", None)
     config = web_config()
     optin = OptinService(config, store, None)
     await optin.start()
