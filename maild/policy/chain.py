@@ -3,7 +3,7 @@ smtpd_*_restrictions or Mailman 3's chain.
 
 Each stage runs its rules top to bottom; the first refusal (or a final accept:
 postmaster) ends the stage. A rule lives in the module of its family and is declared
-there with @rule (pipeline.py) or @check (headers.py); adding one is writing it there
+there with @rule (pipeline.py) or @check (checks.py); adding one is writing it there
 and giving it one line here. Every declared rule appears exactly once per stage it is
 declared for; validate() checks that at start-up and names the rule that does not.
 docs/policies.md shows this table (tests/policy/test_chain.py keeps the two equal).
@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from maild.policy import (
     bulk,
     delayed,
-    headers,
     identity,
     limits,
     oneclick,
@@ -26,12 +25,13 @@ from maild.policy import (
     ratelimit,
     relay,
     sanctions,
+    structure,
 )
+from maild.policy.checks import HeaderCheck
 from maild.policy.context import Stage
-from maild.policy.headers import HeaderCheck
-from maild.policy.pipeline import FinishHook, Rule
+from maild.policy.pipeline import FinishHook, PolicyRule
 
-Entry = Rule | HeaderCheck
+Entry = PolicyRule | HeaderCheck
 
 TABLE: dict[Stage, tuple[Entry, ...]] = {
     Stage.CONNECT: (),
@@ -54,19 +54,19 @@ TABLE: dict[Stage, tuple[Entry, ...]] = {
         postmaster.postmaster_data,
         sanctions.blocked_data,
         relay.relay_data,
-        headers.header_syntax,
+        structure.header_syntax,
         ratelimit.ratelimit_data,
-        headers.from_missing,
-        headers.from_multiple,
-        headers.from_invalid,
-        headers.header_duplicate,
-        headers.date_missing,
-        headers.date_invalid,
-        headers.date_future,
-        headers.date_past,
-        headers.message_id_missing,
-        headers.message_id_invalid,
-        headers.received_forged,
+        structure.from_missing,
+        structure.from_multiple,
+        structure.from_invalid,
+        structure.header_duplicate,
+        structure.date_missing,
+        structure.date_invalid,
+        structure.date_future,
+        structure.date_past,
+        structure.message_id_missing,
+        structure.message_id_invalid,
+        structure.received_forged,
         identity.helo_invalid,  # again at DATA: the login may name the customer only now
         identity.helo_ours,
         identity.envelope_owner,
@@ -77,7 +77,7 @@ TABLE: dict[Stage, tuple[Entry, ...]] = {
         identity.reply_to_owner,
         bulk.bulk,
         identity.return_path_owner,
-        headers.display_name_spoof,
+        structure.display_name_spoof,
         identity.sender_domain_unknown,
         optin.optin_data,
         identity.from_domain_unknown,
@@ -98,7 +98,7 @@ class ChainError(Exception):
     """The order table and the declared rules disagree."""
 
 
-def _resolve(stage: Stage, entry: object) -> Rule:
+def _resolve(stage: Stage, entry: object) -> PolicyRule:
     if isinstance(entry, HeaderCheck):
         if entry.stage is stage:
             return entry.rule
@@ -106,7 +106,7 @@ def _resolve(stage: Stage, entry: object) -> Rule:
             return entry.recheck_rule
         raise ChainError(f"check {entry.name} is listed at {stage} but declared for "
                          f"{entry.stage.value}" + (" (and DATA)" if entry.recheck else ""))
-    if isinstance(entry, Rule):
+    if isinstance(entry, PolicyRule):
         if entry.stage is not stage:
             raise ChainError(f"rule {entry.name} is listed at {stage} but declared for "
                              f"{entry.stage.value}")
@@ -123,7 +123,7 @@ def declared(modules: Iterable[types.ModuleType]) -> dict[tuple[Stage, str], str
         for attr, value in vars(mod).items():
             if isinstance(value, HeaderCheck) and value.fn.__module__ == mod.__name__:
                 stages = [value.stage] + ([Stage.DATA] if value.recheck else [])
-            elif isinstance(value, Rule) and value.fn.__module__ == mod.__name__:
+            elif isinstance(value, PolicyRule) and value.fn.__module__ == mod.__name__:
                 stages = [value.stage]
             else:
                 continue
@@ -133,10 +133,10 @@ def declared(modules: Iterable[types.ModuleType]) -> dict[tuple[Stage, str], str
 
 
 def build(table: dict[Stage, tuple[Entry, ...]], modules: Iterable[types.ModuleType]
-          ) -> dict[Stage, tuple[Rule, ...]]:
+          ) -> dict[Stage, tuple[PolicyRule, ...]]:
     """The pipeline's rules per stage; ChainError names a rule listed twice, listed but
     not declared, or declared (in `modules`) but not listed."""
-    chain: dict[Stage, tuple[Rule, ...]] = {}
+    chain: dict[Stage, tuple[PolicyRule, ...]] = {}
     listed: set[tuple[Stage, str]] = set()
     for stage in Stage:
         rules = []
@@ -167,7 +167,7 @@ def check_finish(hooks: Sequence[FinishHook], modules: Iterable[types.ModuleType
         raise ChainError("finish hook declared but not in chain.FINISH: " + ", ".join(missing))
 
 
-FAMILIES = (postmaster, limits, delayed, sanctions, relay, ratelimit, optin, headers, identity,
+FAMILIES = (postmaster, limits, delayed, sanctions, relay, ratelimit, optin, structure, identity,
             bulk, oneclick)
 CHAIN = build(TABLE, FAMILIES)
 check_finish(FINISH, FAMILIES)

@@ -115,14 +115,14 @@ class Message:
     def mailboxes(self) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
         """From/Sender/Reply-To as ((display name, addr-spec, domain), ...) per field, or
         None for a malformed field; parsed once, shared by the forged-header checks."""
-        from maild.policy.headers import parse_mailboxes
+        from maild.policy.mailboxes import parse_mailboxes
 
         return parse_mailboxes(self.headers)
 
     @cached_property
     def decoded_headers(self) -> dict[str, list[str]]:
         """From/Sender/Reply-To values with RFC 2047 encoded words decoded, comments kept."""
-        from maild.policy.headers import decoded_values
+        from maild.policy.mailboxes import decoded_values
 
         return decoded_values(self.headers)
 

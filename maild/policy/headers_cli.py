@@ -87,7 +87,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
                services: Services | None = None) -> dict[str, Any]:
     from maild import dns as maild_dns
     from maild.address import PathError, parse_path
-    from maild.policy import headers as h
+    from maild.policy import checks as h
     from maild.policy.context import Client, Context, Identity, Message
     from maild.policy.customer import resolve
     from maild.policy.identity import HELO_CHECKS

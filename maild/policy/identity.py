@@ -36,8 +36,9 @@ from maild.antispam.limiter import Reservation
 from maild.config import Customer
 from maild.optin.registry import Registry
 from maild.optin.settings import section as optin_section
+from maild.policy.checks import Finding, check, maybe_ip, own_names, show, submitted
 from maild.policy.context import Context, Stage
-from maild.policy.headers import Finding, check, maybe_ip, own_names, settings, show, submitted
+from maild.policy.headers import settings
 from maild.policy.pipeline import on_finish
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ FinishFn = Callable[[Context, bool], None]
 
 
 @dataclass(frozen=True)
-class Rule:
+class PolicyRule:
     """A pipeline rule: its name (in the log and the order table), stage and function."""
 
     name: str
@@ -56,11 +56,11 @@ class FinishHook:
         self.fn(ctx, accepted)
 
 
-def rule(stage: Stage, name: str) -> Callable[[RuleFn], Rule]:
+def rule(stage: Stage, name: str) -> Callable[[RuleFn], PolicyRule]:
     """Declare a rule; its place in the stage is its line in maild/policy/chain.py."""
 
-    def deco(fn: RuleFn) -> Rule:
-        return Rule(name, stage, fn, inspect.iscoroutinefunction(fn))
+    def deco(fn: RuleFn) -> PolicyRule:
+        return PolicyRule(name, stage, fn, inspect.iscoroutinefunction(fn))
 
     return deco
 
@@ -75,7 +75,7 @@ def load_families() -> None:
     import maild.policy.chain  # noqa: F401
 
 
-async def run(stage: Stage, ctx: Context, rules: Sequence[Rule] | None = None) -> Verdict:
+async def run(stage: Stage, ctx: Context, rules: Sequence[PolicyRule] | None = None) -> Verdict:
     """Run the stage's rules; return the deciding verdict (accept when none objects)."""
     if rules is None:
         from maild.policy.chain import CHAIN

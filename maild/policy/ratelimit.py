@@ -31,7 +31,7 @@ Rates = tuple[Rate, ...]
 
 
 @dataclass(frozen=True)
-class Limits:
+class RateLimits:
     messages: Rates = (Rate.parse("200/1h"), Rate.parse("2000/1d"))
     recipients: Rates = (Rate.parse("500/1h"), Rate.parse("5000/1d"))
     bytes: Rates = (Rate.parse("500MB/1h"),)
@@ -46,10 +46,10 @@ class Limits:
 @dataclass(frozen=True)
 class RateLimitConfig:
     enabled: bool = True
-    defaults: Limits = Limits()
-    tiers: dict[str, Limits] | None = None
+    defaults: RateLimits = RateLimits()
+    tiers: dict[str, RateLimits] | None = None
     # Unidentified clients (not a customer): limited per IP only when this is set.
-    unidentified: Limits | None = None
+    unidentified: RateLimits | None = None
 
 
 _RATE_KEYS = ("messages", "recipients", "bytes", "same_recipient", "per_login", "per_ip",
@@ -76,7 +76,7 @@ def _rates(r: Reader, name: str, default: Rates) -> Rates:
     return tuple(out)
 
 
-def _limits(r: Reader, base: Limits) -> Limits:
+def _limits(r: Reader, base: RateLimits) -> RateLimits:
     changes: dict[str, Any] = {}
     for k in _RATE_KEYS:
         if r.has(k):
@@ -92,8 +92,8 @@ def _limits(r: Reader, base: Limits) -> Limits:
 
 def parse_ratelimit(r: Reader) -> RateLimitConfig:
     enabled = r.bool("enabled", True)
-    defaults = _limits(r, Limits())
-    tiers: dict[str, Limits] = {}
+    defaults = _limits(r, RateLimits())
+    tiers: dict[str, RateLimits] = {}
     tr = r.table_of("tiers")
     for name in list(tr.table):
         tier = tr.table_of(name)
@@ -102,7 +102,7 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
     unidentified = None
     if r.has("unidentified"):
         ur = r.table_of("unidentified")
-        unidentified = _limits(ur, Limits(messages=(), recipients=(), bytes=(), same_recipient=()))
+        unidentified = _limits(ur, RateLimits(messages=(), recipients=(), bytes=(), same_recipient=()))
         ur.unknown()
     r.unknown()
     return RateLimitConfig(enabled, defaults, tiers, unidentified)
@@ -114,8 +114,8 @@ def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
     overrides = None
     if r.has("ratelimit"):
         sub = r.table_of("ratelimit")
-        overrides = _limits(sub, Limits())
-        overrides = {f.name: getattr(overrides, f.name) for f in fields(Limits) if sub.has(f.name)}
+        overrides = _limits(sub, RateLimits())
+        overrides = {f.name: getattr(overrides, f.name) for f in fields(RateLimits) if sub.has(f.name)}
         sub.unknown()
     return {"tier": tier, "overrides": overrides or {}}
 
@@ -128,12 +128,12 @@ def section(ctx: Context) -> RateLimitConfig:
     return ctx.config.sections.get("ratelimit") or RateLimitConfig()
 
 
-def limits_for(ctx: Context) -> Limits | None:
+def limits_for(ctx: Context) -> RateLimits | None:
     """The limits that apply to this transaction's sender, or None for no limits."""
     return customer_limits(ctx.config, ctx.identity.customer)
 
 
-def customer_limits(config: Config, c: Customer | None) -> Limits | None:
+def customer_limits(config: Config, c: Customer | None) -> RateLimits | None:
     """A customer's limits (its tier, then its overrides); for None, the unidentified ones."""
     rl = config.sections.get("ratelimit") or RateLimitConfig()
     if c is None:
@@ -159,7 +159,7 @@ def _refuse(over: Over) -> Verdict:
                     strike=True)
 
 
-def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
+def _sender_checks(ctx: Context, lim: RateLimits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
     """Per-message counters for this transaction's sender keys."""
     checks = []
     c = ctx.identity.customer
@@ -174,7 +174,7 @@ def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, 
     return checks
 
 
-def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str, Rate, float]]:
+def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list) -> list[tuple[str, str, Rate, float]]:
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:
@@ -185,7 +185,7 @@ def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str,
     return checks
 
 
-def _active(ctx: Context) -> tuple[Any, Limits] | None:
+def _active(ctx: Context) -> tuple[Any, RateLimits] | None:
     """(limiter, limits) when rate limiting applies to this transaction."""
     limiter = ctx.services.limiter
     if limiter is None or not section(ctx).enabled:

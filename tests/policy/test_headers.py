@@ -22,8 +22,8 @@ from maild.address import parse_path
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.cli import main
 from maild.config import ConfigError, parse
-from maild.policy import headers as h
-from maild.policy import pipeline
+from maild.policy import checks as h
+from maild.policy import pipeline, structure
 from maild.policy.context import Client, Context, Message, Stage
 from maild.policy.customer import resolve
 from maild.policy.headers_cli import _run
@@ -276,7 +276,7 @@ async def test_a_domain_attribution_is_not_a_submission(config):
     ("from a.example with local; Mon, 3 Jun 2024", ""),
 ])
 def test_received_by(value, host):
-    assert h.received_by(value) == host
+    assert structure.received_by(value) == host
 
 
 def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
@@ -284,19 +284,19 @@ def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
             "(Postfix) with ESMTPSA id 4V;\r\n\tMon, 3 Jun 2024 14:05:00 +0200\r\n")
     msg = load("legit.eml")
     ctx = make_ctx(config, (ours + "").encode() + msg, trusted=True)
-    assert h.received_forged(ctx) is None
+    assert structure.received_forged(ctx) is None
     ctx = make_ctx(config, ours.encode() + msg, trusted=False)
-    assert h.received_forged(ctx) is not None  # from a client, the same line is forged
+    assert structure.received_forged(ctx) is not None  # from a client, the same line is forged
     forged = load("received-forged.eml")
     ctx = make_ctx(config, ours.encode() + forged, trusted=True)
-    assert "mx.hosted.example" in h.received_forged(ctx).reason
+    assert "mx.hosted.example" in structure.received_forged(ctx).reason
 
 
 def test_localhost_is_never_one_of_our_names(config):
     conf = replace(config, server=replace(config.server, hostname="localhost"))
     ctx = make_ctx(conf, b"Received: from localhost by localhost; d\r\nFrom: a@acme.example\r\n\r\n")
     assert "localhost" not in h.own_names(ctx)
-    assert h.received_forged(ctx) is None
+    assert structure.received_forged(ctx) is None
 
 
 def test_message_mailboxes_are_parsed_once_and_shared():
@@ -475,7 +475,7 @@ def test_check_message_reads_the_envelope_sender_from_return_path(policy_file, t
 
 def test_only_forgery_counts_as_a_strike():
     """Malformed headers are refused but are no offence; forged ones are strikes."""
-    from maild.policy.headers import CHECKS
+    from maild.policy.checks import CHECKS
 
     FORGERY = {name for name, c in CHECKS.items() if c.strike}
     assert {"from-owner", "display-name-spoof", "envelope-owner"} <= FORGERY
