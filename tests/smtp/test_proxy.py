@@ -73,7 +73,7 @@ class FakeDownstream:
         return [self._reply(line) for line in lines]
 
     async def data(self, conn: FakeConn, message: bytes, timeout: float | None = None) -> Reply:
-        r = self._reply("DATA")
+        self._reply("DATA")  # raises when told to fail
         conn.content_sent = True
         self.sent[-1] = message.decode()
         return self.replies.get("DATA", Reply(250, "2.0.0 Ok: queued as 4XyZ"))
