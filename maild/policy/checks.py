@@ -174,6 +174,8 @@ class Plan:
 
     __slots__ = ("config", "customer", "by", "who", "settings", "submitted", "customer_headers",
                  "mode", "actions", "skip_any", "skip_customer", "done", "_own_names")
+    skip_any: str | None
+    skip_customer: str | None
 
     def __init__(self, ctx: Context) -> None:
         ident = ctx.identity

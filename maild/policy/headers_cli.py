@@ -149,7 +149,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
             "verdict": verdict or {"action": "relay", "rule": "-", "reply": ""}}
 
 
-def _print(report: dict) -> None:
+def _print(report: dict[str, Any]) -> None:
     click.echo(f"{report['file']}: customer={report['customer']} "
                f"client={report['client'] or '-'} helo={report['helo'] or '-'} "
                f"mail_from={report['mail_from'] or '-'} mode={report['mode']}")

@@ -337,6 +337,7 @@ def null_sender_rate(ctx: Context) -> Finding | None:
         wait = limiter.check(key, rate)
     else:
         res = ctx.notes.setdefault(_NULL_RES, Reservation())
+        assert isinstance(res, Reservation)
         over = limiter.try_reserve(res, [("null-sender", key, rate, 1.0)])
         wait = over.retry_after if over is not None else None
     if wait is None:

@@ -1,7 +1,7 @@
 """Protocol limits that apply to everyone, postmaster included: recipients per message.
 
 (Message size, line length, timeouts and session counts are enforced by the SMTP server
-itself, where the bytes are read: maild/smtp/server.py.)
+itself, where the bytes are read: maild/smtp/server.py and maild/smtp/data.py.)
 """
 
 from __future__ import annotations

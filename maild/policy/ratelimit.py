@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from maild.address import canonical
+from maild.address import Address, canonical
 from maild.antispam.limiter import Over, Rate, Reservation
 from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
 from maild.policy.context import Context, Stage
@@ -111,11 +111,11 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
 def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
     """A customer's `tier` and `[customers.ratelimit]` overrides (resolved lazily)."""
     tier = r.str("tier", "")
-    overrides = None
+    overrides: dict[str, Any] = {}
     if r.has("ratelimit"):
         sub = r.table_of("ratelimit")
-        overrides = _limits(sub, RateLimits())
-        overrides = {f.name: getattr(overrides, f.name) for f in fields(RateLimits) if sub.has(f.name)}
+        given = _limits(sub, RateLimits())
+        overrides = {f.name: getattr(given, f.name) for f in fields(RateLimits) if sub.has(f.name)}
         sub.unknown()
     return {"tier": tier, "overrides": overrides or {}}
 
@@ -174,7 +174,8 @@ def _sender_checks(ctx: Context, lim: RateLimits, n_msgs: float) -> list[tuple[s
     return checks
 
 
-def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list) -> list[tuple[str, str, Rate, float]]:
+def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list[Address]
+                 ) -> list[tuple[str, str, Rate, float]]:
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:

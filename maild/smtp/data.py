@@ -66,7 +66,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
     line_length = 998 takes 998 characters, or 999 on the wire when the first is a dot.
 
     It decides exactly what reading one line at a time with readuntil(b"\\r\\n") on a
-    StreamReader whose limit is `max_line` + 1 decided (tests/smtp/test_data_reader.py
+    StreamReader whose limit is `max_line` + 1 would decide (tests/smtp/test_data_reader.py
     keeps that reader and compares the two), but works on the StreamReader's own buffer
     a block at a time: for the run of complete lines buffered, the end line and the
     stuffed dots are found with find(b"\\r\\n."), and the bare CR/LF check (counts of
@@ -135,7 +135,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                 if end == last:
                     break
                 continue
-            while pos < end:  # the old rules, one line at a time
+            while pos < end:  # one line at a time: the first offending line decides
                 p = buf.find(b"\r\n", pos)
                 if p - pos > max_line + (buf[pos] == 46):
                     problem = problem or _long_reply(max_line)

@@ -416,7 +416,7 @@ class Proxy:
             # a second copy. The client retries later and learns the outcome then.
             self._drop_conn(session, reusable=True, rset=True)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "late-pending")
-        if (queued := self.late.accepted.get(key)) is not None:
+        if key is not None and (queued := self.late.accepted.get(key)) is not None:
             # The client retries a message the downstream took after we had answered 451:
             # say 250 and do not relay it a second time.
             self._drop_conn(session, reusable=True, rset=True)

@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import re
 import secrets
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
@@ -173,6 +173,8 @@ class MaildSMTP(FastInit):
     """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
 
     event_handler: SessionHooks
+    session: MaildSession | None
+    envelope: MaildEnvelope | None
 
     def __init__(self, handler: SessionHooks, *, settings: Server, counter: SessionCounter,
                  trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
@@ -219,7 +221,18 @@ class MaildSMTP(FastInit):
     def _create_envelope(self) -> MaildEnvelope:
         return MaildEnvelope()
 
-    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    # Inside a command aiosmtpd has set both (no check here: inspect.getmembers, which
+    # aiosmtpd's SMTP.__init__ runs on the instance, reads these before a session exists).
+    @property
+    def _session(self) -> MaildSession:
+        return cast(MaildSession, self.session)
+
+    @property
+    def _envelope(self) -> MaildEnvelope:
+        return cast(MaildEnvelope, self.envelope)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(_StrictReader(reader), writer)  # type: ignore[arg-type]
 
     def is_trusted(self, addr: str) -> bool:
@@ -230,7 +243,7 @@ class MaildSMTP(FastInit):
         return any(ip.version == n.version and ip in n for n in self.trusted)
 
     async def _handle_client(self) -> None:
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
         addr = str(peer[0])
         if addr.startswith("::ffff:"):
@@ -246,7 +259,8 @@ class MaildSMTP(FastInit):
         if reason:
             await self.event_handler.session_refused(session, reason)
             await self.push(f"421 4.7.0 {self.hostname} {reason}; try again later")
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         self.counter.add(None if trusted else addr)
         self.counter.client_add(addr)
@@ -254,7 +268,7 @@ class MaildSMTP(FastInit):
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
-        session: MaildSession | None = self.session  # type: ignore[assignment]
+        session = self.session
         if session is not None and session.counted:
             self.counter.remove(session.counted_ip)
             self.counter.client_remove(session.client.addr)
@@ -287,7 +301,7 @@ class MaildSMTP(FastInit):
         Here a new deadline that is no earlier than the pending timer only moves
         `_deadline`; when the timer fires before the deadline, _timeout_cb re-arms it for
         the rest. A deadline earlier than the pending timer re-arms at once, so a timeout
-        happens exactly when it did.
+        happens exactly at its deadline.
         """
         loop = self.loop
         now = loop.time()
@@ -305,22 +319,23 @@ class MaildSMTP(FastInit):
         if handle is not None and self._deadline > handle.when():  # moved on since: re-arm
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
-        super()._timeout_cb()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def handle_exception(self, error: Exception) -> str:
         """A bare LF/CR in a command ends the session; anything else is a 4xx, never a traceback."""
         if isinstance(error, BareLineEnding):
             reply = "500 5.5.2 Error: bare <LF> or <CR> in command line; end lines with CRLF"
-            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="smuggling")
+            self.event_handler.record(self._session, "reject", "CONNECT", reply, rule="smuggling")
             self.close_after_reply()
             return reply
         if isinstance(error, LineTooLong):
             reply = (f"500 5.5.2 Error: command line longer than "
                      f"{self.settings.limits.line_length} characters")
-            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="line_length")
+            self.event_handler.record(self._session, "reject", "CONNECT", reply,
+                                      rule="line_length")
             return reply
         return await self.event_handler.handle_exception(error)
 
@@ -328,7 +343,11 @@ class MaildSMTP(FastInit):
         """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
         flushed (transport.close flushes); read no further command meanwhile."""
         self._reader.closed = True  # type: ignore[attr-defined]
-        self.loop.call_soon(lambda: self.transport and self.transport.close())
+        def close() -> None:
+            if self.transport is not None:
+                self.transport.close()
+
+        self.loop.call_soon(close)
 
     # ---------------------------------------------------------------- what is offered
 
@@ -351,7 +370,7 @@ class MaildSMTP(FastInit):
         from commands, so refuse and hang up, as Postfix does with CHUNKING off (no
         @syntax: HELP does not list it)."""
         reply = "521 5.5.1 Error: command not implemented"
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         self.event_handler.record(session, "reject", "DATA", reply, rule="smuggling",
                                   ctx=session.ctx)
         await self.push(reply)
@@ -361,12 +380,12 @@ class MaildSMTP(FastInit):
 
     @syntax("XFORWARD attribute=value ...", when="_xforward_allowed")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         if not session.client.trusted_peer:
             await self.event_handler.xforward_refused(session)
             await self.push("550 5.7.0 Error: insufficient authorization")
             return
-        if self.envelope.mail_from is not None:
+        if self._envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
             return
         if not arg:
@@ -382,7 +401,7 @@ class MaildSMTP(FastInit):
 
     @property
     def _xforward_allowed(self) -> bool:
-        return bool(self.session and self.session.client.trusted_peer)  # type: ignore[attr-defined]
+        return bool(self.session and self.session.client.trusted_peer)
 
     # ---------------------------------------------------------------- MAIL / RCPT
 
@@ -401,7 +420,7 @@ class MaildSMTP(FastInit):
         except PathError as e:
             status = "5.1.7" if what == "sender" else "5.1.3"
             return f"501 {status} Bad {what} address syntax ({e})"
-        if plist and not self.session.extended_smtp:
+        if plist and not self._session.extended_smtp:
             return syntaxerr
         for p in plist:
             key, _, value = p.partition("=")
@@ -443,7 +462,7 @@ class MaildSMTP(FastInit):
                 reply = (f"553 5.6.7 {name} has non-ASCII characters: "
                          "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)")
             if reply is not None:
-                self.event_handler.path_refused(self.session, stage, reply, address)
+                self.event_handler.path_refused(self._session, stage, reply, address)
                 await self.push(reply)
                 return True
         return False
@@ -452,7 +471,7 @@ class MaildSMTP(FastInit):
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is not None:
+        if self._envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         parsed = self._parse("FROM:", arg, MAIL_PARAMS)
@@ -473,7 +492,7 @@ class MaildSMTP(FastInit):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is None:
+        if self._envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         parsed = self._parse("TO:", arg, RCPT_PARAMS)
@@ -485,7 +504,7 @@ class MaildSMTP(FastInit):
             await self.push("501 5.1.3 Bad recipient address syntax: empty address")
             return
         if await self._refused_8bit("RCPT", address, params,
-                                    declares_smtputf8(self.envelope.mail_params)):
+                                    declares_smtputf8(self._envelope.mail_params)):
             return
         status = await self._call_handler_hook("RCPT", address, params)
         await self.push(status)
@@ -496,10 +515,10 @@ class MaildSMTP(FastInit):
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is None:
+        if self._envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        if not self.envelope.rcpt_tos:
+        if not self._envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
@@ -512,17 +531,17 @@ class MaildSMTP(FastInit):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, abort = await self._read_data()
         if abort is not None:
-            self.event_handler.data_aborted(self.session, abort)
+            self.event_handler.data_aborted(self._session, abort)
             await self.push(abort.reply)
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             if abort.kind.fatal:
                 # The rest of the client's bytes could be read as commands: a smuggled
                 # transaction. Nothing more is read from this session.
                 self.close_after_reply()
             return
-        self.envelope.original_content = self.envelope.content = content
+        self._envelope.original_content = self._envelope.content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
     async def _read_data(self) -> tuple[bytes, Abort | None]:
