@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from maild.address import Address, canonical
-from maild.antispam.limiter import Over, Rate, Reservation
+from maild.antispam.limiter import Limiter, Over, Rate, Reservation
 from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import on_finish, rule
@@ -186,7 +186,7 @@ def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list[Address]
     return checks
 
 
-def _active(ctx: Context) -> tuple[Any, RateLimits] | None:
+def _active(ctx: Context) -> tuple[Limiter, RateLimits] | None:
     """(limiter, limits) when rate limiting applies to this transaction."""
     limiter = ctx.services.limiter
     if limiter is None or not section(ctx).enabled:

@@ -15,7 +15,6 @@ import re
 import time
 from collections import Counter
 from email.utils import format_datetime, localtime
-from typing import Any
 
 from maild import log as mlog
 from maild.address import Address
@@ -30,7 +29,7 @@ from maild.smtp.data import Abort
 from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply
 from maild.smtp.own_headers import customer_header, header_line, strip_own_headers
 from maild.smtp.received import authenticated_login, received_header
-from maild.smtp.server import MaildSession
+from maild.smtp.server import MaildEnvelope, MaildSession, MaildSMTP
 from maild.store.base import StoreError
 from maild.store.core import DecisionLog, DecisionRow
 
@@ -229,7 +228,8 @@ class Proxy:
                     abort.reply, rule=abort.kind.rule, ctx=session.ctx)
         self._drop_conn(session, reusable=True, rset=True)
 
-    async def handle_HELO(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_HELO(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           hostname: str) -> str:
         session.host_name = hostname
         if "HELO" not in session.xforward:
@@ -237,7 +237,8 @@ class Proxy:
             session.client.proto = "SMTP"
         return f"250 {server.hostname}"
 
-    async def handle_EHLO(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_EHLO(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         if "HELO" not in session.xforward:
@@ -314,7 +315,8 @@ class Proxy:
                     raise
         raise AssertionError("unreachable")
 
-    async def handle_MAIL(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_MAIL(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           address: Address, params: list[str]) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         ctx = self._context(session, address, params)
@@ -349,7 +351,8 @@ class Proxy:
         self.record(session, "tempfail", stage, reply, rule=rule, ctx=ctx, rcpt=rcpt)
         return reply
 
-    async def handle_RCPT(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_RCPT(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           address: Address, params: list[str]) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
@@ -380,16 +383,19 @@ class Proxy:
                         rule="downstream", ctx=ctx, rcpt=address)
         return reply.smtp()
 
-    async def handle_DATA_START(self, server: Any, session: MaildSession, envelope: Any) -> Any:
+    async def handle_DATA_START(self, server: MaildSMTP, session: MaildSession,
+                                envelope: MaildEnvelope) -> str | None:
         if session.conn is None or session.ctx is None:
             return self._tempfail(session, session.ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
         return None
 
-    async def handle_DATA(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_DATA(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
         if ctx is None or conn is None:
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
+        assert envelope.original_content is not None  # smtp_DATA sets it before this hook
         message = Message(envelope.original_content)
         try:
             if session.client.trusted_peer:
@@ -466,11 +472,13 @@ class Proxy:
                     extra={"size": str(message.size), "nrcpt": str(len(ctx.recipients))})
         return reply.smtp()
 
-    async def handle_RSET(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_RSET(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "250 2.0.0 Ok"
 
-    async def handle_QUIT(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_QUIT(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "221 2.0.0 Bye"
 
