@@ -4,13 +4,16 @@ smtpd_*_restrictions or Mailman 3's chain.
 Each stage runs its rules top to bottom; the first refusal (or a final accept:
 postmaster) ends the stage. A rule lives in the module of its family and is declared
 there with @rule (pipeline.py) or @check (checks.py); adding one is writing it there
-and giving it one line here. Every declared rule appears exactly once per stage it is
-declared for; validate() checks that at start-up and names the rule that does not.
+and giving it one line here (a new module also gets its name in the import below).
+Every declared rule appears exactly once per stage it is declared for: build() checks
+that when maild starts (this module is imported by the proxy and by config parsing)
+and names the rule that does not.
 docs/policies.md shows this table (tests/policy/test_chain.py keeps the two equal).
 """
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Iterable, Sequence
 
@@ -167,8 +170,14 @@ def check_finish(hooks: Sequence[FinishHook], modules: Iterable[types.ModuleType
         raise ChainError("finish hook declared but not in chain.FINISH: " + ", ".join(missing))
 
 
-FAMILIES = (postmaster, limits, delayed, sanctions, relay, ratelimit, optin, structure, identity,
-            bulk, oneclick)
+def _families() -> tuple[types.ModuleType, ...]:
+    """The modules the table's rules and hooks come from, each once, in table order."""
+    names = [e.fn.__module__ for stage in Stage for e in TABLE[stage]] + [
+        h.fn.__module__ for h in FINISH]
+    return tuple(sys.modules[n] for n in dict.fromkeys(names))
+
+
+FAMILIES = _families()
 CHAIN = build(TABLE, FAMILIES)
 check_finish(FINISH, FAMILIES)
 
