@@ -420,7 +420,7 @@ class MaildSMTP(FastInit):
         except PathError as e:
             status = "5.1.7" if what == "sender" else "5.1.3"
             return f"501 {status} Bad {what} address syntax ({e})"
-        if plist and not self._session.extended_smtp:
+        if plist and not cast(MaildSession, self.session).extended_smtp:
             return syntaxerr
         for p in plist:
             key, _, value = p.partition("=")
