@@ -26,7 +26,14 @@ from maild.antispam import limiter, sanctions
 from maild.optin import cli as optin_cli
 from maild.optin import ledger
 from maild.optin import settings as optin_settings
-from maild.policy import bulk, headers, headers_cli, identity, pipeline, ratelimit
+from maild.policy import (
+    bulk,
+    chain,  # noqa: F401  the order table: its import checks every rule is listed once
+    headers,
+    headers_cli,
+    identity,
+    ratelimit,
+)
 from maild.retention import cli as retention_cli
 from maild.retention import config as retention_config
 from maild.retention import ops as retention_ops
@@ -113,11 +120,6 @@ WIRING = Wiring(
 COMMANDS: tuple[click.Command, ...] = tuple(cmd for c in COMPONENTS for cmd in c.commands)
 SUBCOMMANDS: tuple[tuple[str, click.Command], ...] = tuple(
     (group, cmd) for c in COMPONENTS for group, cmds in c.subcommands.items() for cmd in cmds)
-
-# The rule families register their rules with @rule on import; the pipeline's order
-# table (issue 14, stream P) replaces this walk over maild.policy.
-pipeline.load_families()
-
 
 def parse(data: dict[str, Any], path: str = "policies.toml") -> cfg.Config:
     """policies.toml's decoded document, with every component's sections."""

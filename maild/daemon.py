@@ -27,10 +27,12 @@ from maild import config as cfg
 from maild import privs
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
+from maild.policy.services import Services
 from maild.sdnotify import notify
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.proxy import Proxy
-from maild.smtp.server import MaildSMTP, SessionCounter
+from maild.smtp.server import MaildSMTP
+from maild.smtp.sessions import SessionCounter
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 from maild.wiring import Wiring
@@ -102,7 +104,9 @@ class Daemon:
         self.decisions.start()
         host, port = c.server.downstream
         self.downstream = _downstream(c)
-        self.proxy = Proxy(c, self.downstream, self.decisions, health=self.store.health)
+        self.services = Services(sessions=self.counter)
+        self.proxy = Proxy(c, self.downstream, self.decisions, self.services,
+                           health=self.store.health)
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -118,7 +122,6 @@ class Daemon:
 
     async def _start_antispam(self) -> None:
         """Rate-limit counters (loaded from the store), campaigns, sanctions."""
-        from maild import services
         from maild.antispam import notify
         from maild.antispam.campaigns import Campaigns
         from maild.antispam.limiter import Limiter
@@ -137,20 +140,19 @@ class Daemon:
         self.sanctions = Sanctions(self.store, lambda: self.config, send_notice)
         await self.sanctions.load()
         self.sanctions.on_control.append(self._control)
-        services.limiter, services.campaigns, services.sanctions = (
+        self.services.limiter, self.services.campaigns, self.services.sanctions = (
             self.limiter, self.campaigns, self.sanctions)
-        services.sessions = self.counter
         from maild.optin.service import OptinService
 
-        self.optin = OptinService(self.config, self.store, self.downstream)
+        self.optin = OptinService(self.config, self.store, self.downstream,
+                                  sanctions=self.sanctions)
         await self.optin.start()
-        services.optin = self.optin
+        self.services.optin = self.optin
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
 
     async def _start_web(self) -> None:
         """[web]: the consent pages, one-click unsubscribe and /metrics (maild.web)."""
-        from maild import services
         from maild.web.settings import section
 
         if section(self.config).enabled:
@@ -158,7 +160,7 @@ class Daemon:
 
             self.web = WebService(self)
             await self.web.start()
-            services.web = self.web
+            self.services.web = self.web
 
     @property
     def status_path(self) -> Path:

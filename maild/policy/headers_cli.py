@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from maild.policy.services import Services
 
 
 def register(group: click.Group) -> None:
@@ -80,13 +83,15 @@ def check_message(file: Any, customer: str | None, login: str | None, client_add
 
 
 async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
-               client_addr: str, helo: str | None, mail_from: str | None, smtputf8: bool) -> dict:
+               client_addr: str, helo: str | None, mail_from: str | None, smtputf8: bool,
+               services: Services | None = None) -> dict[str, Any]:
     from maild import dns as maild_dns
     from maild.address import PathError, parse_path
-    from maild.policy import headers as h
+    from maild.policy import checks as h
     from maild.policy.context import Client, Context, Identity, Message
     from maild.policy.customer import resolve
     from maild.policy.identity import HELO_CHECKS
+    from maild.policy.services import Services
 
     maild_dns.configure(config)
     message = Message(content)
@@ -115,7 +120,8 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
     else:
         identity = Identity()
     ctx = Context(config=config, session_id="check-message", client=client, identity=identity,
-                  sender=sender, mail_params=["SMTPUTF8"] if smtputf8 else [], message=message)
+                  sender=sender, mail_params=["SMTPUTF8"] if smtputf8 else [], message=message,
+                  services=services or Services())
     ctx.notes["dry-run"] = True
     results, verdict = [], None
     for d in h.describe():
@@ -143,7 +149,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
             "verdict": verdict or {"action": "relay", "rule": "-", "reply": ""}}
 
 
-def _print(report: dict) -> None:
+def _print(report: dict[str, Any]) -> None:
     click.echo(f"{report['file']}: customer={report['customer']} "
                f"client={report['client'] or '-'} helo={report['helo'] or '-'} "
                f"mail_from={report['mail_from'] or '-'} mode={report['mode']}")

@@ -12,7 +12,6 @@ take the unsubscribe or give it to the wrong address.
 
 from __future__ import annotations
 
-from maild import services
 from maild.log import clean
 from maild.optin.detect import _URI
 from maild.policy.context import Context, Stage
@@ -22,11 +21,11 @@ from maild.web import oneclick
 from maild.web.settings import section
 
 
-@rule(Stage.DATA, "optin-one-click", order=56)
+@rule(Stage.DATA, "optin-one-click")
 async def optin_one_click(ctx: Context) -> Verdict | None:
     w = section(ctx.config)
     list_id = ctx.notes.get("optin-deliver")  # set by the opt-in rule when it passed
-    web = services.web
+    web = ctx.services.web
     if not (w.enabled and w.require_one_click) or not isinstance(list_id, str) or web is None:
         return None
     assert ctx.message is not None

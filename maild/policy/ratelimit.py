@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from maild import services
-from maild.address import canonical
-from maild.antispam.limiter import Over, Rate, Reservation
+from maild.address import Address, canonical
+from maild.antispam.limiter import Limiter, Over, Rate, Reservation
 from maild.config import Config, Customer, Reader
 from maild.policy.context import Context, Stage
 from maild.policy.pipeline import on_finish, rule
@@ -33,7 +32,7 @@ Rates = tuple[Rate, ...]
 
 
 @dataclass(frozen=True)
-class Limits:
+class RateLimits:
     messages: Rates = (Rate.parse("200/1h"), Rate.parse("2000/1d"))
     recipients: Rates = (Rate.parse("500/1h"), Rate.parse("5000/1d"))
     bytes: Rates = (Rate.parse("500MB/1h"),)
@@ -48,10 +47,10 @@ class Limits:
 @dataclass(frozen=True)
 class RateLimitConfig:
     enabled: bool = True
-    defaults: Limits = Limits()
-    tiers: dict[str, Limits] | None = None
+    defaults: RateLimits = RateLimits()
+    tiers: dict[str, RateLimits] | None = None
     # Unidentified clients (not a customer): limited per IP only when this is set.
-    unidentified: Limits | None = None
+    unidentified: RateLimits | None = None
 
 
 _RATE_KEYS = ("messages", "recipients", "bytes", "same_recipient", "per_login", "per_ip",
@@ -78,7 +77,7 @@ def _rates(r: Reader, name: str, default: Rates) -> Rates:
     return tuple(out)
 
 
-def _limits(r: Reader, base: Limits) -> Limits:
+def _limits(r: Reader, base: RateLimits) -> RateLimits:
     changes: dict[str, Any] = {}
     for k in _RATE_KEYS:
         if r.has(k):
@@ -94,8 +93,8 @@ def _limits(r: Reader, base: Limits) -> Limits:
 
 def parse_ratelimit(r: Reader) -> RateLimitConfig:
     enabled = r.bool("enabled", True)
-    defaults = _limits(r, Limits())
-    tiers: dict[str, Limits] = {}
+    defaults = _limits(r, RateLimits())
+    tiers: dict[str, RateLimits] = {}
     tr = r.table_of("tiers")
     for name in list(tr.table):
         tier = tr.table_of(name)
@@ -104,7 +103,7 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
     unidentified = None
     if r.has("unidentified"):
         ur = r.table_of("unidentified")
-        unidentified = _limits(ur, Limits(messages=(), recipients=(), bytes=(), same_recipient=()))
+        unidentified = _limits(ur, RateLimits(messages=(), recipients=(), bytes=(), same_recipient=()))
         ur.unknown()
     r.unknown()
     return RateLimitConfig(enabled, defaults, tiers, unidentified)
@@ -113,11 +112,11 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
 def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
     """A customer's `tier` and `[customers.ratelimit]` overrides (resolved lazily)."""
     tier = r.str("tier", "")
-    overrides = None
+    overrides: dict[str, Any] = {}
     if r.has("ratelimit"):
         sub = r.table_of("ratelimit")
-        overrides = _limits(sub, Limits())
-        overrides = {f.name: getattr(overrides, f.name) for f in fields(Limits) if sub.has(f.name)}
+        given = _limits(sub, RateLimits())
+        overrides = {f.name: getattr(given, f.name) for f in fields(RateLimits) if sub.has(f.name)}
         sub.unknown()
     return {"tier": tier, "overrides": overrides or {}}
 
@@ -128,12 +127,12 @@ def section(ctx: Context) -> RateLimitConfig:
     return ctx.config.sections.get("ratelimit") or RateLimitConfig()
 
 
-def limits_for(ctx: Context) -> Limits | None:
+def limits_for(ctx: Context) -> RateLimits | None:
     """The limits that apply to this transaction's sender, or None for no limits."""
     return customer_limits(ctx.config, ctx.identity.customer)
 
 
-def customer_limits(config: Config, c: Customer | None) -> Limits | None:
+def customer_limits(config: Config, c: Customer | None) -> RateLimits | None:
     """A customer's limits (its tier, then its overrides); for None, the unidentified ones."""
     rl = config.sections.get("ratelimit") or RateLimitConfig()
     if c is None:
@@ -167,7 +166,7 @@ def _refuse(over: Over) -> Verdict:
                     strike=True)
 
 
-def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
+def _sender_checks(ctx: Context, lim: RateLimits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
     """Per-message counters for this transaction's sender keys."""
     checks = []
     c = ctx.identity.customer
@@ -182,7 +181,8 @@ def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, 
     return checks
 
 
-def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str, Rate, float]]:
+def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list[Address]
+                 ) -> list[tuple[str, str, Rate, float]]:
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:
@@ -193,16 +193,16 @@ def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str,
     return checks
 
 
-def _active(ctx: Context) -> tuple[Any, Limits] | None:
+def _active(ctx: Context) -> tuple[Limiter, RateLimits] | None:
     """(limiter, limits) when rate limiting applies to this transaction."""
-    limiter = services.limiter
+    limiter = ctx.services.limiter
     if limiter is None or not section(ctx).enabled:
         return None
     lim = limits_for(ctx)
     return None if lim is None else (limiter, lim)
 
 
-@rule(Stage.RCPT, "ratelimit", order=30)
+@rule(Stage.RCPT, "ratelimit")
 async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -212,7 +212,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
         return tempfail(452, "4.5.3", f"Too many recipients: at most {lim.recipients_per_message} "
                         "per message for your account; send the rest in another message",
                         "recipients-per-message")
-    sessions = services.sessions
+    sessions = ctx.services.sessions
     if sessions is not None and ctx.identity.customer is not None:
         n = sessions.clients.get(ctx.client.addr, 0)
         if n > lim.connections_per_client:
@@ -231,7 +231,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     return None
 
 
-@rule(Stage.DATA, "ratelimit", order=30)
+@rule(Stage.DATA, "ratelimit")
 async def ratelimit_data(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -254,9 +254,10 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
 @on_finish
 def ratelimit_finish(ctx: Context, accepted: bool) -> None:
     res = ctx.notes.get("ratelimit")
-    if res is None or services.limiter is None:
+    limiter = ctx.services.limiter
+    if not isinstance(res, Reservation) or limiter is None:
         return
     if accepted:
-        services.limiter.commit(res)
+        limiter.commit(res)
     else:
-        services.limiter.release(res)
+        limiter.release(res)

@@ -47,9 +47,10 @@ def _imports() -> None:
         split_arg,
     )
     from maild.policy.context import Message
-    from maild.smtp.downstream import xtext
-    from maild.smtp.headers import header_line, strip_own_headers
-    from maild.smtp.server import MaildSMTP, _xtext_decode
+    from maild.smtp.own_headers import header_line, strip_own_headers
+    from maild.smtp.server import MaildSMTP
+    from maild.smtp.xforward import xtext
+    from maild.smtp.xforward import xtext_decode as _xtext_decode
 
     # Parse the shipped policy once, with every component's section, instrumented.
     shipped = Path(__file__).resolve().parents[2] / "policies.toml"

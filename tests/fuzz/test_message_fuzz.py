@@ -32,7 +32,7 @@ from maild.address import parse_path
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Message, Stage
 from maild.policy.customer import resolve
-from maild.smtp.headers import strip_own_headers
+from maild.smtp.own_headers import strip_own_headers
 from tests.fuzz.budget import budget
 from tests.fuzz.strategies import message
 from tests.integration.conftest import CUSTOMER_IP, front_policy
@@ -52,7 +52,6 @@ CONFIG = enforcing()
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    pipeline.load_families()
     maild_dns.configure(CONFIG)
     lp = asyncio.new_event_loop()
     yield lp

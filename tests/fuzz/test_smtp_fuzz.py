@@ -42,7 +42,8 @@ from maild import config as cfg
 from maild import dns as maild_dns
 from maild.smtp.downstream import Downstream
 from maild.smtp.proxy import Proxy
-from maild.smtp.server import MaildSMTP, SessionCounter
+from maild.smtp.server import MaildSMTP
+from maild.smtp.sessions import SessionCounter
 from tests.fuzz.budget import budget
 from tests.fuzz.strategies import any_path, command_line, data_payload, message, params, to_bytes
 from tests.harness.sink import SmtpSink

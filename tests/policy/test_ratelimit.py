@@ -2,13 +2,13 @@
 
 import pytest
 
-from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter
 from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.ratelimit import limits_for
+from maild.policy.services import Services
 
 CONFIG = parse({"headers": {"enabled": False},
     "postmaster": {"domains": ["hosted.example"]},
@@ -27,6 +27,9 @@ class Clock:
         return self.t
 
 
+services = Services()  # the contexts' services: a fresh limiter per test
+
+
 @pytest.fixture(autouse=True)
 def limiter():
     services.limiter = Limiter(Clock())
@@ -35,7 +38,7 @@ def limiter():
 
 
 def ctx_for(customer: str, ip: str = "192.0.2.1") -> Context:
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=ip))
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=ip), services=services)
     ctx.identity = Identity(CONFIG.customer(customer), "network")
     ctx.sender = parse_path("<a@acme.example>")
     return ctx

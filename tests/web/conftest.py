@@ -10,7 +10,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from maild import services
 from maild.components import parse
 from maild.optin.service import OptinService
 from maild.web.app import WebService
@@ -31,7 +30,6 @@ def web_config(**web):
 @pytest.fixture
 async def site(store, monkeypatch):
     """(client, web service, opt-in service) for one test."""
-    monkeypatch.setattr(services, "sanctions", None)
     config = web_config()
     optin = OptinService(config, store, None)
     await optin.start()
