@@ -23,7 +23,7 @@ from maild.clitools import (
     wiring,
 )
 
-# The shared helpers, importable from here too (maild.policy.headers_cli does).
+# The shared helpers live in maild.clitools; command modules import them from there.
 __all__ = ["config_option", "echo_json", "load_config", "main", "parse_since", "run_async"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "obj": components.WIRING})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from maild.config import Reader
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, reject
 from maild.textsig import body_text, normalise, signature, volatile_tokens
 

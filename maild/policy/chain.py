@@ -32,7 +32,7 @@ from maild.policy import (
 )
 from maild.policy.checks import HeaderCheck
 from maild.policy.context import Stage
-from maild.policy.pipeline import FinishHook, PolicyRule
+from maild.policy.rules import FinishHook, PolicyRule
 
 Entry = PolicyRule | HeaderCheck
 

@@ -20,7 +20,7 @@ from typing import Any
 from maild import log as mlog
 from maild.policy.context import Context, Stage
 from maild.policy.headers import CHECK_ACTIONS, CustomerHeaders, settings
-from maild.policy.pipeline import PolicyRule
+from maild.policy.rules import PolicyRule
 from maild.policy.verdict import Verdict, reject, tempfail
 
 log = logging.getLogger("maild.policy")

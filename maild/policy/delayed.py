@@ -9,7 +9,7 @@ other recipient.
 from __future__ import annotations
 
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict
 
 

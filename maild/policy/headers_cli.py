@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from maild.policy.services import Services
 
 
-def register(group: click.Group) -> None:
-    group.add_command(check_message)
-
-
 def _crlf(data: bytes) -> bytes:
     """A file saved with LF line ends, as SMTP would carry it (CRLF)."""
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
@@ -49,7 +45,7 @@ def check_message(file: Any, customer: str | None, login: str | None, client_add
     Exit status: 0 when maild would relay the message (tags allowed), 1 when it would
     refuse it, 2 on bad usage or a broken policies.toml.
     """
-    from maild.cli import echo_json, load_config, run_async
+    from maild.clitools import echo_json, load_config, run_async
 
     config = load_config()
     data = file.read(config.server.limits.message_size + 1)

@@ -39,7 +39,7 @@ from maild.optin.settings import section as optin_section
 from maild.policy.checks import Finding, check, maybe_ip, own_names, show, submitted
 from maild.policy.context import Context, Stage
 from maild.policy.headers import settings
-from maild.policy.pipeline import on_finish
+from maild.policy.rules import on_finish
 
 if TYPE_CHECKING:
     from maild.optin.service import OptinService

@@ -7,7 +7,7 @@ itself, where the bytes are read: maild/smtp/server.py and maild/smtp/data.py.)
 from __future__ import annotations
 
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, tempfail
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from maild.log import clean
 from maild.optin.detect import _URI
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, reject
 from maild.web import oneclick
 from maild.web.settings import section

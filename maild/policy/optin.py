@@ -44,7 +44,7 @@ from maild.optin.settings import section
 from maild.optin.tokens import token_hash
 from maild.policy import bulk
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, reject
 
 

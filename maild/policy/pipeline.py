@@ -13,68 +13,20 @@ rcpt_done(), data() and finish(); it never reads or writes the context's bookkee
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from maild.address import Address
+from maild.policy.chain import CHAIN, FINISH
 from maild.policy.context import Context, Message, Stage
+from maild.policy.rules import FinishHook, PolicyRule
 from maild.policy.verdict import Verdict, accept
 
 log = logging.getLogger("maild.policy")
 
-RuleFn = Callable[[Context], "Verdict | None | Awaitable[Verdict | None]"]
-FinishFn = Callable[[Context, bool], None]
-
-
-@dataclass(frozen=True)
-class PolicyRule:
-    """A pipeline rule: its name (in the log and the order table), stage and function."""
-
-    name: str
-    stage: Stage
-    fn: RuleFn
-    is_async: bool
-
-    def __call__(self, ctx: Context) -> Verdict | None | Awaitable[Verdict | None]:
-        return self.fn(ctx)
-
-
-@dataclass(frozen=True)
-class FinishHook:
-    """Called once when a transaction ends: accepted=True only after the downstream took
-    the message (rate limits commit, campaigns count, ...)."""
-
-    fn: FinishFn
-
-    @property
-    def name(self) -> str:
-        return f"{self.fn.__module__}.{self.fn.__name__}"
-
-    def __call__(self, ctx: Context, accepted: bool) -> None:
-        self.fn(ctx, accepted)
-
-
-def rule(stage: Stage, name: str) -> Callable[[RuleFn], PolicyRule]:
-    """Declare a rule; its place in the stage is its line in maild/policy/chain.py."""
-
-    def deco(fn: RuleFn) -> PolicyRule:
-        return PolicyRule(name, stage, fn, inspect.iscoroutinefunction(fn))
-
-    return deco
-
-
-def on_finish(fn: FinishFn) -> FinishHook:
-    """Declare a finish hook; chain.FINISH lists the hooks in the order they run."""
-    return FinishHook(fn)
-
-
 async def run(stage: Stage, ctx: Context, rules: Sequence[PolicyRule] | None = None) -> Verdict:
     """Run the stage's rules; return the deciding verdict (accept when none objects)."""
     if rules is None:
-        from maild.policy.chain import CHAIN
-
         rules = CHAIN[stage]
     ctx.stage = stage
     for r in rules:
@@ -126,8 +78,6 @@ def finish(ctx: Context, accepted: bool, hooks: Sequence[FinishHook] | None = No
         return
     ctx.finished = True
     if hooks is None:
-        from maild.policy.chain import FINISH
-
         hooks = FINISH
     for hook in hooks:
         try:

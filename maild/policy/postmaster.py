@@ -16,7 +16,7 @@ from __future__ import annotations
 from maild.address import Address
 from maild.config import Config
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, accept, tempfail
 
 

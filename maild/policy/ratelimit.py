@@ -25,7 +25,7 @@ from maild.address import Address, canonical
 from maild.antispam.limiter import Limiter, Over, Rate, Reservation
 from maild.config import Config, Customer, Reader
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, tempfail
 
 Rates = tuple[Rate, ...]

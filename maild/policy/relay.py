@@ -14,7 +14,7 @@ no login or network identifies a customer by then.
 from __future__ import annotations
 
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, reject
 
 

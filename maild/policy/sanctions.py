@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from maild.antispam.notify import provider_addresses
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, reject
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from maild.address import parse_path
 from maild.policy import pipeline
+from maild.policy import rules as policy_rules
 from maild.policy.chain import CHAIN
 from maild.policy.context import Stage
 from maild.policy.postmaster import is_postmaster, postmaster_rcpt
@@ -28,7 +29,7 @@ async def test_postmaster_beats_a_rule_that_refuses_everything(make_ctx):
         return reject(554, "5.7.1", "blocked", "test-block")
 
     rules = list(CHAIN[Stage.RCPT])
-    rules.insert(rules.index(postmaster_rcpt) + 1, pipeline.rule(Stage.RCPT, "test-block")(refuse_all))
+    rules.insert(rules.index(postmaster_rcpt) + 1, policy_rules.rule(Stage.RCPT, "test-block")(refuse_all))
     ctx = make_ctx()
     ctx.rcpt = parse_path("<postmaster@hosted.example>")
     assert (await pipeline.run(Stage.RCPT, ctx, rules)).accepted

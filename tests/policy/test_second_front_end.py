@@ -42,18 +42,21 @@ SCRIPT = textwrap.dedent('''
     from maild.antispam.campaigns import Campaigns
     from maild.antispam.limiter import Limiter
     from maild.config import parse
+    from maild.policy import headers
     from maild.policy import pipeline
     from maild.policy.context import Client, Context, Message
     from maild.policy.customer import resolve
     from maild.policy.services import Services
 
+    # A second front end builds its own wiring: here, [headers] is the one section it uses.
     CONFIG = parse({
         "server": {"hostname": "mx.hosted.example"},
         "postmaster": {"domains": ["hosted.example"]},
         "headers": {"checks": {"sender-domain-unknown": "off", "from-domain-unknown": "off"}},
         "customers": [{"name": "acme", "networks": ["192.0.2.0/24"],
                        "domains": ["acme.example"]}],
-    })
+    }, sections={"headers": headers.parse_headers},
+       customer_keys={"headers": headers.parse_customer_headers})
     SERVICES = Services(limiter=Limiter(), campaigns=Campaigns())
 
 

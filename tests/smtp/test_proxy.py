@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from maild.address import parse_path
-from maild.config import parse
+from maild.components import parse
 from maild.policy.services import Services
 from maild.smtp.data import Abort, AbortKind
 from maild.smtp.downstream import DownstreamError, Reply
