@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import click
@@ -87,8 +88,10 @@ COMPONENTS: tuple[Component, ...] = (
               subcommands={"optin": (web_cli.unsubscribe_url_cmd, web_cli.unsubscribe_key_cmd)},
               preloads=web_settings.PRELOAD),
     Component("bulk", sections={"bulk": bulk.parse_bulk}),
-    Component("headers", sections={"headers": headers.parse_headers},
-              customer_keys={"headers": headers.parse_customer_headers},
+    Component("headers",
+              sections={"headers": partial(headers.parse_headers, checks=chain.CHECK_DEFAULTS)},
+              customer_keys={"headers": partial(headers.parse_customer_headers,
+                                                checks=chain.CHECK_DEFAULTS)},
               commands=(headers_cli.check_message,)),
     Component("identity", customer_keys={"permitted": identity.parse_permitted}),
     Component("dns", sections={"dns": dns.parse_dns}, preloads=("maild.dns",)),

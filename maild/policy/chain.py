@@ -180,6 +180,20 @@ def _families() -> tuple[types.ModuleType, ...]:
 FAMILIES = _families()
 CHAIN = build(TABLE, FAMILIES)
 check_finish(FINISH, FAMILIES)
+# Every forged-header check, by name; its default action is what [headers.checks] and a
+# customer's override are validated against (maild.components hands it to the parser).
+CHECKS: dict[str, HeaderCheck] = {
+    e.name: e for stage in Stage for e in TABLE[stage] if isinstance(e, HeaderCheck)}
+CHECK_DEFAULTS: dict[str, str] = {name: c.default for name, c in CHECKS.items()}
+
+
+def describe_checks() -> list[dict[str, str]]:
+    """Every check, in pipeline order (its own stage's line in the table), for
+    check-message and the docs."""
+    ordered = [c for stage in (Stage.MAIL, Stage.DATA) for r in CHAIN[stage]
+               if (c := CHECKS.get(r.name)) is not None and c.stage is stage]
+    return [{"name": c.name, "stage": c.stage.value, "scope": c.scope, "default": c.default,
+             "reply": f"{c.code} {c.status}", "summary": c.summary} for c in ordered]
 
 
 def describe() -> list[tuple[str, int, str, str, bool]]:

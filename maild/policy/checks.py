@@ -15,7 +15,6 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from maild import log as mlog
 from maild.policy.context import Context, Stage
@@ -82,14 +81,7 @@ class HeaderCheck:
         return _rules_for(self)[1] if self.recheck else None
 
 
-CHECKS: dict[str, HeaderCheck] = {}
 _RULES: dict[str, tuple[PolicyRule, PolicyRule]] = {}  # check name -> (its rule, its DATA recheck rule)
-
-
-def load_checks() -> None:
-    """Import the modules that declare checks (CHECKS is complete afterwards)."""
-    import maild.policy.identity  # noqa: F401
-    import maild.policy.structure  # noqa: F401
 
 
 def check(name: str, stage: Stage, *, scope: str, default: str, code: int, status: str,
@@ -103,7 +95,6 @@ def check(name: str, stage: Stage, *, scope: str, default: str, code: int, statu
     def deco(fn: CheckFn) -> HeaderCheck:
         c = HeaderCheck(name, stage, scope, default, code, status, summary, fn, skip,
                         inspect.iscoroutinefunction(fn), recheck, strike)
-        CHECKS[name] = c
         _DEFAULT_ACTIONS[name] = default
         return c
 
@@ -325,14 +316,3 @@ def maybe_ip(text: str) -> bool:
     ASCII digits and dots only, an IPv6 address (scoped or not) has a colon. Spares the
     two exceptions ip_address raises for every host name."""
     return ":" in text or (text != "" and not text.strip(_IP_CHARS))
-
-
-def describe() -> list[dict[str, Any]]:
-    """Every check, in pipeline order (its own stage's line in maild/policy/chain.py),
-    for check-message and the docs."""
-    from maild.policy.chain import CHAIN
-
-    ordered = [c for stage in (Stage.MAIL, Stage.DATA) for r in CHAIN[stage]
-               if (c := CHECKS.get(r.name)) is not None and c.stage is stage]
-    return [{"name": c.name, "stage": c.stage.value, "scope": c.scope, "default": c.default,
-             "reply": f"{c.code} {c.status}", "summary": c.summary} for c in ordered]

@@ -20,6 +20,7 @@ checks identity.py; where each check runs is its line in chain.py.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from maild import config as cfg
@@ -60,30 +61,28 @@ class CustomerHeaders:
 DEFAULTS = HeaderSettings()
 
 
-def _check_actions(r: cfg.Reader) -> dict[str, str]:
-    """[... .checks]: check name = action; unknown names are errors, not silence."""
-    from maild.policy.checks import CHECKS, load_checks
-
-    load_checks()
+def _check_actions(r: cfg.Reader, checks: Mapping[str, str]) -> dict[str, str]:
+    """[... .checks]: check name = action; unknown names are errors, not silence.
+    `checks`: every check's name and default action (maild.policy.chain.CHECK_DEFAULTS)."""
     out: dict[str, str] = {}
     for name in list(r.table):
-        if name not in CHECKS:
+        if name not in checks:
             r.seen.add(name)
             r.problems.append(f"{r.key(name)}: unknown check; known checks: "
-                              + ", ".join(sorted(CHECKS)))
+                              + ", ".join(sorted(checks)))
             continue
-        out[name] = r.str(name, CHECKS[name].default, choices=CHECK_ACTIONS)
+        out[name] = r.str(name, checks[name], choices=CHECK_ACTIONS)
     r.unknown()
     return out
 
 
-def parse_headers(r: cfg.Reader) -> HeaderSettings:
+def parse_headers(r: cfg.Reader, checks: Mapping[str, str]) -> HeaderSettings:
     d = DEFAULTS
     s = HeaderSettings(
         enabled=r.bool("enabled", d.enabled),
         mode=r.str("mode", d.mode, choices=MODES),
         apply_to=r.str("apply_to", d.apply_to, choices=APPLY_TO),
-        checks=_check_actions(r.table_of("checks")),
+        checks=_check_actions(r.table_of("checks"), checks),
         date_future=r.duration("date_future", "2h"),
         date_past=r.duration("date_past", "7d"),
         max_line_length=r.int("max_line_length", d.max_line_length, minimum=78, maximum=100000),
@@ -104,15 +103,15 @@ def _rate(r: cfg.Reader, name: str, default: Rate) -> Rate:
         return default
 
 
-def parse_customer_headers(r: cfg.Reader) -> CustomerHeaders:
+def parse_customer_headers(r: cfg.Reader, checks: Mapping[str, str]) -> CustomerHeaders:
     if not r.has("headers"):
         r.seen.add("headers")
         return CustomerHeaders()
     t = r.table_of("headers")
     mode = t.str("mode", choices=MODES) if t.has("mode") else ""
-    checks = _check_actions(t.table_of("checks"))
+    actions = _check_actions(t.table_of("checks"), checks)
     t.unknown()
-    return CustomerHeaders(mode, checks)
+    return CustomerHeaders(mode, actions)
 
 
 

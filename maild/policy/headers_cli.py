@@ -83,6 +83,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
                services: Services | None = None) -> dict[str, Any]:
     from maild import dns as maild_dns
     from maild.address import PathError, parse_path
+    from maild.policy import chain
     from maild.policy import checks as h
     from maild.policy.context import Client, Context, Identity, Message
     from maild.policy.customer import resolve
@@ -120,8 +121,8 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
                   services=services or Services())
     ctx.notes["dry-run"] = True
     results, verdict = [], None
-    for d in h.describe():
-        c = h.CHECKS[d["name"]]
+    for d in chain.describe_checks():
+        c = chain.CHECKS[d["name"]]
         ctx.stage = c.stage
         row: dict[str, Any] = {"name": c.name, "stage": c.stage.value}
         skip = "no --helo given" if helo is None and c.name in HELO_CHECKS else h.skip_reason(c, ctx)

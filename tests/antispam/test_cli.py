@@ -53,9 +53,9 @@ def _policy(tmp_path) -> tuple[object, object]:
 
 def _relay(db, customer: str, n: int, ago: float = 0.0) -> None:
     """n messages of one recipient and 1000 bytes each, counted as the rule counts them."""
-    from maild.policy.ratelimit import Limits, customer_key
+    from maild.policy.ratelimit import RateLimits, customer_key
 
-    lim = Limits()  # the shipped defaults, which the policy above keeps
+    lim = RateLimits()  # the shipped defaults, which the policy above keeps
 
     async def run() -> None:
         store = await open_store(str(db))

@@ -95,7 +95,7 @@ def test_a_new_rule_is_one_file_and_one_line(tmp_path, monkeypatch):
     """What a newcomer writes: a module declaring a rule, and its line in the table."""
     mod = types.ModuleType("maild.policy.newcomer")
     exec("from maild.policy.context import Stage\n"
-         "from maild.policy.pipeline import rule\n"
+         "from maild.policy.rules import rule\n"
          "from maild.policy.verdict import reject\n"
          "@rule(Stage.RCPT, 'newcomer')\n"
          "def newcomer(ctx):\n"

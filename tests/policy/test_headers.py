@@ -23,8 +23,8 @@ from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.cli import main
 from maild.components import parse
 from maild.config import ConfigError
+from maild.policy import chain, pipeline, structure
 from maild.policy import checks as h
-from maild.policy import pipeline, structure
 from maild.policy.context import Client, Context, Message, Stage
 from maild.policy.customer import resolve
 from maild.policy.headers_cli import _run
@@ -157,9 +157,9 @@ async def test_corpus_has_a_passing_and_a_failing_message_for_every_check(
         for r in report["checks"]:
             (failed if r["result"] == "fail" else passed if r["result"] == "pass" else set()).add(
                 r["name"])
-    assert set(h.CHECKS) - failed == set(), "checks without a failing corpus message"
-    assert set(h.CHECKS) - passed == set(), "checks without a passing corpus message"
-    assert len(h.CHECKS) >= 24
+    assert set(chain.CHECKS) - failed == set(), "checks without a failing corpus message"
+    assert set(chain.CHECKS) - passed == set(), "checks without a passing corpus message"
+    assert len(chain.CHECKS) >= 24
 
 
 # --------------------------------------------------------------------------- rules in the pipeline
@@ -315,9 +315,9 @@ def test_defaults_when_the_section_is_absent():
     s = conf.sections["headers"]
     assert (s.mode, s.apply_to, s.checks, s.date_future, s.date_past) == (
         "enforce", "customers", {}, 7200.0, 7 * 86400.0)
-    assert h.CHECKS["from-owner"].default == "reject"
-    assert h.CHECKS["date-past"].default == "tag"
-    assert h.CHECKS["null-sender-rate"].default == "tempfail"
+    assert chain.CHECKS["from-owner"].default == "reject"
+    assert chain.CHECKS["date-past"].default == "tag"
+    assert chain.CHECKS["null-sender-rate"].default == "tempfail"
 
 
 def test_the_shipped_policy_parses_with_the_documented_defaults():
@@ -395,7 +395,7 @@ def test_check_message_prints_every_verdict_and_exits_1_when_refused(policy_file
     assert r.exit_code == 1, r.output
     lines = r.output.splitlines()
     assert "customer=acme (by network)" in lines[0]
-    assert sum(1 for x in lines if x.startswith("  ")) == len(h.CHECKS)
+    assert sum(1 for x in lines if x.startswith("  ")) == len(chain.CHECKS)
     assert any(re.match(r"  FAIL  from-owner\s+reject: 550 5.7.1 From: address <ceo@bank.example>", x)
                for x in lines), r.output
     assert re.search(r"  pass  envelope-owner", r.output)
@@ -439,7 +439,7 @@ def test_check_message_without_a_customer_skips_the_customer_checks(policy_file,
     data = json.loads(r.output)
     assert r.exit_code == 0
     skipped = {c["name"] for c in data["checks"] if c["result"] == "skip"}
-    assert skipped == set(h.CHECKS)
+    assert skipped == set(chain.CHECKS)
     assert data["customer"] == "- (not identified)"
 
 
@@ -475,7 +475,7 @@ def test_check_message_reads_the_envelope_sender_from_return_path(policy_file, t
 
 def test_only_forgery_counts_as_a_strike():
     """Malformed headers are refused but are no offence; forged ones are strikes."""
-    from maild.policy.checks import CHECKS
+    from maild.policy.chain import CHECKS
 
     FORGERY = {name for name, c in CHECKS.items() if c.strike}
     assert {"from-owner", "display-name-spoof", "envelope-owner"} <= FORGERY

@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent('''
     from maild.antispam.limiter import Limiter
     from maild.config import parse
     from maild.policy import headers
+    from maild.policy.chain import CHECK_DEFAULTS
     from maild.policy import pipeline
     from maild.policy.context import Client, Context, Message
     from maild.policy.customer import resolve
@@ -55,8 +56,8 @@ SCRIPT = textwrap.dedent('''
         "headers": {"checks": {"sender-domain-unknown": "off", "from-domain-unknown": "off"}},
         "customers": [{"name": "acme", "networks": ["192.0.2.0/24"],
                        "domains": ["acme.example"]}],
-    }, sections={"headers": headers.parse_headers},
-       customer_keys={"headers": headers.parse_customer_headers})
+    }, sections={"headers": lambda r: headers.parse_headers(r, CHECK_DEFAULTS)},
+       customer_keys={"headers": lambda r: headers.parse_customer_headers(r, CHECK_DEFAULTS)})
     SERVICES = Services(limiter=Limiter(), campaigns=Campaigns())
 
 
