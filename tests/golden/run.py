@@ -245,10 +245,15 @@ class Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
+
+
+def _idle(task: asyncio.Task) -> bool:
+    """Done, or a long-lived loop's timed wait for its stop event (polls re-create it)."""
+    return task.done() or getattr(task.get_coro(), "__qualname__", "") == "Event.wait"
 
 
 class Running:
@@ -266,33 +271,27 @@ class Running:
         probe = getattr(self.daemon, "_probe", None)  # the start-up downstream check
         if probe is not None:
             self.call(asyncio.wait([probe]))
-        self.settle()
-        self.baseline = self._tasks()
+        self.baseline = self._others()  # the long-lived ones (and start-up's, soon done)
 
     def call(self, coro, timeout: float = HANG):  # noqa: ANN001, ANN201
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def _tasks(self) -> int:
-        async def n() -> int:
-            return len(asyncio.all_tasks()) - 1
+    def _others(self) -> set[asyncio.Task]:
+        """The daemon's tasks other than the caller's."""
 
-        return self.call(n())
+        async def others() -> set[asyncio.Task]:
+            return asyncio.all_tasks() - {asyncio.current_task()}
+
+        return self.call(others())
 
     def settle(self) -> None:
-        """Until the daemon has only its long-lived tasks: sessions and their follow-ups
-        (notices, store writes) are done, so their log lines are in."""
-
-        async def spin() -> None:
-            for _ in range(50):
-                await asyncio.sleep(0)
-
+        """Until every task started since the daemon was up has finished: sessions and what
+        they set off (strikes, notices, store writes) are done, so their log lines are in."""
         deadline = _real_time() + HANG
-        self.call(spin())
-        while getattr(self, "baseline", None) is not None and self._tasks() > self.baseline:
+        while busy := {t for t in self._others() - self.baseline if not _idle(t)}:
             if _real_time() > deadline:
-                raise RuntimeError("the daemon did not settle")
+                raise RuntimeError(f"the daemon did not settle: {busy}")
             self.call(asyncio.sleep(0.005))
-        self.call(spin())
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
