@@ -260,12 +260,13 @@ class Running:
     """maild's Daemon in a thread with its own event loop, as `maild serve` runs it."""
 
     def __init__(self, config) -> None:  # noqa: ANN001
+        from maild.components import WIRING
         from maild.daemon import Daemon
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.daemon = Daemon(config, shutdown_grace=5, allow_root=os.geteuid() == 0)
+        self.daemon = Daemon(config, WIRING, shutdown_grace=5, allow_root=os.geteuid() == 0)
         self.call(self.daemon.start())
         self.port = self.daemon.server.sockets[0].getsockname()[1]
         probe = getattr(self.daemon, "_probe", None)  # the start-up downstream check
@@ -463,10 +464,10 @@ def run() -> dict:
         hdr_all.write_text(
             toml(headers_policy(dns_server.nameserver, str(tmp / "h.db"), apply_to="all"))
         )
-        from maild import config as cfg
+        from maild import components
 
         results["setup"] = [normalise(x, d) for x in optin_setup(smtp_file)]
-        daemon = Running(cfg.load(str(smtp_file)))
+        daemon = Running(components.load(str(smtp_file)))
         try:
             for case in corpus.cases():
                 _now[0] += case.get("advance", 0)
