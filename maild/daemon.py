@@ -38,7 +38,7 @@ from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 from maild.wiring import Wiring
 
-if TYPE_CHECKING:  # each imported where it starts: only when its section is on
+if TYPE_CHECKING:  # imported where each starts (aiohttp only when [web] is on)
     from apscheduler.job import Job
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
