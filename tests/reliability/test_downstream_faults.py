@@ -18,8 +18,10 @@ import signal
 import smtplib
 import socket
 import struct
+import time
 
 from tests.harness.sink import SmtpSink
+from tests.harness.waits import patience
 from tests.integration.conftest import HOSTED, STRANGER, front_policy
 from tests.reliability.helpers import (
     attempt,
@@ -59,16 +61,22 @@ def finish(s: smtplib.SMTP, data: bytes) -> tuple[int | None, str]:
     return code, text.decode("utf-8", "replace")
 
 
-def retry_until_accepted(port: int, data: bytes, tries: int = 3):
-    """What a well-behaved client does after a 4xx: try again (here: at once)."""
+def retry_until_accepted(port: int, data: bytes, limit: float = 15.0):
+    """What a well-behaved client does after a 4xx: try again, a little later each time
+    (Postfix's master may take a moment to replace a killed smtpd on a loaded machine)."""
     seen = []
-    for _ in range(tries):
+    deadline = time.monotonic() + patience(limit)
+    pause = 0.1
+    while True:
         a = attempt(port, sender=SENDER, rcpts=[RCPT], data=data, source=STRANGER)
         seen.append(a)
         if a.accepted:
             return a
         assert a.temporary, f"retry refused permanently: {a}"
-    raise AssertionError(f"never accepted: {[str(x) for x in seen]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never accepted: {[str(x) for x in seen[-3:]]}")
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 def assert_tempfail(code: int | None, text: str, status: str = "4.4.1") -> None:
