@@ -105,9 +105,10 @@ class Budget:
 class Sink:
     """Where DATA is read to: RAM while the message is small, then a spool file.
 
-    extend() raises SpoolError when the message cannot be held; clear() drops the
-    content (the reader keeps reading to the end of data, then replies); finish() hands
-    the message over as a Content, which owns its RAM charge and file until closed.
+    extend() takes bytes as bytearray.extend does (the DATA reader writes to either);
+    when the message cannot be held it drops the content and sets `error` (the 452 4.3.1
+    reply): the reader reads on to the end of data, then the server replies. finish()
+    hands the message over as a Content, which owns its RAM charge and file until closed.
     """
 
     budget: Budget
@@ -117,6 +118,7 @@ class Sink:
     header_end: int = -1  # offset just past the blank line ending the header, once found
     charged: int = 0
     dropped: bool = False
+    error: str | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -138,16 +140,17 @@ class Sink:
             self.file.write(data)
             if len(self.buf) == start:
                 self._hold(data)
-        except SpoolError:
-            self.budget.refused += 1
-            self.clear()
-            raise
+        except SpoolError as e:
+            self._fail(e.reply)
         except OSError as e:
             log.error("error: cannot write a spool file in %s: %s", self.budget.spool_dir,
                       e.strerror or e)
-            self.budget.refused += 1
-            self.clear()
-            raise SpoolError(REPLY_STORAGE) from e
+            self._fail(REPLY_STORAGE)
+
+    def _fail(self, reply: str) -> None:
+        self.budget.refused += 1
+        self.error = reply
+        self.clear()
 
     def _find_header(self) -> None:
         i = self.buf.find(b"\r\n\r\n")
