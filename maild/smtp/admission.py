@@ -4,7 +4,9 @@ Postfix's ideas, applied to one asyncio process instead of a pool of smtpd proce
 
 - anvil(8): per-client connection count and rate (smtpd_client_connection_count_limit,
   smtpd_client_connection_rate_limit). Trusted upstreams are exempt: they carry many
-  clients (in before-queue mode Postfix's own smtpd and anvil already judged them).
+  clients. In before-queue mode every session comes from Postfix, whose anvil,
+  postscreen and process limit are the admission control; these limits matter in front
+  mode, where maild faces the clients.
 - a reserved share of the slots for customer networks and trusted upstreams, so a crowd
   of strangers cannot keep customers (or Postfix handing maild a customer) out;
 - postscreen's and smtpd's answer to a full house: when the strangers' share is full, the
@@ -118,6 +120,9 @@ class Admission:
         self._stress_shed = 0
         self._stress_refused = 0
         self.log_once = LogOnce(clock=clock)
+        # Whether an address is in a customer's networks (the reserved share); the daemon
+        # sets it from the running policy.
+        self.is_customer: Callable[[str], bool] = lambda _addr: False
 
     # ------------------------------------------------------------------ limits
 
@@ -241,23 +246,6 @@ class Admission:
         """The session works on a command (or reads DATA): never shed while it does."""
         slot.idle_since = None
         self._idle.pop(slot, None)
-
-    def reclassify(self, slot: Slot, *, reserved: bool) -> None:
-        """A trusted upstream named the real client (XFORWARD): a stranger behind it no
-        longer holds a reserved slot."""
-        if slot.released or slot.reserved == reserved:
-            return
-        slot.reserved = reserved
-        if reserved:
-            self.reserved_in_use += 1
-            self._strangers.discard(slot)
-            self._idle.pop(slot, None)
-        else:
-            self.reserved_in_use -= 1
-            self._strangers.add(slot)
-            if slot.idle_since is not None:
-                self._idle[slot] = slot.idle_since
-                self._idle.move_to_end(slot, last=False)  # idle order kept only roughly
 
     def release(self, slot: Slot) -> None:
         if slot.released:

@@ -142,16 +142,6 @@ def test_stress_shrinks_strangers_timeouts_and_logs_start_and_end(clock, caplog)
     assert len(ends) == 1 and "sessions=3/8" in ends[0]
 
 
-def test_xforward_reclassifies_a_stranger_behind_a_trusted_upstream(clock):
-    adm = Admission(limits(max_sessions=4, reserved_sessions=2), clock=clock)
-    ev: list = []
-    s = admit(adm, "127.0.0.1", ev, reserved=True, exempt=True)
-    adm.reclassify(s, reserved=False)
-    assert adm.reserved_in_use == 0 and adm.status()["strangers"] == 1
-    adm.release(s)
-    assert adm.total == 0 and adm.status()["strangers"] == 0
-
-
 def test_log_once_forgets_old_keys_when_full(clock):
     once = LogOnce(clock=clock, max_keys=2)
     assert once.say("a")[0] and once.say("b")[0]
