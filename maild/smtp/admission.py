@@ -9,10 +9,15 @@ Postfix's ideas, applied to one asyncio process instead of a pool of smtpd proce
   mode, where maild faces the clients.
 - a reserved share of the slots for customer networks and trusted upstreams, so a crowd
   of strangers cannot keep customers (or Postfix handing maild a customer) out;
-- postscreen's and smtpd's answer to a full house: when the strangers' share is full, the
-  stranger that has waited longest for its next command is closed with 421 4.7.0 to make
-  room. A stranger writing to postmaster is busy for milliseconds per command, so it is
-  never the longest idle one: its way in stays open while idle strangers hold the slots;
+- a full house makes room by closing an idle session (421 4.7.0): for a customer, the
+  stranger that has waited longest for its next command; for a stranger, the longest-idle
+  session of the address holding the most slots, and only if that address holds at least
+  two more than the newcomer's. So a stranger writing to postmaster from an address of
+  its own gets in while a crowd from a few addresses parks in the slots, and the crowd
+  cannot churn the slots by reconnecting (a reconnecting address already holds its
+  share). Against parked sessions from as many addresses as slots, only the stress
+  timeouts free slots: then a newcomer waits for one, as with postscreen's
+  postscreen_pre_queue_limit;
 - stress mode (smtpd_timeout = ${stress?{10}:{300}}): while slots run short, a
   stranger's command and DATA timeouts shrink; one log line when stress starts, one when
   it ends.
@@ -113,6 +118,7 @@ class Admission:
         self._attempts: dict[str, deque[float]] = {}
         self._pruned = clock()
         self._idle: OrderedDict[Slot, float] = OrderedDict()  # idle strangers, longest first
+        self._idle_by_ip: dict[str, OrderedDict[Slot, float]] = {}  # the same, per address
         self._strangers: set[Slot] = set()
         self.stressed_since: float | None = None
         self.shed_count = 0
@@ -169,7 +175,7 @@ class Admission:
                                     f"(limit {lim.max_connection_rate_per_ip})")
         full = self.total >= lim.max_sessions or (
             not reserved and len(self._strangers) >= self.stranger_share)
-        if full and not self._shed_one(now):
+        if full and not self._shed_one(now, addr, reserved):
             if self.total >= lim.max_sessions:
                 reason = f"Too many sessions in progress (limit {lim.max_sessions})"
             else:
@@ -186,7 +192,7 @@ class Admission:
             self.reserved_in_use += 1
         else:
             self._strangers.add(slot)
-            self._idle[slot] = now
+            self._set_idle(slot, now)
         self._check_stress(now, pressed=full)
         return slot
 
@@ -216,19 +222,42 @@ class Admission:
         return Refusal(reply=f"421 4.7.0 {reason}; try again later", rule=rule, log=say,
                        unsaid=unsaid)
 
-    def _shed_one(self, now: float) -> bool:
-        """Close the stranger that has waited longest for a command; False if none has
-        waited SHED_MIN_IDLE seconds (then the newcomer is refused instead)."""
-        if not self._idle:
+    def _shed_one(self, now: float, addr: str, reserved: bool) -> bool:
+        """Close an idle stranger to make room for a newcomer from `addr`; False if none
+        may be closed (then the newcomer is refused). Never a session idle for less than
+        SHED_MIN_IDLE seconds: it is between two commands of a transaction."""
+        victim = None
+        if reserved:  # customers outrank strangers: the longest idle of all
+            victim = next(iter(self._idle), None)
+            if victim is not None and now - self._idle[victim] < SHED_MIN_IDLE:
+                victim = None
+        else:
+            mine = self.per_ip.get(addr, 0)
+            most = mine + 1  # the victim's address must hold at least mine + 2
+            for ip, slots in self._idle_by_ip.items():
+                held = self.per_ip.get(ip, 0)
+                first = next(iter(slots))
+                if held > most and now - slots[first] >= SHED_MIN_IDLE:
+                    victim, most = first, held
+        if victim is None:
             return False
-        slot, since = next(iter(self._idle.items()))
-        if now - since < SHED_MIN_IDLE:
-            return False
-        self.release(slot)
+        self.release(victim)
         self.shed_count += 1
         self._stress_shed += 1
-        slot.notify("shed")
+        victim.notify("shed")
         return True
+
+    def _set_idle(self, slot: Slot, now: float) -> None:
+        self._unset_idle(slot)
+        self._idle[slot] = now
+        self._idle_by_ip.setdefault(slot.addr, OrderedDict())[slot] = now
+
+    def _unset_idle(self, slot: Slot) -> None:
+        if self._idle.pop(slot, None) is not None:
+            slots = self._idle_by_ip[slot.addr]
+            del slots[slot]
+            if not slots:
+                del self._idle_by_ip[slot.addr]
 
     # ------------------------------------------------------------------ session life
 
@@ -239,13 +268,12 @@ class Admission:
         now = self.clock()
         slot.idle_since = now
         if not slot.reserved:
-            self._idle.pop(slot, None)
-            self._idle[slot] = now
+            self._set_idle(slot, now)
 
     def busy(self, slot: Slot) -> None:
         """The session works on a command (or reads DATA): never shed while it does."""
         slot.idle_since = None
-        self._idle.pop(slot, None)
+        self._unset_idle(slot)
 
     def release(self, slot: Slot) -> None:
         if slot.released:
@@ -261,7 +289,7 @@ class Admission:
         if slot.reserved:
             self.reserved_in_use -= 1
         self._strangers.discard(slot)
-        self._idle.pop(slot, None)
+        self._unset_idle(slot)
         self._check_stress(self.clock(), pressed=False)
 
     # ------------------------------------------------------------------ stress

@@ -87,23 +87,48 @@ def test_reserved_share_keeps_customers_in_when_strangers_fill_theirs(clock):
     assert adm.total == 10 and [e for e in ev if e[1] == "shed"] == []
 
 
-def test_the_longest_idle_stranger_is_shed_for_a_newcomer(clock):
-    adm = Admission(limits(max_sessions=5, reserved_sessions=1), clock=clock)
+def test_a_newcomer_sheds_the_longest_idle_session_of_the_biggest_holder(clock):
+    adm = Admission(limits(max_sessions=7, reserved_sessions=1), clock=clock)
     ev: list = []
-    old = [admit(adm, f"198.51.100.{i}", ev) for i in range(4)]
+    hog = [admit(adm, "198.51.100.1", ev) for _ in range(4)]
+    other = [admit(adm, "198.51.100.2", ev) for _ in range(2)]
     clock.now += 10
-    adm.busy(old[0])  # working on a command: not sheddable
-    adm.idle(old[1])  # just sent a command: idle only since now
+    adm.busy(hog[0])  # working on a command: not sheddable
+    adm.idle(hog[1])  # just sent a command: idle only since now
     clock.now += SHED_MIN_IDLE
     new = admit(adm, "203.0.113.5", ev)  # a stranger writing to postmaster, say
     assert isinstance(new, Slot)
-    assert [e for e in ev if e[1] == "shed"] == [("198.51.100.2", "shed")]
-    assert old[2].released and adm.total == 4 + 1 - 1
-    # a customer arriving at a full house sheds a stranger too
-    assert isinstance(admit(adm, "192.0.2.1", ev, reserved=True), Slot)
-    assert adm.total == 5
+    assert [e for e in ev if e[1] == "shed"] == [("198.51.100.1", "shed")]
+    assert hog[2].released and not any(s.released for s in other)
+    assert adm.total == 6
+
+
+def test_a_reconnecting_crowd_cannot_churn_the_slots(clock):
+    adm = Admission(limits(max_sessions=5, reserved_sessions=1), clock=clock)
+    ev: list = []
+    crowd = [admit(adm, "198.51.100.1", ev) for _ in range(2)]
+    crowd += [admit(adm, "198.51.100.2", ev) for _ in range(2)]
+    clock.now += 60
+    # one of the crowd comes back from an address that holds its share: refused
+    assert isinstance(admit(adm, "198.51.100.1", ev), Refusal)
+    # a newcomer from an address of its own gets in, at the crowd's expense
+    assert isinstance(admit(adm, "198.51.100.3", ev), Slot)
+    assert [e for e in ev if e[1] == "shed"] == [("198.51.100.1", "shed")]
+    # and the one closed, coming back (its address now holds 1, the other 2): refused
+    assert isinstance(admit(adm, "198.51.100.1", ev), Refusal)
+    assert len([e for e in ev if e[1] == "shed"]) == 1
+
+
+def test_a_customer_sheds_the_longest_idle_stranger(clock):
+    adm = Admission(limits(max_sessions=3, reserved_sessions=1), clock=clock)
+    ev: list = []
+    a = admit(adm, "198.51.100.1", ev)
+    clock.now += 5
+    admit(adm, "198.51.100.2", ev)
+    admit(adm, "192.0.2.1", ev, reserved=True)
+    clock.now += SHED_MIN_IDLE
     assert isinstance(admit(adm, "192.0.2.2", ev, reserved=True), Slot)
-    assert [e for e in ev if e[1] == "shed"][-1] == ("198.51.100.3", "shed")
+    assert a.released and [e for e in ev if e[1] == "shed"] == [("198.51.100.1", "shed")]
 
 
 def test_no_stranger_idle_long_enough_means_refusal(clock):
