@@ -316,6 +316,7 @@ class Daemon:
             await asyncio.sleep(2)
             tick += 1
             self.write_status()
+            self.budget.settle()
             try:
                 if not health.ok or time.monotonic() - health.last_write >= 2:
                     await heartbeat(self.store)

@@ -40,8 +40,9 @@ from typing import Any
 
 log = logging.getLogger("maild.smtp")
 
-# A stranger idle for less than this is never shed: a burst of new connections must not
-# close the ones that are between two commands of a transaction.
+# A session in a transaction (after MAIL) idle for less than this is never shed: a burst
+# of new connections must not close the ones between two commands of a transaction. One
+# with no transaction loses nothing but its connection: it may be shed at once.
 SHED_MIN_IDLE = 1.0
 RATE_WINDOW = 60.0  # anvil_rate_time_unit
 MAX_TRACKED = 100_000  # clients whose connection times are remembered
@@ -94,6 +95,7 @@ class Slot:
     # timer with the shorter stress timeouts).
     notify: Callable[[str], None]
     idle_since: float | None = None  # waiting for a command since; None while it works
+    in_transaction: bool = False  # a MAIL FROM accepted and the transaction not ended
     released: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -228,17 +230,14 @@ class Admission:
         SHED_MIN_IDLE seconds: it is between two commands of a transaction."""
         victim = None
         if reserved:  # customers outrank strangers: the longest idle of all
-            victim = next(iter(self._idle), None)
-            if victim is not None and now - self._idle[victim] < SHED_MIN_IDLE:
-                victim = None
+            victim = self._sheddable(self._idle, now)
         else:
             mine = self.per_ip.get(addr, 0)
             most = mine + 1  # the victim's address must hold at least mine + 2
             for ip, slots in self._idle_by_ip.items():
                 held = self.per_ip.get(ip, 0)
-                first = next(iter(slots))
-                if held > most and now - slots[first] >= SHED_MIN_IDLE:
-                    victim, most = first, held
+                if held > most and (found := self._sheddable(slots, now)) is not None:
+                    victim, most = found, held
         if victim is None:
             return False
         self.release(victim)
@@ -246,6 +245,15 @@ class Admission:
         self._stress_shed += 1
         victim.notify("shed")
         return True
+
+    @staticmethod
+    def _sheddable(slots: OrderedDict[Slot, float], now: float) -> Slot | None:
+        """The longest-idle slot that may be shed: idle SHED_MIN_IDLE, or outside a
+        transaction. A crowd's slots are mostly outside one: the scan stops early."""
+        for slot, since in slots.items():
+            if now - since >= SHED_MIN_IDLE or not slot.in_transaction:
+                return slot
+        return None
 
     def _set_idle(self, slot: Slot, now: float) -> None:
         self._unset_idle(slot)
@@ -261,12 +269,13 @@ class Admission:
 
     # ------------------------------------------------------------------ session life
 
-    def idle(self, slot: Slot) -> None:
+    def idle(self, slot: Slot, *, in_transaction: bool = False) -> None:
         """The session waits for the client's next command."""
         if slot.released:
             return
         now = self.clock()
         slot.idle_since = now
+        slot.in_transaction = in_transaction
         if not slot.reserved:
             self._set_idle(slot, now)
 

@@ -24,12 +24,14 @@ full), the message is refused with 452 4.3.1 after its end of data: the client r
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 log = logging.getLogger("maild.smtp")
 
@@ -37,6 +39,15 @@ REPLY_BUDGET = ("452 4.3.1 Insufficient system resources: too much mail in trans
                 "try again later")
 REPLY_STORAGE = "452 4.3.1 Insufficient system storage; try again later"
 BLOCK = 256 * 1024  # bytes read from a spool file at a time, for the relay
+TRIM_AFTER = 16 * 1024 * 1024  # mail in RAM after which settle() gives memory back
+
+
+def _malloc_trim() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class SpoolError(Exception):
@@ -60,12 +71,14 @@ class Budget:
         self.spooled = 0  # messages spooled since start
         self.refused = 0  # 452 4.3.1 answered since start
         self._warned = False
+        self._busy = False  # more than TRIM_AFTER in RAM since the last settle()
 
     def charge(self, n: int) -> bool:
         if self.in_use + n > self.total:
             return False
         self.in_use += n
         self.peak = max(self.peak, self.in_use)
+        self._busy = self._busy or self.in_use > TRIM_AFTER
         return True
 
     def credit(self, n: int) -> None:
@@ -93,6 +106,16 @@ class Budget:
     def close_spool(self, f: BinaryIO) -> None:
         self.spooling -= 1
         f.close()
+
+    def settle(self) -> None:
+        """Once the mail in flight has gone after a busy spell, give the freed heap back
+        to the system (glibc's malloc_trim): CPython frees the buffers, but glibc keeps
+        the memory of blocks allocated while many messages were read, and RSS would
+        stay near its peak. Called every 2 s by the daemon; a no-op without glibc."""
+        if self.in_use or self.spooling or not self._busy:
+            return
+        self._busy = False
+        _malloc_trim()
 
     def status(self) -> dict[str, int]:
         """For `maild status`."""
@@ -195,7 +218,7 @@ class Sink:
         if self.file is not None:
             self.file.flush()
         content = Content(budget=self.budget, head=bytes(self.buf), size=self.size,
-                          file=self.file, charged=self.charged)
+                          file=self.file, charged=self.charged, header_end=self.header_end)
         self.file, self.charged, self.buf = None, 0, bytearray()
         return content
 
@@ -211,6 +234,8 @@ class Content:
     size: int
     file: BinaryIO | None = None
     charged: int = 0
+    header_end: int = -1  # where the body starts (found for every spooled message)
+    pinned: bool = False  # a relay still reads it: closed when that ends (pin_until)
 
     @property
     def spooled(self) -> bool:
@@ -241,6 +266,11 @@ class Content:
             self.file = None
         self.budget.credit(self.charged)
         self.charged = 0
+
+    def pin_until(self, task: asyncio.Future[Any]) -> None:
+        """Keep the content until `task` (a relay the session no longer waits for) ends."""
+        self.pinned = True
+        task.add_done_callback(lambda _t: self.close())
 
     def __del__(self) -> None:  # a path that forgot close() must not leak the budget
         if self.file is not None or self.charged:

@@ -284,9 +284,16 @@ class Downstream:
         try:
             await asyncio.wait_for(loop.create_connection(lambda: client, self.host, self.port),
                                    self.greeting_timeout)
-        except (OSError, TimeoutError) as e:
+        except TimeoutError:
             client.close()
-            raise DownstreamError(f"cannot connect to {where}: {e or type(e).__name__}") from e
+            # No SYN-ACK in time: the listen queue is full, which on loopback means the
+            # service's processes are all busy (its master no longer accepts).
+            raise DownstreamBusy(
+                f"Our mail server has no free process (no answer from it within "
+                f"{self.greeting_timeout:g}s)", "downstream-busy") from None
+        except OSError as e:
+            client.close()
+            raise DownstreamError(f"cannot connect to {where}: {e}") from e
         try:
             try:
                 greeting = await client.reply(client.greeting, self.greeting_timeout)

@@ -311,7 +311,10 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
     sink = smtp_sink_factory(backlog=512)
     m = maild_factory(front_policy(sink.port, limits={
         "command_timeout": f"{c.command_timeout}s", "data_timeout": f"{c.data_timeout}s",
-        "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip}))
+        "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip,
+        # every stranger fits in the strangers' share: this test is about timeouts at
+        # scale (test_hostile_load.py is about a crowd larger than the share)
+        "reserved_sessions": 100}))
     pid = m.proc.pid
     report = Report()
     report["rss_idle_mb"] = round(rss_kb(pid)[0] / 1024, 1)
@@ -406,7 +409,8 @@ def test_global_session_limit_refuses_with_421_and_frees_slots(maild_factory, sm
     """max_sessions = 50: from 60 different addresses, 50 sessions and ten 421 4.7.0; once
     they are gone, new sessions are served (no slot leaks)."""
     sink = smtp_sink_factory(dump=False)
-    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50}))
+    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50,
+                                                      "reserved_sessions": 0}))
 
     async def run() -> tuple[list[bytes], list[bytes]]:
         first = await _open_many(m.port, addresses("5", 60, 1))

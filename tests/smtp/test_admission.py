@@ -94,8 +94,10 @@ def test_a_newcomer_sheds_the_longest_idle_session_of_the_biggest_holder(clock):
     other = [admit(adm, "198.51.100.2", ev) for _ in range(2)]
     clock.now += 10
     adm.busy(hog[0])  # working on a command: not sheddable
-    adm.idle(hog[1])  # just sent a command: idle only since now
-    clock.now += SHED_MIN_IDLE
+    adm.busy(hog[3])
+    adm.idle(hog[1], in_transaction=True)  # between two commands of a transaction
+    adm.idle(hog[2])  # idle since now, but with no transaction to lose
+    clock.now += SHED_MIN_IDLE / 2
     new = admit(adm, "203.0.113.5", ev)  # a stranger writing to postmaster, say
     assert isinstance(new, Slot)
     assert [e for e in ev if e[1] == "shed"] == [("198.51.100.1", "shed")]
@@ -135,12 +137,15 @@ def test_no_stranger_idle_long_enough_means_refusal(clock):
     adm = Admission(limits(max_sessions=3, reserved_sessions=1), clock=clock)
     ev: list = []
     a, b = admit(adm, "198.51.100.1", ev), admit(adm, "198.51.100.2", ev)
+    admit(adm, "192.0.2.1", ev, reserved=True)
+    adm.idle(a, in_transaction=True)  # both between two commands of a transaction
+    adm.idle(b, in_transaction=True)
     clock.now += SHED_MIN_IDLE / 2
-    assert isinstance(admit(adm, "198.51.100.3", ev), Refusal)
+    assert isinstance(admit(adm, "192.0.2.2", ev, reserved=True), Refusal)
     adm.busy(a)
     adm.busy(b)
     clock.now += 100
-    assert isinstance(admit(adm, "198.51.100.3", ev), Refusal)
+    assert isinstance(admit(adm, "192.0.2.2", ev, reserved=True), Refusal)
     assert [e for e in ev if e[1] == "shed"] == []
 
 
