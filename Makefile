@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd systemd postgresql \
-               chromium chromium-driver curl
+               chromium chromium-driver curl rspamd redis-server postfwd
 # Test processes in parallel (pytest-xdist), one test module per worker at a time: most of
 # the suite waits on real Postfix, Dovecot and PostgreSQL processes, not on the CPU.
 TEST_WORKERS ?= 3

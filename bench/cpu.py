@@ -15,7 +15,6 @@ alternated, and the CPU seconds each consumed are divided by the messages it rel
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,10 @@ from bench.common import (
     MaildProc,
     Stat,
     bench_policy,
+    bench_postfix,
     log,
     new_port,
+    proc_times,
     raise_nofile,
     rotate,
     smtp_source,
@@ -38,9 +39,7 @@ from bench.common import (
 
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tck = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tck, int(fields[12]) / tck
+    return proc_times(pid)[:2]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -69,11 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mailds: dict[str, MaildProc] = {}
     try:
         if args.downstream == "postfix":
-            from tests.harness.postfix import Postfix
-
-            pf = Postfix(workdir / "pf", hosted_domains=["hosted.example"],
-                         hostname="mx.bench.example", outside_sink="discard:",
-                         main_cf={"queue_run_delay": "300s"})
+            pf = bench_postfix(workdir / "pf")
             pf.start()
             port = pf.reinject_port
         else:

@@ -44,7 +44,7 @@ from bench.gen_store import Manifest, generate, load
 DAY = 86400.0
 TARGET_FIND_RATIO = 1.5
 TARGET_UNCHANGED = 0.20
-RACY_WAIT = 2.5  # > maild.retention.jobs.RACY_SECONDS
+RACY_WAIT = 2.5  # > maild.retention.sweep.RACY_SECONDS
 
 
 def retention_policy(man: Manifest, workdir: Path) -> dict[str, Any]:
@@ -68,11 +68,11 @@ def retention_policy(man: Manifest, workdir: Path) -> dict[str, Any]:
 
 async def _worker(config: str, now: float, rules: list[str], dry_run: bool,
                   seed_access: str | None) -> dict[str, Any]:
-    from maild.config import load as load_config
+    from maild.components import load as load_config
+    from maild.components import open_store
     from maild.retention.config import retention_of
     from maild.retention.jobs import Runner
     from maild.retention.state import record_access
-    from maild.store.base import open_store
 
     cfg = load_config(config)
     rcfg = retention_of(cfg)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         real[side] = run_worker(config, man.ref, RULES, dry_run=False, src=src)
         log(f"   {side} real run: {real[side]['seconds']:.2f} s")
         # maild trusts a directory summary only if the directory last changed more than
-        # RACY_SECONDS (2 s, maild/retention/jobs.py) before it was read (mtimes are
+        # RACY_SECONDS (2 s, maild/retention/sweep.py) before it was read (mtimes are
         # coarse). Runs are hours apart in production; here the second run would start
         # within 2 s of the real run's last deletions, leave those directories
         # unsummarised, and the first "unchanged" run would re-read them.

@@ -8,7 +8,7 @@ tests/test_bench_smoke.py runs to keep the scripts working). ``--write-docs`` re
 only the generated blocks of docs/BENCHMARKS.md (between ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``), so the analysis written by hand around them stays.
 
-    python -m bench.run [--only throughput,latency,memory,retention] [--preset quick]
+    python -m bench.run [--only throughput,latency,memory,retention,peers] [--preset quick]
                         [--uvloop DIR] [--maild-src DIR] [--write-docs] [--json-dir DIR]
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 from bench.common import REPO, log, machine, table
 
 DOCS = REPO / "docs" / "BENCHMARKS.md"
-BENCHMARKS = ("throughput", "latency", "memory", "retention")
+BENCHMARKS = ("throughput", "latency", "memory", "retention", "peers")
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "full": {
@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "latency": ["--seconds", "20", "--reps", "3"],
         "memory": ["--messages", "200000", "--idle", "500"],
         "retention": ["--mailboxes", "2000", "--messages", "1000000", "--reps", "3"],
+        "peers": ["--messages", "3000", "--sessions", "20", "--size", "2048", "--reps", "5"],
     },
     "quick": {
         "throughput": ["--sessions", "20,100", "--sizes", "2048,102400", "--reps", "3",
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "latency": ["--seconds", "10", "--reps", "2", "--max-messages", "1500"],
         "memory": ["--messages", "20000", "--chunk", "5000", "--idle", "500"],
         "retention": ["--mailboxes", "400", "--messages", "200000", "--reps", "2"],
+        "peers": ["--messages", "1000", "--sessions", "20", "--size", "2048", "--reps", "3"],
     },
     "smoke": {
         "throughput": ["--sessions", "2", "--sizes", "2048", "--messages", "20", "--reps", "1",
@@ -48,6 +50,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "latency": ["--seconds", "1", "--reps", "1", "--rate", "20"],
         "memory": ["--messages", "100", "--chunk", "50", "--warmup", "20", "--idle", "5"],
         "retention": ["--mailboxes", "6", "--messages", "300", "--reps", "1"],
+        "peers": ["--messages", "20", "--sessions", "2", "--size", "2048", "--reps", "1"],
     },
 }
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for name in only:
         extra = list(PRESETS[args.preset][name]) + ["--workdir", str(workdir / name)]
-        if args.uvloop and name != "retention":
+        if args.uvloop and name not in ("retention", "peers"):
             extra += ["--uvloop", args.uvloop]
         if args.maild_src and name == "retention":
             extra += ["--maild-src", args.maild_src]

@@ -40,6 +40,7 @@ from bench.common import (
     SourceRun,
     Stat,
     bench_policy,
+    bench_postfix,
     emit,
     log,
     machine,
@@ -100,16 +101,13 @@ class Rig:
         self.mailds: dict[str, MaildProc] = {}
 
     def start(self) -> Rig:
-        from tests.harness.postfix import Postfix
         from tests.harness.sink import SmtpSink
 
         raise_nofile()
         self.dns = start_dns()
         if self.with_postfix:
             log("starting Postfix (discard:)")
-            self.pf = Postfix(self.workdir / "pf", hosted_domains=["hosted.example"],
-                              hostname="mx.bench.example", outside_sink="discard:",
-                              main_cf={"queue_run_delay": "300s"})
+            self.pf = bench_postfix(self.workdir / "pf")
             self.pf.start()
         self.sink = SmtpSink(backlog=1024).start()
         downstreams = {"sink": self.sink.port}

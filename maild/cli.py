@@ -6,65 +6,27 @@ policies.toml. Errors are one readable message, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import click
 
-from maild import __version__
-from maild import config as cfg
+from maild import __version__, components
+from maild.clitools import (
+    DEFAULT_CONFIG,
+    config_option,
+    echo_json,
+    load_config,
+    open_store,
+    parse_since,
+    run_async,
+    wiring,
+)
 
-DEFAULT_CONFIG = os.environ.get("MAILD_CONFIG", "policies.toml")
+# The shared helpers live in maild.clitools; command modules import them from there.
+__all__ = ["config_option", "echo_json", "load_config", "main", "parse_since", "run_async"]
 
-
-def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        ctx.find_root().params["config"] = value
-
-
-def config_option(f: Callable) -> Callable:
-    """`-c FILE` accepted after any subcommand too (`maild serve -c policies.toml`)."""
-    return click.option("-c", "--config", "config_", metavar="FILE", default=None,
-                        expose_value=False, is_eager=True, callback=_set_config,
-                        help="policies.toml to use (default: $MAILD_CONFIG or ./policies.toml).")(f)
-
-
-def config_path(ctx: click.Context | None = None) -> str:
-    ctx = ctx or click.get_current_context()
-    return ctx.find_root().params.get("config") or DEFAULT_CONFIG
-
-
-def load_config(ctx: click.Context | None = None) -> cfg.Config:
-    """Load policies.toml or exit 2 with every problem listed."""
-    try:
-        return cfg.load(config_path(ctx))
-    except cfg.ConfigError as e:
-        click.echo(f"maild: {len(e.problems)} problem(s) in {e.path}:", err=True)
-        for p in e.problems:
-            click.echo(f"  {p}", err=True)
-        sys.exit(2)
-
-
-def run_async(coro: Any) -> Any:
-    """Run a coroutine; a state-store failure is a clean error, not a traceback."""
-    from maild.store.base import StoreError
-
-    try:
-        return asyncio.run(coro)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "obj": components.WIRING})
 @click.option("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE", show_default=True,
               help="policies.toml to use ($MAILD_CONFIG overrides the default).")
 @click.version_option(__version__, prog_name="maild")
@@ -109,7 +71,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     from maild.store.base import StoreError
 
     try:
-        run_serve(config, allow_root=allow_root, init_state=init_state)
+        run_serve(config, wiring(), allow_root=allow_root, init_state=init_state)
     except PrivilegeError as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
@@ -138,16 +100,6 @@ def check_config(quiet: bool) -> None:
                    f"hosted={len(config.hosted_domains)}")
 
 
-def parse_since(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return time.time() - cfg.parse_duration(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration such as 30m, 24h or 7d",
-                                 param_hint="--since") from None
-
-
 @main.command("log")
 @config_option
 @click.option("--since", metavar="DURATION", help="Only decisions newer than this (e.g. 1h, 7d).")
@@ -162,7 +114,6 @@ def parse_since(value: str | None) -> float | None:
 def log_cmd(since: str | None, limit: int, customer: str | None, action: str | None,
             rule: str | None, address: str | None, as_json: bool) -> None:
     """Show recent decisions from the state store, newest first."""
-    from maild.store import open_store
     from maild.store.core import recent_decisions
 
     config = load_config()
@@ -170,7 +121,7 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
 
     async def fetch() -> tuple[list[dict], bool]:
         """The matching rows, and whether the customer asked for has any decision at all."""
-        store = await open_store(config.server.state, config.path)
+        store = await open_store(config)
         try:
             rows = await recent_decisions(store, since=since_ts, limit=limit, customer=customer,
                                           action=action, rule=rule, address=address)
@@ -202,18 +153,15 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
                    err=True)
 
 
-def _register_plugins() -> None:
-    """Commands owned by other modules (retention, ...), each registering its own."""
-    import importlib
-
-    for mod in ("maild.opscli", "maild.retention.cli", "maild.policy.headers_cli",
-                "maild.antispam.cli", "maild.optin.cli", "maild.store.cli"):
-        try:
-            importlib.import_module(mod).register(main)
-        except ModuleNotFoundError as e:  # that capability is not installed
-            if not e.name or not mod.startswith(e.name):
-                raise
-    _add_config_option(main)
+def _add_commands(group: click.Group) -> None:
+    """The components' commands (maild.components lists them), each with -c FILE."""
+    for cmd in components.COMMANDS:
+        group.add_command(cmd)
+    for parent, cmd in components.SUBCOMMANDS:
+        sub = group.commands[parent]
+        assert isinstance(sub, click.Group)
+        sub.add_command(cmd)
+    _add_config_option(group)
 
 
 def _add_config_option(group: click.Group) -> None:
@@ -224,4 +172,4 @@ def _add_config_option(group: click.Group) -> None:
             config_option(cmd)  # on a Command, click.option appends to cmd.params
 
 
-_register_plugins()
+_add_commands(main)

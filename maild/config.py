@@ -3,7 +3,9 @@
 Loading never stops at the first problem: every bad key is collected and reported
 with the key, the bad value and what would be valid, so an operator fixes the file
 in one pass. Other modules (retention, ratelimit, ...) parse their own sections with
-the same :class:`Reader`, so every error in the file reads the same way.
+the same :class:`Reader`, so every error in the file reads the same way; which parser
+reads which section is the caller's argument (the composition root, maild.components,
+passes every component's), so reading a file loads no component.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ipaddress
 import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -292,7 +295,7 @@ class Customer:
     domains: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
     contact: str = ""
-    # Per-customer settings owned by other modules (see CUSTOMER_PARSERS), by key.
+    # Per-customer settings owned by other modules (parse's customer_keys), by key.
     ext: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -309,7 +312,7 @@ class Config:
     server: Server
     customers: tuple[Customer, ...]
     postmaster: Postmaster
-    # Sections owned by other modules, parsed by them (see SECTION_PARSERS).
+    # Sections owned by other modules, parsed by them (parse's sections), by name.
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -321,34 +324,13 @@ class Config:
         return next((c for c in self.customers if c.name == name), None)
 
 
-# Other modules register a parser for their own top-level section here:
-# SECTION_PARSERS["retention"] = parse_retention, where parse_retention(reader) -> object,
-# and read the result back as config.sections["retention"].
-SECTION_PARSERS: dict[str, Any] = {}
-# ... and for their own keys inside each [[customers]] entry: CUSTOMER_PARSERS["ratelimit"] =
-# fn(customer_reader) -> object, read back as customer.ext["ratelimit"]. The function reads
-# its keys from the reader (marking them known); it must not fail when they are absent.
-CUSTOMER_PARSERS: dict[str, Any] = {}
-# Modules that register parsers; imported before parsing.
-SECTION_MODULES: list[str] = ["maild.retention.config", "maild.dns", "maild.policy.identity",
-                              "maild.web.settings"]
-
-
-def _load_section_parsers() -> None:
-    """Import the modules that own sections, so their parsers are registered."""
-    import importlib
-
-    from maild.policy import pipeline
-
-    pipeline.load_families()  # every rule family registers the sections it owns
-    importlib.import_module("maild.antispam.sanctions")
-    importlib.import_module("maild.report")
-    for mod in SECTION_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module not written yet is not an error
-            if not e.name or not mod.startswith(e.name):
-                raise
+# A component's parser for its own top-level section: parser(reader) -> object, read back
+# as config.sections[name].
+SectionParser = Callable[[Reader], Any]
+# ... and for its own keys inside each [[customers]] entry: parser(customer_reader) ->
+# object, read back as customer.ext[key]. It reads its keys from the reader (marking them
+# known) and must not fail when they are absent.
+CustomerParser = Callable[[Reader], Any]
 
 
 def _parse_limits(r: Reader) -> Limits:
@@ -421,7 +403,8 @@ def _parse_server(r: Reader) -> Server:
     return server
 
 
-def _parse_customers(readers: list[Reader]) -> tuple[Customer, ...]:
+def _parse_customers(readers: list[Reader],
+                     customer_keys: Mapping[str, CustomerParser]) -> tuple[Customer, ...]:
     customers: list[Customer] = []
     names: set[str] = set()
     for r in readers:
@@ -445,7 +428,7 @@ def _parse_customers(readers: list[Reader]) -> tuple[Customer, ...]:
             domains=r.domains("domains"),
             addresses=addresses,
             contact=contact,
-            ext={key: parser(r) for key, parser in CUSTOMER_PARSERS.items()},
+            ext={key: parser(r) for key, parser in customer_keys.items()},
         ))
         r.unknown()
     return tuple(customers)
@@ -464,25 +447,28 @@ def _parse_postmaster(r: Reader) -> Postmaster:
     return pm
 
 
-def parse(data: dict[str, Any], path: str = "policies.toml") -> Config:
-    """Validate a decoded TOML document; raise ConfigError with every problem."""
-    _load_section_parsers()
+def parse(data: dict[str, Any], path: str = "policies.toml", *,
+          sections: Mapping[str, SectionParser] | None = None,
+          customer_keys: Mapping[str, CustomerParser] | None = None) -> Config:
+    """Validate a decoded TOML document; raise ConfigError with every problem.
+
+    sections and customer_keys are the components' parsers, in the order their problems
+    are listed; without them only [server], [[customers]] and [postmaster] are known."""
     problems: list[str] = []
     root = Reader(data, "", problems)
     server = _parse_server(root.table_of("server"))
-    customers = _parse_customers(root.tables("customers"))
+    customers = _parse_customers(root.tables("customers"), customer_keys or {})
     postmaster = _parse_postmaster(root.table_of("postmaster"))
-    sections: dict[str, Any] = {}
-    for name, parser in SECTION_PARSERS.items():
-        sections[name] = parser(root.table_of(name))
+    parsed = {name: parser(root.table_of(name)) for name, parser in (sections or {}).items()}
     root.unknown()
     if problems:
         raise ConfigError(path, problems)
     return Config(path=path, server=server, customers=customers, postmaster=postmaster,
-                  sections=sections)
+                  sections=parsed)
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, *, sections: Mapping[str, SectionParser] | None = None,
+         customer_keys: Mapping[str, CustomerParser] | None = None) -> Config:
     """Read and validate policies.toml; raise ConfigError naming every problem."""
     p = Path(path)
     try:
@@ -498,4 +484,4 @@ def load(path: str | Path) -> Config:
     except (RecursionError, MemoryError):
         raise ConfigError(str(p), ["the file is nested too deeply to be a policy; "
                                    "check for runaway brackets"]) from None
-    return parse(data, str(p))
+    return parse(data, str(p), sections=sections, customer_keys=customer_keys)

@@ -27,23 +27,26 @@ from maild import config as cfg
 from maild import privs
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
+from maild.policy.services import Services
 from maild.sdnotify import notify
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.proxy import Proxy
-from maild.smtp.server import MaildSMTP, SessionCounter
-from maild.store import open_store
+from maild.smtp.server import MaildSMTP
+from maild.smtp.sessions import SessionCounter
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
+from maild.wiring import Wiring
 
 log = logging.getLogger("maild")
 
 
 class Daemon:
-    def __init__(self, config: cfg.Config, *, shutdown_grace: float = 30.0,
+    def __init__(self, config: cfg.Config, wiring: Wiring, *, shutdown_grace: float = 30.0,
                  allow_root: bool = False, init_state: bool = False):
         self.config = config
+        self.wiring = wiring  # the components: their sections, schemas, preloads
         self.allow_root = allow_root
         self.init_state = init_state
         self.shutdown_grace = shutdown_grace
@@ -73,10 +76,8 @@ class Daemon:
 
     def _configure_services(self, c: cfg.Config) -> None:
         """Module-level services rules use (DNS resolver, ...), set from the config."""
-        try:
-            from maild import dns
-        except ImportError:
-            return
+        from maild import dns
+
         dns.configure(c)
 
     async def start(self) -> None:
@@ -97,18 +98,21 @@ class Daemon:
         self._status_paths = {self.status_path}
         if os.geteuid() == 0:
             if c.server.user:
-                uid, gid = privs.drop(c.server.user, state_path)
+                uid, gid = privs.drop(c.server.user, state_path, self.wiring.preloads)
                 log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
             elif not self.allow_root:
                 raise privs.PrivilegeError(
                     'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
                     "or pass --allow-root")
-        self.store = await open_store(c.server.state, c.path, check=True, init=self.init_state)
+        self.store = await self.wiring.open_store(c.server.state, c.path, check=True,
+                                                  init=self.init_state)
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
         host, port = c.server.downstream
         self.downstream = _downstream(c)
-        self.proxy = Proxy(c, self.downstream, self.decisions, health=self.store.health)
+        self.services = Services(sessions=self.counter)
+        self.proxy = Proxy(c, self.downstream, self.decisions, self.services,
+                           health=self.store.health)
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -124,7 +128,6 @@ class Daemon:
 
     async def _start_antispam(self) -> None:
         """Rate-limit counters (loaded from the store), campaigns, sanctions."""
-        from maild import services
         from maild.antispam import notify
         from maild.antispam.campaigns import Campaigns
         from maild.antispam.limiter import Limiter
@@ -143,27 +146,27 @@ class Daemon:
         self.sanctions = Sanctions(self.store, lambda: self.config, send_notice)
         await self.sanctions.load()
         self.sanctions.on_control.append(self._control)
-        services.limiter, services.campaigns, services.sanctions = (
+        self.services.limiter, self.services.campaigns, self.services.sanctions = (
             self.limiter, self.campaigns, self.sanctions)
-        services.sessions = self.counter
         from maild.optin.service import OptinService
 
-        self.optin = OptinService(self.config, self.store, self.downstream)
+        self.optin = OptinService(self.config, self.store, self.downstream,
+                                  sanctions=self.sanctions)
         await self.optin.start()
-        services.optin = self.optin
+        self.services.optin = self.optin
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info("antispam: counters=%d blocked=%d", n, len(self.sanctions.blocked))
 
     async def _start_web(self) -> None:
         """[web]: the consent pages, one-click unsubscribe and /metrics (maild.web)."""
-        from maild import services
-        from maild.web.app import WebService
         from maild.web.settings import section
 
         if section(self.config).enabled:
+            from maild.web.app import WebService  # aiohttp: only where [web] is on
+
             self.web = WebService(self)
             await self.web.start()
-            services.web = self.web
+            self.services.web = self.web
 
     @property
     def status_path(self) -> Path:
@@ -358,10 +361,8 @@ class Daemon:
             misfire_grace_time=3600, coalesce=True)
 
     async def _start_retention(self) -> None:
-        try:
-            from maild.retention.scheduler import RetentionService
-        except ImportError:
-            return
+        from maild.retention.scheduler import RetentionService
+
         self.retention = RetentionService(self.config, self.store)
         await self.retention.start()
 
@@ -383,14 +384,14 @@ class Daemon:
 
     async def _reload(self, result: dict) -> None:
         try:
-            new = cfg.load(self.config.path)
+            new = self.wiring.load(self.config.path)
         except cfg.ConfigError as e:
             for p in e.problems:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
                 result["refused"].append(f"{e.path}: {p}")
             return
         old = self.config
-        from maild.web.app import reload_note
+        from maild.web.settings import reload_note
 
         reload_note(self.config, new)
         self._configure_services(new)
@@ -510,7 +511,16 @@ class Daemon:
 
         loop.add_signal_handler(signal.SIGHUP, when_ready, self.reload)
         loop.add_signal_handler(SIG_CONTROL, when_ready, self._control_now)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # The store's worker thread would keep a process that failed to start alive,
+            # listening on nothing, instead of exiting for systemd to see and restart.
+            store = getattr(self, "store", None)
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    await store.close()
+            raise
         ready.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -568,10 +578,11 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: cfg.Config, *, allow_root: bool = False, init_state: bool = False) -> None:
+def serve(config: cfg.Config, wiring: Wiring, *, allow_root: bool = False,
+          init_state: bool = False) -> None:
     for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
         signal.signal(sig, signal.SIG_IGN)
-    daemon = Daemon(config, allow_root=allow_root, init_state=init_state)
+    daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)
     try:
         import uvloop  # optional: faster event loop when installed
     except ImportError:

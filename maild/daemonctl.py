@@ -10,6 +10,7 @@ PostgreSQL state, this asks the daemon on this node only.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maild.config import Config
+from maild.store.base import resolve_state_path
 
 SIG_CONTROL = signal.SIGUSR1
 WAIT = 15.0  # seconds: a reload probes a new downstream for up to 9 s (3 s per step)
@@ -42,8 +44,6 @@ def ask(config: Config, sig: int, key: str, *, timeout: float = WAIT) -> Answer:
     `maild serve` process of this policies.toml: after an edit of `[server] state` the
     status file is where the old state is until the daemon reloads (it then writes one
     where the file says, too)."""
-    from maild.doctor import daemon_status
-
     st = daemon_status(config)
     pid = int(st["pid"]) if st else (pid_from_file(config.server.pid_file)
                                      or pid_serving(config.path))
@@ -116,6 +116,20 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def daemon_status(config: Config) -> dict | None:
+    """The running daemon's status file for this policies.toml, or None if none is alive."""
+    path = Path(resolve_state_path(config.server.state, config.path)).with_name("maild.status.json")
+    try:
+        st = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        running = alive(int(st["pid"]))
+    except (KeyError, ValueError):
+        return None
+    return st if running else None
 
 
 def _began(st: dict, key: str) -> float:

@@ -113,7 +113,6 @@ def parse_dns(r: cfg.Reader) -> DnsSettings:
     return settings
 
 
-cfg.SECTION_PARSERS["dns"] = parse_dns
 
 
 class _Cache:

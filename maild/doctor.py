@@ -7,7 +7,6 @@ Postfix's configuration is read with `postconf` (`-c DIR` for a second instance)
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -17,17 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maild.config import Config, parse_duration
-from maild.daemonctl import alive
+from maild.daemonctl import daemon_status
 from maild.probe import probe
-from maild.store.base import MIGRATIONS, resolve_state_path
+from maild.store.base import Migrations, resolve_state_path
+
+if TYPE_CHECKING:
+    from maild.wiring import Wiring
 
 LEVELS = {"OK": 0, "WARN": 1, "FAIL": 2}
 
 
 @dataclass(frozen=True)
-class Check:
+class Finding:
     name: str
     level: str
     message: str
@@ -38,21 +41,25 @@ class Check:
         return s + (f"\n     fix: {self.fix}" if self.fix and self.level != "OK" else "")
 
 
-def ok(name: str, msg: str) -> Check:
-    return Check(name, "OK", msg)
+# A component's checks of its own part of the deployment (maild.components lists them).
+DoctorCheck = Callable[[Config], list[Finding]]
 
 
-def warn(name: str, msg: str, fix: str) -> Check:
-    return Check(name, "WARN", msg, fix)
+def ok(name: str, msg: str) -> Finding:
+    return Finding(name, "OK", msg)
 
 
-def fail(name: str, msg: str, fix: str) -> Check:
-    return Check(name, "FAIL", msg, fix)
+def warn(name: str, msg: str, fix: str) -> Finding:
+    return Finding(name, "WARN", msg, fix)
+
+
+def fail(name: str, msg: str, fix: str) -> Finding:
+    return Finding(name, "FAIL", msg, fix)
 
 
 # ------------------------------------------------------------------------- state store
 
-def check_state(config: Config) -> Check:
+def check_state(config: Config, migrations: Migrations) -> Finding:
     import sqlite3
 
     path = resolve_state_path(config.server.state, config.path)
@@ -73,9 +80,9 @@ def check_state(config: Config) -> Check:
     except sqlite3.Error as e:
         return fail("state", f"{path}: {e}", "restore the state file from backup, or move it away "
                     "and let maild create a new one")
-    from maild.store import core  # noqa: F401  registers the core schema
-    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in MIGRATIONS.items() if have.get(c, 0) < len(m)]
-    ahead = [f"{c} v{v}>v{len(MIGRATIONS[c])}" for c, v in have.items() if c in MIGRATIONS and v > len(MIGRATIONS[c])]
+    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in migrations.items() if have.get(c, 0) < len(m)]
+    ahead = [f"{c} v{v}>v{len(migrations[c])}" for c, v in have.items()
+             if c in migrations and v > len(migrations[c])]
     if ahead:
         return fail("state", f"schema newer than this maild knows ({', '.join(ahead)})",
                     "upgrade maild to the version that wrote this state")
@@ -87,20 +94,7 @@ def check_state(config: Config) -> Check:
 
 # ------------------------------------------------------------------------- daemon, SMTP
 
-def daemon_status(config: Config) -> dict | None:
-    path = Path(resolve_state_path(config.server.state, config.path)).with_name("maild.status.json")
-    try:
-        st = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        running = alive(int(st["pid"]))
-    except (KeyError, ValueError):
-        return None
-    return st if running else None
-
-
-def check_daemon(config: Config) -> Check:
+def check_daemon(config: Config) -> Finding:
     st = daemon_status(config)
     if st is None:
         return warn("daemon", "maild serve is not running (no live status file)",
@@ -126,7 +120,7 @@ def _running_differs(config: Config, key: str) -> str:
     return f"; the running daemon (pid {st['pid']}) uses {key} {st[key]}, not the file's {want}: {todo}"
 
 
-def check_listen(config: Config) -> Check:
+def check_listen(config: Config) -> Finding:
     host, port = config.server.listen
     r = probe(host or "127.0.0.1", port, [], helo=config.server.hostname, timeout=5)
     other = _running_differs(config, "listen")
@@ -140,7 +134,7 @@ DOWNSTREAM_FIX = "add the re-injection smtpd to master.cf (docs/postfix.md) and 
 
 
 def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool = True,
-                       xforward: bool = True) -> Check:
+                       xforward: bool = True) -> Finding:
     """The downstream check's words, for doctor's probe and for the daemon's at start and
     reload: `error` when nothing usable answered (`answered`: something did, but refused
     the greeting or EHLO), else whether XFORWARD is offered to maild."""
@@ -156,7 +150,7 @@ def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool 
     return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
 
 
-def check_downstream(config: Config) -> Check:
+def check_downstream(config: Config) -> Finding:
     host, port = config.server.downstream
     r = probe(host, port, [], helo=config.server.hostname, timeout=10)
     if not r.connected:
@@ -166,7 +160,7 @@ def check_downstream(config: Config) -> Check:
     else:
         c = downstream_verdict(host, port, xforward="xforward" in r.ehlo)
     other = _running_differs(config, "downstream")
-    return Check(c.name, c.level, c.message + other, c.fix) if other else c
+    return Finding(c.name, c.level, c.message + other, c.fix) if other else c
 
 
 # ------------------------------------------------------------------------- Postfix wiring
@@ -216,7 +210,7 @@ def _same(a: tuple[str, int] | None, b: tuple[str, int]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or (a[0] in loop and b[0] in loop))
 
 
-def check_postfix(config: Config, confdir: str | None) -> list[Check]:
+def check_postfix(config: Config, confdir: str | None) -> list[Finding]:
     try:
         params = _run_postconf(["-P"], confdir)
         services = _run_postconf(["-M"], confdir)
@@ -227,7 +221,7 @@ def check_postfix(config: Config, confdir: str | None) -> list[Check]:
         return [warn("postfix", f"postconf{' -c ' + confdir if confdir else ''} failed: {e}",
                      "pass --postfix-config DIR, the directory holding this Postfix's main.cf "
                      "and master.cf (postconf -c DIR)")]
-    out: list[Check] = []
+    out: list[Finding] = []
     # master.cf services: "127.0.0.1:10026 inet n - n - - smtpd -o ..."
     svc_lines = [line.split() for line in services.splitlines() if line.strip()]
     per_service: dict[str, dict[str, str]] = {}
@@ -292,7 +286,7 @@ def check_postfix(config: Config, confdir: str | None) -> list[Check]:
 
 # ------------------------------------------------------------------------- DNS, systemd
 
-def check_dns(config: Config) -> Check:
+def check_dns(config: Config) -> Finding:
     import dns.exception
     import dns.resolver
 
@@ -321,7 +315,7 @@ UNIT_PATHS = ("/etc/systemd/system/maild.service", "/lib/systemd/system/maild.se
               "/usr/lib/systemd/system/maild.service")
 
 
-def check_systemd(config: Config, unit: str | None = None) -> Check:
+def check_systemd(config: Config, unit: str | None = None) -> Finding:
     path = unit or next((p for p in UNIT_PATHS if os.path.exists(p)), None)
     if path is None:
         return warn("systemd", "maild.service is not installed", "install systemd/maild.service "
@@ -346,26 +340,18 @@ def check_systemd(config: Config, unit: str | None = None) -> Check:
 
 # ------------------------------------------------------------------------- all together
 
-EXTRA_CHECKS: list[Callable[[Config], list[Check]]] = []  # retention adds mail-store checks
-
-
-def run_all(config: Config, *, postfix_config: str | None = None, unit: str | None = None) -> list[Check]:
-    checks = [ok("config", f"{config.path} is valid"), check_state(config), check_daemon(config),
-              check_listen(config), check_downstream(config)]
+def run_all(config: Config, parts: Wiring, *, postfix_config: str | None = None,
+            unit: str | None = None) -> list[Finding]:
+    """Every check: maild's own, then the components' (parts.doctor_checks), then systemd."""
+    checks = [ok("config", f"{config.path} is valid"), check_state(config, parts.migrations),
+              check_daemon(config), check_listen(config), check_downstream(config)]
     checks += check_postfix(config, postfix_config)
     checks.append(check_dns(config))
-    try:
-        from maild.retention.ops import doctor_checks
-
-        if doctor_checks not in EXTRA_CHECKS:
-            EXTRA_CHECKS.append(doctor_checks)
-    except ImportError:  # retention not installed
-        pass
-    for extra in EXTRA_CHECKS:
+    for extra in parts.doctor_checks:
         checks += extra(config)
     checks.append(check_systemd(config, unit))
     return checks
 
 
-def exit_code(checks: list[Check]) -> int:
+def exit_code(checks: list[Finding]) -> int:
     return max((LEVELS[c.level] for c in checks), default=0)

@@ -16,6 +16,7 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -61,9 +62,11 @@ def prepare_state_dir(state_path: str, uid: int, gid: int) -> None:
 
 
 # Loaded before root is dropped, as Postfix's daemons open what they need before chroot:
-# afterwards the interpreter's own files may not be readable by the user.
+# afterwards the interpreter's own files may not be readable by the user. These are the
+# standard library's and the dependencies'; maild's own modules come from the components
+# (maild.components, preloads).
 PRELOAD = (
-    "sqlite3", "aiosqlite", "maild.store.sqlite", "maild.store.core", "email.parser",
+    "sqlite3", "aiosqlite", "email.parser",
     "email.policy", "email.headerregistry", "email.feedparser", "email.generator",
     "email.mime.text", "email.utils", "email._header_value_parser", "html.parser", "hashlib",
     "encodings.idna", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
@@ -74,29 +77,31 @@ PRELOAD = (
     "apscheduler.schedulers.asyncio", "apscheduler.triggers.cron",
     "apscheduler.triggers.interval", "apscheduler.executors.asyncio",
     "apscheduler.executors.pool", "apscheduler.jobstores.memory",
-    "maild.textsig", "maild.antispam.notify", "maild.smtp.submit", "maild.report",
-    "maild.retention.scheduler", "maild.retention.jobs", "maild.optin.service",
-    "maild.dns", "concurrent.futures.thread", "tzlocal", "zoneinfo",
+    "concurrent.futures.thread", "tzlocal", "zoneinfo",
 )
 
 
-def preload() -> list[str]:
-    """Import every module maild may need later; returns those not available."""
+def preload(own: Sequence[str] = ()) -> list[str]:
+    """Import every module maild may need later: maild's own (own), which must be there,
+    and PRELOAD, of which an optional one may be missing; returns those missing."""
     import importlib
 
+    for mod in own:
+        importlib.import_module(mod)
     missing = []
     for mod in PRELOAD:
         try:
             importlib.import_module(mod)
-        except ImportError:
+        except ImportError:  # an optional dependency (tzlocal, ...) not installed
             missing.append(mod)
     return missing
 
 
-def drop(user: str, state_path: str) -> tuple[int, int]:
-    """Become `user` for good (no way back to root); returns (uid, gid)."""
+def drop(user: str, state_path: str, own: Sequence[str] = ()) -> tuple[int, int]:
+    """Become `user` for good (no way back to root), maild's modules own loaded first;
+    returns (uid, gid)."""
     uid, gid, groups = resolve_user(user)
-    preload()
+    preload(own)
     if uid == 0:
         raise PrivilegeError(f"[server] user = \"{user}\" is root: choose an unprivileged user")
     prepare_state_dir(state_path, uid, gid)

@@ -1,8 +1,8 @@
 """`maild report`: what maild did in a period, from the state store.
 
 Figures come from the decision log (one row per decision, see maild/store/core.py),
-the sanction history, and whatever other components add through REPORT_SECTIONS (the
-retention jobs add their deletions and quota changes). Plain text for a human, JSON
+the sanction history, and the sections of other components that maild.components
+lists (the retention jobs add their deletions and quota changes). Plain text for a human, JSON
 for scripts, and mailed to postmaster daily when `[report] mail = true`.
 """
 
@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, localtime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from maild.config import SECTION_PARSERS, Config, Reader
+from maild.config import Config, Reader
 from maild.store.base import Store
+
+if TYPE_CHECKING:
+    from maild.daemon import Daemon
+    from maild.smtp.downstream import Downstream
 
 log = logging.getLogger("maild.report")
 
@@ -50,13 +54,13 @@ def parse_report(r: Reader) -> ReportConfig:
     return cfg
 
 
-SECTION_PARSERS["report"] = parse_report
 
-# Extra sections: async fn(store, since, until) -> (title, data dict) or None.
-REPORT_SECTIONS: list[Callable[[Store, float, float], Awaitable[tuple[str, dict] | None]]] = []
+# A component's section: async fn(store, since, until) -> (title, data dict) or None.
+ReportSection = Callable[[Store, float, float], Awaitable[tuple[str, dict] | None]]
 
 
-async def build(store: Store, config: Config, since: float, until: float | None = None) -> dict:
+async def build(store: Store, config: Config, since: float, until: float | None = None, *,
+                sections: Sequence[ReportSection] = ()) -> dict:
     until = until or time.time()
     span = (since, until)
 
@@ -93,14 +97,7 @@ async def build(store: Store, config: Config, since: float, until: float | None 
                       for ts, c, a, r, who in sanctions],
         "list_mail_refused_no_consent": optin[0][0],
     }
-    try:
-        from maild.retention.ops import report_section
-
-        if report_section not in REPORT_SECTIONS:
-            REPORT_SECTIONS.append(report_section)
-    except ImportError:  # retention not installed
-        pass
-    for section in REPORT_SECTIONS:
+    for section in sections:
         got = await section(store, since, until)
         if got is not None:
             report[got[0]] = got[1]
@@ -162,7 +159,7 @@ def compose(config: Config, rep: dict) -> EmailMessage:
     return msg
 
 
-async def send(downstream: Any, config: Config, rep: dict) -> bool:
+async def send(downstream: Downstream, config: Config, rep: dict) -> bool:
     from maild.smtp.submit import as_bytes, submit
 
     reply, took = await submit(downstream, "", recipients(config), as_bytes(compose(config, rep)),
@@ -172,10 +169,11 @@ async def send(downstream: Any, config: Config, rep: dict) -> bool:
     return bool(took)
 
 
-async def mail_report(daemon: Any) -> None:
+async def mail_report(daemon: Daemon) -> None:
     """The scheduled job: the last period's report, mailed to postmaster."""
     rc = daemon.config.sections.get("report") or ReportConfig()
     now = time.time()
     await daemon.decisions.flush()
-    rep = await build(daemon.store, daemon.config, now - rc.period, now)
+    rep = await build(daemon.store, daemon.config, now - rc.period, now,
+                      sections=daemon.wiring.report_sections)
     await send(daemon.downstream, daemon.config, rep)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.peers import CONFIGS, LABELS, Peer, report
 from bench.run import PRESETS, write_docs
 from tests.integration.conftest import need
 
@@ -25,12 +26,12 @@ def need_postfix() -> None:
     need("postfix", "smtp-source", "smtp-sink")
 
 
-def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:
+def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = 180) -> dict:
     out = tmp_path / f"{name}.json"
     args = [*PRESETS["smoke"][name], *extra, "--workdir", str(tmp_path / "work"),
             "--json", str(out)]
     proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"bench.{name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert result["benchmark"] == name
@@ -78,6 +79,40 @@ def test_retention_smoke(tmp_path):
     assert r["maild_counts"]["trash-7d"] == r["manifest"]["trash_old"] > 0
     assert finite(r["ratio"]["median"]) and finite(r["unchanged_ratio"]["median"])
     assert r["real"]["rules"]["idle-60d-older-90d"]["status"] == "done"
+
+
+def test_peers_smoke(tmp_path):
+    # every peer runs (CI installs them: Makefile DEB_PACKAGES; policyd-rate-limit from PyPI)
+    need_postfix()
+    need("rspamd", "redis-server", "postfwd")
+    r = run_bench("peers", tmp_path, timeout=600)  # rspamd alone takes 15-20 s to start
+    peers = r["peers"]
+    assert list(peers) == list(CONFIGS)
+    for name, p in peers.items():
+        assert not p["missing"] and not p["uncounted"], (name, p)
+        assert p["rates"]["n"] == 1 and finite(p["rates"]["median"]) and p["rates"]["median"] > 0
+        assert finite(p["ratios"]["median"]) and finite(p["vs_rspamd"]["median"])
+        assert finite(p["postfix_cpu_us"]["median"]) and p["postfix_cpu_us"]["median"] > 0
+        if name != "postfix":  # the add-on's own processes did work for each message
+            assert p["addon_cpu_us"]["n"] == 1 and p["addon_cpu_us"]["median"] > 0, name
+        assert p["label"] in r["markdown"]
+    assert peers["postfix"]["ratios"]["median"] == 1.0
+    assert r["markdown"].count("**met**") + r["markdown"].count("**missed**") == 4
+
+
+def test_peers_report_names_what_is_not_installed(tmp_path):
+    """A configuration that cannot run is a row that says so, and its targets are n/a."""
+    args = type("Args", (), {"messages": 10, "sessions": 1, "size": 2048, "reps": 1})
+    peers = [Peer(n, tmp_path, missing="not installed (rspamd, redis-server)" if n == "rspamd"
+                  else "") for n in CONFIGS]
+    for p in peers:
+        if p.name != "rspamd":
+            p.rates.add(100.0)
+            p.ratios.add(1.0)
+    md = report(peers, args, {"date": "now", "loadavg": "0"}, "python -m bench.peers")
+    assert f"| {LABELS['rspamd']} | not installed (rspamd, redis-server) | - | - | - |" in md
+    assert "| >= 2x rspamd's msg/s (maild-front) | - | n/a: rspamd not installed" in md
+    assert "| >= 60% of Postfix alone (maild-front) | 100% | **met** |" in md
 
 
 def test_write_docs_keeps_the_analysis(tmp_path):

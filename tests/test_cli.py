@@ -67,7 +67,7 @@ def seed_decisions(db: Path, decisions: list[tuple[str, str, str]]) -> None:
     """Write (action, rule, customer) decisions two hours old, as the daemon's DecisionLog does."""
     import asyncio
 
-    from maild.store import open_store
+    from maild.components import open_store
     from maild.store.core import DecisionLog, DecisionRow
 
     async def seed():

@@ -5,7 +5,8 @@ import ipaddress
 import pytest
 
 from maild import config as cfg
-from maild.config import ConfigError, load, parse, parse_duration, parse_hostport, parse_size
+from maild.components import load, parse
+from maild.config import ConfigError, parse_duration, parse_hostport, parse_size
 
 MINIMAL = {"postmaster": {"domains": ["hosted.example"]}}
 
@@ -98,7 +99,7 @@ def test_parse_hostport():
         parse_hostport("127.0.0.1:0")
 
 
-def test_section_parsers_registry(monkeypatch):
+def test_section_parsers_are_arguments():
     seen = {}
 
     def parse_widget(r: cfg.Reader):
@@ -106,11 +107,10 @@ def test_section_parsers_registry(monkeypatch):
         r.unknown()
         return seen["n"]
 
-    monkeypatch.setitem(cfg.SECTION_PARSERS, "widget", parse_widget)
-    c = parse({**MINIMAL, "widget": {"n": 3}})
+    c = cfg.parse({**MINIMAL, "widget": {"n": 3}}, sections={"widget": parse_widget})
     assert c.sections["widget"] == 3
     with pytest.raises(ConfigError, match=r"widget\.m: unknown key"):
-        parse({**MINIMAL, "widget": {"m": 3}})
+        cfg.parse({**MINIMAL, "widget": {"m": 3}}, sections={"widget": parse_widget})
 
 
 def test_an_unknown_key_names_the_near_one():

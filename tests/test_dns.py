@@ -12,7 +12,8 @@ import dns.resolver
 import pytest
 
 from maild import dns as maild_dns
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from tests.harness.dns import DnsServer
 
 ZONE = """

@@ -151,12 +151,3 @@ class Campaigns:
         cust.campaigns.move_to_end(c.id)
         c.add_copy(now, recipients)
         return c
-
-    def top(self, customer: str, n: int = 10) -> list[Campaign]:
-        cust = self.customers.get(customer)
-        if cust is None:
-            return []
-        now = self.clock()
-        for c in cust.campaigns.values():
-            c.prune(now, self.window)
-        return sorted((c for c in cust.campaigns.values() if c.copies), key=lambda c: -c.score())[:n]

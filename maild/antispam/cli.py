@@ -14,17 +14,16 @@ from typing import Any
 
 import click
 
-from maild.antispam.limiter import Counter
+from maild.antispam.limiter import Counter, counter_key, legacy_share, under
 from maild.antispam.sanctions import control, set_state
-from maild.cli import echo_json, load_config, run_async
+from maild.clitools import echo_json, load_config, open_store, run_async
 from maild.config import Config
 from maild.daemonctl import apply_control
-from maild.store import open_store
 from maild.store.base import Store
 
 
 async def _with_store(config: Config, fn: Any) -> Any:
-    store = await open_store(config.server.state, config.path)
+    store = await open_store(config)
     try:
         return await fn(store)
     finally:
@@ -50,173 +49,203 @@ async def _state(store: Store, name: str) -> dict:
     return state
 
 
+async def _stored(store: Store, prefix: str) -> list[tuple]:
+    """The stored counters a reset of prefix clears (limiter.under): (key, value, ts, period)."""
+    rows = await store.fetchall(
+        "SELECT key, value, ts, period FROM ratelimit_counters WHERE substr(key, 1, ?) = ?",
+        (len(prefix), prefix))
+    return [r for r in rows if under(r[0], prefix)]
+
+
 async def _counters(store: Store, prefix: str) -> dict[str, float]:
     now = time.time()
-    rows = await store.fetchall(
-        "SELECT key, value, ts, period FROM ratelimit_counters WHERE key = ? OR key LIKE ?",
-        (prefix, prefix + "|%"))
-    return {k: round(Counter(value=v, ts=ts).current(now, p), 2) for k, v, ts, p in rows}
+    return {k: round(Counter(value=v, ts=ts).current(now, p), 2)
+            for k, v, ts, p in await _stored(store, prefix)}
 
 
-async def _message_counts(store: Store, config: Config, name: str) -> list[dict] | None:
-    """The customer's messages counter against each of its [ratelimit] messages windows,
-    as the limiter judges it (decayed over that window), in whole messages; None when
+async def _window_counts(store: Store, config: Config, name: str, kinds: tuple[str, ...]
+                         ) -> dict[str, list[dict]] | None:
+    """The customer's counter against each of its windows, per kind (messages, recipients,
+    bytes), as the limiter judges it (decayed over that window), in whole numbers; a
+    counter stored before per-window counting by its share (limiter._adopt). None when
     rate limits are off."""
-    from maild.policy.ratelimit import customer_limits
+    from maild.policy.ratelimit import customer_key, customer_limits
 
     rl = config.sections.get("ratelimit")
     if rl is not None and not rl.enabled:
         return None
-    row = await store.fetchone("SELECT value, ts FROM ratelimit_counters WHERE key = ?",
-                               (f"cust:{name}",))
-    counter = Counter(value=row[0], ts=row[1]) if row else Counter()
+    stored = {k: (v, ts) for k, v, ts, _p in await _stored(store, f"cust:{name}")}
     limits = customer_limits(config, config.customer(name))
     now = time.time()
-    return [{"rate": r.text, "count": round(counter.current(now, r.period)), "limit": round(r.limit)}
-            for r in (limits.messages if limits else ())]
+    out: dict[str, list[dict]] = {}
+    for kind in kinds:
+        key = customer_key(kind, name)
+        rates = getattr(limits, kind) if limits else ()
+        old = stored.get(key)
+        out[kind] = []
+        for r in rates:
+            row = stored.get(counter_key(key, r))
+            c = (Counter(value=row[0], ts=row[1]) if row else
+                 legacy_share(*old, len(set(rates))) if old else Counter())
+            out[kind].append({"rate": r.text, "count": round(c.current(now, r.period)),
+                              "limit": round(r.limit)})
+    return out
+
+
+def _against(counts: list[dict]) -> str:
+    """'5 of 200/1h, 40 of 2000/1d'."""
+    return ", ".join(f"{m['count']} of {m['rate']}" for m in counts) or "no limit"
+
+
+_SHOWN = ("messages", "recipients", "bytes")  # per-customer counters `customer show` lists
 
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
-def register(main: click.Group) -> None:
-    @main.command("customers")
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def customers(as_json: bool) -> None:
-        """List customers with their sanction state, strikes and message counters."""
-        config = load_config()
+@click.command("customers")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def customers(as_json: bool) -> None:
+    """List customers with their sanction state, strikes and message counters."""
+    config = load_config()
 
-        async def collect(store: Store) -> list[dict]:
-            out = []
-            for c in config.customers:
-                st = await _state(store, c.name)
-                counters = await _counters(store, f"cust:{c.name}")
-                messages = await _message_counts(store, config, c.name)
-                out.append({"name": c.name, **st, "counters": counters, "messages": messages})
-            return out
+    async def collect(store: Store) -> list[dict]:
+        out = []
+        for c in config.customers:
+            st = await _state(store, c.name)
+            counters = await _counters(store, f"cust:{c.name}")
+            counts = await _window_counts(store, config, c.name, ("messages",))
+            out.append({"name": c.name, **st, "counters": counters,
+                        "messages": None if counts is None else counts["messages"]})
+        return out
 
-        rows = run_async(_with_store(config, collect))
-        if as_json:
-            echo_json(rows)
-            return
-        click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)")
-        for r in rows:
-            msgs = ("rate limits off" if r["messages"] is None else
-                    ", ".join(f"{m['count']} of {m['rate']}" for m in r["messages"]) or "no limit")
-            click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}")
-        click.echo("MESSAGES: the rate limiter's decaying counter, decayed over each window as "
-                   "it is compared with the limit; as the daemon last stored it")
+    rows = run_async(_with_store(config, collect))
+    if as_json:
+        echo_json(rows)
+        return
+    click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)")
+    for r in rows:
+        msgs = "rate limits off" if r["messages"] is None else _against(r["messages"])
+        click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}")
+    click.echo("MESSAGES: the rate limiter's decaying counter, decayed over each window as "
+               "it is compared with the limit; as the daemon last stored it")
 
-    @main.group("customer")
-    def customer() -> None:
-        """Show one customer, or warn, block or unblock it."""
 
-    @customer.command("show")
-    @click.argument("name")
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def show(name: str, as_json: bool) -> None:
-        """State, strikes, counters and sanction history of customer NAME."""
-        config = load_config()
-        _need_customer(config, name)
+@click.group("customer")
+def customer() -> None:
+    """Show one customer, or warn, block or unblock it."""
 
-        async def collect(store: Store) -> dict:
-            st = await _state(store, name)
-            st["counters"] = await _counters(store, f"cust:{name}")
-            st["strikes"] = [dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
-                             for r in await store.fetchall(
-                                 "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
-                                 "ORDER BY id DESC LIMIT 20", (name,))]
-            st["history"] = [dict(zip(("ts", "action", "reason", "actor"), r, strict=True))
-                             for r in await store.fetchall(
-                                 "SELECT ts, action, reason, actor FROM sanction_events WHERE "
-                                 "customer = ? ORDER BY id DESC LIMIT 50", (name,))]
-            return st
+@customer.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(name: str, as_json: bool) -> None:
+    """State, strikes, counters and sanction history of customer NAME."""
+    config = load_config()
+    _need_customer(config, name)
 
-        st = run_async(_with_store(config, collect))
-        c = config.customer(name)
-        assert c is not None
-        st.update({"name": name, "contact": c.contact, "networks": [str(n) for n in c.networks],
-                   "logins": list(c.logins), "domains": list(c.domains)})
-        if as_json:
-            echo_json(st)
-            return
-        click.echo(f"customer {name}: {st['state']} since {_when(st['since'])}"
-                   + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else ""))
-        click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
-        click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
-        for k, v in sorted(st["counters"].items()):
-            click.echo(f"  counter {k}: {v:g}")
-        for h in st["history"][:10]:
-            click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
+    async def collect(store: Store) -> dict:
+        st = await _state(store, name)
+        st["counters"] = await _counters(store, f"cust:{name}")
+        counts = await _window_counts(store, config, name, _SHOWN)
+        st.update(counts or dict.fromkeys(_SHOWN))
+        st["strikes"] = [dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
+                         for r in await store.fetchall(
+                             "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
+                             "ORDER BY id DESC LIMIT 20", (name,))]
+        st["history"] = [dict(zip(("ts", "action", "reason", "actor"), r, strict=True))
+                         for r in await store.fetchall(
+                             "SELECT ts, action, reason, actor FROM sanction_events WHERE "
+                             "customer = ? ORDER BY id DESC LIMIT 50", (name,))]
+        return st
 
-    def _change(name: str, state: str, reason: str, as_json: bool) -> None:
-        config = load_config()
-        _need_customer(config, name)
-        actor = f"cli:{_user()}"
-        run_async(_with_store(config, lambda store: set_state(
-            store, name, state, reason, actor, clear=(state == "ok"))))
-        _effect(config, {"name": name, "state": state, "reason": reason, "actor": actor},
-                f"customer {name}: {state}", as_json)
+    st = run_async(_with_store(config, collect))
+    c = config.customer(name)
+    assert c is not None
+    st.update({"name": name, "contact": c.contact, "networks": [str(n) for n in c.networks],
+               "logins": list(c.logins), "domains": list(c.domains)})
+    if as_json:
+        echo_json(st)
+        return
+    click.echo(f"customer {name}: {st['state']} since {_when(st['since'])}"
+               + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else ""))
+    click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
+    click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
+    for kind in _SHOWN:
+        click.echo(f"  {kind}: " + ("rate limits off" if st[kind] is None else _against(st[kind])))
+    for h in st["history"][:10]:
+        click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
 
-    json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
-    @customer.command("warn")
-    @click.argument("name")
-    @click.option("--reason", required=True, help="Why; recorded and shown in `customer show`.")
-    @json_opt
-    def warn(name: str, reason: str, as_json: bool) -> None:
-        """Record a warning for customer NAME (mail still flows)."""
-        _change(name, "warned", reason, as_json)
+def _change(name: str, state: str, reason: str, as_json: bool) -> None:
+    config = load_config()
+    _need_customer(config, name)
+    actor = f"cli:{_user()}"
+    run_async(_with_store(config, lambda store: set_state(
+        store, name, state, reason, actor, clear=(state == "ok"))))
+    _effect(config, {"name": name, "state": state, "reason": reason, "actor": actor},
+            f"customer {name}: {state}", as_json)
 
-    @customer.command("block")
-    @click.argument("name")
-    @click.option("--reason", required=True, help="Why; recorded, and part of the 554 reply.")
-    @json_opt
-    def block(name: str, reason: str, as_json: bool) -> None:
-        """Block all outbound mail of customer NAME (postmaster and abuse still reachable)."""
-        _change(name, "blocked", reason, as_json)
 
-    @customer.command("unblock")
-    @click.argument("name")
-    @click.option("--reason", default="unblocked by operator", show_default=True,
-                  help="Why; recorded in the history.")
-    @json_opt
-    def unblock(name: str, reason: str, as_json: bool) -> None:
-        """Lift a block (or warning) on NAME; strikes before now no longer count."""
-        _change(name, "ok", reason, as_json)
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
-    @main.group("ratelimit")
-    def ratelimit() -> None:
-        """Inspect or reset rate-limit counters."""
+@customer.command("warn")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why; recorded and shown in `customer show`.")
+@json_opt
+def warn(name: str, reason: str, as_json: bool) -> None:
+    """Record a warning for customer NAME (mail still flows)."""
+    _change(name, "warned", reason, as_json)
 
-    @ratelimit.command("reset")
-    @click.argument("key")
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def reset(key: str, as_json: bool) -> None:
-        """Reset counters for KEY: a customer name, or cust:NAME, login:L, ip:ADDR, from:ADDR.
+@customer.command("block")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why; recorded, and part of the 554 reply.")
+@json_opt
+def block(name: str, reason: str, as_json: bool) -> None:
+    """Block all outbound mail of customer NAME (postmaster and abuse still reachable)."""
+    _change(name, "blocked", reason, as_json)
 
-        A bare customer name resets everything counted for that customer (messages,
-        recipients, bytes, per-recipient counters).
-        """
-        config = load_config()
-        prefixes = [key]
-        if ":" not in key:
-            _need_customer(config, key)
-            prefixes = [f"cust:{key}", f"rcpt:{key}"]
+@customer.command("unblock")
+@click.argument("name")
+@click.option("--reason", default="unblocked by operator", show_default=True,
+              help="Why; recorded in the history.")
+@json_opt
+def unblock(name: str, reason: str, as_json: bool) -> None:
+    """Lift a block (or warning) on NAME; strikes before now no longer count."""
+    _change(name, "ok", reason, as_json)
 
-        async def do(store: Store) -> int:
-            n = 0
-            for p in prefixes:
-                n += await store.execute(
-                    "DELETE FROM ratelimit_counters WHERE key = ? OR key LIKE ? OR key LIKE ?",
-                    (p, p + "|%", p + ":%"))
-                await control(store, "ratelimit-reset", p)
-            return n
 
-        n = run_async(_with_store(config, do))
-        _effect(config, {"key": key, "prefixes": prefixes, "deleted": n},
-                f"reset {key}: {n} stored counter(s) removed", as_json)
+@click.group("ratelimit")
+def ratelimit() -> None:
+    """Inspect or reset rate-limit counters."""
+
+@ratelimit.command("reset")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reset(key: str, as_json: bool) -> None:
+    """Reset counters for KEY: a customer name, or cust:NAME, login:L, ip:ADDR, from:ADDR.
+
+    A bare customer name resets everything counted for that customer (messages,
+    recipients, bytes, per-recipient counters).
+    """
+    config = load_config()
+    prefixes = [key]
+    if ":" not in key:
+        _need_customer(config, key)
+        prefixes = [f"cust:{key}", f"rcpt:{key}"]
+
+    async def do(store: Store) -> int:
+        n = 0
+        for p in prefixes:
+            keys = [(r[0],) for r in await _stored(store, p)]
+            await store.executemany("DELETE FROM ratelimit_counters WHERE key = ?", keys)
+            n += len(keys)
+            await control(store, "ratelimit-reset", p)
+        return n
+
+    n = run_async(_with_store(config, do))
+    _effect(config, {"key": key, "prefixes": prefixes, "deleted": n},
+            f"reset {key}: {n} stored counter(s) removed", as_json)
 
 
 def _effect(config: Config, result: dict, text: str, as_json: bool) -> None:

@@ -11,6 +11,13 @@ Reservation releases itself unless committed). Counters live in memory; dirty on
 are written to the store every few seconds, never per message, and loaded at start,
 so they survive a restart. Counters that have decayed to zero are dropped.
 
+One counter per key *and window*: a check (name, key, rate, n) counts at
+`counter_key(key, rate)`, e.g. `cust:acme#1h` and `cust:acme#1d` for ["200/1h",
+"2000/1d"], so each limit counts a message once and decays over its own period. A key
+stored without a window (by a maild that kept one counter for all of a key's windows,
+charging it once per window) is carried over when that key is next checked: each of its
+k windows starts from the old value / k with the old timestamp (see `_adopt`).
+
 Shared counters (several nodes on one PostgreSQL, `share()`): each node sends the
 increments it committed since its last sync as one atomic UPSERT that decays the stored
 value and adds them in SQL (no lost increments between nodes), and reads back the global
@@ -24,15 +31,17 @@ which fails, and the message is tempfailed, never accepted unchecked.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("ratelimit", [
+# The ratelimit schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE ratelimit_counters (
         key TEXT PRIMARY KEY,
@@ -41,7 +50,9 @@ register_migrations("ratelimit", [
         period REAL NOT NULL
     );
     """,
-])
+)
+
+log = logging.getLogger("maild.ratelimit")
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?[bB]?)\s*/\s*(\d*)\s*(s|m|h|d|w)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -68,6 +79,35 @@ class Rate:
             raise ValueError(text)
         return cls(n, float(period), text.strip())
 
+    @property
+    def window(self) -> str:
+        """The period in its largest whole unit: 3600 -> '1h', 5400 -> '90m'."""
+        for unit in "wdhm":
+            if self.period % _UNIT[unit] == 0:
+                return f"{int(self.period // _UNIT[unit])}{unit}"
+        return f"{int(self.period)}s"
+
+
+_WINDOW = re.compile(r"#\d+[smhdw]$")
+
+
+def counter_key(key: str, rate: Rate) -> str:
+    """The counter for key over rate's window: 'cust:acme' + 200/1h -> 'cust:acme#1h'."""
+    return f"{key}#{rate.window}"
+
+
+def base_key(key: str) -> str:
+    """A counter key without its window: 'cust:acme|rcpts#1d' -> 'cust:acme|rcpts'."""
+    return _WINDOW.sub("", key)
+
+
+def under(key: str, prefix: str) -> bool:
+    """Does a reset of prefix clear this counter? The key itself, with any window, and
+    the keys under it ('cust:acme' clears 'cust:acme#1h' and 'cust:acme|rcpts#1d');
+    a prefix with a window ('cust:acme#1h') clears that one counter."""
+    b = base_key(key)
+    return key == prefix or b == prefix or b.startswith((prefix + ":", prefix + "|"))
+
 
 @dataclass(slots=True)
 class Counter:
@@ -80,6 +120,12 @@ class Counter:
         if period <= 0 or elapsed >= period:
             return 0.0
         return self.value * (1.0 - max(elapsed, 0.0) / period)
+
+
+def legacy_share(value: float, ts: float, k: int) -> Counter:
+    """A window's share of a counter stored before per-window counting, which was
+    charged once for each of its k windows."""
+    return Counter(value=value / max(k, 1), ts=ts)
 
 
 def seconds_until_free(cur: float, pending: float, n: float, rate: Rate) -> float:
@@ -140,6 +186,12 @@ class Limiter:
         self.synced: dict[str, tuple[float, float, float]] = {}
         self.healthy = True
         self.round_trips = 0
+        # Counters stored without a window (value, ts, period), until their key is next
+        # checked; shared mode: the windows' shares not yet in the store, and the old
+        # rows to delete once they are.
+        self.legacy: dict[str, tuple[float, float, float]] = {}
+        self.seeds: dict[str, tuple[float, float, float]] = {}
+        self.adopted: set[str] = set()
 
     def share(self, store: Store) -> None:
         """Share counters with the other nodes through store (PostgreSQL)."""
@@ -162,7 +214,8 @@ class Limiter:
 
     def check(self, key: str, rate: Rate, n: float = 1.0) -> float | None:
         """None if n more fit under rate at key, else seconds until they would."""
-        c = self.counters.get(key)
+        self._adopt([("", key, rate, n)])
+        c = self.counters.get(counter_key(key, rate))
         if c is None:
             return None if n <= rate.limit else rate.period
         cur = c.current(self.clock(), rate.period)
@@ -171,24 +224,30 @@ class Limiter:
         return seconds_until_free(cur, c.pending, n, rate)
 
     def reserve(self, res: Reservation, key: str, rate: Rate, n: float = 1.0) -> None:
+        key = counter_key(key, rate)
         c = self.counters.get(key)
         if c is None:
             if len(self.counters) >= self.max_keys:
                 self.expire()
             c = self.counters[key] = Counter(ts=self.clock())
         c.pending += n
-        self.periods[key] = max(self.periods.get(key, 0.0), rate.period)
+        self.periods[key] = rate.period
         res.items.append((key, n, rate.period))
 
     def try_reserve(self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
                     ) -> Over | None:
-        """Check every (name, key, rate, n) first; reserve all only if all fit."""
+        """Check every (name, key, rate, n) first; reserve all only if all fit. Two rates
+        of one key with the same period are one counter, charged once."""
+        self._adopt(checks)
         for name, key, rate, n in checks:
             wait = self.check(key, rate, n)
             if wait is not None:
-                return Over(name, key, rate, wait)
+                return Over(name, counter_key(key, rate), rate, wait)
+        charged = set()
         for _name, key, rate, n in checks:
-            self.reserve(res, key, rate, n)
+            if (counter_key(key, rate), n) not in charged:
+                charged.add((counter_key(key, rate), n))
+                self.reserve(res, key, rate, n)
         return None
 
     async def try_reserve_async(self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
@@ -196,8 +255,10 @@ class Limiter:
         """try_reserve, after a round trip for the keys whose local allowance cannot serve
         (shared mode only; a StoreError propagates and the caller tempfails)."""
         if self.shared is not None:
+            self._adopt(checks)
             need = []
             for _name, key, rate, n in checks:
+                key = counter_key(key, rate)
                 c = self.counters.get(key)
                 if not self._allowed(key, rate, n, c.pending if c else 0.0):
                     need.append(key)
@@ -205,15 +266,41 @@ class Limiter:
                 await self.sync(self.shared, need)
         return self.try_reserve(res, checks)
 
+    def _adopt(self, checks: list[tuple[str, str, Rate, float]]) -> None:
+        """Carry counters stored without a window over to the windows checked now: each of
+        a key's k rates was charged at the one old counter, so each window starts from a
+        k-th of it, with its timestamp. The same share on every node, and shared mode
+        inserts it only where no node has yet (ON CONFLICT DO NOTHING): counted once."""
+        if not self.legacy:
+            return
+        rates: dict[str, list[Rate]] = {}
+        for _name, key, rate, _n in checks:
+            if key in self.legacy and rate not in rates.setdefault(key, []):
+                rates[key].append(rate)
+        for key, mine in rates.items():
+            value, ts, _period = self.legacy.pop(key)
+            for rate in mine:
+                ck = counter_key(key, rate)
+                if ck in self.counters:
+                    continue
+                seed = self.counters[ck] = legacy_share(value, ts, len(mine))
+                self.periods[ck] = rate.period
+                if self.shared is None:
+                    self.dirty.add(ck)
+                else:
+                    self.seeds[ck] = (seed.value, seed.ts, rate.period)
+            (self.dirty if self.shared is None else self.adopted).add(key)  # the old row goes
+
     async def sync(self, store: Store, keys: list[str] | None = None) -> int:
         """Shared mode: add this node's unsynced increments to the global counters and
         read them back, atomically per key (one statement); keys=None syncs every key
         with unsynced increments."""
         if keys is None:
-            keys = [k for k, d in self.delta.items() if d > 0]
+            keys = [k for k, d in self.delta.items() if d > 0] + list(self.seeds)
         keys = sorted(set(keys))  # one lock order on every node: no deadlocks
         if not keys:
             return 0
+        await self._store_seeds(store, keys)
         now = self.clock()
         sent = {k: self.delta.get(k, 0.0) for k in keys}
         params: list[object] = []
@@ -237,6 +324,25 @@ class Limiter:
                 c = self.counters[key] = Counter()
             c.value, c.ts = float(value) + self.delta.get(key, 0.0), float(ts)
         return len(rows)
+
+    async def _store_seeds(self, store: Store, keys: list[str]) -> None:
+        """Shared mode: the carried-over shares of keys, where no node stored them yet;
+        then, all carried over, the old rows go."""
+        seeds = [(k, *self.seeds[k]) for k in keys if k in self.seeds]
+        try:
+            if seeds:
+                await store.executemany(
+                    "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(key) DO NOTHING", seeds)
+                for k, *_ in seeds:
+                    del self.seeds[k]
+            if self.adopted and not self.seeds:
+                await store.executemany("DELETE FROM ratelimit_counters WHERE key = ?",
+                                        [(k,) for k in sorted(self.adopted)])
+                self.adopted.clear()
+        except StoreError:
+            self.healthy = False
+            raise
 
     def commit(self, res: Reservation) -> None:
         if res.done:
@@ -263,29 +369,31 @@ class Limiter:
             if c is not None:
                 c.pending = max(0.0, c.pending - n)
 
-    def value(self, key: str) -> float:
+    def value(self, key: str, rate: Rate) -> float:
+        """The count at key over rate's window."""
+        key = counter_key(key, rate)
         c = self.counters.get(key)
         return 0.0 if c is None else c.current(self.clock(), self.periods.get(key, 0.0))
 
-    def reset(self, prefix: str) -> int:
-        """Drop counters whose key equals prefix or starts with 'prefix:'; returns how many."""
-        gone = [k for k in self.counters if k == prefix or k.startswith(prefix + ":")
-                or k.startswith(prefix + "|")]
+    def _drop(self, gone: list[str]) -> int:
         for k in gone:
-            del self.counters[k]
+            self.counters.pop(k, None)
             self.periods.pop(k, None)
+            self.legacy.pop(k, None)
+            self.seeds.pop(k, None)
             self.dirty.add(k)
         return len(gone)
 
+    def reset(self, prefix: str) -> int:
+        """Drop the counters under prefix (see `under`), every window; returns how many."""
+        return self._drop([k for k in [*self.counters, *self.legacy] if under(k, prefix)])
+
     def expire(self) -> int:
         now = self.clock()
-        gone = [k for k, c in self.counters.items()
-                if c.pending <= 0 and c.current(now, self.periods.get(k, 0.0)) <= 0.0]
-        for k in gone:
-            del self.counters[k]
-            self.periods.pop(k, None)
-            self.dirty.add(k)
-        return len(gone)
+        return self._drop([k for k, c in self.counters.items()
+                           if c.pending <= 0 and c.current(now, self.periods.get(k, 0.0)) <= 0.0]
+                          + [k for k, (v, ts, p) in self.legacy.items()
+                             if Counter(value=v, ts=ts).current(now, p) <= 0.0])
 
     # ------------------------------------------------------------------ persistence
 
@@ -294,10 +402,18 @@ class Limiter:
         rows = await store.fetchall("SELECT key, value, ts, period FROM ratelimit_counters")
         for key, value, ts, period in rows:
             c = Counter(value=value, ts=ts)
-            if c.current(now, period) > 0:
+            if c.current(now, period) <= 0:
+                continue
+            if base_key(key) == key:
+                self.legacy[key] = (value, ts, period)
+            else:
                 self.counters[key] = c
                 self.periods[key] = period
-        return len(self.counters)
+        if self.legacy:
+            log.warning("ratelimit: legacy counters=%d (stored with one counter for all of a "
+                        "key's windows): each window starts from its share when its key is "
+                        "next checked", len(self.legacy))
+        return len(self.counters) + len(self.legacy)
 
     async def flush(self, store: Store) -> int:
         """Write dirty counters (delete the dropped ones); one batch, off the hot path.

@@ -22,13 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.log import clean
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
 log = logging.getLogger("maild.sanctions")
 
-register_migrations("sanctions", [
+# The sanctions schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE sanctions (
         customer TEXT PRIMARY KEY,
@@ -62,9 +63,9 @@ register_migrations("sanctions", [
         arg TEXT NOT NULL
     );
     """,
-])
+)
 
-ACTIONS = ("warn", "block")
+LADDER_STEPS = ("warn", "block")
 CONTROL_LOOKBACK = 1000  # ids below the highest seen that may still appear (late commits)
 
 
@@ -83,11 +84,11 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     d = SanctionsConfig()
     ladder = r.str_list("ladder", d.ladder, lower=True)
     for i, step in enumerate(ladder):
-        if step not in ACTIONS:
+        if step not in LADDER_STEPS:
             r.error(f"ladder[{i}]", step, 'one of "warn", "block"')
     cfg = SanctionsConfig(
         enabled=r.bool("enabled", d.enabled),
-        ladder=tuple(s for s in ladder if s in ACTIONS) or d.ladder,
+        ladder=tuple(s for s in ladder if s in LADDER_STEPS) or d.ladder,
         window=r.duration("window", "7d", positive=True),
         cooldown=r.duration("cooldown", "1h"),
         contact=r.str("contact", ""),
@@ -98,7 +99,6 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     return cfg
 
 
-SECTION_PARSERS["sanctions"] = parse_sanctions
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,10 @@ from typing import Any
 from maild.optin.chain import GENESIS, detail_json, row_hash
 from maild.optin.model import Event, Kind, iso, now_iso
 from maild.optin.settings import ListConfig, consent_hash
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("optin", [
+# The optin schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE optin_events (
         id INTEGER PRIMARY KEY,
@@ -83,7 +84,7 @@ register_migrations("optin", [
         PRIMARY KEY (list_id, hour)
     );
     """,
-])
+)
 
 EVENT_COLUMNS = ("id", "list_id", "seq", "ts", "address", "event", "channel", "actor", "ip",
                  "user_agent", "consent_hash", "token_hash", "message_id", "raw_sha256", "detail",
@@ -221,11 +222,6 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    async def events_since(self, last_id: int, limit: int = 50000) -> list[Event]:
-        rows = await self.store.fetchall(_SELECT + " WHERE id > ? ORDER BY id LIMIT ?",
-                                         (last_id, limit))
-        return [_row(r) for r in rows]
-
     async def events_for(self, address: str, list_id: str | None = None) -> list[Event]:
         if list_id:
             rows = await self.store.fetchall(
@@ -257,11 +253,6 @@ class Ledger:
         return await self.store.fetchall(
             f"SELECT {', '.join(EVENT_COLUMNS[1:])} FROM optin_events WHERE list_id = ? "
             "AND seq > ? ORDER BY seq LIMIT ?", (list_id, after_seq, limit))
-
-    async def token_events(self, token_hash: str) -> list[Event]:
-        rows = await self.store.fetchall(_SELECT + " WHERE token_hash = ? ORDER BY id",
-                                         (token_hash,))
-        return [_row(r) for r in rows]
 
     async def count_requests(self, list_id: str, address: str, since: float) -> int:
         row = await self.store.fetchone(

@@ -80,10 +80,6 @@ class Event:
     hash: str = ""
     id: int = 0  # the store's row id; not part of the hash
 
-    @property
-    def epoch(self) -> float:
-        return from_iso(self.ts)
-
 
 @dataclass(frozen=True, slots=True)
 class Standing:

@@ -15,9 +15,9 @@ queued at shutdown are logged with enough detail to record them by hand.
 Wiring (maild/daemon.py):
 
     from maild.optin.service import OptinService
-    svc = OptinService(config, store, downstream)
+    svc = OptinService(config, store, downstream, sanctions=daemon.sanctions)
     await svc.start()
-    services.optin = svc
+    daemon.services.optin = svc
     ...
     await svc.stop()          # before the downstream and the store are closed
 """
@@ -32,9 +32,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from maild import services
 from maild.config import Config
 from maild.log import clean
 from maild.optin.actions import log_event
@@ -44,6 +43,9 @@ from maild.optin.registry import Registry
 from maild.optin.settings import ListConfig, OptinConfig, section
 from maild.optin.tokens import token_hash
 from maild.store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from maild.antispam.sanctions import Sanctions
 
 log = logging.getLogger("maild.optin")
 
@@ -80,8 +82,9 @@ Key = tuple[str, str]
 
 class OptinService:
     def __init__(self, config: Config, store: Store, downstream: Any = None, *,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, sanctions: Sanctions | None = None):
         self.config = config
+        self.sanctions = sanctions  # strikes for complaints; its control-table watch
         self.store = store
         self.ledger = Ledger(store)
         self.downstream = downstream
@@ -121,7 +124,7 @@ class OptinService:
         await self.reload_lists()
         await self.refresh()
         await self._load_delivered()
-        sanctions = services.sanctions
+        sanctions = self.sanctions
         if sanctions is not None:
             sanctions.on_control.append(self.on_control)
         else:  # no sanctions service: watch the control table ourselves
@@ -161,7 +164,7 @@ class OptinService:
             await self.flush_delivered()
         except StoreError as e:
             log.error("optin: cannot persist delivered counts at stop: %s", e)
-        sanctions = services.sanctions
+        sanctions = self.sanctions
         if sanctions is not None and self.on_control in sanctions.on_control:
             sanctions.on_control.remove(self.on_control)
 
@@ -418,8 +421,8 @@ class OptinService:
         if pct > s.complaint_limit_percent:
             log.warning("optin: list=%s customer=%s complaints=%d delivered=%d rate=%.3f%% "
                         "action=strike", list_id, lst.customer, n, delivered, pct)
-            if services.sanctions is not None:
-                services.sanctions.strike_soon(lst.customer, "optin-complaints", why)
+            if self.sanctions is not None:
+                self.sanctions.strike_soon(lst.customer, "optin-complaints", why)
         elif pct > s.complaint_warning_percent:
             last = self._warned.get(list_id, 0.0)
             if self.clock() - last >= 3600:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from maild.config import SECTION_PARSERS, Reader, is_hostname
+from maild.config import Reader, is_hostname
 
 # RFC 2919 list-id: list-label "." list-id-namespace, both dot-atom-text.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -162,4 +162,3 @@ def section(config: object) -> OptinConfig:
     return getattr(config, "sections", {}).get("optin") or OptinConfig()
 
 
-SECTION_PARSERS["optin"] = parse_optin

@@ -13,10 +13,9 @@ import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from maild import services
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, reject
 from maild.textsig import body_text, normalise, signature, volatile_tokens
 
@@ -45,7 +44,6 @@ def parse_bulk(r: Reader) -> BulkConfig:
     return cfg
 
 
-SECTION_PARSERS["bulk"] = parse_bulk
 
 # Checks that may vouch for a bulk message (confirmed opt-in list mail); first True wins.
 EXEMPTIONS: list[Callable[[Context], bool]] = []
@@ -68,9 +66,9 @@ def message_signature(ctx: Context) -> tuple[int, ...] | None:
     return sig
 
 
-@rule(Stage.DATA, "bulk", order=50)
+@rule(Stage.DATA, "bulk")
 def bulk(ctx: Context) -> Verdict | None:
-    campaigns = services.campaigns
+    campaigns = ctx.services.campaigns
     cfg = section(ctx)
     if campaigns is None or not cfg.enabled or ctx.identity.customer is None or ctx.message is None:
         return None
@@ -91,5 +89,6 @@ def bulk(ctx: Context) -> Verdict | None:
 @on_finish
 def bulk_finish(ctx: Context, accepted: bool) -> None:
     sig = ctx.notes.get("bulk-sig")
-    if accepted and sig is not None and services.campaigns is not None and ctx.identity.customer:
-        services.campaigns.add(ctx.identity.name, sig, len(ctx.recipients))  # type: ignore[arg-type]
+    campaigns = ctx.services.campaigns
+    if accepted and isinstance(sig, tuple) and campaigns is not None and ctx.identity.customer:
+        campaigns.add(ctx.identity.name, sig, len(ctx.recipients))

@@ -17,6 +17,8 @@ from functools import cached_property
 
 from maild.address import Address
 from maild.config import Config, Customer
+from maild.policy.services import Services
+from maild.policy.verdict import Verdict
 
 
 class Stage(StrEnum):
@@ -37,8 +39,6 @@ class Client:
     proto: str = "SMTP"
     ident: str = ""
     source: str = ""
-    # The TCP peer maild talks to (Postfix in before-queue mode).
-    peer_addr: str = ""
     trusted_peer: bool = False
 
     @property
@@ -115,14 +115,14 @@ class Message:
     def mailboxes(self) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
         """From/Sender/Reply-To as ((display name, addr-spec, domain), ...) per field, or
         None for a malformed field; parsed once, shared by the forged-header checks."""
-        from maild.policy.headers import parse_mailboxes
+        from maild.policy.mailboxes import parse_mailboxes
 
         return parse_mailboxes(self.headers)
 
     @cached_property
     def decoded_headers(self) -> dict[str, list[str]]:
         """From/Sender/Reply-To values with RFC 2047 encoded words decoded, comments kept."""
-        from maild.policy.headers import decoded_values
+        from maild.policy.mailboxes import decoded_values
 
         return decoded_values(self.headers)
 
@@ -139,7 +139,14 @@ class Context:
     rcpt: Address | None = None  # the recipient being judged at RCPT
     recipients: list[Address] = field(default_factory=list)  # accepted so far
     postmaster_only: bool | None = None  # None until the first recipient
+    # Recipients outside the hosted domains accepted before the login is known
+    # (before-queue mode): the relay rule adds them, pipeline.rcpt_done drops the ones the
+    # downstream refused, and the DATA relay rule refuses them if no login came.
     relay_pending: list[Address] = field(default_factory=list)
+    # A MAIL-stage refusal, given to every recipient but postmaster (pipeline.mail).
+    mail_verdict: Verdict | None = None
+    finished: bool = False  # pipeline.finish ran
+    services: Services = field(default_factory=Services, repr=False, compare=False)
     message: Message | None = None
     # Rules may leave notes for later stages and for the log line (rule -> value).
     notes: dict[str, object] = field(default_factory=dict)

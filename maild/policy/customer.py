@@ -25,7 +25,7 @@ class CustomerIndex:
     @classmethod
     def build(cls, config: Config) -> CustomerIndex:
         logins: dict[str, Customer] = {}
-        nets = []
+        nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Customer]] = []
         domains: dict[str, Customer] = {}
         addresses: dict[str, Customer] = {}
         for c in config.customers:

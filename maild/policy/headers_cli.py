@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-
-def register(group: click.Group) -> None:
-    group.add_command(check_message)
+if TYPE_CHECKING:
+    from maild.policy.services import Services
 
 
 def _crlf(data: bytes) -> bytes:
@@ -46,7 +45,7 @@ def check_message(file: Any, customer: str | None, login: str | None, client_add
     Exit status: 0 when maild would relay the message (tags allowed), 1 when it would
     refuse it, 2 on bad usage or a broken policies.toml.
     """
-    from maild.cli import echo_json, load_config, run_async
+    from maild.clitools import echo_json, load_config, run_async
 
     config = load_config()
     data = file.read(config.server.limits.message_size + 1)
@@ -80,13 +79,16 @@ def check_message(file: Any, customer: str | None, login: str | None, client_add
 
 
 async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
-               client_addr: str, helo: str | None, mail_from: str | None, smtputf8: bool) -> dict:
+               client_addr: str, helo: str | None, mail_from: str | None, smtputf8: bool,
+               services: Services | None = None) -> dict[str, Any]:
     from maild import dns as maild_dns
     from maild.address import PathError, parse_path
-    from maild.policy import headers as h
+    from maild.policy import chain
+    from maild.policy import checks as h
     from maild.policy.context import Client, Context, Identity, Message
     from maild.policy.customer import resolve
     from maild.policy.identity import HELO_CHECKS
+    from maild.policy.services import Services
 
     maild_dns.configure(config)
     message = Message(content)
@@ -115,11 +117,12 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
     else:
         identity = Identity()
     ctx = Context(config=config, session_id="check-message", client=client, identity=identity,
-                  sender=sender, mail_params=["SMTPUTF8"] if smtputf8 else [], message=message)
+                  sender=sender, mail_params=["SMTPUTF8"] if smtputf8 else [], message=message,
+                  services=services or Services())
     ctx.notes["dry-run"] = True
     results, verdict = [], None
-    for d in h.describe():
-        c = h.CHECKS[d["name"]]
+    for d in chain.describe_checks():
+        c = chain.CHECKS[d["name"]]
         ctx.stage = c.stage
         row: dict[str, Any] = {"name": c.name, "stage": c.stage.value}
         skip = "no --helo given" if helo is None and c.name in HELO_CHECKS else h.skip_reason(c, ctx)
@@ -143,7 +146,7 @@ async def _run(config: Any, content: bytes, *, customer: str | None, login: str,
             "verdict": verdict or {"action": "relay", "rule": "-", "reply": ""}}
 
 
-def _print(report: dict) -> None:
+def _print(report: dict[str, Any]) -> None:
     click.echo(f"{report['file']}: customer={report['customer']} "
                f"client={report['client'] or '-'} helo={report['helo'] or '-'} "
                f"mail_from={report['mail_from'] or '-'} mode={report['mode']}")

@@ -26,19 +26,23 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from maild import config as cfg
 from maild import dns as maild_dns
 from maild import log as mlog
-from maild import services
 from maild.address import PathError, canonical, parse_path
 from maild.antispam.limiter import Reservation
 from maild.config import Customer
 from maild.optin.registry import Registry
 from maild.optin.settings import section as optin_section
+from maild.policy.checks import Finding, check, maybe_ip, own_names, show, submitted
 from maild.policy.context import Context, Stage
-from maild.policy.headers import Finding, check, maybe_ip, own_names, settings, show, submitted
-from maild.policy.pipeline import on_finish
+from maild.policy.headers import settings
+from maild.policy.rules import on_finish
+
+if TYPE_CHECKING:
+    from maild.optin.service import OptinService
 
 log = logging.getLogger("maild.policy")
 
@@ -92,7 +96,6 @@ def parse_permitted(r: cfg.Reader) -> tuple[Permit, ...]:
     return tuple(out)
 
 
-cfg.CUSTOMER_PARSERS["permitted"] = parse_permitted
 
 
 def _domain_of(addr: str) -> str:
@@ -107,10 +110,10 @@ def _domain_of(addr: str) -> str:
 ListAddresses = Callable[[str, str], "str | None"]
 
 
-def lists_of(config: cfg.Config) -> ListAddresses:
-    """The registered lists' addresses: the running daemon's (policies.toml and the store,
-    with its confirmation tokens), else those in policies.toml (check-message, tests)."""
-    svc = services.optin
+def lists_of(config: cfg.Config, svc: OptinService | None = None) -> ListAddresses:
+    """The registered lists' addresses: the running daemon's opt-in service's
+    (policies.toml and the store, with its confirmation tokens), else those in
+    policies.toml (check-message, tests)."""
     if svc is not None:
         return functools.partial(svc.list_address, config)
     s = optin_section(config)
@@ -151,7 +154,7 @@ def _yours(customer: Customer) -> str:
 def _not_yours(ctx: Context, what: str, addr: str, where: str) -> Finding | None:
     customer = ctx.identity.customer
     assert customer is not None
-    why = owner_of(customer, addr, where, lists_of(ctx.config))
+    why = owner_of(customer, addr, where, lists_of(ctx.config, ctx.services.optin))
     if why is None:
         return Finding(f"{what} <{show(addr)}> is not an address of yours: send from your "
                        f"domains{_yours(customer)}, or ask support to record the owner's "
@@ -164,7 +167,7 @@ def _not_yours(ctx: Context, what: str, addr: str, where: str) -> Finding | None
 
 # --------------------------------------------------------------------------- envelope
 
-@check("envelope-owner", Stage.MAIL, order=35, recheck_order=44, scope="customer",
+@check("envelope-owner", Stage.MAIL, strike=True, recheck=True, scope="customer",
        default="reject", code=553, status="5.7.1",
        summary="MAIL FROM is an address or domain of the customer (or permitted)")
 def envelope_owner(ctx: Context) -> Finding | None:
@@ -200,7 +203,7 @@ def _domain_finding(what: str, domain: str, r: maild_dns.Lookup) -> Finding | No
                    "record): replies cannot reach it; fix the address or the domain's DNS")
 
 
-@check("sender-domain-unknown", Stage.MAIL, order=40, recheck_order=55, scope="any",
+@check("sender-domain-unknown", Stage.MAIL, recheck=True, scope="any",
        default="reject", code=550, status="5.1.8",
        summary="the MAIL FROM domain resolves (MX, else A/AAAA; not a null MX)")
 async def sender_domain_unknown(ctx: Context) -> Finding | None:
@@ -257,7 +260,7 @@ def helo_problem(helo: str, client_addr: str) -> str | None:
     return None
 
 
-@check("helo-invalid", Stage.MAIL, order=30, recheck_order=42, scope="any", default="reject",
+@check("helo-invalid", Stage.MAIL, recheck=True, scope="any", default="reject",
        code=550, status="5.5.2", skip=_helo_skip,
        summary="HELO is a fully qualified host name or the client's own [address]")
 def helo_invalid(ctx: Context) -> Finding | None:
@@ -265,7 +268,7 @@ def helo_invalid(ctx: Context) -> Finding | None:
     return Finding(problem) if problem else None
 
 
-@check("helo-ours", Stage.MAIL, order=31, recheck_order=43, scope="any", default="reject",
+@check("helo-ours", Stage.MAIL, strike=True, recheck=True, scope="any", default="reject",
        code=550, status="5.7.1",
        summary="HELO does not claim one of our host names or domains")
 def helo_ours(ctx: Context) -> Finding | None:
@@ -310,7 +313,7 @@ def looks_automatic(ctx: Context) -> bool:
     return bool(_AUTO_SUBJECT.match(get("subject")))
 
 
-@check("null-sender", Stage.DATA, order=45, scope="customer", default="reject", code=550,
+@check("null-sender", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
        status="5.7.1", summary="MAIL FROM:<> only for bounces, receipts and auto-replies")
 def null_sender(ctx: Context) -> Finding | None:
     if ctx.sender is None or not ctx.sender.is_null or looks_automatic(ctx):
@@ -319,12 +322,12 @@ def null_sender(ctx: Context) -> Finding | None:
                    "neither); send it from your own address")
 
 
-@check("null-sender-rate", Stage.DATA, order=46, scope="customer", default="tempfail",
+@check("null-sender-rate", Stage.DATA, scope="customer", default="tempfail",
        code=550, status="5.7.1",
        summary="at most null_sender_rate messages with MAIL FROM:<> per customer")
 def null_sender_rate(ctx: Context) -> Finding | None:
     """Counted in the shared rate limiter (persistent, charged only once delivered)."""
-    limiter = services.limiter
+    limiter = ctx.services.limiter
     if ctx.sender is None or not ctx.sender.is_null or limiter is None:
         return None
     rate = settings(ctx).null_sender_rate
@@ -333,6 +336,7 @@ def null_sender_rate(ctx: Context) -> Finding | None:
         wait = limiter.check(key, rate)
     else:
         res = ctx.notes.setdefault(_NULL_RES, Reservation())
+        assert isinstance(res, Reservation)
         over = limiter.try_reserve(res, [("null-sender", key, rate, 1.0)])
         wait = over.retry_after if over is not None else None
     if wait is None:
@@ -347,10 +351,11 @@ _NULL_RES = "headers.null-sender"
 
 
 @on_finish
-def _null_sender_finish(ctx: Context, accepted: bool) -> None:
+def null_sender_finish(ctx: Context, accepted: bool) -> None:
     res = ctx.notes.get(_NULL_RES)
-    if isinstance(res, Reservation) and services.limiter is not None:
-        (services.limiter.commit if accepted else services.limiter.release)(res)
+    limiter = ctx.services.limiter
+    if isinstance(res, Reservation) and limiter is not None:
+        (limiter.commit if accepted else limiter.release)(res)
 
 
 # --------------------------------------------------------------------------- header fields
@@ -370,25 +375,25 @@ def _field_owner(ctx: Context, field: str, label: str) -> Finding | None:
     return None
 
 
-@check("from-owner", Stage.DATA, order=47, scope="customer", default="reject", code=550,
+@check("from-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
        status="5.7.1", summary="every From: address is the customer's (or permitted)")
 def from_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "from", "From")
 
 
-@check("sender-owner", Stage.DATA, order=48, scope="customer", default="reject", code=550,
+@check("sender-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
        status="5.7.1", summary="the Sender: address is the customer's (or permitted)")
 def sender_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "sender", "Sender")
 
 
-@check("reply-to-owner", Stage.DATA, order=49, scope="customer", default="reject", code=550,
+@check("reply-to-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
        status="5.7.1", summary="every Reply-To: address is the customer's (or permitted)")
 def reply_to_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "reply-to", "Reply-To")
 
 
-@check("return-path-owner", Stage.DATA, order=50, scope="customer", default="reject",
+@check("return-path-owner", Stage.DATA, strike=True, scope="customer", default="reject",
        code=550, status="5.7.1",
        summary="a Return-Path: in a submitted message is <> or the customer's")
 def return_path_owner(ctx: Context) -> Finding | None:
@@ -408,7 +413,7 @@ def return_path_owner(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-domain-unknown", Stage.DATA, order=56, scope="any", default="reject", code=550,
+@check("from-domain-unknown", Stage.DATA, scope="any", default="reject", code=550,
        status="5.1.8", summary="each From: domain resolves (MX, else A/AAAA; not a null MX)")
 async def from_domain_unknown(ctx: Context) -> Finding | None:
     assert ctx.message is not None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maild import services
 from maild.optin import inbound
 from maild.optin import ledger as _ledger  # noqa: F401  (registers the schema)
 from maild.optin.detect import (
@@ -45,7 +44,7 @@ from maild.optin.settings import section
 from maild.optin.tokens import token_hash
 from maild.policy import bulk
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, reject
 
 
@@ -58,7 +57,7 @@ class ListMail:
 
 
 def _service(ctx: Context) -> OptinService | None:
-    svc = getattr(services, "optin", None)
+    svc = ctx.services.optin
     if svc is None or not section(ctx.config).enabled:
         return None
     return svc
@@ -113,7 +112,7 @@ async def _check_token(svc: OptinService, ctx: Context, token: str) -> Verdict |
     return None
 
 
-@rule(Stage.RCPT, "optin", order=40)
+@rule(Stage.RCPT, "optin")
 async def optin_rcpt(ctx: Context) -> Verdict | None:
     svc = _service(ctx)
     if svc is None:
@@ -179,7 +178,7 @@ def _unregistered(ctx: Context, cls: ListMail) -> Verdict:
                   "optin-unregistered", strike=True)
 
 
-@rule(Stage.DATA, "optin", order=55)
+@rule(Stage.DATA, "optin")
 def optin_data(ctx: Context) -> Verdict | None:
     svc = _service(ctx)
     if svc is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from maild.address import Address
 from maild.config import Config
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, accept, tempfail
 
 
@@ -29,7 +29,7 @@ def is_postmaster(addr: Address, config: Config) -> bool:
     return local in config.postmaster.local_parts and addr.domain in config.hosted_domains
 
 
-@rule(Stage.RCPT, "postmaster", order=0)
+@rule(Stage.RCPT, "postmaster")
 def postmaster_rcpt(ctx: Context) -> Verdict | None:
     assert ctx.rcpt is not None
     pm = is_postmaster(ctx.rcpt, ctx.config)
@@ -37,9 +37,9 @@ def postmaster_rcpt(ctx: Context) -> Verdict | None:
         kind = "postmaster/abuse" if pm else "other"
         return tempfail(452, "4.5.3", f"<{ctx.rcpt.addr}>: send mail to {kind} recipients "
                         "in a separate transaction", "postmaster-split")
-    return accept("postmaster", final=True) if pm else None
+    return accept("postmaster", final=True, postmaster=True) if pm else None
 
 
-@rule(Stage.DATA, "postmaster", order=0)
+@rule(Stage.DATA, "postmaster")
 def postmaster_data(ctx: Context) -> Verdict | None:
     return accept("postmaster", final=True) if ctx.postmaster_only else None

@@ -10,9 +10,10 @@ recipients, mail bombing) or at end of data (bytes), and a strike. Mail is charg
 when the downstream accepted it (see maild.antispam.limiter). Postmaster and abuse are
 never limited: the postmaster rule ends the stage before this one runs.
 
-Keys: `cust:NAME` (the customer), `login:LOGIN`, `ip:ADDR`, `from:SENDER`,
-`rcpt:NAME|RECIPIENT` (per customer and recipient, recipients normalised by case and
-plus-address tag, so one person is not counted twice).
+Keys: `cust:NAME` (the customer's messages), `cust:NAME|rcpts`, `cust:NAME|bytes`,
+`login:LOGIN`, `ip:ADDR`, `from:SENDER`, `rcpt:NAME|RECIPIENT` (per customer and
+recipient, recipients normalised by case and plus-address tag, so one person is not
+counted twice). The limiter keeps one counter per key and window (`cust:NAME#1h`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from maild import services
-from maild.address import canonical
-from maild.antispam.limiter import Over, Rate, Reservation
-from maild.config import CUSTOMER_PARSERS, SECTION_PARSERS, Config, Customer, Reader
+from maild.address import Address, canonical
+from maild.antispam.limiter import Limiter, Over, Rate, Reservation
+from maild.config import Config, Customer, Reader
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import on_finish, rule
+from maild.policy.rules import on_finish, rule
 from maild.policy.verdict import Verdict, tempfail
 
 Rates = tuple[Rate, ...]
 
 
 @dataclass(frozen=True)
-class Limits:
+class RateLimits:
     messages: Rates = (Rate.parse("200/1h"), Rate.parse("2000/1d"))
     recipients: Rates = (Rate.parse("500/1h"), Rate.parse("5000/1d"))
     bytes: Rates = (Rate.parse("500MB/1h"),)
@@ -47,10 +47,10 @@ class Limits:
 @dataclass(frozen=True)
 class RateLimitConfig:
     enabled: bool = True
-    defaults: Limits = Limits()
-    tiers: dict[str, Limits] | None = None
+    defaults: RateLimits = RateLimits()
+    tiers: dict[str, RateLimits] | None = None
     # Unidentified clients (not a customer): limited per IP only when this is set.
-    unidentified: Limits | None = None
+    unidentified: RateLimits | None = None
 
 
 _RATE_KEYS = ("messages", "recipients", "bytes", "same_recipient", "per_login", "per_ip",
@@ -77,7 +77,7 @@ def _rates(r: Reader, name: str, default: Rates) -> Rates:
     return tuple(out)
 
 
-def _limits(r: Reader, base: Limits) -> Limits:
+def _limits(r: Reader, base: RateLimits) -> RateLimits:
     changes: dict[str, Any] = {}
     for k in _RATE_KEYS:
         if r.has(k):
@@ -93,8 +93,8 @@ def _limits(r: Reader, base: Limits) -> Limits:
 
 def parse_ratelimit(r: Reader) -> RateLimitConfig:
     enabled = r.bool("enabled", True)
-    defaults = _limits(r, Limits())
-    tiers: dict[str, Limits] = {}
+    defaults = _limits(r, RateLimits())
+    tiers: dict[str, RateLimits] = {}
     tr = r.table_of("tiers")
     for name in list(tr.table):
         tier = tr.table_of(name)
@@ -103,7 +103,7 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
     unidentified = None
     if r.has("unidentified"):
         ur = r.table_of("unidentified")
-        unidentified = _limits(ur, Limits(messages=(), recipients=(), bytes=(), same_recipient=()))
+        unidentified = _limits(ur, RateLimits(messages=(), recipients=(), bytes=(), same_recipient=()))
         ur.unknown()
     r.unknown()
     return RateLimitConfig(enabled, defaults, tiers, unidentified)
@@ -112,29 +112,27 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
 def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
     """A customer's `tier` and `[customers.ratelimit]` overrides (resolved lazily)."""
     tier = r.str("tier", "")
-    overrides = None
+    overrides: dict[str, Any] = {}
     if r.has("ratelimit"):
         sub = r.table_of("ratelimit")
-        overrides = _limits(sub, Limits())
-        overrides = {f.name: getattr(overrides, f.name) for f in fields(Limits) if sub.has(f.name)}
+        given = _limits(sub, RateLimits())
+        overrides = {f.name: getattr(given, f.name) for f in fields(RateLimits) if sub.has(f.name)}
         sub.unknown()
     return {"tier": tier, "overrides": overrides or {}}
 
 
-SECTION_PARSERS["ratelimit"] = parse_ratelimit
-CUSTOMER_PARSERS["ratelimit"] = parse_customer_ratelimit
 
 
 def section(ctx: Context) -> RateLimitConfig:
     return ctx.config.sections.get("ratelimit") or RateLimitConfig()
 
 
-def limits_for(ctx: Context) -> Limits | None:
+def limits_for(ctx: Context) -> RateLimits | None:
     """The limits that apply to this transaction's sender, or None for no limits."""
     return customer_limits(ctx.config, ctx.identity.customer)
 
 
-def customer_limits(config: Config, c: Customer | None) -> Limits | None:
+def customer_limits(config: Config, c: Customer | None) -> RateLimits | None:
     """A customer's limits (its tier, then its overrides); for None, the unidentified ones."""
     rl = config.sections.get("ratelimit") or RateLimitConfig()
     if c is None:
@@ -144,6 +142,14 @@ def customer_limits(config: Config, c: Customer | None) -> Limits | None:
     if ext["tier"]:
         base = (rl.tiers or {}).get(ext["tier"], base)
     return replace(base, **ext["overrides"]) if ext["overrides"] else base
+
+
+_CUSTOMER_KEYS = {"messages": "cust:{}", "recipients": "cust:{}|rcpts", "bytes": "cust:{}|bytes"}
+
+
+def customer_key(kind: str, name: str) -> str:
+    """The key a customer's messages, recipients or bytes are counted at (per window)."""
+    return _CUSTOMER_KEYS[kind].format(name)
 
 
 def _reservation(ctx: Context) -> Reservation:
@@ -160,12 +166,12 @@ def _refuse(over: Over) -> Verdict:
                     strike=True)
 
 
-def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
+def _sender_checks(ctx: Context, lim: RateLimits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
     """Per-message counters for this transaction's sender keys."""
     checks = []
     c = ctx.identity.customer
     if c is not None:
-        checks += [("messages", f"cust:{c.name}", r, n_msgs) for r in lim.messages]
+        checks += [("messages", customer_key("messages", c.name), r, n_msgs) for r in lim.messages]
     if ctx.identity.login:
         checks += [("per_login", f"login:{ctx.identity.login.lower()}", r, n_msgs) for r in lim.per_login]
     checks += [("per_ip", f"ip:{ctx.client.addr}", r, n_msgs) for r in lim.per_ip]
@@ -175,27 +181,28 @@ def _sender_checks(ctx: Context, lim: Limits, n_msgs: float) -> list[tuple[str, 
     return checks
 
 
-def _rcpt_checks(ctx: Context, lim: Limits, rcpts: list) -> list[tuple[str, str, Rate, float]]:
+def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list[Address]
+                 ) -> list[tuple[str, str, Rate, float]]:
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:
-        checks += [("recipients", f"cust:{name}|rcpts", r, float(len(rcpts))) for r in lim.recipients]
+        checks += [("recipients", customer_key("recipients", name), r, float(len(rcpts))) for r in lim.recipients]
         for a in rcpts:
             checks += [("same_recipient", f"rcpt:{name}|{canonical(a.addr)}", r, 1.0)
                        for r in lim.same_recipient]
     return checks
 
 
-def _active(ctx: Context) -> tuple[Any, Limits] | None:
+def _active(ctx: Context) -> tuple[Limiter, RateLimits] | None:
     """(limiter, limits) when rate limiting applies to this transaction."""
-    limiter = services.limiter
+    limiter = ctx.services.limiter
     if limiter is None or not section(ctx).enabled:
         return None
     lim = limits_for(ctx)
     return None if lim is None else (limiter, lim)
 
 
-@rule(Stage.RCPT, "ratelimit", order=30)
+@rule(Stage.RCPT, "ratelimit")
 async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -205,7 +212,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
         return tempfail(452, "4.5.3", f"Too many recipients: at most {lim.recipients_per_message} "
                         "per message for your account; send the rest in another message",
                         "recipients-per-message")
-    sessions = services.sessions
+    sessions = ctx.services.sessions
     if sessions is not None and ctx.identity.customer is not None:
         n = sessions.clients.get(ctx.client.addr, 0)
         if n > lim.connections_per_client:
@@ -224,7 +231,7 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     return None
 
 
-@rule(Stage.DATA, "ratelimit", order=30)
+@rule(Stage.DATA, "ratelimit")
 async def ratelimit_data(ctx: Context) -> Verdict | None:
     if (active := _active(ctx)) is None:
         return None
@@ -238,7 +245,7 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
         res = ctx.notes["ratelimit"] = Reservation()
         checks += _sender_checks(ctx, lim, 1.0) + _rcpt_checks(ctx, lim, ctx.recipients)
     if ctx.identity.customer is not None and ctx.message is not None:
-        checks += [("bytes", f"cust:{ctx.identity.name}|bytes", r, float(ctx.message.size))
+        checks += [("bytes", customer_key("bytes", ctx.identity.name), r, float(ctx.message.size))
                    for r in lim.bytes]
     over = await limiter.try_reserve_async(res, checks)
     return _refuse(over) if over is not None else None
@@ -247,9 +254,10 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
 @on_finish
 def ratelimit_finish(ctx: Context, accepted: bool) -> None:
     res = ctx.notes.get("ratelimit")
-    if res is None or services.limiter is None:
+    limiter = ctx.services.limiter
+    if not isinstance(res, Reservation) or limiter is None:
         return
     if accepted:
-        services.limiter.commit(res)
+        limiter.commit(res)
     else:
-        services.limiter.release(res)
+        limiter.release(res)

@@ -14,11 +14,11 @@ no login or network identifies a customer by then.
 from __future__ import annotations
 
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, reject
 
 
-@rule(Stage.RCPT, "relay", order=20)
+@rule(Stage.RCPT, "relay")
 def relay_rcpt(ctx: Context) -> Verdict | None:
     rcpt = ctx.rcpt
     assert rcpt is not None
@@ -31,7 +31,7 @@ def relay_rcpt(ctx: Context) -> Verdict | None:
                   "or send from your provider's network to mail outside our domains", "relay")
 
 
-@rule(Stage.DATA, "relay", order=20)
+@rule(Stage.DATA, "relay")
 def relay_data(ctx: Context) -> Verdict | None:
     if not ctx.relay_pending or ctx.identity.may_relay:
         return None

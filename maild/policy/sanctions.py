@@ -6,15 +6,14 @@ turns them into a warning or a block lives in maild.antispam.sanctions.
 
 from __future__ import annotations
 
-from maild import services
 from maild.antispam.notify import provider_addresses
 from maild.policy.context import Context, Stage
-from maild.policy.pipeline import rule
+from maild.policy.rules import rule
 from maild.policy.verdict import Verdict, reject
 
 
 def _blocked(ctx: Context) -> Verdict | None:
-    s = services.sanctions
+    s = ctx.services.sanctions
     c = ctx.identity.customer
     if s is None or c is None:
         return None
@@ -26,12 +25,12 @@ def _blocked(ctx: Context) -> Verdict | None:
                   f"contact {contact} to have it lifted", "blocked")
 
 
-@rule(Stage.RCPT, "blocked", order=10)
+@rule(Stage.RCPT, "blocked")
 def blocked_rcpt(ctx: Context) -> Verdict | None:
     return _blocked(ctx)
 
 
-@rule(Stage.DATA, "blocked", order=10)
+@rule(Stage.DATA, "blocked")
 def blocked_data(ctx: Context) -> Verdict | None:
     """The login may reveal the customer only at end of data (before-queue mode)."""
     return _blocked(ctx)

@@ -27,6 +27,8 @@ class Verdict:
     final: bool = False
     # A reject that counts as a strike against the customer (sanctions).
     strike: bool = False
+    # The recipient is a postmaster address: the transaction takes only such recipients.
+    postmaster: bool = False
 
     @property
     def reply(self) -> str:
@@ -37,8 +39,9 @@ class Verdict:
         return self.action is Action.ACCEPT
 
 
-def accept(rule: str = "-", *, final: bool = False, reason: str = "Ok") -> Verdict:
-    return Verdict(Action.ACCEPT, 250, "2.0.0", reason, rule, final=final)
+def accept(rule: str = "-", *, final: bool = False, reason: str = "Ok",
+           postmaster: bool = False) -> Verdict:
+    return Verdict(Action.ACCEPT, 250, "2.0.0", reason, rule, final=final, postmaster=postmaster)
 
 
 def reject(code: int, status: str, reason: str, rule: str, *, strike: bool = False) -> Verdict:

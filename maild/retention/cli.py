@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,51 +16,35 @@ from typing import Any, TypeVar
 
 import click
 
+from maild.clitools import config_option_with, load_config, open_store
+from maild.config import Config
 from maild.retention.config import RetentionConfig, retention_of
+from maild.store.base import Store, StoreError
 
 T = TypeVar("T")
 
 
-def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        ctx.find_root().params["config"] = value
+# `-c FILE` after the subcommand too (`maild retention run -c policies.toml`).
+config_option = config_option_with("policies.toml to use.")
 
 
-def config_option(f: Callable) -> Callable:
-    """`-c FILE` after the subcommand too (`maild retention run -c policies.toml`)."""
-    return click.option("-c", "--config", "config_", metavar="FILE", default=None,
-                        expose_value=False, is_eager=True, callback=_set_config,
-                        help="policies.toml to use.")(f)
-
-
-def _load(ctx: click.Context) -> tuple[Any, RetentionConfig]:
+def _load(ctx: click.Context) -> tuple[Config, RetentionConfig]:
     """Load policies.toml, or exit 2 naming every problem."""
-    from maild.config import ConfigError, load
-
-    path = ctx.find_root().params.get("config") or os.environ.get("MAILD_CONFIG", "policies.toml")
-    try:
-        config = load(path)
-    except ConfigError as e:
-        click.echo(f"maild: {len(e.problems)} problem(s) in {e.path}:", err=True)
-        for p in e.problems:
-            click.echo(f"  {p}", err=True)
-        raise SystemExit(2) from None
+    config = load_config(ctx)
     return config, retention_of(config)
 
 
-def _need_enabled(cfg: RetentionConfig, config: Any) -> None:
+def _need_enabled(cfg: RetentionConfig, config: Config) -> None:
     if not cfg.enabled:
         raise click.ClickException(
             f"retention is off: {config.path} has no [retention] section (or enabled = false)")
 
 
-def _with_store(config: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+def _with_store(config: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     """Open maild's store, run fn(store), close it; store errors become one line."""
-    from maild.store.base import StoreError, open_store
-
     async def main() -> T:
         try:
-            store = await open_store(config.server.state, config.path)
+            store = await open_store(config)
         except StoreError as e:
             raise click.ClickException(str(e)) from None
         try:
@@ -444,9 +427,3 @@ def list_cmd(ctx: click.Context, idle_over: str | None, as_json: bool) -> None:
             click.echo(f"{r.user}\t{_when(r.last_access)}\t{r.access_source or '-'}\t"
                        f"idle {idle / 86400:.1f} d\t{r.quota_state}")
 
-
-def register(group: click.Group) -> None:
-    """Called by maild/cli.py: add `retention`, `mailbox` and `access` to the main group."""
-    group.add_command(retention_group)
-    group.add_command(mailbox_group)
-    group.add_command(access_group)

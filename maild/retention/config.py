@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maild.config import SECTION_PARSERS, Reader
+from maild.config import Reader
 from maild.retention import state as _state  # noqa: F401  (registers the schema)
 
-ACTIONS = ("delete", "trim", "shrink")
+RULE_ACTIONS = ("delete", "trim", "shrink")
 LAYOUTS = ("maildir++", "fs")
 MAILBOX_KINDS = ("all", "root", "other")
 AGE_BY = {"saved": "saved", "ctime": "saved", "received": "received", "mtime": "received"}
@@ -33,7 +33,7 @@ _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
-class Rule:
+class RetentionRule:
     """One retention rule; see docs/retention.md for the meaning of every field."""
 
     name: str
@@ -92,7 +92,7 @@ class QuotaSettings:
 @dataclass(frozen=True)
 class RetentionConfig:
     enabled: bool = False
-    rules: tuple[Rule, ...] = ()
+    rules: tuple[RetentionRule, ...] = ()
     store: StoreSettings = field(default_factory=StoreSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
@@ -101,7 +101,7 @@ class RetentionConfig:
     lock_timeout: float = 30.0
     config_dir: str = "."              # directory of policies.toml (relative paths start there)
 
-    def rule(self, name: str) -> Rule | None:
+    def rule(self, name: str) -> RetentionRule | None:
         return next((r for r in self.rules if r.name == name), None)
 
     def resolve(self, path: str) -> str:
@@ -221,14 +221,14 @@ def _opt_size(r: Reader, name: str) -> int | None:
     return r.size(name, 0) if r.has(name) else None
 
 
-def _parse_rule(r: Reader, daily_at: str, names: set[str]) -> Rule:
+def _parse_rule(r: Reader, daily_at: str, names: set[str]) -> RetentionRule:
     name = r.str("name", required=True)
     if name and not _RULE_NAME.match(name):
         r.error("name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)")
     if name in names:
         r.error("name", name, "a name no other retention rule has")
     names.add(name)
-    action = r.str("action", "delete", choices=ACTIONS)
+    action = r.str("action", "delete", choices=RULE_ACTIONS)
     folders = r.str_list("folders", ("*",))
     if not folders:
         r.error("folders", [], 'a non-empty list, e.g. ["\\\\Trash"], ["INBOX"] or ["*"]')
@@ -288,7 +288,7 @@ def _parse_rule(r: Reader, daily_at: str, names: set[str]) -> Rule:
         r.error("idle", idle, 'a positive duration such as "60d"')
     if age is not None and age <= 0 and action == "delete":
         r.error("age", age, 'a positive duration such as "7d"')
-    rule = Rule(name=name, action=action, folders=folders, exclude_folders=exclude,
+    rule = RetentionRule(name=name, action=action, folders=folders, exclude_folders=exclude,
                 mailboxes=mailboxes, users=users, idle=idle, age=age, age_by=age_by,
                 quota=quota, max_size=max_size, schedule=schedule, cron=cron, enabled=enabled)
     r.unknown()
@@ -354,4 +354,3 @@ def retention_of(config) -> RetentionConfig:
     return cfg
 
 
-SECTION_PARSERS["retention"] = parse_retention

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from maild.config import Config
-from maild.doctor import Check, fail, ok, warn
+from maild.doctor import Finding, fail, ok, warn
 from maild.store.base import Store
 
 _LOGIN = re.compile(rb"(imap|pop3)-login: (?:Info: )?(?:Login|Logged in): user=<|imapd: LOGIN, user=")
@@ -46,11 +46,11 @@ def _base(template: str) -> Path:
     return Path(*parts) if parts else Path("/")
 
 
-def doctor_checks(config: Config) -> list[Check]:
+def doctor_checks(config: Config) -> list[Finding]:
     rc = config.sections.get("retention")
     if rc is None or not rc.enabled:
         return [ok("mail-store", "retention is off ([retention] has no rules)")]
-    out: list[Check] = []
+    out: list[Finding] = []
     base = _base(rc.resolve(rc.store.path))
     if not base.is_dir():
         out.append(fail("mail-store", f"{base} (from [retention.store] path) does not exist",

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
-from maild.retention.config import Rule, StoreSettings
+from maild.retention.config import RetentionRule, StoreSettings
 from maild.retention.maildir import MsgFile
 
 FolderMatch = Callable[[str], bool]
@@ -49,7 +49,7 @@ def _one(selector: str, store: StoreSettings) -> FolderMatch:
     return lambda name: name == selector
 
 
-def folder_matcher(rule: Rule, store: StoreSettings) -> FolderMatch:
+def folder_matcher(rule: RetentionRule, store: StoreSettings) -> FolderMatch:
     """True for the folders a rule applies to (its folders minus its exclude_folders)."""
     inc = [_one(s, store) for s in rule.folders]
     exc = [_one(s, store) for s in rule.exclude_folders]
@@ -101,7 +101,7 @@ def oldest_until(files: Iterable[MsgFile], usage: int, limit: int, age_by: str,
     return out
 
 
-def plan(rule: Rule, files: Sequence[MsgFile], now: float, *, selected: FolderMatch,
+def plan(rule: RetentionRule, files: Sequence[MsgFile], now: float, *, selected: FolderMatch,
          counted: FolderMatch) -> list[MsgFile]:
     """The messages of one (idle, if the rule says so) mailbox that the rule deletes.
 

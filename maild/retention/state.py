@@ -13,9 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from maild.store.base import Store, register_migrations
+from maild.store.base import Store
 
-register_migrations("retention", [
+# The retention schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE retention_mailboxes (
         user TEXT PRIMARY KEY,
@@ -83,7 +84,7 @@ register_migrations("retention", [
         updated REAL NOT NULL
     );
     """,
-])
+)
 
 
 @dataclass(frozen=True, slots=True)

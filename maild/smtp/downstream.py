@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("maild.downstream")
 
-XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 MAX_LINE = 8192                 # a reply line longer than this is a protocol error
 MAX_REPLY = MAX_LINE * 4        # and so is a (multi-line) reply longer than this
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -80,14 +79,14 @@ class _Client(asyncio.Protocol):
     commands waiting for them, first come first served, so commands can be pipelined
     (RFC 2920).
 
-    Why not aiosmtplib (which maild used before): it allows one command in flight per
-    connection (a reply that arrives while the previous one is not yet collected is
-    dropped), so XFORWARD and MAIL cost two round trips and two sends per message, and
-    each command paid for a lock, a wait_for and a task wake-up. On loopback every send
-    wakes Postfix: the sends were a quarter of maild's CPU (bench/profile.py). What it did
-    and maild relies on is kept: replies parsed as aiosmtplib parsed them, a connection
-    closed after a timeout, a lost connection or a 421, command lines refused if they
-    hold control characters, DATA content with line endings normalised and dot-stuffed.
+    Why not aiosmtplib: it allows one command in flight per connection (a reply that
+    arrives while the previous one is not yet collected is dropped), so XFORWARD and MAIL
+    would cost two round trips and two sends per message, and each command a lock, a
+    wait_for and a task wake-up. On loopback every send wakes Postfix: with aiosmtplib
+    the sends are a quarter of maild's CPU (bench/profile.py). Replies are parsed as
+    aiosmtplib parses them; a connection is closed after a timeout, a lost connection or
+    a 421; command lines holding control characters are refused; DATA content has its
+    line endings normalised and is dot-stuffed.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -243,12 +242,6 @@ class Connection:
     @property
     def is_connected(self) -> bool:
         return self.client.is_connected
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' as +HH."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value.encode("utf-8", "surrogateescape").decode("latin-1"))
 
 
 class Downstream:

@@ -15,20 +15,21 @@ import re
 import time
 from collections import Counter
 from email.utils import format_datetime, localtime
-from typing import Any
 
 from maild import log as mlog
-from maild import services
 from maild.address import Address
 from maild.config import Config
 from maild.policy import pipeline
-from maild.policy.context import Context, Message, Stage
+from maild.policy.context import Context, Message
 from maild.policy.customer import resolve
+from maild.policy.services import Services
 from maild.policy.verdict import Verdict
-from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply, xtext
-from maild.smtp.headers import customer_header, header_line, strip_own_headers
+from maild.smtp import xforward
+from maild.smtp.data import Abort
+from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply
+from maild.smtp.own_headers import customer_header, header_line, strip_own_headers
 from maild.smtp.received import authenticated_login, received_header
-from maild.smtp.server import MaildSession
+from maild.smtp.server import MaildEnvelope, MaildSession, MaildSMTP
 from maild.store.base import Health, StoreError
 from maild.store.core import DecisionLog, DecisionRow
 
@@ -75,11 +76,12 @@ class LateReplies:
             h.update(b"\0content\0" + (ctx.message.content if ctx.message else b""))
         return h.hexdigest()
 
-    def watch(self, key: str, task: asyncio.Future, conn: Connection, downstream: Downstream,
+    def watch(self, key: str, task: asyncio.Future[Reply], conn: Connection,
+              downstream: Downstream,
               session_id: str) -> None:
         self.pending.add(key)
 
-        def done(t: asyncio.Future) -> None:
+        def done(t: asyncio.Future[Reply]) -> None:
             self.pending.discard(key)
             reply = None if t.cancelled() or t.exception() else t.result()
             downstream.release(conn, reusable=False)
@@ -122,12 +124,12 @@ TEMPFAIL_INTERNAL = "451 4.3.0 Temporary internal error; try again later"
 
 
 class Proxy:
-    """The aiosmtpd handler shared by every session."""
+    """The aiosmtpd handler shared by every session (maild.smtp.hooks.SessionHooks)."""
 
     def __init__(self, config: Config, downstream: Downstream, decisions: DecisionLog | None,
-                 health: Health | None = None):
-        pipeline.load_families()
+                 services: Services | None = None, health: Health | None = None):
         self.config = config
+        self.services = services if services is not None else Services()
         self.downstream = downstream
         self.decisions = decisions
         # While the state store takes no writes, no transaction is accepted: the strikes,
@@ -185,14 +187,15 @@ class Proxy:
         reply = v.reply.encode("utf-8", "replace").decode("utf-8")  # an 8-bit address in it
         self.record(session, v.action.value, ctx.stage.value, reply, rule=v.rule, ctx=ctx,
                     rcpt=rcpt)
-        if v.strike and ctx.identity.customer is not None and services.sanctions is not None:
-            services.sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason,
-                                           session=session.id)
+        sanctions = self.services.sanctions
+        if v.strike and ctx.identity.customer is not None and sanctions is not None:
+            sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason,
+                                  session=session.id)
         return reply
 
-    async def _run(self, stage: Stage, ctx: Context) -> Verdict | None:
-        """Run a stage; a StoreError (or any rule failure) is a tempfail, never an accept."""
-        return await pipeline.run(stage, ctx)
+    def _context(self, session: MaildSession, sender: Address, params: list[str]) -> Context:
+        return Context(config=self.config, session_id=session.id, client=session.client,
+                       sender=sender, mail_params=params, services=self.services)
 
     # ------------------------------------------------------------------ session
 
@@ -206,8 +209,7 @@ class Proxy:
                      address: Address) -> None:
         """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
         if stage == "MAIL":
-            ctx = Context(config=self.config, session_id=session.id, client=session.client,
-                          sender=address)
+            ctx = self._context(session, address, [])
             ctx.identity = resolve(self.config, session.client, sender=address)
             self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
         else:
@@ -220,25 +222,16 @@ class Proxy:
 
     def apply_xforward(self, session: MaildSession) -> None:
         """XFORWARD from a trusted upstream defines the client that policy sees."""
-        xf, c = session.xforward, session.client
-        def val(k: str) -> str | None:
-            v = xf.get(k)
-            return None if v is None or v == "[UNAVAILABLE]" else v
-        if (addr := val("ADDR")) is not None:
-            addr = addr[5:] if addr.upper().startswith("IPV6:") else addr
-            if services.sessions is not None and addr != c.addr and session.counted:
-                services.sessions.client_remove(c.addr)
-                services.sessions.client_add(addr)
-            c.addr = addr
-        if (name := val("NAME")) is not None:
-            c.name = name
-        for attr, key in (("port", "PORT"), ("proto", "PROTO"), ("helo", "HELO"),
-                          ("ident", "IDENT"), ("source", "SOURCE")):
-            if key in xf:
-                # [UNAVAILABLE] means unknown: never keep the upstream's own value.
-                setattr(c, attr, val(key) or "")
+        xforward.apply(session.xforward, session.client, self.services.sessions,
+                       session.counted)
 
-    async def handle_HELO(self, server: Any, session: MaildSession, envelope: Any,
+    def data_aborted(self, session: MaildSession, abort: Abort) -> None:
+        self.record(session, "reject" if abort.reply.startswith("5") else "tempfail", "DATA",
+                    abort.reply, rule=abort.kind.rule, ctx=session.ctx)
+        self._drop_conn(session, reusable=True, rset=True)
+
+    async def handle_HELO(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           hostname: str) -> str:
         session.host_name = hostname
         if "HELO" not in session.xforward:
@@ -246,7 +239,8 @@ class Proxy:
             session.client.proto = "SMTP"
         return f"250 {server.hostname}"
 
-    async def handle_EHLO(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_EHLO(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         if "HELO" not in session.xforward:
@@ -260,11 +254,10 @@ class Proxy:
         # counted pipelining without the keyword as bad synchronization.
         extra = ["250-ENHANCEDSTATUSCODES", "250-DSN"]
         if session.client.trusted_peer:
-            extra.append("250-XFORWARD " + " ".join(
-                ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")))
+            extra.append("250-XFORWARD " + " ".join(xforward.ATTRS))
         # One element, so aiosmtpd pushes the whole reply in one write: it writes (and
         # the kernel sends) each element on its own, and on loopback every send wakes
-        # the client (8 sends per session; was bench/proposals/04, in git history).
+        # the client: 8 sends per session where one does.
         return ["\r\n".join(responses[:1] + ["250-PIPELINING"] + responses[1:-1] + extra
                              + responses[-1:])]
 
@@ -280,7 +273,6 @@ class Proxy:
         if conn is None:
             return
         if rset and reusable:
-            import asyncio
             asyncio.get_running_loop().create_task(self._rset_release(conn))
         else:
             self.downstream.release(conn, reusable=reusable)
@@ -291,33 +283,6 @@ class Proxy:
             self.downstream.release(conn, reusable=r.code == 250)
         except DownstreamError:
             self.downstream.release(conn, reusable=False)
-
-    def _xforward_line(self, session: MaildSession, conn: Connection) -> list[str]:
-        """XFORWARD commands (each under 512 octets) for the attributes conn accepts."""
-        if not conn.xforward:
-            return []
-        c = session.client
-        values = {
-            "NAME": c.name if c.name and c.name != "unknown" else "[UNAVAILABLE]",
-            "ADDR": (f"IPV6:{c.addr}" if ":" in c.addr else c.addr) or "[UNAVAILABLE]",
-            "PORT": c.port or "[UNAVAILABLE]",
-            "PROTO": c.proto or "SMTP",
-            "HELO": c.helo or "[UNAVAILABLE]",
-            "IDENT": c.ident or "[UNAVAILABLE]",
-            "SOURCE": c.source or ("REMOTE" if not c.trusted_peer else "[UNAVAILABLE]"),
-        }
-        lines, cur = [], "XFORWARD"
-        for k, v in values.items():
-            if k not in conn.xforward:
-                continue
-            item = f" {k}={xtext(v[:255])}"
-            if len(cur) + len(item) > 500:
-                lines.append(cur)
-                cur = "XFORWARD"
-            cur += item
-        if cur != "XFORWARD":
-            lines.append(cur)
-        return lines
 
     @staticmethod
     def _xforward_refused(session: MaildSession, r: Reply) -> None:
@@ -330,14 +295,14 @@ class Proxy:
         for attempt in (1, 2):
             conn, pooled = await self.downstream.acquire()
             try:
-                xforward = self._xforward_line(session, conn)
-                if len(xforward) == 1 and conn.pipelining:
+                lines = xforward.downstream_lines(session.client, conn.xforward)
+                if len(lines) == 1 and conn.pipelining:
                     # one write, one round trip (RFC 2920: XFORWARD and MAIL may be grouped)
-                    r, reply = await self.downstream.pipeline(conn, [xforward[0], mail_line])
+                    r, reply = await self.downstream.pipeline(conn, [lines[0], mail_line])
                     if r.code != 250:
                         self._xforward_refused(session, r)
                 else:
-                    for line in xforward:
+                    for line in lines:
                         r = await self.downstream.command(conn, line)
                         if r.code != 250:
                             self._xforward_refused(session, r)
@@ -352,23 +317,19 @@ class Proxy:
                     raise
         raise AssertionError("unreachable")
 
-    async def handle_MAIL(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_MAIL(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           address: Address, params: list[str]) -> str:
         self._drop_conn(session, reusable=True, rset=True)
-        config = self.config
-        ctx = Context(config=config, session_id=session.id, client=session.client,
-                      sender=address, mail_params=params)
+        ctx = self._context(session, address, params)
         try:
-            ctx.identity = resolve(config, session.client, sender=address)
+            ctx.identity = resolve(self.config, session.client, sender=address)
             if self._store_down():
                 return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
-            v = await self._run(Stage.MAIL, ctx)
+            await pipeline.mail(ctx)  # a refusal is given at RCPT (smtpd_delay_reject)
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
             return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
-        if v is not None and not v.accepted:
-            # Like Postfix's smtpd_delay_reject: refuse at RCPT, so postmaster still gets mail.
-            ctx.notes["mail-verdict"] = v
         line = "MAIL FROM:" + address.raw + (" " + " ".join(params) if params else "")
         try:
             conn, reply = await self._open(session, line)
@@ -397,16 +358,16 @@ class Proxy:
         self.record(session, "tempfail", stage, reply, rule=rule, ctx=ctx, rcpt=rcpt)
         return reply
 
-    async def handle_RCPT(self, server: Any, session: MaildSession, envelope: Any,
+    async def handle_RCPT(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope,
                           address: Address, params: list[str]) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
         if ctx is None or conn is None:
             return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
                                   rcpt=address)
-        ctx.rcpt = address
         try:
-            v = await self._run(Stage.RCPT, ctx)
+            v = await pipeline.rcpt(ctx, address)
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
             return self._tempfail(session, ctx, "RCPT", TEMPFAIL_INTERNAL, "store", address)
@@ -419,45 +380,36 @@ class Proxy:
             log.error("%s: error: downstream lost at RCPT: %s", session.id, e)
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", address)
+        pipeline.rcpt_done(ctx, address, v, relayed=reply.ok)
         if reply.ok:
-            ctx.recipients.append(address)
-            if ctx.postmaster_only is None:
-                ctx.postmaster_only = v.rule == "postmaster"
             envelope.rcpt_tos.append(address.addr)
             envelope.rcpt_options.extend(params)
         else:
-            if address in ctx.relay_pending:
-                ctx.relay_pending.remove(address)
             self.record(session, "reject" if reply.code >= 500 else "tempfail", "RCPT",
                         f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
                         rule="downstream", ctx=ctx, rcpt=address)
         return reply.smtp()
 
-    async def handle_DATA_START(self, server: Any, session: MaildSession, envelope: Any) -> Any:
+    async def handle_DATA_START(self, server: MaildSMTP, session: MaildSession,
+                                envelope: MaildEnvelope) -> str | None:
         if session.conn is None or session.ctx is None:
             return self._tempfail(session, session.ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
         return None
 
-    async def handle_DATA_ABORT(self, server: Any, session: MaildSession, envelope: Any,
-                                reply: str) -> None:
-        ctx = session.ctx
-        rule = "smuggling" if "bare" in reply or "NUL" in reply else "limits"
-        self.record(session, "reject" if reply.startswith("5") else "tempfail", "DATA", reply,
-                    rule=rule, ctx=ctx)
-        self._drop_conn(session, reusable=True, rset=True)
-
-    async def handle_DATA(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_DATA(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
         if ctx is None or conn is None:
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
-        ctx.message = Message(envelope.original_content)
+        assert envelope.original_content is not None  # smtp_DATA sets it before this hook
+        message = Message(envelope.original_content)
         try:
             if session.client.trusted_peer:
-                login = authenticated_login(ctx.message.headers)
+                login = authenticated_login(message.headers)
                 if login:
                     ctx.identity = resolve(ctx.config, session.client, login, ctx.sender)
-            v = await self._run(Stage.DATA, ctx)
+            v = await pipeline.data(ctx, message)
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
             self._drop_conn(session, reusable=True, rset=True)
@@ -480,7 +432,7 @@ class Proxy:
             # a second copy. The client retries later and learns the outcome then.
             self._drop_conn(session, reusable=True, rset=True)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "late-pending")
-        if (queued := self.late.accepted.get(key)) is not None:
+        if key is not None and (queued := self.late.accepted.get(key)) is not None:
             # The client retries a message the downstream took after we had answered 451:
             # say 250 and do not relay it a second time.
             self._drop_conn(session, reusable=True, rset=True)
@@ -489,7 +441,7 @@ class Proxy:
             self.record(session, "relay", "DATA", reply_text, rule="late-accept", ctx=ctx)
             return reply_text
         task = asyncio.ensure_future(self.downstream.data(
-            conn, added + strip_own_headers(ctx.message.content), timeout=LATE_REPLY_WAIT))
+            conn, added + strip_own_headers(message.content), timeout=LATE_REPLY_WAIT))
         try:
             reply = await asyncio.wait_for(asyncio.shield(task), self.downstream.timeout)
         except TimeoutError:
@@ -527,14 +479,16 @@ class Proxy:
         action = "relay" if reply.ok else ("reject" if reply.code >= 500 else "tempfail")
         self.record(session, action, "DATA", f"{reply.code} {first}",
                     rule=v.rule if reply.ok else "downstream", ctx=ctx,
-                    extra={"size": str(ctx.message.size), "nrcpt": str(len(ctx.recipients))})
+                    extra={"size": str(message.size), "nrcpt": str(len(ctx.recipients))})
         return reply.smtp()
 
-    async def handle_RSET(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_RSET(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "250 2.0.0 Ok"
 
-    async def handle_QUIT(self, server: Any, session: MaildSession, envelope: Any) -> str:
+    async def handle_QUIT(self, server: MaildSMTP, session: MaildSession,
+                          envelope: MaildEnvelope) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "221 2.0.0 Bye"
 

@@ -27,10 +27,8 @@ import ipaddress
 import logging
 import re
 import secrets
-import socket
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from maild.address import (
@@ -42,15 +40,18 @@ from maild.address import (
     parse_path,
     split_arg,
 )
-from maild.policy.context import Client
+from maild.config import Server
+from maild.policy.context import Client, Context
+from maild.smtp import xforward
+from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
+from maild.smtp.data import Abort, ClientEOF, read_data
+from maild.smtp.hooks import SessionHooks
+from maild.smtp.sessions import SessionCounter
+
+if TYPE_CHECKING:
+    from maild.smtp.downstream import Connection
 
 log = logging.getLogger("maild.smtp")
-# aiosmtpd versions whose SMTP.__init__ _fast_init mirrors (tests/smtp/test_server_init.py)
-_FAST_INIT = _aiosmtpd.__version__.startswith("1.4.")
-
-XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
-JUNK_COMMAND_LIMITS = {"NOOP": 100, "RSET": 100, "VRFY": 20, "EXPN": 20, "HELP": 20,
-                       "EHLO": 20, "HELO": 20, "XFORWARD": 100, "*": 100_000}
 MAIL_PARAMS = {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
@@ -61,13 +62,6 @@ class BareLineEnding(Exception):
 
 class LineTooLong(Exception):
     """A command line longer than the reader's limit (already read to its end)."""
-
-
-class ClientEOF(asyncio.CancelledError):
-    """The client half-closed and every complete command it sent has been answered.
-
-    A CancelledError, so aiosmtpd's loop ends the session as it does on a reset.
-    """
 
 
 # RFC 2034 3: after EHLO advertised ENHANCEDSTATUSCODES, every 4xx/5xx reply carries
@@ -93,39 +87,6 @@ def with_enhanced_code(reply: str) -> str:
     return f"{code} {DEFAULT_ENHANCED.get(code, reply[0] + '.0.0')} {text}".rstrip()
 
 
-class SessionCounter:
-    """Sessions in flight, overall and per client IP (shared by all connections)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.per_ip: dict[str, int] = {}
-        # Sessions per *real* client (XFORWARD ADDR where a trusted upstream sent it),
-        # for per-customer connection limits.
-        self.clients: dict[str, int] = {}
-
-    def client_add(self, addr: str) -> None:
-        self.clients[addr] = self.clients.get(addr, 0) + 1
-
-    def client_remove(self, addr: str) -> None:
-        n = self.clients.get(addr, 0) - 1
-        if n > 0:
-            self.clients[addr] = n
-        else:
-            self.clients.pop(addr, None)
-
-    def add(self, ip: str | None) -> None:
-        self.total += 1
-        if ip:
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-
-    def remove(self, ip: str | None) -> None:
-        self.total -= 1
-        if ip and ip in self.per_ip:
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
-
-
 class MaildSession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -135,8 +96,8 @@ class MaildSession(Session):
         self.counted_ip: str | None = None
         self.counted = False
         # Per transaction, owned by the proxy handler.
-        self.ctx: Any = None
-        self.conn: Any = None
+        self.ctx: Context | None = None
+        self.conn: Connection | None = None
 
 
 class MaildEnvelope(Envelope):
@@ -208,11 +169,16 @@ def _only_when_offered(command: str, when: str, reply: str) -> Any:
     return method
 
 
-class MaildSMTP(SMTP):
+class MaildSMTP(FastInit):
     """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
 
-    def __init__(self, handler: Any, *, settings: Any, counter: SessionCounter,
-                 trusted: tuple, **kwargs: Any):
+    event_handler: SessionHooks
+    session: MaildSession | None
+    envelope: MaildEnvelope | None
+
+    def __init__(self, handler: SessionHooks, *, settings: Server, counter: SessionCounter,
+                 trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                 **kwargs: Any):
         limits = settings.limits
         # aiosmtpd sizes its StreamReader from this attribute: room for a line's text, a
         # stuffed dot and CRLF. The DATA line rule itself is read_data's (max_line).
@@ -220,8 +186,8 @@ class MaildSMTP(SMTP):
         self.settings = settings
         self.counter = counter
         self.trusted = trusted
-        if not kwargs and _FAST_INIT:
-            self._fast_init(handler, limits)
+        if not kwargs and SUPPORTED:
+            self._fast_init(handler, limits, settings.hostname)
         else:
             super().__init__(
                 handler,
@@ -231,8 +197,6 @@ class MaildSMTP(SMTP):
                 hostname=settings.hostname,
                 ident="ESMTP maild",
                 timeout=limits.command_timeout,
-                # Postfix's smtpd_junk_command_limit: a client may not hold a session for
-                # ever with NOOPs (or RSETs, VRFYs, HELPs) sent just before each idle timeout.
                 command_call_limit=JUNK_COMMAND_LIMITS,
                 **kwargs,
             )
@@ -249,81 +213,6 @@ class MaildSMTP(SMTP):
             if self.transport is not None:
                 self._reset_timeout()
 
-    # aiosmtpd's SMTP.__init__ finds the command methods, handler hooks and AUTH
-    # mechanisms with inspect.getmembers() and dir() on every connection (330 us, more
-    # than the whole policy pipeline once the rules are fast). They depend only on the
-    # classes, so _fast_init looks them up once per (protocol class, handler class) and
-    # otherwise sets exactly what SMTP.__init__ sets for maild's arguments (no TLS, no
-    # AUTH, no PROXY protocol; the junk-command call limits). tests/smtp/test_server_init.py compares
-    # the result with aiosmtpd's own constructor, so an aiosmtpd upgrade that changes
-    # __init__ fails a test instead of a connection.
-    _names: ClassVar[dict[tuple[type, type], tuple[Any, ...]]] = {}
-
-    def _introspect(self, handler: Any) -> tuple[Any, ...]:
-        key = (type(self), type(handler))
-        names = self._names.get(key)
-        if names is None:
-            import inspect
-
-            auth = tuple(
-                (getattr(mfunc, "__auth_mechanism_name__",
-                         mname.replace("auth_", "").replace("__", "-")), mname, obj is self)
-                for obj in (self, handler)
-                for mname, mfunc in inspect.getmembers(obj)
-                if mname.startswith("auth_"))
-            hooks = tuple(m for m in dir(handler) if m.startswith("handle_"))
-            ehlo = getattr(handler, "handle_EHLO", None)
-            ver = None if ehlo is None else {4: "old", 5: "new"}.get(
-                len(inspect.signature(ehlo).parameters))
-            if ehlo is not None and ver != "new":
-                raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
-            methods = tuple(m for m in dir(self) if m.startswith("smtp_"))
-            names = self._names[key] = (auth, hooks, ver, methods)
-        return names
-
-    def _fast_init(self, handler: Any, limits: Any) -> None:
-        """SMTP.__init__(handler, data_size_limit=..., enable_SMTPUTF8=True,
-        decode_data=False, hostname=..., ident="ESMTP maild", timeout=...,
-        command_call_limit=JUNK_COMMAND_LIMITS) without the per-connection introspection."""
-        self.__ident__ = "ESMTP maild"
-        self.loop = _aiosmtpd.make_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self.event_handler = handler
-        self.data_size_limit = limits.message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.command_size_limits.clear()
-        self.hostname = self.settings.hostname or socket.getfqdn()
-        self.tls_context = None
-        self.require_starttls = None
-        self._timeout_duration = limits.command_timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._auth_callback = _aiosmtpd.login_always_fail
-        self._authenticator = None
-        self._auth_required = False
-        auth, hooks, ver, methods = self._introspect(handler)
-        self._auth_methods = {mech: _aiosmtpd._AuthMechAttr(
-            getattr(self if is_self else handler, mname), is_self)
-            for mech, mname, is_self in auth}
-        self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
-        self._ehlo_hook_ver = ver
-        self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}
-        # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
-        self._enforce_call_limit = True
-        self._call_limit_base = JUNK_COMMAND_LIMITS
-        self._call_limit_default = JUNK_COMMAND_LIMITS.get("*", _aiosmtpd.CALL_LIMIT_DEFAULT)
-
     # ---------------------------------------------------------------- connection
 
     def _create_session(self) -> MaildSession:
@@ -332,7 +221,29 @@ class MaildSMTP(SMTP):
     def _create_envelope(self) -> MaildEnvelope:
         return MaildEnvelope()
 
-    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def _getaddr(self, arg: str) -> tuple[Any, Any]:
+        """aiosmtpd's parser for VRFY's argument (MAIL and RCPT use maild's own).
+
+        The standard library's address parser raises IndexError on `a@`: that was a
+        451 and a logged traceback; it is the same "Could not VRFY" as any bad address.
+        """
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+
+    # Inside a command aiosmtpd has set both (no check here: inspect.getmembers, which
+    # aiosmtpd's SMTP.__init__ runs on the instance, reads these before a session exists).
+    @property
+    def _session(self) -> MaildSession:
+        return cast(MaildSession, self.session)
+
+    @property
+    def _envelope(self) -> MaildEnvelope:
+        return cast(MaildEnvelope, self.envelope)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(_StrictReader(reader), writer)  # type: ignore[arg-type]
 
     def is_trusted(self, addr: str) -> bool:
@@ -343,14 +254,13 @@ class MaildSMTP(SMTP):
         return any(ip.version == n.version and ip in n for n in self.trusted)
 
     async def _handle_client(self) -> None:
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
         addr = str(peer[0])
         if addr.startswith("::ffff:"):
             addr = addr[7:]
         trusted = self.is_trusted(addr)
-        session.client = Client(addr=addr, port=str(peer[1]), peer_addr=addr, trusted_peer=trusted,
-                                name="unknown")
+        session.client = Client(addr=addr, port=str(peer[1]), trusted_peer=trusted, name="unknown")
         limits = self.settings.limits
         reason = None
         if self.counter.total >= limits.max_sessions:
@@ -360,7 +270,8 @@ class MaildSMTP(SMTP):
         if reason:
             await self.event_handler.session_refused(session, reason)
             await self.push(f"421 4.7.0 {self.hostname} {reason}; try again later")
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         self.counter.add(None if trusted else addr)
         self.counter.client_add(addr)
@@ -368,7 +279,7 @@ class MaildSMTP(SMTP):
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
-        session: MaildSession | None = self.session  # type: ignore[assignment]
+        session = self.session
         if session is not None and session.counted:
             self.counter.remove(session.counted_ip)
             self.counter.client_remove(session.client.addr)
@@ -401,7 +312,7 @@ class MaildSMTP(SMTP):
         Here a new deadline that is no earlier than the pending timer only moves
         `_deadline`; when the timer fires before the deadline, _timeout_cb re-arms it for
         the rest. A deadline earlier than the pending timer re-arms at once, so a timeout
-        happens exactly when it did.
+        happens exactly at its deadline.
         """
         loop = self.loop
         now = loop.time()
@@ -419,22 +330,23 @@ class MaildSMTP(SMTP):
         if handle is not None and self._deadline > handle.when():  # moved on since: re-arm
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
-        super()._timeout_cb()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def handle_exception(self, error: Exception) -> str:
         """A bare LF/CR in a command ends the session; anything else is a 4xx, never a traceback."""
         if isinstance(error, BareLineEnding):
             reply = "500 5.5.2 Error: bare <LF> or <CR> in command line; end lines with CRLF"
-            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="smuggling")
+            self.event_handler.record(self._session, "reject", "CONNECT", reply, rule="smuggling")
             self.close_after_reply()
             return reply
         if isinstance(error, LineTooLong):
             reply = (f"500 5.5.2 Error: command line longer than "
                      f"{self.settings.limits.line_length} characters")
-            self.event_handler.record(self.session, "reject", "CONNECT", reply, rule="line_length")
+            self.event_handler.record(self._session, "reject", "CONNECT", reply,
+                                      rule="line_length")
             return reply
         return await self.event_handler.handle_exception(error)
 
@@ -442,7 +354,11 @@ class MaildSMTP(SMTP):
         """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
         flushed (transport.close flushes); read no further command meanwhile."""
         self._reader.closed = True  # type: ignore[attr-defined]
-        self.loop.call_soon(lambda: self.transport and self.transport.close())
+        def close() -> None:
+            if self.transport is not None:
+                self.transport.close()
+
+        self.loop.call_soon(close)
 
     # ---------------------------------------------------------------- what is offered
 
@@ -465,7 +381,7 @@ class MaildSMTP(SMTP):
         from commands, so refuse and hang up, as Postfix does with CHUNKING off (no
         @syntax: HELP does not list it)."""
         reply = "521 5.5.1 Error: command not implemented"
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         self.event_handler.record(session, "reject", "DATA", reply, rule="smuggling",
                                   ctx=session.ctx)
         await self.push(reply)
@@ -475,36 +391,28 @@ class MaildSMTP(SMTP):
 
     @syntax("XFORWARD attribute=value ...", when="_xforward_allowed")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
-        session: MaildSession = self.session  # type: ignore[assignment]
+        session = self._session
         if not session.client.trusted_peer:
             await self.event_handler.xforward_refused(session)
             await self.push("550 5.7.0 Error: insufficient authorization")
             return
-        if self.envelope.mail_from is not None:
+        if self._envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
             return
         if not arg:
             await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
             return
-        update: dict[str, str] = {}
-        for item in arg.split():
-            name, eq, value = item.partition("=")
-            name = name.upper()
-            if not eq or name not in XFORWARD_ATTRS:
-                await self.push(f"501 5.5.4 Bad XFORWARD attribute name: {name[:32]}")
-                return
-            decoded = _xtext_decode(value)
-            if decoded is None or len(decoded) > 255:
-                await self.push(f"501 5.5.4 Bad XFORWARD attribute value for {name}")
-                return
-            update[name] = decoded
+        update = xforward.parse(arg)
+        if isinstance(update, str):
+            await self.push(update)
+            return
         session.xforward.update(update)
         self.event_handler.apply_xforward(session)
         await self.push("250 2.0.0 Ok")
 
     @property
     def _xforward_allowed(self) -> bool:
-        return bool(self.session and self.session.client.trusted_peer)  # type: ignore[attr-defined]
+        return bool(self.session and self.session.client.trusted_peer)
 
     # ---------------------------------------------------------------- MAIL / RCPT
 
@@ -523,7 +431,7 @@ class MaildSMTP(SMTP):
         except PathError as e:
             status = "5.1.7" if what == "sender" else "5.1.3"
             return f"501 {status} Bad {what} address syntax ({e})"
-        if plist and not self.session.extended_smtp:
+        if plist and not cast(MaildSession, self.session).extended_smtp:
             return syntaxerr
         for p in plist:
             key, _, value = p.partition("=")
@@ -565,7 +473,7 @@ class MaildSMTP(SMTP):
                 reply = (f"553 5.6.7 {name} has non-ASCII characters: "
                          "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)")
             if reply is not None:
-                self.event_handler.path_refused(self.session, stage, reply, address)
+                self.event_handler.path_refused(self._session, stage, reply, address)
                 await self.push(reply)
                 return True
         return False
@@ -574,7 +482,7 @@ class MaildSMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is not None:
+        if self._envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         parsed = self._parse("FROM:", arg, MAIL_PARAMS)
@@ -595,7 +503,7 @@ class MaildSMTP(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is None:
+        if self._envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         parsed = self._parse("TO:", arg, RCPT_PARAMS)
@@ -607,7 +515,7 @@ class MaildSMTP(SMTP):
             await self.push("501 5.1.3 Bad recipient address syntax: empty address")
             return
         if await self._refused_8bit("RCPT", address, params,
-                                    declares_smtputf8(self.envelope.mail_params)):
+                                    declares_smtputf8(self._envelope.mail_params)):
             return
         status = await self._call_handler_hook("RCPT", address, params)
         await self.push(status)
@@ -618,10 +526,10 @@ class MaildSMTP(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is None:
+        if self._envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        if not self.envelope.rcpt_tos:
+        if not self._envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
@@ -632,28 +540,23 @@ class MaildSMTP(SMTP):
             await self.push(status)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content, problem, fatal = await self._read_data()
-        if problem is not None:
-            await self._call_handler_hook("DATA_ABORT", problem)
-            await self.push(problem)
-            self._set_post_data_state()
-            if fatal:
+        content, abort = await self._read_data()
+        if abort is not None:
+            self.event_handler.data_aborted(self._session, abort)
+            await self.push(abort.reply)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            if abort.kind.fatal:
                 # The rest of the client's bytes could be read as commands: a smuggled
                 # transaction. Nothing more is read from this session.
                 self.close_after_reply()
             return
-        self.envelope.original_content = self.envelope.content = content
+        self._envelope.original_content = self._envelope.content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, str | None, bool]:
-        """Read until CRLF.CRLF; (content, None, False) or (b"", error reply, fatal).
-
-        Size and line-length violations keep reading to the end of data and then reply
-        (RFC 5321 4.2.5). A bare CR/LF or NUL replies at once and ends the session: the
-        client's idea of where the message ends may differ from ours.
-        """
+    async def _read_data(self) -> tuple[bytes, Abort | None]:
+        """Read until CRLF.CRLF under the whole-DATA deadline (maild.smtp.data)."""
         reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
         self._reset_timeout(self.settings.limits.data_timeout)
         try:
@@ -661,163 +564,3 @@ class MaildSMTP(SMTP):
                                    self.settings.limits.line_length)
         finally:
             self._reset_timeout()
-
-
-_BARE_REPLY = ("550 5.5.2 Message refused: bare <LF> or <CR> received (RFC 5321 2.3.8); "
-               "send lines ending in CRLF")
-_NUL_REPLY = "550 5.6.0 Message refused: NUL character in message data"
-
-
-async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
-                    ) -> tuple[bytes, str | None, bool]:
-    """MaildSMTP._read_data's reader: DATA from `reader` up to and including CRLF.CRLF.
-
-    `max_line` is the longest line text allowed: RFC 5321 4.5.3.1.6 counts 1000 octets
-    with the CRLF and without the leading dot a client doubles for transparency, so
-    line_length = 998 takes 998 characters, or 999 on the wire when the first is a dot.
-
-    It decides exactly what reading one line at a time with readuntil(b"\\r\\n") on a
-    StreamReader whose limit is `max_line` + 1 decided (tests/smtp/test_data_reader.py
-    keeps that reader and compares the two), but works on the StreamReader's own buffer
-    a block at a time: for the run of complete lines buffered, the end line and the
-    stuffed dots are found with find(b"\\r\\n."), and the bare CR/LF check (counts of
-    CR, LF and CRLF agree), the NUL check and the line-length check (every window of
-    max_line + 2 bytes holds an LF, so a stuffed line of max_line + 1 takes the slow
-    path) are a few bytes methods. A run that fails a check is read one line at a time
-    with the old rules, so the first offending line decides, as it did:
-
-    - a line is the bytes up to the first CRLF; longer than `max_line` before its CRLF
-      (`max_line` + 1 if it starts with a dot), it is skipped unchecked (500, content
-      dropped, reading goes on), however its bytes arrive: a partial line that already
-      holds more than that and a byte (its CR, perhaps) without a CRLF is dropped up to
-      its CRLF, whatever comes in between;
-    - a bare CR or LF in a line: 550 5.5.2, fatal; else a NUL: 550 5.6.0, fatal;
-    - ".\\r\\n" ends the data; a leading dot is removed; past `limit` bytes: 552, content
-      dropped, reading goes on;
-    - EOF before the end: ClientEOF (the buffer cleared, as IncompleteReadError did).
-
-    Bytes after the end line (or after a fatal line) stay in the reader's buffer.
-    """
-    buf: bytearray = reader._buffer  # type: ignore[attr-defined]
-    if reader._exception is not None:  # type: ignore[attr-defined]
-        raise reader._exception  # type: ignore[attr-defined]
-    out = bytearray()
-    problem: str | None = None
-    window = max_line + 2  # an unstuffed line's LF lies within this many bytes of its start
-    pos = 0  # start of the current line in buf
-    skipping = False  # inside an overlong line: everything up to its CRLF is dropped
-    while True:
-        if skipping:
-            p = buf.find(b"\r\n", pos)
-            if p >= 0:
-                pos, skipping = p + 2, False
-            else:
-                pos = max(pos, len(buf) - 1)  # a trailing CR may pair with the next LF
-        while not skipping:  # the complete lines in buf[pos:]
-            if buf.startswith(b".\r\n", pos):
-                del buf[:pos + 3]
-                reader._maybe_resume_transport()  # type: ignore[attr-defined]
-                return bytes(out), problem, False
-            last = buf.rfind(b"\r\n", pos)
-            if last < 0:
-                break
-            last += 2  # the complete lines are buf[pos:last]
-            end = last  # the end line's start, if it is in there
-            dots = [pos] if buf[pos] == 46 else []  # the stuffed dots in buf[pos:end]
-            i = buf.find(b"\r\n.", pos, last)
-            while i >= 0:
-                if buf.startswith(b"\r\n", i + 3):
-                    end = i + 2
-                    break
-                dots.append(i + 2)
-                i = buf.find(b"\r\n.", i + 3, last)
-            if _clean(buf, pos, end, window):
-                if problem is None:
-                    for d in dots:
-                        out += buf[pos:d]
-                        pos = d + 1
-                    out += buf[pos:end]
-                    if limit and len(out) > limit:
-                        problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
-                        out.clear()
-                pos = end
-                if end == last:
-                    break
-                continue
-            while pos < end:  # the old rules, one line at a time
-                p = buf.find(b"\r\n", pos)
-                if p - pos > max_line + (buf[pos] == 46):
-                    problem = problem or _long_reply(max_line)
-                    out.clear()
-                    pos = p + 2
-                    continue
-                if buf.find(b"\n", pos, p) >= 0 or buf.find(b"\r", pos, p) >= 0:
-                    del buf[:p + 2]
-                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
-                    return b"", _BARE_REPLY, True
-                if buf.find(b"\x00", pos, p) >= 0:
-                    del buf[:p + 2]
-                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
-                    return b"", _NUL_REPLY, True
-                if p == pos + 1 and buf[pos] == 46:  # not reached: the end is found above
-                    del buf[:p + 2]
-                    reader._maybe_resume_transport()  # type: ignore[attr-defined]
-                    return bytes(out), problem, False
-                if problem is None:
-                    out += buf[pos + 1 if buf[pos] == 46 else pos:p + 2]
-                    if limit and len(out) > limit:
-                        problem = f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)"
-                        out.clear()
-                pos = p + 2
-        # buf[pos:] is a partial line (no CRLF)
-        if not skipping and len(buf) - pos - 1 > max_line + (buf[pos:pos + 1] == b"."):
-            # An overlong line: the rest of it, up to its CRLF, is never read as lines
-            # (a dot or a command after a pause must not end DATA where the client's
-            # line does not end: that would be a smuggling vector).
-            problem = problem or _long_reply(max_line)
-            out.clear()
-            skipping = True
-            pos = len(buf) - 1
-        if reader._eof:  # type: ignore[attr-defined]
-            buf.clear()
-            raise ClientEOF()  # the message is incomplete: nothing relayed
-        del buf[:pos]
-        pos = 0
-        reader._maybe_resume_transport()  # type: ignore[attr-defined]
-        await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
-
-
-def _long_reply(max_line: int) -> str:
-    return (f"500 5.5.2 Message line longer than {max_line} characters "
-            "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
-
-
-def _clean(buf: bytearray, start: int, end: int, window: int) -> bool:
-    """buf[start:end] (whole lines) holds no bare CR or LF, no NUL, no overlong line."""
-    lines = buf.count(b"\r\n", start, end)
-    if buf.count(b"\n", start, end) != lines or buf.count(b"\r", start, end) != lines:
-        return False
-    if buf.find(b"\x00", start, end) >= 0:
-        return False
-    while end - start > window:
-        start = buf.rfind(b"\n", start, start + window) + 1
-        if not start:
-            return False
-    return True
-
-
-def _xtext_decode(value: str) -> str | None:
-    """RFC 3461 xtext, as Postfix sends XFORWARD values; None if malformed."""
-    out, i = [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "+":
-            h = value[i + 1:i + 3]
-            if len(h) != 2 or any(c not in "0123456789ABCDEFabcdef" for c in h):
-                return None
-            out.append(chr(int(h, 16)))
-            i += 3
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)

@@ -1,5 +1,5 @@
 """maild's state behind one interface; SQLite (aiosqlite, WAL) is the embedded default."""
 
-from maild.store.base import Store, open_store, register_migrations
+from maild.store.base import Migrations, Store
 
-__all__ = ["Store", "open_store", "register_migrations"]
+__all__ = ["Migrations", "Store"]

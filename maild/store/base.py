@@ -1,8 +1,9 @@
-"""The state interface every component uses, and the schema-migration registry.
+"""The state interface every component uses.
 
-Each component (core decision log, rate-limit counters, retention, ...) registers its
-own ordered list of migrations under its name; the store applies the ones not yet
-applied, in order, and records the version per component. A component reads and writes
+Each component (core decision log, rate-limit counters, retention, ...) declares its
+own ordered list of migrations as plain data; the composition root (maild.components)
+hands all of them to the store, which applies the ones not yet applied, in order, and
+records the version per component. A component reads and writes
 through the small SQL surface below (execute / executemany / fetchall / fetchone), so
 that it never holds a connection of its own and a second backend only has to provide
 these few calls.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,12 +21,8 @@ from typing import Any, Protocol
 log = logging.getLogger("maild.store")
 
 # component -> ordered SQL scripts; index + 1 is the schema version after applying it.
-MIGRATIONS: dict[str, list[str]] = {}
-
-
-def register_migrations(component: str, scripts: Sequence[str]) -> None:
-    """Declare a component's schema. Append new scripts; never edit a released one."""
-    MIGRATIONS[component] = list(scripts)
+# A component appends new scripts and never edits a released one.
+Migrations = Mapping[str, Sequence[str]]
 
 
 class StoreError(Exception):
@@ -105,26 +102,3 @@ def resolve_state_path(state: str, config_path: str) -> str:
     if not p.is_absolute():
         p = Path(config_path).resolve().parent / p
     return str(p)
-
-
-async def open_store(state: str, config_path: str = ".", *, migrate: bool = True,
-                     check: bool = False, init: bool = False) -> Store:
-    """Open the store named by `[server] state` and bring its schema up to date:
-    `postgresql://...` for several nodes sharing one state, else a SQLite file.
-
-    A SQLite file that exists but is empty or not maild's is refused (and, with check,
-    the daemon's start, a damaged one), unless init: that moves it aside, starts anew."""
-    from maild.store import core, leases  # noqa: F401  (register their schemas)
-
-    store: Store
-    if is_postgres(state):
-        from maild.store.postgres import PostgresStore
-
-        store = PostgresStore(state, migrate=migrate)
-    else:
-        from maild.store.sqlite import SQLiteStore
-
-        store = SQLiteStore(resolve_state_path(state, config_path), migrate=migrate,
-                            check=check, init=init)
-    await store.open()
-    return store

@@ -1,6 +1,6 @@
 """`maild migrate-state`: move a single node's SQLite state into PostgreSQL.
 
-Every table every component registered is copied row by row in id order, in one
+Every table of every component's schema is copied row by row in id order, in one
 PostgreSQL transaction (all or nothing), after the target's schema is created by the
 same migrations; identity sequences are then moved past the copied ids. The target must
 be empty: merging two states would break the consent hash chains' order.
@@ -10,33 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 
 import click
 
+from maild.clitools import wiring
 from maild.store.base import StoreError, is_postgres
+from maild.wiring import Wiring
 
 _BATCH = 1000
 
 
-def _load_components() -> None:
-    """Import every module that registers a schema, so both stores know all tables."""
-    import importlib
-
-    for mod in ("maild.store.core", "maild.store.leases", "maild.antispam.limiter",
-                "maild.antispam.sanctions", "maild.optin.ledger", "maild.retention.state"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError:  # that capability is not installed
-            continue
-
-
-async def migrate(src_url: str, dst_url: str, *, echo=print) -> dict[str, int]:
+async def migrate(parts: Wiring, src_url: str, dst_url: str, *,
+                  echo: Callable[[str], None] = print) -> dict[str, int]:
     """Copy every table of src (SQLite) into dst (PostgreSQL); returns rows per table."""
-    from maild.store.base import open_store
-
-    _load_components()
-    src = await open_store(src_url)  # brings an older single-node state up to date first
-    dst = await open_store(dst_url)
+    src = await parts.open_store(src_url)  # brings an older single-node state up to date first
+    dst = await parts.open_store(dst_url)
     counts: dict[str, int] = {}
     try:
         tables = [r[0] for r in await src.fetchall(
@@ -76,18 +65,17 @@ async def migrate(src_url: str, dst_url: str, *, echo=print) -> dict[str, int]:
     return counts
 
 
-def register(main: click.Group) -> None:
-    @main.command("migrate-state")
-    @click.option("--from", "src", required=True, help="sqlite:/path/to/maild.db")
-    @click.option("--to", "dst", required=True, help="postgresql://user@host/db (empty)")
-    def migrate_state(src: str, dst: str) -> None:
-        """Copy a single node's SQLite state into an empty PostgreSQL database."""
-        if is_postgres(src) or not is_postgres(dst):
-            raise click.UsageError("--from must be a SQLite state, --to a postgresql:// URL")
-        try:
-            counts = asyncio.run(migrate(src, dst, echo=click.echo))
-        except StoreError as e:
-            click.echo(f"maild: migrate-state: {e}", err=True)
-            sys.exit(1)
-        click.echo(f"migrated {sum(counts.values())} rows in {len(counts)} tables; stop the "
-                   "single node and set [server] state to the URL on every node")
+@click.command("migrate-state")
+@click.option("--from", "src", required=True, help="sqlite:/path/to/maild.db")
+@click.option("--to", "dst", required=True, help="postgresql://user@host/db (empty)")
+def migrate_state(src: str, dst: str) -> None:
+    """Copy a single node's SQLite state into an empty PostgreSQL database."""
+    if is_postgres(src) or not is_postgres(dst):
+        raise click.UsageError("--from must be a SQLite state, --to a postgresql:// URL")
+    try:
+        counts = asyncio.run(migrate(wiring(), src, dst, echo=click.echo))
+    except StoreError as e:
+        click.echo(f"maild: migrate-state: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"migrated {sum(counts.values())} rows in {len(counts)} tables; stop the "
+               "single node and set [server] state to the URL on every node")

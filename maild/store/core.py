@@ -16,9 +16,10 @@ import socket
 import time
 from dataclasses import astuple, dataclass
 
-from maild.store.base import Store, StoreError, register_migrations
+from maild.store.base import Store, StoreError
 
-register_migrations("core", [
+# The core schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE decisions (
         id INTEGER PRIMARY KEY,
@@ -46,7 +47,7 @@ register_migrations("core", [
         ts REAL NOT NULL
     );
     """,
-])
+)
 
 log = logging.getLogger("maild.store")
 

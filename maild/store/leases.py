@@ -14,9 +14,10 @@ import socket
 import time
 import uuid
 
-from maild.store.base import Store, register_migrations
+from maild.store.base import Store
 
-register_migrations("leases", [
+# The leases schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE leases (
         name TEXT PRIMARY KEY,
@@ -24,7 +25,7 @@ register_migrations("leases", [
         expires REAL NOT NULL
     );
     """,
-])
+)
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from maild.store.base import MIGRATIONS, Health, StoreError
+from maild.store.base import Health, Migrations, StoreError
 
 try:  # optional: pip install 'maild[postgresql]'
     import asyncpg
@@ -94,9 +94,10 @@ class PostgresStore:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, migrate: bool = True, min_size: int = 1,
-                 max_size: int = 10, timeout: float = 5.0):
+    def __init__(self, url: str, *, migrations: Migrations, migrate: bool = True,
+                 min_size: int = 1, max_size: int = 10, timeout: float = 5.0):
         self.url = url
+        self.migrations = migrations
         self.path = _redact(url)
         self.migrate = migrate
         self.min_size, self.max_size, self.timeout = min_size, max_size, timeout
@@ -141,7 +142,7 @@ class PostgresStore:
                                    " component TEXT PRIMARY KEY, version BIGINT NOT NULL)")
                 rows = await conn.fetch("SELECT component, version FROM schema_version")
                 current = {r[0]: r[1] for r in rows}
-                for component, scripts in MIGRATIONS.items():
+                for component, scripts in self.migrations.items():
                     have = current.get(component, 0)
                     if have > len(scripts):
                         raise StoreError(

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosqlite
 
-from maild.store.base import MIGRATIONS, Health, StoreError
+from maild.store.base import Health, Migrations, StoreError
 
 log = logging.getLogger("maild.store")
 
@@ -51,9 +51,10 @@ def _unusable(path: str, what: str) -> StateRefused:
 class SQLiteStore:
     dialect = "sqlite"
 
-    def __init__(self, path: str, *, migrate: bool = True, check: bool = False,
-                 init: bool = False):
+    def __init__(self, path: str, *, migrations: Migrations, migrate: bool = True,
+                 check: bool = False, init: bool = False):
         self.path = path
+        self.migrations = migrations
         self.shm = path + "-shm"
         self.migrate = migrate
         self.check, self.init = check, init
@@ -216,7 +217,7 @@ class SQLiteStore:
             "CREATE TABLE IF NOT EXISTS schema_version ("
             " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
         current = await self.schema_versions()
-        for component, scripts in MIGRATIONS.items():
+        for component, scripts in self.migrations.items():
             have = current.get(component, 0)
             if have > len(scripts):
                 raise StoreError(

@@ -40,8 +40,10 @@ async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
     page, never a traceback; either way nothing was recorded half."""
     try:
         resp = await handler(request)
-    except web.HTTPException as e:
-        resp = e
+    except web.HTTPException as e:  # 404, 405, 408, 413: aiohttp wants them raised
+        for k, v in SECURITY_HEADERS.items():
+            e.headers.setdefault(k, v)
+        raise
     except StoreError as e:
         log.error("web: %s %s: state store: %s", request.method, _where(request), e)
         resp = problem("Try again later", "A temporary problem kept us from doing this; "
@@ -105,7 +107,8 @@ class WebService:
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def _serve(self, app: web.Application, where: tuple[str, int], what: str) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               keepalive_timeout=guard.CLIENT_SECONDS)
         await runner.setup()
         host, port = where
         try:
@@ -139,13 +142,3 @@ class WebService:
         for r in self.runners:
             await r.cleanup()
         self.runners = []
-
-
-def reload_note(old: Any, new: Any) -> None:
-    """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
-    once; what the listeners and routes were built from does not."""
-    a, b = section(old), section(new)
-    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != \
-            (b.enabled, b.listen, b.metrics, b.metrics_listen, urlsplit(b.base_url).path):
-        log.warning("warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
-                    "path of base_url take effect only after a restart")

@@ -14,6 +14,7 @@ Rules every handler keeps:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -47,15 +48,40 @@ def problem(title: str, message: str, status: int) -> web.Response:
     return html(pages.problem(title, message), status)
 
 
+def _redacted(name: str, value: str) -> str:
+    """A header's value as evidence keeps it: cookies keep their names and HTTP
+    credentials their scheme, never a value (the browser sends the host's other cookies,
+    a webmail session among them, and the ledger and its bundles outlive them all)."""
+    n = name.lower()
+    if n == "cookie":
+        return "; ".join(f"{c.split('=', 1)[0].strip()}=REDACTED"
+                         for c in value.split(";") if c.strip())
+    if n in ("authorization", "proxy-authorization"):
+        return f"{value.strip().split(' ', 1)[0]} REDACTED"
+    return value
+
+
 async def raw_request(request: web.Request, secrets: dict[str, str] | None = None) -> bytes:
-    """The request as received: request line, headers, body; secrets replaced by markers."""
+    """The request as received: request line, headers, body; credentials and secrets
+    replaced by markers."""
     v = request.version
     head = [f"{request.method} {request.raw_path} HTTP/{v.major}.{v.minor}"]
-    head += [f"{k.decode('latin-1')}: {val.decode('latin-1')}" for k, val in request.raw_headers]
+    for k, val in request.raw_headers:
+        name = k.decode("latin-1")
+        head.append(f"{name}: {_redacted(name, val.decode('latin-1'))}")
     data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + await request.read()
     for secret, marker in (secrets or {}).items():
         data = data.replace(secret.encode("utf-8"), marker.encode("ascii"))
     return data
+
+
+def hidden_capability(request: web.Request, marker: str) -> tuple[dict[str, str], str]:
+    """The path's last segment is a capability (a confirmation token, a one-click MAC) that
+    evidence must not hand on: the secrets for raw_request (the segment as routed and as
+    the client sent it, %-escapes and all) and the path to record, both with `marker`."""
+    head, routed = request.path.rsplit("/", 1)
+    sent = request.raw_path.split("?", 1)[0].rsplit("/", 1)[-1]
+    return {sent: marker, routed: marker}, f"{head}/{marker}"
 
 
 def http_detail(request: web.Request, client: str, path: str) -> dict[str, Any]:
@@ -118,7 +144,7 @@ class Consent:
         if target is None:
             return self._bad_link("unsubscribe")
         lst, address = target
-        form = await request.post()
+        form = await guard.read_form(request)
         if form.get(ONE_CLICK_FIELD) != ONE_CLICK_VALUE:
             self.web.count("unsubscribe", "no-one-click")
             return problem("Nothing changed", "This request did not say "
@@ -129,12 +155,13 @@ class Consent:
         if before.state in GONE:
             outcome = "already-gone"
         else:
-            evidence = await raw_request(request)
+            hide, path = hidden_capability(request, "MAC-REDACTED")
             res = await actions.revoke(  # the CLI's own path: one chain
                 self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst.cfg,
                 address, channel="one-click", actor="maild-web", ip=client,
-                user_agent=request.headers.get("User-Agent", ""), evidence=evidence,
-                detail=http_detail(request, client, request.path))
+                user_agent=request.headers.get("User-Agent", ""),
+                evidence=await raw_request(request, hide),
+                detail=http_detail(request, client, path))
             await self.optin.refresh()  # the very next message to the address is refused
             outcome = f"revoked (was {res.before.state})"
         self.web.count("unsubscribe", outcome.split(" ")[0])
@@ -161,7 +188,7 @@ class Consent:
 
     async def _guarded(self, request: web.Request, page: str) -> tuple[Any, str] | web.Response:
         """A form POST's (fields, client), or the refusal: bad CSRF pair, over the limit."""
-        form = await request.post()
+        form = await guard.read_form(request)
         csrf = form.get("csrf")
         if not guard.csrf_ok(await self.web.key("csrf"), request.cookies.get(guard.CSRF_COOKIE),
                              request.path, csrf if isinstance(csrf, str) else None):
@@ -215,25 +242,45 @@ class Consent:
                            "an email address such as bob@example.org. Go back and correct it.",
                            400)
         w = self.web.settings
-        if not self.web.limiter.allow(f"address:{address}", w.address_limit, w.limit_window):
+        if not self.web.limiter.allow(f"address:{guard.mailbox(address)}", w.address_limit,
+                                      w.limit_window):
             return self._busy("subscribe", client)
+        # Recorded and sent after the answer: how long that takes (a ledger write and a
+        # mail, or neither for an address subscribed already) must not tell who is.
+        self.optin.spawn(self._request(lst.cfg, address, client,
+                                       request.headers.get("User-Agent", ""),
+                                       await raw_request(request),
+                                       http_detail(request, client, request.path)))
+        return html(pages.render(pages.SUBSCRIBE_SENT, f"Subscribe to {lst.cfg.name}",
+                                 address=address, name=lst.cfg.name))
+
+    async def _request(self, lst: Any, address: str, client: str, user_agent: str,
+                       evidence: bytes, detail: dict[str, Any]) -> None:
+        """The subscribe POST's work, after its answer; each outcome is one log line."""
+        def logged(level: int, result: str, reason: str) -> str:
+            log.log(level, "web: subscribe list=%s address=%s result=%s client=%s "
+                    "reason=\"%s\"", lst.id, clean(address), result, clean(client),
+                    clean(reason))
+            return result
+
         try:
             res = await actions.request(  # the CLI's own path: one chain
-                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst.cfg,
-                address, channel="web", actor="maild-web", ip=client,
-                user_agent=request.headers.get("User-Agent", ""),
-                evidence=await raw_request(request),
-                detail=http_detail(request, client, request.path))
+                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst,
+                address, channel="web", actor="maild-web", ip=client, user_agent=user_agent,
+                evidence=evidence, detail=detail)
             await self.optin.refresh()
             outcome = "requested" if res.sent or self.optin.downstream is None else "not-sent"
         except ActionError as e:
-            # Answered like a success: the page must not tell a stranger who is subscribed.
-            outcome = "refused"
-            log.warning("web: subscribe list=%s address=%s result=refused client=%s "
-                        "reason=\"%s\"", lst.id, clean(address), clean(client), clean(str(e)))
+            outcome = logged(logging.WARNING, "refused", str(e))
+        except StoreError as e:
+            outcome = logged(logging.ERROR, "not-recorded", f"state store: {e}")
+        except asyncio.CancelledError:
+            logged(logging.ERROR, "not-recorded", "maild stopped")
+            raise
+        except Exception as e:
+            log.exception("web: subscribe list=%s failed", lst.id)
+            outcome = logged(logging.ERROR, "not-recorded", f"internal error: {e}")
         self.web.count("subscribe", outcome)
-        return html(pages.render(pages.SUBSCRIBE_SENT, f"Subscribe to {lst.cfg.name}",
-                                 address=address, name=lst.cfg.name))
 
     # ------------------------------------------------------------- confirm
 
@@ -280,16 +327,15 @@ class Consent:
             return got
         t, lst, th = got
         t.used = True  # before any await: a reply arriving meanwhile adds nothing
-        token = request.match_info["token"]
+        hide, path = hidden_capability(request, f"TOKEN-SHA256-{th[:32]}")
         try:
             ev = await self.optin.ledger.append(
                 list_id=t.list_id, address=t.address, kind=Kind.CONFIRM, channel="web",
                 actor="maild-web", ip=client, user_agent=request.headers.get("User-Agent", ""),
                 consent_hash=t.consent_hash or lst.cfg.consent_hash, token_hash=th,
-                raw=await raw_request(request, {token: f"TOKEN-SHA256-{th[:32]}"}),
-                detail={**http_detail(request, client, request.path.replace(
-                    token, f"TOKEN-SHA256-{th[:32]}")), "request_seq": t.request_seq,
-                    "confirmation_message_id": t.message_id})
+                raw=await raw_request(request, hide),
+                detail={**http_detail(request, client, path), "request_seq": t.request_seq,
+                        "confirmation_message_id": t.message_id})
         except StoreError:
             t.used = False
             raise

@@ -8,10 +8,14 @@
   Another site can neither read nor set the cookie, and a token is good for one path.
 * Rate limits: sliding windows in memory, per client address and per subscriber
   address, bounded in size.
+* Slow clients: a request's headers and its body must each arrive within
+  CLIENT_SECONDS (aiohttp would wait an hour), so that a slowloris cannot hold the
+  file descriptors the SMTP side of the same process needs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
@@ -22,11 +26,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from maild.config import Network
 
 CSRF_COOKIE = "maild_csrf"
 _MAX_KEYS = 100_000
+CLIENT_SECONDS = 20.0  # for the headers (and an idle keep-alive), and again for the body
 
 
 def client_address(peer: str, forwarded_for: Iterable[str],
@@ -60,6 +66,15 @@ def client_of(request: web.Request, settings: Any) -> str:
                           settings.trusted_proxies)
 
 
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The POSTed fields, if the client sends them within CLIENT_SECONDS; else a 408."""
+    try:
+        async with asyncio.timeout(CLIENT_SECONDS):
+            return await request.post()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="The request body did not arrive in time.") from None
+
+
 def new_nonce() -> str:
     return secrets.token_urlsafe(24)
 
@@ -72,6 +87,14 @@ def csrf_ok(key: bytes, nonce: str | None, path: str, given: str | None) -> bool
     if not nonce or not given:
         return False
     return hmac.compare_digest(csrf_token(key, nonce, path), given)
+
+
+def mailbox(address: str) -> str:
+    """The mailbox a (lower-cased) address reaches, without its +tag (the usual Postfix
+    recipient_delimiter): what the per-address limit counts, so that bob+1@, bob+2@ ...
+    cannot bomb bob with confirmation requests."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
 
 
 class Limiter:

@@ -22,9 +22,10 @@ import secrets
 import time
 from urllib.parse import quote
 
-from maild.store.base import Store, register_migrations
+from maild.store.base import Store
 
-register_migrations("web", [
+# The web schema, in order (maild.components hands it to the store).
+MIGRATIONS = (
     """
     CREATE TABLE web_keys (
         name TEXT PRIMARY KEY,          -- 'unsubscribe:LIST_ID' or 'csrf'
@@ -32,7 +33,7 @@ register_migrations("web", [
         created REAL NOT NULL
     );
     """,
-])
+)
 
 MAC_HEX = 32  # 128 bits: unguessable, and short enough for a mail header line
 

@@ -8,11 +8,21 @@ confirmation mail and the one-click unsubscribe URLs are built from it).
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from maild.config import SECTION_PARSERS, Network, Reader, is_hostname
+from maild.config import Network, Reader, is_hostname
 from maild.web import keys as _keys  # noqa: F401  (registers the schema)
+
+log = logging.getLogger("maild.web")
+
+# What [web] needs loaded before root is dropped (maild.privs.drop): aiohttp and
+# prometheus_client import parts of the standard library the unprivileged user may not
+# be able to read.
+PRELOAD = ("maild.web.app", "maild.web.consent", "maild.web.metrics", "maild.web.pages",
+           "maild.web.oneclick", "maild.web.guard", "maild.optin.model",
+           "prometheus_client.exposition", "prometheus_client.parser")
 
 
 @dataclass(frozen=True)
@@ -92,4 +102,11 @@ def confirm_url(config: object, token: str) -> str:
     return f"{w.base_url}/confirm/{token}" if w.enabled and w.base_url else ""
 
 
-SECTION_PARSERS["web"] = parse_web
+def reload_note(old: object, new: object) -> None:
+    """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
+    once; what the listeners and routes were built from does not."""
+    a, b = section(old), section(new)
+    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != \
+            (b.enabled, b.listen, b.metrics, b.metrics_listen, urlsplit(b.base_url).path):
+        log.warning("warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
+                    "path of base_url take effect only after a restart")

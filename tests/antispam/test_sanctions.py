@@ -3,8 +3,7 @@
 import asyncio
 
 from maild.antispam.sanctions import Sanctions, SanctionsConfig, set_state
-from maild.config import parse
-from maild.store import open_store
+from maild.components import open_store, parse
 
 CONFIG = parse({"postmaster": {"domains": ["h.example"]},
                 "customers": [{"name": "acme", "contact": "ops@acme.example"}],

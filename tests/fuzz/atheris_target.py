@@ -33,9 +33,10 @@ except ImportError:  # the hypothesis fallback imports this module too
 
 def _imports() -> None:
     global PathError, canonical, eight_bit, parse_params, parse_path, split_arg, cfg, Message
-    global strip_own_headers, header_line, xtext, _xtext_decode, SMTP, MaildSMTP
+    global strip_own_headers, header_line, xtext, _xtext_decode, SMTP, MaildSMTP, components
     from aiosmtpd.smtp import SMTP
 
+    from maild import components
     from maild import config as cfg
     from maild.address import (
         PathError,
@@ -46,14 +47,14 @@ def _imports() -> None:
         split_arg,
     )
     from maild.policy.context import Message
-    from maild.smtp.downstream import xtext
-    from maild.smtp.headers import header_line, strip_own_headers
-    from maild.smtp.server import MaildSMTP, _xtext_decode
+    from maild.smtp.own_headers import header_line, strip_own_headers
+    from maild.smtp.server import MaildSMTP
+    from maild.smtp.xforward import xtext
+    from maild.smtp.xforward import xtext_decode as _xtext_decode
 
-    # Parse the shipped policy once, so every module that owns a section (imported lazily
-    # by config.parse) is imported here, instrumented.
+    # Parse the shipped policy once, with every component's section, instrumented.
     shipped = Path(__file__).resolve().parents[2] / "policies.toml"
-    cfg.parse(tomllib.loads(shipped.read_text()), str(shipped))
+    components.parse(tomllib.loads(shipped.read_text()), str(shipped))
 
 
 if atheris is not None and __name__ == "__main__":
@@ -116,7 +117,7 @@ def policies(data: bytes) -> None:
     except RecursionError:
         return  # tomllib's own limit; config.load reports it (test_deeply_nested_file_...)
     try:
-        c = cfg.parse(doc, "fuzz.toml")
+        c = components.parse(doc, "fuzz.toml")
     except cfg.ConfigError as e:
         assert e.problems
         return

@@ -25,14 +25,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from maild import components, textsig
 from maild import config as cfg
 from maild import dns as maild_dns
-from maild import textsig
 from maild.address import parse_path
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Message, Stage
 from maild.policy.customer import resolve
-from maild.smtp.headers import strip_own_headers
+from maild.smtp.own_headers import strip_own_headers
 from tests.fuzz.budget import budget
 from tests.fuzz.strategies import message
 from tests.integration.conftest import CUSTOMER_IP, front_policy
@@ -44,7 +44,7 @@ def enforcing() -> cfg.Config:
     p = front_policy(10026)
     p["headers"] = {"mode": "enforce"}
     p["dns"]["timeout"] = "1s"
-    return cfg.parse(p, "fuzz.toml")
+    return components.parse(p, "fuzz.toml")
 
 
 CONFIG = enforcing()
@@ -52,7 +52,6 @@ CONFIG = enforcing()
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    pipeline.load_families()
     maild_dns.configure(CONFIG)
     lp = asyncio.new_event_loop()
     yield lp

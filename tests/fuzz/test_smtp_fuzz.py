@@ -37,11 +37,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from maild import components
 from maild import config as cfg
 from maild import dns as maild_dns
 from maild.smtp.downstream import Downstream
 from maild.smtp.proxy import Proxy
-from maild.smtp.server import MaildSMTP, SessionCounter
+from maild.smtp.server import MaildSMTP
+from maild.smtp.sessions import SessionCounter
 from tests.fuzz.budget import budget
 from tests.fuzz.strategies import any_path, command_line, data_payload, message, params, to_bytes
 from tests.harness.sink import SmtpSink
@@ -128,7 +130,7 @@ def server(sink: SmtpSink) -> Iterator[InProcessMaild]:
         "data_timeout": "60s", "max_sessions_per_ip": 50})
     policy["headers"] = {"mode": "enforce"}
     policy["dns"]["timeout"] = "1s"
-    m = InProcessMaild(cfg.parse(policy, "fuzz.toml")).start()
+    m = InProcessMaild(components.parse(policy, "fuzz.toml")).start()
     handler = Collect(m.records)
     logging.getLogger("maild").addHandler(handler)
     yield m

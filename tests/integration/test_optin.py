@@ -77,7 +77,8 @@ def m(postfix, tmp_path_factory):
     except AssertionError:
         md.stop()
         pytest.fail("maild serve did not start the opt-in service: maild/daemon.py must start "
-                    "maild.optin.service.OptinService and set services.optin (docs/optin.md)")
+                    "maild.optin.service.OptinService and put it in its Services "
+                    "(maild/policy/services.py; docs/optin.md)")
     yield md
     md.stop()
 

@@ -72,3 +72,24 @@ def test_world_writable_policy_or_state_dir_is_refused(tmp_path):
     state.chmod(0o777)
     r = run_serve(cfg, "--allow-root")
     assert r.returncode == 2 and f"state directory {state} is world-writable" in r.stderr
+
+
+def test_web_pages_and_metrics_work_after_dropping_root(postfix, open_dir):
+    """[web] imports aiohttp and prometheus_client, whose standard-library parts the
+    unprivileged user may not be able to read: they are loaded before root is dropped."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to test dropping root")
+    import urllib.request
+
+    web_port = free_port()
+    policy = front_policy(postfix.reinject_port, user="nobody",
+                          state=str(open_dir / "state" / "maild.db"))
+    policy["web"] = {"enabled": True, "listen": f"127.0.0.1:{web_port}",
+                     "base_url": f"http://127.0.0.1:{web_port}"}
+    m = Maild(open_dir / "m", policy)
+    (open_dir / "m").chmod(0o755)
+    with m:
+        assert uids(m.proc.pid) == [65534] * 4
+        m.wait_log("web: listening on")
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"maild_relayed_total" in r.read()

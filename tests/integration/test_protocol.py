@@ -137,6 +137,17 @@ def test_help_lists_only_what_maild_implements(maild):
     assert r[5].startswith(b"250 Syntax: MAIL FROM: <address>"), r[5]
 
 
+def test_vrfy_of_a_bad_address_is_an_answer_not_an_internal_error(maild):
+    """`VRFY a@` made the standard library's address parser raise IndexError inside
+    aiosmtpd: the client got 451 4.3.0 and the log a traceback (found by the fuzzer)."""
+    r = converse(maild.port, [b"EHLO client.example", b"VRFY a@", b"VRFY bob@hosted.example",
+                              b"NOOP"])
+    assert r[2].startswith(b"502 5.5.1 Could not VRFY a@"), r[2]
+    assert r[3].startswith(b"252 "), r[3]
+    assert r[4].startswith(b"250"), r[4]  # the session goes on
+    assert "internal error" not in maild.log()
+
+
 def test_auth_and_starttls_are_answered_as_postfix_answers_without_them(postfix, maild):
     """The commands maild lacks get Postfix's own replies (smtpd_sasl_auth_enable = no,
     no TLS): a permanent 50x with an enhanced status code, not aiosmtpd's 538 (AUTH

@@ -196,6 +196,31 @@ def test_one_click_post_over_tcp_with_and_without_the_exact_body(postfix, m):
     assert state(m, bob) == "revoked"
 
 
+def test_one_click_refuses_another_https_uri_beside_maild_url(postfix, m):
+    """RFC 8058: one HTTPS URI. A mail client posts to one of them, so a second one (the
+    customer's own) would take the unsubscribe maild is required to see."""
+    dora = "dora@hosted.example"
+    subscribe_by_owner(m, dora)
+    url = unsubscribe_url(m, dora)
+    r = list_mail(m, dora, f"https://track.acme.example/leave?u=dora>, <{url}")
+    assert r.data_code == 550 and "5.7.1" in r.output, r.output
+    assert "<https://track.acme.example/leave?u=dora>" in r.output
+    assert "remove it" in r.output
+    # one message to two subscribers with both URLs: either one's click could revoke the other
+    fay = "fay@hosted.example"
+    subscribe_by_owner(m, fay)
+    r = swaks(m.port, frm=f"news-bounces+all@{LISTS}", to=[dora, fay], bind=CUSTOMER_IP,
+              header=[f"To: {dora}, {fay}", f"List-Id: <{LIST}>", "Subject: This month",
+                      f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>, "
+                      f"<{unsubscribe_url(m, fay)}>",
+                      "List-Unsubscribe-Post: List-Unsubscribe=One-Click"],
+              body="Hello, here is this month's news.\r\n")
+    assert r.data_code == 550 and "is not the one for <dora@hosted.example>, <fay" in r.output, \
+        r.output
+    assert list_mail(m, dora, url).data_code == 250
+    assert state(m, dora) == "confirmed"
+
+
 def test_subscribe_and_confirm_over_http_and_a_get_of_every_link_changes_nothing(
         postfix, m, tmp_path):
     erin = "erin@hosted.example"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maild.config import parse
+from maild.components import open_store, parse
 from maild.optin.ledger import Ledger
-from maild.store import open_store
 
 CONSENT = "Acme News: one message a month. Leave at any time."
 
@@ -40,13 +39,9 @@ def make_config(**optin):
     these tests see the opt-in rules alone (tests/integration sees them all together)."""
     import copy
 
-    from maild.config import SECTION_PARSERS, _load_section_parsers
-
-    _load_section_parsers()
     doc = copy.deepcopy(POLICY)
     doc["optin"].update(optin)
-    if "headers" in SECTION_PARSERS:
-        doc["headers"] = {"enabled": False}
+    doc["headers"] = {"enabled": False}
     return parse(doc, "/nonexistent/policies.toml")
 
 

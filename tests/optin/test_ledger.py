@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
+from maild.components import open_store
 from maild.optin.evidence import verify_all
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind
 from maild.optin.settings import ListConfig
-from maild.store import open_store
 from maild.store.base import StoreError
 
 

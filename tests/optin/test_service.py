@@ -5,23 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
-
-from maild import services
 from maild.antispam.sanctions import control
+from maild.components import open_store
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind, State
 from maild.optin.service import OptinService
 from maild.optin.settings import ListConfig
 from maild.optin.tokens import token_hash
-from maild.store import open_store
 
 LIST = "news.acme.example"
-
-
-@pytest.fixture(autouse=True)
-def no_sanctions(monkeypatch):
-    monkeypatch.setattr(services, "sanctions", None)
 
 
 async def started(config, store) -> OptinService:
@@ -97,16 +89,15 @@ async def test_a_stored_lists_addresses_are_its_customers_for_ownership(config, 
                         channel="web", token_hash=token_hash("tok1"),
                         detail={"expires": "2999-01-01T00:00:00.000000Z"})
     svc = await started(config, store)
-    monkeypatch.setattr(services, "optin", svc)
     try:
         acme, other = config.customer("acme"), config.customer("other")
         for addr, why in (("tips-bounces+b=x.example@hosted.example", "return path"),
                           ("tips-leave@hosted.example", "unsubscribe address"),
                           ("confirm+tok1@hosted.example", "confirmation address")):
-            assert owner_of(acme, addr, "envelope", lists_of(config)) == \
+            assert owner_of(acme, addr, "envelope", lists_of(config, svc)) == \
                 f"{why} of list tips.acme.example"
-            assert owner_of(other, addr, "envelope", lists_of(config)) is None
-        assert owner_of(acme, "confirm+tok2@hosted.example", "from", lists_of(config)) is None
+            assert owner_of(other, addr, "envelope", lists_of(config, svc)) is None
+        assert owner_of(acme, "confirm+tok2@hosted.example", "from", lists_of(config, svc)) is None
     finally:
         await svc.stop()
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from maild.optin.settings import consent_hash, normalise_list_id, section
 from tests.optin.conftest import CONSENT, POLICY, make_config
 

@@ -2,12 +2,12 @@
 
 import pytest
 
-from maild import services
 from maild.address import parse_path
 from maild.antispam.campaigns import Campaigns
-from maild.config import parse
+from maild.components import parse
 from maild.policy import bulk, pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
+from maild.policy.services import Services
 
 CONFIG = parse({"headers": {"enabled": False},"postmaster": {"domains": ["hosted.example"]},
                 "ratelimit": {"enabled": False},
@@ -15,6 +15,9 @@ CONFIG = parse({"headers": {"enabled": False},"postmaster": {"domains": ["hosted
 
 TEXT = ("Hello {name}, our autumn offer: 40% off every coat in the store at "
         "https://shop.example/coats?ref={name}{n} until {n} December. Best wishes, the shop")
+
+
+services = Services()  # the contexts' services: a fresh campaign memory per test
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +28,8 @@ def campaigns():
 
 
 async def copy(n: int, recipients: int, text: str = TEXT):
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="192.0.2.1"))
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="192.0.2.1"),
+                  services=services)
     ctx.identity = Identity(CONFIG.customer("acme"), "network")
     ctx.recipients = [parse_path(f"<user{n}x{i}@outside.example>") for i in range(recipients)]
     name = ["anna", "bert", "cleo", "dirk", "emma", "fred"][n % 6]
@@ -67,7 +71,8 @@ async def test_exemption_vouches_for_confirmed_list_mail():
 
 
 async def test_unidentified_senders_are_not_scored():
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="203.0.113.9"))
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="203.0.113.9"),
+                  services=services)
     ctx.recipients = [parse_path("<x@hosted.example>")]
     ctx.message = Message(b"Subject: x\r\n\r\n" + TEXT.format(name="a", n=1).encode() + b"\r\n")
     assert bulk.bulk(ctx) is None

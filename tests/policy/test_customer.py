@@ -1,7 +1,7 @@
 """Customer resolution order: login, then network, then sender domain."""
 
 from maild.address import parse_path
-from maild.config import parse
+from maild.components import parse
 from maild.policy.context import Client
 from maild.policy.customer import resolve
 

@@ -18,21 +18,22 @@ import pytest
 from click.testing import CliRunner
 
 from maild import dns as maild_dns
-from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.cli import main
-from maild.config import ConfigError, parse
-from maild.policy import headers as h
-from maild.policy import pipeline
+from maild.components import parse
+from maild.config import ConfigError
+from maild.policy import chain, pipeline, structure
+from maild.policy import checks as h
 from maild.policy.context import Client, Context, Message, Stage
 from maild.policy.customer import resolve
 from maild.policy.headers_cli import _run
+from maild.policy.services import Services
 from maild.policy.verdict import Action
 from tests.harness.dns import STANDARD_DROP, STANDARD_SERVFAIL, STANDARD_ZONE, DnsServer
 from tests.harness.maild import render
 
-pipeline.load_families()
+services = Services()  # the contexts' services (the limiter fixture adds a limiter)
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "headers"
 CASES = tomllib.loads((CORPUS / "cases.toml").read_text())["case"]
@@ -76,10 +77,11 @@ def config_all(dns_server):
 
 
 @pytest.fixture
-def limiter(monkeypatch):
+def limiter():
     lim = Limiter()
-    monkeypatch.setattr(services, "limiter", lim)
-    return lim
+    services.limiter = lim
+    yield lim
+    services.limiter = None
 
 
 _NOW = re.compile(r"\{now(?:([+-]\d+)([hd])|(-0000))?\}")
@@ -112,7 +114,7 @@ async def run_case(case: dict, config, config_all) -> dict:
                       client_addr=case.get("client", "192.0.2.7"),
                       helo=case.get("helo", "mail.acme.example"),
                       mail_from=case.get("mail_from", "boss@acme.example"),
-                      smtputf8=case.get("smtputf8", False))
+                      smtputf8=case.get("smtputf8", False), services=services)
 
 
 def _charge(limiter: Limiter, customer: str, n: int) -> None:
@@ -155,9 +157,9 @@ async def test_corpus_has_a_passing_and_a_failing_message_for_every_check(
         for r in report["checks"]:
             (failed if r["result"] == "fail" else passed if r["result"] == "pass" else set()).add(
                 r["name"])
-    assert set(h.CHECKS) - failed == set(), "checks without a failing corpus message"
-    assert set(h.CHECKS) - passed == set(), "checks without a passing corpus message"
-    assert len(h.CHECKS) >= 24
+    assert set(chain.CHECKS) - failed == set(), "checks without a failing corpus message"
+    assert set(chain.CHECKS) - passed == set(), "checks without a passing corpus message"
+    assert len(chain.CHECKS) >= 24
 
 
 # --------------------------------------------------------------------------- rules in the pipeline
@@ -166,7 +168,7 @@ def make_ctx(config, content: bytes, *, sender="<boss@acme.example>", addr="192.
              helo="mail.acme.example", login="", trusted=False) -> Context:
     client = Client(addr=addr, helo=helo, trusted_peer=trusted)
     s = parse_path(sender)
-    ctx = Context(config=config, session_id="T1", client=client, sender=s)
+    ctx = Context(config=config, session_id="T1", client=client, sender=s, services=services)
     ctx.identity = resolve(config, client, login, s)
     ctx.message = Message(content)
     return ctx
@@ -274,7 +276,7 @@ async def test_a_domain_attribution_is_not_a_submission(config):
     ("from a.example with local; Mon, 3 Jun 2024", ""),
 ])
 def test_received_by(value, host):
-    assert h.received_by(value) == host
+    assert structure.received_by(value) == host
 
 
 def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
@@ -282,19 +284,19 @@ def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
             "(Postfix) with ESMTPSA id 4V;\r\n\tMon, 3 Jun 2024 14:05:00 +0200\r\n")
     msg = load("legit.eml")
     ctx = make_ctx(config, (ours + "").encode() + msg, trusted=True)
-    assert h.received_forged(ctx) is None
+    assert structure.received_forged(ctx) is None
     ctx = make_ctx(config, ours.encode() + msg, trusted=False)
-    assert h.received_forged(ctx) is not None  # from a client, the same line is forged
+    assert structure.received_forged(ctx) is not None  # from a client, the same line is forged
     forged = load("received-forged.eml")
     ctx = make_ctx(config, ours.encode() + forged, trusted=True)
-    assert "mx.hosted.example" in h.received_forged(ctx).reason
+    assert "mx.hosted.example" in structure.received_forged(ctx).reason
 
 
 def test_localhost_is_never_one_of_our_names(config):
     conf = replace(config, server=replace(config.server, hostname="localhost"))
     ctx = make_ctx(conf, b"Received: from localhost by localhost; d\r\nFrom: a@acme.example\r\n\r\n")
     assert "localhost" not in h.own_names(ctx)
-    assert h.received_forged(ctx) is None
+    assert structure.received_forged(ctx) is None
 
 
 def test_message_mailboxes_are_parsed_once_and_shared():
@@ -313,13 +315,13 @@ def test_defaults_when_the_section_is_absent():
     s = conf.sections["headers"]
     assert (s.mode, s.apply_to, s.checks, s.date_future, s.date_past) == (
         "enforce", "customers", {}, 7200.0, 7 * 86400.0)
-    assert h.CHECKS["from-owner"].default == "reject"
-    assert h.CHECKS["date-past"].default == "tag"
-    assert h.CHECKS["null-sender-rate"].default == "tempfail"
+    assert chain.CHECKS["from-owner"].default == "reject"
+    assert chain.CHECKS["date-past"].default == "tag"
+    assert chain.CHECKS["null-sender-rate"].default == "tempfail"
 
 
 def test_the_shipped_policy_parses_with_the_documented_defaults():
-    from maild.config import load as load_config
+    from maild.components import load as load_config
 
     conf = load_config(Path(__file__).resolve().parents[2] / "policies.toml")
     s = conf.sections["headers"]
@@ -393,7 +395,7 @@ def test_check_message_prints_every_verdict_and_exits_1_when_refused(policy_file
     assert r.exit_code == 1, r.output
     lines = r.output.splitlines()
     assert "customer=acme (by network)" in lines[0]
-    assert sum(1 for x in lines if x.startswith("  ")) == len(h.CHECKS)
+    assert sum(1 for x in lines if x.startswith("  ")) == len(chain.CHECKS)
     assert any(re.match(r"  FAIL  from-owner\s+reject: 550 5.7.1 From: address <ceo@bank.example>", x)
                for x in lines), r.output
     assert re.search(r"  pass  envelope-owner", r.output)
@@ -437,7 +439,7 @@ def test_check_message_without_a_customer_skips_the_customer_checks(policy_file,
     data = json.loads(r.output)
     assert r.exit_code == 0
     skipped = {c["name"] for c in data["checks"] if c["result"] == "skip"}
-    assert skipped == set(h.CHECKS)
+    assert skipped == set(chain.CHECKS)
     assert data["customer"] == "- (not identified)"
 
 
@@ -473,8 +475,9 @@ def test_check_message_reads_the_envelope_sender_from_return_path(policy_file, t
 
 def test_only_forgery_counts_as_a_strike():
     """Malformed headers are refused but are no offence; forged ones are strikes."""
-    from maild.policy.headers import CHECKS, FORGERY
+    from maild.policy.chain import CHECKS
 
+    FORGERY = {name for name, c in CHECKS.items() if c.strike}
     assert {"from-owner", "display-name-spoof", "envelope-owner"} <= FORGERY
     assert "date-missing" not in FORGERY and "helo-invalid" not in FORGERY
     assert set(CHECKS) >= FORGERY

@@ -11,17 +11,15 @@ from email.utils import format_datetime, localtime
 import pytest
 
 from maild import dns as maild_dns
-from maild import services
 from maild.address import parse_path
-from maild.antispam.limiter import Limiter
-from maild.config import parse
+from maild.antispam.limiter import Limiter, Rate
+from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.identity import helo_problem, lists_of, looks_automatic, owner_of
+from maild.policy.services import Services
 from maild.policy.verdict import Action
 from tests.harness.dns import STANDARD_DROP, STANDARD_SERVFAIL, STANDARD_ZONE, DnsServer
-
-pipeline.load_families()
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +51,9 @@ def config(dns_server):
 
 
 def ctx_for(config, *, sender="<boss@acme.example>", helo="mail.acme.example", by="network",
-            message: bytes | None = None) -> Context:
-    ctx = Context(config=config, session_id="T2", client=Client(addr="192.0.2.7", helo=helo))
+            message: bytes | None = None, services: Services | None = None) -> Context:
+    ctx = Context(config=config, session_id="T2", client=Client(addr="192.0.2.7", helo=helo),
+                  services=services or Services())
     ctx.identity = Identity(config.customer("acme"), by, "alice" if by == "login" else "")
     ctx.sender = parse_path(sender)
     if message is not None:
@@ -261,12 +260,12 @@ def test_looks_automatic(config, head, auto):
     assert looks_automatic(ctx) == auto
 
 
-async def test_null_sender_rate_counts_only_delivered_messages(dns_server, monkeypatch):
-    monkeypatch.setattr(services, "limiter", Limiter(clock=lambda: 1e9))
+async def test_null_sender_rate_counts_only_delivered_messages(dns_server):
+    services = Services(limiter=Limiter(clock=lambda: 1e9))
     conf = make_config(dns_server, null_sender_rate="2/1h")
 
     async def bounce(delivered: bool = True, date: str = "") -> object:
-        ctx = ctx_for(conf, sender="<>", message=BOUNCE.replace(
+        ctx = ctx_for(conf, sender="<>", services=services, message=BOUNCE.replace(
             b"\r\n\r\n", f"\r\nDate: {date or format_datetime(localtime())}\r\n\r\n".encode()))
         v = await pipeline.run(Stage.DATA, ctx)
         pipeline.finish(ctx, accepted=delivered and v.accepted)
@@ -275,14 +274,14 @@ async def test_null_sender_rate_counts_only_delivered_messages(dns_server, monke
     # refused by an earlier check (a Date far ahead): never reaches the rate, not charged
     assert (await bounce(date="Mon, 3 Jun 2099 10:00:00 +0000")).rule == "date-future"
     assert (await bounce(delivered=False)).accepted  # refused downstream: released
-    assert services.limiter.value("null-sender:acme") == 0.0
+    assert services.limiter.value("null-sender:acme", Rate.parse("2/1h")) == 0.0
     assert (await bounce()).accepted
     assert (await bounce()).accepted
     v = await bounce()
     assert (v.action, v.code, v.status, v.rule) == (Action.TEMPFAIL, 451, "4.7.1",
                                                      "null-sender-rate")
     assert "limit 2/1h" in v.reason and "try again in" in v.reason
-    assert services.limiter.value("null-sender:acme") == 2.0
+    assert services.limiter.value("null-sender:acme", Rate.parse("2/1h")) == 2.0
 
 
 async def test_plain_mail_with_the_null_sender_is_refused(config):

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from maild import services
 from maild.address import parse_path
 from maild.antispam.campaigns import Campaigns
+from maild.components import open_store
 from maild.optin.model import Kind, State
 from maild.optin.service import OptinService
 from maild.optin.tokens import token_hash
 from maild.policy import bulk, pipeline
+from maild.policy.chain import CHAIN
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.optin import vouch
-from maild.store import open_store
+from maild.policy.services import Services
 from tests.optin.conftest import make_config
-
-pipeline.load_families()
 
 LIST = "news.acme.example"
 RP = "news-bounces+x=y.example@lists.hosted.example"
@@ -32,14 +31,17 @@ async def store(tmp_path):
     await s.close()
 
 
+services = Services()  # the contexts' services: the svc fixture's opt-in service
+
+
 @pytest.fixture
-async def svc(store, monkeypatch):
+async def svc(store):
     s = OptinService(CONFIG, store, None)
-    monkeypatch.setattr(services, "optin", s, raising=False)
-    monkeypatch.setattr(services, "sanctions", None)
+    services.optin, services.campaigns, services.sanctions = s, None, None
     await s.start()
     yield s
     await s.stop()
+    services.optin = services.campaigns = services.sanctions = None
 
 
 async def seed(svc: OptinService, address: str, *kinds: Kind, list_id: str = LIST) -> None:
@@ -50,7 +52,8 @@ async def seed(svc: OptinService, address: str, *kinds: Kind, list_id: str = LIS
 
 def ctx_for(*, sender: str = f"<{RP}>", addr: str = "192.0.2.7", by: str = "network",
             customer: str | None = "acme") -> Context:
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=addr, name="c.example"))
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=addr, name="c.example"),
+                  services=services)
     ctx.sender = parse_path(sender)
     if customer:
         ctx.identity = Identity(CONFIG.customer(customer), by)
@@ -205,7 +208,7 @@ async def test_bcc_style_multi_recipient_list_mail(svc):
 
 async def test_bulk_rule_spares_a_registered_list_to_confirmed_subscribers(svc, monkeypatch):
     assert vouch in bulk.EXEMPTIONS
-    monkeypatch.setattr(services, "campaigns", Campaigns())
+    services.campaigns = Campaigns()
     cfg = make_config()
     from dataclasses import replace
 
@@ -305,7 +308,7 @@ async def test_arf_to_abuse_suppresses_and_the_rate_is_judged(svc, store, monkey
     from maild.antispam.sanctions import Sanctions
 
     sanctions = Sanctions(store, lambda: CONFIG)
-    monkeypatch.setattr(services, "sanctions", sanctions)
+    services.sanctions = svc.sanctions = sanctions
     await seed(svc, "carl@x.example", Kind.OWNER_ADD)
     svc.count_delivered(LIST, 50)  # under complaint_min_volume (100): the floor applies
     ctx = ctx_for(sender="<fbl@isp.example>", addr="203.0.113.5", customer=None)
@@ -359,7 +362,7 @@ async def test_disabled_section_has_no_opinion(store, monkeypatch):
 
 
 def test_rule_orders():
-    names = {r.name: r.order for r in pipeline.RULES[Stage.RCPT]}
-    assert names["optin"] == 40 and names["ratelimit"] < 40
-    names = {r.name: r.order for r in pipeline.RULES[Stage.DATA]}
-    assert names["optin"] == 55 and names["bulk"] < 55
+    names = [r.name for r in CHAIN[Stage.RCPT]]
+    assert names.index("optin") > names.index("ratelimit")
+    names = [r.name for r in CHAIN[Stage.DATA]]
+    assert names.index("optin") > names.index("bulk")

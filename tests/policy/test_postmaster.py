@@ -4,8 +4,10 @@ import pytest
 
 from maild.address import parse_path
 from maild.policy import pipeline
+from maild.policy import rules as policy_rules
+from maild.policy.chain import CHAIN
 from maild.policy.context import Stage
-from maild.policy.postmaster import is_postmaster
+from maild.policy.postmaster import is_postmaster, postmaster_rcpt
 from maild.policy.verdict import reject
 
 
@@ -26,15 +28,13 @@ async def test_postmaster_beats_a_rule_that_refuses_everything(make_ctx):
     def refuse_all(ctx):
         return reject(554, "5.7.1", "blocked", "test-block")
 
-    pipeline.rule(Stage.RCPT, "test-block", order=5)(refuse_all)
-    try:
-        ctx = make_ctx()
-        ctx.rcpt = parse_path("<postmaster@hosted.example>")
-        assert (await pipeline.run(Stage.RCPT, ctx)).accepted
-        ctx.rcpt = parse_path("<bob@hosted.example>")
-        assert (await pipeline.run(Stage.RCPT, ctx)).rule == "test-block"
-    finally:
-        pipeline.RULES[Stage.RCPT] = [r for r in pipeline.RULES[Stage.RCPT] if r.name != "test-block"]
+    rules = list(CHAIN[Stage.RCPT])
+    rules.insert(rules.index(postmaster_rcpt) + 1, policy_rules.rule(Stage.RCPT, "test-block")(refuse_all))
+    ctx = make_ctx()
+    ctx.rcpt = parse_path("<postmaster@hosted.example>")
+    assert (await pipeline.run(Stage.RCPT, ctx, rules)).accepted
+    ctx.rcpt = parse_path("<bob@hosted.example>")
+    assert (await pipeline.run(Stage.RCPT, ctx, rules)).rule == "test-block"
 
 
 async def test_mixed_transactions_are_split(make_ctx):

@@ -2,13 +2,13 @@
 
 import pytest
 
-from maild import services
 from maild.address import parse_path
 from maild.antispam.limiter import Limiter
-from maild.config import parse
+from maild.components import parse
 from maild.policy import pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.ratelimit import limits_for
+from maild.policy.services import Services
 
 CONFIG = parse({"headers": {"enabled": False},
     "postmaster": {"domains": ["hosted.example"]},
@@ -27,6 +27,9 @@ class Clock:
         return self.t
 
 
+services = Services()  # the contexts' services: a fresh limiter per test
+
+
 @pytest.fixture(autouse=True)
 def limiter():
     services.limiter = Limiter(Clock())
@@ -35,7 +38,7 @@ def limiter():
 
 
 def ctx_for(customer: str, ip: str = "192.0.2.1") -> Context:
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=ip))
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=ip), services=services)
     ctx.identity = Identity(CONFIG.customer(customer), "network")
     ctx.sender = parse_path("<a@acme.example>")
     return ctx
@@ -111,3 +114,18 @@ async def test_tier_and_override():
 async def test_unidentified_clients_not_limited_by_default():
     ctx = Context(config=CONFIG, session_id="T", client=Client(addr="203.0.113.1"))
     assert limits_for(ctx) is None
+
+
+DEFAULTS = parse({"headers": {"enabled": False}, "postmaster": {"domains": ["hosted.example"]},
+                  "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}]})
+
+
+async def test_default_windows_accept_exactly_200_messages_an_hour(monkeypatch):
+    """The shipped messages = ["200/1h", "2000/1d"]: each window counts a message once."""
+    monkeypatch.setattr(f"{__name__}.CONFIG", DEFAULTS)
+    assert [r.text for r in limits_for(ctx_for("acme")).messages] == ["200/1h", "2000/1d"]
+    for i in range(200):
+        codes, dv = await send("acme", [f"x{i}@outside.example"])
+        assert codes[0].accepted and dv.accepted, (i, codes[0].reason)
+    codes, _ = await send("acme", ["y@outside.example"])
+    assert codes[0].code == 450 and "messages (200/1h)" in codes[0].reason

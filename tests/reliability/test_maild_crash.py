@@ -123,7 +123,7 @@ def test_rate_limit_counters_survive_sigkill(postfix_factory, maild_factory):
 
     def persisted() -> bool:
         rows = decision_rows(db, "SELECT value FROM ratelimit_counters WHERE key = ?",
-                             ("cust:acme",))
+                             ("cust:acme#1h",))
         return bool(rows) and rows[0][0] >= 2.99
 
     wait_for(persisted, "the counters to be persisted", timeout=20)

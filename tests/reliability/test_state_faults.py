@@ -120,7 +120,7 @@ def exercise(pf, m, db: Path, break_store: Callable[[], None], heal: Callable[[]
     counts = relay_rows()
     assert all(c == 1 for c in counts.values()), {s: c for s, c in counts.items() if c != 1}
     wait_for(lambda: decision_rows(db, "SELECT value FROM ratelimit_counters WHERE key = ? "
-                                       "AND value >= ?", ("cust:acme", n + 0.9)),
+                                       "AND value >= ?", ("cust:acme#1h", n + 0.9)),
              "acme's rate-limit counter to be persisted", timeout=30)
     return numbers
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from maild.components import open_store
 from maild.retention import state as _state  # noqa: F401  (registers the schema)
-from maild.store.base import open_store
 
 
 @pytest.fixture

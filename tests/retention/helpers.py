@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maild.config import load
+from maild.components import load
 from maild.retention import mutf7
 from maild.retention.config import RetentionConfig, retention_of
 

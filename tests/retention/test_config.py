@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from maild.retention.config import RetentionConfig, cron_for, retention_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_cts_rules_from_the_docs():
 def test_relative_paths_resolve_against_the_config_directory(tmp_path):
     p = tmp_path / "policies.toml"
     p.write_text('[retention.store]\npath = "/v/%u"\nlock_dir = "locks"\n')
-    from maild.config import load
+    from maild.components import load
 
     cfg = retention_of(load(p))
     assert cfg.resolve(cfg.store.lock_dir) == str(tmp_path / "locks")

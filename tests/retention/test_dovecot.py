@@ -11,13 +11,12 @@ import time
 
 import pytest
 
-from maild.config import load
+from maild.components import load, open_store
 from maild.retention import state
 from maild.retention.access import FileFollower, import_dict
 from maild.retention.jobs import Runner
 from maild.retention.scheduler import RetentionService
 from maild.retention.show import mailbox_info
-from maild.store.base import open_store
 from tests.harness.waits import wait_until_async as wait_for
 
 from .dovecot import Dovecot, find_lda

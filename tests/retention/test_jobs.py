@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maild.retention import jobs, quota, state
+from maild.components import open_store
+from maild.retention import quota, restore, state, sweep
 from maild.retention.jobs import RunBusy, RunError, Runner
 from maild.retention.locks import mailbox_lock, rule_lock
-from maild.store.base import open_store
 
 from .helpers import DAY, add_msg, files_in, fs_tick, keydata_config, make_maildir, retention
 
@@ -260,7 +260,7 @@ async def test_a_shrink_that_fails_halfway_is_finished_by_the_next_run(tmp_path,
     def fail(*a, **k):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(jobs._Work, "_delete", fail)
+    monkeypatch.setattr(sweep.Sweep, "_delete", fail)
     rep = await runner.run("shrink")
     assert rep.errors == 1 and old.exists()
     assert (root / "maildirsize").read_text().startswith("1048576S\n")      # limit already set
@@ -327,7 +327,7 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
                                                                      monkeypatch):
     """Dovecot rewrites maildirsize with the limit it read; if it read the shrunk one just
     before the restore, maild notices and restores again."""
-    monkeypatch.setattr(jobs, "VERIFY_AFTER", (0.0,))
+    monkeypatch.setattr(restore, "VERIFY_AFTER", (0.0,))
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     root = box(mail, "root")
@@ -338,7 +338,7 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
     await runner.on_access([("root@hosted.example", now, "imap")])
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
     (root / "maildirsize").write_text("1048576S\n0 0\n")           # the racing rewrite
-    await asyncio.gather(*runner._later)                           # the delayed check
+    await asyncio.gather(*runner.restorer._later)                           # the delayed check
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
     (root / "maildirsize").write_text("1048576S\n0 0\n")
     assert (await runner.run("trash")).errors == 0                  # every run checks too
@@ -350,8 +350,8 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
 
 async def test_a_login_while_a_run_holds_the_mailbox_restores_when_it_is_free(
         tmp_path, mail, store, monkeypatch):
-    monkeypatch.setattr(jobs, "RESTORE_RETRY", 0.01)
-    monkeypatch.setattr(jobs, "VERIFY_AFTER", (0.0,))
+    monkeypatch.setattr(restore, "RESTORE_RETRY", 0.01)
+    monkeypatch.setattr(restore, "VERIFY_AFTER", (0.0,))
     cfg = dataclasses.replace(retention(keydata_config(tmp_path, mail)), lock_timeout=0.0)
     now = 2e9
     root = box(mail, "root")
@@ -367,8 +367,8 @@ async def test_a_login_while_a_run_holds_the_mailbox_restores_when_it_is_free(
         assert (await state.mailbox(store, "root@hosted.example")).quota_state == "shrunk"
     finally:
         held.release()
-    while runner._later:
-        await asyncio.gather(*runner._later)
+    while runner.restorer._later:
+        await asyncio.gather(*runner.restorer._later)
     assert (await state.mailbox(store, "root@hosted.example")).quota_state == "normal"
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
 
@@ -478,14 +478,14 @@ async def test_a_file_renamed_meanwhile_is_vanished_not_an_error(tmp_path, mail,
     a = add_msg(mb, mtime=now - 100 * DAY)
     b = add_msg(mb, mtime=now - 100 * DAY)
     await state.first_seen(store, ["bob@hosted.example"], now - 100 * DAY)
-    real_plan = jobs.plan
+    real_plan = sweep.plan
 
     def plan_then_flag_change(*args, **kw):
         victims = real_plan(*args, **kw)
         os.rename(a, a.with_name(a.name + "T"))         # a client sets a flag
         return victims
 
-    monkeypatch.setattr(jobs, "plan", plan_then_flag_change)
+    monkeypatch.setattr(sweep, "plan", plan_then_flag_change)
     rep = await Runner(cfg, store, clock=Clock(now)).run("idle")
     assert (rep.deleted, rep.vanished, rep.errors) == (1, 1, 0)
     assert not b.exists() and a.with_name(a.name + "T").exists()
@@ -566,7 +566,7 @@ async def test_user_option(tmp_path, mail, store):
 
 
 async def test_unchanged_directories_are_not_read_again(tmp_path, mail, store, monkeypatch):
-    monkeypatch.setattr(jobs, "RACY_SECONDS", -1.0)      # test dirs are only milliseconds old
+    monkeypatch.setattr(sweep, "RACY_SECONDS", -1.0)      # test dirs are only milliseconds old
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     mb = box(mail, "bob", ("Trash", "Sent"))
@@ -609,12 +609,12 @@ CRASH = textwrap.dedent("""
     import asyncio, os, sys
     sys.path.insert(0, {tests!r})
     from retention.helpers import retention
-    from maild.retention import jobs, quota
-    from maild.store.base import open_store
+    from maild.retention import jobs, quota, sweep
+    from maild.components import open_store
 
     point, n = sys.argv[1], int(sys.argv[2])
     count = 0
-    real_unlink, real_append = jobs.unlink_message, quota.append_usage
+    real_unlink, real_append = sweep.unlink_message, quota.append_usage
 
     def unlink(fd, f):
         global count
@@ -628,7 +628,7 @@ CRASH = textwrap.dedent("""
         if point == "append":
             os._exit(9)
 
-    jobs.unlink_message = unlink
+    sweep.unlink_message = unlink
     quota.append_usage = append
 
     async def main():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from maild.config import load
+from maild.components import load
 from maild.retention import state
 from maild.retention.scheduler import RetentionService, next_runs, period
 from tests.harness.waits import wait_until_async as wait_for

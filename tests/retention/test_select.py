@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maild.retention.config import Rule, StoreSettings
+from maild.retention.config import RetentionRule, StoreSettings
 from maild.retention.maildir import MsgFile
 from maild.retention.select import (
     expired,
@@ -28,7 +28,7 @@ def msg(folder="INBOX", *, mtime=NOW, ctime=NOW, size=100, name=None) -> MsgFile
 
 
 def match(*folders, exclude=()):
-    return folder_matcher(Rule(name="r", folders=folders, exclude_folders=exclude), STORE)
+    return folder_matcher(RetentionRule(name="r", folders=folders, exclude_folders=exclude), STORE)
 
 
 def test_trash_special_use_selects_the_aliases_only():
@@ -103,7 +103,7 @@ def test_oldest_until_is_minimal_oldest_first_and_respects_min_age(files, limit,
 
 
 def test_shrink_counts_every_counted_folder_and_deletes_only_selected_counted_ones():
-    rule = Rule(name="s", action="shrink", folders=("INBOX",), idle=DAY, quota=250)
+    rule = RetentionRule(name="s", action="shrink", folders=("INBOX",), idle=DAY, quota=250)
     files = [msg("INBOX", mtime=NOW - 3 * DAY, size=100), msg("INBOX", mtime=NOW - 1 * DAY, size=100),
              msg("Trash", mtime=NOW - 9 * DAY, size=100)]
     counted_all = quota_counts(STORE, ())
@@ -114,7 +114,7 @@ def test_shrink_counts_every_counted_folder_and_deletes_only_selected_counted_on
 
 
 def test_trim_counts_only_its_folders():
-    rule = Rule(name="t", action="trim", folders=("INBOX",), max_size=100)
+    rule = RetentionRule(name="t", action="trim", folders=("INBOX",), max_size=100)
     files = [msg("INBOX", mtime=NOW - 5 * DAY, size=80), msg("INBOX", mtime=NOW - 2 * DAY, size=80),
              msg("Sent", mtime=NOW - 9 * DAY, size=5000)]
     got = plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ()))
@@ -122,7 +122,7 @@ def test_trim_counts_only_its_folders():
 
 
 def test_delete_plan_takes_only_selected_folders():
-    rule = Rule(name="d", folders=("\\Trash",), age=7 * DAY, age_by="saved")
+    rule = RetentionRule(name="d", folders=("\\Trash",), age=7 * DAY, age_by="saved")
     files = [msg("Trash", ctime=NOW - 8 * DAY), msg("INBOX", ctime=NOW - 8 * DAY)]
     got = plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ()))
     assert got == [files[0]]

@@ -1,4 +1,4 @@
-"""maild.smtp.server.read_data (DATA read a block at a time) decides exactly what the
+"""maild.smtp.data.read_data (DATA read a block at a time) decides exactly what the
 line-at-a-time reader it replaced decided (`line_reader` below, kept verbatim as the
 reference): the same (content, problem, fatal), ClientEOF in the same cases, and the
 same bytes left unread in the StreamReader, for random byte streams fed in random
@@ -13,7 +13,16 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from maild.smtp.server import ClientEOF, read_data
+from maild.smtp.data import ClientEOF
+from maild.smtp.data import read_data as block_reader
+
+
+async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
+                    ) -> tuple[bytes, str | None, bool]:
+    """maild.smtp.data.read_data, its Abort given as the reference's (reply, fatal)."""
+    content, abort = await block_reader(reader, limit, max_line)
+    return content, abort.reply if abort else None, bool(abort and abort.kind.fatal)
+
 
 LIMIT = 998  # line_length, as MaildSMTP passes it: the longest text, stuffed dot not counted
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from maild.address import parse_path
-from maild.config import parse
+from maild.components import parse
 from maild.policy.context import Client, Context, Message
 from maild.smtp.proxy import LateReplies, message_id
 

@@ -5,9 +5,10 @@ import email.policy
 
 from maild.address import parse_path
 from maild.policy.context import Client
-from maild.smtp.downstream import Reply, xtext
+from maild.smtp.downstream import Reply
 from maild.smtp.received import authenticated_login, received_header
-from maild.smtp.server import _xtext_decode
+from maild.smtp.xforward import xtext
+from maild.smtp.xforward import xtext_decode as _xtext_decode
 
 
 def headers(text: str):

@@ -16,7 +16,8 @@ from aiosmtpd.smtp import SMTP
 from maild.config import Limits, Server
 from maild.smtp import server as srv
 from maild.smtp.proxy import Proxy
-from maild.smtp.server import MaildSMTP, SessionCounter
+from maild.smtp.server import MaildSMTP
+from maild.smtp.sessions import SessionCounter
 
 
 def _norm(v: object) -> object:
@@ -44,7 +45,7 @@ async def test_fast_init_matches_aiosmtpd(monkeypatch):
     handler = Proxy.__new__(Proxy)
     counter = SessionCounter()
     fast = MaildSMTP(handler, settings=settings, counter=counter, trusted=())
-    monkeypatch.setattr(srv, "_FAST_INIT", False)
+    monkeypatch.setattr(srv, "SUPPORTED", False)
     slow = MaildSMTP(handler, settings=settings, counter=counter, trusted=())
-    assert srv._FAST_INIT is False and inspect.isclass(SMTP)
+    assert srv.SUPPORTED is False and inspect.isclass(SMTP)
     assert _state(fast) == _state(slow)

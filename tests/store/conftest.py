@@ -10,7 +10,7 @@ import maild.antispam.limiter  # noqa: F401  (register every component's schema)
 import maild.antispam.sanctions  # noqa: F401
 import maild.optin.ledger  # noqa: F401
 import maild.retention.state  # noqa: F401
-from maild.store import open_store
+from maild.components import open_store
 from tests.harness.postgres import Postgres, need_postgres
 
 _dbs = itertools.count()

@@ -9,12 +9,15 @@ import pytest
 
 from maild.antispam.limiter import Limiter, Rate, Reservation
 from maild.antispam.sanctions import Sanctions
+from maild.components import WIRING, open_store
 from maild.optin.evidence import verify_all
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind
 from maild.retention import state as rstate
-from maild.store import leases, open_store
-from maild.store.base import MIGRATIONS, StoreError
+from maild.store import leases
+from maild.store.base import StoreError
+
+MIGRATIONS = WIRING.migrations
 
 
 async def test_migrations_apply_once_and_record_versions(store, state_url):
@@ -87,7 +90,7 @@ async def test_limiter_flush_and_load(store):
     assert await lim.flush(store) == 1
     other = Limiter(clock=lambda: 1000.0)
     assert await other.load(store) == 1
-    assert other.value("cust:a") == pytest.approx(3.0)
+    assert other.value("cust:a", Rate.parse("10/1h")) == pytest.approx(3.0)
 
 
 async def test_sanctions_block_is_seen_by_another_node(store, state_url):
@@ -166,13 +169,39 @@ async def test_shared_counters_lose_no_increments(store, state_url):
                 res = Reservation()
                 assert await lim.try_reserve_async(res, [("m", "cust:a", rate, 1.0)]) is None
                 lim.commit(res)
-                await lim.sync(s, ["cust:a"])
+                await lim.sync(s, ["cust:a#1w"])
 
         await asyncio.gather(*(send(lim, s) for lim, s in zip(nodes, (store, node2), strict=True)))
-        row = await store.fetchone("SELECT value FROM ratelimit_counters WHERE key = 'cust:a'")
+        row = await store.fetchone("SELECT value FROM ratelimit_counters WHERE key = 'cust:a#1w'")
         assert row is not None and row[0] == pytest.approx(60.0)
 
 
+    finally:
+        await node2.close()
+
+
+async def test_a_counter_stored_before_per_window_counting_is_carried_over_once(store, state_url):
+    """Two nodes load the old row (3 messages charged once per window: 6); the shares
+    reach the shared counters once, and the old row goes."""
+    if not state_url.startswith("postgresql://"):
+        pytest.skip("shared counters are a PostgreSQL feature")
+    node2 = await open_store(state_url)
+    try:
+        await store.execute("INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
+                            ("cust:a", 6.0, 1000.0, 86400.0))
+        hour, day = Rate.parse("100/1h"), Rate.parse("1000/1d")
+        checks = [("messages", "cust:a", hour, 1.0), ("messages", "cust:a", day, 1.0)]
+        nodes = [Limiter(clock=lambda: 1000.0), Limiter(clock=lambda: 1000.0)]
+        for lim, s in zip(nodes, (store, node2), strict=True):
+            assert await lim.load(s) == 1
+            lim.share(s)
+        for lim, s in zip(nodes, (store, node2), strict=True):
+            res = Reservation()
+            assert await lim.try_reserve_async(res, checks) is None
+            lim.commit(res)
+            await lim.flush(s)
+        rows = await store.fetchall("SELECT key, value FROM ratelimit_counters ORDER BY key")
+        assert rows == [("cust:a#1d", pytest.approx(5.0)), ("cust:a#1h", pytest.approx(5.0))]
     finally:
         await node2.close()
 

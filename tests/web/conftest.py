@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
-from maild import services
-from maild.config import parse
+from maild.components import parse
 from maild.optin.service import OptinService
 from maild.web.app import WebService
 from tests.optin import conftest as optin_conftest
@@ -30,7 +30,6 @@ def web_config(**web):
 @pytest.fixture
 async def site(store, monkeypatch):
     """(client, web service, opt-in service) for one test."""
-    monkeypatch.setattr(services, "sanctions", None)
     config = web_config()
     optin = OptinService(config, store, None)
     await optin.start()
@@ -41,3 +40,9 @@ async def site(store, monkeypatch):
     yield SimpleNamespace(client=client, web=web, optin=optin, daemon=daemon, store=store)
     await client.close()
     await optin.stop()
+
+
+def as_sent(site, path: str) -> URL:
+    """The test server's URL for `path`, sent exactly as written: yarl would decode
+    %-escapes of unreserved characters, which a client may send all the same."""
+    return URL(str(site.client.make_url("/")).rstrip("/") + path, encoded=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from maild.cli import main
-from maild.config import load
+from maild.components import load
 from maild.web import oneclick
 from tests.harness.maild import render
 from tests.web.conftest import BASE, LIST, POLICY

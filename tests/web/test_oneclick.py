@@ -5,7 +5,7 @@ from __future__ import annotations
 from maild.optin.ledger import Ledger
 from maild.optin.model import Kind, State
 from maild.web import keys, oneclick
-from tests.web.conftest import BASE, LIST
+from tests.web.conftest import BASE, LIST, as_sent
 
 BOB = "bob@hosted.example"
 
@@ -58,7 +58,7 @@ async def test_post_with_the_exact_body_revokes_at_once_with_the_raw_request(sit
     assert ev.kind is Kind.REVOKE and ev.channel == "one-click" and ev.ip == "127.0.0.1"
     assert ev.user_agent == "Gmail-One-Click/1.0" and ev.detail["http"]["method"] == "POST"
     raw = await Ledger(site.store).raw(ev.raw_sha256)
-    assert raw.startswith(f"POST {path} HTTP/1.1\r\n".encode())
+    assert raw.startswith(f"POST {path.rsplit('/', 1)[0]}/MAC-REDACTED HTTP/1.1\r\n".encode())
     assert raw.endswith(b"\r\n\r\nList-Unsubscribe=One-Click")
     # again: nothing more to record, the same answer
     r = await site.client.post(path, data={"List-Unsubscribe": "One-Click"})
@@ -115,3 +115,21 @@ def test_the_documented_recipe_builds_the_same_url():
     scope = {"KEY_HEX": key.hex(), "BASE": BASE}
     exec(recipe, scope)  # noqa: S102  (our own documentation)
     assert scope["url"] == oneclick.url(BASE, key, "news.customer.example", "bob@example.org")
+
+
+async def test_the_evidence_keeps_no_working_unsubscribe_url(site):
+    """The revoke's raw request and detail name the list and address, not the MAC: an
+    evidence bundle handed to a third party must not let it unsubscribe the address
+    again after a new subscription (the URL never changes). Percent-encoding the MAC
+    in the request line must not smuggle it past the redaction."""
+    path = await subscribed(site)
+    mac = path.rsplit("/", 1)[1]
+    sent = path[:-len(mac)] + "".join(f"%{ord(c):02x}" for c in mac)
+    r = await site.client.session.post(as_sent(site, sent),
+                                       data={"List-Unsubscribe": "One-Click"})
+    assert r.status == 200 and site.optin.standing(LIST, BOB).state is State.REVOKED
+    ev = (await events(site))[-1]
+    raw = await Ledger(site.store).raw(ev.raw_sha256)
+    encoded = sent.rsplit("/", 1)[1]
+    assert mac.encode() not in raw and encoded.encode() not in raw and b"/MAC-REDACTED " in raw
+    assert mac not in str(ev.detail) and ev.detail["http"]["path"].endswith("/MAC-REDACTED")

@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from maild.config import ConfigError, parse
+from maild.components import parse
+from maild.config import ConfigError
 from maild.web.settings import confirm_url, section
 
 MINIMAL = {"postmaster": {"domains": ["hosted.example"]}}
@@ -60,7 +61,7 @@ def test_plain_http_only_for_a_loopback_host():
 
 
 def test_reload_says_which_changes_wait_for_a_restart(caplog):
-    from maild.web.app import reload_note
+    from maild.web.settings import reload_note
 
     on = {"enabled": True, "base_url": "https://x.example/maild"}
     old = parse({**MINIMAL, "web": on})

@@ -2,7 +2,7 @@
 
 from maild.config import Customer
 from maild.policy.context import Identity
-from maild.smtp.headers import customer_header, header_line, strip_own_headers
+from maild.smtp.own_headers import customer_header, header_line, strip_own_headers
 
 
 def test_strip_removes_forged_maild_headers_with_continuations():
