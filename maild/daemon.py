@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from maild import config as cfg
 from maild import privs
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
+from maild.policy.customer import index as customer_index
 from maild.policy.services import Services
 from maild.sdnotify import notify
 from maild.smtp.admission import Admission
@@ -56,6 +58,7 @@ class Daemon:
         # Session slots (anvil-like limits, reserved share, stress) and the RAM budget
         # for mail in flight; a reload gives both the new [server.limits].
         self.admission = Admission(config.server.limits)
+        self.admission.is_customer = self._is_customer
         self.budget = _budget(config)
         self.server: asyncio.AbstractServer | None = None
         self.retention = None
@@ -72,7 +75,12 @@ class Daemon:
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
         return MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
-                         trusted=c.server.trusted_upstreams)
+                         trusted=c.server.trusted_upstreams, admission=self.admission,
+                         budget=self.budget)
+
+    def _is_customer(self, addr: str) -> bool:
+        """A customer network's address: it may use the reserved session slots."""
+        return customer_index(self.proxy.config).by_ip(_ip(addr)) is not None
 
     def _configure_services(self, c: cfg.Config) -> None:
         """Module-level services rules use (DNS resolver, ...), set from the config."""
@@ -557,6 +565,13 @@ def _budget(c: cfg.Config) -> Budget:
         resolve_state_path(state, c.path))
     lim = c.server.limits
     return Budget(lim.memory_in_flight, lim.spool_threshold, spool)
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
 
 
 def _hostport(addr: tuple[str, int]) -> str:

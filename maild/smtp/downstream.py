@@ -9,7 +9,8 @@ each one.
 
 The pool is capped below Postfix's process limit (each connection holds one re-injection
 smtpd process): `[server.limits] downstream_connections` in all (idle pooled ones
-included), `downstream_connections_per_client` per real client, and
+included), `downstream_connections_per_client` per stranger (a real client outside customers'
+networks), and
 `downstream_reserved` of them for customers and postmaster mail. A request past a cap,
 and a downstream that gives no greeting within `downstream_greeting_timeout` (Postfix
 out of smtpd processes: the kernel accepts the connection and nobody answers), fail at
@@ -327,7 +328,9 @@ class Downstream:
         """Raise DownstreamBusy if a connection for `holder` would pass a cap."""
         if not self.max_connections:
             return
-        if holder and self.max_per_client and \
+        # Per client for strangers: a customer's MTA may hold many connections (Postfix's
+        # default concurrency to one destination is 20); [ratelimit] bounds customers.
+        if holder and not reserved and self.max_per_client and \
                 self.per_client.get(holder, 0) >= self.max_per_client:
             self.busy += 1
             raise DownstreamBusy(f"Too many messages in transit from {holder} at once "

@@ -101,3 +101,20 @@ async def test_a_spooled_body_is_relayed_in_blocks(ehlo, block):
         await ds.close()
     finally:
         srv.close()
+
+
+async def test_the_per_client_cap_is_for_strangers():
+    srv, _, port = await _server({b"EHLO": EHLO})
+    ds = Downstream("127.0.0.1", port, local_hostname="m", timeout=5, max_connections=5,
+                    max_per_client=1, reserved=1)
+    try:
+        conns = [(await ds.acquire("192.0.2.1", reserved=True))[0] for _ in range(3)]
+        with pytest.raises(DownstreamBusy):  # the pool cap still holds
+            for _ in range(3):
+                conns.append((await ds.acquire("192.0.2.1", reserved=True))[0])
+        assert ds.in_use == 5
+        for c in conns:
+            ds.release(c, reusable=False)
+        await ds.close()
+    finally:
+        srv.close()
