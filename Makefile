@@ -1,6 +1,8 @@
 # make run   : install maild (its runtime dependencies only) into .venv and run it in the
 #              foreground with ./policies.toml
-# make test  : install everything the tests need (test extras, Debian packages) and run every test
+# make test  : install everything the tests need (test extras, Debian packages), lint, run every test
+# make unit  : the tests that need neither root nor Debian packages (no apt-get; a laptop will do)
+# make lint  : ruff check, ruff format --check and mypy (config in pyproject.toml)
 # make venv  : .venv with the test extras (pytest, hypothesis, ruff, ...), for development
 # make bench : run the benchmarks (docs/BENCHMARKS.md)
 
@@ -14,7 +16,7 @@ DEB_PACKAGES = postfix swaks dovecot-imapd dovecot-pop3d dovecot-lmtpd systemd p
 # the suite waits on real Postfix, Dovecot and PostgreSQL processes, not on the CPU.
 TEST_WORKERS ?= 3
 
-.PHONY: run test venv deps lint check clean bench
+.PHONY: run test unit venv deps lint check clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +47,20 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+LINT_PATHS = maild tests $(wildcard bench)
+
+# Every step runs, so one report shows all three; the target fails if any did.
 lint: venv
-	$(VENV)/bin/ruff check maild tests $(wildcard bench)
+	@rc=0; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || rc=1; \
+	$(VENV)/bin/ruff format --check $(LINT_PATHS) || rc=1; \
+	$(VENV)/bin/mypy || rc=1; \
+	exit $$rc
+
+# Tests marked integration (tests/conftest.py: real servers, root, Debian binaries, a package
+# index) are left out; what remains runs on loopback in-process (tests/golden included).
+unit: venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not integration" tests
 
 test: venv deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --durations=15

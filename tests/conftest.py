@@ -42,6 +42,7 @@ _INTEGRATION_FIXTURES = {
     "module_postfix_factory",
     "smtp_sink_factory",
     "integration_env",
+    "pg_server",
 }
 
 
@@ -53,10 +54,39 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Tests that need root, a Debian package (Postfix, smtp-sink, Dovecot, PostgreSQL, chromium,
+# journalctl) or a package index, wherever they are: ``make unit`` deselects them with
+# ``-m "not integration"``. Directories and modules by path (relative to tests/); single
+# tests by node id; the PostgreSQL half of the store tests by their parameter.
+_INTEGRATION_PATHS = (
+    "integration/",
+    "reliability/",
+    "harness/test_harness.py",
+    "retention/test_dovecot.py",
+    "fuzz/test_smtp_fuzz.py",
+    "fuzz/test_mime_bombs_live.py",
+    "test_bench_smoke.py",
+    "test_makefile.py",
+    "retention/test_access.py::test_journal_with_a_cursor_it_no_longer_knows_reads_since_then",
+)
+
+
+def _needs_the_system(item: pytest.Item) -> bool:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if _INTEGRATION_FIXTURES.intersection(fixtures):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "postgresql" in callspec.params.values():
+        return True
+    rel = Path(str(item.path)).resolve().relative_to(_TESTS).as_posix()
+    node = rel + item.nodeid[item.nodeid.find("::") :] if "::" in item.nodeid else rel
+    return any(node.startswith(p) for p in _INTEGRATION_PATHS)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tag every test that uses a real-server fixture with ``integration``."""
+    """Tag every test that needs root, real servers or Debian binaries with ``integration``."""
     for item in items:
-        if _INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if _needs_the_system(item):
             item.add_marker(pytest.mark.integration)
 
 
