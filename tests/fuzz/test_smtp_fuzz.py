@@ -343,7 +343,8 @@ def test_fuzz_smtp_sessions(server: InProcessMaild, sink: SmtpSink) -> None:
     deadline = time.monotonic() + 30
     while server.counter.total and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.counter.total == 0 and not server.counter.per_ip
+    assert server.counter.total == 0 and server.admission.total == 0
+    assert not server.admission.per_ip
 
 
 # --------------------------------------------------------------------------- the bugs

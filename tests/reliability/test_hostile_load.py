@@ -13,9 +13,10 @@ larger than the strangers' share and stress mode, shedding and the reserved shar
 come into play.
 
 Asserted, never timings: every probe is answered 250 by Postfix (through maild) and is
-delivered exactly once; the crowd's holders never held a downstream connection before a
-recipient (Postfix's log shows no more re-injection connections than the caps allow);
-maild logged stress starting and ending once each, and counts zero sessions afterwards.
+delivered exactly once; maild shed idle strangers, kept its downstream connections within
+the cap, logged stress starting and, after the crowd left, ending, and counts zero
+sessions afterwards. Against the code before issue 15 it fails: most probes are refused
+421 4.7.0 at connect (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ def test_customers_and_postmaster_get_through_a_hostile_crowd(downstream, maild_
         got = delivered()
         assert sorted(got) == sorted(subjects), f"{who}: lost or duplicated"
     # The crowd really was there and maild defended itself: it shed idle strangers and
-    # was in stress mode; the holders' MAIL FROM took no downstream connection.
+    # went into stress mode (which may have ended and restarted as the crowd's sessions
+    # timed out together); the downstream stayed within its cap.
     assert stats.get("mail 250", 0) >= CROWD.holders
-    assert limits["admission"]["shed"] > 0 and limits["admission"]["stress"]
+    assert limits["admission"]["shed"] > 0
     assert limits["downstream"]["in_use"] <= limits["downstream"]["max"]
-    log = m.log()
-    assert log.count("stress: started") >= 1
+    assert "stress: started" in m.log()
     assert wait_until(lambda: _status(m)["sessions"] == 0, timeout=60), "sessions left over"
     assert wait_until(lambda: "stress: ended" in m.log(), timeout=30), "stress never ended"
