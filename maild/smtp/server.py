@@ -308,8 +308,11 @@ class MaildSMTP(FastInit):
         transport = self.transport
         if session is None or transport is None or transport.is_closing():
             return
-        if event == "stress":
-            self.waiting(True)  # re-armed with the stress timeout
+        if event == "stress":  # an idle stranger's timer, shortened (never lengthened)
+            duration = self.admission.command_timeout(session.slot)
+            self._timeout_duration = duration
+            if self.loop.time() + duration < self._deadline:
+                self._reset_timeout(duration)
             return
         reply = "421 4.7.0 Server busy: closing idle sessions to make room; try again later"
         self.event_handler.session_shed(session, reply)
