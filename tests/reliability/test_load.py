@@ -293,9 +293,10 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
     m = maild_factory(front_policy(sink.port, limits={
         "command_timeout": f"{c.command_timeout}s", "data_timeout": f"{c.data_timeout}s",
         "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip,
-        # every stranger fits in the strangers' share: this test is about timeouts at
-        # scale (test_hostile_load.py is about a crowd larger than the share)
-        "reserved_sessions": 100}))
+        # every stranger fits in the strangers' share of the session slots and of the
+        # downstream connections (smtp-sink has no process limit): this test is about
+        # timeouts at scale; test_hostile_load.py is about a crowd larger than the shares
+        "reserved_sessions": 100, "downstream_connections": 300}))
     pid = m.proc.pid
     report = Report()
     report["rss_idle_mb"] = round(rss_kb(pid)[0] / 1024, 1)
