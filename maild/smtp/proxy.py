@@ -1,10 +1,13 @@
 """The proxy: runs the policy pipeline at each stage and relays the transaction downstream.
 
 The rule that matters most: the client hears 250 for its message only after the
-downstream accepted it, and hears the downstream's own reply (with its queue id). MAIL
-and RCPT are relayed as they arrive, so per-recipient refusals by Postfix reach the
-client per recipient. Any internal failure (downstream down or slow, state store error,
-a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
+downstream accepted it, and hears the downstream's own reply (with its queue id). No
+downstream connection (a Postfix smtpd process) is taken before the transaction has a
+recipient maild accepted: MAIL is answered here, and the first accepted RCPT sends
+XFORWARD, MAIL and RCPT together (451 4.4.5 at once when the downstream caps are
+reached); later RCPTs are relayed as they arrive, so per-recipient refusals by Postfix
+reach the client per recipient. Any internal failure (downstream down or slow, state
+store error, a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ class LateReplies:
         if msgid is not None:
             h.update(b"\0id\0" + msgid.encode())
         else:
-            h.update(b"\0content\0" + (ctx.message.content if ctx.message else b""))
+            # a spooled message's content here is its first bytes: its size goes in too
+            h.update(b"\0content\0%d\0" % (ctx.message.size if ctx.message else 0)
+                     + (ctx.message.content if ctx.message else b""))
         return h.hexdigest()
 
     def watch(self, key: str, task: asyncio.Future[Reply], conn: Connection,
