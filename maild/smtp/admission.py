@@ -36,7 +36,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from maild.config import Limits
 
 log = logging.getLogger("maild.smtp")
 
@@ -111,7 +114,7 @@ class Refusal:
 class Admission:
     """Session slots for the whole process; `limits` is [server.limits]."""
 
-    def __init__(self, limits: Any, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.limits = limits
         self.total = 0

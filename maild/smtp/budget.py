@@ -101,7 +101,7 @@ class Budget:
         self._warned = False
         self.spooling += 1
         self.spooled += 1
-        return f  # type: ignore[return-value]
+        return f
 
     def close_spool(self, f: BinaryIO) -> None:
         self.spooling -= 1
