@@ -10,6 +10,7 @@ passes every component's), so reading a file loads no component.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import ipaddress
 import math
@@ -120,8 +121,8 @@ class Reader:
     def has(self, name: str) -> bool:
         return name in self.table
 
-    def str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = (),
-            required: bool = False) -> str:
+    def str(self, name: builtins.str, default: builtins.str | None = None, *, choices: tuple[builtins.str, ...] = (),
+            required: builtins.bool = False) -> builtins.str:
         value = self._get(name, default)
         if value is None:
             if required:
@@ -135,7 +136,7 @@ class Reader:
             return default or choices[0]
         return value
 
-    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int = 0, maximum: builtins.int | None = None) -> builtins.int:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
                 maximum is not None and value > maximum):
@@ -144,21 +145,21 @@ class Reader:
             return default
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._get(name, default)
         if not isinstance(value, bool):
             self.error(name, value, "true or false")
             return default
         return value
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0) -> builtins.float:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
             self.error(name, value, f"a number >= {minimum}")
             return default
         return float(value)
 
-    def duration(self, name: str, default: str | float, *, positive: bool = False) -> float:
+    def duration(self, name: builtins.str, default: builtins.str | builtins.float, *, positive: builtins.bool = False) -> builtins.float:
         """A duration in seconds; `positive` for timeouts and periods, where 0 is nonsense."""
         value = self._get(name, default)
         try:
@@ -171,7 +172,7 @@ class Reader:
             self.error(name, value, f'a duration {more}such as "90s", "5m", "2h" or "7d"')
             return parse_duration(default)
 
-    def size(self, name: str, default: str | int) -> int:
+    def size(self, name: builtins.str, default: builtins.str | builtins.int) -> builtins.int:
         value = self._get(name, default)
         try:
             return parse_size(value)
@@ -179,7 +180,7 @@ class Reader:
             self.error(name, value, 'a size such as "512k", "25MB" or a number of bytes')
             return parse_size(default)
 
-    def hostport(self, name: str, default: str) -> tuple[str, int]:
+    def hostport(self, name: builtins.str, default: builtins.str) -> tuple[builtins.str, builtins.int]:
         value = self._get(name, default)
         try:
             return parse_hostport(value)
@@ -187,14 +188,14 @@ class Reader:
             self.error(name, value, 'HOST:PORT with a port from 1 to 65535, e.g. "127.0.0.1:10025"')
             return parse_hostport(default)
 
-    def str_list(self, name: str, default: tuple[str, ...] = (), *, lower: bool = False) -> tuple[str, ...]:
+    def str_list(self, name: builtins.str, default: tuple[builtins.str, ...] = (), *, lower: builtins.bool = False) -> tuple[builtins.str, ...]:
         value = self._get(name, list(default))
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.error(name, value, "a list of strings")
             return default
         return tuple(v.strip().lower() if lower else v.strip() for v in value)
 
-    def domains(self, name: str) -> tuple[str, ...]:
+    def domains(self, name: builtins.str) -> tuple[builtins.str, ...]:
         out = []
         for i, d in enumerate(self.str_list(name, lower=True)):
             d = d.rstrip(".")
@@ -204,7 +205,7 @@ class Reader:
                 out.append(d)
         return tuple(out)
 
-    def networks(self, name: str, default: tuple[str, ...] = ()) -> tuple[Network, ...]:
+    def networks(self, name: builtins.str, default: tuple[builtins.str, ...] = ()) -> tuple[Network, ...]:
         out = []
         for i, n in enumerate(self.str_list(name, default)):
             try:
@@ -213,11 +214,11 @@ class Reader:
                 self.error(f"{name}[{i}]", n, 'an IP address or CIDR network, e.g. "192.0.2.0/24"')
         return tuple(out)
 
-    def table_of(self, name: str) -> Reader:
+    def table_of(self, name: builtins.str) -> Reader:
         self.seen.add(name)
         return Reader(self.table.get(name, {}), self.key(name), self.problems)
 
-    def tables(self, name: str) -> list[Reader]:
+    def tables(self, name: builtins.str) -> list[Reader]:
         self.seen.add(name)
         value = self.table.get(name, [])
         if not isinstance(value, list):
@@ -225,7 +226,7 @@ class Reader:
             return []
         return [Reader(v, f"{self.key(name)}[{i}]", self.problems) for i, v in enumerate(value)]
 
-    def unknown(self, known_elsewhere: tuple[str, ...] = ()) -> None:
+    def unknown(self, known_elsewhere: tuple[builtins.str, ...] = ()) -> None:
         """Report keys nobody read: a typo silently ignored is a policy not enforced."""
         known = sorted((self.seen | set(known_elsewhere)) - set(self.table))
         for k in self.table:

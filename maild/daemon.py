@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maild import config as cfg
 from maild import privs
@@ -40,6 +41,13 @@ from maild.smtp.sessions import SessionCounter
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 from maild.wiring import Wiring
+
+if TYPE_CHECKING:  # imported where each starts (aiohttp only when [web] is on)
+    from apscheduler.job import Job
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from maild.retention.scheduler import RetentionService
+    from maild.web.app import WebService
 
 log = logging.getLogger("maild")
 
@@ -61,10 +69,10 @@ class Daemon:
         self.admission.is_customer = self._is_customer
         self.budget = _budget(config)
         self.server: asyncio.AbstractServer | None = None
-        self.retention = None
-        self.report_job = None
-        self.scheduler = None
-        self.web = None
+        self.retention: RetentionService | None = None
+        self.report_job: Job | None = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self.web: WebService | None = None
         self.last_reload: dict | None = None
         self.control_synced = 0.0  # CLOCK_MONOTONIC time at which the last control poll began
         self._control_lock = asyncio.Lock()
@@ -364,6 +372,7 @@ class Daemon:
         if not rc.mail:
             return
         hour, minute = rc.at
+        assert self.scheduler is not None  # _start_report creates it before its first call
         self.report_job = self.scheduler.add_job(
             mail_report, CronTrigger(hour=hour, minute=minute), args=[self], id="report",
             misfire_grace_time=3600, coalesce=True)

@@ -308,7 +308,7 @@ def check_dns(config: Config) -> Finding:
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
         return fail("dns", f"the resolver did not answer for {name}: {type(e).__name__}",
                     "check /etc/resolv.conf or [dns] nameservers; header checks tempfail without DNS")
-    return ok("dns", f"resolver answers ({', '.join(res.nameservers)})")
+    return ok("dns", f"resolver answers ({', '.join(map(str, res.nameservers))})")
 
 
 UNIT_PATHS = ("/etc/systemd/system/maild.service", "/lib/systemd/system/maild.service",

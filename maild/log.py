@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import sys
+from typing import TextIO
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -60,8 +61,8 @@ class _Syslog(logging.handlers.SysLogHandler):
 class _Stderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by tests)."""
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -60,11 +61,12 @@ def postmaster_check(postfix_addr: str | None, as_json: bool) -> None:
     rcpts = [f"{lp}@{d}" for d in domains for lp in config.postmaster.local_parts]
     results = {name: probe(h, p, rcpts, helo=config.server.hostname)
                for name, (h, p) in targets.items()}
-    rows, bad = [], 0
+    rows: list[dict[str, Any]] = []  # JSON: the address, then {code, reply} per target
+    bad = 0
     for d in domains:
         for lp in config.postmaster.local_parts:
             a = f"{lp}@{d}"
-            row = {"address": a}
+            row: dict[str, Any] = {"address": a}
             for name, r in results.items():
                 code, text = r.rcpt.get(a, (0, r.error or "not probed"))
                 row[name] = {"code": code, "reply": text}

@@ -16,6 +16,7 @@ import email.policy
 import hashlib
 import re
 import struct
+from collections.abc import Set
 from email.message import EmailMessage
 from email.parser import BytesParser
 from html.parser import HTMLParser
@@ -128,7 +129,7 @@ def volatile_tokens(addresses: list[str], names: list[str]) -> set[str]:
     return toks
 
 
-def normalise(text: str, volatile: set[str] = frozenset()) -> list[str]:
+def normalise(text: str, volatile: Set[str] = frozenset()) -> list[str]:
     # Each step is skipped when it cannot match (every URL has "://", every address an
     # "@"), and numbers are folded while splitting into words: _TOKEN takes a run of
     # digits as a token of its own, which is what _NUM.sub("#") followed by _WORD made

@@ -44,8 +44,10 @@ async def _state(store: Store, name: str) -> dict:
     if row:
         state = {"state": row[0], "since": row[1], "reason": row[2], "actor": row[3]}
     week = time.time() - 7 * 86400
-    state["strikes_7d"] = (await store.fetchone(
-        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week)))[0]
+    counted = await store.fetchone(
+        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week))
+    assert counted is not None  # COUNT(*) without GROUP BY returns one row
+    state["strikes_7d"] = counted[0]
     return state
 
 

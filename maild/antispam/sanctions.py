@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from maild.config import Reader
 from maild.log import clean
@@ -142,7 +143,7 @@ class Sanctions:
     """The daemon's view: blocked customers in memory, strikes written to the store."""
 
     def __init__(self, store: Store, config_get: Callable[[], object],
-                 notifier: Callable[[str, str, str, int], Awaitable[None]] | None = None,
+                 notifier: Callable[[str, str, str, int], Coroutine[Any, Any, None]] | None = None,
                  clock: Callable[[], float] = time.time):
         self.store = store
         self.config_get = config_get
@@ -236,9 +237,11 @@ class Sanctions:
         row = await self.store.fetchone(
             "SELECT state, cleared FROM sanctions WHERE customer = ?", (customer,))
         state, cleared = (row[0], row[1]) if row else ("ok", 0.0)
-        n = (await self.store.fetchone(
+        counted = await self.store.fetchone(
             "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ? AND ts > ?",
-            (customer, now - s.window, cleared or 0.0)))[0]
+            (customer, now - s.window, cleared or 0.0))
+        assert counted is not None  # COUNT(*) without GROUP BY returns one row
+        n = counted[0]
         log.warning('sanction: customer=%s action=strike rule=%s strikes=%d reason="%s"',
                     clean(customer), rule, n, clean(reason, 300))
         if state == "blocked" or not s.ladder or n < 1:

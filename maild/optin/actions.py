@@ -168,8 +168,8 @@ async def attest(ledger: Ledger, lst: ListConfig, addresses: list[str], *, kind:
     for a in addresses:
         try:
             a = check_address(a)
-        except ActionError as e:
-            skipped[a] = str(e)
+        except ActionError as err:
+            skipped[a] = str(err)
             continue
         st = known.get(a, Standing())
         if st.state in GONE:

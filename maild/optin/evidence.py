@@ -211,8 +211,8 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
     attested_ok = section(config).attested_consent
     files: dict[str, bytes] = {}
     consent: dict[str, str] = {}
-    lists_doc = []
-    events_doc = []
+    lists_doc: list[dict[str, Any]] = []
+    events_doc: list[dict[str, Any]] = []
     for lid in sorted({e.list_id for e in events}):
         mine = [e for e in events if e.list_id == lid]
         chain = await verify_chain(ledger, lid)
@@ -255,11 +255,12 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
                 cfile = consent[e.consent_hash]
             events_doc.append(event_doc(e, raw_file=raw_file, raw_intact=intact,
                                         chain_ok=e.seq not in chain.bad_seqs, consent_file=cfile))
+    generated_at = now_iso()
     doc = {
         "format": "maild-optin-evidence/1",
         "address": address,
         "list_filter": list_id,
-        "generated_at": now_iso(),
+        "generated_at": generated_at,
         "generated_by": f"maild {__version__} on {socket.getfqdn()}",
         "policy": config.path,
         "verified": all(x["chain"]["verified"] for x in lists_doc) and all(
@@ -269,7 +270,7 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
         "hash_fields": list(HASHED),
         "hash_version": VERSION,
     }
-    stamp = doc["generated_at"][:19].replace("-", "").replace(":", "") + "Z"
+    stamp = generated_at[:19].replace("-", "").replace(":", "") + "Z"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"optin-evidence-{_safe(address)}-{stamp}.zip"
     fd, tmp = tempfile.mkstemp(prefix=".optin-evidence-", suffix=".zip", dir=out_dir)

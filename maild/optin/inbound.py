@@ -235,13 +235,12 @@ def bounce(svc: OptinService, ctx: Context, lst: MailingList, m: re.Match[str]) 
             continue
         if st.state is State.UNKNOWN or st.state in GONE:
             continue
+        detail = {**_common(ctx), "status": b.status, "diagnostic": b.diagnostic,
+                  "previous_state": str(st.state)}
         events.append(dict(list_id=lst.id, address=a, kind=Kind.BOUNCE, channel="bounce",
                            actor=ctx.client.label, ip=ctx.client.addr,
                            message_id=str(ctx.message.headers.get("Message-ID", "")).strip(),
-                           raw=ctx.message.content,
-                           detail={**_common(ctx), "status": b.status,
-                                   "diagnostic": b.diagnostic,
-                                   "previous_state": str(st.state)}))
+                           raw=ctx.message.content, detail=detail))
     if events:
         svc.record(f"bounce on {lst.id}", events)
     return True

@@ -134,9 +134,9 @@ class Registry:
             if lst.is_unsubscribe(addr):
                 return f"unsubscribe address of list {lst.id}"
         token = self.confirm_token(local, domain, confirm_local)
-        lst = self.get(token_list(token) or "") if token else None
-        if lst is not None and lst.customer == customer and lst.cfg.domain == domain:
-            return f"confirmation address of list {lst.id}"
+        confirmed = self.get(token_list(token) or "") if token else None
+        if confirmed is not None and confirmed.customer == customer and confirmed.cfg.domain == domain:
+            return f"confirmation address of list {confirmed.id}"
         return None
 
     def confirm_token(self, local: str, domain: str, confirm_local: str) -> str | None:

@@ -103,12 +103,12 @@ def parse_list(r: Reader, seen: set[str]) -> ListConfig | None:
     if text and path:
         r.error("consent_text_file", path, "either consent_text or consent_text_file, not both")
     elif path:
-        p = Path(path)
-        if not p.is_absolute():
+        text_file = Path(path)
+        if not text_file.is_absolute():
             r.error("consent_text_file", path, "an absolute path")
         else:
             try:
-                text = p.read_text(encoding="utf-8")
+                text = text_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 r.error("consent_text_file", path, f"a readable UTF-8 file ({e})")
     if not text.strip() and not path:

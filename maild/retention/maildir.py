@@ -49,7 +49,7 @@ class DirSummary(NamedTuple):
     ino: int
     mtime_ns: int
     ctime_ns: int
-    count: int
+    messages: int             # column "count" of retention_dircache (a field `count` would shadow tuple.count)
     bytes: int
     min_mtime: float
     min_ctime: float
@@ -304,7 +304,7 @@ def folder_usage(root_fd: int, layout: str, want: Callable[[str], bool] | None =
                 res = scan_dir(ffd, sub, folder.name)
                 if res is not None:
                     b += res[0].bytes
-                    c += res[0].count
+                    c += res[0].messages
         finally:
             os.close(ffd)
         yield folder, b, c

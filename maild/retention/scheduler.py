@@ -15,13 +15,16 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maild.retention import state
 from maild.retention.access import AccessTracker
 from maild.retention.config import RetentionConfig, retention_of
 from maild.retention.jobs import RunBusy, RunError, Runner
 from maild.store.base import Store, StoreError
+
+if TYPE_CHECKING:  # start() imports it at run time, only when retention is active
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = logging.getLogger("maild.retention")
 CATCH_UP_DELAY = 60.0
@@ -68,7 +71,7 @@ class RetentionService:
         self.store = store
         self.clock = clock
         self.runner = Runner(self.cfg, store, clock=clock)
-        self.scheduler = None
+        self.scheduler: AsyncIOScheduler | None = None
         self.tracker: AccessTracker | None = None
         self.run_lock = asyncio.Lock()
         self.running: set[asyncio.Task] = set()

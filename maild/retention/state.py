@@ -246,7 +246,8 @@ async def pending(store: Store) -> dict[str, list[tuple[int, str, str, int]]]:
 
 async def deletions(store: Store, *, user: str | None = None, rule: str | None = None,
                     since: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    where, params = ["status != 'pending'"], []
+    where = ["status != 'pending'"]
+    params: list[str | float] = []
     for col, val in (("user", user), ("rule", rule)):
         if val:
             where.append(f"{col} = ?")

@@ -244,17 +244,17 @@ class Sweep:
                             if rule.action != "delete" or (cutoff is not None and oldest >= cutoff):
                                 rep.cached_dirs += 1
                                 b_total += summary.bytes
-                                c_total += summary.count
+                                c_total += summary.messages
                                 skipped.append((folder, sub))
                                 continue
                     res = scan_dir(ffd, sub, folder.name, older_than=prefilter)
                     if res is None:
                         continue
                     summary, found = res
-                    rep.scanned += summary.count
+                    rep.scanned += summary.messages
                     files += found
                     b_total += summary.bytes
-                    c_total += summary.count
+                    c_total += summary.messages
                     if time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS and \
                             summary.same_dir(st):
                         self.cache_updates[key] = summary

@@ -159,7 +159,8 @@ async def recent_decisions(store: Store, *, since: float | None = None, limit: i
                            customer: str | None = None, action: str | None = None,
                            rule: str | None = None, address: str | None = None) -> list[dict]:
     """Newest first; every filter optional. `address` matches sender or recipient."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[str | float] = []
     if since is not None:
         where.append("ts >= ?")
         params.append(since)

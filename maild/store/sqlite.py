@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -250,13 +250,14 @@ class SQLiteStore:
             await db.executemany(sql, rows)
             await self._commit()
 
+    # No row_factory is set, so sqlite3 returns plain tuples (aiosqlite annotates them as Row).
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         async with self._guard() as db, db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+            return list(cast("Iterable[tuple]", await cur.fetchall()))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         async with self._guard() as db, db.execute(sql, params) as cur:
-            return await cur.fetchone()
+            return cast("tuple | None", await cur.fetchone())
 
 
 def _create(path: str) -> None:

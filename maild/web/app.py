@@ -127,15 +127,14 @@ class WebService:
         optin = getattr(self.daemon, "optin", None)
         for list_id in (optin.registry().lists if optin is not None else ()):
             await self.list_key(list_id)
-        separate = w.metrics and w.metrics_listen is not None
-        await self._serve(self.app(pages=True, with_metrics=w.metrics and not separate),
+        separate = w.metrics_listen if w.metrics else None  # metrics on a listener of their own
+        await self._serve(self.app(pages=True, with_metrics=w.metrics and separate is None),
                           w.listen, "listen")
-        if separate:
-            assert w.metrics_listen is not None
-            await self._serve(self.app(pages=False, with_metrics=True), w.metrics_listen,
+        if separate is not None:
+            await self._serve(self.app(pages=False, with_metrics=True), separate,
                               "metrics_listen")
         log.info("web: listening on %s:%d base_url=%s metrics=%s", *w.listen, w.base_url,
-                 "off" if not w.metrics else ("{}:{}".format(*w.metrics_listen) if separate
+                 "off" if not w.metrics else ("{}:{}".format(*separate) if separate is not None
                                               else "on the web listener"))
 
     async def stop(self) -> None:

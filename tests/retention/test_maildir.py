@@ -119,7 +119,7 @@ def test_scan_sees_only_regular_message_files(tmp_path):
     add_msg(mb, sub="tmp", size=10)
     summary, files = _scan(mb)
     assert [f.name for f in files] == [keep.name]
-    assert summary.count == 1 and summary.bytes == 10
+    assert summary.messages == 1 and summary.bytes == 10
 
 
 def test_scan_summary_holds_oldest_times(tmp_path):
