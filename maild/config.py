@@ -17,7 +17,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,20 @@ class Limits:
     data_timeout: float = 600.0
     max_sessions: int = 500
     max_sessions_per_ip: int = 20
+    # Admission control (maild/smtp/admission.py): anvil's connection rate, the share of
+    # max_sessions only customers and trusted upstreams may use, stress-mode timeouts.
+    max_connection_rate_per_ip: int = 600  # connections per minute; 0 = no limit
+    reserved_sessions: int = 100  # default: a fifth of max_sessions
+    stress_command_timeout: float = 10.0
+    stress_data_timeout: float = 120.0
+    # Mail in flight (maild/smtp/budget.py): RAM for message content, all sessions together.
+    memory_in_flight: int = 256 * 1024 * 1024
+    spool_threshold: int = 1024 * 1024
+    # Downstream connections (maild/smtp/downstream.py): below Postfix's process limit.
+    downstream_connections: int = 50
+    downstream_connections_per_client: int = 10
+    downstream_reserved: int = 10  # of downstream_connections, for customers and postmaster
+    downstream_greeting_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -330,7 +344,34 @@ def _parse_limits(r: Reader) -> Limits:
         data_timeout=r.duration("data_timeout", d.data_timeout, positive=True),
         max_sessions=r.int("max_sessions", d.max_sessions, minimum=1),
         max_sessions_per_ip=r.int("max_sessions_per_ip", d.max_sessions_per_ip, minimum=1),
+        max_connection_rate_per_ip=r.int("max_connection_rate_per_ip",
+                                         d.max_connection_rate_per_ip, minimum=0),
+        stress_command_timeout=r.duration("stress_command_timeout", d.stress_command_timeout,
+                                          positive=True),
+        stress_data_timeout=r.duration("stress_data_timeout", d.stress_data_timeout,
+                                       positive=True),
+        memory_in_flight=r.size("memory_in_flight", d.memory_in_flight),
+        spool_threshold=r.size("spool_threshold", d.spool_threshold),
+        downstream_connections=r.int("downstream_connections", d.downstream_connections,
+                                     minimum=1),
+        downstream_connections_per_client=r.int(
+            "downstream_connections_per_client", d.downstream_connections_per_client, minimum=1),
+        downstream_reserved=r.int("downstream_reserved", d.downstream_reserved, minimum=0),
+        downstream_greeting_timeout=r.duration(
+            "downstream_greeting_timeout", d.downstream_greeting_timeout, positive=True),
     )
+    lim = replace(lim, reserved_sessions=r.int("reserved_sessions", lim.max_sessions // 5,
+                                               minimum=0))
+    if lim.reserved_sessions >= lim.max_sessions:
+        r.error("reserved_sessions", lim.reserved_sessions,
+                f"fewer than max_sessions ({lim.max_sessions}): strangers need some slots, "
+                "or nobody can write to postmaster")
+    if lim.downstream_reserved >= lim.downstream_connections:
+        r.error("downstream_reserved", lim.downstream_reserved,
+                f"fewer than downstream_connections ({lim.downstream_connections})")
+    if lim.spool_threshold > lim.memory_in_flight:
+        r.error("spool_threshold", lim.spool_threshold,
+                f"at most memory_in_flight ({lim.memory_in_flight} bytes)")
     r.unknown()
     return lim
 

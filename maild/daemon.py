@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -28,8 +29,11 @@ from maild import config as cfg
 from maild import privs
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
+from maild.policy.customer import index as customer_index
 from maild.policy.services import Services
 from maild.sdnotify import notify
+from maild.smtp.admission import Admission
+from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
@@ -59,6 +63,11 @@ class Daemon:
         self._status_failing = False
         self.stop_event = asyncio.Event()
         self.counter = SessionCounter()
+        # Session slots (anvil-like limits, reserved share, stress) and the RAM budget
+        # for mail in flight; a reload gives both the new [server.limits].
+        self.admission = Admission(config.server.limits)
+        self.admission.is_customer = self._is_customer
+        self.budget = _budget(config)
         self.server: asyncio.AbstractServer | None = None
         self.retention: RetentionService | None = None
         self.report_job: Job | None = None
@@ -74,7 +83,12 @@ class Daemon:
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
         return MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
-                         trusted=c.server.trusted_upstreams)
+                         trusted=c.server.trusted_upstreams, admission=self.admission,
+                         budget=self.budget)
+
+    def _is_customer(self, addr: str) -> bool:
+        """A customer network's address: it may use the reserved session slots."""
+        return customer_index(self.proxy.config).by_ip(_ip(addr)) is not None
 
     def _configure_services(self, c: cfg.Config) -> None:
         """Module-level services rules use (DNS resolver, ...), set from the config."""
@@ -238,12 +252,24 @@ class Daemon:
             "reload": self.last_reload, "control_synced": self.control_synced,
             "sessions": self.counter.total, "downstream_in_use": self.downstream.in_use,
             "downstream_idle": len(self.downstream._idle),
+            "limits": self.limits_status(),
             "decisions_pending": len(self.decisions.pending),
             "relayed": self.proxy.stats["relayed"], "rejected": self.proxy.stats["rejected"],
             "tempfailed": self.proxy.stats["tempfailed"],
             "blocked_customers": sorted(self.sanctions.blocked), "jobs": jobs,
             "config": self.config.path,
         }
+
+    def limits_status(self) -> dict:
+        """Admission, the RAM budget and the downstream caps, for `maild status`."""
+        ds = self.downstream
+        return {"admission": self.admission.status(), "budget": self.budget.status(),
+                "downstream": {"in_use": ds.in_use, "idle": len(ds._idle),
+                               "max": ds.max_connections, "reserved": ds.reserved,
+                               "strangers_in_use": ds.strangers_in_use,
+                               "per_client_max": ds.max_per_client,
+                               "busiest_client": max(ds.per_client.values(), default=0),
+                               "busy": ds.busy}}
 
     def write_status(self) -> None:
         # Also where the edited file's state would put it: `maild reload` and `maild status`
@@ -309,6 +335,7 @@ class Daemon:
             await asyncio.sleep(2)
             tick += 1
             self.write_status()
+            self.budget.settle()
             try:
                 if not health.ok or time.monotonic() - health.last_write >= 2:
                     await heartbeat(self.store)
@@ -389,6 +416,9 @@ class Daemon:
         self._schedule_report(new)
         self.config = new
         self.proxy.config = new
+        self.admission.limits = new.server.limits
+        self.budget.total = new.server.limits.memory_in_flight
+        self.budget.threshold = new.server.limits.spool_threshold
         if self.retention is not None:
             await self.retention.reload(new)
         log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
@@ -518,13 +548,39 @@ class Daemon:
 
 def _downstream(c: cfg.Config) -> Downstream:
     host, port = c.server.downstream
+    lim = c.server.limits
     return Downstream(host, port, local_hostname=c.server.hostname,
-                      timeout=c.server.downstream_timeout, pool_size=c.server.downstream_pool)
+                      timeout=c.server.downstream_timeout, pool_size=c.server.downstream_pool,
+                      max_connections=lim.downstream_connections,
+                      max_per_client=lim.downstream_connections_per_client,
+                      reserved=lim.downstream_reserved,
+                      greeting_timeout=lim.downstream_greeting_timeout)
 
 
 def _downstream_settings(c: cfg.Config) -> tuple:
-    s = c.server
-    return s.downstream, s.hostname, s.downstream_timeout, s.downstream_pool
+    s, lim = c.server, c.server.limits
+    return (s.downstream, s.hostname, s.downstream_timeout, s.downstream_pool,
+            lim.downstream_connections, lim.downstream_connections_per_client,
+            lim.downstream_reserved, lim.downstream_greeting_timeout)
+
+
+def _budget(c: cfg.Config) -> Budget:
+    """The spool files go to the state directory (maild's own, 0700 in the packaging);
+    with PostgreSQL state, to the system's temporary directory."""
+    import tempfile
+
+    state = c.server.state
+    spool = tempfile.gettempdir() if is_postgres(state) else os.path.dirname(
+        resolve_state_path(state, c.path))
+    lim = c.server.limits
+    return Budget(lim.memory_in_flight, lim.spool_threshold, spool)
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
 
 
 def _hostport(addr: tuple[str, int]) -> str:

@@ -154,6 +154,8 @@ def status(as_json: bool) -> None:
         click.echo(f"  not in effect until a restart: {_pending(r)}")
     click.echo(f"  sessions in flight: {st['sessions']}; downstream connections: "
                f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle")
+    for line in _limits_lines(st.get("limits")):
+        click.echo("  " + line)
     click.echo(f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
                f"tempfailed {st['tempfailed']}")
     if st["blocked_customers"]:
@@ -207,3 +209,25 @@ def _pending(r: dict) -> str:
     empty = '""'
     why = f": {r['why']}" if r["why"] else ""
     return f"[server] {r['key']} = {r['file'] or empty} (running: {r['running'] or empty}){why}"
+
+
+def _limits_lines(lim: dict | None) -> list[str]:
+    """`maild status`: admission control, the memory budget, the downstream caps."""
+    if not lim:
+        return []
+    a, b, d = lim["admission"], lim["budget"], lim["downstream"]
+    mb = 1024 * 1024
+    return [
+        f"session slots: {a['sessions']} of {a['max_sessions']} in use, {a['strangers']} by "
+        f"strangers, {a['reserved_in_use']} by customers and trusted upstreams "
+        f"({a['reserved_sessions']} reserved for them); stress {'ON' if a['stress'] else 'off'}; "
+        f"since start {a['shed']} idle strangers closed, {a['refused']} connections refused",
+        f"mail in flight: {b['memory_in_flight'] / mb:.1f} MB in RAM of "
+        f"{b['memory_in_flight_limit'] / mb:.0f} MB (peak {b['memory_in_flight_peak'] / mb:.1f} MB), "
+        f"{b['spooling']} spooled to disk now, {b['spooled']} since start, "
+        f"{b['refused_452']} refused 452 4.3.1",
+        f"downstream caps: {d['in_use']} of {d['max']} in use ({d['reserved']} reserved for "
+        f"customers and postmaster), busiest client {d['busiest_client']} of "
+        f"{d['per_client_max']}; {d['busy']} transactions answered 451 4.4.5",
+    ]
+

@@ -74,9 +74,14 @@ class Identity:
 
 @dataclass
 class Message:
-    """The message content at end of data, parsed at most once, lazily."""
+    """The message content at end of data, parsed at most once, lazily.
+
+    For a message spooled to disk (maild.smtp.budget), `content` is its header block and
+    first bytes, what every rule reads at most, and `spooled_size` its whole size.
+    """
 
     content: bytes
+    spooled_size: int = 0
 
     @cached_property
     def header_block(self) -> bytes:
@@ -90,7 +95,7 @@ class Message:
 
     @property
     def size(self) -> int:
-        return len(self.content)
+        return self.spooled_size or len(self.content)
 
     @cached_property
     def field_counts(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class ClientEOF(asyncio.CancelledError):
@@ -28,6 +29,7 @@ class AbortKind(Enum):
     LINE_LENGTH = "line-length"
     BARE_LINE_ENDING = "bare-line-ending"
     NUL = "nul"
+    MEMORY = "memory"  # the message could not be held (maild.smtp.budget): 452 4.3.1
 
     @property
     def rule(self) -> str:
@@ -56,10 +58,13 @@ def _too_big(limit: int) -> Abort:
     return Abort(AbortKind.SIZE, f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)")
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
-                    ) -> tuple[bytes, Abort | None]:
+async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int,
+                    out: Any = None) -> tuple[bytes, Abort | None]:
     """DATA from `reader` up to and including CRLF.CRLF: (content, None), or (content
     dropped, why the message is refused).
+
+    `out`, when given, receives the content instead (anything with bytearray's extend,
+    clear and len: maild.smtp.budget.Sink), and the content returned is empty.
 
     `max_line` is the longest line text allowed: RFC 5321 4.5.3.1.6 counts 1000 octets
     with the CRLF and without the leading dot a client doubles for transparency, so
@@ -92,7 +97,9 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
     buf: bytearray = reader._buffer  # type: ignore[attr-defined]
     if reader._exception is not None:  # type: ignore[attr-defined]
         raise reader._exception  # type: ignore[attr-defined]
-    out = bytearray()
+    own = out is None
+    if own:
+        out = bytearray()
     problem: Abort | None = None
     window = max_line + 2  # an unstuffed line's LF lies within this many bytes of its start
     pos = 0  # start of the current line in buf
@@ -108,7 +115,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
             if buf.startswith(b".\r\n", pos):
                 del buf[:pos + 3]
                 reader._maybe_resume_transport()  # type: ignore[attr-defined]
-                return bytes(out), problem
+                return (bytes(out) if own else b""), problem
             last = buf.rfind(b"\r\n", pos)
             if last < 0:
                 break
@@ -125,9 +132,9 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
             if _clean(buf, pos, end, window):
                 if problem is None:
                     for d in dots:
-                        out += buf[pos:d]
+                        out.extend(buf[pos:d])
                         pos = d + 1
-                    out += buf[pos:end]
+                    out.extend(buf[pos:end])
                     if limit and len(out) > limit:
                         problem = _too_big(limit)
                         out.clear()
@@ -151,7 +158,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int
                     reader._maybe_resume_transport()  # type: ignore[attr-defined]
                     return b"", _NUL
                 if problem is None:
-                    out += buf[pos + 1 if buf[pos] == 46 else pos:p + 2]
+                    out.extend(buf[pos + 1 if buf[pos] == 46 else pos:p + 2])
                     if limit and len(out) > limit:
                         problem = _too_big(limit)
                         out.clear()

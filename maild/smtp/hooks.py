@@ -11,13 +11,17 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from maild.address import Address
     from maild.policy.context import Context
+    from maild.smtp.admission import Refusal
     from maild.smtp.data import Abort
     from maild.smtp.server import MaildSession
 
 
 class SessionHooks(Protocol):
-    async def session_refused(self, session: MaildSession, reason: str) -> None:
-        """The session limits refused the connection (421 4.7.0 follows)."""
+    def session_refused(self, session: MaildSession, refusal: Refusal) -> None:
+        """Admission control refused the connection (refusal.reply follows)."""
+
+    def session_shed(self, session: MaildSession, reply: str) -> None:
+        """Admission control closes this idle stranger's session to make room."""
 
     def session_lost(self, session: MaildSession) -> None:
         """The connection closed: end its transaction, if any."""

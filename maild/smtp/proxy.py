@@ -1,10 +1,13 @@
 """The proxy: runs the policy pipeline at each stage and relays the transaction downstream.
 
 The rule that matters most: the client hears 250 for its message only after the
-downstream accepted it, and hears the downstream's own reply (with its queue id). MAIL
-and RCPT are relayed as they arrive, so per-recipient refusals by Postfix reach the
-client per recipient. Any internal failure (downstream down or slow, state store error,
-a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
+downstream accepted it, and hears the downstream's own reply (with its queue id). No
+downstream connection (a Postfix smtpd process) is taken before the transaction has a
+recipient maild accepted: MAIL is answered here, and the first accepted RCPT sends
+XFORWARD, MAIL and RCPT together (451 4.4.5 at once when the downstream caps are
+reached); later RCPTs are relayed as they arrive, so per-recipient refusals by Postfix
+reach the client per recipient. Any internal failure (downstream down or slow, state
+store error, a bug) answers 4xx so the client retries; nothing is answered 250 and dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ from maild.policy.customer import resolve
 from maild.policy.services import Services
 from maild.policy.verdict import Verdict
 from maild.smtp import xforward
+from maild.smtp.admission import LogOnce, Refusal
+from maild.smtp.budget import Content
 from maild.smtp.data import Abort
-from maild.smtp.downstream import Connection, Downstream, DownstreamError, Reply
+from maild.smtp.downstream import (
+    Connection,
+    Downstream,
+    DownstreamBusy,
+    DownstreamError,
+    Reply,
+)
 from maild.smtp.own_headers import customer_header, header_line, strip_own_headers
 from maild.smtp.received import authenticated_login, received_header
 from maild.smtp.server import MaildEnvelope, MaildSession, MaildSMTP
@@ -73,7 +84,9 @@ class LateReplies:
         if msgid is not None:
             h.update(b"\0id\0" + msgid.encode())
         else:
-            h.update(b"\0content\0" + (ctx.message.content if ctx.message else b""))
+            # a spooled message's content here is its first bytes: its size goes in too
+            h.update(b"\0content\0%d\0" % (ctx.message.size if ctx.message else 0)
+                     + (ctx.message.content if ctx.message else b""))
         return h.hexdigest()
 
     def watch(self, key: str, task: asyncio.Future[Reply], conn: Connection,
@@ -140,6 +153,9 @@ class Proxy:
         # (stage, action, rule) -> decisions, for /metrics; rule names are a fixed set.
         self.decided: Counter[tuple[str, str, str]] = Counter()
         self.late = LateReplies()
+        # Sessions shed and downstream refusals: logged once per client per minute.
+        self.shed_log = LogOnce()
+        self.busy_log = LogOnce()
 
     # ------------------------------------------------------------------ logging
 
@@ -199,8 +215,17 @@ class Proxy:
 
     # ------------------------------------------------------------------ session
 
-    async def session_refused(self, session: MaildSession, reason: str) -> None:
-        self.record(session, "tempfail", "CONNECT", f"421 4.7.0 {reason}", rule="sessions")
+    def session_refused(self, session: MaildSession, refusal: Refusal) -> None:
+        # Once per client per minute (admission control counts what it did not log).
+        if refusal.log:
+            self.record(session, "tempfail", "CONNECT", refusal.reply, rule=refusal.rule,
+                        extra={"unsaid": str(refusal.unsaid)} if refusal.unsaid else None)
+
+    def session_shed(self, session: MaildSession, reply: str) -> None:
+        say, unsaid = self.shed_log.say(session.client.addr)
+        if say:
+            self.record(session, "tempfail", "CONNECT", reply, rule="stress",
+                        extra={"unsaid": str(unsaid)} if unsaid else None)
 
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
@@ -290,17 +315,25 @@ class Proxy:
                     "maild in smtpd_authorized_xforward_hosts", session.id,
                     r.code, r.text.splitlines()[0] if r.text else "")
 
-    async def _open(self, session: MaildSession, mail_line: str) -> tuple[Connection, Reply]:
-        """Acquire a connection, send XFORWARD and MAIL; retry once if a pooled one died."""
+    async def _open(self, session: MaildSession, rcpt_line: str, *, reserved: bool
+                    ) -> tuple[Connection, Reply, Reply | None]:
+        """At the first accepted RCPT: acquire a connection (DownstreamBusy past a cap),
+        send XFORWARD, MAIL and RCPT; retry once if a pooled one died. (conn, the reply
+        to MAIL, the reply to RCPT or None if MAIL was refused)."""
+        mail_line = session.mail_line
         for attempt in (1, 2):
-            conn, pooled = await self.downstream.acquire()
+            conn, pooled = await self.downstream.acquire(session.client.addr,
+                                                         reserved=reserved)
             try:
                 lines = xforward.downstream_lines(session.client, conn.xforward)
-                if len(lines) == 1 and conn.pipelining:
-                    # one write, one round trip (RFC 2920: XFORWARD and MAIL may be grouped)
-                    r, reply = await self.downstream.pipeline(conn, [lines[0], mail_line])
-                    if r.code != 250:
-                        self._xforward_refused(session, r)
+                rcpt: Reply | None = None
+                if len(lines) <= 1 and conn.pipelining:
+                    # one write, one round trip (RFC 2920: XFORWARD, MAIL and RCPT may be
+                    # grouped; a refused MAIL makes Postfix refuse the RCPT too)
+                    replies = await self.downstream.pipeline(conn, lines + [mail_line, rcpt_line])
+                    if lines and replies[0].code != 250:
+                        self._xforward_refused(session, replies[0])
+                    reply, rcpt = replies[-2], replies[-1]
                 else:
                     for line in lines:
                         r = await self.downstream.command(conn, line)
@@ -308,9 +341,11 @@ class Proxy:
                             self._xforward_refused(session, r)
                             break
                     reply = await self.downstream.command(conn, mail_line)
+                    if reply.ok:
+                        rcpt = await self.downstream.command(conn, rcpt_line)
                 if reply.code == 421:
                     raise DownstreamError(f"downstream said {reply.code} {reply.text}")
-                return conn, reply
+                return conn, reply, rcpt if reply.ok else None
             except DownstreamError:
                 self.downstream.release(conn, reusable=False)
                 if not pooled or attempt == 2:
@@ -330,25 +365,15 @@ class Proxy:
         except StoreError as e:
             log.error("%s: error: state store: %s", session.id, e)
             return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
-        line = "MAIL FROM:" + address.raw + (" " + " ".join(params) if params else "")
-        try:
-            conn, reply = await self._open(session, line)
-        except DownstreamError as e:
-            log.error("%s: error: downstream %s:%d: %s", session.id, self.downstream.host,
-                      self.downstream.port, e)
-            return self._tempfail(session, ctx, "MAIL", TEMPFAIL_DOWNSTREAM, "downstream")
-        if not reply.ok:
-            self.downstream.release(conn, reusable=reply.code != 421)
-            self.record(session, "reject" if reply.code >= 500 else "tempfail", "MAIL",
-                        f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
-                        rule="downstream", ctx=ctx)
-            return reply.smtp()
-        session.conn, session.ctx = conn, ctx
+        # No downstream connection (and no Postfix smtpd process) until a recipient is
+        # accepted: a stranger parking after MAIL FROM holds nothing downstream.
+        session.mail_line = "MAIL FROM:" + address.raw + (" " + " ".join(params) if params else "")
+        session.ctx = ctx
         envelope.mail_from = address.addr or "<>"
         envelope.sender = address
         envelope.mail_params = params
         envelope.mail_options = params
-        return reply.smtp()
+        return "250 2.1.0 Ok"
 
     def _store_down(self) -> bool:
         return self.health is not None and not self.health.ok
@@ -363,7 +388,7 @@ class Proxy:
                           address: Address, params: list[str]) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
-        if ctx is None or conn is None:
+        if ctx is None:
             return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
                                   rcpt=address)
         try:
@@ -374,12 +399,19 @@ class Proxy:
         if not v.accepted:
             return self._verdict(session, v, ctx, rcpt=address)
         line = "RCPT TO:" + address.raw + (" " + " ".join(params) if params else "")
-        try:
-            reply = await self.downstream.command(conn, line)
-        except DownstreamError as e:
-            log.error("%s: error: downstream lost at RCPT: %s", session.id, e)
-            self._drop_conn(session, reusable=False)
-            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", address)
+        if conn is None:
+            opened = await self._open_at_rcpt(session, ctx, address, v, line)
+            if isinstance(opened, str):
+                return opened
+            reply = opened
+        else:
+            try:
+                reply = await self.downstream.command(conn, line)
+            except DownstreamError as e:
+                log.error("%s: error: downstream lost at RCPT: %s", session.id, e)
+                self._drop_conn(session, reusable=False)
+                return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
+                                      address)
         pipeline.rcpt_done(ctx, address, v, relayed=reply.ok)
         if reply.ok:
             envelope.rcpt_tos.append(address.addr)
@@ -390,6 +422,37 @@ class Proxy:
                         rule="downstream", ctx=ctx, rcpt=address)
         return reply.smtp()
 
+    async def _open_at_rcpt(self, session: MaildSession, ctx: Context, address: Address,
+                            v: Verdict, rcpt_line: str) -> Reply | str:
+        """The transaction's downstream connection, opened for its first accepted
+        recipient: the downstream's reply to that RCPT, or the reply to give instead."""
+        # Customers (by login or network) and postmaster mail use the reserved share.
+        reserved = ctx.identity.may_relay or v.postmaster
+        try:
+            conn, mail, reply = await self._open(session, rcpt_line, reserved=reserved)
+        except DownstreamBusy as e:
+            pipeline.rcpt_done(ctx, address, v, relayed=False)
+            say, unsaid = self.busy_log.say((session.client.addr, e.rule))
+            if say:
+                self.record(session, "tempfail", "RCPT", e.reply, rule=e.rule, ctx=ctx,
+                            rcpt=address, extra={"unsaid": str(unsaid)} if unsaid else None)
+            return e.reply
+        except DownstreamError as e:
+            pipeline.rcpt_done(ctx, address, v, relayed=False)
+            log.error("%s: error: downstream %s:%d: %s", session.id, self.downstream.host,
+                      self.downstream.port, e)
+            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
+                                  address)
+        if reply is None:  # the downstream refused MAIL FROM: the client hears it here
+            pipeline.rcpt_done(ctx, address, v, relayed=False)
+            self.downstream.release(conn, reusable=mail.code != 421)
+            self.record(session, "reject" if mail.code >= 500 else "tempfail", "RCPT",
+                        f"{mail.code} {mail.text.splitlines()[0] if mail.text else ''}",
+                        rule="downstream", ctx=ctx, rcpt=address)
+            return mail.smtp()
+        session.conn = conn
+        return reply
+
     async def handle_DATA_START(self, server: MaildSMTP, session: MaildSession,
                                 envelope: MaildEnvelope) -> str | None:
         if session.conn is None or session.ctx is None:
@@ -398,12 +461,23 @@ class Proxy:
 
     async def handle_DATA(self, server: MaildSMTP, session: MaildSession,
                           envelope: MaildEnvelope) -> str:
+        content = envelope.original_content
+        assert isinstance(content, Content)  # smtp_DATA sets it before this hook
+        try:
+            return await self._data(session, content)
+        finally:
+            # The RAM charge and the spool file, on every path (a relay still running in
+            # the background for a late reply closes it when it ends).
+            if not content.pinned:
+                content.close()
+            envelope.original_content = envelope.content = None
+
+    async def _data(self, session: MaildSession, content: Content) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
         if ctx is None or conn is None:
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
-        assert envelope.original_content is not None  # smtp_DATA sets it before this hook
-        message = Message(envelope.original_content)
+        message = Message(content.head, spooled_size=content.size if content.spooled else 0)
         try:
             if session.client.trusted_peer:
                 login = authenticated_login(message.headers)
@@ -440,8 +514,13 @@ class Proxy:
             pipeline.finish(ctx, accepted=True)
             self.record(session, "relay", "DATA", reply_text, rule="late-accept", ctx=ctx)
             return reply_text
+        if content.spooled:  # the header from RAM, the body from the spool file
+            head, rest = content.head[:content.header_end], content.blocks(content.header_end)
+        else:
+            head, rest = content.head, iter(())
         task = asyncio.ensure_future(self.downstream.data(
-            conn, added + strip_own_headers(message.content), timeout=LATE_REPLY_WAIT))
+            conn, added + strip_own_headers(head), timeout=LATE_REPLY_WAIT, rest=rest,
+            rest_size=content.size - len(head) if content.spooled else 0))
         try:
             reply = await asyncio.wait_for(asyncio.shield(task), self.downstream.timeout)
         except TimeoutError:
@@ -453,6 +532,7 @@ class Proxy:
                       "and waiting for its reply", session.id, self.downstream.timeout, where)
             self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
                             session.id)
+            content.pin_until(task)
             session.conn = None
             self._drop_conn(session, reusable=False)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
@@ -464,6 +544,7 @@ class Proxy:
                         "its reply is kept for the client's retry", session.id)
             self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
                             session.id)
+            content.pin_until(task)
             session.conn = None
             raise
         except DownstreamError as e:

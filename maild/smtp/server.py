@@ -43,8 +43,10 @@ from maild.address import (
 from maild.config import Server
 from maild.policy.context import Client, Context
 from maild.smtp import xforward
+from maild.smtp.admission import Admission, Refusal, Slot
+from maild.smtp.budget import Budget, Content
 from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
-from maild.smtp.data import Abort, ClientEOF, read_data
+from maild.smtp.data import Abort, AbortKind, ClientEOF, read_data
 from maild.smtp.hooks import SessionHooks
 from maild.smtp.sessions import SessionCounter
 
@@ -93,11 +95,14 @@ class MaildSession(Session):
         self.id = secrets.token_hex(5).upper()
         self.client = Client(addr="")
         self.xforward: dict[str, str] = {}
-        self.counted_ip: str | None = None
         self.counted = False
+        self.slot: Slot | None = None  # its session slot (maild.smtp.admission)
         # Per transaction, owned by the proxy handler.
         self.ctx: Context | None = None
         self.conn: Connection | None = None
+        # MAIL FROM as the downstream gets it, at the first accepted RCPT (no downstream
+        # connection for a transaction without a recipient).
+        self.mail_line = ""
 
 
 class MaildEnvelope(Envelope):
@@ -114,8 +119,9 @@ class _StrictReader:
     DATA is read by MaildSMTP.smtp_DATA with its own checks.
     """
 
-    def __init__(self, reader: asyncio.StreamReader):
+    def __init__(self, reader: asyncio.StreamReader, owner: MaildSMTP):
         self._reader = reader
+        self._owner = owner
         # Set by MaildSMTP.close_after_reply: no further command is read, even one the
         # client already sent (aiosmtpd would run it before the close takes effect).
         self.closed = False
@@ -125,6 +131,7 @@ class _StrictReader:
             raise ClientEOF()
         if separator != b"\n":
             return await self._reader.readuntil(separator)
+        self._owner.waiting(True)
         try:
             line = await self._reader.readuntil(separator)
         except asyncio.LimitOverrunError as e:
@@ -135,6 +142,7 @@ class _StrictReader:
             raise LineTooLong() from None
         except asyncio.IncompleteReadError:
             raise ClientEOF() from None
+        self._owner.waiting(False)
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             raise BareLineEnding()
         return line
@@ -178,7 +186,7 @@ class MaildSMTP(FastInit):
 
     def __init__(self, handler: SessionHooks, *, settings: Server, counter: SessionCounter,
                  trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-                 **kwargs: Any):
+                 admission: Admission, budget: Budget, **kwargs: Any):
         limits = settings.limits
         # aiosmtpd sizes its StreamReader from this attribute: room for a line's text, a
         # stuffed dot and CRLF. The DATA line rule itself is read_data's (max_line).
@@ -186,6 +194,8 @@ class MaildSMTP(FastInit):
         self.settings = settings
         self.counter = counter
         self.trusted = trusted
+        self.admission = admission
+        self.budget = budget
         if not kwargs and SUPPORTED:
             self._fast_init(handler, limits, settings.hostname)
         else:
@@ -244,7 +254,7 @@ class MaildSMTP(FastInit):
 
     def _cb_client_connected(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        super()._cb_client_connected(_StrictReader(reader), writer)  # type: ignore[arg-type]
+        super()._cb_client_connected(_StrictReader(reader, self), writer)  # type: ignore[arg-type]
 
     def is_trusted(self, addr: str) -> bool:
         try:
@@ -261,27 +271,62 @@ class MaildSMTP(FastInit):
             addr = addr[7:]
         trusted = self.is_trusted(addr)
         session.client = Client(addr=addr, port=str(peer[1]), trusted_peer=trusted, name="unknown")
-        limits = self.settings.limits
-        reason = None
-        if self.counter.total >= limits.max_sessions:
-            reason = f"Too many sessions in progress (limit {limits.max_sessions})"
-        elif not trusted and self.counter.per_ip.get(addr, 0) >= limits.max_sessions_per_ip:
-            reason = f"Too many connections from {addr} (limit {limits.max_sessions_per_ip})"
-        if reason:
-            await self.event_handler.session_refused(session, reason)
-            await self.push(f"421 4.7.0 {self.hostname} {reason}; try again later")
+        slot = self.admission.admit(addr, reserved=trusted or self.admission.is_customer(addr),
+                                    exempt=trusted, notify=self._admission_event)
+        if isinstance(slot, Refusal):
+            self.event_handler.session_refused(session, slot)
+            await self.push(slot.reply.replace(" 4.7.0 ", f" 4.7.0 {self.hostname} ", 1))
             if self.transport is not None:
                 self.transport.close()
             return
-        self.counter.add(None if trusted else addr)
+        session.slot = slot
+        self.counter.add()
         self.counter.client_add(addr)
-        session.counted, session.counted_ip = True, (None if trusted else addr)
+        session.counted = True
+        self._timeout_duration = self.admission.command_timeout(slot)
         await super()._handle_client()
+
+    def waiting(self, idle: bool) -> None:
+        """The session waits for a command (idle) or works on one: admission control
+        sheds only idle strangers, and under stress gives them the shorter timeout."""
+        slot = self.session.slot if self.session is not None else None
+        if slot is None:
+            return
+        if idle:
+            envelope = self.envelope
+            self.admission.idle(slot, in_transaction=envelope is not None
+                                and envelope.mail_from is not None)
+            duration = self.admission.command_timeout(slot)
+            if duration != self._timeout_duration:
+                self._timeout_duration = duration
+                self._reset_timeout()
+        else:
+            self.admission.busy(slot)
+
+    def _admission_event(self, event: str) -> None:
+        session = self.session
+        transport = self.transport
+        if session is None or transport is None or transport.is_closing():
+            return
+        if event == "stress":  # an idle stranger's timer, shortened (never lengthened)
+            duration = self.admission.command_timeout(session.slot)
+            self._timeout_duration = duration
+            if self.loop.time() + duration < self._deadline:
+                self._reset_timeout(duration)
+            return
+        reply = "421 4.7.0 Server busy: closing idle sessions to make room; try again later"
+        self.event_handler.session_shed(session, reply)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(f"421 4.7.0 {self.hostname} {reply[10:]}\r\n".encode())
+        self._reader.closed = True  # type: ignore[attr-defined]
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
+        if session is not None and session.slot is not None:
+            self.admission.release(session.slot)
         if session is not None and session.counted:
-            self.counter.remove(session.counted_ip)
+            self.counter.remove()
             self.counter.client_remove(session.client.addr)
             session.counted = False
             self.event_handler.session_lost(session)
@@ -550,17 +595,27 @@ class MaildSMTP(FastInit):
                 # transaction. Nothing more is read from this session.
                 self.close_after_reply()
             return
-        self._envelope.original_content = self._envelope.content = content
+        self._envelope.original_content = self._envelope.content = content  # type: ignore[assignment]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, Abort | None]:
-        """Read until CRLF.CRLF under the whole-DATA deadline (maild.smtp.data)."""
+    async def _read_data(self) -> tuple[Content, Abort | None]:
+        """Read until CRLF.CRLF under the whole-DATA deadline (maild.smtp.data), into RAM
+        or a spool file as the memory budget says (maild.smtp.budget)."""
         reader: asyncio.StreamReader = self._reader._reader  # type: ignore[attr-defined]
-        self._reset_timeout(self.settings.limits.data_timeout)
+        self._reset_timeout(self.admission.data_timeout(self._session.slot))
+        sink = self.budget.sink()
         try:
-            return await read_data(reader, self.data_size_limit or 0,
-                                   self.settings.limits.line_length)
+            _, abort = await read_data(reader, self.data_size_limit or 0,
+                                       self.settings.limits.line_length, sink)
+            if abort is None and sink.error is not None:
+                abort = Abort(AbortKind.MEMORY, sink.error)
+            if abort is not None:
+                sink.close()
+            return sink.finish(), abort
+        except BaseException:
+            sink.close()
+            raise
         finally:
             self._reset_timeout()

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import re
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ from hypothesis import strategies as st
 from maild import components
 from maild import config as cfg
 from maild import dns as maild_dns
+from maild.smtp.admission import Admission
+from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
@@ -81,9 +84,13 @@ class InProcessMaild:
                                      pool_size=4)
         self.proxy = Proxy(c, self.downstream, None)
         self.counter = SessionCounter()
+        self.admission = Admission(c.server.limits)
+        self.budget = Budget(c.server.limits.memory_in_flight, c.server.limits.spool_threshold,
+                             tempfile.gettempdir())
         self.server = await self.loop.create_server(
             lambda: MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
-                              trusted=c.server.trusted_upstreams), "127.0.0.1", 0)
+                              trusted=c.server.trusted_upstreams, admission=self.admission,
+                              budget=self.budget), "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -336,7 +343,8 @@ def test_fuzz_smtp_sessions(server: InProcessMaild, sink: SmtpSink) -> None:
     deadline = time.monotonic() + 30
     while server.counter.total and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.counter.total == 0 and not server.counter.per_ip
+    assert server.counter.total == 0 and server.admission.total == 0
+    assert not server.admission.per_ip
 
 
 # --------------------------------------------------------------------------- the bugs

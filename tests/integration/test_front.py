@@ -77,8 +77,9 @@ def test_postfix_down_gives_4xx_and_nothing_is_lost(tmp_path):
         pf.stop()
         r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER,
                   header=["Subject: while down"])
+        # no downstream connection before a recipient: the failure shows at the first RCPT
         assert r.data_code is None and "451 4.4.1" in r.output, r.output
-        m.wait_log("tempfail: MAIL from unknown[127.0.0.5]: 451 4.4.1")
+        m.wait_log("tempfail: RCPT from unknown[127.0.0.5]: 451 4.4.1")
         # the client retries once Postfix is back: delivered exactly once
         pf.start()
         r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER,

@@ -38,6 +38,7 @@ import pytest
 
 from tests.integration.conftest import front_policy
 from tests.reliability.helpers import rss_kb, wait_for
+from tests.reliability.hostile import addresses, read_reply
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,6 @@ SHORT = Crowd(connections=1000, slowloris=100, flooder_extra=10, legit_senders=6
 SOAK = Crowd(connections=2000, slowloris=300, flooder_extra=20, legit_senders=100,
              messages_each=30, interval=1.0, per_ip=20, command_timeout=30, data_timeout=40,
              rss_bound_mb=600)
-
-
-def addresses(prefix: str, n: int, per: int) -> list[str]:
-    """n source addresses, `per` connections each, in 127.<prefix>.x.y."""
-    out = []
-    for i in range(n):
-        k = i // per
-        out.append(f"127.{prefix}.{k // 250}.{k % 250 + 1}")
-    return out
 
 
 @dataclass
@@ -99,28 +91,17 @@ async def _reader(r: asyncio.StreamReader, seen: Seen, limit: float) -> None:
         seen.closed = True
 
 
-async def _reply(r: asyncio.StreamReader) -> bytes:
-    out = b""
-    while True:
-        line = await r.readline()
-        if not line:
-            raise ConnectionError(f"closed after {out!r}")
-        out += line
-        if len(line) >= 4 and line[3:4] == b" ":
-            return out
-
-
 async def slowloris(port: int, src: str, in_data: bool, c: Crowd,
                     arrived: Callable[[], None] = lambda: None) -> Seen:
     seen = Seen()
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
     try:
         if in_data:
-            await _reply(r)
+            await read_reply(r)
             for line in (b"EHLO slow.example\r\n", b"MAIL FROM:<slow@outside.example>\r\n",
                          b"RCPT TO:<slow@hosted.example>\r\n", b"DATA\r\n"):
                 w.write(line)
-                got = await _reply(r)
+                got = await read_reply(r)
                 assert got[:1] in b"23", got
         reader = asyncio.create_task(_reader(r, seen, c.data_timeout + c.command_timeout + 20))
         arrived()
@@ -149,11 +130,11 @@ async def parked(port: int, src: str, c: Crowd, greet: bool = True,
         return seen
     try:
         if greet:
-            banner = await _reply(r)
+            banner = await read_reply(r)
             seen.data += banner
             if banner.startswith(b"220"):
                 w.write(b"EHLO parked.example\r\n")
-                seen.data += await _reply(r)
+                seen.data += await read_reply(r)
         arrived()
         await _reader(r, seen, c.command_timeout + 20)
     except ConnectionError:
@@ -168,20 +149,20 @@ async def send_one(port: int, src: str, subject: str) -> tuple[int, float]:
     t0 = time.monotonic()
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
     try:
-        assert (await _reply(r)).startswith(b"220")
+        assert (await read_reply(r)).startswith(b"220")
         for line in (b"EHLO legit.example\r\n", b"MAIL FROM:<legit@outside.example>\r\n",
                      b"RCPT TO:<rcpt@hosted.example>\r\n", b"DATA\r\n"):
             w.write(line)
-            got = await _reply(r)
+            got = await read_reply(r)
             if got[:1] not in b"23":
                 return int(got[:3]), time.monotonic() - t0
         w.write(f"From: legit@outside.example\r\nSubject: {subject}\r\n\r\n".encode()
                 + b"Quarterly report attached.\r\n" * 20 + b".\r\n")
-        final = await _reply(r)
+        final = await read_reply(r)
         elapsed = time.monotonic() - t0
         w.write(b"QUIT\r\n")
         with contextlib.suppress(ConnectionError):
-            await _reply(r)
+            await read_reply(r)
         return int(final[:3]), elapsed
     finally:
         w.close()
@@ -311,7 +292,11 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
     sink = smtp_sink_factory(backlog=512)
     m = maild_factory(front_policy(sink.port, limits={
         "command_timeout": f"{c.command_timeout}s", "data_timeout": f"{c.data_timeout}s",
-        "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip}))
+        "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip,
+        # every stranger fits in the strangers' share of the session slots and of the
+        # downstream connections (smtp-sink has no process limit): this test is about
+        # timeouts at scale; test_hostile_load.py is about a crowd larger than the shares
+        "reserved_sessions": 100, "downstream_connections": 300}))
     pid = m.proc.pid
     report = Report()
     report["rss_idle_mb"] = round(rss_kb(pid)[0] / 1024, 1)
@@ -365,7 +350,7 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
 async def _banners(port: int, src: str, n: int) -> list[bytes]:
     conns = [await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
              for _ in range(n)]
-    out = [await _reply(r) for r, _w in conns]
+    out = [await read_reply(r) for r, _w in conns]
     for _r, w in conns:
         w.write(b"QUIT\r\n")
         w.close()
@@ -398,7 +383,7 @@ async def _open_many(port: int, sources: list[str]) -> list[tuple[bytes, asyncio
     out = []
     for src in sources:
         r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
-        out.append((await _reply(r), w))
+        out.append((await read_reply(r), w))
     return out
 
 
@@ -406,7 +391,8 @@ def test_global_session_limit_refuses_with_421_and_frees_slots(maild_factory, sm
     """max_sessions = 50: from 60 different addresses, 50 sessions and ten 421 4.7.0; once
     they are gone, new sessions are served (no slot leaks)."""
     sink = smtp_sink_factory(dump=False)
-    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50}))
+    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50,
+                                                      "reserved_sessions": 0}))
 
     async def run() -> tuple[list[bytes], list[bytes]]:
         first = await _open_many(m.port, addresses("5", 60, 1))
@@ -433,13 +419,13 @@ def test_noop_drip_cannot_hold_a_session_for_ever(maild_factory, smtp_sink_facto
 
     async def run() -> list[bytes]:
         r, w = await asyncio.open_connection("127.0.0.1", m.port, local_addr=("127.0.7.1", 0))
-        got = [await _reply(r)]
+        got = [await read_reply(r)]
         w.write(b"EHLO drip.example\r\n")
-        got.append(await _reply(r))
+        got.append(await read_reply(r))
         for _ in range(300):
             w.write(b"NOOP\r\n")
             try:
-                got.append(await _reply(r))
+                got.append(await read_reply(r))
             except ConnectionError:
                 break
         w.close()

@@ -9,6 +9,8 @@ are called as aiosmtpd calls them.
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,8 +18,9 @@ import pytest
 from maild.address import parse_path
 from maild.components import parse
 from maild.policy.services import Services
+from maild.smtp.budget import Budget
 from maild.smtp.data import Abort, AbortKind
-from maild.smtp.downstream import DownstreamError, Reply
+from maild.smtp.downstream import DownstreamBusy, DownstreamError, Reply
 from maild.smtp.proxy import TEMPFAIL_DOWNSTREAM, Proxy
 from maild.smtp.server import MaildEnvelope, MaildSession
 from maild.store.core import DecisionRow
@@ -52,10 +55,16 @@ class FakeDownstream:
     replies: dict[str, Reply] = field(default_factory=dict)  # command word -> reply
     fail: set[str] = field(default_factory=set)  # "acquire", "DATA", ...: DownstreamError
     xforward: frozenset[str] = frozenset()
+    acquired: list[tuple[str, bool]] = field(default_factory=list)  # (holder, reserved)
 
-    async def acquire(self) -> tuple[FakeConn, bool]:
+    async def acquire(self, holder: str = "", *, reserved: bool = True
+                      ) -> tuple[FakeConn, bool]:
         if "acquire" in self.fail:
             raise DownstreamError("connection refused")
+        if "busy" in self.fail:
+            raise DownstreamBusy("Too many messages in transit to our mail server right now",
+                                 "downstream-connections")
+        self.acquired.append((holder, reserved))
         return FakeConn(self.xforward), False
 
     def _reply(self, line: str) -> Reply:
@@ -72,10 +81,11 @@ class FakeDownstream:
                        ) -> list[Reply]:
         return [self._reply(line) for line in lines]
 
-    async def data(self, conn: FakeConn, message: bytes, timeout: float | None = None) -> Reply:
+    async def data(self, conn: FakeConn, message: bytes, timeout: float | None = None, *,
+                   rest: Iterable[bytes] = (), rest_size: int = 0) -> Reply:
         self._reply("DATA")  # raises when told to fail
         conn.content_sent = True
-        self.sent[-1] = message.decode()
+        self.sent[-1] = (message + b"".join(rest)).decode()
         return self.replies.get("DATA", Reply(250, "2.0.0 Ok: queued as 4XyZ"))
 
     def release(self, conn: FakeConn, *, reusable: bool) -> None:
@@ -139,8 +149,12 @@ async def rcpt(proxy: Proxy, s: MaildSession, e: MaildEnvelope, to: str) -> str:
     return await proxy.handle_RCPT(None, s, e, parse_path(to), [])
 
 
-async def data(proxy: Proxy, s: MaildSession, e: MaildEnvelope, content: bytes = MESSAGE) -> str:
-    e.original_content = content
+async def data(proxy: Proxy, s: MaildSession, e: MaildEnvelope, content: bytes = MESSAGE,
+               budget: Budget | None = None) -> str:
+    """End of data, the content read as the server reads it (into a budget's sink)."""
+    sink = (budget or Budget(1 << 20, 1 << 16, tempfile.gettempdir())).sink()
+    sink.extend(content)
+    e.original_content = sink.finish()  # type: ignore[assignment]
     return await proxy.handle_DATA(None, s, e)
 
 
@@ -148,7 +162,9 @@ async def test_a_message_is_relayed_and_answered_with_the_downstreams_reply(prox
                                                                            decisions):
     s, e = await session(proxy)
     assert await mail(proxy, s, e, "<ann@acme.example>") == "250 2.1.0 Ok"
+    assert down.sent == [] and s.conn is None  # nothing downstream before a recipient
     assert await rcpt(proxy, s, e, "<bob@outside.example>") == "250 2.1.0 Ok"
+    assert down.acquired == [("192.0.2.7", True)]  # a customer: the reserved share
     assert await data(proxy, s, e) == "250 2.0.0 Ok: queued as 4XyZ"
     assert down.sent[:2] == ["MAIL FROM:<ann@acme.example>", "RCPT TO:<bob@outside.example>"]
     relayed = down.sent[2]
@@ -164,7 +180,7 @@ async def test_nothing_is_relayed_after_a_refused_recipient(proxy, down, decisio
     await mail(proxy, s, e, "<x@stranger.example>")
     reply = await rcpt(proxy, s, e, "<bob@outside.example>")
     assert reply.startswith("554 5.7.1 <bob@outside.example>: Relay access denied")
-    assert down.sent == ["MAIL FROM:<x@stranger.example>"]  # the RCPT never left
+    assert down.sent == [] and down.acquired == []  # no downstream connection at all
     assert decisions.last() == ("RCPT", "reject", "relay", 554)
     assert e.rcpt_tos == []
 
@@ -194,13 +210,48 @@ async def test_a_malformed_message_is_refused_without_a_strike(proxy, down, sanc
     assert sanctions.strikes == []
 
 
-async def test_downstream_unreachable_is_451_at_mail(proxy, down, decisions):
+async def test_downstream_unreachable_is_451_at_the_first_recipient(proxy, down, decisions):
     down.fail.add("acquire")
     s, e = await session(proxy)
-    assert await mail(proxy, s, e, "<ann@acme.example>") == TEMPFAIL_DOWNSTREAM
-    assert decisions.last() == ("MAIL", "tempfail", "downstream", 451)
+    assert await mail(proxy, s, e, "<ann@acme.example>") == "250 2.1.0 Ok"
     assert await rcpt(proxy, s, e, "<bob@outside.example>") == TEMPFAIL_DOWNSTREAM
-    assert down.sent == []
+    assert decisions.last() == ("RCPT", "tempfail", "downstream", 451)
+    assert down.sent == [] and e.rcpt_tos == [] and s.ctx is not None
+    assert s.ctx.recipients == []
+
+
+async def test_a_full_downstream_pool_is_451_4_4_5_with_the_reason_once_a_minute(
+        proxy, down, decisions):
+    down.fail.add("busy")
+    s, e = await session(proxy, addr="198.51.100.9", helo="stranger.example")
+    await mail(proxy, s, e, "<x@stranger.example>")
+    for _ in range(3):
+        reply = await rcpt(proxy, s, e, "<bob@hosted.example>")
+        assert reply == ("451 4.4.5 Too many messages in transit to our mail server right "
+                         "now; try again later")
+    assert [r.rule for r in decisions.rows] == ["downstream-connections"]
+    assert e.rcpt_tos == [] and s.conn is None
+
+
+async def test_postmaster_mail_from_a_stranger_uses_the_reserved_share(proxy, down):
+    s, e = await session(proxy, addr="198.51.100.9", helo="stranger.example")
+    await mail(proxy, s, e, "<x@stranger.example>")
+    await rcpt(proxy, s, e, "<postmaster@hosted.example>")
+    s2, e2 = await session(proxy, addr="198.51.100.9", helo="stranger.example")
+    await mail(proxy, s2, e2, "<x@stranger.example>")
+    await rcpt(proxy, s2, e2, "<bob@hosted.example>")
+    assert down.acquired == [("198.51.100.9", True), ("198.51.100.9", False)]
+
+
+async def test_a_downstream_refusing_mail_from_is_heard_at_rcpt(proxy, down, decisions):
+    down.replies["MAIL"] = Reply(553, "5.1.7 <x@stranger.example>: Sender address rejected")
+    s, e = await session(proxy, addr="198.51.100.9", helo="stranger.example")
+    assert await mail(proxy, s, e, "<x@stranger.example>") == "250 2.1.0 Ok"
+    reply = await rcpt(proxy, s, e, "<bob@hosted.example>")
+    assert reply == "553 5.1.7 <x@stranger.example>: Sender address rejected"
+    assert decisions.last() == ("RCPT", "reject", "downstream", 553)
+    assert down.released == [True]  # a clean refusal: the connection stays usable
+    assert s.conn is None and e.rcpt_tos == []
 
 
 async def test_downstream_lost_during_data_is_451_and_nothing_is_counted(proxy, down,
@@ -253,5 +304,25 @@ async def test_xforward_is_sent_before_mail_when_the_downstream_accepts_it(proxy
     down.xforward = frozenset({"NAME", "ADDR", "HELO"})
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
+    await rcpt(proxy, s, e, "<bob@outside.example>")
     assert down.sent == ["XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=mail.acme.example",
-                         "MAIL FROM:<ann@acme.example>"]
+                         "MAIL FROM:<ann@acme.example>", "RCPT TO:<bob@outside.example>"]
+
+
+async def test_a_spooled_message_is_relayed_whole_and_its_spool_freed_on_every_path(
+        proxy, down, decisions, tmp_path):
+    budget = Budget(1 << 20, 4096, str(tmp_path))
+    body = b"".join(b"line %06d of a long report\r\n" % i for i in range(2000))
+    s, e = await session(proxy)
+    await mail(proxy, s, e, "<ann@acme.example>")
+    await rcpt(proxy, s, e, "<bob@outside.example>")
+    assert await data(proxy, s, e, MESSAGE + body, budget) == "250 2.0.0 Ok: queued as 4XyZ"
+    assert budget.spooled == 1 and budget.spooling == 0 and budget.in_use == 0
+    assert down.sent[-1].endswith((MESSAGE + body).decode())
+    assert decisions.rows[-1].size == len(MESSAGE + body)
+    # refused at end of data: the spool file goes too
+    await mail(proxy, s, e, "<ann@acme.example>")
+    await rcpt(proxy, s, e, "<bob@outside.example>")
+    forged = MESSAGE.replace(b"From: Ann <ann@acme.example>", b"From: boss@bank.example")
+    assert (await data(proxy, s, e, forged + body, budget)).startswith("550 5.7.1 ")
+    assert budget.spooled == 2 and budget.spooling == 0 and budget.in_use == 0

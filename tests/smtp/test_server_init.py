@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import tempfile
 import types
 
 from aiosmtpd.smtp import SMTP
 
 from maild.config import Limits, Server
 from maild.smtp import server as srv
+from maild.smtp.admission import Admission
+from maild.smtp.budget import Budget
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
@@ -44,8 +47,10 @@ async def test_fast_init_matches_aiosmtpd(monkeypatch):
                                                             command_timeout=42.0))
     handler = Proxy.__new__(Proxy)
     counter = SessionCounter()
-    fast = MaildSMTP(handler, settings=settings, counter=counter, trusted=())
+    gates = {"admission": Admission(settings.limits),
+             "budget": Budget(1 << 20, 1 << 10, tempfile.gettempdir())}
+    fast = MaildSMTP(handler, settings=settings, counter=counter, trusted=(), **gates)
     monkeypatch.setattr(srv, "SUPPORTED", False)
-    slow = MaildSMTP(handler, settings=settings, counter=counter, trusted=())
+    slow = MaildSMTP(handler, settings=settings, counter=counter, trusted=(), **gates)
     assert srv.SUPPORTED is False and inspect.isclass(SMTP)
     assert _state(fast) == _state(slow)
