@@ -85,11 +85,11 @@ DEVIATIONS: tuple[str, ...] = (
 
 # --------------------------------------------------------------------------- policy
 
+
 def _huge_rates(table: dict[str, Any]) -> None:
     """Raise every rate in a [ratelimit]-style table so it never refuses (keeps periods)."""
     for key, value in list(table.items()):
-        if key in ("messages", "recipients", "same_recipient", "per_login", "per_ip",
-                   "per_sender"):
+        if key in ("messages", "recipients", "same_recipient", "per_login", "per_ip", "per_sender"):
             rates = [value] if isinstance(value, str) else value
             table[key] = [f"1000000000/{r.split('/', 1)[1]}" for r in rates]
         elif key == "bytes":
@@ -99,27 +99,41 @@ def _huge_rates(table: dict[str, Any]) -> None:
             _huge_rates(value)
 
 
-def bench_policy(workdir: Path, *, listen_port: int, downstream_port: int, nameserver: str,
-                 shipped: Path = SHIPPED_POLICY) -> dict[str, Any]:
+def bench_policy(
+    workdir: Path,
+    *,
+    listen_port: int,
+    downstream_port: int,
+    nameserver: str,
+    shipped: Path = SHIPPED_POLICY,
+) -> dict[str, Any]:
     """The shipped policies.toml with exactly the DEVIATIONS above; every rule stays on."""
     doc = tomllib.loads(shipped.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     server = doc.setdefault("server", {})
-    server.update({
-        "mode": "front",
-        "listen": f"127.0.0.1:{listen_port}",
-        "downstream": f"127.0.0.1:{downstream_port}",
-        "state": str(workdir / "state" / "maild.db"),
-        "trusted_upstreams": [],
-    })
+    server.update(
+        {
+            "mode": "front",
+            "listen": f"127.0.0.1:{listen_port}",
+            "downstream": f"127.0.0.1:{downstream_port}",
+            "state": str(workdir / "state" / "maild.db"),
+            "trusted_upstreams": [],
+        }
+    )
     server.pop("user", None)
     server.pop("pid_file", None)
     limits = server.setdefault("limits", {})
     limits.update({"max_sessions": 2000, "max_sessions_per_ip": 1000})
-    doc.setdefault("customers", []).append({
-        "name": "bench", "networks": ["127.0.0.1/32"], "logins": [],
-        "domains": ["acme.example"], "addresses": [], "contact": "ops@acme.example",
-    })
+    doc.setdefault("customers", []).append(
+        {
+            "name": "bench",
+            "networks": ["127.0.0.1/32"],
+            "logins": [],
+            "domains": ["acme.example"],
+            "addresses": [],
+            "contact": "ops@acme.example",
+        }
+    )
     rl = doc.setdefault("ratelimit", {})
     _huge_rates(rl)
     rl["connections_per_client"] = 2000
@@ -131,10 +145,12 @@ def bench_policy(workdir: Path, *, listen_port: int, downstream_port: int, names
         mail.mkdir(exist_ok=True)
         (workdir / "root-mailboxes").write_text("")
         (workdir / "mail.log").write_text("")
-        ret.setdefault("store", {}).update({
-            "path": f"{mail}/%d/%n/Maildir",
-            "root_mailboxes_file": str(workdir / "root-mailboxes"),
-        })
+        ret.setdefault("store", {}).update(
+            {
+                "path": f"{mail}/%d/%n/Maildir",
+                "root_mailboxes_file": str(workdir / "root-mailboxes"),
+            }
+        )
         ret.setdefault("access", {})["dovecot_log"] = str(workdir / "mail.log")
         if "quota" in ret:
             ret["quota"]["dovecot_userdb"] = str(workdir / "dovecot-quota.passwd")
@@ -142,6 +158,7 @@ def bench_policy(workdir: Path, *, listen_port: int, downstream_port: int, names
 
 
 # --------------------------------------------------------------------------- processes
+
 
 def rss_kb(pid: int) -> int:
     """Resident set size of a process in KiB, from /proc (no psutil needed)."""
@@ -193,9 +210,17 @@ class MaildProc:
     ``uvloop_dir`` on PYTHONPATH ("" = already importable).
     """
 
-    def __init__(self, workdir: Path, policy: dict[str, Any], *, loop: str = "asyncio",
-                 uvloop_dir: str | None = None, log_name: str = "maild.log",
-                 extra_env: dict[str, str] | None = None, src: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        policy: dict[str, Any],
+        *,
+        loop: str = "asyncio",
+        uvloop_dir: str | None = None,
+        log_name: str = "maild.log",
+        extra_env: dict[str, str] | None = None,
+        src: str | None = None,
+    ) -> None:
         self.workdir = workdir
         # Which maild to run: a scratch tree with a proposal applied, or this checkout.
         self.src = src or os.environ.get("BENCH_MAILD_SRC") or str(REPO)
@@ -237,8 +262,14 @@ class MaildProc:
         if os.geteuid() == 0:
             args.append("--allow-root")
         out = open(self.workdir / "maild.stdout", "ab")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env(), cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            cwd=self.workdir,
+        )
         self._out = out
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -324,14 +355,23 @@ def bench_postfix(root: Path, **options: Any) -> Any:
     delivery does not dominate, and no queue runs during a measurement."""
     from tests.harness.postfix import Postfix
 
-    return Postfix(root, hosted_domains=["hosted.example"], hostname="mx.bench.example",
-                   outside_sink="discard:", main_cf={"queue_run_delay": "300s"}, **options)
+    return Postfix(
+        root,
+        hosted_domains=["hosted.example"],
+        hostname="mx.bench.example",
+        outside_sink="discard:",
+        main_cf={"queue_run_delay": "300s"},
+        **options,
+    )
 
 
 def find_tool(name: str) -> str:
     for d in ("", "/usr/sbin", "/usr/bin", "/sbin"):
-        path = shutil.which(name) if not d else (f"{d}/{name}" if os.path.exists(f"{d}/{name}")
-                                                  else None)
+        path = (
+            shutil.which(name)
+            if not d
+            else (f"{d}/{name}" if os.path.exists(f"{d}/{name}") else None)
+        )
         if path:
             return path
     raise RuntimeError(f"{name} is not installed (Debian package postfix)")
@@ -351,14 +391,37 @@ class SourceRun:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def smtp_source(port: int, *, sessions: int, messages: int, size: int,
-                timeout: float = 600.0, extra: Sequence[str] = ()) -> SourceRun:
+def smtp_source(
+    port: int,
+    *,
+    sessions: int,
+    messages: int,
+    size: int,
+    timeout: float = 600.0,
+    extra: Sequence[str] = (),
+) -> SourceRun:
     """Postfix's smtp-source: ``sessions`` parallel sessions, one message per session,
     ``size`` bytes of body. Any refusal aborts it (no -A), so a run that returns 0 had
     every message accepted."""
-    cmd = [find_tool("smtp-source"), "-s", str(sessions), "-m", str(messages),
-           "-l", str(size), "-f", SENDER, "-t", RECIPIENT, "-M", HELO, "-S", "maild bench",
-           *extra, f"127.0.0.1:{port}"]
+    cmd = [
+        find_tool("smtp-source"),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        "-M",
+        HELO,
+        "-S",
+        "maild bench",
+        *extra,
+        f"127.0.0.1:{port}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     dt = time.perf_counter() - t0
@@ -381,6 +444,7 @@ def start_dns() -> Any:
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 @dataclass
 class Stat:
@@ -412,8 +476,13 @@ class Stat:
         return f"{self.median:{spec}}{unit} ({self.lo:{spec}}-{self.hi:{spec}})"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.lo, "max": self.hi, "n": len(self.values),
-                "values": self.values}
+        return {
+            "median": self.median,
+            "min": self.lo,
+            "max": self.hi,
+            "n": len(self.values),
+            "values": self.values,
+        }
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -436,6 +505,7 @@ def rotate(items: Sequence[Any], i: int) -> list[Any]:
 
 # --------------------------------------------------------------------------- reporting
 
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (the docs table header)."""
     cpu = ""
@@ -449,13 +519,21 @@ def machine() -> dict[str, Any]:
         mem = int(f.readline().split()[1]) // 1024
     postfix = ""
     with contextlib.suppress(Exception):
-        postfix = subprocess.run([find_tool("postconf"), "-h", "mail_version"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        postfix = subprocess.run(
+            [find_tool("postconf"), "-h", "mail_version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     return {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem,
-        "kernel": platform.release(), "python": platform.python_version(),
-        "postfix": postfix, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_mb": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -471,8 +549,9 @@ def verdict(ok: bool | None) -> str:
 
 
 def command_line() -> str:
-    return " ".join(["python -m " + Path(sys.argv[0]).stem if sys.argv else "python"]
-                    + sys.argv[1:])
+    return " ".join(
+        ["python -m " + Path(sys.argv[0]).stem if sys.argv else "python"] + sys.argv[1:]
+    )
 
 
 def dump_json(path: Path | None, data: dict[str, Any]) -> None:

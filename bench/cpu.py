@@ -44,7 +44,9 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compare-src", default=None, help="also run maild from this tree, as @patched")
+    ap.add_argument(
+        "--compare-src", default=None, help="also run maild from this tree, as @patched"
+    )
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=2048)
@@ -78,10 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, src in srcs:
                 key = name + ("+uvloop" if loop == "uvloop" else "")
                 wd = workdir / key.replace("@", "-").replace("+", "-")
-                policy = bench_policy(wd, listen_port=new_port(), downstream_port=port,
-                                      nameserver=dns.nameserver)
-                mailds[key] = MaildProc(wd, policy, loop=loop, src=src,
-                                        uvloop_dir=uvloop_path(args.uvloop)).start()
+                policy = bench_policy(
+                    wd, listen_port=new_port(), downstream_port=port, nameserver=dns.nameserver
+                )
+                mailds[key] = MaildProc(
+                    wd, policy, loop=loop, src=src, uvloop_dir=uvloop_path(args.uvloop)
+                ).start()
         for m in mailds.values():  # warm-up: imports, pools, DNS cache
             smtp_source(m.port, sessions=args.sessions, messages=args.sessions * 4, size=args.size)
         per_msg = {k: Stat() for k in mailds}
@@ -90,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for key in rotate(list(mailds), rep):
                 m = mailds[key]
                 before, relayed0 = cpu_times(m.pid), m.count_log(": relay: DATA")
-                r = smtp_source(m.port, sessions=args.sessions, messages=args.messages,
-                                size=args.size)
+                r = smtp_source(
+                    m.port, sessions=args.sessions, messages=args.messages, size=args.size
+                )
                 if r.returncode != 0:
                     raise RuntimeError(f"smtp-source into {key} failed:\n{r.output}\n{m.tail()}")
                 after = cpu_times(m.pid)
@@ -99,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 n = max(m.count_log(": relay: DATA") - relayed0, 1)
                 per_msg[key].add(1e6 * (user + system) / n)
                 user_msg[key].add(1e6 * user / n)
-                log(f"   rep {rep + 1} {key:22s} {1e6 * (user + system) / n:7.0f} us CPU/msg "
+                log(
+                    f"   rep {rep + 1} {key:22s} {1e6 * (user + system) / n:7.0f} us CPU/msg "
                     f"(user {1e6 * user / n:.0f}, system {1e6 * system / n:.0f}; {n} relayed, "
-                    f"{r.rate:.0f} msg/s)")
+                    f"{r.rate:.0f} msg/s)"
+                )
                 if pf is not None:
                     pf.wait_queue_empty(timeout=300)
     finally:
@@ -113,13 +120,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pf.close()
         dns.stop()
     rows = [[k, v.fmt(".0f", " us"), user_msg[k].fmt(".0f", " us")] for k, v in per_msg.items()]
-    md = (f"maild CPU per message ({args.sessions} sessions, {args.size} B, in front of "
-          f"{args.downstream}, {args.reps} repetitions alternated; median (min-max)):\n\n"
-          + table(["maild", "CPU per message", "of which user"], rows) + "\n")
+    md = (
+        f"maild CPU per message ({args.sessions} sessions, {args.size} B, in front of "
+        f"{args.downstream}, {args.reps} repetitions alternated; median (min-max)):\n\n"
+        + table(["maild", "CPU per message", "of which user"], rows)
+        + "\n"
+    )
     print(md)
-    return {"benchmark": "cpu", "per_message_us": {k: v.as_dict() for k, v in per_msg.items()},
-            "user_per_message_us": {k: v.as_dict() for k, v in user_msg.items()},
-            "markdown": md}
+    return {
+        "benchmark": "cpu",
+        "per_message_us": {k: v.as_dict() for k, v in per_msg.items()},
+        "user_per_message_us": {k: v.as_dict() for k, v in user_msg.items()},
+        "markdown": md,
+    }
 
 
 if __name__ == "__main__":

@@ -78,8 +78,14 @@ def _write(d: Path, rnd: random.Random, mtime: float, serial: int) -> int:
     return size
 
 
-def generate(root: Path, *, mailboxes: int = 2000, messages: int = 1_000_000, seed: int = 1,
-             progress: bool = True) -> Manifest:
+def generate(
+    root: Path,
+    *,
+    mailboxes: int = 2000,
+    messages: int = 1_000_000,
+    seed: int = 1,
+    progress: bool = True,
+) -> Manifest:
     """Write the store; returns (and saves as manifest.json) what the benchmark needs."""
     started = time.monotonic()
     rnd = random.Random(seed)
@@ -162,9 +168,16 @@ def generate(root: Path, *, mailboxes: int = 2000, messages: int = 1_000_000, se
     # The mtimes were written relative to ref_guess, which is earlier than ref by the
     # generation time (a minute or two): every received age is that much larger, which
     # no rule can notice (their ages are days).
-    man = Manifest(root=str(root), template=str(root / TEMPLATE), mailboxes=mailboxes,
-                   messages=total, ref=ref, t_split=t_split, trash_old=trash_old,
-                   seconds=time.monotonic() - started)
+    man = Manifest(
+        root=str(root),
+        template=str(root / TEMPLATE),
+        mailboxes=mailboxes,
+        messages=total,
+        ref=ref,
+        t_split=t_split,
+        trash_old=trash_old,
+        seconds=time.monotonic() - started,
+    )
     (root / "manifest.json").write_text(json.dumps(asdict(man), indent=1) + "\n")
     return man
 
@@ -180,8 +193,7 @@ def main(argv: list[str] | None = None) -> Manifest:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    man = generate(Path(args.dir), mailboxes=args.mailboxes, messages=args.messages,
-                   seed=args.seed)
+    man = generate(Path(args.dir), mailboxes=args.mailboxes, messages=args.messages, seed=args.seed)
     print(json.dumps(asdict(man), indent=1))
     return man
 

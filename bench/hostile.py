@@ -74,8 +74,12 @@ def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str
     if code:
         os.environ["PYTHONPATH"] = code
     raise_nofile(20000)
-    pf = Postfix(workdir / "pf", hosted_domains=[*HOSTED, BIG_DOMAIN],
-                 hostname="host.hosted.example", main_cf=postfix_main_cf())
+    pf = Postfix(
+        workdir / "pf",
+        hosted_domains=[*HOSTED, BIG_DOMAIN],
+        hostname="host.hosted.example",
+        main_cf=postfix_main_cf(),
+    )
     pf.start()
     policy = front_policy(pf.reinject_port)
     policy["postmaster"]["domains"] = ["hosted.example", BIG_DOMAIN]
@@ -103,17 +107,28 @@ def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str
     finally:
         m.stop()
         pf.stop()
-    out: dict[str, Any] = {"seconds": seconds, "window": window, "crowd": crowd.__dict__,
-                           "crowd_stats": stats, "rss_before_kb": before,
-                           "rss_peak_kb": sampler.peak, "rss_after_kb": after,
-                           "code": code or "this checkout", "status": status}
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "window": window,
+        "crowd": crowd.__dict__,
+        "crowd_stats": stats,
+        "rss_before_kb": before,
+        "rss_peak_kb": sampler.peak,
+        "rss_after_kb": after,
+        "code": code or "this checkout",
+        "status": status,
+    }
     for who in ("customer", "postmaster"):
         rs = [r for r in results if r.who == who]
         ok = [r.seconds for r in rs if r.code == 250]
-        out[who] = {"sent": len(rs), "accepted": len(ok),
-                    "failures": [f"{r.code} {r.reply[:120]}" for r in rs if r.code != 250][:10],
-                    "p50": percentile(ok, 50), "p99": percentile(ok, 99),
-                    "max": max(ok, default=float("nan"))}
+        out[who] = {
+            "sent": len(rs),
+            "accepted": len(ok),
+            "failures": [f"{r.code} {r.reply[:120]}" for r in rs if r.code != 250][:10],
+            "p50": percentile(ok, 50),
+            "p99": percentile(ok, 99),
+            "max": max(ok, default=float("nan")),
+        }
     return out
 
 
@@ -122,24 +137,47 @@ def report(r: dict[str, Any]) -> str:
     rows = []
     for who in ("customer", "postmaster"):
         p = r[who]
-        rows.append((who, f"{p['accepted']}/{p['sent']}", f"{p['p50']:.2f}", f"{p['p99']:.2f}",
-                     f"{p['max']:.2f}", "; ".join(p["failures"][:2]) or "-"))
+        rows.append(
+            (
+                who,
+                f"{p['accepted']}/{p['sent']}",
+                f"{p['p50']:.2f}",
+                f"{p['p99']:.2f}",
+                f"{p['max']:.2f}",
+                "; ".join(p["failures"][:2]) or "-",
+            )
+        )
     lines = [table(("probe", "accepted", "p50 s", "p99 s", "max s", "first failures"), rows), ""]
-    before, peak, after = (r["rss_before_kb"] / mb, r["rss_peak_kb"] / mb,
-                           r["rss_after_kb"] / mb)
+    before, peak, after = (r["rss_before_kb"] / mb, r["rss_peak_kb"] / mb, r["rss_after_kb"] / mb)
     grow = (after - before) / before
     p99 = max(r["customer"]["p99"], r["postmaster"]["p99"])
-    lines.append(table(("target", "measured", "status"), [
-        ("every probe accepted", f"{r['customer']['accepted'] + r['postmaster']['accepted']}"
-         f"/{r['customer']['sent'] + r['postmaster']['sent']}",
-         verdict(r["customer"]["accepted"] == r["customer"]["sent"]
-                 and r["postmaster"]["accepted"] == r["postmaster"]["sent"])),
-        (f"probe p99 < {TARGET_P99:g} s", f"{p99:.2f} s", verdict(p99 < TARGET_P99)),
-        (f"peak RSS < {TARGET_PEAK_MB:g} MB", f"{peak:.0f} MB (before {before:.0f} MB)",
-         verdict(peak < TARGET_PEAK_MB)),
-        ("RSS after within 20% of before", f"{after:.0f} MB ({grow:+.0%})",
-         verdict(grow <= TARGET_AFTER)),
-    ]))
+    lines.append(
+        table(
+            ("target", "measured", "status"),
+            [
+                (
+                    "every probe accepted",
+                    f"{r['customer']['accepted'] + r['postmaster']['accepted']}"
+                    f"/{r['customer']['sent'] + r['postmaster']['sent']}",
+                    verdict(
+                        r["customer"]["accepted"] == r["customer"]["sent"]
+                        and r["postmaster"]["accepted"] == r["postmaster"]["sent"]
+                    ),
+                ),
+                (f"probe p99 < {TARGET_P99:g} s", f"{p99:.2f} s", verdict(p99 < TARGET_P99)),
+                (
+                    f"peak RSS < {TARGET_PEAK_MB:g} MB",
+                    f"{peak:.0f} MB (before {before:.0f} MB)",
+                    verdict(peak < TARGET_PEAK_MB),
+                ),
+                (
+                    "RSS after within 20% of before",
+                    f"{after:.0f} MB ({grow:+.0%})",
+                    verdict(grow <= TARGET_AFTER),
+                ),
+            ],
+        )
+    )
     lines.append("")
     lines.append("crowd saw: " + ", ".join(f"{k} {v}" for k, v in sorted(r["crowd_stats"].items())))
     return "\n".join(lines)
@@ -156,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code", help="run maild from this checkout (PYTHONPATH)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    crowd = Crowd(idle=0 if a.big_only else a.idle, slowloris=0 if a.big_only else a.slowloris,
-                  holders=0 if a.big_only else a.holders, big=a.big)
+    crowd = Crowd(
+        idle=0 if a.big_only else a.idle,
+        slowloris=0 if a.big_only else a.slowloris,
+        holders=0 if a.big_only else a.holders,
+        big=a.big,
+    )
     with tempfile.TemporaryDirectory(prefix="maild-hostile-") as d:
         r = run(a.seconds, crowd, a.code, Path(d))
     r["machine"] = machine()

@@ -72,10 +72,12 @@ class Sampler(threading.Thread):
         self.join(5)
 
 
-def measure_one(workdir: Path, loop: str, uv: str | None, args: argparse.Namespace,
-                dns: Any, sink_port: int) -> dict[str, Any]:
-    policy = bench_policy(workdir, listen_port=new_port(), downstream_port=sink_port,
-                          nameserver=dns.nameserver)
+def measure_one(
+    workdir: Path, loop: str, uv: str | None, args: argparse.Namespace, dns: Any, sink_port: int
+) -> dict[str, Any]:
+    policy = bench_policy(
+        workdir, listen_port=new_port(), downstream_port=sink_port, nameserver=dns.nameserver
+    )
     m = MaildProc(workdir, policy, loop=loop, uvloop_dir=uv).start()
     out: dict[str, Any] = {"loop": loop}
     try:
@@ -95,8 +97,9 @@ def measure_one(workdir: Path, loop: str, uv: str | None, args: argparse.Namespa
         checkpoints = []
         while sent < args.messages:
             n = min(args.chunk, args.messages - sent)
-            r = smtp_source(m.port, sessions=args.sessions, messages=n, size=args.size,
-                            timeout=3600)
+            r = smtp_source(
+                m.port, sessions=args.sessions, messages=n, size=args.size, timeout=3600
+            )
             if r.returncode:
                 raise RuntimeError(f"load failed after {sent}: {r.output}\n{m.tail()}")
             sent += n
@@ -136,8 +139,13 @@ def idle_cost(m: MaildProc, n: int) -> dict[str, float]:
 
     with_idle = asyncio.run(go())
     time.sleep(1)
-    return {"n": n, "base_kb": base, "with_kb": with_idle, "kb_each": (with_idle - base) / n,
-            "after_close_kb": m.rss_kb()}
+    return {
+        "n": n,
+        "base_kb": base,
+        "with_kb": with_idle,
+        "kb_each": (with_idle - base) / n,
+        "after_close_kb": m.rss_kb(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -158,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     raise_nofile()
     uv = uvloop_path(args.uvloop)
-    loops = {"asyncio": ["asyncio"], "uvloop": ["uvloop"], "both": ["asyncio", "uvloop"]}[args.loops]
+    loops = {"asyncio": ["asyncio"], "uvloop": ["uvloop"], "both": ["asyncio", "uvloop"]}[
+        args.loops
+    ]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="maild-bench-mem-"))
     info = machine()
     dns = start_dns()
@@ -176,30 +186,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, trows = [], []
     for r in results:
         idle_each = max(i["kb_each"] for i in r["idle"])
-        rows.append([r["loop"], f"{r['before_kb'] / mb:.1f}", f"{r['warm_kb'] / mb:.1f}",
-                     f"{r['peak_kb'] / mb:.1f}", f"{r['after_kb'] / mb:.1f}",
-                     f"{r['growth']:+.1%}", f"{r['peak_growth']:+.1%}",
-                     " / ".join(f"{i['kb_each']:.1f}" for i in r["idle"]),
-                     f"{args.messages / r['seconds']:.0f}"])
+        rows.append(
+            [
+                r["loop"],
+                f"{r['before_kb'] / mb:.1f}",
+                f"{r['warm_kb'] / mb:.1f}",
+                f"{r['peak_kb'] / mb:.1f}",
+                f"{r['after_kb'] / mb:.1f}",
+                f"{r['growth']:+.1%}",
+                f"{r['peak_growth']:+.1%}",
+                " / ".join(f"{i['kb_each']:.1f}" for i in r["idle"]),
+                f"{args.messages / r['seconds']:.0f}",
+            ]
+        )
         trows += [
-            [f"RSS flat within 10% over {args.messages:,} messages ({r['loop']})",
-             f"{r['growth']:+.1%} (peak {r['peak_growth']:+.1%})",
-             verdict(abs(r["growth"]) <= TARGET_GROWTH and r["peak_growth"] <= TARGET_GROWTH)],
-            [f"RSS < 150 MB ({r['loop']})", f"peak {r['peak_kb'] / mb:.1f} MB",
-             verdict(r["peak_kb"] / mb < TARGET_RSS_MB)],
-            [f"< 40 KB per idle connection ({r['loop']})", f"{idle_each:.1f} KB",
-             verdict(idle_each < TARGET_IDLE_KB)],
+            [
+                f"RSS flat within 10% over {args.messages:,} messages ({r['loop']})",
+                f"{r['growth']:+.1%} (peak {r['peak_growth']:+.1%})",
+                verdict(abs(r["growth"]) <= TARGET_GROWTH and r["peak_growth"] <= TARGET_GROWTH),
+            ],
+            [
+                f"RSS < 150 MB ({r['loop']})",
+                f"peak {r['peak_kb'] / mb:.1f} MB",
+                verdict(r["peak_kb"] / mb < TARGET_RSS_MB),
+            ],
+            [
+                f"< 40 KB per idle connection ({r['loop']})",
+                f"{idle_each:.1f} KB",
+                verdict(idle_each < TARGET_IDLE_KB),
+            ],
         ]
-    md = [f"Measured {info['date']} with `{cmd.strip()}`: maild in front of smtp-sink, every "
-          f"rule on, {args.messages:,} messages of {args.size} B in smtp-source runs of "
-          f"{args.chunk:,} ({args.sessions} sessions), after a {args.warmup:,}-message warm-up; "
-          f"{args.idle} idle sessions (banner + EHLO) before and after the load.", "",
-          table(["loop", "before MB", "warm MB", "peak MB", "after MB", "growth",
-                 "peak growth", "KB per idle session (fresh / after load)", "msg/s"], rows),
-          "", table(["target", "measured", "status"], trows)]
+    md = [
+        f"Measured {info['date']} with `{cmd.strip()}`: maild in front of smtp-sink, every "
+        f"rule on, {args.messages:,} messages of {args.size} B in smtp-source runs of "
+        f"{args.chunk:,} ({args.sessions} sessions), after a {args.warmup:,}-message warm-up; "
+        f"{args.idle} idle sessions (banner + EHLO) before and after the load.",
+        "",
+        table(
+            [
+                "loop",
+                "before MB",
+                "warm MB",
+                "peak MB",
+                "after MB",
+                "growth",
+                "peak growth",
+                "KB per idle session (fresh / after load)",
+                "msg/s",
+            ],
+            rows,
+        ),
+        "",
+        table(["target", "measured", "status"], trows),
+    ]
     text = "\n".join(md) + "\n"
-    result = {"benchmark": "memory", "machine": info, "command": cmd.strip(),
-              "results": results, "markdown": text}
+    result = {
+        "benchmark": "memory",
+        "machine": info,
+        "command": cmd.strip(),
+        "results": results,
+        "markdown": text,
+    }
     return emit(result, text, args.json)
 
 

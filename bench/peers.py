@@ -71,8 +71,14 @@ from bench.common import (
 from tests.harness.postfix import cleanup_runtime_dir, find_binary, runtime_dir
 from tests.harness.waits import patience, wait_until
 
-CONFIGS = ("postfix", "rspamd", "postfwd", "policyd-rate-limit", "maild-before-queue",
-           "maild-front")
+CONFIGS = (
+    "postfix",
+    "rspamd",
+    "postfwd",
+    "policyd-rate-limit",
+    "maild-before-queue",
+    "maild-front",
+)
 LABELS = {
     "postfix": "Postfix alone (discard)",
     "rspamd": "+ rspamd milter, ratelimit on Redis, default rules",
@@ -104,9 +110,9 @@ NEVER = 1_000_000_000  # "a limit far above the load", for every add-on's counte
 
 # --------------------------------------------------------------------------- installing
 
+
 def deb_installed(pkg: str) -> bool:
-    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
-                         text=True)
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
     return out.returncode == 0 and "ok installed" in out.stdout
 
 
@@ -114,8 +120,12 @@ def apt(*args: str, tries: int = 30) -> bool:
     """apt-get, waiting while another process holds the apt/dpkg lock."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for _ in range(tries):
-        p = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=60", *args],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            ["apt-get", "-o", "DPkg::Lock::Timeout=60", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if p.returncode == 0:
             return True
         if "lock" not in (p.stderr + p.stdout).lower():
@@ -143,14 +153,18 @@ def install_policyd(target: Path, install: bool) -> Path | None:
     if not exe.exists() and install:
         log(f"installing {PYPI_POLICYD} into {target}")
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True)
-        p = subprocess.run([str(target / "bin" / "pip"), "install", "-q", PYPI_POLICYD],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [str(target / "bin" / "pip"), "install", "-q", PYPI_POLICYD],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode != 0:
             log(f"pip install {PYPI_POLICYD} failed:\n{p.stderr[-1500:]}")
     return exe if exe.exists() else None
 
 
 # --------------------------------------------------------------------------- add-ons
+
 
 def count_lines(path: Path, needle: str) -> int:
     try:
@@ -177,8 +191,13 @@ class Daemon:
 
     def start(self, port: int) -> Daemon:
         self._out = open(self.out_path, "ab")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, **self.popen)
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            **self.popen,
+        )
         try:
             wait_port(port, timeout=patience(60))
         except RuntimeError as e:
@@ -246,20 +265,39 @@ class Rspamd(Addon):
         self.log_path = logs / "rspamd.log"
         redis_dir = own_dir(self.workdir / "redis", "redis")
         self.redis_port, self.milter_port, ctl_port = new_port(), new_port(), new_port()
-        self.daemons.append(Daemon("redis", [
-            find_binary("redis-server") or "redis-server", "--bind", "127.0.0.1",
-            "--port", str(self.redis_port), "--save", "", "--appendonly", "no",
-            "--dir", str(redis_dir), "--daemonize", "no"], self.workdir / "redis.out",
-            user="redis").start(self.redis_port))
+        self.daemons.append(
+            Daemon(
+                "redis",
+                [
+                    find_binary("redis-server") or "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.redis_port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(redis_dir),
+                    "--daemonize",
+                    "no",
+                ],
+                self.workdir / "redis.out",
+                user="redis",
+            ).start(self.redis_port)
+        )
         local = {
             "redis.conf": f'servers = "127.0.0.1:{self.redis_port}";\n',
             "options.inc": f'dns {{ nameserver = ["{self.dns.nameserver}"]; }}\n',
             # count, never refuse: no score reaches an action, no bucket fills
-            "actions.conf": "".join(f"{a} = {NEVER};\n" for a in
-                                    ("reject", "add_header", "rewrite_subject", "greylist")),
+            "actions.conf": "".join(
+                f"{a} = {NEVER};\n" for a in ("reject", "add_header", "rewrite_subject", "greylist")
+            ),
             "ratelimit.conf": (
-                "rates {\n  bench_ip = { selector = \"ip\"; bucket = { burst = "
-                f"{NEVER}; rate = \"{NEVER} / 1h\"; }} }}\n}}\n"),
+                'rates {\n  bench_ip = { selector = "ip"; bucket = { burst = '
+                f'{NEVER}; rate = "{NEVER} / 1h"; }} }}\n}}\n'
+            ),
             **{f"{m}.conf": "enabled = false;\n" for m in RSPAMD_DISABLED},
         }
         for fname, text in local.items():
@@ -267,7 +305,8 @@ class Rspamd(Addon):
         override = {
             "worker-proxy.inc": (
                 f'bind_socket = "127.0.0.1:{self.milter_port}";\nmilter = yes;\n'
-                'upstream "local" { default = yes; self_scan = yes; }\n'),
+                'upstream "local" { default = yes; self_scan = yes; }\n'
+            ),
             "worker-controller.inc": f'bind_socket = "127.0.0.1:{ctl_port}";\n',
             # self-scan: the proxy scans, so the normal worker would only sit idle
             "worker-normal.inc": "enabled = false;\n",
@@ -278,25 +317,43 @@ class Rspamd(Addon):
         for d in (conf, conf / "local.d", conf / "override.d"):
             os.chmod(d, 0o755)
         rspamd = find_binary("rspamd") or "rspamd"
-        args = [rspamd, "-f", "-c", "/etc/rspamd/rspamd.conf", "-u", "_rspamd", "-g", "_rspamd",
-                f"--var=LOCAL_CONFDIR={conf}", f"--var=RUNDIR={run}", f"--var=DBDIR={db}",
-                f"--var=LOGDIR={logs}"]
-        self.daemons.append(Daemon("rspamd", args, self.workdir / "rspamd.out")
-                            .start(self.milter_port))
+        args = [
+            rspamd,
+            "-f",
+            "-c",
+            "/etc/rspamd/rspamd.conf",
+            "-u",
+            "_rspamd",
+            "-g",
+            "_rspamd",
+            f"--var=LOCAL_CONFDIR={conf}",
+            f"--var=RUNDIR={run}",
+            f"--var=DBDIR={db}",
+            f"--var=LOGDIR={logs}",
+        ]
+        self.daemons.append(
+            Daemon("rspamd", args, self.workdir / "rspamd.out").start(self.milter_port)
+        )
 
     def smtpd_options(self) -> dict[str, str]:
         # tempfail if rspamd fails: a message it never saw must not count as delivered
-        return {"smtpd_milters": f"inet:127.0.0.1:{self.milter_port}",
-                "milter_default_action": "tempfail", "milter_protocol": "6",
-                "milter_mail_macros": "i {mail_addr} {client_addr} {client_name} {auth_authen}"}
+        return {
+            "smtpd_milters": f"inet:127.0.0.1:{self.milter_port}",
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+            "milter_mail_macros": "i {mail_addr} {client_addr} {client_name} {auth_authen}",
+        }
 
     def seen(self) -> int:
         return count_lines(self.log_path, "rspamd_task_write_log")
 
     def tail(self) -> str:
         with contextlib.suppress(OSError):
-            return super().tail() + "\n" + "\n".join(
-                self.log_path.read_text(errors="replace").splitlines()[-20:])
+            return (
+                super().tail()
+                + "\n"
+                + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+            )
         return super().tail()
 
 
@@ -343,8 +400,10 @@ class Postfwd(Addon):
         self.port, self.cache_port = new_port(), new_port()
         rules = self.workdir / "postfwd.cf"
         # a day: the counter must not expire (and restart from 0) during the run
-        rules.write_text(f"id={self.RULE_ID}; action=rate(client_address/{NEVER}/86400/"
-                         "450 4.7.1 rate limit reached)\n")
+        rules.write_text(
+            f"id={self.RULE_ID}; action=rate(client_address/{NEVER}/86400/"
+            "450 4.7.1 rate limit reached)\n"
+        )
         try:
             self.syslog = Syslog(self.workdir / "syslog")
         except OSError as e:  # a syslog daemon holds the port: it receives the lines
@@ -353,13 +412,30 @@ class Postfwd(Addon):
         exe = find_binary("postfwd") or "postfwd"
         out = self.workdir / "postfwd.out"
         with open(out, "ab") as f:
-            subprocess.run([exe, "--socktype", "udp", "--file", str(rules),
-                            "--server_socket", f"tcp:127.0.0.1:{self.port}",
-                            "--cache_socket", f"tcp:127.0.0.1:{self.cache_port}",
-                            "--user", "nobody", "--group", "nogroup",
-                            "--pidfile", str(self.pidfile)],
-                           stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                           check=True, timeout=60)
+            subprocess.run(
+                [
+                    exe,
+                    "--socktype",
+                    "udp",
+                    "--file",
+                    str(rules),
+                    "--server_socket",
+                    f"tcp:127.0.0.1:{self.port}",
+                    "--cache_socket",
+                    f"tcp:127.0.0.1:{self.cache_port}",
+                    "--user",
+                    "nobody",
+                    "--group",
+                    "nogroup",
+                    "--pidfile",
+                    str(self.pidfile),
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=True,
+                timeout=60,
+            )
         wait_port(self.port, timeout=patience(60))
 
     def smtpd_options(self) -> dict[str, str]:
@@ -384,8 +460,9 @@ class Postfwd(Addon):
 
     def tail(self) -> str:
         with contextlib.suppress(OSError):
-            return "\n".join((self.workdir / "syslog").read_text(errors="replace")
-                             .splitlines()[-20:])
+            return "\n".join(
+                (self.workdir / "syslog").read_text(errors="replace").splitlines()[-20:]
+            )
         return ""
 
     def stop(self) -> None:
@@ -435,17 +512,24 @@ db_error_action: "dunno"
 report: False
 delay_to_close: 300
 count_mode: 1
-""")
-        self.daemons.append(Daemon("policyd-rate-limit", [str(self.exe), "--file", str(conf)],
-                                   self.workdir / "policyd.out").start(self.port))
+"""
+        )
+        self.daemons.append(
+            Daemon(
+                "policyd-rate-limit",
+                [str(self.exe), "--file", str(conf)],
+                self.workdir / "policyd.out",
+            ).start(self.port)
+        )
 
     def smtpd_options(self) -> dict[str, str]:
         return {"smtpd_data_restrictions": f"check_policy_service inet:127.0.0.1:{self.port}"}
 
     def seen(self) -> int:
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True,
-                                                    timeout=10)) as db:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+            ) as db:
                 return int(db.execute("SELECT COUNT(*) FROM mail_count").fetchone()[0])
         except sqlite3.Error:
             return 0
@@ -466,12 +550,15 @@ class MaildAddon(Addon):
 
     def start_maild(self, downstream_port: int) -> None:
         """maild needs Postfix's re-injection port, so it starts with Postfix."""
-        policy = bench_policy(self.workdir, listen_port=self.port,
-                              downstream_port=downstream_port, nameserver=self.dns.nameserver)
+        policy = bench_policy(
+            self.workdir,
+            listen_port=self.port,
+            downstream_port=downstream_port,
+            nameserver=self.dns.nameserver,
+        )
         if self.mode == "before-queue":
             # Postfix's smtpd is the upstream here: it passes the client on with XFORWARD
-            policy["server"].update({"mode": "before-queue",
-                                     "trusted_upstreams": ["127.0.0.1/32"]})
+            policy["server"].update({"mode": "before-queue", "trusted_upstreams": ["127.0.0.1/32"]})
         self.maild = MaildProc(self.workdir, policy).start()
 
     def smtpd_options(self) -> dict[str, str]:
@@ -492,6 +579,7 @@ class MaildAddon(Addon):
 
 
 # --------------------------------------------------------------------------- one configuration
+
 
 @dataclass
 class Peer:
@@ -519,8 +607,10 @@ class Peer:
                     self.addon.start()
                 opts = self.addon.smtpd_options() if self.addon is not None else {}
                 self.pf = bench_postfix(
-                    self.workdir / f"pf{attempt or ''}", smtpd_options=opts,
-                    proxy_timeout="100s" if "smtpd_proxy_filter" in opts else None)
+                    self.workdir / f"pf{attempt or ''}",
+                    smtpd_options=opts,
+                    proxy_timeout="100s" if "smtpd_proxy_filter" in opts else None,
+                )
                 if isinstance(self.addon, MaildAddon):
                     self.addon.start_maild(self.pf.reinject_port)
                 self.pf.start()
@@ -538,8 +628,11 @@ class Peer:
         return self.pf.smtpd_port
 
     def delivered(self, since: int) -> int:
-        return sum(1 for line in self.pf.log(since).splitlines()
-                   if "/discard[" in line and "status=sent" in line)
+        return sum(
+            1
+            for line in self.pf.log(since).splitlines()
+            if "/discard[" in line and "status=sent" in line
+        )
 
     def cpu(self) -> tuple[float, float]:
         """(add-on, Postfix) CPU seconds so far."""
@@ -554,8 +647,9 @@ class Peer:
         if r.returncode != 0:
             raise RuntimeError(f"smtp-source into {self.name} failed:\n{r.output}\n{self.tail()}")
         if wait_until(lambda: self.delivered(mark) >= messages, timeout=150) is None:
-            raise RuntimeError(f"{self.name}: {self.delivered(mark)} of {messages} delivered\n"
-                               f"{self.pf.log_tail()}")
+            raise RuntimeError(
+                f"{self.name}: {self.delivered(mark)} of {messages} delivered\n{self.pf.log_tail()}"
+            )
         seen = 0
         if self.addon is not None:
             # every add-on logs or stores a message before Postfix's 250 for it
@@ -567,8 +661,7 @@ class Peer:
         delivered = self.delivered(mark)
         if delivered != messages or (self.addon is not None and seen != messages):
             raise RuntimeError(f"{self.name}: {delivered} delivered, {seen} seen, of {messages}")
-        return (r.rate, 1e6 * (cpu1[0] - cpu0[0]) / messages,
-                1e6 * (cpu1[1] - cpu0[1]) / messages)
+        return (r.rate, 1e6 * (cpu1[0] - cpu0[0]) / messages, 1e6 * (cpu1[1] - cpu0[1]) / messages)
 
     def tail(self) -> str:
         return (self.addon.tail() if self.addon else "") + "\n" + self.pf.log_tail()
@@ -580,18 +673,22 @@ class Peer:
             self.addon.stop()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": LABELS[self.name], "missing": self.missing,
-                "rates": self.rates.as_dict(), "ratios": self.ratios.as_dict(),
-                "vs_rspamd": self.vs_rspamd.as_dict(), "uncounted": self.uncounted,
-                "addon_cpu_us": self.addon_us.as_dict(),
-                "postfix_cpu_us": self.postfix_us.as_dict()}
+        return {
+            "label": LABELS[self.name],
+            "missing": self.missing,
+            "rates": self.rates.as_dict(),
+            "ratios": self.ratios.as_dict(),
+            "vs_rspamd": self.vs_rspamd.as_dict(),
+            "uncounted": self.uncounted,
+            "addon_cpu_us": self.addon_us.as_dict(),
+            "postfix_cpu_us": self.postfix_us.as_dict(),
+        }
 
 
 def make_peers(names: Sequence[str], workdir: Path, dns: Any, install: bool) -> list[Peer]:
     """Every configuration asked for; the ones whose component is missing say why."""
     debs = sorted({p for n in names for p in DEB_NEEDS.get(n, ())})
-    missing_debs = set(install_debs(debs) if install else [p for p in debs
-                                                            if not deb_installed(p)])
+    missing_debs = set(install_debs(debs) if install else [p for p in debs if not deb_installed(p)])
     factories: dict[str, Callable[[Path], Addon | None]] = {
         "postfix": lambda wd: None,
         "rspamd": lambda wd: Rspamd(wd, dns),
@@ -607,14 +704,18 @@ def make_peers(names: Sequence[str], workdir: Path, dns: Any, install: bool) -> 
             peers.append(Peer(name, wd, missing=f"not installed ({', '.join(gone)})"))
         elif name == "policyd-rate-limit":
             exe = install_policyd(workdir / "pyenv", install)
-            peers.append(Peer(name, wd, PolicydRateLimit(wd, dns, exe)) if exe else
-                         Peer(name, wd, missing=f"not installed (PyPI {PYPI_POLICYD})"))
+            peers.append(
+                Peer(name, wd, PolicydRateLimit(wd, dns, exe))
+                if exe
+                else Peer(name, wd, missing=f"not installed (PyPI {PYPI_POLICYD})")
+            )
         else:
             peers.append(Peer(name, wd, factories[name](wd)))
     return peers
 
 
 # --------------------------------------------------------------------------- the run
+
 
 def measure(peers: list[Peer], *, messages: int, sessions: int, size: int, reps: int) -> None:
     live = [p for p in peers if not p.missing]
@@ -636,8 +737,10 @@ def measure(peers: list[Peer], *, messages: int, sessions: int, size: int, reps:
             p.postfix_us.add(postfix_us)
             if p.addon is not None:
                 p.addon_us.add(addon_us)
-            log(f"   rep {rep + 1} {p.name:20s} {rate:7.0f} msg/s, add-on {addon_us:5.0f} us/msg,"
-                f" Postfix {postfix_us:5.0f} us/msg")
+            log(
+                f"   rep {rep + 1} {p.name:20s} {rate:7.0f} msg/s, add-on {addon_us:5.0f} us/msg,"
+                f" Postfix {postfix_us:5.0f} us/msg"
+            )
         for p in live:
             if p.name not in rates:
                 continue
@@ -653,14 +756,22 @@ def report(peers: list[Peer], args: argparse.Namespace, info: dict[str, Any], cm
         if p.missing:
             rows.append([LABELS[p.name], p.missing, "-", "-", "-"])
             continue
-        rows.append([LABELS[p.name], p.rates.fmt(), p.ratios.fmt(".0%"),
-                     p.addon_us.fmt(".0f", " us") if p.addon is not None else "-",
-                     p.postfix_us.fmt(".0f", " us")])
-    head = (f"Measured {info['date']} with `{cmd}`: {args.messages} messages of {args.size} B "
-            f"per run, {args.sessions} sessions, {args.reps} repetition(s), configurations "
-            "alternated; median (min-max); the ratio is taken within each repetition. CPU per "
-            "message is user + system from /proc (load average at the start: "
-            f"{info['loadavg']}).")
+        rows.append(
+            [
+                LABELS[p.name],
+                p.rates.fmt(),
+                p.ratios.fmt(".0%"),
+                p.addon_us.fmt(".0f", " us") if p.addon is not None else "-",
+                p.postfix_us.fmt(".0f", " us"),
+            ]
+        )
+    head = (
+        f"Measured {info['date']} with `{cmd}`: {args.messages} messages of {args.size} B "
+        f"per run, {args.sessions} sessions, {args.reps} repetition(s), configurations "
+        "alternated; median (min-max); the ratio is taken within each repetition. CPU per "
+        "message is user + system from /proc (load average at the start: "
+        f"{info['loadavg']})."
+    )
     failed = [f"{p.name} {u}" for p in peers for u in p.uncounted]
     if failed:
         head += " Runs not counted (a message not delivered or not seen): " + "; ".join(failed)
@@ -671,14 +782,34 @@ def report(peers: list[Peer], args: argparse.Namespace, info: dict[str, Any], cm
         if p is None:
             continue
         st = p.ratios
-        trows.append([f">= {floor:.0%} of Postfix alone ({name})", st.fmt(".0%"),
-                      status(p, st, floor)])
+        trows.append(
+            [f">= {floor:.0%} of Postfix alone ({name})", st.fmt(".0%"), status(p, st, floor)]
+        )
         st = p.vs_rspamd
-        trows.append([f">= 2x rspamd's msg/s ({name})", st.fmt(".2f", "x"),
-                      status(p, st, 2.0, by_name.get("rspamd"))])
-    return (head + "\n\n" + table(["configuration", "msg/s", "of Postfix alone",
-                                    "add-on CPU per message", "Postfix CPU per message"], rows)
-            + "\n\n" + table(["target", "measured", "status"], trows) + "\n")
+        trows.append(
+            [
+                f">= 2x rspamd's msg/s ({name})",
+                st.fmt(".2f", "x"),
+                status(p, st, 2.0, by_name.get("rspamd")),
+            ]
+        )
+    return (
+        head
+        + "\n\n"
+        + table(
+            [
+                "configuration",
+                "msg/s",
+                "of Postfix alone",
+                "add-on CPU per message",
+                "Postfix CPU per message",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + table(["target", "measured", "status"], trows)
+        + "\n"
+    )
 
 
 def status(p: Peer, st: Stat, floor: float, other: Peer | None = None) -> str:
@@ -696,8 +827,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", type=int, default=2048, help="body bytes")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
-    ap.add_argument("--no-install", action="store_true",
-                    help="do not apt-get/pip install what is missing (report it instead)")
+    ap.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not apt-get/pip install what is missing (report it instead)",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args(argv)
@@ -709,8 +843,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise_nofile()
     # The add-ons drop root and must reach their directories: under a 0700 parent (pytest's
     # tmp_path) the work happens in /tmp, linked from --workdir, and is removed on success.
-    workdir, in_tmp = runtime_dir(Path(args.workdir or tempfile.mkdtemp(
-        prefix="maild-bench-peers-")), "maild-peers-")
+    workdir, in_tmp = runtime_dir(
+        Path(args.workdir or tempfile.mkdtemp(prefix="maild-bench-peers-")), "maild-peers-"
+    )
     info = machine()
     dns = start_dns()
     peers = make_peers(names, workdir, dns, install=not args.no_install)
@@ -719,8 +854,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not p.missing:
                 log(f"starting {p.name}")
                 p.start()
-        measure(peers, messages=args.messages, sessions=args.sessions, size=args.size,
-                reps=args.reps)
+        measure(
+            peers, messages=args.messages, sessions=args.sessions, size=args.size, reps=args.reps
+        )
     finally:
         for p in peers:
             p.stop()
@@ -729,10 +865,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cleanup_runtime_dir(workdir)
     cmd = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report(peers, args, info, cmd.strip())
-    result = {"benchmark": "peers", "machine": info, "command": cmd.strip(),
-              "messages": args.messages, "sessions": args.sessions, "size": args.size,
-              "reps": args.reps, "peers": {p.name: p.as_dict() for p in peers},
-              "rspamd_disabled": RSPAMD_DISABLED, "markdown": md}
+    result = {
+        "benchmark": "peers",
+        "machine": info,
+        "command": cmd.strip(),
+        "messages": args.messages,
+        "sessions": args.sessions,
+        "size": args.size,
+        "reps": args.reps,
+        "peers": {p.name: p.as_dict() for p in peers},
+        "rspamd_disabled": RSPAMD_DISABLED,
+        "markdown": md,
+    }
     return emit(result, md, args.json)
 
 

@@ -90,29 +90,52 @@ def main(argv: list[str] | None = None) -> str:
     raw = Path(args.raw) if args.raw else workdir / "profile.raw"
     dns = start_dns()
     sink = SmtpSink(backlog=1024).start()
-    policy = bench_policy(workdir, listen_port=new_port(), downstream_port=sink.port,
-                          nameserver=dns.nameserver)
-    m = MaildProc(workdir, policy, loop=args.loop, uvloop_dir=uvloop_path(args.uvloop),
-                  src=args.maild_src).start()
+    policy = bench_policy(
+        workdir, listen_port=new_port(), downstream_port=sink.port, nameserver=dns.nameserver
+    )
+    m = MaildProc(
+        workdir, policy, loop=args.loop, uvloop_dir=uvloop_path(args.uvloop), src=args.maild_src
+    ).start()
     try:
         smtp_source(m.port, sessions=args.sessions, messages=200, size=args.size)  # warm-up
-        load = threading.Thread(target=smtp_source, args=(m.port,), daemon=True,
-                                kwargs={"sessions": args.sessions, "messages": args.messages,
-                                        "size": args.size})
+        load = threading.Thread(
+            target=smtp_source,
+            args=(m.port,),
+            daemon=True,
+            kwargs={"sessions": args.sessions, "messages": args.messages, "size": args.size},
+        )
         load.start()
         time.sleep(1)
         before = m.count_log(": relay: DATA")
-        subprocess.run([spy, "record", "-p", str(m.pid), "-r", "200", "-d", str(int(args.seconds)),
-                        "-f", "raw", "-o", str(raw), "--nonblocking"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                spy,
+                "record",
+                "-p",
+                str(m.pid),
+                "-r",
+                "200",
+                "-d",
+                str(int(args.seconds)),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+                "--nonblocking",
+            ],
+            check=True,
+            capture_output=True,
+        )
         relayed = m.count_log(": relay: DATA") - before
     finally:
         m.stop()  # ends the load too (smtp-source fails and exits)
         sink.close()
         dns.stop()
-    text = (f"maild in front of smtp-sink, {args.sessions} sessions, {args.size} B: "
-            f"{relayed} messages in {args.seconds:g} s ({relayed / args.seconds:.0f} msg/s "
-            "while sampled)\n\n" + summarise(raw, args.top))
+    text = (
+        f"maild in front of smtp-sink, {args.sessions} sessions, {args.size} B: "
+        f"{relayed} messages in {args.seconds:g} s ({relayed / args.seconds:.0f} msg/s "
+        "while sampled)\n\n" + summarise(raw, args.top)
+    )
     print(text)
     return text
 

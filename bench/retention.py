@@ -58,16 +58,21 @@ def retention_policy(man: Manifest, workdir: Path) -> dict[str, Any]:
     ret["access"]["dovecot_log"] = str(workdir / "mail.log")
     ret.setdefault("quota", {})["dovecot_userdb"] = str(workdir / "dovecot-quota.passwd")
     (workdir / "mail.log").write_text("")
-    policy = {"server": {**doc["server"], "state": str(workdir / "state" / "maild.db")},
-              "postmaster": doc["postmaster"], "retention": ret}
+    policy = {
+        "server": {**doc["server"], "state": str(workdir / "state" / "maild.db")},
+        "postmaster": doc["postmaster"],
+        "retention": ret,
+    }
     (workdir / "policies.toml").write_text(render(policy))
     return policy
 
 
 # --------------------------------------------------------------------------- worker
 
-async def _worker(config: str, now: float, rules: list[str], dry_run: bool,
-                  seed_access: str | None) -> dict[str, Any]:
+
+async def _worker(
+    config: str, now: float, rules: list[str], dry_run: bool, seed_access: str | None
+) -> dict[str, Any]:
     from maild.components import load as load_config
     from maild.components import open_store
     from maild.retention.config import retention_of
@@ -90,27 +95,55 @@ async def _worker(config: str, now: float, rules: list[str], dry_run: bool,
         t0 = time.perf_counter()
         for name in rules:
             t1 = time.perf_counter()
-            rep = await runner.run(name, dry_run=dry_run, now=now, trigger="bench",
-                                   on_plan=(lambda ev: None) if dry_run else None)
-            out["rules"][name] = {"seconds": time.perf_counter() - t1, "status": rep.status,
-                                  "mailboxes": rep.mailboxes, "scanned": rep.scanned,
-                                  "cached_dirs": rep.cached_dirs, "deleted": rep.deleted,
-                                  "shrunk": rep.shrunk, "errors": rep.errors}
+            rep = await runner.run(
+                name,
+                dry_run=dry_run,
+                now=now,
+                trigger="bench",
+                on_plan=(lambda ev: None) if dry_run else None,
+            )
+            out["rules"][name] = {
+                "seconds": time.perf_counter() - t1,
+                "status": rep.status,
+                "mailboxes": rep.mailboxes,
+                "scanned": rep.scanned,
+                "cached_dirs": rep.cached_dirs,
+                "deleted": rep.deleted,
+                "shrunk": rep.shrunk,
+                "errors": rep.errors,
+            }
         out["seconds"] = time.perf_counter() - t0
         return out
     finally:
         await store.close()
 
 
-def run_worker(config: Path, now: float, rules: list[str], *, dry_run: bool,
-               src: str | None, seed_access: str | None = None) -> dict[str, Any]:
+def run_worker(
+    config: Path,
+    now: float,
+    rules: list[str],
+    *,
+    dry_run: bool,
+    src: str | None,
+    seed_access: str | None = None,
+) -> dict[str, Any]:
     """One maild measurement in a fresh interpreter (maild from ``src`` if given)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src or str(REPO), str(REPO)])
     # -P: "python -m" would put the working directory (this checkout) first on sys.path,
     # ahead of PYTHONPATH, and run this checkout's maild whatever src says
-    cmd = [sys.executable, "-P", "-m", "bench.retention", "--worker", str(config),
-           "--now", repr(now), "--rules", ",".join(rules)]
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "bench.retention",
+        "--worker",
+        str(config),
+        "--now",
+        repr(now),
+        "--rules",
+        ",".join(rules),
+    ]
     if dry_run:
         cmd.append("--dry-run")
     if seed_access:
@@ -123,7 +156,10 @@ def run_worker(config: Path, now: float, rules: list[str], *, dry_run: bool,
 
 # --------------------------------------------------------------------------- find
 
-def find_selection(man: Manifest, roots: set[str], access: dict[str, float]) -> tuple[float, dict[str, int]]:
+
+def find_selection(
+    man: Manifest, roots: set[str], access: dict[str, float]
+) -> tuple[float, dict[str, int]]:
     """What find needs to select what the three rules select; (seconds, counts)."""
     idle60 = [u for u, t in access.items() if man.ref - t > 60 * DAY]
     idle90_root = [u for u, t in access.items() if man.ref - t > 90 * DAY and u in roots]
@@ -138,18 +174,30 @@ def find_selection(man: Manifest, roots: set[str], access: dict[str, float]) -> 
     # (i) Trash for 7 days: ctime before t_split (= ref - 7 d). The shell's glob names the
     # Trash folders, so find reads only them (walking all of vmail/ is 3x slower).
     trash = man.template.replace("%d", "*").replace("%n", "*") + "/.Trash"
-    out = subprocess.run(["sh", "-c", f'find {trash} "$@"', "find", *msgs, "!", "-newerct",
-                          f"@{man.t_split}"], capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", f'find {trash} "$@"', "find", *msgs, "!", "-newerct", f"@{man.t_split}"],
+        capture_output=True,
+        check=True,
+    ).stdout
     counts["trash-7d"] = out.count(b"\n")
     # (ii) idle 60 d: received more than 90 d ago
     cutoff = int(man.ref - 90 * DAY)
-    out = subprocess.run(["find", *[path(u) for u in idle60], *msgs, "!", "-newermt",
-                          f"@{cutoff}"], capture_output=True, check=True).stdout if idle60 else b""
+    out = (
+        subprocess.run(
+            ["find", *[path(u) for u in idle60], *msgs, "!", "-newermt", f"@{cutoff}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        if idle60
+        else b""
+    )
     counts["idle-60d-older-90d"] = out.count(b"\n")
     # (iii) root mailboxes idle 90 d: every file with time and size, oldest first
     if idle90_root:
-        f = subprocess.Popen(["find", *[path(u) for u in idle90_root], *msgs, "-printf",
-                              "%T@ %s %p\n"], stdout=subprocess.PIPE)
+        f = subprocess.Popen(
+            ["find", *[path(u) for u in idle90_root], *msgs, "-printf", "%T@ %s %p\n"],
+            stdout=subprocess.PIPE,
+        )
         s = subprocess.run(["sort", "-n"], stdin=f.stdout, capture_output=True, check=True)
         f.wait()
         counts["root-idle-90d-shrink (listed)"] = s.stdout.count(b"\n")
@@ -163,14 +211,21 @@ RULES = ["trash-7d", "idle-60d-older-90d", "root-idle-90d-shrink"]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", default=None, help="a store made by bench.gen_store (reused "
-                    "for the selection runs; regenerated for the deleting runs unless --keep)")
+    ap.add_argument(
+        "--store",
+        default=None,
+        help="a store made by bench.gen_store (reused "
+        "for the selection runs; regenerated for the deleting runs unless --keep)",
+    )
     ap.add_argument("--mailboxes", type=int, default=2000)
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--maild-src", default=None, help="run maild from this tree")
-    ap.add_argument("--compare-src", default=None,
-                    help="also measure maild from this tree (a proposal applied), as maild@patched")
+    ap.add_argument(
+        "--compare-src",
+        default=None,
+        help="also measure maild from this tree (a proposal applied), as maild@patched",
+    )
     ap.add_argument("--no-delete", action="store_true", help="selection only")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -183,8 +238,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     if args.worker:
-        res = asyncio.run(_worker(args.worker, args.now, [r for r in args.rules.split(",") if r],
-                                  args.dry_run, args.seed_access))
+        res = asyncio.run(
+            _worker(
+                args.worker,
+                args.now,
+                [r for r in args.rules.split(",") if r],
+                args.dry_run,
+                args.seed_access,
+            )
+        )
         print(json.dumps(res))
         return res
 
@@ -202,13 +264,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = workdir / "policies.toml"
     state = workdir / "state"
     shutil.rmtree(state, ignore_errors=True)
-    run_worker(config, man.ref, [], dry_run=True, src=args.maild_src,
-               seed_access=str(store_dir / "access.tsv"))
+    run_worker(
+        config,
+        man.ref,
+        [],
+        dry_run=True,
+        src=args.maild_src,
+        seed_access=str(store_dir / "access.tsv"),
+    )
     template = workdir / "state.seeded"
     shutil.rmtree(template, ignore_errors=True)
     shutil.copytree(state, template)
-    access = {u: float(t) for u, t in (ln.split("\t") for ln in
-                                       (store_dir / "access.tsv").read_text().splitlines())}
+    access = {
+        u: float(t)
+        for u, t in (ln.split("\t") for ln in (store_dir / "access.tsv").read_text().splitlines())
+    }
     roots = set((store_dir / "root-mailboxes").read_text().split())
 
     srcs = {"maild": args.maild_src}
@@ -240,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in srcs:
             ratios[k].add(got[k] / got["find"])
     maild_counts = counts["maild"]
-    mismatch = [f"{k}: {r}" for k, c in counts.items() for r in RULES[:2]
-                if find_counts.get(r) != c.get(r)]
+    mismatch = [
+        f"{k}: {r}" for k, c in counts.items() for r in RULES[:2] if find_counts.get(r) != c.get(r)
+    ]
     mismatch += [f"{k}: {r}" for k, c in counts.items() for r in c if c[r] != maild_counts[r]]
 
     real: dict[str, dict[str, Any]] = {}
@@ -257,8 +328,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             man = load(store_dir)
             retention_policy(man, workdir)
             shutil.rmtree(state, ignore_errors=True)
-            run_worker(config, man.ref, [], dry_run=True, src=src,
-                       seed_access=str(store_dir / "access.tsv"))
+            run_worker(
+                config,
+                man.ref,
+                [],
+                dry_run=True,
+                src=src,
+                seed_access=str(store_dir / "access.tsv"),
+            )
         else:
             shutil.rmtree(state, ignore_errors=True)
             shutil.copytree(template, state)
@@ -283,48 +360,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cmd = "python -m bench.retention " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = [["find (the same selection)", find_t.fmt(".2f", " s"), "1.00x"]]
     for k in srcs:
-        rows.append([f"{k} full run, selection (dry run, 3 rules)", sel[k].fmt(".2f", " s"),
-                     ratios[k].fmt(".2f", "x")])
+        rows.append(
+            [
+                f"{k} full run, selection (dry run, 3 rules)",
+                sel[k].fmt(".2f", " s"),
+                ratios[k].fmt(".2f", "x"),
+            ]
+        )
         rows += [[f"  of which {r}", per_rule[k][r].fmt(".2f", " s"), ""] for r in RULES]
     for k in real:
-        rows.append([f"{k} real run (deletes, records each deletion)",
-                     f"{real[k]['seconds']:.2f} s", f"{real[k]['seconds'] / find_t.median:.2f}x"])
-        rows.append([f"{k} second run (re-reads what the real run changed)",
-                     f"{second[k]['seconds']:.2f} s",
-                     f"{second[k]['seconds'] / find_t.median:.2f}x"])
-        rows.append([f"{k} run over an unchanged store", unchanged[k].fmt(".2f", " s"),
-                     f"{unchanged[k].median / find_t.median:.2f}x"])
+        rows.append(
+            [
+                f"{k} real run (deletes, records each deletion)",
+                f"{real[k]['seconds']:.2f} s",
+                f"{real[k]['seconds'] / find_t.median:.2f}x",
+            ]
+        )
+        rows.append(
+            [
+                f"{k} second run (re-reads what the real run changed)",
+                f"{second[k]['seconds']:.2f} s",
+                f"{second[k]['seconds'] / find_t.median:.2f}x",
+            ]
+        )
+        rows.append(
+            [
+                f"{k} run over an unchanged store",
+                unchanged[k].fmt(".2f", " s"),
+                f"{unchanged[k].median / find_t.median:.2f}x",
+            ]
+        )
     chosen = ", ".join(f"{k} {v:,}" for k, v in maild_counts.items())
-    md = [f"Measured {info['date']} with `{cmd.strip()}`: {man.messages:,} messages in "
-          f"{man.mailboxes:,} mailboxes (bench/gen_store.py), warm page cache, {args.reps} "
-          "repetitions alternated; median (min-max).", "",
-          table(["run", "time", "vs find"], rows), "",
-          f"Selected by maild: {chosen}. find: "
-          + ", ".join(f"{k} {v:,}" for k, v in find_counts.items())
-          + (". **Counts differ: " + ", ".join(mismatch) + "**" if mismatch else
-             " (the delete rules' counts agree)."), ""]
+    md = [
+        f"Measured {info['date']} with `{cmd.strip()}`: {man.messages:,} messages in "
+        f"{man.mailboxes:,} mailboxes (bench/gen_store.py), warm page cache, {args.reps} "
+        "repetitions alternated; median (min-max).",
+        "",
+        table(["run", "time", "vs find"], rows),
+        "",
+        f"Selected by maild: {chosen}. find: "
+        + ", ".join(f"{k} {v:,}" for k, v in find_counts.items())
+        + (
+            ". **Counts differ: " + ", ".join(mismatch) + "**"
+            if mismatch
+            else " (the delete rules' counts agree)."
+        ),
+        "",
+    ]
     trows = []
     for k in srcs:
-        trows.append([f"full run <= 1.5x find ({k})", ratios[k].fmt(".2f", "x"),
-                      verdict(ratios[k].median <= TARGET_FIND_RATIO)])
+        trows.append(
+            [
+                f"full run <= 1.5x find ({k})",
+                ratios[k].fmt(".2f", "x"),
+                verdict(ratios[k].median <= TARGET_FIND_RATIO),
+            ]
+        )
         if k in real:
-            trows.append([f"unchanged run <= 20% of a full run ({k})",
-                          unchanged_ratio[k].fmt(".0%"),
-                          verdict(unchanged_ratio[k].median <= TARGET_UNCHANGED)])
+            trows.append(
+                [
+                    f"unchanged run <= 20% of a full run ({k})",
+                    unchanged_ratio[k].fmt(".0%"),
+                    verdict(unchanged_ratio[k].median <= TARGET_UNCHANGED),
+                ]
+            )
     md.append(table(["target", "measured", "status"], trows))
     text = "\n".join(md) + "\n"
-    result = {"benchmark": "retention", "machine": info, "command": cmd.strip(),
-              "manifest": man.__dict__, "find": find_t.as_dict(),
-              "maild": sel["maild"].as_dict(), "ratio": ratios["maild"].as_dict(),
-              "selection": {k: v.as_dict() for k, v in sel.items()},
-              "ratios": {k: v.as_dict() for k, v in ratios.items()},
-              "per_rule": {k: {r: v.as_dict() for r, v in d.items()} for k, d in per_rule.items()},
-              "find_counts": find_counts, "maild_counts": maild_counts, "mismatch": mismatch,
-              "real": real.get("maild", {}), "real_all": real, "second": second,
-              "unchanged": {k: v.as_dict() for k, v in unchanged.items()},
-              "unchanged_ratio": unchanged_ratio["maild"].as_dict(),
-              "unchanged_ratios": {k: v.as_dict() for k, v in unchanged_ratio.items()},
-              "markdown": text}
+    result = {
+        "benchmark": "retention",
+        "machine": info,
+        "command": cmd.strip(),
+        "manifest": man.__dict__,
+        "find": find_t.as_dict(),
+        "maild": sel["maild"].as_dict(),
+        "ratio": ratios["maild"].as_dict(),
+        "selection": {k: v.as_dict() for k, v in sel.items()},
+        "ratios": {k: v.as_dict() for k, v in ratios.items()},
+        "per_rule": {k: {r: v.as_dict() for r, v in d.items()} for k, d in per_rule.items()},
+        "find_counts": find_counts,
+        "maild_counts": maild_counts,
+        "mismatch": mismatch,
+        "real": real.get("maild", {}),
+        "real_all": real,
+        "second": second,
+        "unchanged": {k: v.as_dict() for k, v in unchanged.items()},
+        "unchanged_ratio": unchanged_ratio["maild"].as_dict(),
+        "unchanged_ratios": {k: v.as_dict() for k, v in unchanged_ratio.items()},
+        "markdown": text,
+    }
     return emit(result, text, args.json)
 
 

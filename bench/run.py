@@ -37,16 +37,34 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "peers": ["--messages", "3000", "--sessions", "20", "--size", "2048", "--reps", "5"],
     },
     "quick": {
-        "throughput": ["--sessions", "20,100", "--sizes", "2048,102400", "--reps", "3",
-                       "--scale", "0.3"],
+        "throughput": [
+            "--sessions",
+            "20,100",
+            "--sizes",
+            "2048,102400",
+            "--reps",
+            "3",
+            "--scale",
+            "0.3",
+        ],
         "latency": ["--seconds", "10", "--reps", "2", "--max-messages", "1500"],
         "memory": ["--messages", "20000", "--chunk", "5000", "--idle", "500"],
         "retention": ["--mailboxes", "400", "--messages", "200000", "--reps", "2"],
         "peers": ["--messages", "1000", "--sessions", "20", "--size", "2048", "--reps", "3"],
     },
     "smoke": {
-        "throughput": ["--sessions", "2", "--sizes", "2048", "--messages", "20", "--reps", "1",
-                       "--loops", "asyncio"],
+        "throughput": [
+            "--sessions",
+            "2",
+            "--sizes",
+            "2048",
+            "--messages",
+            "20",
+            "--reps",
+            "1",
+            "--loops",
+            "asyncio",
+        ],
         "latency": ["--seconds", "1", "--reps", "1", "--rate", "20"],
         "memory": ["--messages", "100", "--chunk", "50", "--warmup", "20", "--idle", "5"],
         "retention": ["--mailboxes", "6", "--messages", "300", "--reps", "1"],
@@ -55,8 +73,9 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def write_docs(results: dict[str, dict[str, Any]], info: dict[str, Any], cmd: str,
-               path: Path = DOCS) -> None:
+def write_docs(
+    results: dict[str, dict[str, Any]], info: dict[str, Any], cmd: str, path: Path = DOCS
+) -> None:
     """Replace the generated blocks; a block missing from the file is appended."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     blocks = {"machine": machine_block(info, cmd)}

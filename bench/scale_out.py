@@ -33,9 +33,18 @@ from tests.integration.conftest import front_policy
 
 def policy(sink_port: int, state: str) -> dict:
     p = front_policy(sink_port, state=state)
-    p["customers"].append({"name": "bench", "networks": ["127.0.0.1/32"],
-                           "ratelimit": {"messages": ["10000000/1h"], "recipients": ["10000000/1h"],
-                                         "bytes": ["100GB/1h"], "same_recipient": ["10000000/1h"]}})
+    p["customers"].append(
+        {
+            "name": "bench",
+            "networks": ["127.0.0.1/32"],
+            "ratelimit": {
+                "messages": ["10000000/1h"],
+                "recipients": ["10000000/1h"],
+                "bytes": ["100GB/1h"],
+                "same_recipient": ["10000000/1h"],
+            },
+        }
+    )
     p["server"]["trusted_upstreams"] = []
     p["bulk"] = {"enabled": False}
     return p
@@ -43,10 +52,24 @@ def policy(sink_port: int, state: str) -> dict:
 
 def source(port: int, sessions: int, messages: int) -> subprocess.Popen:
     exe = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-    return subprocess.Popen([exe, "-s", str(sessions), "-m", str(messages), "-l", "2048",
-                             "-f", "a@bench.example", "-t", "r@outside.example",
-                             f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            exe,
+            "-s",
+            str(sessions),
+            "-m",
+            str(messages),
+            "-l",
+            "2048",
+            "-f",
+            "a@bench.example",
+            "-t",
+            "r@outside.example",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def run_once(nodes: list[Maild], total: int, sessions: int) -> float:
@@ -88,8 +111,10 @@ def main() -> None:
                     for n in nodes:
                         n.stop()
         for label, vals in results.items():
-            print(f"{label}: median {statistics.median(vals):.0f} msg/s "
-                  f"(min {min(vals):.0f}, max {max(vals):.0f}, n={len(vals)})")
+            print(
+                f"{label}: median {statistics.median(vals):.0f} msg/s "
+                f"(min {min(vals):.0f}, max {max(vals):.0f}, n={len(vals)})"
+            )
         ratio = statistics.median(results["2 nodes"]) / statistics.median(results["1 node"])
         print(f"2 nodes / 1 node: {ratio:.2f}")
     finally:

@@ -41,8 +41,10 @@ def message(size: int, serial: int) -> bytes:
     """A well-formed message of about ``size`` body bytes, CRLF, dot-safe, like
     smtp-source's (the same content every time: see bench/common.py on [bulk])."""
     date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nDate: {date}\r\n"
-            f"Message-Id: <{serial}.{time.time_ns()}@{HELO}>\r\nSubject: maild bench\r\n\r\n")
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nDate: {date}\r\n"
+        f"Message-Id: <{serial}.{time.time_ns()}@{HELO}>\r\nSubject: maild bench\r\n\r\n"
+    )
     line = b"X" * 78 + b"\r\n"
     body = line * max(1, size // len(line))
     return head.encode() + body
@@ -84,8 +86,9 @@ async def one_message(port: int, payload: bytes, host: str = "127.0.0.1") -> flo
             await writer.wait_closed()
 
 
-async def open_loop(port: int, *, rate: float, seconds: float, size: int,
-                    max_in_flight: int = 500) -> Timing:
+async def open_loop(
+    port: int, *, rate: float, seconds: float, size: int, max_in_flight: int = 500
+) -> Timing:
     """Start one session every 1/rate s for ``seconds``; collect each message's latency."""
     timing = Timing()
     payload = message(size, 0)
@@ -118,8 +121,9 @@ async def open_loop(port: int, *, rate: float, seconds: float, size: int,
     return timing
 
 
-async def park(port: int, n: int, *, ehlo: bool = True, host: str = "127.0.0.1"
-               ) -> list[asyncio.StreamWriter]:
+async def park(
+    port: int, n: int, *, ehlo: bool = True, host: str = "127.0.0.1"
+) -> list[asyncio.StreamWriter]:
     """Open ``n`` sessions that greet and then stay idle; the caller closes them."""
     writers: list[asyncio.StreamWriter] = []
     for _ in range(n):

@@ -69,9 +69,13 @@ class Combo:
     ratios: dict[str, Stat] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sessions": self.sessions, "size": self.size, "messages": self.messages,
-                "rates": {k: v.as_dict() for k, v in self.rates.items()},
-                "ratios": {k: v.as_dict() for k, v in self.ratios.items()}}
+        return {
+            "sessions": self.sessions,
+            "size": self.size,
+            "messages": self.messages,
+            "rates": {k: v.as_dict() for k, v in self.rates.items()},
+            "ratios": {k: v.as_dict() for k, v in self.ratios.items()},
+        }
 
 
 def default_messages(size: int, sessions: int, scale: float) -> int:
@@ -83,9 +87,15 @@ def default_messages(size: int, sessions: int, scale: float) -> int:
 class Rig:
     """Postfix, smtp-sink, a DNS server and one maild per (downstream, loop)."""
 
-    def __init__(self, workdir: Path, loops: list[str], uvloop_dir: str | None,
-                 with_postfix: bool = True, maild_in_front_of: tuple[str, ...] = ("sink", "postfix"),
-                 compare_src: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        loops: list[str],
+        uvloop_dir: str | None,
+        with_postfix: bool = True,
+        maild_in_front_of: tuple[str, ...] = ("sink", "postfix"),
+        compare_src: str | None = None,
+    ) -> None:
         self.workdir = workdir
         # a second maild tree (a proposal applied) measured alongside, as "...@patched"
         self.srcs: list[tuple[str, str | None]] = [("", None)]
@@ -120,11 +130,16 @@ class Rig:
                 for suffix, src in self.srcs:
                     name = f"maild>{down}" + ("+uvloop" if loop == "uvloop" else "") + suffix
                     wd = self.workdir / name.replace(">", "-").replace("+", "-").replace("@", "-")
-                    policy = bench_policy(wd, listen_port=new_port(), downstream_port=port,
-                                          nameserver=self.dns.nameserver)
+                    policy = bench_policy(
+                        wd,
+                        listen_port=new_port(),
+                        downstream_port=port,
+                        nameserver=self.dns.nameserver,
+                    )
                     log(f"starting {name}" + (f" from {src}" if src else ""))
-                    self.mailds[name] = MaildProc(wd, policy, loop=loop, src=src,
-                                                  uvloop_dir=self.uvloop_dir).start()
+                    self.mailds[name] = MaildProc(
+                        wd, policy, loop=loop, src=src, uvloop_dir=self.uvloop_dir
+                    ).start()
         return self
 
     def configs(self) -> dict[str, int]:
@@ -160,11 +175,15 @@ def run_one(rig: Rig, config: str, port: int, combo: Combo) -> SourceRun:
     r = smtp_source(port, sessions=combo.sessions, messages=combo.messages, size=combo.size)
     if r.returncode != 0:
         tail = m.tail() if m is not None else ""
-        raise RuntimeError(f"smtp-source into {config} failed ({r.returncode}):\n{r.output}\n{tail}")
+        raise RuntimeError(
+            f"smtp-source into {config} failed ({r.returncode}):\n{r.output}\n{tail}"
+        )
     if m is not None:
         # decision lines are written synchronously; give the last ones a moment
         deadline = time.monotonic() + 10
-        while m.count_log(": relay: DATA") - before < combo.messages and time.monotonic() < deadline:
+        while (
+            m.count_log(": relay: DATA") - before < combo.messages and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         relayed = m.count_log(": relay: DATA") - before
         if relayed != combo.messages:
@@ -206,27 +225,44 @@ def report(combos: list[Combo], info: dict[str, Any], cmd: str, reps: int) -> st
     for c in combos:
         row = [c.sessions, f"{c.size // 1024} KB", c.messages]
         row += [c.rates[n].fmt() if n in c.rates else "-" for n in names]
-        row += [c.ratios[n].fmt(".0%") if n in c.ratios else "-" for n in names
-                if n.startswith("maild")]
+        row += [
+            c.ratios[n].fmt(".0%") if n in c.ratios else "-" for n in names if n.startswith("maild")
+        ]
         rows.append(row)
     headers = ["sessions", "size", "msgs/run"] + [f"{n} msg/s" for n in names]
-    headers += [f"{n} / {'postfix' if 'postfix' in n else 'sink'}" for n in names
-                if n.startswith("maild")]
-    lines = [f"Measured {info['date']} with `{cmd}`: {reps} repetitions per point, "
-             "configurations alternated; median (min-max). Ratios are taken within each "
-             "repetition.", "", table(headers, rows), ""]
+    headers += [
+        f"{n} / {'postfix' if 'postfix' in n else 'sink'}" for n in names if n.startswith("maild")
+    ]
+    lines = [
+        f"Measured {info['date']} with `{cmd}`: {reps} repetitions per point, "
+        "configurations alternated; median (min-max). Ratios are taken within each "
+        "repetition.",
+        "",
+        table(headers, rows),
+        "",
+    ]
     trows = []
     for c in combos:
         for n, st in c.ratios.items():
             if n.startswith("maild>postfix"):
-                trows.append([f">= 85% of Postfix alone ({n})", f"{c.sessions} sessions, "
-                              f"{c.size // 1024} KB", st.fmt(".0%"),
-                              verdict(st.median >= TARGET_POSTFIX_RATIO)])
+                trows.append(
+                    [
+                        f">= 85% of Postfix alone ({n})",
+                        f"{c.sessions} sessions, {c.size // 1024} KB",
+                        st.fmt(".0%"),
+                        verdict(st.median >= TARGET_POSTFIX_RATIO),
+                    ]
+                )
         for n, st in c.rates.items():
             if n.startswith("maild>sink"):
-                trows.append([f">= 2,000 msg/s in front of smtp-sink ({n})",
-                              f"{c.sessions} sessions, {c.size // 1024} KB", st.fmt(),
-                              verdict(st.median >= TARGET_SINK_RATE)])
+                trows.append(
+                    [
+                        f">= 2,000 msg/s in front of smtp-sink ({n})",
+                        f"{c.sessions} sessions, {c.size // 1024} KB",
+                        st.fmt(),
+                        verdict(st.median >= TARGET_SINK_RATE),
+                    ]
+                )
     lines += [table(["target", "point", "measured", "status"], trows)]
     return "\n".join(lines) + "\n"
 
@@ -242,25 +278,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--messages", type=int, default=0, help="per run (default: by size)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the default counts")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--loops", default="auto",
-                    help="asyncio, uvloop, both or auto (both when uvloop is importable)")
+    ap.add_argument(
+        "--loops",
+        default="auto",
+        help="asyncio, uvloop, both or auto (both when uvloop is importable)",
+    )
     ap.add_argument("--uvloop", default=None, help="directory holding uvloop (pip --target)")
     ap.add_argument("--no-postfix", action="store_true", help="only the smtp-sink configurations")
-    ap.add_argument("--compare-src", default=None,
-                    help="also measure maild from this tree (a proposal applied), as ...@patched")
+    ap.add_argument(
+        "--compare-src",
+        default=None,
+        help="also measure maild from this tree (a proposal applied), as ...@patched",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args(argv)
 
     uv = uvloop_path(args.uvloop)
-    loops = {"asyncio": ["asyncio"], "uvloop": ["uvloop"], "both": ["asyncio", "uvloop"],
-             "auto": ["asyncio"] + (["uvloop"] if uv is not None else [])}[args.loops]
-    combos = [Combo(s, z, args.messages or default_messages(z, s, args.scale))
-              for s in parse_ints(args.sessions) for z in parse_ints(args.sizes)]
+    loops = {
+        "asyncio": ["asyncio"],
+        "uvloop": ["uvloop"],
+        "both": ["asyncio", "uvloop"],
+        "auto": ["asyncio"] + (["uvloop"] if uv is not None else []),
+    }[args.loops]
+    combos = [
+        Combo(s, z, args.messages or default_messages(z, s, args.scale))
+        for s in parse_ints(args.sessions)
+        for z in parse_ints(args.sizes)
+    ]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="maild-bench-tp-"))
     info = machine()
-    rig = Rig(workdir, loops, uv, with_postfix=not args.no_postfix,
-              compare_src=args.compare_src)
+    rig = Rig(workdir, loops, uv, with_postfix=not args.no_postfix, compare_src=args.compare_src)
     try:
         rig.start()
         measure(rig, combos, args.reps)
@@ -268,8 +316,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rig.stop()
     cmd = "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report(combos, info, cmd.strip(), args.reps)
-    result = {"benchmark": "throughput", "machine": info, "command": cmd.strip(),
-              "combos": [c.as_dict() for c in combos], "markdown": md}
+    result = {
+        "benchmark": "throughput",
+        "machine": info,
+        "command": cmd.strip(),
+        "combos": [c.as_dict() for c in combos],
+        "markdown": md,
+    }
     return emit(result, md, args.json)
 
 

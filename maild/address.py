@@ -82,7 +82,7 @@ def split_arg(arg: str) -> tuple[str, str]:
     s = arg.lstrip()
     if s.startswith("<"):
         end = _closing_bracket(s)
-        return s[: end + 1], s[end + 1:].strip()
+        return s[: end + 1], s[end + 1 :].strip()
     # RFC 5321 wants angle brackets; tolerate a bare address as Postfix does.
     path, _, params = s.partition(" ")
     return path, params.strip()
@@ -146,7 +146,7 @@ def _split_mailbox(s: str) -> tuple[str, str, bool]:
             i += 1
         else:
             raise PathError("unterminated quoted local part")
-        rest = s[i + 1:]
+        rest = s[i + 1 :]
         if rest and not rest.startswith("@"):
             raise PathError("text after quoted local part")
         return "".join(buf), rest[1:], True
@@ -193,7 +193,9 @@ def canonical(addr: str) -> str:
 
     'Alice+news@Example.COM' and 'alice@example.com' are one recipient.
     """
-    addr = addr.rstrip("@")  # degenerate "x@@" and "x@" are "x": canonical(canonical(a)) == canonical(a)
+    addr = addr.rstrip(
+        "@"
+    )  # degenerate "x@@" and "x@" are "x": canonical(canonical(a)) == canonical(a)
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""

@@ -26,9 +26,16 @@ from maild.clitools import (
 # The shared helpers live in maild.clitools; command modules import them from there.
 __all__ = ["config_option", "echo_json", "load_config", "main", "parse_since", "run_async"]
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "obj": components.WIRING})
-@click.option("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE", show_default=True,
-              help="policies.toml to use ($MAILD_CONFIG overrides the default).")
+@click.option(
+    "-c",
+    "--config",
+    default=DEFAULT_CONFIG,
+    metavar="FILE",
+    show_default=True,
+    help="policies.toml to use ($MAILD_CONFIG overrides the default).",
+)
 @click.version_option(__version__, prog_name="maild")
 def main(config: str) -> None:
     """maild: a mail-server hygiene daemon in front of Postfix.
@@ -46,14 +53,28 @@ def main(config: str) -> None:
 
 @main.command()
 @config_option
-@click.option("--log", "log_target", default="syslog", show_default=True, metavar="TARGET",
-              help="Where log lines go: syslog (facility mail, ident maild), stderr, or a file.")
+@click.option(
+    "--log",
+    "log_target",
+    default="syslog",
+    show_default=True,
+    metavar="TARGET",
+    help="Where log lines go: syslog (facility mail, ident maild), stderr, or a file.",
+)
 @click.option("--debug", is_flag=True, help="Log debug detail too.")
-@click.option("--allow-root", is_flag=True, help="Keep running as root when [server] user is "
-              "not set (containers, tests). Never needed under systemd.")
-@click.option("--init-state", is_flag=True, help="Start even if the SQLite state file is "
-              "empty, damaged or not maild's: move it aside (*.refused-TIME) and begin an "
-              "empty state, without sanctions or consent ledger. Use once, not in the unit.")
+@click.option(
+    "--allow-root",
+    is_flag=True,
+    help="Keep running as root when [server] user is "
+    "not set (containers, tests). Never needed under systemd.",
+)
+@click.option(
+    "--init-state",
+    is_flag=True,
+    help="Start even if the SQLite state file is "
+    "empty, damaged or not maild's: move it aside (*.refused-TIME) and begin an "
+    "empty state, without sanctions or consent ledger. Use once, not in the unit.",
+)
 def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> None:
     """Run the SMTP proxy and the scheduled jobs in the foreground.
 
@@ -80,9 +101,10 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
         click.echo(f"maild: {e}", err=True)
         sys.exit(1)
     except OSError as e:
-        raise click.ClickException(f"cannot serve: {e.strerror or e} "
-                                   f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"
-                                   ) from None
+        raise click.ClickException(
+            f"cannot serve: {e.strerror or e} "
+            f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"
+        ) from None
     except KeyboardInterrupt:
         pass
 
@@ -95,24 +117,42 @@ def check_config(quiet: bool) -> None:
     config = load_config()
     if not quiet:
         s = config.server
-        click.echo(f"{config.path}: OK: mode={s.mode} listen={s.listen[0]}:{s.listen[1]} "
-                   f"downstream={s.downstream[0]}:{s.downstream[1]} customers={len(config.customers)} "
-                   f"hosted={len(config.hosted_domains)}")
+        click.echo(
+            f"{config.path}: OK: mode={s.mode} listen={s.listen[0]}:{s.listen[1]} "
+            f"downstream={s.downstream[0]}:{s.downstream[1]} customers={len(config.customers)} "
+            f"hosted={len(config.hosted_domains)}"
+        )
 
 
 @main.command("log")
 @config_option
 @click.option("--since", metavar="DURATION", help="Only decisions newer than this (e.g. 1h, 7d).")
-@click.option("-n", "--limit", default=50, show_default=True, type=click.IntRange(1, 100000),
-              help="At most this many decisions.")
+@click.option(
+    "-n",
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 100000),
+    help="At most this many decisions.",
+)
 @click.option("--customer", metavar="NAME", help="Only this customer's decisions ('-' for none).")
-@click.option("--action", type=click.Choice(["relay", "reject", "tempfail"]),
-              help="Only decisions with this outcome.")
+@click.option(
+    "--action",
+    type=click.Choice(["relay", "reject", "tempfail"]),
+    help="Only decisions with this outcome.",
+)
 @click.option("--rule", metavar="NAME", help="Only decisions made by this rule (e.g. relay).")
 @click.option("--address", metavar="ADDR", help="Only mail from or to this address.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def log_cmd(since: str | None, limit: int, customer: str | None, action: str | None,
-            rule: str | None, address: str | None, as_json: bool) -> None:
+def log_cmd(
+    since: str | None,
+    limit: int,
+    customer: str | None,
+    action: str | None,
+    rule: str | None,
+    address: str | None,
+    as_json: bool,
+) -> None:
     """Show recent decisions from the state store, newest first."""
     from maild.store.core import recent_decisions
 
@@ -123,10 +163,20 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
         """The matching rows, and whether the customer asked for has any decision at all."""
         store = await open_store(config)
         try:
-            rows = await recent_decisions(store, since=since_ts, limit=limit, customer=customer,
-                                          action=action, rule=rule, address=address)
-            seen = bool(rows) or not customer or bool(
-                await recent_decisions(store, limit=1, customer=customer))
+            rows = await recent_decisions(
+                store,
+                since=since_ts,
+                limit=limit,
+                customer=customer,
+                action=action,
+                rule=rule,
+                address=address,
+            )
+            seen = (
+                bool(rows)
+                or not customer
+                or bool(await recent_decisions(store, limit=1, customer=customer))
+            )
             return rows, seen
         finally:
             await store.close()
@@ -134,23 +184,29 @@ def log_cmd(since: str | None, limit: int, customer: str | None, action: str | N
     rows, seen = run_async(fetch())
     if not seen and customer != "-" and config.customer(customer or "") is None:
         known = ", ".join(c.name for c in config.customers) or "none"
-        raise click.BadParameter(f"unknown customer {customer} (known: {known}; '-' for mail of "
-                                 f"no customer): not in {config.path}, never in the decision log",
-                                 param_hint="--customer")
+        raise click.BadParameter(
+            f"unknown customer {customer} (known: {known}; '-' for mail of "
+            f"no customer): not in {config.path}, never in the decision log",
+            param_hint="--customer",
+        )
     if as_json:
         echo_json(rows)
         return
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"]))
-        click.echo(f"{when} {r['session']}: {r['action']}: {r['stage']} from "
-                   f"{r['client_name']}[{r['client_addr']}]: {r['code']} {r['status']} "
-                   f"{r['reason']}; customer={r['customer']} from=<{r['sender']}> "
-                   f"to=<{r['recipient']}> rule={r['rule']}")
+        click.echo(
+            f"{when} {r['session']}: {r['action']}: {r['stage']} from "
+            f"{r['client_name']}[{r['client_addr']}]: {r['code']} {r['status']} "
+            f"{r['reason']}; customer={r['customer']} from=<{r['sender']}> "
+            f"to=<{r['recipient']}> rule={r['rule']}"
+        )
     if not rows and not seen:
         click.echo(f"customer {customer} has no decisions in the state store", err=True)
     elif not rows:
-        click.echo(f"no decisions of customer {customer} match" if customer else "no decisions match",
-                   err=True)
+        click.echo(
+            f"no decisions of customer {customer} match" if customer else "no decisions match",
+            err=True,
+        )
 
 
 def _add_commands(group: click.Group) -> None:

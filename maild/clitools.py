@@ -36,8 +36,17 @@ def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 def config_option_with(help: str) -> Callable[[F], F]:
     """`-c FILE` accepted after any subcommand too (`maild serve -c policies.toml`)."""
-    return click.option("-c", "--config", "config_", metavar="FILE", default=None,
-                        expose_value=False, is_eager=True, callback=_set_config, help=help)
+    return click.option(
+        "-c",
+        "--config",
+        "config_",
+        metavar="FILE",
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_config,
+        help=help,
+    )
 
 
 def config_option(f: F) -> F:
@@ -90,5 +99,6 @@ def parse_since(value: str | None) -> float | None:
     try:
         return time.time() - cfg.parse_duration(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration such as 30m, 24h or 7d",
-                                 param_hint="--since") from None
+        raise click.BadParameter(
+            f"{value!r}: expected a duration such as 30m, 24h or 7d", param_hint="--since"
+        ) from None

@@ -63,40 +63,71 @@ class Component:
 
 
 COMPONENTS: tuple[Component, ...] = (
-    Component("state", migrations={"core": core.MIGRATIONS, "leases": leases.MIGRATIONS},
-              commands=(store_cli.migrate_state,),
-              preloads=("maild.store.sqlite", "maild.store.core", "maild.textsig",
-                        "maild.smtp.submit")),
-    Component("operations", commands=(opscli.doctor, opscli.postmaster, opscli.report,
-                                      opscli.status, opscli.reload)),
-    Component("retention", sections={"retention": retention_config.parse_retention},
-              migrations={"retention": retention_state.MIGRATIONS},
-              commands=(retention_cli.retention_group, retention_cli.mailbox_group,
-                        retention_cli.access_group),
-              doctor_checks=(retention_ops.doctor_checks,),
-              report_sections=(retention_ops.report_section,),
-              preloads=("maild.retention.scheduler", "maild.retention.jobs",
-                        "maild.retention.sweep", "maild.retention.restore")),
-    Component("antispam", sections={"sanctions": sanctions.parse_sanctions},
-              migrations={"ratelimit": limiter.MIGRATIONS, "sanctions": sanctions.MIGRATIONS},
-              commands=(antispam_cli.customers, antispam_cli.customer, antispam_cli.ratelimit),
-              preloads=("maild.antispam.notify",)),
-    Component("optin", sections={"optin": optin_settings.parse_optin},
-              migrations={"optin": ledger.MIGRATIONS}, commands=(optin_cli.optin,),
-              preloads=("maild.optin.service",)),
-    Component("web", sections={"web": web_settings.parse_web}, migrations={"web": keys.MIGRATIONS},
-              subcommands={"optin": (web_cli.unsubscribe_url_cmd, web_cli.unsubscribe_key_cmd)},
-              preloads=web_settings.PRELOAD),
+    Component(
+        "state",
+        migrations={"core": core.MIGRATIONS, "leases": leases.MIGRATIONS},
+        commands=(store_cli.migrate_state,),
+        preloads=("maild.store.sqlite", "maild.store.core", "maild.textsig", "maild.smtp.submit"),
+    ),
+    Component(
+        "operations",
+        commands=(opscli.doctor, opscli.postmaster, opscli.report, opscli.status, opscli.reload),
+    ),
+    Component(
+        "retention",
+        sections={"retention": retention_config.parse_retention},
+        migrations={"retention": retention_state.MIGRATIONS},
+        commands=(
+            retention_cli.retention_group,
+            retention_cli.mailbox_group,
+            retention_cli.access_group,
+        ),
+        doctor_checks=(retention_ops.doctor_checks,),
+        report_sections=(retention_ops.report_section,),
+        preloads=(
+            "maild.retention.scheduler",
+            "maild.retention.jobs",
+            "maild.retention.sweep",
+            "maild.retention.restore",
+        ),
+    ),
+    Component(
+        "antispam",
+        sections={"sanctions": sanctions.parse_sanctions},
+        migrations={"ratelimit": limiter.MIGRATIONS, "sanctions": sanctions.MIGRATIONS},
+        commands=(antispam_cli.customers, antispam_cli.customer, antispam_cli.ratelimit),
+        preloads=("maild.antispam.notify",),
+    ),
+    Component(
+        "optin",
+        sections={"optin": optin_settings.parse_optin},
+        migrations={"optin": ledger.MIGRATIONS},
+        commands=(optin_cli.optin,),
+        preloads=("maild.optin.service",),
+    ),
+    Component(
+        "web",
+        sections={"web": web_settings.parse_web},
+        migrations={"web": keys.MIGRATIONS},
+        subcommands={"optin": (web_cli.unsubscribe_url_cmd, web_cli.unsubscribe_key_cmd)},
+        preloads=web_settings.PRELOAD,
+    ),
     Component("bulk", sections={"bulk": bulk.parse_bulk}),
-    Component("headers",
-              sections={"headers": partial(headers.parse_headers, checks=chain.CHECK_DEFAULTS)},
-              customer_keys={"headers": partial(headers.parse_customer_headers,
-                                                checks=chain.CHECK_DEFAULTS)},
-              commands=(headers_cli.check_message,)),
+    Component(
+        "headers",
+        sections={"headers": partial(headers.parse_headers, checks=chain.CHECK_DEFAULTS)},
+        customer_keys={
+            "headers": partial(headers.parse_customer_headers, checks=chain.CHECK_DEFAULTS)
+        },
+        commands=(headers_cli.check_message,),
+    ),
     Component("identity", customer_keys={"permitted": identity.parse_permitted}),
     Component("dns", sections={"dns": dns.parse_dns}, preloads=("maild.dns",)),
-    Component("ratelimit", sections={"ratelimit": ratelimit.parse_ratelimit},
-              customer_keys={"ratelimit": ratelimit.parse_customer_ratelimit}),
+    Component(
+        "ratelimit",
+        sections={"ratelimit": ratelimit.parse_ratelimit},
+        customer_keys={"ratelimit": ratelimit.parse_customer_ratelimit},
+    ),
     Component("report", sections={"report": report.parse_report}, preloads=("maild.report",)),
 )
 
@@ -122,7 +153,9 @@ WIRING = Wiring(
 )
 COMMANDS: tuple[click.Command, ...] = tuple(cmd for c in COMPONENTS for cmd in c.commands)
 SUBCOMMANDS: tuple[tuple[str, click.Command], ...] = tuple(
-    (group, cmd) for c in COMPONENTS for group, cmds in c.subcommands.items() for cmd in cmds)
+    (group, cmd) for c in COMPONENTS for group, cmds in c.subcommands.items() for cmd in cmds
+)
+
 
 def parse(data: dict[str, Any], path: str = "policies.toml") -> cfg.Config:
     """policies.toml's decoded document, with every component's sections."""
@@ -133,7 +166,13 @@ def load(path: str) -> cfg.Config:
     return WIRING.load(path)
 
 
-async def open_store(state: str, config_path: str = ".", *, migrate: bool = True,
-                     check: bool = False, init: bool = False) -> Store:
+async def open_store(
+    state: str,
+    config_path: str = ".",
+    *,
+    migrate: bool = True,
+    check: bool = False,
+    init: bool = False,
+) -> Store:
     """The state store with every component's schema."""
     return await WIRING.open_store(state, config_path, migrate=migrate, check=check, init=init)

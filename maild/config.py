@@ -121,8 +121,14 @@ class Reader:
     def has(self, name: str) -> bool:
         return name in self.table
 
-    def str(self, name: builtins.str, default: builtins.str | None = None, *, choices: tuple[builtins.str, ...] = (),
-            required: builtins.bool = False) -> builtins.str:
+    def str(
+        self,
+        name: builtins.str,
+        default: builtins.str | None = None,
+        *,
+        choices: tuple[builtins.str, ...] = (),
+        required: builtins.bool = False,
+    ) -> builtins.str:
         value = self._get(name, default)
         if value is None:
             if required:
@@ -136,10 +142,21 @@ class Reader:
             return default or choices[0]
         return value
 
-    def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int = 0, maximum: builtins.int | None = None) -> builtins.int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int = 0,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-                maximum is not None and value > maximum):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
             rng = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
             self.error(name, value, f"a whole number {rng}")
             return default
@@ -152,14 +169,22 @@ class Reader:
             return default
         return value
 
-    def float(self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0) -> builtins.float:
+    def float(
+        self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0
+    ) -> builtins.float:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
             self.error(name, value, f"a number >= {minimum}")
             return default
         return float(value)
 
-    def duration(self, name: builtins.str, default: builtins.str | builtins.float, *, positive: builtins.bool = False) -> builtins.float:
+    def duration(
+        self,
+        name: builtins.str,
+        default: builtins.str | builtins.float,
+        *,
+        positive: builtins.bool = False,
+    ) -> builtins.float:
         """A duration in seconds; `positive` for timeouts and periods, where 0 is nonsense."""
         value = self._get(name, default)
         try:
@@ -180,7 +205,9 @@ class Reader:
             self.error(name, value, 'a size such as "512k", "25MB" or a number of bytes')
             return parse_size(default)
 
-    def hostport(self, name: builtins.str, default: builtins.str) -> tuple[builtins.str, builtins.int]:
+    def hostport(
+        self, name: builtins.str, default: builtins.str
+    ) -> tuple[builtins.str, builtins.int]:
         value = self._get(name, default)
         try:
             return parse_hostport(value)
@@ -188,7 +215,13 @@ class Reader:
             self.error(name, value, 'HOST:PORT with a port from 1 to 65535, e.g. "127.0.0.1:10025"')
             return parse_hostport(default)
 
-    def str_list(self, name: builtins.str, default: tuple[builtins.str, ...] = (), *, lower: builtins.bool = False) -> tuple[builtins.str, ...]:
+    def str_list(
+        self,
+        name: builtins.str,
+        default: tuple[builtins.str, ...] = (),
+        *,
+        lower: builtins.bool = False,
+    ) -> tuple[builtins.str, ...]:
         value = self._get(name, list(default))
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.error(name, value, "a list of strings")
@@ -205,7 +238,9 @@ class Reader:
                 out.append(d)
         return tuple(out)
 
-    def networks(self, name: builtins.str, default: tuple[builtins.str, ...] = ()) -> tuple[Network, ...]:
+    def networks(
+        self, name: builtins.str, default: tuple[builtins.str, ...] = ()
+    ) -> tuple[Network, ...]:
         out = []
         for i, n in enumerate(self.str_list(name, default)):
             try:
@@ -247,6 +282,7 @@ def _show(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- sections
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -344,34 +380,46 @@ def _parse_limits(r: Reader) -> Limits:
         data_timeout=r.duration("data_timeout", d.data_timeout, positive=True),
         max_sessions=r.int("max_sessions", d.max_sessions, minimum=1),
         max_sessions_per_ip=r.int("max_sessions_per_ip", d.max_sessions_per_ip, minimum=1),
-        max_connection_rate_per_ip=r.int("max_connection_rate_per_ip",
-                                         d.max_connection_rate_per_ip, minimum=0),
-        stress_command_timeout=r.duration("stress_command_timeout", d.stress_command_timeout,
-                                          positive=True),
-        stress_data_timeout=r.duration("stress_data_timeout", d.stress_data_timeout,
-                                       positive=True),
+        max_connection_rate_per_ip=r.int(
+            "max_connection_rate_per_ip", d.max_connection_rate_per_ip, minimum=0
+        ),
+        stress_command_timeout=r.duration(
+            "stress_command_timeout", d.stress_command_timeout, positive=True
+        ),
+        stress_data_timeout=r.duration("stress_data_timeout", d.stress_data_timeout, positive=True),
         memory_in_flight=r.size("memory_in_flight", d.memory_in_flight),
         spool_threshold=r.size("spool_threshold", d.spool_threshold),
-        downstream_connections=r.int("downstream_connections", d.downstream_connections,
-                                     minimum=1),
+        downstream_connections=r.int("downstream_connections", d.downstream_connections, minimum=1),
         downstream_connections_per_client=r.int(
-            "downstream_connections_per_client", d.downstream_connections_per_client, minimum=1),
+            "downstream_connections_per_client", d.downstream_connections_per_client, minimum=1
+        ),
         downstream_reserved=r.int("downstream_reserved", d.downstream_reserved, minimum=0),
         downstream_greeting_timeout=r.duration(
-            "downstream_greeting_timeout", d.downstream_greeting_timeout, positive=True),
+            "downstream_greeting_timeout", d.downstream_greeting_timeout, positive=True
+        ),
     )
-    lim = replace(lim, reserved_sessions=r.int("reserved_sessions", lim.max_sessions // 5,
-                                               minimum=0))
+    lim = replace(
+        lim, reserved_sessions=r.int("reserved_sessions", lim.max_sessions // 5, minimum=0)
+    )
     if lim.reserved_sessions >= lim.max_sessions:
-        r.error("reserved_sessions", lim.reserved_sessions,
-                f"fewer than max_sessions ({lim.max_sessions}): strangers need some slots, "
-                "or nobody can write to postmaster")
+        r.error(
+            "reserved_sessions",
+            lim.reserved_sessions,
+            f"fewer than max_sessions ({lim.max_sessions}): strangers need some slots, "
+            "or nobody can write to postmaster",
+        )
     if lim.downstream_reserved >= lim.downstream_connections:
-        r.error("downstream_reserved", lim.downstream_reserved,
-                f"fewer than downstream_connections ({lim.downstream_connections})")
+        r.error(
+            "downstream_reserved",
+            lim.downstream_reserved,
+            f"fewer than downstream_connections ({lim.downstream_connections})",
+        )
     if lim.spool_threshold > lim.memory_in_flight:
-        r.error("spool_threshold", lim.spool_threshold,
-                f"at most memory_in_flight ({lim.memory_in_flight} bytes)")
+        r.error(
+            "spool_threshold",
+            lim.spool_threshold,
+            f"at most memory_in_flight ({lim.memory_in_flight} bytes)",
+        )
     r.unknown()
     return lim
 
@@ -396,22 +444,32 @@ def _parse_server(r: Reader) -> Server:
     if server.downstream_timeout >= 100:
         # Postfix's smtpd_proxy_timeout is 100 s: slower than that and the client
         # retries while we may still deliver, which duplicates mail.
-        r.error("downstream_timeout", server.downstream_timeout,
-                "less than 100s (Postfix's smtpd_proxy_timeout); 60s is a safe value")
-    if server.state and not server.state.startswith(("sqlite:", "postgresql:")) and "://" in server.state:
+        r.error(
+            "downstream_timeout",
+            server.downstream_timeout,
+            "less than 100s (Postfix's smtpd_proxy_timeout); 60s is a safe value",
+        )
+    if (
+        server.state
+        and not server.state.startswith(("sqlite:", "postgresql:"))
+        and "://" in server.state
+    ):
         r.error("state", server.state, 'a file path or "sqlite:PATH"')
     r.unknown()
     return server
 
 
-def _parse_customers(readers: list[Reader],
-                     customer_keys: Mapping[str, CustomerParser]) -> tuple[Customer, ...]:
+def _parse_customers(
+    readers: list[Reader], customer_keys: Mapping[str, CustomerParser]
+) -> tuple[Customer, ...]:
     customers: list[Customer] = []
     names: set[str] = set()
     for r in readers:
         name = r.str("name", required=True)
         if name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
-            r.error("name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)")
+            r.error(
+                "name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)"
+            )
         if name in names:
             r.error("name", name, "a name no other customer has")
         names.add(name)
@@ -422,15 +480,17 @@ def _parse_customers(readers: list[Reader],
         contact = r.str("contact", "")
         if contact and "@" not in contact:
             r.error("contact", contact, 'an email address such as "ops@customer.example"')
-        customers.append(Customer(
-            name=name,
-            networks=r.networks("networks"),
-            logins=r.str_list("logins"),
-            domains=r.domains("domains"),
-            addresses=addresses,
-            contact=contact,
-            ext={key: parser(r) for key, parser in customer_keys.items()},
-        ))
+        customers.append(
+            Customer(
+                name=name,
+                networks=r.networks("networks"),
+                logins=r.str_list("logins"),
+                domains=r.domains("domains"),
+                addresses=addresses,
+                contact=contact,
+                ext={key: parser(r) for key, parser in customer_keys.items()},
+            )
+        )
         r.unknown()
     return tuple(customers)
 
@@ -442,15 +502,22 @@ def _parse_postmaster(r: Reader) -> Postmaster:
         local_parts=r.str_list("local_parts", ("postmaster", "abuse"), lower=True),
     )
     if "postmaster" not in pm.local_parts:
-        r.error("local_parts", list(pm.local_parts),
-                'a list that includes "postmaster" (RFC 5321 section 4.5.1 requires it)')
+        r.error(
+            "local_parts",
+            list(pm.local_parts),
+            'a list that includes "postmaster" (RFC 5321 section 4.5.1 requires it)',
+        )
     r.unknown()
     return pm
 
 
-def parse(data: dict[str, Any], path: str = "policies.toml", *,
-          sections: Mapping[str, SectionParser] | None = None,
-          customer_keys: Mapping[str, CustomerParser] | None = None) -> Config:
+def parse(
+    data: dict[str, Any],
+    path: str = "policies.toml",
+    *,
+    sections: Mapping[str, SectionParser] | None = None,
+    customer_keys: Mapping[str, CustomerParser] | None = None,
+) -> Config:
     """Validate a decoded TOML document; raise ConfigError with every problem.
 
     sections and customer_keys are the components' parsers, in the order their problems
@@ -464,12 +531,17 @@ def parse(data: dict[str, Any], path: str = "policies.toml", *,
     root.unknown()
     if problems:
         raise ConfigError(path, problems)
-    return Config(path=path, server=server, customers=customers, postmaster=postmaster,
-                  sections=parsed)
+    return Config(
+        path=path, server=server, customers=customers, postmaster=postmaster, sections=parsed
+    )
 
 
-def load(path: str | Path, *, sections: Mapping[str, SectionParser] | None = None,
-         customer_keys: Mapping[str, CustomerParser] | None = None) -> Config:
+def load(
+    path: str | Path,
+    *,
+    sections: Mapping[str, SectionParser] | None = None,
+    customer_keys: Mapping[str, CustomerParser] | None = None,
+) -> Config:
     """Read and validate policies.toml; raise ConfigError naming every problem."""
     p = Path(path)
     try:
@@ -483,6 +555,7 @@ def load(path: str | Path, *, sections: Mapping[str, SectionParser] | None = Non
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), [f"TOML syntax error: {e}"]) from None
     except (RecursionError, MemoryError):
-        raise ConfigError(str(p), ["the file is nested too deeply to be a policy; "
-                                   "check for runaway brackets"]) from None
+        raise ConfigError(
+            str(p), ["the file is nested too deeply to be a policy; check for runaway brackets"]
+        ) from None
     return parse(data, str(p), sections=sections, customer_keys=customer_keys)

@@ -53,8 +53,15 @@ log = logging.getLogger("maild")
 
 
 class Daemon:
-    def __init__(self, config: cfg.Config, wiring: Wiring, *, shutdown_grace: float = 30.0,
-                 allow_root: bool = False, init_state: bool = False):
+    def __init__(
+        self,
+        config: cfg.Config,
+        wiring: Wiring,
+        *,
+        shutdown_grace: float = 30.0,
+        allow_root: bool = False,
+        init_state: bool = False,
+    ):
         self.config = config
         self.wiring = wiring  # the components: their sections, schemas, preloads
         self.allow_root = allow_root
@@ -82,9 +89,14 @@ class Daemon:
 
     def _protocol(self) -> MaildSMTP:
         c = self.proxy.config
-        return MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
-                         trusted=c.server.trusted_upstreams, admission=self.admission,
-                         budget=self.budget)
+        return MaildSMTP(
+            self.proxy,
+            settings=c.server,
+            counter=self.counter,
+            trusted=c.server.trusted_upstreams,
+            admission=self.admission,
+            budget=self.budget,
+        )
 
     def _is_customer(self, addr: str) -> bool:
         """A customer network's address: it may use the reserved session slots."""
@@ -104,9 +116,14 @@ class Daemon:
         # Bind first (port 25 may need root), then drop root before touching any state.
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, host=lhost or None, port=lport,
-                                               reuse_address=True, backlog=1024,
-                                               start_serving=False)
+        self.server = await loop.create_server(
+            self._protocol,
+            host=lhost or None,
+            port=lport,
+            reuse_address=True,
+            backlog=1024,
+            start_serving=False,
+        )
         # What is in effect: a reload may change listen, never state or user.
         self.listening = c.server.listen
         self.started_with = c.server
@@ -119,16 +136,19 @@ class Daemon:
             elif not self.allow_root:
                 raise privs.PrivilegeError(
                     'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
-                    "or pass --allow-root")
-        self.store = await self.wiring.open_store(c.server.state, c.path, check=True,
-                                                  init=self.init_state)
+                    "or pass --allow-root"
+                )
+        self.store = await self.wiring.open_store(
+            c.server.state, c.path, check=True, init=self.init_state
+        )
         self.decisions = DecisionLog(self.store)
         self.decisions.start()
         host, port = c.server.downstream
         self.downstream = _downstream(c)
         self.services = Services(sessions=self.counter)
-        self.proxy = Proxy(c, self.downstream, self.decisions, self.services,
-                           health=self.store.health)
+        self.proxy = Proxy(
+            c, self.downstream, self.decisions, self.services, health=self.store.health
+        )
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -137,8 +157,16 @@ class Daemon:
         self.write_status()
         if c.server.pid_file:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
-        log.info("daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
-                 _version(), c.server.mode, lhost, lport, host, port, self.store.path)
+        log.info(
+            "daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
+            _version(),
+            c.server.mode,
+            lhost,
+            lport,
+            host,
+            port,
+            self.store.path,
+        )
         # A missing downstream would otherwise show only as the first message's 451.
         self._probe = loop.create_task(self.check_downstream("start"))
 
@@ -163,11 +191,15 @@ class Daemon:
         await self.sanctions.load()
         self.sanctions.on_control.append(self._control)
         self.services.limiter, self.services.campaigns, self.services.sanctions = (
-            self.limiter, self.campaigns, self.sanctions)
+            self.limiter,
+            self.campaigns,
+            self.sanctions,
+        )
         from maild.optin.service import OptinService
 
-        self.optin = OptinService(self.config, self.store, self.downstream,
-                                  sanctions=self.sanctions)
+        self.optin = OptinService(
+            self.config, self.store, self.downstream, sanctions=self.sanctions
+        )
         await self.optin.start()
         self.services.optin = self.optin
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
@@ -187,31 +219,39 @@ class Daemon:
     @property
     def status_path(self) -> Path:
         """Where the CLI reading the current policies.toml looks for this daemon's status."""
-        return Path(resolve_state_path(self.config.server.state, self.config.path)
-                    ).with_name("maild.status.json")
+        return Path(resolve_state_path(self.config.server.state, self.config.path)).with_name(
+            "maild.status.json"
+        )
 
     async def check_downstream(self, when: str) -> str:
         """Connect and EHLO to the downstream with a short timeout; a problem is logged as
         a warning with doctor's words and fix, and returned. Mail is not held back.
         (3 s per step: the three steps end well within the time `maild reload` waits.)"""
         ds = self.downstream
-        probe = Downstream(ds.host, ds.port, local_hostname=ds.local_hostname,
-                           timeout=min(ds.timeout, 3.0), pool_size=0)
+        probe = Downstream(
+            ds.host,
+            ds.port,
+            local_hostname=ds.local_hostname,
+            timeout=min(ds.timeout, 3.0),
+            pool_size=0,
+        )
         where = f"cannot connect to {ds.host}:{ds.port}: "
         try:
             xforward = await probe.probe()
         except DownstreamRefused as e:
             check = downstream_verdict(ds.host, ds.port, error=str(e).removeprefix(where))
         except DownstreamError as e:
-            check = downstream_verdict(ds.host, ds.port, error=str(e).removeprefix(where),
-                                       answered=False)
+            check = downstream_verdict(
+                ds.host, ds.port, error=str(e).removeprefix(where), answered=False
+            )
         else:
             check = downstream_verdict(ds.host, ds.port, xforward=bool(xforward))
         if check.level == "OK":
             log.info("downstream: %s", check.message)
             return ""
-        text = check.message + (": mail is tempfailed (451 4.4.1) until it answers"
-                                if check.level == "FAIL" else "")
+        text = check.message + (
+            ": mail is tempfailed (451 4.4.1) until it answers" if check.level == "FAIL" else ""
+        )
         log.warning("warning: downstream at %s: %s; fix: %s", when, text, check.fix)
         return f"{text}; fix: {check.fix}"
 
@@ -220,56 +260,94 @@ class Daemon:
         file, run = self.config.server, self.started_with
         out = []
         if file.listen != self.listening:
-            out.append({"key": "listen", "file": _hostport(file.listen),
-                        "running": _hostport(self.listening), "why": self._listen_error})
+            out.append(
+                {
+                    "key": "listen",
+                    "file": _hostport(file.listen),
+                    "running": _hostport(self.listening),
+                    "why": self._listen_error,
+                }
+            )
         if _state_shown(file.state, self.config.path) != self.store.path:
-            out.append({"key": "state", "file": _state_shown(file.state, self.config.path),
-                        "running": self.store.path,
-                        "why": "the state store is opened once, at start"})
+            out.append(
+                {
+                    "key": "state",
+                    "file": _state_shown(file.state, self.config.path),
+                    "running": self.store.path,
+                    "why": "the state store is opened once, at start",
+                }
+            )
         if file.user != run.user:
-            out.append({"key": "user", "file": file.user, "running": run.user,
-                        "why": "root is given up once, at start"})
+            out.append(
+                {
+                    "key": "user",
+                    "file": file.user,
+                    "running": run.user,
+                    "why": "root is given up once, at start",
+                }
+            )
         if file.pid_file != self.pid_file:
-            out.append({"key": "pid_file", "file": file.pid_file, "running": self.pid_file,
-                        "why": "cannot write it"})
+            out.append(
+                {
+                    "key": "pid_file",
+                    "file": file.pid_file,
+                    "running": self.pid_file,
+                    "why": "cannot write it",
+                }
+            )
         return out
 
     def status(self) -> dict:
         """What `maild status` shows: a snapshot written every 2 seconds."""
         jobs = []
         sched = getattr(self.retention, "scheduler", None)
-        for j in (sched.get_jobs() if sched is not None else []):
+        for j in sched.get_jobs() if sched is not None else []:
             nxt = getattr(j, "next_run_time", None)
             jobs.append({"id": j.id, "next_run": nxt.isoformat() if nxt else None})
         if self.report_job is not None and self.report_job.next_run_time:
             jobs.append({"id": "report", "next_run": self.report_job.next_run_time.isoformat()})
         return {
-            "pid": os.getpid(), "version": _version(), "started": self.proxy.started,
-            "written": time.time(), "mode": self.config.server.mode,
+            "pid": os.getpid(),
+            "version": _version(),
+            "started": self.proxy.started,
+            "written": time.time(),
+            "mode": self.config.server.mode,
             "listen": _hostport(self.listening),
             "downstream": f"{self.downstream.host}:{self.downstream.port}",
-            "state": self.store.path, "restart_needed": self.restart_needed(),
-            "reload": self.last_reload, "control_synced": self.control_synced,
-            "sessions": self.counter.total, "downstream_in_use": self.downstream.in_use,
+            "state": self.store.path,
+            "restart_needed": self.restart_needed(),
+            "reload": self.last_reload,
+            "control_synced": self.control_synced,
+            "sessions": self.counter.total,
+            "downstream_in_use": self.downstream.in_use,
             "downstream_idle": len(self.downstream._idle),
             "limits": self.limits_status(),
             "decisions_pending": len(self.decisions.pending),
-            "relayed": self.proxy.stats["relayed"], "rejected": self.proxy.stats["rejected"],
+            "relayed": self.proxy.stats["relayed"],
+            "rejected": self.proxy.stats["rejected"],
             "tempfailed": self.proxy.stats["tempfailed"],
-            "blocked_customers": sorted(self.sanctions.blocked), "jobs": jobs,
+            "blocked_customers": sorted(self.sanctions.blocked),
+            "jobs": jobs,
             "config": self.config.path,
         }
 
     def limits_status(self) -> dict:
         """Admission, the RAM budget and the downstream caps, for `maild status`."""
         ds = self.downstream
-        return {"admission": self.admission.status(), "budget": self.budget.status(),
-                "downstream": {"in_use": ds.in_use, "idle": len(ds._idle),
-                               "max": ds.max_connections, "reserved": ds.reserved,
-                               "strangers_in_use": ds.strangers_in_use,
-                               "per_client_max": ds.max_per_client,
-                               "busiest_client": max(ds.per_client.values(), default=0),
-                               "busy": ds.busy}}
+        return {
+            "admission": self.admission.status(),
+            "budget": self.budget.status(),
+            "downstream": {
+                "in_use": ds.in_use,
+                "idle": len(ds._idle),
+                "max": ds.max_connections,
+                "reserved": ds.reserved,
+                "strangers_in_use": ds.strangers_in_use,
+                "per_client_max": ds.max_per_client,
+                "busiest_client": max(ds.per_client.values(), default=0),
+                "busy": ds.busy,
+            },
+        }
 
     def write_status(self) -> None:
         # Also where the edited file's state would put it: `maild reload` and `maild status`
@@ -299,7 +377,10 @@ class Daemon:
 
         b = c.sections.get("bulk") or BulkConfig()
         self.campaigns.window, self.campaigns.match = b.window, b.match
-        self.campaigns.max_campaigns, self.campaigns.max_customers = b.max_campaigns, b.max_customers
+        self.campaigns.max_campaigns, self.campaigns.max_customers = (
+            b.max_campaigns,
+            b.max_customers,
+        )
 
     async def poll_control(self) -> None:
         """Apply the control rows the CLI (or another node) wrote; the status file then
@@ -355,7 +436,6 @@ class Daemon:
         """The daily report (`[report]`), scheduled with APScheduler in this event loop."""
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-
         self.scheduler = AsyncIOScheduler()
         self.scheduler.start()
         self._schedule_report(self.config)
@@ -374,8 +454,13 @@ class Daemon:
         hour, minute = rc.at
         assert self.scheduler is not None  # _start_report creates it before its first call
         self.report_job = self.scheduler.add_job(
-            mail_report, CronTrigger(hour=hour, minute=minute), args=[self], id="report",
-            misfire_grace_time=3600, coalesce=True)
+            mail_report,
+            CronTrigger(hour=hour, minute=minute),
+            args=[self],
+            id="report",
+            misfire_grace_time=3600,
+            coalesce=True,
+        )
 
     async def _start_retention(self) -> None:
         from maild.retention.scheduler import RetentionService
@@ -432,9 +517,14 @@ class Daemon:
         if new.server.pid_file != self.pid_file:
             self._move_pid_file(new.server.pid_file)
         for r in self.restart_needed():
-            log.warning("warning: reload: [server] %s = %s is not in effect (running: %s): %s; "
-                        "restart maild to apply it", r["key"], r["file"] or '""',
-                        r["running"] or '""', r["why"])
+            log.warning(
+                "warning: reload: [server] %s = %s is not in effect (running: %s): %s; "
+                "restart maild to apply it",
+                r["key"],
+                r["file"] or '""',
+                r["running"] or '""',
+                r["why"],
+            )
 
     async def _listen(self, addr: tuple[str, int]) -> bool:
         """Bind the new address before closing the old listener: no moment without one,
@@ -442,7 +532,8 @@ class Daemon:
         host, port = addr
         try:
             server = await asyncio.get_running_loop().create_server(
-                self._protocol, host=host or None, port=port, reuse_address=True, backlog=1024)
+                self._protocol, host=host or None, port=port, reuse_address=True, backlog=1024
+            )
         except OSError as e:
             why = f"cannot bind {host}:{port}: {e.strerror or e}"
             if port < 1024 and os.geteuid() != 0:
@@ -455,8 +546,11 @@ class Daemon:
         old, self.server = self.server, server
         assert old is not None
         old.close()  # stops accepting; the connections it accepted stay open
-        log.info("reload: listening on %s instead of %s; sessions in flight continue",
-                 _hostport(addr), _hostport(self.listening))
+        log.info(
+            "reload: listening on %s instead of %s; sessions in flight continue",
+            _hostport(addr),
+            _hostport(self.listening),
+        )
         self.listening, self._listen_error = addr, ""
         return True
 
@@ -465,8 +559,14 @@ class Daemon:
         old, self.downstream = self.downstream, _downstream(c)
         self.proxy.downstream = self.optin.downstream = self.downstream
         await old.retire()
-        log.info("reload: downstream %s:%d instead of %s:%d; transactions in flight finish on "
-                 "the old one", self.downstream.host, self.downstream.port, old.host, old.port)
+        log.info(
+            "reload: downstream %s:%d instead of %s:%d; transactions in flight finish on "
+            "the old one",
+            self.downstream.host,
+            self.downstream.port,
+            old.host,
+            old.port,
+        )
 
     def _move_pid_file(self, path: str) -> None:
         try:
@@ -524,6 +624,7 @@ class Daemon:
             async def go() -> None:
                 await ready.wait()
                 await job()
+
             loop.create_task(go())
 
         loop.add_signal_handler(signal.SIGHUP, when_ready, self.reload)
@@ -549,19 +650,31 @@ class Daemon:
 def _downstream(c: cfg.Config) -> Downstream:
     host, port = c.server.downstream
     lim = c.server.limits
-    return Downstream(host, port, local_hostname=c.server.hostname,
-                      timeout=c.server.downstream_timeout, pool_size=c.server.downstream_pool,
-                      max_connections=lim.downstream_connections,
-                      max_per_client=lim.downstream_connections_per_client,
-                      reserved=lim.downstream_reserved,
-                      greeting_timeout=lim.downstream_greeting_timeout)
+    return Downstream(
+        host,
+        port,
+        local_hostname=c.server.hostname,
+        timeout=c.server.downstream_timeout,
+        pool_size=c.server.downstream_pool,
+        max_connections=lim.downstream_connections,
+        max_per_client=lim.downstream_connections_per_client,
+        reserved=lim.downstream_reserved,
+        greeting_timeout=lim.downstream_greeting_timeout,
+    )
 
 
 def _downstream_settings(c: cfg.Config) -> tuple:
     s, lim = c.server, c.server.limits
-    return (s.downstream, s.hostname, s.downstream_timeout, s.downstream_pool,
-            lim.downstream_connections, lim.downstream_connections_per_client,
-            lim.downstream_reserved, lim.downstream_greeting_timeout)
+    return (
+        s.downstream,
+        s.hostname,
+        s.downstream_timeout,
+        s.downstream_pool,
+        lim.downstream_connections,
+        lim.downstream_connections_per_client,
+        lim.downstream_reserved,
+        lim.downstream_greeting_timeout,
+    )
 
 
 def _budget(c: cfg.Config) -> Budget:
@@ -570,8 +683,11 @@ def _budget(c: cfg.Config) -> Budget:
     import tempfile
 
     state = c.server.state
-    spool = tempfile.gettempdir() if is_postgres(state) else os.path.dirname(
-        resolve_state_path(state, c.path))
+    spool = (
+        tempfile.gettempdir()
+        if is_postgres(state)
+        else os.path.dirname(resolve_state_path(state, c.path))
+    )
     lim = c.server.limits
     return Budget(lim.memory_in_flight, lim.spool_threshold, spool)
 
@@ -602,8 +718,9 @@ def _version() -> str:
     return __version__
 
 
-def serve(config: cfg.Config, wiring: Wiring, *, allow_root: bool = False,
-          init_state: bool = False) -> None:
+def serve(
+    config: cfg.Config, wiring: Wiring, *, allow_root: bool = False, init_state: bool = False
+) -> None:
     for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
         signal.signal(sig, signal.SIG_IGN)
     daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)

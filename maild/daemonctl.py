@@ -30,7 +30,7 @@ def monotonic() -> float:
 
 @dataclass(frozen=True)
 class Answer:
-    outcome: str          # "done", "not-running", "timeout"
+    outcome: str  # "done", "not-running", "timeout"
     pid: int | None = None
     status: dict | None = None  # the daemon's status when it answered
     signal_error: str = ""  # the signal could not be sent (the daemon acts on its own schedule)
@@ -45,8 +45,11 @@ def ask(config: Config, sig: int, key: str, *, timeout: float = WAIT) -> Answer:
     status file is where the old state is until the daemon reloads (it then writes one
     where the file says, too)."""
     st = daemon_status(config)
-    pid = int(st["pid"]) if st else (pid_from_file(config.server.pid_file)
-                                     or pid_serving(config.path))
+    pid = (
+        int(st["pid"])
+        if st
+        else (pid_from_file(config.server.pid_file) or pid_serving(config.path))
+    )
     if pid is None:
         return Answer("not-running")
     began = monotonic()
@@ -103,7 +106,9 @@ def _config_arg(argv: list[str]) -> str | None:
 
 
 def _environ(d: Path) -> dict[str, str]:
-    pairs = (e.decode(errors="replace").partition("=") for e in (d / "environ").read_bytes().split(b"\0"))
+    pairs = (
+        e.decode(errors="replace").partition("=") for e in (d / "environ").read_bytes().split(b"\0")
+    )
     return {k: v for k, _, v in pairs if k}
 
 
@@ -145,8 +150,11 @@ def apply_control(config: Config) -> tuple[bool, str]:
     from maild.store.base import is_postgres
 
     shared = is_postgres(config.server.state)
-    others = ("; other nodes sharing the state store apply it at their next poll, within "
-              "2 seconds") if shared else ""
+    others = (
+        ("; other nodes sharing the state store apply it at their next poll, within 2 seconds")
+        if shared
+        else ""
+    )
     a = ask(config, SIG_CONTROL, "control_synced", timeout=10.0)
     if a.outcome == "done":
         how = f" at its next poll ({a.signal_error})" if a.signal_error else ""
@@ -154,9 +162,13 @@ def apply_control(config: Config) -> tuple[bool, str]:
         return True, f"applied in the running daemon (pid {a.pid}){here}{how}{others}"
     if a.outcome == "not-running":
         if shared:
-            return True, ("no maild runs on this node: the nodes sharing the state store apply "
-                          "it at their next poll, within 2 seconds; a node that starts reads it")
+            return True, (
+                "no maild runs on this node: the nodes sharing the state store apply "
+                "it at their next poll, within 2 seconds; a node that starts reads it"
+            )
         return True, "the daemon is not running: takes effect when it starts"
     why = f" ({a.signal_error})" if a.signal_error else ""
-    return False, (f"recorded, but the running daemon (pid {a.pid}) did not confirm it within "
-                   f"10 seconds{why}: see `maild status` and its log")
+    return False, (
+        f"recorded, but the running daemon (pid {a.pid}) did not confirm it within "
+        f"10 seconds{why}: see `maild status` and its log"
+    )

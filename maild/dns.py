@@ -96,8 +96,12 @@ def parse_dns(r: cfg.Reader) -> DnsSettings:
             _parse_nameserver(s)
             servers.append(s)
         except ValueError:
-            r.error(f"nameservers[{i}]", s, 'an IP address with an optional port, e.g. "192.0.2.53" '
-                    'or "127.0.0.1:5353" (no host names: the resolver cannot resolve itself)')
+            r.error(
+                f"nameservers[{i}]",
+                s,
+                'an IP address with an optional port, e.g. "192.0.2.53" '
+                'or "127.0.0.1:5353" (no host names: the resolver cannot resolve itself)',
+            )
     settings = DnsSettings(
         nameservers=tuple(servers),
         timeout=r.duration("timeout", "5s", positive=True),
@@ -107,12 +111,14 @@ def parse_dns(r: cfg.Reader) -> DnsSettings:
         error_ttl=r.duration("error_ttl", "10s"),
     )
     if not 0.1 <= settings.timeout <= 60:
-        r.error("timeout", settings.timeout, 'a duration from "100ms" to "60s" (Postfix waits '
-                "at most 100s for the whole proxy transaction)")
+        r.error(
+            "timeout",
+            settings.timeout,
+            'a duration from "100ms" to "60s" (Postfix waits '
+            "at most 100s for the whole proxy transaction)",
+        )
     r.unknown()
     return settings
-
-
 
 
 class _Cache:
@@ -157,8 +163,11 @@ def _make_resolver(s: DnsSettings) -> dns.asyncresolver.Resolver | None:
         try:
             r = dns.asyncresolver.Resolver()
         except (dns.resolver.NoResolverConfiguration, OSError) as e:
-            log.error("dns: error: no usable resolver configuration (%s): every lookup will "
-                      "tempfail until [dns] nameservers is set", e)
+            log.error(
+                "dns: error: no usable resolver configuration (%s): every lookup will "
+                "tempfail until [dns] nameservers is set",
+                e,
+            )
             return None
     r.cache = None  # maild caches answers itself, with its own bounds
     r.timeout = s.timeout
@@ -188,6 +197,7 @@ def _get() -> _State:
 
 
 # --------------------------------------------------------------------------- queries
+
 
 @dataclass
 class _Answer:
@@ -239,8 +249,9 @@ async def _mail_domain(st: _State, domain: str) -> Lookup:
         if len(mx.rrset) == 1 and mx.rrset[0].exchange == dns.name.root:
             return Lookup("nullmx", f"{domain} publishes a null MX (it accepts no mail)", mx.ttl)
         return Lookup("ok", "MX", mx.ttl)
-    a, aaaa = await asyncio.gather(_query(st, domain, dns.rdatatype.A),
-                                   _query(st, domain, dns.rdatatype.AAAA))
+    a, aaaa = await asyncio.gather(
+        _query(st, domain, dns.rdatatype.A), _query(st, domain, dns.rdatatype.AAAA)
+    )
     found = [x for x in (a, aaaa) if x.status == "ok"]
     if found:
         return Lookup("ok", "A/AAAA", min(x.ttl for x in found))
@@ -249,8 +260,7 @@ async def _mail_domain(st: _State, domain: str) -> Lookup:
             return Lookup("error", f"address lookup for {domain} failed: {x.detail}")
     if "nxdomain" in (a.status, aaaa.status):
         return Lookup("nxdomain", f"{domain} does not exist (NXDOMAIN)", min(a.ttl, aaaa.ttl))
-    return Lookup("nodata", f"{domain} has no MX, A or AAAA record",
-                  min(mx.ttl, a.ttl, aaaa.ttl))
+    return Lookup("nodata", f"{domain} has no MX, A or AAAA record", min(mx.ttl, a.ttl, aaaa.ttl))
 
 
 async def _name(st: _State, name: str) -> Lookup:
@@ -262,7 +272,9 @@ async def _name(st: _State, name: str) -> Lookup:
     return Lookup("ok", "", ans.ttl)
 
 
-_PLAIN_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_][a-z0-9_-]{0,62})*$")
+_PLAIN_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_][a-z0-9_-]{0,62})*$"
+)
 
 
 def _normalise(domain: str) -> str | None:

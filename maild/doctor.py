@@ -59,6 +59,7 @@ def fail(name: str, msg: str, fix: str) -> Finding:
 
 # ------------------------------------------------------------------------- state store
 
+
 def check_state(config: Config, migrations: Migrations) -> Finding:
     import sqlite3
 
@@ -67,44 +68,76 @@ def check_state(config: Config, migrations: Migrations) -> Finding:
     if not p.exists():
         parent = p.parent if p.parent.exists() else p.parent.parent
         if os.access(parent, os.W_OK):
-            return warn("state", f"{path} does not exist yet", "start `maild serve` once: it creates it")
-        return fail("state", f"{path} does not exist and {parent} is not writable",
-                    f"create {p.parent} owned by the maild user (mode 0750)")
+            return warn(
+                "state", f"{path} does not exist yet", "start `maild serve` once: it creates it"
+            )
+        return fail(
+            "state",
+            f"{path} does not exist and {parent} is not writable",
+            f"create {p.parent} owned by the maild user (mode 0750)",
+        )
     if not os.access(path, os.W_OK) or not os.access(p.parent, os.W_OK):
-        return fail("state", f"{path} (or its directory) is not writable by uid {os.getuid()}",
-                    f"chown the state directory {p.parent} to the user maild runs as")
+        return fail(
+            "state",
+            f"{path} (or its directory) is not writable by uid {os.getuid()}",
+            f"chown the state directory {p.parent} to the user maild runs as",
+        )
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         have = dict(db.execute("SELECT component, version FROM schema_version").fetchall())
         db.close()
     except sqlite3.Error as e:
-        return fail("state", f"{path}: {e}", "restore the state file from backup, or move it away "
-                    "and let maild create a new one")
-    behind = [f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in migrations.items() if have.get(c, 0) < len(m)]
-    ahead = [f"{c} v{v}>v{len(migrations[c])}" for c, v in have.items()
-             if c in migrations and v > len(migrations[c])]
+        return fail(
+            "state",
+            f"{path}: {e}",
+            "restore the state file from backup, or move it away and let maild create a new one",
+        )
+    behind = [
+        f"{c} v{have.get(c, 0)}<v{len(m)}" for c, m in migrations.items() if have.get(c, 0) < len(m)
+    ]
+    ahead = [
+        f"{c} v{v}>v{len(migrations[c])}"
+        for c, v in have.items()
+        if c in migrations and v > len(migrations[c])
+    ]
     if ahead:
-        return fail("state", f"schema newer than this maild knows ({', '.join(ahead)})",
-                    "upgrade maild to the version that wrote this state")
+        return fail(
+            "state",
+            f"schema newer than this maild knows ({', '.join(ahead)})",
+            "upgrade maild to the version that wrote this state",
+        )
     if behind:
-        return warn("state", f"schema older than this maild ({', '.join(behind)})",
-                    "restart `maild serve`: it migrates the schema at start")
+        return warn(
+            "state",
+            f"schema older than this maild ({', '.join(behind)})",
+            "restart `maild serve`: it migrates the schema at start",
+        )
     return ok("state", f"{path} writable, schema current")
 
 
 # ------------------------------------------------------------------------- daemon, SMTP
 
+
 def check_daemon(config: Config) -> Finding:
     st = daemon_status(config)
     if st is None:
-        return warn("daemon", "maild serve is not running (no live status file)",
-                    "systemctl start maild (or `make run` for a trial)")
+        return warn(
+            "daemon",
+            "maild serve is not running (no live status file)",
+            "systemctl start maild (or `make run` for a trial)",
+        )
     age = time.time() - st.get("written", 0)
     if age > 30:
-        return warn("daemon", f"pid {st['pid']} has not updated its status for {age:.0f}s",
-                    "the daemon may be hung: check `journalctl -u maild`, then restart it")
-    return ok("daemon", f"pid {st['pid']} up {time.time() - st['started']:.0f}s, "
-              f"{st['sessions']} sessions in flight")
+        return warn(
+            "daemon",
+            f"pid {st['pid']} has not updated its status for {age:.0f}s",
+            "the daemon may be hung: check `journalctl -u maild`, then restart it",
+        )
+    return ok(
+        "daemon",
+        f"pid {st['pid']} up {time.time() - st['started']:.0f}s, "
+        f"{st['sessions']} sessions in flight",
+    )
 
 
 def _running_differs(config: Config, key: str) -> str:
@@ -115,8 +148,11 @@ def _running_differs(config: Config, key: str) -> str:
     if st is None or not st.get(key) or st[key] == want:
         return ""
     pending = [r for r in st.get("restart_needed", []) if r.get("key") == key]
-    todo = (f"restart maild to apply the file ({pending[0]['why']})" if pending
-            else "`maild reload` applies the file")
+    todo = (
+        f"restart maild to apply the file ({pending[0]['why']})"
+        if pending
+        else "`maild reload` applies the file"
+    )
     return f"; the running daemon (pid {st['pid']}) uses {key} {st[key]}, not the file's {want}: {todo}"
 
 
@@ -125,28 +161,38 @@ def check_listen(config: Config) -> Finding:
     r = probe(host or "127.0.0.1", port, [], helo=config.server.hostname, timeout=5)
     other = _running_differs(config, "listen")
     if not r.connected:
-        return warn("listen", f"nothing answers on {host}:{port} ({r.error}){other}",
-                    "start `maild serve`; check [server] listen")
+        return warn(
+            "listen",
+            f"nothing answers on {host}:{port} ({r.error}){other}",
+            "start `maild serve`; check [server] listen",
+        )
     return ok("listen", f"{host}:{port} answers: {r.banner[:60]}{other}")
 
 
 DOWNSTREAM_FIX = "add the re-injection smtpd to master.cf (docs/postfix.md) and `postfix reload`"
 
 
-def downstream_verdict(host: str, port: int, *, error: str = "", answered: bool = True,
-                       xforward: bool = True) -> Finding:
+def downstream_verdict(
+    host: str, port: int, *, error: str = "", answered: bool = True, xforward: bool = True
+) -> Finding:
     """The downstream check's words, for doctor's probe and for the daemon's at start and
     reload: `error` when nothing usable answered (`answered`: something did, but refused
     the greeting or EHLO), else whether XFORWARD is offered to maild."""
     if error and not answered:
         return fail("downstream", f"cannot reach {host}:{port}: {error}", DOWNSTREAM_FIX)
     if error:
-        return fail("downstream", f"{host}:{port} did not answer EHLO ({error})",
-                    "point [server] downstream at Postfix's re-injection smtpd")
+        return fail(
+            "downstream",
+            f"{host}:{port} did not answer EHLO ({error})",
+            "point [server] downstream at Postfix's re-injection smtpd",
+        )
     if not xforward:
-        return warn("downstream", f"{host}:{port} answers EHLO but does not offer XFORWARD to maild",
-                    "add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to the re-injection "
-                    "service, so Postfix logs the real client")
+        return warn(
+            "downstream",
+            f"{host}:{port} answers EHLO but does not offer XFORWARD to maild",
+            "add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to the re-injection "
+            "service, so Postfix logs the real client",
+        )
     return ok("downstream", f"{host}:{port} answers EHLO and authorises XFORWARD")
 
 
@@ -165,6 +211,7 @@ def check_downstream(config: Config) -> Finding:
 
 # ------------------------------------------------------------------------- Postfix wiring
 
+
 class PostconfError(Exception):
     """postconf refused: its own message (e.g. a main.cf that is not there)."""
 
@@ -174,7 +221,9 @@ class PostconfMissing(PostconfError):
 
 
 def _run_postconf(args: list[str], confdir: str | None) -> str:
-    exe = shutil.which("postconf") or ("/usr/sbin/postconf" if os.path.exists("/usr/sbin/postconf") else None)
+    exe = shutil.which("postconf") or (
+        "/usr/sbin/postconf" if os.path.exists("/usr/sbin/postconf") else None
+    )
     if exe is None:
         raise PostconfMissing("postconf is not installed (not on PATH, not in /usr/sbin)")
     cmd = [exe] + (["-c", confdir] if confdir else []) + args
@@ -215,12 +264,20 @@ def check_postfix(config: Config, confdir: str | None) -> list[Finding]:
         params = _run_postconf(["-P"], confdir)
         services = _run_postconf(["-M"], confdir)
     except PostconfMissing as e:
-        return [warn("postfix", str(e), "install postfix on this host, or run doctor where "
-                     "Postfix runs")]
+        return [
+            warn(
+                "postfix", str(e), "install postfix on this host, or run doctor where Postfix runs"
+            )
+        ]
     except PostconfError as e:
-        return [warn("postfix", f"postconf{' -c ' + confdir if confdir else ''} failed: {e}",
-                     "pass --postfix-config DIR, the directory holding this Postfix's main.cf "
-                     "and master.cf (postconf -c DIR)")]
+        return [
+            warn(
+                "postfix",
+                f"postconf{' -c ' + confdir if confdir else ''} failed: {e}",
+                "pass --postfix-config DIR, the directory holding this Postfix's main.cf "
+                "and master.cf (postconf -c DIR)",
+            )
+        ]
     out: list[Finding] = []
     # master.cf services: "127.0.0.1:10026 inet n - n - - smtpd -o ..."
     svc_lines = [line.split() for line in services.splitlines() if line.strip()]
@@ -228,36 +285,63 @@ def check_postfix(config: Config, confdir: str | None) -> list[Finding]:
     for line in params.splitlines():
         m = re.match(r"^(\S+)/(\w+)/(\S+)\s*=\s*(.*)$", line)
         if m:
-            per_service.setdefault(f"{m.group(1)}/{m.group(2)}", {})[m.group(3)] = m.group(4).strip()
+            per_service.setdefault(f"{m.group(1)}/{m.group(2)}", {})[m.group(3)] = m.group(
+                4
+            ).strip()
     down = config.server.downstream
-    reinject = [f"{s[0]}/{s[1]}" for s in svc_lines
-                if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and _same(_hostport(s[0]), down)]
+    reinject = [
+        f"{s[0]}/{s[1]}"
+        for s in svc_lines
+        if len(s) >= 8 and s[1] == "inet" and s[7] == "smtpd" and _same(_hostport(s[0]), down)
+    ]
     if not reinject:
-        out.append(fail("postfix-reinject", f"no smtpd service listens on {down[0]}:{down[1]} in master.cf",
-                        "add the re-injection service from docs/postfix.md and `postfix reload`"))
+        out.append(
+            fail(
+                "postfix-reinject",
+                f"no smtpd service listens on {down[0]}:{down[1]} in master.cf",
+                "add the re-injection service from docs/postfix.md and `postfix reload`",
+            )
+        )
     else:
         opts = per_service.get(reinject[0], {})
         if opts.get("smtpd_proxy_filter"):
-            out.append(fail("postfix-reinject", f"{reinject[0]} has smtpd_proxy_filter set: mail would loop",
-                            f"set -o smtpd_proxy_filter= on {reinject[0]}"))
+            out.append(
+                fail(
+                    "postfix-reinject",
+                    f"{reinject[0]} has smtpd_proxy_filter set: mail would loop",
+                    f"set -o smtpd_proxy_filter= on {reinject[0]}",
+                )
+            )
         elif "smtpd_authorized_xforward_hosts" not in opts:
-            out.append(warn("postfix-reinject", f"{reinject[0]} does not set smtpd_authorized_xforward_hosts",
-                            f"add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to {reinject[0]}"))
+            out.append(
+                warn(
+                    "postfix-reinject",
+                    f"{reinject[0]} does not set smtpd_authorized_xforward_hosts",
+                    f"add -o smtpd_authorized_xforward_hosts=127.0.0.0/8 to {reinject[0]}",
+                )
+            )
         else:
             out.append(ok("postfix-reinject", f"{reinject[0]} is the re-injection smtpd"))
     if config.server.mode != "before-queue":
         return out
     listen = config.server.listen
-    filtered = [svc for svc, opts in per_service.items()
-                if _same(_hostport(opts.get("smtpd_proxy_filter", "")), listen)]
+    filtered = [
+        svc
+        for svc, opts in per_service.items()
+        if _same(_hostport(opts.get("smtpd_proxy_filter", "")), listen)
+    ]
     main_filter = (_postconf(["-h", "smtpd_proxy_filter"], confdir) or "").strip()
     if _same(_hostport(main_filter), listen):
         filtered.append("main.cf")
     if not filtered:
-        out.append(fail("postfix-proxy-filter",
-                        f"no smtpd service has smtpd_proxy_filter = {listen[0]}:{listen[1]}",
-                        f"add -o smtpd_proxy_filter={listen[0]}:{listen[1]} to the smtp (and submission) "
-                        "service in master.cf"))
+        out.append(
+            fail(
+                "postfix-proxy-filter",
+                f"no smtpd service has smtpd_proxy_filter = {listen[0]}:{listen[1]}",
+                f"add -o smtpd_proxy_filter={listen[0]}:{listen[1]} to the smtp (and submission) "
+                "service in master.cf",
+            )
+        )
         return out
     out.append(ok("postfix-proxy-filter", f"{', '.join(filtered)} hand sessions to maild"))
     main_timeout = (_postconf(["-h", "smtpd_proxy_timeout"], confdir) or "100s").strip()
@@ -266,25 +350,44 @@ def check_postfix(config: Config, confdir: str | None) -> list[Finding]:
         try:
             t = parse_duration(raw)
         except ValueError:
-            out.append(warn("postfix-proxy-timeout", f"{svc}: cannot read smtpd_proxy_timeout = {raw}",
-                            "write it as seconds, e.g. 100s"))
+            out.append(
+                warn(
+                    "postfix-proxy-timeout",
+                    f"{svc}: cannot read smtpd_proxy_timeout = {raw}",
+                    "write it as seconds, e.g. 100s",
+                )
+            )
             continue
         if t <= config.server.downstream_timeout:
-            out.append(fail("postfix-proxy-timeout",
-                            f"{svc}: smtpd_proxy_timeout = {raw} is not above maild's downstream_timeout "
-                            f"({config.server.downstream_timeout:g}s): a slow downstream would duplicate mail",
-                            "raise smtpd_proxy_timeout to 100s, or lower [server] downstream_timeout"))
+            out.append(
+                fail(
+                    "postfix-proxy-timeout",
+                    f"{svc}: smtpd_proxy_timeout = {raw} is not above maild's downstream_timeout "
+                    f"({config.server.downstream_timeout:g}s): a slow downstream would duplicate mail",
+                    "raise smtpd_proxy_timeout to 100s, or lower [server] downstream_timeout",
+                )
+            )
         else:
-            out.append(ok("postfix-proxy-timeout", f"{svc}: {raw} > downstream_timeout "
-                          f"{config.server.downstream_timeout:g}s"))
+            out.append(
+                ok(
+                    "postfix-proxy-timeout",
+                    f"{svc}: {raw} > downstream_timeout {config.server.downstream_timeout:g}s",
+                )
+            )
     auth_header = (_postconf(["-h", "smtpd_sasl_authenticated_header"], confdir) or "").strip()
     if auth_header != "yes":
-        out.append(warn("postfix-sasl-header", "smtpd_sasl_authenticated_header is not yes: maild "
-                        "cannot see SASL logins", "postconf -e smtpd_sasl_authenticated_header=yes"))
+        out.append(
+            warn(
+                "postfix-sasl-header",
+                "smtpd_sasl_authenticated_header is not yes: maild cannot see SASL logins",
+                "postconf -e smtpd_sasl_authenticated_header=yes",
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------- DNS, systemd
+
 
 def check_dns(config: Config) -> Finding:
     import dns.exception
@@ -294,8 +397,10 @@ def check_dns(config: Config) -> Finding:
     res = dns.resolver.Resolver(configure=not getattr(section, "nameservers", None))
     servers = getattr(section, "nameservers", None) or ()
     if servers:
-        res.nameservers = [s.rsplit(":", 1)[0].strip("[]") if s.count(":") == 1 or s.startswith("[")
-                           else s for s in servers]
+        res.nameservers = [
+            s.rsplit(":", 1)[0].strip("[]") if s.count(":") == 1 or s.startswith("[") else s
+            for s in servers
+        ]
         ports = {int(s.rsplit(":", 1)[1]) for s in servers if s.count(":") == 1 or "]:" in s}
         if ports:
             res.port = ports.pop()
@@ -306,20 +411,29 @@ def check_dns(config: Config) -> Finding:
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         pass  # an answer, even a negative one, is what we want to know about
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-        return fail("dns", f"the resolver did not answer for {name}: {type(e).__name__}",
-                    "check /etc/resolv.conf or [dns] nameservers; header checks tempfail without DNS")
+        return fail(
+            "dns",
+            f"the resolver did not answer for {name}: {type(e).__name__}",
+            "check /etc/resolv.conf or [dns] nameservers; header checks tempfail without DNS",
+        )
     return ok("dns", f"resolver answers ({', '.join(map(str, res.nameservers))})")
 
 
-UNIT_PATHS = ("/etc/systemd/system/maild.service", "/lib/systemd/system/maild.service",
-              "/usr/lib/systemd/system/maild.service")
+UNIT_PATHS = (
+    "/etc/systemd/system/maild.service",
+    "/lib/systemd/system/maild.service",
+    "/usr/lib/systemd/system/maild.service",
+)
 
 
 def check_systemd(config: Config, unit: str | None = None) -> Finding:
     path = unit or next((p for p in UNIT_PATHS if os.path.exists(p)), None)
     if path is None:
-        return warn("systemd", "maild.service is not installed", "install systemd/maild.service "
-                    "(docs/install.md)")
+        return warn(
+            "systemd",
+            "maild.service is not installed",
+            "install systemd/maild.service (docs/install.md)",
+        )
     text = Path(path).read_text()
     m = re.search(r"^User=(\S+)", text, re.M)
     user = m.group(1) if m else "root"
@@ -328,23 +442,35 @@ def check_systemd(config: Config, unit: str | None = None) -> Finding:
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        return fail("systemd", f"{path}: User={user} does not exist", f"adduser --system --group {user}")
+        return fail(
+            "systemd", f"{path}: User={user} does not exist", f"adduser --system --group {user}"
+        )
     state_dir = Path(resolve_state_path(config.server.state, config.path)).parent
     if state_dir.exists():
         st = state_dir.stat()
         if st.st_uid != pw.pw_uid:
-            return fail("systemd", f"{state_dir} belongs to uid {st.st_uid}, not {user}",
-                        f"chown -R {user}: {state_dir}")
+            return fail(
+                "systemd",
+                f"{state_dir} belongs to uid {st.st_uid}, not {user}",
+                f"chown -R {user}: {state_dir}",
+            )
     return ok("systemd", f"{path}: runs as {user}, who owns {state_dir}")
 
 
 # ------------------------------------------------------------------------- all together
 
-def run_all(config: Config, parts: Wiring, *, postfix_config: str | None = None,
-            unit: str | None = None) -> list[Finding]:
+
+def run_all(
+    config: Config, parts: Wiring, *, postfix_config: str | None = None, unit: str | None = None
+) -> list[Finding]:
     """Every check: maild's own, then the components' (parts.doctor_checks), then systemd."""
-    checks = [ok("config", f"{config.path} is valid"), check_state(config, parts.migrations),
-              check_daemon(config), check_listen(config), check_downstream(config)]
+    checks = [
+        ok("config", f"{config.path} is valid"),
+        check_state(config, parts.migrations),
+        check_daemon(config),
+        check_listen(config),
+        check_downstream(config),
+    ]
     checks += check_postfix(config, postfix_config)
     checks.append(check_dns(config))
     for extra in parts.doctor_checks:

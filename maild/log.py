@@ -79,7 +79,9 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = False) -> logging.Logger:
+def setup(
+    target: str = "syslog", level: int = logging.INFO, *, quiet: bool = False
+) -> logging.Logger:
     """Send the 'maild' logger to syslog (/dev/log), stderr, or a file path.
 
     'syslog' falls back to stderr (with a warning) where there is no /dev/log, as in a
@@ -106,9 +108,12 @@ def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = Fa
     else:
         handler = logging.FileHandler(target)
     if not isinstance(handler, _Syslog):
-        handler.setFormatter(_Formatter(
-            f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
-            datefmt="%b %d %H:%M:%S"))
+        handler.setFormatter(
+            _Formatter(
+                f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
+                datefmt="%b %d %H:%M:%S",
+            )
+        )
     logger.addHandler(handler)
     if fallback and not quiet:
         logger.warning("warning: %s", fallback)
@@ -118,8 +123,9 @@ def setup(target: str = "syslog", level: int = logging.INFO, *, quiet: bool = Fa
 decisions = logging.getLogger("maild.smtp")
 
 
-def decision_line(session: str, action: str, stage: str, client_label: str, reply: str,
-                  fields: dict[str, str]) -> str:
+def decision_line(
+    session: str, action: str, stage: str, client_label: str, reply: str, fields: dict[str, str]
+) -> str:
     """'SESSION: ACTION: STAGE from CLIENT: REPLY; k=v k=v' (Postfix's reject line form)."""
     kv = " ".join(f"{k}={clean(v)}" for k, v in fields.items())
     return f"{session}: {action}: {stage} from {clean(client_label)}: {clean(reply, 400)}; {kv}"

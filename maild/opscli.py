@@ -13,9 +13,14 @@ from maild.clitools import echo_json, load_config, open_store, parse_since, run_
 
 
 @click.command()
-@click.option("--postfix-config", metavar="DIR", help="Postfix configuration directory to read "
-              "with postconf (default: Postfix's own).")
-@click.option("--unit", metavar="FILE", help="The systemd unit to check (default: the installed one).")
+@click.option(
+    "--postfix-config",
+    metavar="DIR",
+    help="Postfix configuration directory to read with postconf (default: Postfix's own).",
+)
+@click.option(
+    "--unit", metavar="FILE", help="The systemd unit to check (default: the installed one)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(postfix_config: str | None, unit: str | None, as_json: bool) -> None:
     """Check that this deployment is wired right: one line per check, with the fix.
@@ -33,13 +38,20 @@ def doctor(postfix_config: str | None, unit: str | None, as_json: bool) -> None:
             click.echo(c.line())
     sys.exit(doc.exit_code(checks))
 
+
 @click.group()
 def postmaster() -> None:
     """Postmaster acceptance (RFC 5321 4.5.1, RFC 2142)."""
 
+
 @postmaster.command("check")
-@click.option("--postfix", "postfix_addr", metavar="HOST:PORT", default=None,
-              help="Postfix to probe directly (default: [server] downstream).")
+@click.option(
+    "--postfix",
+    "postfix_addr",
+    metavar="HOST:PORT",
+    default=None,
+    help="Postfix to probe directly (default: [server] downstream).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def postmaster_check(postfix_addr: str | None, as_json: bool) -> None:
     """Probe postmaster@ and abuse@ every hosted domain, through maild and at Postfix.
@@ -54,13 +66,16 @@ def postmaster_check(postfix_addr: str | None, as_json: bool) -> None:
     try:
         direct = parse_hostport(postfix_addr) if postfix_addr else config.server.downstream
     except ValueError:
-        raise click.BadParameter(f"{postfix_addr!r}: expected HOST:PORT", param_hint="--postfix") from None
+        raise click.BadParameter(
+            f"{postfix_addr!r}: expected HOST:PORT", param_hint="--postfix"
+        ) from None
     listen = config.server.listen
     targets = {"maild": (listen[0] or "127.0.0.1", listen[1]), "postfix": direct}
     domains = list(config.postmaster.domains) + list(config.postmaster.hostnames)
     rcpts = [f"{lp}@{d}" for d in domains for lp in config.postmaster.local_parts]
-    results = {name: probe(h, p, rcpts, helo=config.server.hostname)
-               for name, (h, p) in targets.items()}
+    results = {
+        name: probe(h, p, rcpts, helo=config.server.hostname) for name, (h, p) in targets.items()
+    }
     rows: list[dict[str, Any]] = []  # JSON: the address, then {code, reply} per target
     bad = 0
     for d in domains:
@@ -79,17 +94,29 @@ def postmaster_check(postfix_addr: str | None, as_json: bool) -> None:
             parts = []
             for name in targets:
                 code, text = row[name]["code"], row[name]["reply"]
-                parts.append(f"{name}={'OK' if 200 <= code < 300 else 'FAIL'}({code or '-'}"
-                             f"{'' if 200 <= code < 300 else ' ' + text[:80]})")
+                parts.append(
+                    f"{name}={'OK' if 200 <= code < 300 else 'FAIL'}({code or '-'}"
+                    f"{'' if 200 <= code < 300 else ' ' + text[:80]})"
+                )
             click.echo(f"{row['address']}: " + " ".join(parts))
     sys.exit(1 if bad else 0)
 
+
 @click.command()
-@click.option("--since", default="24h", show_default=True, metavar="DURATION",
-              help="Report on this much of the past (e.g. 1h, 24h, 7d).")
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="Report on this much of the past (e.g. 1h, 24h, 7d).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--mail", "mail", is_flag=True, help="Also mail the report to postmaster through "
-              "the downstream.")
+@click.option(
+    "--mail",
+    "mail",
+    is_flag=True,
+    help="Also mail the report to postmaster through the downstream.",
+)
 def report(since: str, as_json: bool, mail: bool) -> None:
     """What maild did: relayed and refused mail per rule and customer, top senders,
     warnings and blocks, list mail refused, retention deletions and quota changes."""
@@ -102,15 +129,21 @@ def report(since: str, as_json: bool, mail: bool) -> None:
     async def go() -> dict:
         store = await open_store(config)
         try:
-            data = await rep.build(store, config, start, time.time(), sections=wiring().report_sections)
+            data = await rep.build(
+                store, config, start, time.time(), sections=wiring().report_sections
+            )
         finally:
             await store.close()
         if mail:
             from maild.smtp.downstream import Downstream
 
             host, port = config.server.downstream
-            ds = Downstream(host, port, local_hostname=config.server.hostname,
-                            timeout=config.server.downstream_timeout)
+            ds = Downstream(
+                host,
+                port,
+                local_hostname=config.server.hostname,
+                timeout=config.server.downstream_timeout,
+            )
             try:
                 data["mailed"] = await rep.send(ds, config, data)
             finally:
@@ -124,6 +157,7 @@ def report(since: str, as_json: bool, mail: bool) -> None:
         click.echo(rep.as_text(data), nl=False)
     if mail and not data.get("mailed"):
         raise click.ClickException("the report could not be mailed: is the downstream up?")
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -147,21 +181,28 @@ def status(as_json: bool) -> None:
     if as_json:
         echo_json(st)
         return
-    click.echo(f"maild {st['version']} pid {st['pid']}: up {st['uptime']}s, mode {st['mode']}, "
-               f"listen {st['listen']} -> {st['downstream']}")
+    click.echo(
+        f"maild {st['version']} pid {st['pid']}: up {st['uptime']}s, mode {st['mode']}, "
+        f"listen {st['listen']} -> {st['downstream']}"
+    )
     click.echo(f"  state: {st.get('state', '-')}")
     for r in st.get("restart_needed", []):
         click.echo(f"  not in effect until a restart: {_pending(r)}")
-    click.echo(f"  sessions in flight: {st['sessions']}; downstream connections: "
-               f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle")
+    click.echo(
+        f"  sessions in flight: {st['sessions']}; downstream connections: "
+        f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle"
+    )
     for line in _limits_lines(st.get("limits")):
         click.echo("  " + line)
-    click.echo(f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
-               f"tempfailed {st['tempfailed']}")
+    click.echo(
+        f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
+        f"tempfailed {st['tempfailed']}"
+    )
     if st["blocked_customers"]:
         click.echo(f"  blocked customers: {', '.join(st['blocked_customers'])}")
     for j in st["jobs"]:
         click.echo(f"  next {j['id']}: {j['next_run'] or '-'}")
+
 
 @click.command()
 def reload() -> None:
@@ -180,20 +221,26 @@ def reload() -> None:
         raise click.ClickException(
             "maild is not running (no live status file beside [server] state, no pid_file); "
             "under systemd use `systemctl reload maild`; if you changed [server] state, that "
-            "needs `systemctl restart maild`")
+            "needs `systemctl restart maild`"
+        )
     if answer.outcome == "timeout" and answer.status is None:
         raise click.ClickException(
             f"reload sent to maild pid {answer.pid}, but it wrote no status file beside "
-            f"[server] state = {config.server.state}: cannot tell what took effect; see its log")
+            f"[server] state = {config.server.state}: cannot tell what took effect; see its log"
+        )
     if answer.signal_error or answer.outcome == "timeout":
         raise click.ClickException(
-            answer.signal_error or f"maild pid {answer.pid} did not confirm the reload within "
-            f"{daemonctl.WAIT:g}s; see its log")
+            answer.signal_error
+            or f"maild pid {answer.pid} did not confirm the reload within "
+            f"{daemonctl.WAIT:g}s; see its log"
+        )
     assert answer.status is not None
     result, st = answer.status["reload"], answer.status
     if result["refused"]:
-        raise click.ClickException("the daemon refused the reload and keeps the running "
-                                   "policy: " + "; ".join(result["refused"]))
+        raise click.ClickException(
+            "the daemon refused the reload and keeps the running "
+            "policy: " + "; ".join(result["refused"])
+        )
     click.echo(f"reload: maild pid {answer.pid} reloaded {config.path}")
     for key in result["applied"]:
         click.echo(f"  {key} now {st[key]} (sessions in flight finish on the old one)")
@@ -204,6 +251,8 @@ def reload() -> None:
             click.echo(f"  not in effect until a restart: {_pending(r)}", err=True)
         click.echo("  restart maild to apply them (systemctl restart maild)", err=True)
         sys.exit(1)
+
+
 def _pending(r: dict) -> str:
     """One restart_needed entry of the status file, as `maild status` and `reload` print it."""
     empty = '""'
@@ -230,4 +279,3 @@ def _limits_lines(lim: dict | None) -> list[str]:
         f"customers and postmaster), busiest client {d['busiest_client']} of "
         f"{d['per_client_max']}; {d['busy']} transactions answered 451 4.4.5",
     ]
-

@@ -31,23 +31,29 @@ def check_files(config_path: str, state_path: str) -> None:
     except OSError as e:
         raise PrivilegeError(f"cannot stat {p}: {e.strerror}") from None
     if st.st_mode & stat.S_IWOTH:
-        raise PrivilegeError(f"{p} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
-                             f"could change the policy; run: chmod o-w {p}")
+        raise PrivilegeError(
+            f"{p} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
+            f"could change the policy; run: chmod o-w {p}"
+        )
     d = Path(state_path).parent
     if d.exists():
         dst = d.stat()
         if dst.st_mode & stat.S_IWOTH:
-            raise PrivilegeError(f"state directory {d} is world-writable (mode "
-                                 f"{stat.S_IMODE(dst.st_mode):04o}): anyone could alter maild's state "
-                                 f"and evidence; run: chmod o-w {d}")
+            raise PrivilegeError(
+                f"state directory {d} is world-writable (mode "
+                f"{stat.S_IMODE(dst.st_mode):04o}): anyone could alter maild's state "
+                f"and evidence; run: chmod o-w {d}"
+            )
 
 
 def resolve_user(name: str) -> tuple[int, int, list[int]]:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        raise PrivilegeError(f"[server] user = \"{name}\": no such user; create it with "
-                             f"adduser --system --group {name}") from None
+        raise PrivilegeError(
+            f'[server] user = "{name}": no such user; create it with '
+            f"adduser --system --group {name}"
+        ) from None
     groups = [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
     return pw.pw_uid, pw.pw_gid, sorted({pw.pw_gid, *groups})
 
@@ -66,18 +72,49 @@ def prepare_state_dir(state_path: str, uid: int, gid: int) -> None:
 # standard library's and the dependencies'; maild's own modules come from the components
 # (maild.components, preloads).
 PRELOAD = (
-    "sqlite3", "aiosqlite", "email.parser",
-    "email.policy", "email.headerregistry", "email.feedparser", "email.generator",
-    "email.mime.text", "email.utils", "email._header_value_parser", "html.parser", "hashlib",
-    "encodings.idna", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
-    "encodings.utf_16", "encodings.punycode", "stringprep", "unicodedata", "zlib", "gzip",
-    "json", "uuid", "dns.asyncresolver", "dns.resolver", "dns.rdtypes.ANY.MX",
-    "dns.rdtypes.IN.A", "dns.rdtypes.IN.AAAA", "dns.rdtypes.ANY.TXT", "dns.rdtypes.ANY.CNAME",
-    "dns.rdtypes.ANY.SOA", "dns.rdtypes.ANY.NS", "dns.rdtypes.ANY.PTR",
-    "apscheduler.schedulers.asyncio", "apscheduler.triggers.cron",
-    "apscheduler.triggers.interval", "apscheduler.executors.asyncio",
-    "apscheduler.executors.pool", "apscheduler.jobstores.memory",
-    "concurrent.futures.thread", "tzlocal", "zoneinfo",
+    "sqlite3",
+    "aiosqlite",
+    "email.parser",
+    "email.policy",
+    "email.headerregistry",
+    "email.feedparser",
+    "email.generator",
+    "email.mime.text",
+    "email.utils",
+    "email._header_value_parser",
+    "html.parser",
+    "hashlib",
+    "encodings.idna",
+    "encodings.utf_8",
+    "encodings.latin_1",
+    "encodings.ascii",
+    "encodings.utf_16",
+    "encodings.punycode",
+    "stringprep",
+    "unicodedata",
+    "zlib",
+    "gzip",
+    "json",
+    "uuid",
+    "dns.asyncresolver",
+    "dns.resolver",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "dns.rdtypes.ANY.TXT",
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.SOA",
+    "dns.rdtypes.ANY.NS",
+    "dns.rdtypes.ANY.PTR",
+    "apscheduler.schedulers.asyncio",
+    "apscheduler.triggers.cron",
+    "apscheduler.triggers.interval",
+    "apscheduler.executors.asyncio",
+    "apscheduler.executors.pool",
+    "apscheduler.jobstores.memory",
+    "concurrent.futures.thread",
+    "tzlocal",
+    "zoneinfo",
 )
 
 
@@ -103,7 +140,7 @@ def drop(user: str, state_path: str, own: Sequence[str] = ()) -> tuple[int, int]
     uid, gid, groups = resolve_user(user)
     preload(own)
     if uid == 0:
-        raise PrivilegeError(f"[server] user = \"{user}\" is root: choose an unprivileged user")
+        raise PrivilegeError(f'[server] user = "{user}" is root: choose an unprivileged user')
     prepare_state_dir(state_path, uid, gid)
     os.setgroups(groups)
     os.setgid(gid)

@@ -24,12 +24,20 @@ class ProbeResult:
         return 200 <= code < 300
 
 
-def probe(host: str, port: int, rcpts: list[str], *, helo: str, timeout: float = 15.0,
-          source: str | None = None) -> ProbeResult:
+def probe(
+    host: str,
+    port: int,
+    rcpts: list[str],
+    *,
+    helo: str,
+    timeout: float = 15.0,
+    source: str | None = None,
+) -> ProbeResult:
     res = ProbeResult(f"{host}:{port}")
     try:
-        s = smtplib.SMTP(timeout=timeout, local_hostname=helo,
-                         source_address=(source, 0) if source else None)
+        s = smtplib.SMTP(
+            timeout=timeout, local_hostname=helo, source_address=(source, 0) if source else None
+        )
         code, msg = s.connect(host, port)
         res.connected, res.banner = True, f"{code} {msg.decode(errors='replace')}"
         code, _ = s.ehlo(helo)

@@ -90,7 +90,7 @@ def body_text(content: bytes) -> str:
 
 def _raw_text(content: bytes) -> str:
     end = content.find(b"\r\n\r\n")
-    body = content[end + 4 if end >= 0 else 0:][:_MAX_TEXT]
+    body = content[end + 4 if end >= 0 else 0 :][:_MAX_TEXT]
     text = body.decode("utf-8", "replace")
     return html_to_text(text) if "<" in text else text
 
@@ -139,8 +139,11 @@ def normalise(text: str, volatile: Set[str] = frozenset()) -> list[str]:
         text = _URL.sub(lambda m: " " + m.group(1) + " ", text)
     if "@" in text:
         text = _EMAIL.sub(" @ ", text)
-    return [w for t in _TOKEN.findall(text.lower())
-            if (w := "#" if t.isdecimal() else t) not in volatile]
+    return [
+        w
+        for t in _TOKEN.findall(text.lower())
+        if (w := "#" if t.isdecimal() else t) not in volatile
+    ]
 
 
 def signature(words: list[str]) -> tuple[int, ...] | None:
@@ -156,9 +159,18 @@ def signature(words: list[str]) -> tuple[int, ...] | None:
     b2, key, unpack = hashlib.blake2b, _KEY, _UNPACK
     mins: list[int] | None = None
     for i in range(0, len(shingles), _BATCH):
-        batch = map(min, zip(*[unpack(b2(sh.encode("utf-8", "surrogatepass"), digest_size=64,
-                                            key=key).digest())
-                                for sh in shingles[i:i + _BATCH]], strict=True))
+        batch = map(
+            min,
+            zip(
+                *[
+                    unpack(
+                        b2(sh.encode("utf-8", "surrogatepass"), digest_size=64, key=key).digest()
+                    )
+                    for sh in shingles[i : i + _BATCH]
+                ],
+                strict=True,
+            ),
+        )
         mins = list(batch) if mins is None else list(map(min, mins, batch))
     assert mins is not None
     return tuple(mins)

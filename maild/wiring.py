@@ -35,9 +35,17 @@ class Wiring:
     def load(self, path: str | Path) -> cfg.Config:
         return cfg.load(path, sections=self.sections, customer_keys=self.customer_keys)
 
-    async def open_store(self, state: str, config_path: str = ".", *, migrate: bool = True,
-                         check: bool = False, init: bool = False) -> Store:
+    async def open_store(
+        self,
+        state: str,
+        config_path: str = ".",
+        *,
+        migrate: bool = True,
+        check: bool = False,
+        init: bool = False,
+    ) -> Store:
         from maild.store.backend import open_store
 
-        return await open_store(state, config_path, migrations=self.migrations,
-                                migrate=migrate, check=check, init=init)
+        return await open_store(
+            state, config_path, migrations=self.migrations, migrate=migrate, check=check, init=init
+        )

@@ -17,22 +17,25 @@ from maild.address import (
 HOSTED = frozenset({"hosted.example", "mx.hosted.example"})
 
 
-@pytest.mark.parametrize("path, dests", [
-    ("<bob@hosted.example>", {"hosted.example"}),
-    ("<Bob@HOSTED.Example.>", {"hosted.example"}),
-    ("<relaytest%outside.example@hosted.example>", {"hosted.example", "outside.example"}),
-    ("<relaytest%outside.example@[127.0.0.1]>", {"[127.0.0.1]", "outside.example"}),
-    ('<"relaytest@outside.example">', {"", "outside.example"}),
-    ('<"relaytest%outside.example">', {"", "outside.example"}),
-    ("<relaytest@outside.example@[127.0.0.1]>", {"outside.example", "[127.0.0.1]"}),
-    ('<"relaytest@outside.example"@[127.0.0.1]>', {"outside.example", "[127.0.0.1]"}),
-    ("<relaytest@outside.example@hosted.example>", {"outside.example", "hosted.example"}),
-    ("<@[127.0.0.1]:relaytest@outside.example>", {"[127.0.0.1]", "outside.example"}),
-    ("<@hosted.example:relaytest@outside.example>", {"hosted.example", "outside.example"}),
-    ("<outside.example!relaytest>", {"outside.example", ""}),
-    ("<outside.example!relaytest@hosted.example>", {"outside.example", "hosted.example"}),
-    ("<a!b!user@hosted.example>", {"a", "b", "hosted.example"}),
-])
+@pytest.mark.parametrize(
+    "path, dests",
+    [
+        ("<bob@hosted.example>", {"hosted.example"}),
+        ("<Bob@HOSTED.Example.>", {"hosted.example"}),
+        ("<relaytest%outside.example@hosted.example>", {"hosted.example", "outside.example"}),
+        ("<relaytest%outside.example@[127.0.0.1]>", {"[127.0.0.1]", "outside.example"}),
+        ('<"relaytest@outside.example">', {"", "outside.example"}),
+        ('<"relaytest%outside.example">', {"", "outside.example"}),
+        ("<relaytest@outside.example@[127.0.0.1]>", {"outside.example", "[127.0.0.1]"}),
+        ('<"relaytest@outside.example"@[127.0.0.1]>', {"outside.example", "[127.0.0.1]"}),
+        ("<relaytest@outside.example@hosted.example>", {"outside.example", "hosted.example"}),
+        ("<@[127.0.0.1]:relaytest@outside.example>", {"[127.0.0.1]", "outside.example"}),
+        ("<@hosted.example:relaytest@outside.example>", {"hosted.example", "outside.example"}),
+        ("<outside.example!relaytest>", {"outside.example", ""}),
+        ("<outside.example!relaytest@hosted.example>", {"outside.example", "hosted.example"}),
+        ("<a!b!user@hosted.example>", {"a", "b", "hosted.example"}),
+    ],
+)
 def test_destinations_cover_every_reading(path, dests):
     assert parse_path(path).destinations() == frozenset(dests)
 
@@ -58,7 +61,9 @@ def test_null_path():
 
 def test_split_arg_with_params_and_quoted_bracket():
     assert split_arg('<"a>b"@x.example> SIZE=10 BODY=8BITMIME') == (
-        '<"a>b"@x.example>', "SIZE=10 BODY=8BITMIME")
+        '<"a>b"@x.example>',
+        "SIZE=10 BODY=8BITMIME",
+    )
     assert split_arg("bob@x.example NOTIFY=NEVER") == ("bob@x.example", "NOTIFY=NEVER")
 
 
@@ -69,7 +74,11 @@ def test_malformed_paths_raise(bad):
 
 
 def test_params():
-    assert parse_params("SIZE=100 BODY=8BITMIME SMTPUTF8") == ["SIZE=100", "BODY=8BITMIME", "SMTPUTF8"]
+    assert parse_params("SIZE=100 BODY=8BITMIME SMTPUTF8") == [
+        "SIZE=100",
+        "BODY=8BITMIME",
+        "SMTPUTF8",
+    ]
     with pytest.raises(PathError):
         parse_params("SIZE= ")
     with pytest.raises(PathError):
@@ -97,15 +106,18 @@ def test_parser_never_crashes(text):
     assert isinstance(a.destinations(), frozenset)
 
 
-@pytest.mark.parametrize(("wire", "kind"), [
-    (b"<bob@hosted.example>", None),
-    ("<bøb@hosted.example>".encode(), "utf-8"),
-    ("<用户@例子.广告>".encode(), "utf-8"),
-    (b"<b\xffb@hosted.example>", "malformed"),
-    (b"<b\xc3@hosted.example>", "malformed"),  # a truncated sequence
-    (b"<b\xc0\xafb@hosted.example>", "malformed"),  # an overlong '/'
-    (b"<b\xed\xa0\x80b@hosted.example>", "malformed"),  # an encoded surrogate
-])
+@pytest.mark.parametrize(
+    ("wire", "kind"),
+    [
+        (b"<bob@hosted.example>", None),
+        ("<bøb@hosted.example>".encode(), "utf-8"),
+        ("<用户@例子.广告>".encode(), "utf-8"),
+        (b"<b\xffb@hosted.example>", "malformed"),
+        (b"<b\xc3@hosted.example>", "malformed"),  # a truncated sequence
+        (b"<b\xc0\xafb@hosted.example>", "malformed"),  # an overlong '/'
+        (b"<b\xed\xa0\x80b@hosted.example>", "malformed"),  # an encoded surrogate
+    ],
+)
 def test_eight_bit_tells_utf8_from_other_bytes(wire, kind):
     """As aiosmtpd hands a command argument over: UTF-8 with surrogateescape."""
     assert eight_bit(wire.decode("utf-8", "surrogateescape")) == kind

@@ -28,10 +28,21 @@ def need_postfix() -> None:
 
 def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = 180) -> dict:
     out = tmp_path / f"{name}.json"
-    args = [*PRESETS["smoke"][name], *extra, "--workdir", str(tmp_path / "work"),
-            "--json", str(out)]
-    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    args = [
+        *PRESETS["smoke"][name],
+        *extra,
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"bench.{name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
     assert result["benchmark"] == name
@@ -103,8 +114,10 @@ def test_peers_smoke(tmp_path):
 def test_peers_report_names_what_is_not_installed(tmp_path):
     """A configuration that cannot run is a row that says so, and its targets are n/a."""
     args = type("Args", (), {"messages": 10, "sessions": 1, "size": 2048, "reps": 1})
-    peers = [Peer(n, tmp_path, missing="not installed (rspamd, redis-server)" if n == "rspamd"
-                  else "") for n in CONFIGS]
+    peers = [
+        Peer(n, tmp_path, missing="not installed (rspamd, redis-server)" if n == "rspamd" else "")
+        for n in CONFIGS
+    ]
     for p in peers:
         if p.name != "rspamd":
             p.rates.add(100.0)
@@ -117,8 +130,10 @@ def test_peers_report_names_what_is_not_installed(tmp_path):
 
 def test_write_docs_keeps_the_analysis(tmp_path):
     doc = tmp_path / "BENCHMARKS.md"
-    doc.write_text("# B\n\nanalysis by hand\n\n<!-- bench:memory -->\nold\n<!-- /bench:memory -->\n"
-                   "\nmore analysis\n")
+    doc.write_text(
+        "# B\n\nanalysis by hand\n\n<!-- bench:memory -->\nold\n<!-- /bench:memory -->\n"
+        "\nmore analysis\n"
+    )
     write_docs({"memory": {"markdown": "| new |\n"}}, {"cores": 2}, "python -m bench.run", doc)
     text = doc.read_text()
     assert "analysis by hand" in text and "more analysis" in text

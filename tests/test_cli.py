@@ -30,12 +30,18 @@ def test_check_config_ok():
     assert r.returncode == 0 and "OK" in r.stdout
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[server\nmode = 1", "TOML syntax error"),
-    ('[server]\nmode = "sideways"\n', 'server.mode = "sideways": expected one of'),
-    ('[server]\nlisten = 25\n[postmaster]\ndomains = ["x"]\n', "server.listen = 25: expected HOST:PORT"),
-    ("[[customers]]\nnetworks = ['bad']\n", "customers[0].name is missing"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[server\nmode = 1", "TOML syntax error"),
+        ('[server]\nmode = "sideways"\n', 'server.mode = "sideways": expected one of'),
+        (
+            '[server]\nlisten = 25\n[postmaster]\ndomains = ["x"]\n',
+            "server.listen = 25: expected HOST:PORT",
+        ),
+        ("[[customers]]\nnetworks = ['bad']\n", "customers[0].name is missing"),
+    ],
+)
 def test_broken_config_is_exit_2_with_a_readable_error(tmp_path, text, needle):
     p = tmp_path / "p.toml"
     p.write_text(text)
@@ -74,10 +80,23 @@ def seed_decisions(db: Path, decisions: list[tuple[str, str, str]]) -> None:
         store = await open_store(str(db))
         dl = DecisionLog(store)
         for i, (action, rule, customer) in enumerate(decisions):
-            dl.add(DecisionRow(ts=time.time() - 7200 + i, session=f"S{i}", stage="RCPT",
-                               action=action, code=250, status="2.0.0", reason="r", rule=rule,
-                               client_name="unknown", client_addr="192.0.2.1", customer=customer,
-                               sender="a@b.example", recipient=f"r{i}@h.example"))
+            dl.add(
+                DecisionRow(
+                    ts=time.time() - 7200 + i,
+                    session=f"S{i}",
+                    stage="RCPT",
+                    action=action,
+                    code=250,
+                    status="2.0.0",
+                    reason="r",
+                    rule=rule,
+                    client_name="unknown",
+                    client_addr="192.0.2.1",
+                    customer=customer,
+                    sender="a@b.example",
+                    recipient=f"r{i}@h.example",
+                )
+            )
         await dl.stop()
         await store.close()
 
@@ -86,8 +105,12 @@ def seed_decisions(db: Path, decisions: list[tuple[str, str, str]]) -> None:
 
 def test_log_filters_and_json(tmp_path):
     db = tmp_path / "state.db"
-    (tmp_path / "p.toml").write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n')
-    seed_decisions(db, [("relay", "-", "-"), ("reject", "relay", "-"), ("tempfail", "downstream", "-")])
+    (tmp_path / "p.toml").write_text(
+        f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n'
+    )
+    seed_decisions(
+        db, [("relay", "-", "-"), ("reject", "relay", "-"), ("tempfail", "downstream", "-")]
+    )
     r = run("log", "-c", str(tmp_path / "p.toml"), "--json", "--action", "reject")
     rows = json.loads(r.stdout)
     assert r.returncode == 0 and [x["session"] for x in rows] == ["S1"]
@@ -102,15 +125,20 @@ def test_log_filters_and_json(tmp_path):
 def test_log_names_an_unknown_customer_and_one_without_decisions(tmp_path):
     db = tmp_path / "state.db"
     policy = tmp_path / "p.toml"
-    policy.write_text(f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n'
-                      '[[customers]]\nname = "acme"\n[[customers]]\nname = "beta"\n')
+    policy.write_text(
+        f'[server]\nstate = "{db}"\n[postmaster]\ndomains = ["h.example"]\n'
+        '[[customers]]\nname = "acme"\n[[customers]]\nname = "beta"\n'
+    )
     # "gone" was a customer once: no longer in policies.toml, still in the decision log
     seed_decisions(db, [("relay", "-", "acme"), ("relay", "-", "gone")])
     r = run("log", "-c", str(policy), "--customer", "nosuch")
     assert r.returncode == 2 and "unknown customer nosuch (known: acme, beta;" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     r = run("log", "-c", str(policy), "--customer", "beta")
-    assert r.returncode == 0 and r.stderr.strip() == "customer beta has no decisions in the state store"
+    assert (
+        r.returncode == 0
+        and r.stderr.strip() == "customer beta has no decisions in the state store"
+    )
     r = run("log", "-c", str(policy), "--customer", "acme", "--action", "reject")
     assert r.returncode == 0 and r.stderr.strip() == "no decisions of customer acme match"
     r = run("log", "-c", str(policy), "--customer", "gone")

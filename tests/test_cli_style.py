@@ -31,8 +31,11 @@ def nested_commands(root: Path = ROOT / "maild") -> list[str]:
             if not isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             for inner in ast.walk(outer):
-                if inner is not outer and isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef) \
-                        and any(_is_click_decorator(d) for d in inner.decorator_list):
+                if (
+                    inner is not outer
+                    and isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and any(_is_click_decorator(d) for d in inner.decorator_list)
+                ):
                     found.append(f"{path.relative_to(root.parent)}:{inner.lineno} {inner.name}")
     return found
 

@@ -28,9 +28,15 @@ def test_defaults_from_minimal_file():
 
 
 def test_values_are_typed_and_frozen():
-    c = parse({**MINIMAL, "server": {"limits": {"message_size": "10MB", "data_timeout": "2m"}},
-               "customers": [{"name": "acme", "networks": ["192.0.2.0/24"],
-                              "domains": ["Acme.Example."]}]})
+    c = parse(
+        {
+            **MINIMAL,
+            "server": {"limits": {"message_size": "10MB", "data_timeout": "2m"}},
+            "customers": [
+                {"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["Acme.Example."]}
+            ],
+        }
+    )
     assert c.server.limits.message_size == 10 * 1024 * 1024
     assert c.server.limits.data_timeout == 120
     assert c.customers[0].domains == ("acme.example",)
@@ -40,10 +46,19 @@ def test_values_are_typed_and_frozen():
 
 def test_every_problem_is_reported_with_key_value_and_fix():
     with pytest.raises(ConfigError) as e:
-        parse({"server": {"mode": "sideways", "listen": "nowhere", "downstream_timeout": "120s",
-                          "limits": {"max_sessions": 0, "message_size": "huge"}, "colour": 1},
-               "customers": [{"name": "a b", "networks": ["300.1.1.1"]}, {"networks": []}],
-               "postmaster": {"domains": ["not a domain"], "local_parts": ["abuse"]}})
+        parse(
+            {
+                "server": {
+                    "mode": "sideways",
+                    "listen": "nowhere",
+                    "downstream_timeout": "120s",
+                    "limits": {"max_sessions": 0, "message_size": "huge"},
+                    "colour": 1,
+                },
+                "customers": [{"name": "a b", "networks": ["300.1.1.1"]}, {"networks": []}],
+                "postmaster": {"domains": ["not a domain"], "local_parts": ["abuse"]},
+            }
+        )
     text = str(e.value)
     for needle in [
         'server.mode = "sideways": expected one of "before-queue", "front"',
@@ -56,7 +71,7 @@ def test_every_problem_is_reported_with_key_value_and_fix():
         'customers[0].networks[0] = "300.1.1.1": expected an IP address or CIDR network',
         "customers[1].name is missing",
         'postmaster.domains[0] = "not a domain"',
-        'postmaster.local_parts = [\'abuse\']: expected a list that includes "postmaster"',
+        "postmaster.local_parts = ['abuse']: expected a list that includes \"postmaster\"",
     ]:
         assert needle in text, needle
     assert len(e.value.problems) >= 11
@@ -80,14 +95,18 @@ def test_missing_file(tmp_path):
         load(tmp_path / "nope.toml")
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("5m", 300), ("2h", 7200), ("7d", 604800),
-                                           (30, 30), ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90), ("5m", 300), ("2h", 7200), ("7d", 604800), (30, 30), ("250ms", 0.25)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text, n", [("1M", 1048576), ("25MB", 26214400), ("512k", 524288),
-                                     (1000, 1000), ("1MiB", 1048576)])
+@pytest.mark.parametrize(
+    "text, n",
+    [("1M", 1048576), ("25MB", 26214400), ("512k", 524288), (1000, 1000), ("1MiB", 1048576)],
+)
 def test_parse_size(text, n):
     assert parse_size(text) == n
 
@@ -115,11 +134,20 @@ def test_section_parsers_are_arguments():
 
 def test_an_unknown_key_names_the_near_one():
     with pytest.raises(ConfigError) as e:
-        parse({**MINIMAL, "customers": [{"name": "acme", "contakt": "ops@acme.example"}],
-               "server": {"downstram": "127.0.0.1:10026", "colour": 1}})
+        parse(
+            {
+                **MINIMAL,
+                "customers": [{"name": "acme", "contakt": "ops@acme.example"}],
+                "server": {"downstram": "127.0.0.1:10026", "colour": 1},
+            }
+        )
     problems = e.value.problems
-    assert "customers[0].contakt: unknown key (did you mean customers[0].contact? see " \
-           "docs/policies.md)" in problems
-    assert "server.downstram: unknown key (did you mean server.downstream? see docs/policies.md)" \
-           in problems
+    assert (
+        "customers[0].contakt: unknown key (did you mean customers[0].contact? see "
+        "docs/policies.md)" in problems
+    )
+    assert (
+        "server.downstram: unknown key (did you mean server.downstream? see docs/policies.md)"
+        in problems
+    )
     assert "server.colour: unknown key (misspelt? see docs/policies.md)" in problems

@@ -51,37 +51,43 @@ def clock(monkeypatch):
 
 
 def configure(server: DnsServer, **dns: object) -> None:
-    maild_dns.configure(parse({"dns": {"nameservers": [server.nameserver], "timeout": "500ms",
-                                       **dns}}))
+    maild_dns.configure(
+        parse({"dns": {"nameservers": [server.nameserver], "timeout": "500ms", **dns}})
+    )
     server.reset_counts()
 
 
-@pytest.mark.parametrize("domain, status", [
-    ("mx.example", "ok"),
-    ("MX.Example.", "ok"),
-    ("a-only.example", "ok"),
-    ("v6-only.example", "ok"),
-    ("nullmx.example", "nullmx"),
-    ("txt-only.example", "nodata"),
-    ("absent.example", "nxdomain"),
-    ("münchen.example", "ok"),
-    ("broken.example", "error"),
-    ("silent.example", "error"),
-    ("[192.0.2.1]", "nxdomain"),
-    ("bad..name", "nxdomain"),
-])
+@pytest.mark.parametrize(
+    "domain, status",
+    [
+        ("mx.example", "ok"),
+        ("MX.Example.", "ok"),
+        ("a-only.example", "ok"),
+        ("v6-only.example", "ok"),
+        ("nullmx.example", "nullmx"),
+        ("txt-only.example", "nodata"),
+        ("absent.example", "nxdomain"),
+        ("münchen.example", "ok"),
+        ("broken.example", "error"),
+        ("silent.example", "error"),
+        ("[192.0.2.1]", "nxdomain"),
+        ("bad..name", "nxdomain"),
+    ],
+)
 async def test_mail_domain(server, clock, domain, status):
     configure(server)
     r = await maild_dns.mail_domain(domain)
     assert r.status == status, r
-    assert await maild_dns.domain_exists(domain) == {
-        "ok": "yes", "error": "error"}.get(status, "nxdomain")
+    assert await maild_dns.domain_exists(domain) == {"ok": "yes", "error": "error"}.get(
+        status, "nxdomain"
+    )
 
 
 async def test_failures_say_what_failed(server, clock):
     configure(server)
     assert (await maild_dns.mail_domain("silent.example")).detail == (
-        "MX lookup for silent.example failed: timeout after 0.5s")
+        "MX lookup for silent.example failed: timeout after 0.5s"
+    )
     assert "SERVFAIL" in (await maild_dns.mail_domain("broken.example")).detail
 
 
@@ -178,7 +184,10 @@ async def test_no_resolver_configuration_means_every_lookup_fails_as_error(monke
     monkeypatch.setattr(dns.asyncresolver, "Resolver", no_config)
     maild_dns.configure(parse({}))
     r = await maild_dns.mail_domain("mx.example")
-    assert (r.status, r.detail) == ("error", "MX lookup for mx.example failed: no resolver configured")
+    assert (r.status, r.detail) == (
+        "error",
+        "MX lookup for mx.example failed: no resolver configured",
+    )
 
 
 def test_defaults_when_the_section_is_absent():
@@ -187,21 +196,41 @@ def test_defaults_when_the_section_is_absent():
 
 
 def test_nameserver_forms():
-    s = parse({"dns": {"nameservers": ["192.0.2.53", "127.0.0.1:5353", "2001:db8::53",
-                                       "[2001:db8::53]:5353"]}}).sections["dns"]
-    assert s.servers == (("192.0.2.53", 53), ("127.0.0.1", 5353), ("2001:db8::53", 53),
-                         ("2001:db8::53", 5353))
+    s = parse(
+        {
+            "dns": {
+                "nameservers": [
+                    "192.0.2.53",
+                    "127.0.0.1:5353",
+                    "2001:db8::53",
+                    "[2001:db8::53]:5353",
+                ]
+            }
+        }
+    ).sections["dns"]
+    assert s.servers == (
+        ("192.0.2.53", 53),
+        ("127.0.0.1", 5353),
+        ("2001:db8::53", 53),
+        ("2001:db8::53", 5353),
+    )
 
 
-@pytest.mark.parametrize("dns_section, needle", [
-    ({"nameservers": ["ns1.example"]}, 'dns.nameservers[0] = "ns1.example": expected an IP address'),
-    ({"nameservers": ["127.0.0.1:0"]}, 'dns.nameservers[0] = "127.0.0.1:0"'),
-    ({"nameservers": "127.0.0.1"}, 'dns.nameservers = "127.0.0.1": expected a list of strings'),
-    ({"timeout": "2m"}, 'dns.timeout = 120.0: expected a duration from "100ms" to "60s"'),
-    ({"timeout": "soon"}, 'dns.timeout = "soon": expected a duration'),
-    ({"cache_size": -1}, "dns.cache_size = -1: expected a whole number >= 0"),
-    ({"resolver": "x"}, "dns.resolver: unknown key"),
-])
+@pytest.mark.parametrize(
+    "dns_section, needle",
+    [
+        (
+            {"nameservers": ["ns1.example"]},
+            'dns.nameservers[0] = "ns1.example": expected an IP address',
+        ),
+        ({"nameservers": ["127.0.0.1:0"]}, 'dns.nameservers[0] = "127.0.0.1:0"'),
+        ({"nameservers": "127.0.0.1"}, 'dns.nameservers = "127.0.0.1": expected a list of strings'),
+        ({"timeout": "2m"}, 'dns.timeout = 120.0: expected a duration from "100ms" to "60s"'),
+        ({"timeout": "soon"}, 'dns.timeout = "soon": expected a duration'),
+        ({"cache_size": -1}, "dns.cache_size = -1: expected a whole number >= 0"),
+        ({"resolver": "x"}, "dns.resolver: unknown key"),
+    ],
+)
 def test_bad_settings_are_named(dns_section, needle):
     with pytest.raises(ConfigError) as e:
         parse({"dns": dns_section})

@@ -37,8 +37,7 @@ def _inside(doc: Path, target: str, *, from_root: bool) -> bool:
 def references(doc: Path, text: str | None = None) -> list[tuple[str, bool]]:
     """(target, may be read from the top of the checkout) for each file doc points to."""
     text = doc.read_text(encoding="utf-8") if text is None else text
-    out = [(t, False) for t in _LINK.findall(text)
-           if not _URL.match(t) and not t.startswith("#")]
+    out = [(t, False) for t in _LINK.findall(text) if not _URL.match(t) and not t.startswith("#")]
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
     for span in _CODE.findall(text):
         s = " ".join(span.split()).rstrip(":,.")
@@ -54,19 +53,26 @@ def references(doc: Path, text: str | None = None) -> list[tuple[str, bool]]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_file_a_document_points_to_is_in_the_repository(doc):
-    missing = sorted({t for t, from_root in references(doc)
-                      if not _inside(doc, t, from_root=from_root)})
+    missing = sorted(
+        {t for t, from_root in references(doc) if not _inside(doc, t, from_root=from_root)}
+    )
     assert not missing, f"{doc.relative_to(ROOT)} points to files not in the repository: {missing}"
 
 
 def test_the_checker_sees_links_code_spans_and_pages():
     doc = ROOT / "docs" / "x.md"
-    text = ("See [a](optin.md#x), `docs/headers.md`, `../shared/SOURCES.md`, `maild serve -c F`, "
-            "`/etc/maild/policies.toml` and antispam.md; [w](https://example.org/a.md), "
-            "https://example.org/b.md, `maild optin\nrevoke`.\n"
-            "```\ncat `notes.md`\n```\n")
+    text = (
+        "See [a](optin.md#x), `docs/headers.md`, `../shared/SOURCES.md`, `maild serve -c F`, "
+        "`/etc/maild/policies.toml` and antispam.md; [w](https://example.org/a.md), "
+        "https://example.org/b.md, `maild optin\nrevoke`.\n"
+        "```\ncat `notes.md`\n```\n"
+    )
     assert {t for t, _ in references(doc, text)} == {
-        "optin.md#x", "docs/headers.md", "../shared/SOURCES.md", "antispam.md"}
+        "optin.md#x",
+        "docs/headers.md",
+        "../shared/SOURCES.md",
+        "antispam.md",
+    }
     assert not _inside(doc, "../shared/SOURCES.md", from_root=True)
     assert not _inside(doc, "../../shared/POLICY-SOURCES.md", from_root=False)
     assert _inside(doc, "../SECURITY.md", from_root=False)

@@ -34,7 +34,8 @@ def module_files(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
 def _under_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> Iterator[ast.AST]:
@@ -64,8 +65,12 @@ def _targets(node: ast.AST, name: str, is_package: bool, modules: dict[str, Path
     elif isinstance(node, ast.Call):
         f = node.func
         called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-        if called == "import_module" and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        if (
+            called == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             yield node.args[0].value
 
 
@@ -135,7 +140,8 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 def test_the_import_graph_of_maild_has_no_cycle() -> None:
     cycles = strongly_connected(import_graph())
     assert cycles == [], "import cycles: " + "; ".join(
-        " <-> ".join(sorted(c)) for c in sorted(cycles, key=len, reverse=True))
+        " <-> ".join(sorted(c)) for c in sorted(cycles, key=len, reverse=True)
+    )
 
 
 def test_the_graph_sees_function_level_and_dynamic_imports(tmp_path: Path) -> None:
@@ -144,8 +150,10 @@ def test_the_graph_sees_function_level_and_dynamic_imports(tmp_path: Path) -> No
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from pkg import b\n")
     (pkg / "b.py").write_text("import importlib\nimportlib.import_module('pkg.c')\n")
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                              "    from pkg import b\nfrom . import a\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from pkg import b\nfrom . import a\n"
+    )
     graph = import_graph(tmp_path, "pkg")
     assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.c"}, "pkg.c": {"pkg.a"}}
     assert strongly_connected(graph) == [{"pkg.a", "pkg.b", "pkg.c"}]
@@ -154,9 +162,17 @@ def test_the_graph_sees_function_level_and_dynamic_imports(tmp_path: Path) -> No
 def loaded_by(code: str) -> list[str]:
     """The maild modules a fresh interpreter has loaded after running code."""
     out = subprocess.run(
-        [sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sorted(m for m in sys.modules "
-         "if m == 'maild' or m.startswith('maild.'))))"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport sys\nprint('\\n'.join(sorted(m for m in sys.modules "
+            "if m == 'maild' or m.startswith('maild.'))))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split()
 
 

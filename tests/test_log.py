@@ -26,7 +26,8 @@ def test_a_log_line_with_an_8bit_argument_is_written(tmp_path) -> None:
     logger = mlog.setup(str(target))
     try:
         logging.getLogger("maild.smtp").warning(
-            "refused %s", b"<\xff@outside.example>".decode("utf-8", "surrogateescape"))
+            "refused %s", b"<\xff@outside.example>".decode("utf-8", "surrogateescape")
+        )
         for h in logger.handlers:
             h.flush()
         assert "refused <\\xff@outside.example>" in target.read_text("utf-8")

@@ -25,8 +25,12 @@ def test_unit_runs_unprivileged_with_notify_and_reload():
     assert s["Type"] == "notify" and s["User"] == "maild"
     assert "maild serve" in s["ExecStart"] and "--allow-root" not in s["ExecStart"]
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("PrivateTmp", "yes"),
-                       ("CapabilityBoundingSet", "")]:
+    for key, value in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("PrivateTmp", "yes"),
+        ("CapabilityBoundingSet", ""),
+    ]:
         assert s[key] == value, key
     assert "/var/lib/maild" in s["ReadWritePaths"]
 
@@ -37,7 +41,11 @@ def test_systemd_analyze_security_exposure_at_most_1_3():
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze missing: CI installs systemd")
         pytest.skip("systemd-analyze not installed")
-    r = subprocess.run([exe, "security", "--offline=true", "--threshold=13", str(UNIT)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "security", "--offline=true", "--threshold=13", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert "Overall exposure level for maild.service: 1.3" in r.stdout

@@ -77,7 +77,7 @@ class Campaign:
 
 
 def _bands(sig: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
-    return [(b, sig[b * ROWS:(b + 1) * ROWS]) for b in range(BANDS)]
+    return [(b, sig[b * ROWS : (b + 1) * ROWS]) for b in range(BANDS)]
 
 
 class _Customer:
@@ -98,8 +98,15 @@ class _Customer:
 
 
 class Campaigns:
-    def __init__(self, *, window: float = 86400.0, match: int = 17, max_campaigns: int = 1000,
-                 max_customers: int = 10000, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        *,
+        window: float = 86400.0,
+        match: int = 17,
+        max_campaigns: int = 1000,
+        max_customers: int = 10000,
+        clock: Callable[[], float] = time.time,
+    ):
         self.window = window
         self.match = match
         self.max_campaigns = max_campaigns
@@ -125,7 +132,9 @@ class Campaigns:
                 best, best_sim = c, sim
         return best
 
-    def score_with(self, customer: str, sig: tuple[int, ...], recipients: int) -> tuple[Campaign | None, float]:
+    def score_with(
+        self, customer: str, sig: tuple[int, ...], recipients: int
+    ) -> tuple[Campaign | None, float]:
         """(matching campaign, its score if this copy were added)."""
         c = self.find(customer, sig)
         base = c.score() if c is not None else 0.0

@@ -33,19 +33,22 @@ async def _with_store(config: Config, fn: Any) -> Any:
 def _need_customer(config: Config, name: str) -> None:
     if config.customer(name) is None:
         known = ", ".join(c.name for c in config.customers) or "none"
-        raise click.BadParameter(f"no customer named {name!r} in {config.path} (known: {known})",
-                                 param_hint="NAME")
+        raise click.BadParameter(
+            f"no customer named {name!r} in {config.path} (known: {known})", param_hint="NAME"
+        )
 
 
 async def _state(store: Store, name: str) -> dict:
     row = await store.fetchone(
-        "SELECT state, since, reason, actor FROM sanctions WHERE customer = ?", (name,))
+        "SELECT state, since, reason, actor FROM sanctions WHERE customer = ?", (name,)
+    )
     state = {"state": "ok", "since": None, "reason": "", "actor": ""}
     if row:
         state = {"state": row[0], "since": row[1], "reason": row[2], "actor": row[3]}
     week = time.time() - 7 * 86400
     counted = await store.fetchone(
-        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week))
+        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week)
+    )
     assert counted is not None  # COUNT(*) without GROUP BY returns one row
     state["strikes_7d"] = counted[0]
     return state
@@ -55,18 +58,22 @@ async def _stored(store: Store, prefix: str) -> list[tuple]:
     """The stored counters a reset of prefix clears (limiter.under): (key, value, ts, period)."""
     rows = await store.fetchall(
         "SELECT key, value, ts, period FROM ratelimit_counters WHERE substr(key, 1, ?) = ?",
-        (len(prefix), prefix))
+        (len(prefix), prefix),
+    )
     return [r for r in rows if under(r[0], prefix)]
 
 
 async def _counters(store: Store, prefix: str) -> dict[str, float]:
     now = time.time()
-    return {k: round(Counter(value=v, ts=ts).current(now, p), 2)
-            for k, v, ts, p in await _stored(store, prefix)}
+    return {
+        k: round(Counter(value=v, ts=ts).current(now, p), 2)
+        for k, v, ts, p in await _stored(store, prefix)
+    }
 
 
-async def _window_counts(store: Store, config: Config, name: str, kinds: tuple[str, ...]
-                         ) -> dict[str, list[dict]] | None:
+async def _window_counts(
+    store: Store, config: Config, name: str, kinds: tuple[str, ...]
+) -> dict[str, list[dict]] | None:
     """The customer's counter against each of its windows, per kind (messages, recipients,
     bytes), as the limiter judges it (decayed over that window), in whole numbers; a
     counter stored before per-window counting by its share (limiter._adopt). None when
@@ -87,10 +94,16 @@ async def _window_counts(store: Store, config: Config, name: str, kinds: tuple[s
         out[kind] = []
         for r in rates:
             row = stored.get(counter_key(key, r))
-            c = (Counter(value=row[0], ts=row[1]) if row else
-                 legacy_share(*old, len(set(rates))) if old else Counter())
-            out[kind].append({"rate": r.text, "count": round(c.current(now, r.period)),
-                              "limit": round(r.limit)})
+            c = (
+                Counter(value=row[0], ts=row[1])
+                if row
+                else legacy_share(*old, len(set(rates)))
+                if old
+                else Counter()
+            )
+            out[kind].append(
+                {"rate": r.text, "count": round(c.current(now, r.period)), "limit": round(r.limit)}
+            )
     return out
 
 
@@ -118,25 +131,38 @@ def customers(as_json: bool) -> None:
             st = await _state(store, c.name)
             counters = await _counters(store, f"cust:{c.name}")
             counts = await _window_counts(store, config, c.name, ("messages",))
-            out.append({"name": c.name, **st, "counters": counters,
-                        "messages": None if counts is None else counts["messages"]})
+            out.append(
+                {
+                    "name": c.name,
+                    **st,
+                    "counters": counters,
+                    "messages": None if counts is None else counts["messages"],
+                }
+            )
         return out
 
     rows = run_async(_with_store(config, collect))
     if as_json:
         echo_json(rows)
         return
-    click.echo(f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)")
+    click.echo(
+        f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)"
+    )
     for r in rows:
         msgs = "rate limits off" if r["messages"] is None else _against(r["messages"])
-        click.echo(f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}")
-    click.echo("MESSAGES: the rate limiter's decaying counter, decayed over each window as "
-               "it is compared with the limit; as the daemon last stored it")
+        click.echo(
+            f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}"
+        )
+    click.echo(
+        "MESSAGES: the rate limiter's decaying counter, decayed over each window as "
+        "it is compared with the limit; as the daemon last stored it"
+    )
 
 
 @click.group("customer")
 def customer() -> None:
     """Show one customer, or warn, block or unblock it."""
+
 
 @customer.command("show")
 @click.argument("name")
@@ -151,26 +177,43 @@ def show(name: str, as_json: bool) -> None:
         st["counters"] = await _counters(store, f"cust:{name}")
         counts = await _window_counts(store, config, name, _SHOWN)
         st.update(counts or dict.fromkeys(_SHOWN))
-        st["strikes"] = [dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
-                         for r in await store.fetchall(
-                             "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
-                             "ORDER BY id DESC LIMIT 20", (name,))]
-        st["history"] = [dict(zip(("ts", "action", "reason", "actor"), r, strict=True))
-                         for r in await store.fetchall(
-                             "SELECT ts, action, reason, actor FROM sanction_events WHERE "
-                             "customer = ? ORDER BY id DESC LIMIT 50", (name,))]
+        st["strikes"] = [
+            dict(zip(("ts", "rule", "reason", "session"), r, strict=True))
+            for r in await store.fetchall(
+                "SELECT ts, rule, reason, session FROM strikes WHERE customer = ? "
+                "ORDER BY id DESC LIMIT 20",
+                (name,),
+            )
+        ]
+        st["history"] = [
+            dict(zip(("ts", "action", "reason", "actor"), r, strict=True))
+            for r in await store.fetchall(
+                "SELECT ts, action, reason, actor FROM sanction_events WHERE "
+                "customer = ? ORDER BY id DESC LIMIT 50",
+                (name,),
+            )
+        ]
         return st
 
     st = run_async(_with_store(config, collect))
     c = config.customer(name)
     assert c is not None
-    st.update({"name": name, "contact": c.contact, "networks": [str(n) for n in c.networks],
-               "logins": list(c.logins), "domains": list(c.domains)})
+    st.update(
+        {
+            "name": name,
+            "contact": c.contact,
+            "networks": [str(n) for n in c.networks],
+            "logins": list(c.logins),
+            "domains": list(c.domains),
+        }
+    )
     if as_json:
         echo_json(st)
         return
-    click.echo(f"customer {name}: {st['state']} since {_when(st['since'])}"
-               + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else ""))
+    click.echo(
+        f"customer {name}: {st['state']} since {_when(st['since'])}"
+        + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else "")
+    )
     click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
     click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
     for kind in _SHOWN:
@@ -183,13 +226,22 @@ def _change(name: str, state: str, reason: str, as_json: bool) -> None:
     config = load_config()
     _need_customer(config, name)
     actor = f"cli:{_user()}"
-    run_async(_with_store(config, lambda store: set_state(
-        store, name, state, reason, actor, clear=(state == "ok"))))
-    _effect(config, {"name": name, "state": state, "reason": reason, "actor": actor},
-            f"customer {name}: {state}", as_json)
+    run_async(
+        _with_store(
+            config,
+            lambda store: set_state(store, name, state, reason, actor, clear=(state == "ok")),
+        )
+    )
+    _effect(
+        config,
+        {"name": name, "state": state, "reason": reason, "actor": actor},
+        f"customer {name}: {state}",
+        as_json,
+    )
 
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
 
 @customer.command("warn")
 @click.argument("name")
@@ -199,6 +251,7 @@ def warn(name: str, reason: str, as_json: bool) -> None:
     """Record a warning for customer NAME (mail still flows)."""
     _change(name, "warned", reason, as_json)
 
+
 @customer.command("block")
 @click.argument("name")
 @click.option("--reason", required=True, help="Why; recorded, and part of the 554 reply.")
@@ -207,10 +260,15 @@ def block(name: str, reason: str, as_json: bool) -> None:
     """Block all outbound mail of customer NAME (postmaster and abuse still reachable)."""
     _change(name, "blocked", reason, as_json)
 
+
 @customer.command("unblock")
 @click.argument("name")
-@click.option("--reason", default="unblocked by operator", show_default=True,
-              help="Why; recorded in the history.")
+@click.option(
+    "--reason",
+    default="unblocked by operator",
+    show_default=True,
+    help="Why; recorded in the history.",
+)
 @json_opt
 def unblock(name: str, reason: str, as_json: bool) -> None:
     """Lift a block (or warning) on NAME; strikes before now no longer count."""
@@ -220,6 +278,7 @@ def unblock(name: str, reason: str, as_json: bool) -> None:
 @click.group("ratelimit")
 def ratelimit() -> None:
     """Inspect or reset rate-limit counters."""
+
 
 @ratelimit.command("reset")
 @click.argument("key")
@@ -246,8 +305,12 @@ def reset(key: str, as_json: bool) -> None:
         return n
 
     n = run_async(_with_store(config, do))
-    _effect(config, {"key": key, "prefixes": prefixes, "deleted": n},
-            f"reset {key}: {n} stored counter(s) removed", as_json)
+    _effect(
+        config,
+        {"key": key, "prefixes": prefixes, "deleted": n},
+        f"reset {key}: {n} stored counter(s) removed",
+        as_json,
+    )
 
 
 def _effect(config: Config, result: dict, text: str, as_json: bool) -> None:

@@ -56,8 +56,16 @@ log = logging.getLogger("maild.ratelimit")
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?[bB]?)\s*/\s*(\d*)\s*(s|m|h|d|w)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
-         "gb": 1024**3}
+_SIZE = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +177,8 @@ _SYNC = (
     " / NULLIF(ratelimit_counters.period, 0)) END, 0) + excluded.value, "
     "ts = GREATEST(excluded.ts, ratelimit_counters.ts), "
     "period = GREATEST(excluded.period, ratelimit_counters.period) "
-    "RETURNING key, value, ts")
+    "RETURNING key, value, ts"
+)
 
 
 class Limiter:
@@ -234,8 +243,9 @@ class Limiter:
         self.periods[key] = rate.period
         res.items.append((key, n, rate.period))
 
-    def try_reserve(self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
-                    ) -> Over | None:
+    def try_reserve(
+        self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
+    ) -> Over | None:
         """Check every (name, key, rate, n) first; reserve all only if all fit. Two rates
         of one key with the same period are one counter, charged once."""
         self._adopt(checks)
@@ -250,8 +260,9 @@ class Limiter:
                 self.reserve(res, key, rate, n)
         return None
 
-    async def try_reserve_async(self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
-                                ) -> Over | None:
+    async def try_reserve_async(
+        self, res: Reservation, checks: list[tuple[str, str, Rate, float]]
+    ) -> Over | None:
         """try_reserve, after a round trip for the keys whose local allowance cannot serve
         (shared mode only; a StoreError propagates and the caller tempfails)."""
         if self.shared is not None:
@@ -333,12 +344,16 @@ class Limiter:
             if seeds:
                 await store.executemany(
                     "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(key) DO NOTHING", seeds)
+                    "ON CONFLICT(key) DO NOTHING",
+                    seeds,
+                )
                 for k, *_ in seeds:
                     del self.seeds[k]
             if self.adopted and not self.seeds:
-                await store.executemany("DELETE FROM ratelimit_counters WHERE key = ?",
-                                        [(k,) for k in sorted(self.adopted)])
+                await store.executemany(
+                    "DELETE FROM ratelimit_counters WHERE key = ?",
+                    [(k,) for k in sorted(self.adopted)],
+                )
                 self.adopted.clear()
         except StoreError:
             self.healthy = False
@@ -390,10 +405,18 @@ class Limiter:
 
     def expire(self) -> int:
         now = self.clock()
-        return self._drop([k for k, c in self.counters.items()
-                           if c.pending <= 0 and c.current(now, self.periods.get(k, 0.0)) <= 0.0]
-                          + [k for k, (v, ts, p) in self.legacy.items()
-                             if Counter(value=v, ts=ts).current(now, p) <= 0.0])
+        return self._drop(
+            [
+                k
+                for k, c in self.counters.items()
+                if c.pending <= 0 and c.current(now, self.periods.get(k, 0.0)) <= 0.0
+            ]
+            + [
+                k
+                for k, (v, ts, p) in self.legacy.items()
+                if Counter(value=v, ts=ts).current(now, p) <= 0.0
+            ]
+        )
 
     # ------------------------------------------------------------------ persistence
 
@@ -410,9 +433,12 @@ class Limiter:
                 self.counters[key] = c
                 self.periods[key] = period
         if self.legacy:
-            log.warning("ratelimit: legacy counters=%d (stored with one counter for all of a "
-                        "key's windows): each window starts from its share when its key is "
-                        "next checked", len(self.legacy))
+            log.warning(
+                "ratelimit: legacy counters=%d (stored with one counter for all of a "
+                "key's windows): each window starts from its share when its key is "
+                "next checked",
+                len(self.legacy),
+            )
         return len(self.counters) + len(self.legacy)
 
     async def flush(self, store: Store) -> int:
@@ -436,7 +462,9 @@ class Limiter:
                 await store.executemany(
                     "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value, ts=excluded.ts, "
-                    "period=excluded.period", upserts)
+                    "period=excluded.period",
+                    upserts,
+                )
             if deletes:
                 await store.executemany("DELETE FROM ratelimit_counters WHERE key = ?", deletes)
         except Exception:

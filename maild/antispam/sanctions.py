@@ -100,8 +100,6 @@ def parse_sanctions(r: Reader) -> SanctionsConfig:
     return cfg
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Block:
     reason: str
@@ -111,19 +109,30 @@ class Block:
 
 async def control(store: Store, kind: str, arg: str) -> None:
     """Tell a running daemon (polling the store) that something changed."""
-    await store.execute("INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)",
-                        (time.time(), kind, arg))
+    await store.execute(
+        "INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)", (time.time(), kind, arg)
+    )
 
 
-async def record_event(store: Store, customer: str, action: str, reason: str, actor: str,
-                       now: float | None = None) -> None:
+async def record_event(
+    store: Store, customer: str, action: str, reason: str, actor: str, now: float | None = None
+) -> None:
     await store.execute(
         "INSERT INTO sanction_events(ts, customer, action, reason, actor) VALUES (?, ?, ?, ?, ?)",
-        (now or time.time(), customer, action, reason, actor))
+        (now or time.time(), customer, action, reason, actor),
+    )
 
 
-async def set_state(store: Store, customer: str, state: str, reason: str, actor: str,
-                    *, clear: bool = False, now: float | None = None) -> None:
+async def set_state(
+    store: Store,
+    customer: str,
+    state: str,
+    reason: str,
+    actor: str,
+    *,
+    clear: bool = False,
+    now: float | None = None,
+) -> None:
     """The one place a customer's state changes: row, event, syslog line, control."""
     now = now or time.time()
     await store.execute(
@@ -131,20 +140,30 @@ async def set_state(store: Store, customer: str, state: str, reason: str, actor:
         " ON CONFLICT(customer) DO UPDATE SET state=excluded.state, since=excluded.since,"
         " reason=excluded.reason, actor=excluded.actor"
         + (", cleared=excluded.cleared" if clear else ""),
-        (customer, state, now, reason, actor, now if clear else 0))
+        (customer, state, now, reason, actor, now if clear else 0),
+    )
     action = {"ok": "unblock", "warned": "warn", "blocked": "block"}[state]
     await record_event(store, customer, action, reason, actor, now)
     await control(store, "sanctions", customer)
-    log.warning('sanction: customer=%s action=%s reason="%s" actor=%s', clean(customer), action,
-                clean(reason, 300), clean(actor))
+    log.warning(
+        'sanction: customer=%s action=%s reason="%s" actor=%s',
+        clean(customer),
+        action,
+        clean(reason, 300),
+        clean(actor),
+    )
 
 
 class Sanctions:
     """The daemon's view: blocked customers in memory, strikes written to the store."""
 
-    def __init__(self, store: Store, config_get: Callable[[], object],
-                 notifier: Callable[[str, str, str, int], Coroutine[Any, Any, None]] | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        store: Store,
+        config_get: Callable[[], object],
+        notifier: Callable[[str, str, str, int], Coroutine[Any, Any, None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.store = store
         self.config_get = config_get
         self.notifier = notifier
@@ -163,13 +182,16 @@ class Sanctions:
 
     async def load(self) -> None:
         rows = await self.store.fetchall(
-            "SELECT customer, reason, since, actor FROM sanctions WHERE state = 'blocked'")
+            "SELECT customer, reason, since, actor FROM sanctions WHERE state = 'blocked'"
+        )
         self.blocked = {c: Block(r, s, a) for c, r, s, a in rows}
         row = await self.store.fetchone("SELECT COALESCE(MAX(id), 0) FROM control")
         if not self.last_control:  # at start: everything so far is already in the state read
             self.last_control = row[0] if row else 0
-            rows = await self.store.fetchall("SELECT id FROM control WHERE id > ?",
-                                             (max(0, self.last_control - CONTROL_LOOKBACK),))
+            rows = await self.store.fetchall(
+                "SELECT id FROM control WHERE id > ?",
+                (max(0, self.last_control - CONTROL_LOOKBACK),),
+            )
             self.applied = {r[0] for r in rows}
 
     async def poll(self) -> None:
@@ -182,7 +204,8 @@ class Sanctions:
         """
         rows = await self.store.fetchall(
             "SELECT id, kind, arg FROM control WHERE id > ? ORDER BY id",
-            (max(0, self.last_control - CONTROL_LOOKBACK),))
+            (max(0, self.last_control - CONTROL_LOOKBACK),),
+        )
         new = [r for r in rows if r[0] not in self.applied]
         if not new:
             return
@@ -208,18 +231,22 @@ class Sanctions:
             return
         self.last_strike[(customer, rule)] = now
         task = asyncio.get_running_loop().create_task(
-            self._strike(customer, rule, reason, session, now))
+            self._strike(customer, rule, reason, session, now)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _strike(self, customer: str, rule: str, reason: str, session: str, now: float) -> None:
+    async def _strike(
+        self, customer: str, rule: str, reason: str, session: str, now: float
+    ) -> None:
         try:
             await self.strike(customer, rule, reason, session=session, now=now)
         except StoreError as e:
             log.error("sanction: customer=%s cannot record strike rule=%s: %s", customer, rule, e)
 
-    async def strike(self, customer: str, rule: str, reason: str, *, session: str = "",
-                     now: float | None = None) -> str | None:
+    async def strike(
+        self, customer: str, rule: str, reason: str, *, session: str = "", now: float | None = None
+    ) -> str | None:
         """Record one strike and walk the ladder; returns the action taken, if any."""
         s = self.settings
         now = now or self.clock()
@@ -227,44 +254,57 @@ class Sanctions:
         # memory, and one offence seen by two nodes is still one strike.
         recent = await self.store.fetchone(
             "SELECT COUNT(*) FROM strikes WHERE customer = ? AND rule = ? AND ts > ?",
-            (customer, rule, now - s.cooldown))
+            (customer, rule, now - s.cooldown),
+        )
         if recent and recent[0]:
             return None
         await self.store.execute(
             "INSERT INTO strikes(ts, customer, rule, reason, session) VALUES (?, ?, ?, ?, ?)",
-            (now, customer, rule, reason, session))
+            (now, customer, rule, reason, session),
+        )
         await record_event(self.store, customer, "strike", f"{rule}: {reason}", "maild", now)
         row = await self.store.fetchone(
-            "SELECT state, cleared FROM sanctions WHERE customer = ?", (customer,))
+            "SELECT state, cleared FROM sanctions WHERE customer = ?", (customer,)
+        )
         state, cleared = (row[0], row[1]) if row else ("ok", 0.0)
         counted = await self.store.fetchone(
             "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ? AND ts > ?",
-            (customer, now - s.window, cleared or 0.0))
+            (customer, now - s.window, cleared or 0.0),
+        )
         assert counted is not None  # COUNT(*) without GROUP BY returns one row
         n = counted[0]
-        log.warning('sanction: customer=%s action=strike rule=%s strikes=%d reason="%s"',
-                    clean(customer), rule, n, clean(reason, 300))
+        log.warning(
+            'sanction: customer=%s action=strike rule=%s strikes=%d reason="%s"',
+            clean(customer),
+            rule,
+            n,
+            clean(reason, 300),
+        )
         if state == "blocked" or not s.ladder or n < 1:
             return None
         if n > len(s.ladder) and s.ladder[-1] == "warn":
             return None  # warned already for every step of the ladder: no more mail
         step = s.ladder[min(n, len(s.ladder)) - 1]
         days = s.window / 86400
-        why = (f"{n} offence{'s' if n != 1 else ''} in {days:g} day{'s' if days != 1 else ''}, "
-               f"latest: {rule}: {reason}")
+        why = (
+            f"{n} offence{'s' if n != 1 else ''} in {days:g} day{'s' if days != 1 else ''}, "
+            f"latest: {rule}: {reason}"
+        )
         if step == "block":
             await self.block(customer, why, "maild", now=now, strikes=n)
         else:
             await self.warn(customer, why, "maild", now=now, strikes=n)
         return step
 
-    async def warn(self, customer: str, reason: str, actor: str, *, now: float | None = None,
-                   strikes: int = 0) -> None:
+    async def warn(
+        self, customer: str, reason: str, actor: str, *, now: float | None = None, strikes: int = 0
+    ) -> None:
         await set_state(self.store, customer, "warned", reason, actor, now=now)
         await self._notify(customer, "warn", reason, strikes)
 
-    async def block(self, customer: str, reason: str, actor: str, *, now: float | None = None,
-                    strikes: int = 0) -> None:
+    async def block(
+        self, customer: str, reason: str, actor: str, *, now: float | None = None, strikes: int = 0
+    ) -> None:
         await set_state(self.store, customer, "blocked", reason, actor, now=now)
         self.blocked[customer] = Block(reason, now or self.clock(), actor)
         await self._notify(customer, "block", reason, strikes)
@@ -277,7 +317,8 @@ class Sanctions:
         if self.notifier is None or not self.settings.notify:
             return
         task = asyncio.get_running_loop().create_task(
-            self.notifier(customer, action, reason, strikes))
+            self.notifier(customer, action, reason, strikes)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

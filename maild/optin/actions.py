@@ -52,8 +52,9 @@ def check_date(value: str) -> str:
     try:
         d = datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError:
-        raise ActionError(f"{value!r} is not a date such as 2024-03-01 or "
-                          "2024-03-01T14:03:00Z") from None
+        raise ActionError(
+            f"{value!r} is not a date such as 2024-03-01 or 2024-03-01T14:03:00Z"
+        ) from None
     if d.timestamp() > time.time() + 86400:
         raise ActionError(f"{value!r} is in the future: consent cannot be obtained later")
     return v
@@ -61,8 +62,14 @@ def check_date(value: str) -> str:
 
 def log_event(e: Event, note: str = "") -> None:
     """One line per event, Postfix style; never a token or a message body."""
-    parts = [f"list={clean(e.list_id)}", f"address={clean(e.address)}", f"event={e.kind}",
-             f"channel={clean(e.channel)}", f"seq={e.seq}", f"hash={short(e.hash)}"]
+    parts = [
+        f"list={clean(e.list_id)}",
+        f"address={clean(e.address)}",
+        f"event={e.kind}",
+        f"channel={clean(e.channel)}",
+        f"seq={e.seq}",
+        f"hash={short(e.hash)}",
+    ]
     if e.actor:
         parts.append(f"actor={clean(e.actor, 80)}")
     if e.ip:
@@ -76,8 +83,9 @@ def log_event(e: Event, note: str = "") -> None:
     log.warning("optin: %s", " ".join(parts))
 
 
-async def standing(ledger: Ledger, list_id: str, address: str, *, attested_ok: bool = True
-                   ) -> tuple[Standing, list[Event]]:
+async def standing(
+    ledger: Ledger, list_id: str, address: str, *, attested_ok: bool = True
+) -> tuple[Standing, list[Event]]:
     events = await ledger.events_for(address, list_id)
     return fold(events, attested_ok=attested_ok), events
 
@@ -90,59 +98,119 @@ class RequestResult:
     message_id: str
 
 
-async def request(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
-                  address: str, *, channel: str = "web", actor: str = "", ip: str = "",
-                  user_agent: str = "", evidence: bytes | None = None,
-                  now: float | None = None, attempts: int = 2, delay: float = 2.0,
-                  detail: dict[str, object] | None = None) -> RequestResult:
+async def request(
+    ledger: Ledger,
+    config: Config,
+    downstream: Downstream | None,
+    lst: ListConfig,
+    address: str,
+    *,
+    channel: str = "web",
+    actor: str = "",
+    ip: str = "",
+    user_agent: str = "",
+    evidence: bytes | None = None,
+    now: float | None = None,
+    attempts: int = 2,
+    delay: float = 2.0,
+    detail: dict[str, object] | None = None,
+) -> RequestResult:
     """Record a subscription request and send the confirmation mail with a fresh token."""
     s = section(config)
     address = check_address(address)
     now = now or time.time()
     st, _ = await standing(ledger, lst.id, address, attested_ok=s.attested_consent)
     if st.state is State.CONFIRMED:
-        raise ActionError(f"{address} is already a confirmed subscriber of {lst.id} "
-                          f"(since {st.since}, by {st.basis})")
+        raise ActionError(
+            f"{address} is already a confirmed subscriber of {lst.id} "
+            f"(since {st.since}, by {st.basis})"
+        )
     n = await ledger.count_requests(lst.id, address, now - 86400)
     if n >= s.max_requests:
-        raise ActionError(f"{address} was sent {n} confirmation requests for {lst.id} in the "
-                          f"last 24 hours (max_requests = {s.max_requests}); more would be "
-                          "subscription bombing")
+        raise ActionError(
+            f"{address} was sent {n} confirmation requests for {lst.id} in the "
+            f"last 24 hours (max_requests = {s.max_requests}); more would be "
+            "subscription bombing"
+        )
     if not lst.domain:
         raise ActionError(f"list {lst.id} has no domain for confirm+TOKEN@ replies")
     token = new_token()
     expires = iso(now + s.token_lifetime)
-    msg, mid = messages.confirmation(lst, address, token, confirm_local=s.confirm_local_part,
-                                     hostname=config.server.hostname, when=iso(now)[:19],
-                                     expires=expires[:19], ip=ip,
-                                     confirm_url=web_settings.confirm_url(config, token))
+    msg, mid = messages.confirmation(
+        lst,
+        address,
+        token,
+        confirm_local=s.confirm_local_part,
+        hostname=config.server.hostname,
+        when=iso(now)[:19],
+        expires=expires[:19],
+        ip=ip,
+        confirm_url=web_settings.confirm_url(config, token),
+    )
     sent_copy = await ledger.put_raw(messages.redacted(msg, token))
     ev = await ledger.append(
-        list_id=lst.id, address=address, kind=Kind.REQUEST, channel=channel, actor=actor, ip=ip,
-        user_agent=user_agent, consent_text=lst.consent_text, token_hash=token_hash(token),
-        message_id=mid, raw=evidence, ts=now,
-        detail={**(detail or {}), "expires": expires, "confirm_domain": lst.domain,
-                "confirmation_sha256": sent_copy})
+        list_id=lst.id,
+        address=address,
+        kind=Kind.REQUEST,
+        channel=channel,
+        actor=actor,
+        ip=ip,
+        user_agent=user_agent,
+        consent_text=lst.consent_text,
+        token_hash=token_hash(token),
+        message_id=mid,
+        raw=evidence,
+        ts=now,
+        detail={
+            **(detail or {}),
+            "expires": expires,
+            "confirm_domain": lst.domain,
+            "confirmation_sha256": sent_copy,
+        },
+    )
     await control(ledger.store, "optin", lst.id)
     log_event(ev, f"expires={expires}")
     if downstream is None:
         return RequestResult(ev, False, "no downstream", mid)
-    reply, took = await submit(downstream, lst.owner, [address], as_bytes(msg),
-                               attempts=attempts, delay=delay,
-                               what=f"optin confirmation list={lst.id}")
-    text = f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}" if reply else \
-        "downstream unreachable"
+    reply, took = await submit(
+        downstream,
+        lst.owner,
+        [address],
+        as_bytes(msg),
+        attempts=attempts,
+        delay=delay,
+        what=f"optin confirmation list={lst.id}",
+    )
+    text = (
+        f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}"
+        if reply
+        else "downstream unreachable"
+    )
     sent = reply is not None and bool(took)
-    (log.info if sent else log.error)("optin: list=%s address=%s confirmation=%s status=%s",
-                                      clean(lst.id), clean(address), "sent" if sent else
-                                      "not-sent", clean(text))
+    (log.info if sent else log.error)(
+        "optin: list=%s address=%s confirmation=%s status=%s",
+        clean(lst.id),
+        clean(address),
+        "sent" if sent else "not-sent",
+        clean(text),
+    )
     return RequestResult(ev, sent, text, mid)
 
 
-async def attest(ledger: Ledger, lst: ListConfig, addresses: list[str], *, kind: Kind,
-                 source: str, obtained: str, actor: str, channel: str, ip: str = "",
-                 user_agent: str = "", evidence: bytes | None = None
-                 ) -> tuple[list[Event], dict[str, str]]:
+async def attest(
+    ledger: Ledger,
+    lst: ListConfig,
+    addresses: list[str],
+    *,
+    kind: Kind,
+    source: str,
+    obtained: str,
+    actor: str,
+    channel: str,
+    ip: str = "",
+    user_agent: str = "",
+    evidence: bytes | None = None,
+) -> tuple[list[Event], dict[str, str]]:
     """owner-add / import: the owner's attestation that consent was obtained elsewhere.
 
     Never re-adds an address that revoked, complained or bounced: only the subscriber's
@@ -173,22 +241,35 @@ async def attest(ledger: Ledger, lst: ListConfig, addresses: list[str], *, kind:
             continue
         st = known.get(a, Standing())
         if st.state in GONE:
-            skipped[a] = (f"{st.state} since {st.since} ({st.basis}); an owner cannot re-add "
-                          "someone who left: only their own confirmation can "
-                          "(maild optin request)")
+            skipped[a] = (
+                f"{st.state} since {st.since} ({st.basis}); an owner cannot re-add "
+                "someone who left: only their own confirmation can "
+                "(maild optin request)"
+            )
             continue
         if st.state is State.CONFIRMED:
             skipped[a] = f"already confirmed since {st.since} ({st.basis})"
             continue
         known[a] = Standing(State.CONFIRMED, stamp, str(kind), channel)  # duplicates in a file
-        todo.append(Event(list_id=lst.id, seq=0, ts=stamp, address=a, kind=kind,
-                          channel=channel, actor=actor, ip=ip, user_agent=user_agent[:500],
-                          consent_hash=c_hash, raw_sha256=raw_sha,
-                          detail={"attestation": {"source": source.strip()[:500],
-                                                  "obtained": obtained}}))
+        todo.append(
+            Event(
+                list_id=lst.id,
+                seq=0,
+                ts=stamp,
+                address=a,
+                kind=kind,
+                channel=channel,
+                actor=actor,
+                ip=ip,
+                user_agent=user_agent[:500],
+                consent_hash=c_hash,
+                raw_sha256=raw_sha,
+                detail={"attestation": {"source": source.strip()[:500], "obtained": obtained}},
+            )
+        )
     written: list[Event] = []
     for i in range(0, len(todo), BATCH):
-        batch = await ledger.append_many(lst.id, todo[i:i + BATCH])
+        batch = await ledger.append_many(lst.id, todo[i : i + BATCH])
         written += batch
         for e in batch:
             log_event(e)
@@ -204,27 +285,54 @@ class RevokeResult:
     notified: bool
 
 
-async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, lst: ListConfig,
-                 address: str, *, channel: str, actor: str, ip: str = "", user_agent: str = "",
-                 reason: str = "", evidence: bytes | None = None, notify: bool = True,
-                 attempts: int = 2, delay: float = 2.0,
-                 detail: dict[str, object] | None = None) -> RevokeResult:
+async def revoke(
+    ledger: Ledger,
+    config: Config,
+    downstream: Downstream | None,
+    lst: ListConfig,
+    address: str,
+    *,
+    channel: str,
+    actor: str,
+    ip: str = "",
+    user_agent: str = "",
+    reason: str = "",
+    evidence: bytes | None = None,
+    notify: bool = True,
+    attempts: int = 2,
+    delay: float = 2.0,
+    detail: dict[str, object] | None = None,
+) -> RevokeResult:
     """Record a revocation (honoured at once) and tell the subscriber, once."""
     address = check_address(address)
     before, _ = await standing(ledger, lst.id, address)
     now = time.time()
-    notify = (notify and section(config).notify_revocation and downstream is not None
-              and before.state in (State.CONFIRMED, State.PENDING))
-    notice, mid = messages.revocation_notice(lst, address, channel=channel, when=iso(now)[:19],
-                                             hostname=config.server.hostname)
+    notify = (
+        notify
+        and section(config).notify_revocation
+        and downstream is not None
+        and before.state in (State.CONFIRMED, State.PENDING)
+    )
+    notice, mid = messages.revocation_notice(
+        lst, address, channel=channel, when=iso(now)[:19], hostname=config.server.hostname
+    )
     detail = {**(detail or {}), "previous_state": str(before.state)}
     if reason:
         detail["reason"] = reason[:500]
     if notify:
         detail["notice_message_id"] = mid
-    ev = await ledger.append(list_id=lst.id, address=address, kind=Kind.REVOKE, channel=channel,
-                             actor=actor, ip=ip, user_agent=user_agent, raw=evidence,
-                             detail=detail, ts=now)
+    ev = await ledger.append(
+        list_id=lst.id,
+        address=address,
+        kind=Kind.REVOKE,
+        channel=channel,
+        actor=actor,
+        ip=ip,
+        user_agent=user_agent,
+        raw=evidence,
+        detail=detail,
+        ts=now,
+    )
     await control(ledger.store, "optin", lst.id)
     log_event(ev, f"previous={before.state}")
     sent = False
@@ -233,12 +341,29 @@ async def revoke(ledger: Ledger, config: Config, downstream: Downstream | None, 
     return RevokeResult(ev, before, sent)
 
 
-async def send_notice(downstream: Downstream, lst: ListConfig, address: str, notice: object, *,
-                      attempts: int = 3, delay: float = 30.0) -> bool:
-    reply, took = await submit(downstream, "", [address], as_bytes(notice),  # type: ignore[arg-type]
-                               attempts=attempts, delay=delay,
-                               what=f"optin revocation notice list={lst.id}")
+async def send_notice(
+    downstream: Downstream,
+    lst: ListConfig,
+    address: str,
+    notice: object,
+    *,
+    attempts: int = 3,
+    delay: float = 30.0,
+) -> bool:
+    reply, took = await submit(
+        downstream,
+        "",
+        [address],
+        as_bytes(notice),  # type: ignore[arg-type]
+        attempts=attempts,
+        delay=delay,
+        what=f"optin revocation notice list={lst.id}",
+    )
     ok = reply is not None and bool(took)
-    (log.info if ok else log.error)("optin: list=%s address=%s notice=%s", clean(lst.id),
-                                    clean(address), "sent" if ok else "not-sent")
+    (log.info if ok else log.error)(
+        "optin: list=%s address=%s notice=%s",
+        clean(lst.id),
+        clean(address),
+        "sent" if ok else "not-sent",
+    )
     return ok

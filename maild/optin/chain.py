@@ -25,8 +25,22 @@ from maild.optin.model import Event
 
 VERSION = 1
 GENESIS = "0" * 64
-HASHED = ("list_id", "seq", "ts", "address", "kind", "channel", "actor", "ip", "user_agent",
-          "consent_hash", "token_hash", "message_id", "raw_sha256", "detail")
+HASHED = (
+    "list_id",
+    "seq",
+    "ts",
+    "address",
+    "kind",
+    "channel",
+    "actor",
+    "ip",
+    "user_agent",
+    "consent_hash",
+    "token_hash",
+    "message_id",
+    "raw_sha256",
+    "detail",
+)
 
 
 def detail_json(detail: dict[str, Any]) -> str:
@@ -42,18 +56,58 @@ def canonical(e: Event) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def canonical_row(list_id: str, seq: int, ts: str, address: str, kind: str, channel: str,
-                  actor: str, ip: str, user_agent: str, consent_hash: str, token_hash: str,
-                  message_id: str, raw_sha256: str, detail: str) -> str:
+def canonical_row(
+    list_id: str,
+    seq: int,
+    ts: str,
+    address: str,
+    kind: str,
+    channel: str,
+    actor: str,
+    ip: str,
+    user_agent: str,
+    consent_hash: str,
+    token_hash: str,
+    message_id: str,
+    raw_sha256: str,
+    detail: str,
+) -> str:
     """The same text built from a stored row, whose detail is already canonical JSON:
     about ten times faster than canonical(), which matters when verify walks a chain of
     millions of rows. A stored detail that is not canonical simply fails to verify."""
-    return ('{"actor":' + _q(actor) + ',"address":' + _q(address) + ',"channel":' + _q(channel)
-            + ',"consent_hash":' + _q(consent_hash) + ',"detail":' + detail + ',"ip":' + _q(ip)
-            + ',"kind":' + _q(kind) + ',"list_id":' + _q(list_id) + ',"message_id":'
-            + _q(message_id) + ',"raw_sha256":' + _q(raw_sha256) + ',"seq":' + str(int(seq))
-            + ',"token_hash":' + _q(token_hash) + ',"ts":' + _q(ts) + ',"user_agent":'
-            + _q(user_agent) + ',"v":' + str(VERSION) + "}")
+    return (
+        '{"actor":'
+        + _q(actor)
+        + ',"address":'
+        + _q(address)
+        + ',"channel":'
+        + _q(channel)
+        + ',"consent_hash":'
+        + _q(consent_hash)
+        + ',"detail":'
+        + detail
+        + ',"ip":'
+        + _q(ip)
+        + ',"kind":'
+        + _q(kind)
+        + ',"list_id":'
+        + _q(list_id)
+        + ',"message_id":'
+        + _q(message_id)
+        + ',"raw_sha256":'
+        + _q(raw_sha256)
+        + ',"seq":'
+        + str(int(seq))
+        + ',"token_hash":'
+        + _q(token_hash)
+        + ',"ts":'
+        + _q(ts)
+        + ',"user_agent":'
+        + _q(user_agent)
+        + ',"v":'
+        + str(VERSION)
+        + "}"
+    )
 
 
 def digest(prev_hash: str, text: str) -> str:
@@ -89,8 +143,9 @@ class Verifier:
 
     def feed(self, e: Event) -> bool:
         """Check one row; True when it is intact and linked to the row before it."""
-        return self._check(e.seq, e.prev_hash, e.hash, row_hash(e, e.prev_hash) == e.hash,
-                           str(e.kind), e.address)
+        return self._check(
+            e.seq, e.prev_hash, e.hash, row_hash(e, e.prev_hash) == e.hash, str(e.kind), e.address
+        )
 
     def feed_row(self, r: tuple) -> bool:
         """The same for a stored row: (list_id, seq, ts, address, event, channel, actor, ip,
@@ -102,24 +157,46 @@ class Verifier:
             intact = False
         return self._check(int(r[1]), str(r[14]), str(r[15]), intact, str(r[4]), str(r[3]))
 
-    def _check(self, seq: int, prev_hash: str, h: str, intact: bool, kind: str,
-               address: str) -> bool:
+    def _check(
+        self, seq: int, prev_hash: str, h: str, intact: bool, kind: str, address: str
+    ) -> bool:
         ok = True
         self.rows += 1
         if seq != self.expected_seq:
-            missing = f"{self.expected_seq}" if seq == self.expected_seq + 1 else \
-                f"{self.expected_seq}..{seq - 1}"
-            self.breaks.append(Break(self.list_id, seq, (
-                f"row(s) {missing} missing (deleted)" if seq > self.expected_seq
-                else f"sequence number repeats or goes back (expected {self.expected_seq})")))
+            missing = (
+                f"{self.expected_seq}"
+                if seq == self.expected_seq + 1
+                else f"{self.expected_seq}..{seq - 1}"
+            )
+            self.breaks.append(
+                Break(
+                    self.list_id,
+                    seq,
+                    (
+                        f"row(s) {missing} missing (deleted)"
+                        if seq > self.expected_seq
+                        else f"sequence number repeats or goes back (expected {self.expected_seq})"
+                    ),
+                )
+            )
             ok = False
         if prev_hash != self.prev:
-            self.breaks.append(Break(self.list_id, seq, "previous-hash link broken (a row "
-                                     "before it was changed, deleted or inserted)"))
+            self.breaks.append(
+                Break(
+                    self.list_id,
+                    seq,
+                    "previous-hash link broken (a row before it was changed, deleted or inserted)",
+                )
+            )
             ok = False
         if not intact:
-            self.breaks.append(Break(self.list_id, seq, f"{kind} event for {address} was "
-                                     "altered after it was written (hash mismatch)"))
+            self.breaks.append(
+                Break(
+                    self.list_id,
+                    seq,
+                    f"{kind} event for {address} was altered after it was written (hash mismatch)",
+                )
+            )
             ok = False
         if not ok:
             self.bad_seqs.add(seq)
@@ -136,9 +213,16 @@ class Verifier:
         seq, h = head
         last = self.expected_seq - 1
         if seq != last or (self.rows and h != self.prev):
-            self.breaks.append(Break(self.list_id, seq, (
-                f"chain ends at seq {last} but its recorded head is seq {seq} "
-                "(rows at the end were deleted or the head was altered)")))
+            self.breaks.append(
+                Break(
+                    self.list_id,
+                    seq,
+                    (
+                        f"chain ends at seq {last} but its recorded head is seq {seq} "
+                        "(rows at the end were deleted or the head was altered)"
+                    ),
+                )
+            )
 
     @property
     def ok(self) -> bool:

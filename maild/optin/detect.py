@@ -17,8 +17,14 @@ import re
 from maild.optin.settings import normalise_list_id
 from maild.textsig import body_text
 
-RFC2369 = ("List-Help", "List-Unsubscribe", "List-Subscribe", "List-Post", "List-Owner",
-           "List-Archive")
+RFC2369 = (
+    "List-Help",
+    "List-Unsubscribe",
+    "List-Subscribe",
+    "List-Post",
+    "List-Owner",
+    "List-Archive",
+)
 ONE_CLICK = "List-Unsubscribe=One-Click"
 _URI = re.compile(r"<([^<>]*)>")
 
@@ -66,39 +72,50 @@ def unsubscribe_problem(h: email.message.Message, *, require_one_click: bool) ->
     """'' when List-Unsubscribe meets RFC 2369 and RFC 8058, else what to fix."""
     values = [str(v) for v in h.get_all("List-Unsubscribe", [])]
     if not values:
-        return ("list mail must carry a List-Unsubscribe header (RFC 2369) with a mailto: or "
-                "https: URI so that recipients can leave the list")
+        return (
+            "list mail must carry a List-Unsubscribe header (RFC 2369) with a mailto: or "
+            "https: URI so that recipients can leave the list"
+        )
     uris = [u.strip() for v in values for u in _URI.findall(v)]
     https = [u for u in uris if u.lower().startswith("https:")]
     mailto = [u for u in uris if u.lower().startswith("mailto:")]
     if not https and not mailto:
-        return ("List-Unsubscribe must offer a <mailto:...> or <https://...> URI in angle "
-                "brackets (RFC 2369; RFC 8058 one-click needs https)")
+        return (
+            "List-Unsubscribe must offer a <mailto:...> or <https://...> URI in angle "
+            "brackets (RFC 2369; RFC 8058 one-click needs https)"
+        )
     if https:
         posts = [str(v).strip() for v in h.get_all("List-Unsubscribe-Post", [])]
         if posts != [ONE_CLICK]:
             found = "none" if not posts else "; ".join(repr(p[:60]) for p in posts)
-            return (f"with an https: List-Unsubscribe URI, RFC 8058 requires exactly one "
-                    f"'List-Unsubscribe-Post: {ONE_CLICK}' header (found: {found})")
+            return (
+                f"with an https: List-Unsubscribe URI, RFC 8058 requires exactly one "
+                f"'List-Unsubscribe-Post: {ONE_CLICK}' header (found: {found})"
+            )
     elif require_one_click:
-        return ("List-Unsubscribe needs an https: URI with 'List-Unsubscribe-Post: "
-                f"{ONE_CLICK}' (RFC 8058 one-click); mailto: alone is not enough")
+        return (
+            "List-Unsubscribe needs an https: URI with 'List-Unsubscribe-Post: "
+            f"{ONE_CLICK}' (RFC 8058 one-click); mailto: alone is not enough"
+        )
     return ""
 
 
 def to_addresses(h: email.message.Message) -> set[str]:
-    return {a.lower() for _, a in email.utils.getaddresses([str(v) for v in h.get_all("To", [])])
-            if a}
+    return {
+        a.lower() for _, a in email.utils.getaddresses([str(v) for v in h.get_all("To", [])]) if a
+    }
 
 
-def unnamed_recipients(content: bytes, h: email.message.Message, recipients: list[str]) -> list[str]:
+def unnamed_recipients(
+    content: bytes, h: email.message.Message, recipients: list[str]
+) -> list[str]:
     """Recipients whose address appears neither in To: nor in the body."""
     to = to_addresses(h)
     missing = [r for r in recipients if r.lower() not in to]
     if not missing:
         return []
     end = content.find(b"\r\n\r\n")
-    body = content[end + 4:].lower() if end >= 0 else b""
+    body = content[end + 4 :].lower() if end >= 0 else b""
     missing = [r for r in missing if r.lower().encode("utf-8", "replace") not in body]
     if not missing:
         return []

@@ -50,11 +50,18 @@ class ChainReport:
         return not self.breaks
 
     def as_dict(self) -> dict[str, Any]:
-        return {"list_id": self.list_id, "verified": self.ok, "rows": self.rows,
-                "head": {"seq": self.head[0], "hash": self.head[1]},
-                "recorded_head": ({"seq": self.recorded_head[0], "hash": self.recorded_head[1]}
-                                  if self.recorded_head else None),
-                "breaks": self.breaks}
+        return {
+            "list_id": self.list_id,
+            "verified": self.ok,
+            "rows": self.rows,
+            "head": {"seq": self.head[0], "hash": self.head[1]},
+            "recorded_head": (
+                {"seq": self.recorded_head[0], "hash": self.recorded_head[1]}
+                if self.recorded_head
+                else None
+            ),
+            "breaks": self.breaks,
+        }
 
 
 async def verify_chain(ledger: Ledger, list_id: str) -> ChainReport:
@@ -69,8 +76,7 @@ async def verify_chain(ledger: Ledger, list_id: str) -> ChainReport:
         after = int(rows[-1][1])
     recorded = await ledger.head(list_id)
     v.check_head(recorded)
-    return ChainReport(list_id, v.rows, v.head, recorded, [str(b) for b in v.breaks],
-                       v.bad_seqs)
+    return ChainReport(list_id, v.rows, v.head, recorded, [str(b) for b in v.breaks], v.bad_seqs)
 
 
 async def verify_raw(ledger: Ledger) -> list[str]:
@@ -91,9 +97,12 @@ async def verify_raw(ledger: Ledger) -> list[str]:
         after = page[-1][0]
     rows = await ledger.store.fetchall(
         "SELECT list_id, seq, raw_sha256 FROM optin_events e WHERE raw_sha256 <> '' AND NOT "
-        "EXISTS (SELECT 1 FROM optin_raw r WHERE r.sha256 = e.raw_sha256)")
-    problems += [f"list={lid} seq={seq}: raw message {sha[:12]} is missing (deleted)"
-                 for lid, seq, sha in rows]
+        "EXISTS (SELECT 1 FROM optin_raw r WHERE r.sha256 = e.raw_sha256)"
+    )
+    problems += [
+        f"list={lid} seq={seq}: raw message {sha[:12]} is missing (deleted)"
+        for lid, seq, sha in rows
+    ]
     return problems
 
 
@@ -107,8 +116,12 @@ class VerifyReport:
         return all(c.ok for c in self.chains) and not self.raw_problems
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "chains": [c.as_dict() for c in self.chains],
-                "raw_problems": self.raw_problems, "checked_at": now_iso()}
+        return {
+            "ok": self.ok,
+            "chains": [c.as_dict() for c in self.chains],
+            "raw_problems": self.raw_problems,
+            "checked_at": now_iso(),
+        }
 
 
 async def verify_all(ledger: Ledger, list_id: str | None = None) -> VerifyReport:
@@ -117,8 +130,9 @@ async def verify_all(ledger: Ledger, list_id: str | None = None) -> VerifyReport
     return VerifyReport(chains, await verify_raw(ledger))
 
 
-async def subscribers(ledger: Ledger, list_id: str, *, attested_ok: bool = True
-                      ) -> dict[str, Standing]:
+async def subscribers(
+    ledger: Ledger, list_id: str, *, attested_ok: bool = True
+) -> dict[str, Standing]:
     """Every address ever seen on a list and its standing now."""
     out: dict[str, Standing] = {}
     after = 0
@@ -183,16 +197,32 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9@._+-]", "_", s)[:120]
 
 
-def event_doc(e: Event, *, raw_file: str, raw_intact: bool | None, chain_ok: bool,
-              consent_file: str) -> dict[str, Any]:
-    return {"list_id": e.list_id, "seq": e.seq, "ts": e.ts, "address": e.address,
-            "kind": str(e.kind), "channel": e.channel, "actor": e.actor, "ip": e.ip,
-            "user_agent": e.user_agent, "consent_hash": e.consent_hash,
-            "consent_text_file": consent_file, "token_hash": e.token_hash,
-            "message_id": e.message_id, "raw_sha256": e.raw_sha256, "raw_file": raw_file,
-            "raw_intact": raw_intact, "detail": e.detail, "prev_hash": e.prev_hash,
-            "hash": e.hash, "row_hash_ok": row_hash(e, e.prev_hash) == e.hash,
-            "chain_ok": chain_ok}
+def event_doc(
+    e: Event, *, raw_file: str, raw_intact: bool | None, chain_ok: bool, consent_file: str
+) -> dict[str, Any]:
+    return {
+        "list_id": e.list_id,
+        "seq": e.seq,
+        "ts": e.ts,
+        "address": e.address,
+        "kind": str(e.kind),
+        "channel": e.channel,
+        "actor": e.actor,
+        "ip": e.ip,
+        "user_agent": e.user_agent,
+        "consent_hash": e.consent_hash,
+        "consent_text_file": consent_file,
+        "token_hash": e.token_hash,
+        "message_id": e.message_id,
+        "raw_sha256": e.raw_sha256,
+        "raw_file": raw_file,
+        "raw_intact": raw_intact,
+        "detail": e.detail,
+        "prev_hash": e.prev_hash,
+        "hash": e.hash,
+        "row_hash_ok": row_hash(e, e.prev_hash) == e.hash,
+        "chain_ok": chain_ok,
+    }
 
 
 @dataclass
@@ -201,8 +231,15 @@ class Bundle:
     doc: dict[str, Any]
 
 
-async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | None = None,
-                out_dir: Path = Path("."), registry: Any = None) -> Bundle:
+async def build(
+    ledger: Ledger,
+    config: Config,
+    address: str,
+    *,
+    list_id: str | None = None,
+    out_dir: Path = Path("."),
+    registry: Any = None,
+) -> Bundle:
     """Write the evidence bundle for one address; return its path and evidence.json."""
     from maild import __version__
 
@@ -222,13 +259,20 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
                 st = apply(st, e.kind, e.ts, e.channel)
         st = effective(st, attested_ok=attested_ok)
         lst = registry.get(lid) if registry is not None else None
-        lists_doc.append({
-            "list_id": lid, "registered": lst is not None,
-            "customer": lst.customer if lst else None, "owner": lst.cfg.owner if lst else None,
-            "name": lst.cfg.name if lst else None,
-            "state": str(st.state), "since": st.since, "decided_by": st.basis,
-            "chain": chain.as_dict(),
-            "this_address_rows_intact": all(e.seq not in chain.bad_seqs for e in mine)})
+        lists_doc.append(
+            {
+                "list_id": lid,
+                "registered": lst is not None,
+                "customer": lst.customer if lst else None,
+                "owner": lst.cfg.owner if lst else None,
+                "name": lst.cfg.name if lst else None,
+                "state": str(st.state),
+                "since": st.since,
+                "decided_by": st.basis,
+                "chain": chain.as_dict(),
+                "this_address_rows_intact": all(e.seq not in chain.bad_seqs for e in mine),
+            }
+        )
         for e in mine:
             raw_file, intact = "", None
             if e.raw_sha256:
@@ -253,8 +297,15 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
                     if text:
                         files[consent[e.consent_hash]] = text.encode("utf-8") + b"\n"
                 cfile = consent[e.consent_hash]
-            events_doc.append(event_doc(e, raw_file=raw_file, raw_intact=intact,
-                                        chain_ok=e.seq not in chain.bad_seqs, consent_file=cfile))
+            events_doc.append(
+                event_doc(
+                    e,
+                    raw_file=raw_file,
+                    raw_intact=intact,
+                    chain_ok=e.seq not in chain.bad_seqs,
+                    consent_file=cfile,
+                )
+            )
     generated_at = now_iso()
     doc = {
         "format": "maild-optin-evidence/1",
@@ -263,8 +314,8 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
         "generated_at": generated_at,
         "generated_by": f"maild {__version__} on {socket.getfqdn()}",
         "policy": config.path,
-        "verified": all(x["chain"]["verified"] for x in lists_doc) and all(
-            ev["raw_intact"] is not False for ev in events_doc),
+        "verified": all(x["chain"]["verified"] for x in lists_doc)
+        and all(ev["raw_intact"] is not False for ev in events_doc),
         "lists": lists_doc,
         "events": events_doc,
         "hash_fields": list(HASHED),
@@ -277,8 +328,10 @@ async def build(ledger: Ledger, config: Config, address: str, *, list_id: str | 
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("evidence.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
-            z.writestr("README.txt", README.format(address=address, fields=json.dumps(list(HASHED)),
-                                                   version=VERSION))
+            z.writestr(
+                "README.txt",
+                README.format(address=address, fields=json.dumps(list(HASHED)), version=VERSION),
+            )
             for name, data in sorted(files.items()):
                 z.writestr(name, data)
         os.chmod(tmp, 0o600)  # personal data

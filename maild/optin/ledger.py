@@ -86,12 +86,30 @@ MIGRATIONS = (
     """,
 )
 
-EVENT_COLUMNS = ("id", "list_id", "seq", "ts", "address", "event", "channel", "actor", "ip",
-                 "user_agent", "consent_hash", "token_hash", "message_id", "raw_sha256", "detail",
-                 "prev_hash", "hash")
+EVENT_COLUMNS = (
+    "id",
+    "list_id",
+    "seq",
+    "ts",
+    "address",
+    "event",
+    "channel",
+    "actor",
+    "ip",
+    "user_agent",
+    "consent_hash",
+    "token_hash",
+    "message_id",
+    "raw_sha256",
+    "detail",
+    "prev_hash",
+    "hash",
+)
 _SELECT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM optin_events"
-_INSERT = (f"INSERT INTO optin_events({', '.join(EVENT_COLUMNS[1:])}) "
-           f"VALUES ({', '.join('?' * (len(EVENT_COLUMNS) - 1))})")
+_INSERT = (
+    f"INSERT INTO optin_events({', '.join(EVENT_COLUMNS[1:])}) "
+    f"VALUES ({', '.join('?' * (len(EVENT_COLUMNS) - 1))})"
+)
 _ATTEMPTS = 20
 
 
@@ -101,12 +119,25 @@ def _row(r: tuple) -> Event:
         detail = json.loads(d["detail"])
     except ValueError:
         detail = {"unreadable": d["detail"]}
-    return Event(list_id=d["list_id"], seq=d["seq"], ts=d["ts"], address=d["address"],
-                 kind=Kind(d["event"]) if d["event"] in Kind._value2member_map_ else d["event"],
-                 channel=d["channel"], actor=d["actor"], ip=d["ip"], user_agent=d["user_agent"],
-                 consent_hash=d["consent_hash"], token_hash=d["token_hash"],
-                 message_id=d["message_id"], raw_sha256=d["raw_sha256"], detail=detail,
-                 prev_hash=d["prev_hash"], hash=d["hash"], id=d["id"])
+    return Event(
+        list_id=d["list_id"],
+        seq=d["seq"],
+        ts=d["ts"],
+        address=d["address"],
+        kind=Kind(d["event"]) if d["event"] in Kind._value2member_map_ else d["event"],
+        channel=d["channel"],
+        actor=d["actor"],
+        ip=d["ip"],
+        user_agent=d["user_agent"],
+        consent_hash=d["consent_hash"],
+        token_hash=d["token_hash"],
+        message_id=d["message_id"],
+        raw_sha256=d["raw_sha256"],
+        detail=detail,
+        prev_hash=d["prev_hash"],
+        hash=d["hash"],
+        id=d["id"],
+    )
 
 
 detail_text = detail_json
@@ -138,22 +169,39 @@ class Ledger:
         sha = hashlib.sha256(raw).hexdigest()
         await self.store.execute(
             "INSERT INTO optin_raw(sha256, size, data) VALUES (?, ?, ?) "
-            "ON CONFLICT(sha256) DO NOTHING", (sha, len(raw), pack(raw)))
+            "ON CONFLICT(sha256) DO NOTHING",
+            (sha, len(raw), pack(raw)),
+        )
         return sha
 
     async def put_consent_text(self, text: str) -> str:
         h = consent_hash(text)
         await self.store.execute(
             "INSERT INTO optin_consent_texts(hash, text, first_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT(hash) DO NOTHING", (h, text.replace("\r\n", "\n").strip(), now_iso()))
+            "ON CONFLICT(hash) DO NOTHING",
+            (h, text.replace("\r\n", "\n").strip(), now_iso()),
+        )
         return h
 
-    async def append(self, *, list_id: str, address: str, kind: Kind, channel: str,
-                     actor: str = "", ip: str = "", user_agent: str = "",
-                     consent_text: str | None = None, consent_hash: str = "",
-                     token_hash: str = "", message_id: str = "", raw: bytes | None = None,
-                     raw_sha256: str = "", detail: dict[str, Any] | None = None,
-                     ts: float | None = None) -> Event:
+    async def append(
+        self,
+        *,
+        list_id: str,
+        address: str,
+        kind: Kind,
+        channel: str,
+        actor: str = "",
+        ip: str = "",
+        user_agent: str = "",
+        consent_text: str | None = None,
+        consent_hash: str = "",
+        token_hash: str = "",
+        message_id: str = "",
+        raw: bytes | None = None,
+        raw_sha256: str = "",
+        detail: dict[str, Any] | None = None,
+        ts: float | None = None,
+    ) -> Event:
         """Write one event at the end of its list's chain and return it as stored.
 
         `consent_text` / `raw` are stored (once per content) and referenced by hash;
@@ -161,11 +209,22 @@ class Ledger:
         """
         raw_sha = await self.put_raw(raw) if raw else raw_sha256
         c_hash = await self.put_consent_text(consent_text) if consent_text else consent_hash
-        ev = Event(list_id=list_id, seq=0, ts=now_iso() if ts is None else iso(ts),
-                   address=address.lower(), kind=kind, channel=channel, actor=actor, ip=ip,
-                   user_agent=user_agent[:500], consent_hash=c_hash, token_hash=token_hash,
-                   message_id=message_id[:500], raw_sha256=raw_sha,
-                   detail=json.loads(detail_text(detail or {})))  # as reading it back gives
+        ev = Event(
+            list_id=list_id,
+            seq=0,
+            ts=now_iso() if ts is None else iso(ts),
+            address=address.lower(),
+            kind=kind,
+            channel=channel,
+            actor=actor,
+            ip=ip,
+            user_agent=user_agent[:500],
+            consent_hash=c_hash,
+            token_hash=token_hash,
+            message_id=message_id[:500],
+            raw_sha256=raw_sha,
+            detail=json.loads(detail_text(detail or {})),
+        )  # as reading it back gives
         return (await self.append_many(list_id, [ev]))[0]
 
     async def append_many(self, list_id: str, events: list[Event]) -> list[Event]:
@@ -181,17 +240,37 @@ class Ledger:
                     async with self.store.transaction():
                         await self.store.xact_lock(f"optin:{list_id}")
                         chained = await self._chain(list_id, events)
-                        await self.store.executemany(_INSERT, [(
-                            e.list_id, e.seq, e.ts, e.address, str(e.kind), e.channel, e.actor,
-                            e.ip, e.user_agent, e.consent_hash, e.token_hash, e.message_id,
-                            e.raw_sha256, detail_text(e.detail), e.prev_hash, e.hash)
-                            for e in chained])
+                        await self.store.executemany(
+                            _INSERT,
+                            [
+                                (
+                                    e.list_id,
+                                    e.seq,
+                                    e.ts,
+                                    e.address,
+                                    str(e.kind),
+                                    e.channel,
+                                    e.actor,
+                                    e.ip,
+                                    e.user_agent,
+                                    e.consent_hash,
+                                    e.token_hash,
+                                    e.message_id,
+                                    e.raw_sha256,
+                                    detail_text(e.detail),
+                                    e.prev_hash,
+                                    e.hash,
+                                )
+                                for e in chained
+                            ],
+                        )
                         last = chained[-1]
                         await self.store.execute(
                             "INSERT INTO optin_heads(list_id, seq, hash) VALUES (?, ?, ?) "
                             "ON CONFLICT(list_id) DO UPDATE SET seq = excluded.seq, "
                             "hash = excluded.hash WHERE excluded.seq > optin_heads.seq",
-                            (list_id, last.seq, last.hash))
+                            (list_id, last.seq, last.hash),
+                        )
                 except StoreError as err:
                     if _unique_violation(err) and attempt < _ATTEMPTS - 1:
                         await asyncio.sleep(0.005 * (attempt + 1))
@@ -200,7 +279,8 @@ class Ledger:
                 break
         rows = await self.store.fetchall(
             _SELECT + " WHERE list_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-            (list_id, chained[0].seq, last.seq))
+            (list_id, chained[0].seq, last.seq),
+        )
         if len(rows) != len(chained):
             raise StoreError(f"optin events {list_id}#{chained[0].seq}.. vanished after writing")
         return [_row(r) for r in rows]
@@ -208,8 +288,9 @@ class Ledger:
     async def _chain(self, list_id: str, events: list[Event]) -> list[Event]:
         """The events with seq, prev_hash and hash following the list's current head."""
         head = await self.store.fetchone(
-            "SELECT seq, hash FROM optin_events WHERE list_id = ? ORDER BY seq DESC "
-            "LIMIT 1", (list_id,))
+            "SELECT seq, hash FROM optin_events WHERE list_id = ? ORDER BY seq DESC LIMIT 1",
+            (list_id,),
+        )
         seq, prev = (head[0], head[1]) if head else (0, GENESIS)
         chained: list[Event] = []
         for e in events:
@@ -226,17 +307,21 @@ class Ledger:
         if list_id:
             rows = await self.store.fetchall(
                 _SELECT + " WHERE address = ? AND list_id = ? ORDER BY list_id, seq",
-                (address.lower(), list_id))
+                (address.lower(), list_id),
+            )
         else:
             rows = await self.store.fetchall(
-                _SELECT + " WHERE address = ? ORDER BY list_id, seq", (address.lower(),))
+                _SELECT + " WHERE address = ? ORDER BY list_id, seq", (address.lower(),)
+            )
         return [_row(r) for r in rows]
 
-    async def events_of_list(self, list_id: str, after_seq: int = 0,
-                             limit: int = 10000) -> list[Event]:
+    async def events_of_list(
+        self, list_id: str, after_seq: int = 0, limit: int = 10000
+    ) -> list[Event]:
         rows = await self.store.fetchall(
             _SELECT + " WHERE list_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (list_id, after_seq, limit))
+            (list_id, after_seq, limit),
+        )
         return [_row(r) for r in rows]
 
     async def fold_rows(self, last_id: int, limit: int = 50000) -> list[tuple]:
@@ -245,29 +330,35 @@ class Ledger:
         return await self.store.fetchall(
             "SELECT id, list_id, seq, ts, address, event, channel, token_hash, message_id, "
             "consent_hash, detail FROM optin_events WHERE id > ? ORDER BY id LIMIT ?",
-            (last_id, limit))
+            (last_id, limit),
+        )
 
-    async def chain_rows(self, list_id: str, after_seq: int = 0, limit: int = 10000
-                         ) -> list[tuple]:
+    async def chain_rows(self, list_id: str, after_seq: int = 0, limit: int = 10000) -> list[tuple]:
         """Rows as stored, for Verifier.feed_row: no decoding, for speed."""
         return await self.store.fetchall(
             f"SELECT {', '.join(EVENT_COLUMNS[1:])} FROM optin_events WHERE list_id = ? "
-            "AND seq > ? ORDER BY seq LIMIT ?", (list_id, after_seq, limit))
+            "AND seq > ? ORDER BY seq LIMIT ?",
+            (list_id, after_seq, limit),
+        )
 
     async def count_requests(self, list_id: str, address: str, since: float) -> int:
         row = await self.store.fetchone(
             "SELECT COUNT(*) FROM optin_events WHERE address = ? AND list_id = ? AND event = ? "
-            "AND ts >= ?", (address.lower(), list_id, str(Kind.REQUEST), iso(since)))
+            "AND ts >= ?",
+            (address.lower(), list_id, str(Kind.REQUEST), iso(since)),
+        )
         return int(row[0]) if row else 0
 
     async def chain_ids(self) -> list[str]:
         rows = await self.store.fetchall(
-            "SELECT list_id FROM optin_heads UNION SELECT DISTINCT list_id FROM optin_events")
+            "SELECT list_id FROM optin_heads UNION SELECT DISTINCT list_id FROM optin_events"
+        )
         return sorted(r[0] for r in rows)
 
     async def head(self, list_id: str) -> tuple[int, str] | None:
-        row = await self.store.fetchone("SELECT seq, hash FROM optin_heads WHERE list_id = ?",
-                                        (list_id,))
+        row = await self.store.fetchone(
+            "SELECT seq, hash FROM optin_heads WHERE list_id = ?", (list_id,)
+        )
         return (int(row[0]), str(row[1])) if row else None
 
     async def raw(self, sha256: str) -> bytes | None:
@@ -275,9 +366,13 @@ class Ledger:
         return unpack(row[0]) if row else None
 
     async def raw_page(self, after_id: int, limit: int = 200) -> list[tuple[int, str, str]]:
-        return [(int(i), str(s), str(d)) for i, s, d in await self.store.fetchall(
-            "SELECT id, sha256, data FROM optin_raw WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit))]
+        return [
+            (int(i), str(s), str(d))
+            for i, s, d in await self.store.fetchall(
+                "SELECT id, sha256, data FROM optin_raw WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+        ]
 
     async def consent_text(self, h: str) -> str | None:
         row = await self.store.fetchone("SELECT text FROM optin_consent_texts WHERE hash = ?", (h,))
@@ -288,22 +383,49 @@ class Ledger:
     async def stored_lists(self) -> list[ListConfig]:
         rows = await self.store.fetchall(
             "SELECT id, customer, owner, domain, name, return_paths, unsubscribe, consent_text "
-            "FROM optin_lists ORDER BY id")
-        return [ListConfig(id=i, customer=c, owner=o, domain=d, name=n,
-                           return_paths=tuple(json.loads(rp)), unsubscribe=tuple(json.loads(u)),
-                           consent_text=t) for i, c, o, d, n, rp, u, t in rows]
+            "FROM optin_lists ORDER BY id"
+        )
+        return [
+            ListConfig(
+                id=i,
+                customer=c,
+                owner=o,
+                domain=d,
+                name=n,
+                return_paths=tuple(json.loads(rp)),
+                unsubscribe=tuple(json.loads(u)),
+                consent_text=t,
+            )
+            for i, c, o, d, n, rp, u, t in rows
+        ]
 
     async def register_list(self, lst: ListConfig, actor: str, *, replace: bool = False) -> None:
-        sql = ("INSERT INTO optin_lists(id, customer, owner, domain, name, return_paths, "
-               "unsubscribe, consent_text, created, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        sql = (
+            "INSERT INTO optin_lists(id, customer, owner, domain, name, return_paths, "
+            "unsubscribe, consent_text, created, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         if replace:
-            sql += (" ON CONFLICT(id) DO UPDATE SET customer = excluded.customer, owner = "
-                    "excluded.owner, domain = excluded.domain, name = excluded.name, "
-                    "return_paths = excluded.return_paths, unsubscribe = excluded.unsubscribe, "
-                    "consent_text = excluded.consent_text, actor = excluded.actor")
-        await self.store.execute(sql, (
-            lst.id, lst.customer, lst.owner, lst.domain, lst.name, json.dumps(list(lst.return_paths)),
-            json.dumps(list(lst.unsubscribe)), lst.consent_text, now_iso(), actor))
+            sql += (
+                " ON CONFLICT(id) DO UPDATE SET customer = excluded.customer, owner = "
+                "excluded.owner, domain = excluded.domain, name = excluded.name, "
+                "return_paths = excluded.return_paths, unsubscribe = excluded.unsubscribe, "
+                "consent_text = excluded.consent_text, actor = excluded.actor"
+            )
+        await self.store.execute(
+            sql,
+            (
+                lst.id,
+                lst.customer,
+                lst.owner,
+                lst.domain,
+                lst.name,
+                json.dumps(list(lst.return_paths)),
+                json.dumps(list(lst.unsubscribe)),
+                lst.consent_text,
+                now_iso(),
+                actor,
+            ),
+        )
         await self.put_consent_text(lst.consent_text)
 
     async def unregister_list(self, list_id: str) -> bool:
@@ -314,8 +436,14 @@ class Ledger:
     async def add_delivered(self, rows: list[tuple[str, int, int]]) -> None:
         await self.store.executemany(
             "INSERT INTO optin_delivered(list_id, hour, n) VALUES (?, ?, ?) "
-            "ON CONFLICT(list_id, hour) DO UPDATE SET n = optin_delivered.n + excluded.n", rows)
+            "ON CONFLICT(list_id, hour) DO UPDATE SET n = optin_delivered.n + excluded.n",
+            rows,
+        )
 
     async def delivered_since(self, hour: int) -> list[tuple[str, int, int]]:
-        return [(str(a), int(b), int(c)) for a, b, c in await self.store.fetchall(
-            "SELECT list_id, hour, n FROM optin_delivered WHERE hour >= ?", (hour,))]
+        return [
+            (str(a), int(b), int(c))
+            for a, b, c in await self.store.fetchall(
+                "SELECT list_id, hour, n FROM optin_delivered WHERE hour >= ?", (hour,)
+            )
+        ]

@@ -45,13 +45,23 @@ def confirm_address(lst: ListConfig, local: str, token: str) -> str:
 def _quote(text: str) -> str:
     """Each paragraph wrapped at 72 columns and indented."""
     paras = [" ".join(p.split()) for p in text.replace("\r\n", "\n").split("\n\n")]
-    return "\n\n".join(textwrap.fill(p, 72, initial_indent="    ", subsequent_indent="    ")
-                       for p in paras if p)
+    return "\n\n".join(
+        textwrap.fill(p, 72, initial_indent="    ", subsequent_indent="    ") for p in paras if p
+    )
 
 
-def confirmation(lst: ListConfig, address: str, token: str, *, confirm_local: str,
-                 hostname: str, when: str, expires: str, ip: str = "",
-                 confirm_url: str = "") -> tuple[EmailMessage, str]:
+def confirmation(
+    lst: ListConfig,
+    address: str,
+    token: str,
+    *,
+    confirm_local: str,
+    hostname: str,
+    when: str,
+    expires: str,
+    ip: str = "",
+    confirm_url: str = "",
+) -> tuple[EmailMessage, str]:
     """The double opt-in request; returns (message, Message-ID). With `confirm_url`
     ([web]) it also offers maild's confirmation page, where only a button confirms."""
     reply_to = confirm_address(lst, confirm_local, token)
@@ -66,15 +76,20 @@ def confirmation(lst: ListConfig, address: str, token: str, *, confirm_local: st
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"
     who = f" from the internet address {ip}" if ip else ""
-    how = (f"To confirm, open this page and press its button:\n\n    {confirm_url}\n\nor reply"
-           if confirm_url else "To confirm, reply")
-    only = ("Opening the page alone confirms nothing: only its button, or your reply, counts."
-            if confirm_url else
-            "Opening a link is not enough and there is none to open: only your reply counts.")
+    how = (
+        f"To confirm, open this page and press its button:\n\n    {confirm_url}\n\nor reply"
+        if confirm_url
+        else "To confirm, reply"
+    )
+    only = (
+        "Opening the page alone confirms nothing: only its button, or your reply, counts."
+        if confirm_url
+        else "Opening a link is not enough and there is none to open: only your reply counts."
+    )
     body = (
         f"Someone, hopefully you, asked{who} on {when} (UTC) to subscribe\n\n"
         f"    {address}\n\n"
-        f"to the mailing list \"{lst.name}\" <{lst.id}>, run by {lst.owner}.\n\n"
+        f'to the mailing list "{lst.name}" <{lst.id}>, run by {lst.owner}.\n\n'
         "By confirming you agree to this:\n\n"
         f"{_quote(lst.consent_text)}\n\n"
         f"{how} to this message (the reply goes to the address below), or send a message "
@@ -83,7 +98,8 @@ def confirmation(lst: ListConfig, address: str, token: str, *, confirm_local: st
         f"{only}\n\n"
         f"This request expires on {expires} (UTC). If you did not ask to subscribe, ignore "
         "this message: you will not be subscribed and will not hear from this list again.\n"
-        f"Every list message lets you leave at once; to ask a question, write to {lst.owner}.\n")
+        f"Every list message lets you leave at once; to ask a question, write to {lst.owner}.\n"
+    )
     msg.set_content(body)
     return msg, mid
 
@@ -100,8 +116,9 @@ def redacted(msg: EmailMessage, token: str) -> bytes:
     return as_bytes(copy)
 
 
-def revocation_notice(lst: ListConfig, address: str, *, channel: str, when: str,
-                      hostname: str) -> tuple[EmailMessage, str]:
+def revocation_notice(
+    lst: ListConfig, address: str, *, channel: str, when: str, hostname: str
+) -> tuple[EmailMessage, str]:
     """'You have been unsubscribed', sent once per revocation, from the null sender."""
     mid = message_id(hostname)
     msg = EmailMessage()
@@ -114,8 +131,9 @@ def revocation_notice(lst: ListConfig, address: str, *, channel: str, when: str,
     msg["X-Auto-Response-Suppress"] = "All"
     how = HOW.get(channel, f"({channel})")
     msg.set_content(
-        f"{address} was unsubscribed from the mailing list \"{lst.name}\" <{lst.id}> on {when} "
+        f'{address} was unsubscribed from the mailing list "{lst.name}" <{lst.id}> on {when} '
         f"(UTC), {how}.\n\nYou will receive no more mail from this list. This is the only "
         "message about it; there is nothing you need to do.\n\n"
-        f"If this was a mistake, subscribe again; questions to {lst.owner}.\n")
+        f"If this was a mistake, subscribe again; questions to {lst.owner}.\n"
+    )
     return msg, mid

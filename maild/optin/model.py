@@ -38,8 +38,7 @@ class State(StrEnum):
 
 
 # How the subscriber (or someone) expressed what the event records.
-CHANNELS = ("web", "email", "api", "import", "mailto", "one-click", "complaint", "bounce",
-            "cli")
+CHANNELS = ("web", "email", "api", "import", "mailto", "one-click", "complaint", "bounce", "cli")
 
 ATTESTED = (Kind.OWNER_ADD, Kind.IMPORT)
 GONE = (State.REVOKED, State.SUPPRESSED)

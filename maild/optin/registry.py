@@ -42,8 +42,12 @@ class MailingList:
 
     @classmethod
     def of(cls, cfg: ListConfig, source: str) -> MailingList:
-        return cls(cfg, source, tuple(compile_pattern(p) for p in cfg.return_paths),
-                   tuple(compile_pattern(p) for p in cfg.unsubscribe))
+        return cls(
+            cfg,
+            source,
+            tuple(compile_pattern(p) for p in cfg.return_paths),
+            tuple(compile_pattern(p) for p in cfg.unsubscribe),
+        )
 
     @property
     def id(self) -> str:
@@ -84,8 +88,9 @@ class Registry:
             reg.by_customer.setdefault(lst.customer, []).append(lst)
             if lst.cfg.domain:
                 reg.domains.add(lst.cfg.domain)
-            reg.mail_domains.update(p.rpartition("@")[2] for p in
-                                    lst.cfg.return_paths + lst.cfg.unsubscribe)
+            reg.mail_domains.update(
+                p.rpartition("@")[2] for p in lst.cfg.return_paths + lst.cfg.unsubscribe
+            )
         reg.mail_domains |= reg.domains
         return reg
 
@@ -96,8 +101,10 @@ class Registry:
         """The customer's list whose return path the envelope sender matches."""
         if not sender:
             return None
-        return next((lst for lst in self.by_customer.get(customer, ())
-                     if lst.return_path_match(sender)), None)
+        return next(
+            (lst for lst in self.by_customer.get(customer, ()) if lst.return_path_match(sender)),
+            None,
+        )
 
     def any_return_path(self, addr: str) -> tuple[MailingList, re.Match[str]] | None:
         """Any list whose return path this (recipient) address is: bounces, complaints."""
@@ -118,8 +125,9 @@ class Registry:
                 return lst, m
         return None
 
-    def address_of(self, customer: str, addr: str, confirm_local: str,
-                   token_list: Callable[[str], str | None]) -> str | None:
+    def address_of(
+        self, customer: str, addr: str, confirm_local: str, token_list: Callable[[str], str | None]
+    ) -> str | None:
         """Which of the customer's lists `addr` is an address of (as a reason), or None.
 
         Only that customer's lists are searched, so a list domain several customers share
@@ -135,7 +143,11 @@ class Registry:
                 return f"unsubscribe address of list {lst.id}"
         token = self.confirm_token(local, domain, confirm_local)
         confirmed = self.get(token_list(token) or "") if token else None
-        if confirmed is not None and confirmed.customer == customer and confirmed.cfg.domain == domain:
+        if (
+            confirmed is not None
+            and confirmed.customer == customer
+            and confirmed.cfg.domain == domain
+        ):
             return f"confirmation address of list {confirmed.id}"
         return None
 

@@ -64,8 +64,10 @@ def _parse(content: bytes) -> email.message.Message | None:
 
 
 def _report(msg: email.message.Message, kind: str) -> bool:
-    return (msg.get_content_type() == "multipart/report"
-            and str(msg.get_param("report-type", "")).lower() == kind)
+    return (
+        msg.get_content_type() == "multipart/report"
+        and str(msg.get_param("report-type", "")).lower() == kind
+    )
 
 
 def _blocks(part: email.message.Message) -> list[email.message.Message]:
@@ -92,23 +94,28 @@ def parse_arf(content: bytes) -> Complaint | None:
         elif ctype == "text/rfc822-headers" and original is None:
             text = part.get_payload(decode=True) or b""
             original = BytesParser(policy=email.policy.compat32).parsebytes(
-                text if isinstance(text, bytes) else b"", headersonly=True)
+                text if isinstance(text, bytes) else b"", headersonly=True
+            )
     if fields is None:
         return None
-    c = Complaint(feedback_type=str(fields.get("Feedback-Type", "")).strip().lower(),
-                  reporter=str(fields.get("User-Agent", "")).strip()[:200],
-                  source_ip=str(fields.get("Source-IP", "")).strip()[:60],
-                  mail_from=_addr(fields.get("Original-Mail-From")),
-                  rcpt_to=[a for a in (_addr(v) for v in fields.get_all("Original-Rcpt-To", []))
-                           if a],
-                  arrival=str(fields.get("Arrival-Date", "")).strip()[:80])
+    c = Complaint(
+        feedback_type=str(fields.get("Feedback-Type", "")).strip().lower(),
+        reporter=str(fields.get("User-Agent", "")).strip()[:200],
+        source_ip=str(fields.get("Source-IP", "")).strip()[:60],
+        mail_from=_addr(fields.get("Original-Mail-From")),
+        rcpt_to=[a for a in (_addr(v) for v in fields.get_all("Original-Rcpt-To", [])) if a],
+        arrival=str(fields.get("Arrival-Date", "")).strip()[:80],
+    )
     if original is not None:
         if not c.mail_from:
             c.mail_from = _addr(original.get("Return-Path"))
         lid = original.get("List-Id")
         c.list_id = normalise_list_id(str(lid)) if lid is not None else ""
-        c.to = [a.lower() for _, a in email.utils.getaddresses(
-            [str(v) for v in original.get_all("To", [])]) if "@" in a]
+        c.to = [
+            a.lower()
+            for _, a in email.utils.getaddresses([str(v) for v in original.get_all("To", [])])
+            if "@" in a
+        ]
         c.message_id = str(original.get("Message-ID", "")).strip()[:300]
     return c
 
@@ -128,8 +135,14 @@ def parse_dsn(content: bytes) -> list[Bounce]:
             status = str(b.get("Status", "")).strip().split(" ")[0]
             rcpt = _addr(b.get("Original-Recipient")) or _addr(b.get("Final-Recipient"))
             if action == "failed" and status.startswith("5.") and rcpt:
-                out.append(Bounce(rcpt, status, action,
-                                  " ".join(str(b.get("Diagnostic-Code", "")).split())[:300]))
+                out.append(
+                    Bounce(
+                        rcpt,
+                        status,
+                        action,
+                        " ".join(str(b.get("Diagnostic-Code", "")).split())[:300],
+                    )
+                )
     return out
 
 

@@ -81,8 +81,15 @@ Key = tuple[str, str]
 
 
 class OptinService:
-    def __init__(self, config: Config, store: Store, downstream: Any = None, *,
-                 clock: Callable[[], float] = time.time, sanctions: Sanctions | None = None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        downstream: Any = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sanctions: Sanctions | None = None,
+    ):
         self.config = config
         self.sanctions = sanctions  # strikes for complaints; its control-table watch
         self.store = store
@@ -135,8 +142,13 @@ class OptinService:
         self._worker = loop.create_task(self._work())
         self._house = loop.create_task(self._housekeep())
         reg = self.registry()
-        log.info("optin: lists=%d subscribers=%d events=%d tokens=%d", len(reg.lists),
-                 len(self.standings), self.last_id, len(self.tokens))
+        log.info(
+            "optin: lists=%d subscribers=%d events=%d tokens=%d",
+            len(reg.lists),
+            len(self.standings),
+            self.last_id,
+            len(self.tokens),
+        )
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._house is not None:
@@ -152,10 +164,15 @@ class OptinService:
         while not self.queue.empty():
             left.append(self.queue.get_nowait())
         for job in left:
-            for kw in job.events[len(job.written):]:
-                log.error("optin: NOT RECORDED at shutdown: list=%s address=%s event=%s "
-                          "channel=%s ts=%s", kw.get("list_id"), kw.get("address"),
-                          kw.get("kind"), kw.get("channel"), iso(kw.get("ts") or 0))
+            for kw in job.events[len(job.written) :]:
+                log.error(
+                    "optin: NOT RECORDED at shutdown: list=%s address=%s event=%s channel=%s ts=%s",
+                    kw.get("list_id"),
+                    kw.get("address"),
+                    kw.get("kind"),
+                    kw.get("channel"),
+                    iso(kw.get("ts") or 0),
+                )
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -177,8 +194,12 @@ class OptinService:
     def registry(self, config: Config | None = None) -> Registry:
         """Lists from the given policy (the one the session runs under) and the store."""
         config = config or self.config
-        if self._reg is None or self._reg_for is None or self._reg_for[0] is not config \
-                or self._reg_for[1] != self._lists_version:
+        if (
+            self._reg is None
+            or self._reg_for is None
+            or self._reg_for[0] is not config
+            or self._reg_for[1] != self._lists_version
+        ):
             fresh_config = self._reg_for is None or self._reg_for[0] is not config
             self._reg = Registry.build(section(config), self.stored_lists)
             self._reg_for = (config, self._lists_version)
@@ -189,25 +210,38 @@ class OptinService:
 
     def list_address(self, config: Config, customer: str, addr: str) -> str | None:
         """Registry.address_of over the lists and the confirmation tokens in memory."""
+
         def token_list(token: str) -> str | None:
             t = self.tokens.get(token_hash(token))
             return t.list_id if t is not None else None
 
-        return self.registry(config).address_of(customer, addr,
-                                                section(config).confirm_local_part, token_list)
+        return self.registry(config).address_of(
+            customer, addr, section(config).confirm_local_part, token_list
+        )
 
     def _check(self, config: Config, reg: Registry) -> None:
         """Problems the config parser cannot see: they need the whole policy."""
         for lst in reg.lists.values():
             if config.customer(lst.customer) is None:
-                log.error("optin: list=%s: no customer named %s in %s: the list never matches",
-                          lst.id, clean(lst.customer), config.path)
+                log.error(
+                    "optin: list=%s: no customer named %s in %s: the list never matches",
+                    lst.id,
+                    clean(lst.customer),
+                    config.path,
+                )
             if lst.cfg.domain and lst.cfg.domain not in config.hosted_domains:
-                log.error("optin: list=%s: domain %s is not a hosted domain (postmaster.domains):"
-                          " confirm+TOKEN@ replies will not reach maild", lst.id, lst.cfg.domain)
+                log.error(
+                    "optin: list=%s: domain %s is not a hosted domain (postmaster.domains):"
+                    " confirm+TOKEN@ replies will not reach maild",
+                    lst.id,
+                    lst.cfg.domain,
+                )
         for lid in reg.shadowed:
-            log.warning("optin: list=%s is registered in the store and in %s; the file wins",
-                        lid, config.path)
+            log.warning(
+                "optin: list=%s is registered in the store and in %s; the file wins",
+                lid,
+                config.path,
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -218,8 +252,9 @@ class OptinService:
             st = apply(st, kind, ts, channel)
         return effective(st, attested_ok=section(config or self.config).attested_consent)
 
-    async def standing_before_refusal(self, list_id: str, address: str,
-                                      config: Config | None = None) -> Standing:
+    async def standing_before_refusal(
+        self, list_id: str, address: str, config: Config | None = None
+    ) -> Standing:
         """standing(), read again from the ledger before it refuses (at most every 0.2 s):
         a confirmation that the CLI or a web form wrote a moment ago counts at once, not
         only after the next periodic fold. A store error keeps the cached standing."""
@@ -259,8 +294,9 @@ class OptinService:
             except (ValueError, AttributeError):
                 expires = 0.0
             old = self.tokens.get(th)
-            self.tokens[th] = Token(list_id, address, expires, mid, seq, chash,
-                                    used=bool(old and old.used))
+            self.tokens[th] = Token(
+                list_id, address, expires, mid, seq, chash, used=bool(old and old.used)
+            )
         elif k is Kind.CONFIRM and th:
             t = self.tokens.get(th)
             if t is not None:
@@ -283,8 +319,11 @@ class OptinService:
 
     def _purge_overlay(self) -> None:
         for key in list(self.overlay):
-            keep = [o for o in self.overlay[key]
-                    if not (o[3].done and all(e.id <= self.last_id for e in o[3].written))]
+            keep = [
+                o
+                for o in self.overlay[key]
+                if not (o[3].done and all(e.id <= self.last_id for e in o[3].written))
+            ]
             if keep:
                 self.overlay[key] = keep
             else:
@@ -316,8 +355,12 @@ class OptinService:
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, what: str, events: list[dict[str, Any]],
-               after: Callable[[list[Event]], Awaitable[None]] | None = None) -> Job:
+    def record(
+        self,
+        what: str,
+        events: list[dict[str, Any]],
+        after: Callable[[list[Event]], Awaitable[None]] | None = None,
+    ) -> Job:
         """Queue events for the ledger; their effect on standings is immediate."""
         now = self.clock()
         job = Job(what, events, after)
@@ -402,8 +445,13 @@ class OptinService:
         since = now - s.complaint_window
         n = sum(1 for t in self.complaints.get(list_id, ()) if t >= since)
         # complaints queued but not yet folded in from the store
-        n += sum(1 for (lid, _), entries in self.overlay.items() if lid == list_id
-                 for kind, *_ in entries if kind is Kind.COMPLAINT)
+        n += sum(
+            1
+            for (lid, _), entries in self.overlay.items()
+            if lid == list_id
+            for kind, *_ in entries
+            if kind is Kind.COMPLAINT
+        )
         first_hour = int(since // 3600)
         delivered = sum(v for h, v in self.delivered.get(list_id, {}).items() if h >= first_hour)
         return n, delivered, 100.0 * n / max(delivered, s.complaint_min_volume)
@@ -416,21 +464,36 @@ class OptinService:
             return
         n, delivered, pct = self.complaint_rate(list_id)
         hours = s.complaint_window / 3600
-        why = (f"list {list_id}: {n} complaint{'s' if n != 1 else ''} for {delivered} "
-               f"message{'s' if delivered != 1 else ''} delivered in {hours:g}h ({pct:.2f}%, limit {s.complaint_limit_percent:g}%)")
+        why = (
+            f"list {list_id}: {n} complaint{'s' if n != 1 else ''} for {delivered} "
+            f"message{'s' if delivered != 1 else ''} delivered in {hours:g}h ({pct:.2f}%, limit {s.complaint_limit_percent:g}%)"
+        )
         if pct > s.complaint_limit_percent:
-            log.warning("optin: list=%s customer=%s complaints=%d delivered=%d rate=%.3f%% "
-                        "action=strike", list_id, lst.customer, n, delivered, pct)
+            log.warning(
+                "optin: list=%s customer=%s complaints=%d delivered=%d rate=%.3f%% action=strike",
+                list_id,
+                lst.customer,
+                n,
+                delivered,
+                pct,
+            )
             if self.sanctions is not None:
                 self.sanctions.strike_soon(lst.customer, "optin-complaints", why)
         elif pct > s.complaint_warning_percent:
             last = self._warned.get(list_id, 0.0)
             if self.clock() - last >= 3600:
                 self._warned[list_id] = self.clock()
-                log.warning("optin: list=%s customer=%s complaints=%d delivered=%d rate=%.3f%% "
-                            "action=warning (warning at %g%%, limit %g%%)", list_id,
-                            lst.customer, n, delivered, pct, s.complaint_warning_percent,
-                            s.complaint_limit_percent)
+                log.warning(
+                    "optin: list=%s customer=%s complaints=%d delivered=%d rate=%.3f%% "
+                    "action=warning (warning at %g%%, limit %g%%)",
+                    list_id,
+                    lst.customer,
+                    n,
+                    delivered,
+                    pct,
+                    s.complaint_warning_percent,
+                    s.complaint_limit_percent,
+                )
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -453,7 +516,8 @@ class OptinService:
 
     async def _poll_control(self) -> None:
         rows = await self.store.fetchall(
-            "SELECT id, kind, arg FROM control WHERE id > ? ORDER BY id", (self._last_control,))
+            "SELECT id, kind, arg FROM control WHERE id > ? ORDER BY id", (self._last_control,)
+        )
         if rows:
             self._last_control = rows[-1][0]
         for _, kind, arg in rows:

@@ -30,7 +30,7 @@ def normalise_list_id(value: str) -> str:
     """'News <news.acme.example>' or 'news.acme.example' -> 'news.acme.example'."""
     v = value.strip()
     if "<" in v and v.endswith(">"):
-        v = v[v.rindex("<") + 1:-1]
+        v = v[v.rindex("<") + 1 : -1]
     return v.strip().lower()
 
 
@@ -89,14 +89,18 @@ def parse_list(r: Reader, seen: set[str]) -> ListConfig | None:
     if not domain and "@" in owner:
         domain = owner.rpartition("@")[2]
     if domain and not is_hostname(domain):
-        r.error("domain", domain, 'a domain name where maild receives confirm+TOKEN@ replies')
+        r.error("domain", domain, "a domain name where maild receives confirm+TOKEN@ replies")
     patterns = {}
     for key in ("return_paths", "unsubscribe"):
         vals = r.str_list(key, lower=True)
         for i, p in enumerate(vals):
             if not valid_pattern(p):
-                r.error(f"{key}[{i}]", p, 'an address, or a pattern with * in the local part '
-                        'such as "news-bounces+*@lists.customer.example"')
+                r.error(
+                    f"{key}[{i}]",
+                    p,
+                    "an address, or a pattern with * in the local part "
+                    'such as "news-bounces+*@lists.customer.example"',
+                )
         patterns[key] = vals
     text = r.str("consent_text", "")
     path = r.str("consent_text_file", "")
@@ -112,15 +116,24 @@ def parse_list(r: Reader, seen: set[str]) -> ListConfig | None:
             except (OSError, UnicodeDecodeError) as e:
                 r.error("consent_text_file", path, f"a readable UTF-8 file ({e})")
     if not text.strip() and not path:
-        r.problems.append(f"{r.prefix}: consent_text (or consent_text_file) is missing: it is "
-                          "what subscribers are told they agree to, recorded with each event")
+        r.problems.append(
+            f"{r.prefix}: consent_text (or consent_text_file) is missing: it is "
+            "what subscribers are told they agree to, recorded with each event"
+        )
     name = r.str("name", "")
     r.unknown()
     if not (list_id and customer and owner):
         return None
-    return ListConfig(id=list_id, customer=customer, owner=owner, consent_text=text.strip(),
-                      domain=domain, name=name or list_id, return_paths=patterns["return_paths"],
-                      unsubscribe=patterns["unsubscribe"])
+    return ListConfig(
+        id=list_id,
+        customer=customer,
+        owner=owner,
+        consent_text=text.strip(),
+        domain=domain,
+        name=name or list_id,
+        return_paths=patterns["return_paths"],
+        unsubscribe=patterns["unsubscribe"],
+    )
 
 
 def parse_optin(r: Reader) -> OptinConfig:
@@ -139,8 +152,7 @@ def parse_optin(r: Reader) -> OptinConfig:
         attested_consent=r.bool("attested_consent", d.attested_consent),
         notify_revocation=r.bool("notify_revocation", d.notify_revocation),
         require_one_click=r.bool("require_one_click", d.require_one_click),
-        complaint_warning_percent=r.float("complaint_warning_percent",
-                                          d.complaint_warning_percent),
+        complaint_warning_percent=r.float("complaint_warning_percent", d.complaint_warning_percent),
         complaint_limit_percent=r.float("complaint_limit_percent", d.complaint_limit_percent),
         complaint_window=r.duration("complaint_window", "24h"),
         complaint_min_volume=r.int("complaint_min_volume", d.complaint_min_volume, minimum=1),
@@ -150,15 +162,16 @@ def parse_optin(r: Reader) -> OptinConfig:
         if "@" not in p:
             r.error(f"complaint_addresses[{i}]", p, 'an address pattern such as "abuse@*"')
     if cfg.token_lifetime < 600:
-        r.error("token_lifetime", cfg.token_lifetime, "at least 10 minutes (e.g. \"3d\")")
+        r.error("token_lifetime", cfg.token_lifetime, 'at least 10 minutes (e.g. "3d")')
     if cfg.complaint_warning_percent > cfg.complaint_limit_percent:
-        r.error("complaint_warning_percent", cfg.complaint_warning_percent,
-                "at most complaint_limit_percent")
+        r.error(
+            "complaint_warning_percent",
+            cfg.complaint_warning_percent,
+            "at most complaint_limit_percent",
+        )
     r.unknown()
     return cfg
 
 
 def section(config: object) -> OptinConfig:
     return getattr(config, "sections", {}).get("optin") or OptinConfig()
-
-

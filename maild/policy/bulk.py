@@ -44,7 +44,6 @@ def parse_bulk(r: Reader) -> BulkConfig:
     return cfg
 
 
-
 # Checks that may vouch for a bulk message (confirmed opt-in list mail); first True wins.
 EXEMPTIONS: list[Callable[[Context], bool]] = []
 
@@ -80,10 +79,16 @@ def bulk(ctx: Context) -> Verdict | None:
     ctx.notes["bulk-copies"] = (campaign.count if campaign else 0) + 1
     if score < cfg.threshold or any(ex(ctx) for ex in EXEMPTIONS):
         return None
-    return reject(550, "5.7.1", f"Bulk mail refused: {ctx.notes['bulk-copies']} substantially "
-                  f"similar messages (Breidbart index {score:.1f}, limit {cfg.threshold:g} per "
-                  f"{cfg.window / 3600:g}h) without opt-in evidence; send list mail only to "
-                  "confirmed subscribers of a registered list", "bulk", strike=True)
+    return reject(
+        550,
+        "5.7.1",
+        f"Bulk mail refused: {ctx.notes['bulk-copies']} substantially "
+        f"similar messages (Breidbart index {score:.1f}, limit {cfg.threshold:g} per "
+        f"{cfg.window / 3600:g}h) without opt-in evidence; send list mail only to "
+        "confirmed subscribers of a registered list",
+        "bulk",
+        strike=True,
+    )
 
 
 @on_finish

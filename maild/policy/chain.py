@@ -107,16 +107,18 @@ def _resolve(stage: Stage, entry: object) -> PolicyRule:
             return entry.rule
         if stage is Stage.DATA and entry.recheck_rule is not None:
             return entry.recheck_rule
-        raise ChainError(f"check {entry.name} is listed at {stage} but declared for "
-                         f"{entry.stage.value}" + (" (and DATA)" if entry.recheck else ""))
+        raise ChainError(
+            f"check {entry.name} is listed at {stage} but declared for "
+            f"{entry.stage.value}" + (" (and DATA)" if entry.recheck else "")
+        )
     if isinstance(entry, PolicyRule):
         if entry.stage is not stage:
-            raise ChainError(f"rule {entry.name} is listed at {stage} but declared for "
-                             f"{entry.stage.value}")
+            raise ChainError(
+                f"rule {entry.name} is listed at {stage} but declared for {entry.stage.value}"
+            )
         return entry
     name = getattr(entry, "__name__", repr(entry))
-    raise ChainError(f"{name} is listed at {stage} but is not a declared rule "
-                     "(@rule or @check)")
+    raise ChainError(f"{name} is listed at {stage} but is not a declared rule (@rule or @check)")
 
 
 def declared(modules: Iterable[types.ModuleType]) -> dict[tuple[Stage, str], str]:
@@ -135,8 +137,9 @@ def declared(modules: Iterable[types.ModuleType]) -> dict[tuple[Stage, str], str
     return out
 
 
-def build(table: dict[Stage, tuple[Entry, ...]], modules: Iterable[types.ModuleType]
-          ) -> dict[Stage, tuple[PolicyRule, ...]]:
+def build(
+    table: dict[Stage, tuple[Entry, ...]], modules: Iterable[types.ModuleType]
+) -> dict[Stage, tuple[PolicyRule, ...]]:
     """The pipeline's rules per stage; ChainError names a rule listed twice, listed but
     not declared, or declared (in `modules`) but not listed."""
     chain: dict[Stage, tuple[PolicyRule, ...]] = {}
@@ -150,12 +153,15 @@ def build(table: dict[Stage, tuple[Entry, ...]], modules: Iterable[types.ModuleT
             listed.add((stage, r.name))
             rules.append(r)
         chain[stage] = tuple(rules)
-    missing = sorted(f"{where} ({stage} {name})"
-                     for (stage, name), where in declared(modules).items()
-                     if (stage, name) not in listed)
+    missing = sorted(
+        f"{where} ({stage} {name})"
+        for (stage, name), where in declared(modules).items()
+        if (stage, name) not in listed
+    )
     if missing:
-        raise ChainError("declared but not in the order table (maild/policy/chain.py): "
-                         + ", ".join(missing))
+        raise ChainError(
+            "declared but not in the order table (maild/policy/chain.py): " + ", ".join(missing)
+        )
     return chain
 
 
@@ -164,8 +170,12 @@ def check_finish(hooks: Sequence[FinishHook], modules: Iterable[types.ModuleType
     names = [h.name for h in hooks]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise ChainError("finish hook listed twice: " + ", ".join(dup))
-    hooks_in = {f"{m.__name__}.{v.fn.__name__}" for m in modules for v in vars(m).values()
-                if isinstance(v, FinishHook) and v.fn.__module__ == m.__name__}
+    hooks_in = {
+        f"{m.__name__}.{v.fn.__name__}"
+        for m in modules
+        for v in vars(m).values()
+        if isinstance(v, FinishHook) and v.fn.__module__ == m.__name__
+    }
     if missing := sorted(hooks_in - set(names)):
         raise ChainError("finish hook declared but not in chain.FINISH: " + ", ".join(missing))
 
@@ -173,7 +183,8 @@ def check_finish(hooks: Sequence[FinishHook], modules: Iterable[types.ModuleType
 def _families() -> tuple[types.ModuleType, ...]:
     """The modules the table's rules and hooks come from, each once, in table order."""
     names = [e.fn.__module__ for stage in Stage for e in TABLE[stage]] + [
-        h.fn.__module__ for h in FINISH]
+        h.fn.__module__ for h in FINISH
+    ]
     return tuple(sys.modules[n] for n in dict.fromkeys(names))
 
 
@@ -183,17 +194,31 @@ check_finish(FINISH, FAMILIES)
 # Every forged-header check, by name; its default action is what [headers.checks] and a
 # customer's override are validated against (maild.components hands it to the parser).
 CHECKS: dict[str, HeaderCheck] = {
-    e.name: e for stage in Stage for e in TABLE[stage] if isinstance(e, HeaderCheck)}
+    e.name: e for stage in Stage for e in TABLE[stage] if isinstance(e, HeaderCheck)
+}
 CHECK_DEFAULTS: dict[str, str] = {name: c.default for name, c in CHECKS.items()}
 
 
 def describe_checks() -> list[dict[str, str]]:
     """Every check, in pipeline order (its own stage's line in the table), for
     check-message and the docs."""
-    ordered = [c for stage in (Stage.MAIL, Stage.DATA) for r in CHAIN[stage]
-               if (c := CHECKS.get(r.name)) is not None and c.stage is stage]
-    return [{"name": c.name, "stage": c.stage.value, "scope": c.scope, "default": c.default,
-             "reply": f"{c.code} {c.status}", "summary": c.summary} for c in ordered]
+    ordered = [
+        c
+        for stage in (Stage.MAIL, Stage.DATA)
+        for r in CHAIN[stage]
+        if (c := CHECKS.get(r.name)) is not None and c.stage is stage
+    ]
+    return [
+        {
+            "name": c.name,
+            "stage": c.stage.value,
+            "scope": c.scope,
+            "default": c.default,
+            "reply": f"{c.code} {c.status}",
+            "summary": c.summary,
+        }
+        for c in ordered
+    ]
 
 
 def describe() -> list[tuple[str, int, str, str, bool]]:

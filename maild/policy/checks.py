@@ -81,20 +81,43 @@ class HeaderCheck:
         return _rules_for(self)[1] if self.recheck else None
 
 
-_RULES: dict[str, tuple[PolicyRule, PolicyRule]] = {}  # check name -> (its rule, its DATA recheck rule)
+_RULES: dict[
+    str, tuple[PolicyRule, PolicyRule]
+] = {}  # check name -> (its rule, its DATA recheck rule)
 
 
-def check(name: str, stage: Stage, *, scope: str, default: str, code: int, status: str,
-          summary: str, recheck: bool = False, strike: bool = False,
-          skip: Callable[[Context], str | None] | None = None
-          ) -> Callable[[CheckFn], HeaderCheck]:
+def check(
+    name: str,
+    stage: Stage,
+    *,
+    scope: str,
+    default: str,
+    code: int,
+    status: str,
+    summary: str,
+    recheck: bool = False,
+    strike: bool = False,
+    skip: Callable[[Context], str | None] | None = None,
+) -> Callable[[CheckFn], HeaderCheck]:
     """Declare a check; `recheck`: a MAIL-stage check that runs again at DATA."""
     assert default in CHECK_ACTIONS and scope in ("customer", "any")
     assert not recheck or stage is Stage.MAIL
 
     def deco(fn: CheckFn) -> HeaderCheck:
-        c = HeaderCheck(name, stage, scope, default, code, status, summary, fn, skip,
-                        inspect.iscoroutinefunction(fn), recheck, strike)
+        c = HeaderCheck(
+            name,
+            stage,
+            scope,
+            default,
+            code,
+            status,
+            summary,
+            fn,
+            skip,
+            inspect.iscoroutinefunction(fn),
+            recheck,
+            strike,
+        )
         _DEFAULT_ACTIONS[name] = default
         return c
 
@@ -105,8 +128,10 @@ def _rules_for(c: HeaderCheck) -> tuple[PolicyRule, PolicyRule]:
     rules = _RULES.get(c.name)
     if rules is None:
         fn = _rule_for(c)
-        rules = _RULES[c.name] = (PolicyRule(c.name, c.stage, fn, c.is_async),
-                                  PolicyRule(c.name, Stage.DATA, fn, c.is_async))
+        rules = _RULES[c.name] = (
+            PolicyRule(c.name, c.stage, fn, c.is_async),
+            PolicyRule(c.name, Stage.DATA, fn, c.is_async),
+        )
     return rules
 
 
@@ -125,6 +150,7 @@ def _rule_for(c: HeaderCheck) -> Callable[[Context], Verdict | None | Awaitable[
         return skip is None or skip(ctx) is None
 
     if c.is_async:
+
         async def run(ctx: Context) -> Verdict | None:
             p = plan(ctx)
             key = (name, p.who)
@@ -134,6 +160,7 @@ def _rule_for(c: HeaderCheck) -> Callable[[Context], Verdict | None | Awaitable[
             finding = await fn(ctx)  # type: ignore[misc]
             return None if finding is None else decide(c, ctx, finding)
     else:
+
         def run(ctx: Context) -> Verdict | None:  # type: ignore[misc]
             p = plan(ctx)
             key = (name, p.who)
@@ -163,8 +190,21 @@ class Plan:
     Computed once per transaction by plan(), again only if the identity or the config
     changes (before-queue mode: the login arrives at end of data)."""
 
-    __slots__ = ("config", "customer", "by", "who", "settings", "submitted", "customer_headers",
-                 "mode", "actions", "skip_any", "skip_customer", "done", "_own_names")
+    __slots__ = (
+        "config",
+        "customer",
+        "by",
+        "who",
+        "settings",
+        "submitted",
+        "customer_headers",
+        "mode",
+        "actions",
+        "skip_any",
+        "skip_customer",
+        "done",
+        "_own_names",
+    )
     skip_any: str | None
     skip_customer: str | None
 
@@ -188,8 +228,11 @@ class Plan:
             self.skip_any = self.skip_customer = None
         else:
             self.skip_customer = "not submitted by a customer"
-            self.skip_any = (None if s.apply_to == "all"
-                             else 'not submitted by a customer (apply_to = "customers")')
+            self.skip_any = (
+                None
+                if s.apply_to == "all"
+                else 'not submitted by a customer (apply_to = "customers")'
+            )
         done = ctx.notes.setdefault(_DONE, set())
         self.done: set[tuple[str, str]] = done  # type: ignore[assignment]
         self._own_names: frozenset[str] | None = None
@@ -212,8 +255,12 @@ def plan(ctx: Context) -> Plan:
     """The transaction's Plan, made on first use and whenever the identity changed."""
     p: Plan | None = ctx.cache.get(_PLAN)  # type: ignore[assignment]
     ident = ctx.identity
-    if (p is None or p.customer is not ident.customer or p.by != ident.by
-            or p.config is not ctx.config):
+    if (
+        p is None
+        or p.customer is not ident.customer
+        or p.by != ident.by
+        or p.config is not ctx.config
+    ):
         p = ctx.cache[_PLAN] = Plan(ctx)
     return p
 
@@ -271,10 +318,16 @@ def decide(c: HeaderCheck, ctx: Context, f: Finding) -> Verdict | None:
     action, verdict = outcome(c, ctx, f)
     if action == "tag":
         ctx.add_headers.append((VERDICT_HEADER, tag_value(c, ctx, f)))
-        log.info("%s: tag: %s from %s: customer=%s from=<%s> rule=%s reason=%s",
-                 ctx.session_id, ctx.stage.value, ctx.client.label, ctx.identity.name,
-                 mlog.clean(ctx.sender.addr if ctx.sender else ""), c.name,
-                 mlog.clean(f.reason, 300))
+        log.info(
+            "%s: tag: %s from %s: customer=%s from=<%s> rule=%s reason=%s",
+            ctx.session_id,
+            ctx.stage.value,
+            ctx.client.label,
+            ctx.identity.name,
+            mlog.clean(ctx.sender.addr if ctx.sender else ""),
+            c.name,
+            mlog.clean(f.reason, 300),
+        )
     return verdict
 
 
@@ -295,8 +348,12 @@ def own_names(ctx: Context) -> frozenset[str]:
     p = plan(ctx)
     if p._own_names is None:
         c = ctx.config
-        names = {c.server.hostname, *c.postmaster.hostnames, *c.postmaster.domains,
-                 *p.settings.own_names}
+        names = {
+            c.server.hostname,
+            *c.postmaster.hostnames,
+            *c.postmaster.domains,
+            *p.settings.own_names,
+        }
         p._own_names = frozenset(n.lower().rstrip(".") for n in names if "." in n.strip("."))
     return p._own_names
 

@@ -91,7 +91,8 @@ class Message:
     @cached_property
     def headers(self) -> email.message.Message:
         return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            self.header_block + b"\r\n")
+            self.header_block + b"\r\n"
+        )
 
     @property
     def size(self) -> int:

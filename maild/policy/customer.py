@@ -69,8 +69,9 @@ def index(config: Config) -> CustomerIndex:
     return _cache[1]
 
 
-def resolve(config: Config, client: Client, login: str = "",
-            sender: Address | None = None) -> Identity:
+def resolve(
+    config: Config, client: Client, login: str = "", sender: Address | None = None
+) -> Identity:
     idx = index(config)
     if login and (c := idx.by_login(login)):
         return Identity(c, "login", login)

@@ -34,6 +34,7 @@ APPLY_TO = ("customers", "all")
 
 # --------------------------------------------------------------------------- settings
 
+
 @dataclass(frozen=True)
 class HeaderSettings:
     enabled: bool = True  # false: no forged-header check runs at all
@@ -68,8 +69,9 @@ def _check_actions(r: cfg.Reader, checks: Mapping[str, str]) -> dict[str, str]:
     for name in list(r.table):
         if name not in checks:
             r.seen.add(name)
-            r.problems.append(f"{r.key(name)}: unknown check; known checks: "
-                              + ", ".join(sorted(checks)))
+            r.problems.append(
+                f"{r.key(name)}: unknown check; known checks: " + ", ".join(sorted(checks))
+            )
             continue
         out[name] = r.str(name, checks[name], choices=CHECK_ACTIONS)
     r.unknown()
@@ -112,8 +114,6 @@ def parse_customer_headers(r: cfg.Reader, checks: Mapping[str, str]) -> Customer
     actions = _check_actions(t.table_of("checks"), checks)
     t.unknown()
     return CustomerHeaders(mode, actions)
-
-
 
 
 def settings(ctx: Context) -> HeaderSettings:

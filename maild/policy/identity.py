@@ -52,6 +52,7 @@ FIELDS = ("envelope", "from", "sender", "reply-to", "return-path")
 
 # --------------------------------------------------------------------------- permitted
 
+
 @dataclass(frozen=True)
 class Permit:
     """Permission, granted by the owner of an address or domain, to use it."""
@@ -77,25 +78,29 @@ def parse_permitted(r: cfg.Reader) -> tuple[Permit, ...]:
         fields = p.str_list("fields", FIELDS, lower=True)
         note = p.str("note", "")
         if bool(address) == bool(domain):
-            p.problems.append(f"{p.prefix}: give exactly one of address = \"user@domain\" or "
-                              "domain = \"domain\"")
+            p.problems.append(
+                f'{p.prefix}: give exactly one of address = "user@domain" or domain = "domain"'
+            )
         if address and ("@" not in address or not cfg.is_hostname(address.rpartition("@")[2])):
             p.error("address", address, 'a full address such as "billing@partner.example"')
         if domain and not cfg.is_hostname(domain):
             p.error("domain", domain, 'a domain name such as "partner.example"')
         if not granted_by:
-            p.problems.append(f"{p.key('granted_by')} is missing: say who granted the "
-                              'permission and where it is recorded, e.g. "J. Smith, '
-                              'partner.example, ticket 4711"')
+            p.problems.append(
+                f"{p.key('granted_by')} is missing: say who granted the "
+                'permission and where it is recorded, e.g. "J. Smith, '
+                'partner.example, ticket 4711"'
+            )
         for i, f in enumerate(fields):
             if f not in FIELDS:
                 p.error(f"fields[{i}]", f, "one of " + ", ".join(f'"{x}"' for x in FIELDS))
         p.unknown()
-        out.append(Permit(canonical(address) if address else "", domain, granted_by,
-                          frozenset(fields), note))
+        out.append(
+            Permit(
+                canonical(address) if address else "", domain, granted_by, frozenset(fields), note
+            )
+        )
     return tuple(out)
-
-
 
 
 def _domain_of(addr: str) -> str:
@@ -118,12 +123,14 @@ def lists_of(config: cfg.Config, svc: OptinService | None = None) -> ListAddress
         return functools.partial(svc.list_address, config)
     s = optin_section(config)
     reg = Registry.build(s, [])
-    return lambda customer, addr: reg.address_of(customer, addr, s.confirm_local_part,
-                                                 lambda token: None)
+    return lambda customer, addr: reg.address_of(
+        customer, addr, s.confirm_local_part, lambda token: None
+    )
 
 
-def owner_of(customer: Customer, addr: str, where: str,
-             lists: ListAddresses | None = None) -> str | None:
+def owner_of(
+    customer: Customer, addr: str, where: str, lists: ListAddresses | None = None
+) -> str | None:
     """Why `addr` may be used by the customer in `where`, or None when it may not.
 
     The one ownership lookup of every check: "domain acme.example", "address
@@ -156,27 +163,46 @@ def _not_yours(ctx: Context, what: str, addr: str, where: str) -> Finding | None
     assert customer is not None
     why = owner_of(customer, addr, where, lists_of(ctx.config, ctx.services.optin))
     if why is None:
-        return Finding(f"{what} <{show(addr)}> is not an address of yours: send from your "
-                       f"domains{_yours(customer)}, or ask support to record the owner's "
-                       "permission")
+        return Finding(
+            f"{what} <{show(addr)}> is not an address of yours: send from your "
+            f"domains{_yours(customer)}, or ask support to record the owner's "
+            "permission"
+        )
     if why.startswith("permitted"):
-        log.info("%s: permitted: customer=%s field=%s address=<%s> %s", ctx.session_id,
-                 customer.name, where, mlog.clean(addr), mlog.clean(why, 300))
+        log.info(
+            "%s: permitted: customer=%s field=%s address=<%s> %s",
+            ctx.session_id,
+            customer.name,
+            where,
+            mlog.clean(addr),
+            mlog.clean(why, 300),
+        )
     return None
 
 
 # --------------------------------------------------------------------------- envelope
 
-@check("envelope-owner", Stage.MAIL, strike=True, recheck=True, scope="customer",
-       default="reject", code=553, status="5.7.1",
-       summary="MAIL FROM is an address or domain of the customer (or permitted)")
+
+@check(
+    "envelope-owner",
+    Stage.MAIL,
+    strike=True,
+    recheck=True,
+    scope="customer",
+    default="reject",
+    code=553,
+    status="5.7.1",
+    summary="MAIL FROM is an address or domain of the customer (or permitted)",
+)
 def envelope_owner(ctx: Context) -> Finding | None:
     s = ctx.sender
     if s is None or s.is_null:
         return None  # the null reverse path: see null-sender
     if not s.domain or s.domain.startswith("["):
-        return Finding(f"Sender address <{show(s.addr)}> has no domain name: send with a "
-                       "full address at one of your domains")
+        return Finding(
+            f"Sender address <{show(s.addr)}> has no domain name: send with a "
+            "full address at one of your domains"
+        )
     return _not_yours(ctx, "Sender address", s.addr, "envelope")
 
 
@@ -193,19 +219,34 @@ def _domain_finding(what: str, domain: str, r: maild_dns.Lookup) -> Finding | No
     if r.status == "ok":
         return None
     if r.status == "error":
-        return Finding(f"Cannot check the {what} domain {show(domain)} in DNS right now "
-                       f"({r.detail}); try again later", dns_error=True)
+        return Finding(
+            f"Cannot check the {what} domain {show(domain)} in DNS right now "
+            f"({r.detail}); try again later",
+            dns_error=True,
+        )
     if r.status == "nullmx":
-        return Finding(f"The {what} domain {show(domain)} publishes a null MX: it receives no "
-                       "mail, so replies and bounces cannot reach you; send from a domain "
-                       "that receives mail", status="5.7.27")
-    return Finding(f"The {what} domain {show(domain)} does not exist in DNS (no MX, A or AAAA "
-                   "record): replies cannot reach it; fix the address or the domain's DNS")
+        return Finding(
+            f"The {what} domain {show(domain)} publishes a null MX: it receives no "
+            "mail, so replies and bounces cannot reach you; send from a domain "
+            "that receives mail",
+            status="5.7.27",
+        )
+    return Finding(
+        f"The {what} domain {show(domain)} does not exist in DNS (no MX, A or AAAA "
+        "record): replies cannot reach it; fix the address or the domain's DNS"
+    )
 
 
-@check("sender-domain-unknown", Stage.MAIL, recheck=True, scope="any",
-       default="reject", code=550, status="5.1.8",
-       summary="the MAIL FROM domain resolves (MX, else A/AAAA; not a null MX)")
+@check(
+    "sender-domain-unknown",
+    Stage.MAIL,
+    recheck=True,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.1.8",
+    summary="the MAIL FROM domain resolves (MX, else A/AAAA; not a null MX)",
+)
 async def sender_domain_unknown(ctx: Context) -> Finding | None:
     s = ctx.sender
     if s is None or s.is_null or not s.domain or s.domain.startswith("["):
@@ -216,6 +257,7 @@ async def sender_domain_unknown(ctx: Context) -> Finding | None:
 # --------------------------------------------------------------------------- HELO
 
 HELO_CHECKS = ("helo-invalid", "helo-ours")  # they judge only the HELO/EHLO name
+
 
 def _helo_skip(ctx: Context) -> str | None:
     if ctx.identity.by == "login" and not settings(ctx).helo_for_logins:
@@ -242,8 +284,10 @@ def helo_problem(helo: str, client_addr: str) -> str | None:
         if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
             client = client.ipv4_mapped
         if ip != client:
-            return (f"HELO {show(h)} is not your address [{show(client_addr)}]; greet with "
-                    "your host's name or your real address")
+            return (
+                f"HELO {show(h)} is not your address [{show(client_addr)}]; greet with "
+                "your host's name or your real address"
+            )
         return None
     if maybe_ip(h):  # (a host name never is one: spare ip_address its exceptions)
         try:
@@ -255,22 +299,40 @@ def helo_problem(helo: str, client_addr: str) -> str | None:
     if not cfg.is_hostname(name) or name.rpartition(".")[2].isdigit():
         return f"HELO {show(h)} is not a valid host name"
     if "." not in name:
-        return (f"HELO {show(h)} is not a fully qualified host name; greet with a name "
-                "such as host.your-domain")
+        return (
+            f"HELO {show(h)} is not a fully qualified host name; greet with a name "
+            "such as host.your-domain"
+        )
     return None
 
 
-@check("helo-invalid", Stage.MAIL, recheck=True, scope="any", default="reject",
-       code=550, status="5.5.2", skip=_helo_skip,
-       summary="HELO is a fully qualified host name or the client's own [address]")
+@check(
+    "helo-invalid",
+    Stage.MAIL,
+    recheck=True,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.5.2",
+    skip=_helo_skip,
+    summary="HELO is a fully qualified host name or the client's own [address]",
+)
 def helo_invalid(ctx: Context) -> Finding | None:
     problem = helo_problem(ctx.client.helo, ctx.client.addr)
     return Finding(problem) if problem else None
 
 
-@check("helo-ours", Stage.MAIL, strike=True, recheck=True, scope="any", default="reject",
-       code=550, status="5.7.1",
-       summary="HELO does not claim one of our host names or domains")
+@check(
+    "helo-ours",
+    Stage.MAIL,
+    strike=True,
+    recheck=True,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="HELO does not claim one of our host names or domains",
+)
 def helo_ours(ctx: Context) -> Finding | None:
     name = ctx.client.helo.strip().lower().rstrip(".")
     if not name or name not in own_names(ctx):
@@ -286,7 +348,9 @@ def helo_ours(ctx: Context) -> Finding | None:
 _AUTO_SUBJECT = re.compile(
     r"^\s*(undeliver|delivery (status|failure|notification)|mail delivery (failed|failure)|"
     r"returned mail|failure notice|non[- ]?delivery|auto(matic)?[- ]?(reply|response)|auto:|"
-    r"out of (the )?office|vacation|away from|read:|delivered:|abwesenheit)", re.I)
+    r"out of (the )?office|vacation|away from|read:|delivered:|abwesenheit)",
+    re.I,
+)
 
 
 def looks_automatic(ctx: Context) -> bool:
@@ -313,18 +377,34 @@ def looks_automatic(ctx: Context) -> bool:
     return bool(_AUTO_SUBJECT.match(get("subject")))
 
 
-@check("null-sender", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
-       status="5.7.1", summary="MAIL FROM:<> only for bounces, receipts and auto-replies")
+@check(
+    "null-sender",
+    Stage.DATA,
+    strike=True,
+    scope="customer",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="MAIL FROM:<> only for bounces, receipts and auto-replies",
+)
 def null_sender(ctx: Context) -> Finding | None:
     if ctx.sender is None or not ctx.sender.is_null or looks_automatic(ctx):
         return None
-    return Finding("The null sender <> is only for bounces and auto-replies (this message is "
-                   "neither); send it from your own address")
+    return Finding(
+        "The null sender <> is only for bounces and auto-replies (this message is "
+        "neither); send it from your own address"
+    )
 
 
-@check("null-sender-rate", Stage.DATA, scope="customer", default="tempfail",
-       code=550, status="5.7.1",
-       summary="at most null_sender_rate messages with MAIL FROM:<> per customer")
+@check(
+    "null-sender-rate",
+    Stage.DATA,
+    scope="customer",
+    default="tempfail",
+    code=550,
+    status="5.7.1",
+    summary="at most null_sender_rate messages with MAIL FROM:<> per customer",
+)
 def null_sender_rate(ctx: Context) -> Finding | None:
     """Counted in the shared rate limiter (persistent, charged only once delivered)."""
     limiter = ctx.services.limiter
@@ -342,9 +422,11 @@ def null_sender_rate(ctx: Context) -> Finding | None:
     if wait is None:
         return None
     mins = max(1, int(wait + 59) // 60)
-    return Finding(f"Too many messages with the null sender <> (limit {rate.text}); try again "
-                   f"in {mins} minute{'s' if mins != 1 else ''}, and look for a bounce or "
-                   "auto-reply loop")
+    return Finding(
+        f"Too many messages with the null sender <> (limit {rate.text}); try again "
+        f"in {mins} minute{'s' if mins != 1 else ''}, and look for a bounce or "
+        "auto-reply loop"
+    )
 
 
 _NULL_RES = "headers.null-sender"
@@ -360,14 +442,17 @@ def null_sender_finish(ctx: Context, accepted: bool) -> None:
 
 # --------------------------------------------------------------------------- header fields
 
+
 def _field_owner(ctx: Context, field: str, label: str) -> Finding | None:
     assert ctx.message is not None
     if field not in ctx.message.mailboxes:
         return None
     boxes = ctx.message.mailboxes[field]
     if not boxes:
-        return Finding(f"{label}: header is malformed, so its owner cannot be checked; write "
-                       "it as \"Name <you@your-domain>\"")
+        return Finding(
+            f"{label}: header is malformed, so its owner cannot be checked; write "
+            'it as "Name <you@your-domain>"'
+        )
     for _, addr, _ in boxes:
         f = _not_yours(ctx, f"{label}: address", addr, field)
         if f is not None:
@@ -375,27 +460,58 @@ def _field_owner(ctx: Context, field: str, label: str) -> Finding | None:
     return None
 
 
-@check("from-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
-       status="5.7.1", summary="every From: address is the customer's (or permitted)")
+@check(
+    "from-owner",
+    Stage.DATA,
+    strike=True,
+    scope="customer",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="every From: address is the customer's (or permitted)",
+)
 def from_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "from", "From")
 
 
-@check("sender-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
-       status="5.7.1", summary="the Sender: address is the customer's (or permitted)")
+@check(
+    "sender-owner",
+    Stage.DATA,
+    strike=True,
+    scope="customer",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="the Sender: address is the customer's (or permitted)",
+)
 def sender_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "sender", "Sender")
 
 
-@check("reply-to-owner", Stage.DATA, strike=True, scope="customer", default="reject", code=550,
-       status="5.7.1", summary="every Reply-To: address is the customer's (or permitted)")
+@check(
+    "reply-to-owner",
+    Stage.DATA,
+    strike=True,
+    scope="customer",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="every Reply-To: address is the customer's (or permitted)",
+)
 def reply_to_owner(ctx: Context) -> Finding | None:
     return _field_owner(ctx, "reply-to", "Reply-To")
 
 
-@check("return-path-owner", Stage.DATA, strike=True, scope="customer", default="reject",
-       code=550, status="5.7.1",
-       summary="a Return-Path: in a submitted message is <> or the customer's")
+@check(
+    "return-path-owner",
+    Stage.DATA,
+    strike=True,
+    scope="customer",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="a Return-Path: in a submitted message is <> or the customer's",
+)
 def return_path_owner(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     for value in ctx.message.header_values.get("return-path") or ():
@@ -403,8 +519,10 @@ def return_path_owner(ctx: Context) -> Finding | None:
         try:
             path = parse_path(v if v.startswith("<") else f"<{v}>")
         except PathError:
-            return Finding(f"Return-Path: {show(v, 60)} is malformed; remove it (the "
-                           "receiving system adds Return-Path:)")
+            return Finding(
+                f"Return-Path: {show(v, 60)} is malformed; remove it (the "
+                "receiving system adds Return-Path:)"
+            )
         if path.is_null:
             continue
         f = _not_yours(ctx, "Return-Path: address", path.addr, "return-path")
@@ -413,8 +531,15 @@ def return_path_owner(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-domain-unknown", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.1.8", summary="each From: domain resolves (MX, else A/AAAA; not a null MX)")
+@check(
+    "from-domain-unknown",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.1.8",
+    summary="each From: domain resolves (MX, else A/AAAA; not a null MX)",
+)
 async def from_domain_unknown(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     seen: set[str] = set()

@@ -15,6 +15,10 @@ from maild.policy.verdict import Verdict, tempfail
 def recipients_per_message(ctx: Context) -> Verdict | None:
     limit = ctx.config.server.limits.recipients_per_message
     if len(ctx.recipients) >= limit:
-        return tempfail(452, "4.5.3", f"Too many recipients: at most {limit} per message; "
-                        "send the rest in another message", "recipients-per-message")
+        return tempfail(
+            452,
+            "4.5.3",
+            f"Too many recipients: at most {limit} per message; send the rest in another message",
+            "recipients-per-message",
+        )
     return None

@@ -16,16 +16,21 @@ ADDRESS_FIELDS = ("from", "sender", "reply-to")
 # parsed without the (slow) full RFC 5322 parser.
 _ATOM_CHARS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf"{_ATOM_CHARS}(?:\.{_ATOM_CHARS})*"
-_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+_HOST = (
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+)
 _PLAIN_MAILBOX = re.compile(
-    rf"^[ \t]*(?:([A-Za-z0-9 \t]*?)[ \t]*<({_LOCAL})@({_HOST})>|({_LOCAL})@({_HOST}))[ \t]*$")
+    rf"^[ \t]*(?:([A-Za-z0-9 \t]*?)[ \t]*<({_LOCAL})@({_HOST})>|({_LOCAL})@({_HOST}))[ \t]*$"
+)
 
 
 MAX_ADDRESS_FIELD = 4096  # characters in one From:/Sender:/Reply-To:/... field
 MAX_ENCODED_WORDS = 50  # RFC 2047 encoded words in one address field
 
 
-def parse_mailboxes(headers: email.message.Message) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
+def parse_mailboxes(
+    headers: email.message.Message,
+) -> dict[str, tuple[tuple[str, str, str], ...] | None]:
     """Each address field as ((display name, addr-spec, lower-case domain), ...), or None
     when present but malformed: there a mail program could show another address than
     the one checked (`a@x <b@y>`), so the message is refused rather than guessed at."""
@@ -41,8 +46,13 @@ def parse_mailboxes(headers: email.message.Message) -> dict[str, tuple[tuple[str
             m = _PLAIN_MAILBOX.match(text)
             if m:
                 local, domain = m.group(2) or m.group(4), m.group(3) or m.group(5)
-                boxes.append((" ".join((m.group(1) or "").split()), f"{local}@{domain}",
-                              domain.lower().rstrip(".")))
+                boxes.append(
+                    (
+                        " ".join((m.group(1) or "").split()),
+                        f"{local}@{domain}",
+                        domain.lower().rstrip("."),
+                    )
+                )
                 continue
             if len(text) > MAX_ADDRESS_FIELD or text.count("=?") > MAX_ENCODED_WORDS:
                 # The stdlib parser needs memory quadratic in the encoded words: a few KB

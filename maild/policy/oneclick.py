@@ -29,31 +29,48 @@ async def optin_one_click(ctx: Context) -> Verdict | None:
     if not (w.enabled and w.require_one_click) or not isinstance(list_id, str) or web is None:
         return None
     assert ctx.message is not None
-    uris = [u.strip() for v in ctx.message.headers.get_all("List-Unsubscribe", [])
-            for u in _URI.findall(str(v))]
+    uris = [
+        u.strip()
+        for v in ctx.message.headers.get_all("List-Unsubscribe", [])
+        for u in _URI.findall(str(v))
+    ]
     key = await web.list_key(list_id)
     web_uris = [u for u in uris if u.lower().startswith(("http:", "https:"))]
     other = [u for u in web_uris if not oneclick.parse(w.base_url, u)]
     if other and len(other) < len(web_uris):
-        return reject(550, "5.7.1", f"List mail for {list_id} refused: its List-Unsubscribe "
-                      f"has an http(s) URI <{clean(other[0], 100)}> besides this provider's "
-                      "one-click URL; RFC 8058 allows one, and a mail client may post to "
-                      "either: remove it", "optin-one-click")
+        return reject(
+            550,
+            "5.7.1",
+            f"List mail for {list_id} refused: its List-Unsubscribe "
+            f"has an http(s) URI <{clean(other[0], 100)}> besides this provider's "
+            "one-click URL; RFC 8058 allows one, and a mail client may post to "
+            "either: remove it",
+            "optin-one-click",
+        )
     # Every http(s) URI must be the recipient's own: a mail client posts to one of them,
     # so another recipient's URL in the same message would unsubscribe that recipient.
-    missing = [a.addr for a in ctx.recipients
-               if not web_uris or not all(oneclick.for_recipient(w.base_url, key, u, list_id,
-                                                                 a.addr) for u in web_uris)]
+    missing = [
+        a.addr
+        for a in ctx.recipients
+        if not web_uris
+        or not all(oneclick.for_recipient(w.base_url, key, u, list_id, a.addr) for u in web_uris)
+    ]
     if not missing:
         return None
-    how = (f"maild optin unsubscribe-url {list_id} ADDRESS prints it; list software can "
-           "compute it with the list's key (docs/optin.md)")
+    how = (
+        f"maild optin unsubscribe-url {list_id} ADDRESS prints it; list software can "
+        "compute it with the list's key (docs/optin.md)"
+    )
     if not any(oneclick.parse(w.base_url, u) for u in uris):
-        why = (f"its List-Unsubscribe has no one-click URL of this provider "
-               f"({oneclick.prefix(w.base_url)}...), which is required here; add "
-               f"<{oneclick.prefix(w.base_url)}...> for each recipient ({how})")
+        why = (
+            f"its List-Unsubscribe has no one-click URL of this provider "
+            f"({oneclick.prefix(w.base_url)}...), which is required here; add "
+            f"<{oneclick.prefix(w.base_url)}...> for each recipient ({how})"
+        )
     else:
         shown = ", ".join(f"<{a}>" for a in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        why = (f"its one-click List-Unsubscribe URL is not the one for {shown} (each "
-               f"recipient has its own; send one message per subscriber; {how})")
+        why = (
+            f"its one-click List-Unsubscribe URL is not the one for {shown} (each "
+            f"recipient has its own; send one message per subscriber; {how})"
+        )
     return reject(550, "5.7.1", f"List mail for {list_id} refused: {why}", "optin-one-click")

@@ -74,26 +74,34 @@ def _day(ts: str) -> str:
 def refusal(st: Standing, list_id: str) -> str:
     """Why one recipient may not get this list's mail, and what to do about it."""
     if st.state is State.PENDING:
-        return (f"has not confirmed the subscription to list {list_id} (pending since "
-                f"{_day(st.since)}); send list mail only after the subscriber confirmed")
+        return (
+            f"has not confirmed the subscription to list {list_id} (pending since "
+            f"{_day(st.since)}); send list mail only after the subscriber confirmed"
+        )
     if st.state is State.REVOKED:
-        return (f"unsubscribed from list {list_id} on {_day(st.since)}; remove this address "
-                "from the list")
+        return (
+            f"unsubscribed from list {list_id} on {_day(st.since)}; remove this address "
+            "from the list"
+        )
     if st.state is State.SUPPRESSED:
         why = {"complaint": "a spam complaint", "bounce": "a permanent bounce"}.get(
-            st.basis, st.basis)
-        return (f"is suppressed on list {list_id} since {_day(st.since)} after {why}; remove "
-                "this address from the list")
-    return (f"is not a subscriber of list {list_id} with recorded consent; subscribers must "
-            "confirm (double opt-in) before they get list mail")
+            st.basis, st.basis
+        )
+        return (
+            f"is suppressed on list {list_id} since {_day(st.since)} after {why}; remove "
+            "this address from the list"
+        )
+    return (
+        f"is not a subscriber of list {list_id} with recorded consent; subscribers must "
+        "confirm (double opt-in) before they get list mail"
+    )
 
 
 def _return_path_list(ctx: Context, svc: OptinService) -> MailingList | None:
     key = "optin-rp"
     if key not in ctx.notes:
         lst = None
-        if ctx.identity.customer is not None and ctx.sender is not None \
-                and not ctx.sender.is_null:
+        if ctx.identity.customer is not None and ctx.sender is not None and not ctx.sender.is_null:
             lst = svc.registry(ctx.config).for_return_path(ctx.identity.name, ctx.sender.addr)
         ctx.notes[key] = lst
     return ctx.notes[key]  # type: ignore[return-value]
@@ -102,13 +110,22 @@ def _return_path_list(ctx: Context, svc: OptinService) -> MailingList | None:
 async def _check_token(svc: OptinService, ctx: Context, token: str) -> Verdict | None:
     t = await svc.find_token(token_hash(token))
     if t is None:
-        return reject(550, "5.1.1", "This confirmation address is not valid (unknown "
-                      "code); to subscribe, ask the list again for a new confirmation message",
-                      "optin-confirm")
+        return reject(
+            550,
+            "5.1.1",
+            "This confirmation address is not valid (unknown "
+            "code); to subscribe, ask the list again for a new confirmation message",
+            "optin-confirm",
+        )
     if not t.used and t.expires < svc.clock():
-        return reject(550, "5.7.1", f"This confirmation request expired on "
-                      f"{iso(t.expires)[:16].replace('T', ' ')} UTC; ask the list again for a "
-                      "new confirmation message", "optin-confirm")
+        return reject(
+            550,
+            "5.7.1",
+            f"This confirmation request expired on "
+            f"{iso(t.expires)[:16].replace('T', ' ')} UTC; ask the list again for a "
+            "new confirmation message",
+            "optin-confirm",
+        )
     return None
 
 
@@ -119,8 +136,9 @@ async def optin_rcpt(ctx: Context) -> Verdict | None:
         return None
     rcpt = ctx.rcpt
     assert rcpt is not None
-    token = svc.registry(ctx.config).confirm_token(rcpt.local, rcpt.domain,
-                                                   section(ctx.config).confirm_local_part)
+    token = svc.registry(ctx.config).confirm_token(
+        rcpt.local, rcpt.domain, section(ctx.config).confirm_local_part
+    )
     if token is not None:
         return await _check_token(svc, ctx, token)
     if not _enforced(ctx):
@@ -147,8 +165,11 @@ def classify(ctx: Context, svc: OptinService) -> ListMail | None:
         if lst is not None:
             signals.append(f"envelope sender is the return path of list {lst.id}")
         header = list_signals(h)
-        if header and all(s.startswith("Precedence") for s in header) and (
-                null or is_auto_reply(h)):
+        if (
+            header
+            and all(s.startswith("Precedence") for s in header)
+            and (null or is_auto_reply(h))
+        ):
             header = []  # an RFC 3834 auto-reply is not list mail
         signals += header
         score = ctx.notes.get("bulk-score")
@@ -169,13 +190,21 @@ def _unregistered(ctx: Context, cls: ListMail) -> Verdict:
     assert ctx.message is not None
     lid = header_list_id(ctx.message.headers)
     sender = ctx.sender.addr if ctx.sender is not None and not ctx.sender.is_null else ""
-    what = f"List-Id <{lid}>" if lid else (f"the envelope sender <{sender}>" if sender else
-                                           "this message")
-    return reject(550, "5.7.1", f"Unregistered mailing list: this message is list mail "
-                  f"({'; '.join(cls.signals)}) but {ctx.identity.name} has no registered list "
-                  f"for {what}; register the list with your provider (List-Id, return path, "
-                  "consent text) and send list mail only to confirmed subscribers",
-                  "optin-unregistered", strike=True)
+    what = (
+        f"List-Id <{lid}>"
+        if lid
+        else (f"the envelope sender <{sender}>" if sender else "this message")
+    )
+    return reject(
+        550,
+        "5.7.1",
+        f"Unregistered mailing list: this message is list mail "
+        f"({'; '.join(cls.signals)}) but {ctx.identity.name} has no registered list "
+        f"for {what}; register the list with your provider (List-Id, return path, "
+        "consent text) and send list mail only to confirmed subscribers",
+        "optin-unregistered",
+        strike=True,
+    )
 
 
 @rule(Stage.DATA, "optin")
@@ -190,29 +219,42 @@ def optin_data(ctx: Context) -> Verdict | None:
         return _unregistered(ctx, cls)
     assert ctx.message is not None
     lst = cls.lst
-    bad = [(a.addr, st) for a in ctx.recipients
-           if not (st := svc.standing(lst.id, a.addr, ctx.config)).sendable]
+    bad = [
+        (a.addr, st)
+        for a in ctx.recipients
+        if not (st := svc.standing(lst.id, a.addr, ctx.config)).sendable
+    ]
     if bad:
         shown = ", ".join(f"<{a}> ({st.state})" for a, st in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        return reject(550, "5.7.1", f"List mail for {lst.id} to recipients without confirmed "
-                      f"opt-in: {shown}{more}; remove them, or send from the list's return path "
-                      "so that they are refused one by one", "optin-consent")
+        return reject(
+            550,
+            "5.7.1",
+            f"List mail for {lst.id} to recipients without confirmed "
+            f"opt-in: {shown}{more}; remove them, or send from the list's return path "
+            "so that they are refused one by one",
+            "optin-consent",
+        )
     h = ctx.message.headers
     problem = unsubscribe_problem(h, require_one_click=section(ctx.config).require_one_click)
     if problem:
-        return reject(550, "5.7.1", f"List mail for {lst.id} refused: {problem}",
-                      "optin-unsubscribe")
+        return reject(
+            550, "5.7.1", f"List mail for {lst.id} refused: {problem}", "optin-unsubscribe"
+        )
     unnamed = unnamed_recipients(ctx.message.content, h, [a.addr for a in ctx.recipients])
     if unnamed:
         if len(ctx.recipients) == 1:
-            reason = (f"List mail for {lst.id} must name its recipient: <{unnamed[0]}> appears "
-                      "neither in To: nor in the body; address each copy to its subscriber")
+            reason = (
+                f"List mail for {lst.id} must name its recipient: <{unnamed[0]}> appears "
+                "neither in To: nor in the body; address each copy to its subscriber"
+            )
         else:
-            reason = (f"List mail for {lst.id} went to {len(ctx.recipients)} recipients with a "
-                      f"To: that does not name them (Bcc-style; {len(unnamed)} not named in To: "
-                      "or the body); send one message per subscriber with its address in To: "
-                      "or the body")
+            reason = (
+                f"List mail for {lst.id} went to {len(ctx.recipients)} recipients with a "
+                f"To: that does not name them (Bcc-style; {len(unnamed)} not named in To: "
+                "or the body); send one message per subscriber with its address in To: "
+                "or the body"
+            )
         return reject(550, "5.7.1", reason, "optin-recipient")
     ctx.notes["optin-deliver"] = lst.id
     return None
@@ -224,8 +266,11 @@ def vouch(ctx: Context) -> bool:
     if svc is None:
         return False
     cls = classify(ctx, svc)
-    return cls is not None and cls.lst is not None and all(
-        svc.standing(cls.lst.id, a.addr, ctx.config).sendable for a in ctx.recipients)
+    return (
+        cls is not None
+        and cls.lst is not None
+        and all(svc.standing(cls.lst.id, a.addr, ctx.config).sendable for a in ctx.recipients)
+    )
 
 
 if vouch not in bulk.EXEMPTIONS:

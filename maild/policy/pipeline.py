@@ -24,6 +24,7 @@ from maild.policy.verdict import Verdict, accept
 
 log = logging.getLogger("maild.policy")
 
+
 async def run(stage: Stage, ctx: Context, rules: Sequence[PolicyRule] | None = None) -> Verdict:
     """Run the stage's rules; return the deciding verdict (accept when none objects)."""
     if rules is None:
@@ -40,6 +41,7 @@ async def run(stage: Stage, ctx: Context, rules: Sequence[PolicyRule] | None = N
 
 
 # ---------------------------------------------------------------------- one transaction
+
 
 async def mail(ctx: Context) -> None:
     """MAIL: never refused here. A refusal is kept and given at RCPT by the mail-stage

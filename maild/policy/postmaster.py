@@ -35,8 +35,12 @@ def postmaster_rcpt(ctx: Context) -> Verdict | None:
     pm = is_postmaster(ctx.rcpt, ctx.config)
     if ctx.postmaster_only is not None and ctx.postmaster_only != pm:
         kind = "postmaster/abuse" if pm else "other"
-        return tempfail(452, "4.5.3", f"<{ctx.rcpt.addr}>: send mail to {kind} recipients "
-                        "in a separate transaction", "postmaster-split")
+        return tempfail(
+            452,
+            "4.5.3",
+            f"<{ctx.rcpt.addr}>: send mail to {kind} recipients in a separate transaction",
+            "postmaster-split",
+        )
     return accept("postmaster", final=True, postmaster=True) if pm else None
 
 

@@ -53,8 +53,15 @@ class RateLimitConfig:
     unidentified: RateLimits | None = None
 
 
-_RATE_KEYS = ("messages", "recipients", "bytes", "same_recipient", "per_login", "per_ip",
-              "per_sender")
+_RATE_KEYS = (
+    "messages",
+    "recipients",
+    "bytes",
+    "same_recipient",
+    "per_login",
+    "per_ip",
+    "per_sender",
+)
 
 
 def _rates(r: Reader, name: str, default: Rates) -> Rates:
@@ -72,8 +79,11 @@ def _rates(r: Reader, name: str, default: Rates) -> Rates:
         try:
             out.append(Rate.parse(text))
         except ValueError:
-            r.error(f"{name}[{i}]" if isinstance(raw, list) else name, text,
-                    'a rate COUNT/PERIOD such as "200/1h", "2000/1d" (bytes: "500MB/1h")')
+            r.error(
+                f"{name}[{i}]" if isinstance(raw, list) else name,
+                text,
+                'a rate COUNT/PERIOD such as "200/1h", "2000/1d" (bytes: "500MB/1h")',
+            )
     return tuple(out)
 
 
@@ -83,11 +93,13 @@ def _limits(r: Reader, base: RateLimits) -> RateLimits:
         if r.has(k):
             changes[k] = _rates(r, k, getattr(base, k))
     if r.has("recipients_per_message"):
-        changes["recipients_per_message"] = r.int("recipients_per_message", base.recipients_per_message,
-                                                  minimum=1)
+        changes["recipients_per_message"] = r.int(
+            "recipients_per_message", base.recipients_per_message, minimum=1
+        )
     if r.has("connections_per_client"):
-        changes["connections_per_client"] = r.int("connections_per_client",
-                                                  base.connections_per_client, minimum=1)
+        changes["connections_per_client"] = r.int(
+            "connections_per_client", base.connections_per_client, minimum=1
+        )
     return replace(base, **changes)
 
 
@@ -103,7 +115,9 @@ def parse_ratelimit(r: Reader) -> RateLimitConfig:
     unidentified = None
     if r.has("unidentified"):
         ur = r.table_of("unidentified")
-        unidentified = _limits(ur, RateLimits(messages=(), recipients=(), bytes=(), same_recipient=()))
+        unidentified = _limits(
+            ur, RateLimits(messages=(), recipients=(), bytes=(), same_recipient=())
+        )
         ur.unknown()
     r.unknown()
     return RateLimitConfig(enabled, defaults, tiers, unidentified)
@@ -119,8 +133,6 @@ def parse_customer_ratelimit(r: Reader) -> dict[str, Any]:
         overrides = {f.name: getattr(given, f.name) for f in fields(RateLimits) if sub.has(f.name)}
         sub.unknown()
     return {"tier": tier, "overrides": overrides or {}}
-
-
 
 
 def section(ctx: Context) -> RateLimitConfig:
@@ -161,35 +173,51 @@ def _reservation(ctx: Context) -> Reservation:
 
 def _refuse(over: Over) -> Verdict:
     mins = max(1, int(over.retry_after + 59) // 60)
-    return tempfail(450, "4.7.1", f"Rate limit {over.name} ({over.rate.text}) exceeded; "
-                    f"try again in {mins} minute{'s' if mins != 1 else ''}", "ratelimit",
-                    strike=True)
+    return tempfail(
+        450,
+        "4.7.1",
+        f"Rate limit {over.name} ({over.rate.text}) exceeded; "
+        f"try again in {mins} minute{'s' if mins != 1 else ''}",
+        "ratelimit",
+        strike=True,
+    )
 
 
-def _sender_checks(ctx: Context, lim: RateLimits, n_msgs: float) -> list[tuple[str, str, Rate, float]]:
+def _sender_checks(
+    ctx: Context, lim: RateLimits, n_msgs: float
+) -> list[tuple[str, str, Rate, float]]:
     """Per-message counters for this transaction's sender keys."""
     checks = []
     c = ctx.identity.customer
     if c is not None:
         checks += [("messages", customer_key("messages", c.name), r, n_msgs) for r in lim.messages]
     if ctx.identity.login:
-        checks += [("per_login", f"login:{ctx.identity.login.lower()}", r, n_msgs) for r in lim.per_login]
+        checks += [
+            ("per_login", f"login:{ctx.identity.login.lower()}", r, n_msgs) for r in lim.per_login
+        ]
     checks += [("per_ip", f"ip:{ctx.client.addr}", r, n_msgs) for r in lim.per_ip]
     if ctx.sender is not None and not ctx.sender.is_null:
-        checks += [("per_sender", f"from:{canonical(ctx.sender.addr)}", r, n_msgs)
-                   for r in lim.per_sender]
+        checks += [
+            ("per_sender", f"from:{canonical(ctx.sender.addr)}", r, n_msgs) for r in lim.per_sender
+        ]
     return checks
 
 
-def _rcpt_checks(ctx: Context, lim: RateLimits, rcpts: list[Address]
-                 ) -> list[tuple[str, str, Rate, float]]:
+def _rcpt_checks(
+    ctx: Context, lim: RateLimits, rcpts: list[Address]
+) -> list[tuple[str, str, Rate, float]]:
     name = ctx.identity.name
     checks: list[tuple[str, str, Rate, float]] = []
     if ctx.identity.customer is not None:
-        checks += [("recipients", customer_key("recipients", name), r, float(len(rcpts))) for r in lim.recipients]
+        checks += [
+            ("recipients", customer_key("recipients", name), r, float(len(rcpts)))
+            for r in lim.recipients
+        ]
         for a in rcpts:
-            checks += [("same_recipient", f"rcpt:{name}|{canonical(a.addr)}", r, 1.0)
-                       for r in lim.same_recipient]
+            checks += [
+                ("same_recipient", f"rcpt:{name}|{canonical(a.addr)}", r, 1.0)
+                for r in lim.same_recipient
+            ]
     return checks
 
 
@@ -209,16 +237,26 @@ async def ratelimit_rcpt(ctx: Context) -> Verdict | None:
     limiter, lim = active
     assert ctx.rcpt is not None
     if len(ctx.recipients) >= lim.recipients_per_message:
-        return tempfail(452, "4.5.3", f"Too many recipients: at most {lim.recipients_per_message} "
-                        "per message for your account; send the rest in another message",
-                        "recipients-per-message")
+        return tempfail(
+            452,
+            "4.5.3",
+            f"Too many recipients: at most {lim.recipients_per_message} "
+            "per message for your account; send the rest in another message",
+            "recipients-per-message",
+        )
     sessions = ctx.services.sessions
     if sessions is not None and ctx.identity.customer is not None:
         n = sessions.clients.get(ctx.client.addr, 0)
         if n > lim.connections_per_client:
-            return tempfail(450, "4.7.1", f"Too many concurrent connections from {ctx.client.addr} "
-                            f"({n}, limit {lim.connections_per_client}); use fewer parallel "
-                            "sessions", "ratelimit", strike=True)
+            return tempfail(
+                450,
+                "4.7.1",
+                f"Too many concurrent connections from {ctx.client.addr} "
+                f"({n}, limit {lim.connections_per_client}); use fewer parallel "
+                "sessions",
+                "ratelimit",
+                strike=True,
+            )
     first = not ctx.notes.get("ratelimit-msg")
     checks = _rcpt_checks(ctx, lim, [ctx.rcpt])
     if first:
@@ -245,8 +283,10 @@ async def ratelimit_data(ctx: Context) -> Verdict | None:
         res = ctx.notes["ratelimit"] = Reservation()
         checks += _sender_checks(ctx, lim, 1.0) + _rcpt_checks(ctx, lim, ctx.recipients)
     if ctx.identity.customer is not None and ctx.message is not None:
-        checks += [("bytes", customer_key("bytes", ctx.identity.name), r, float(ctx.message.size))
-                   for r in lim.bytes]
+        checks += [
+            ("bytes", customer_key("bytes", ctx.identity.name), r, float(ctx.message.size))
+            for r in lim.bytes
+        ]
     over = await limiter.try_reserve_async(res, checks)
     return _refuse(over) if over is not None else None
 

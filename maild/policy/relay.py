@@ -27,8 +27,13 @@ def relay_rcpt(ctx: Context) -> Verdict | None:
     if ctx.client.trusted_peer and ctx.config.server.mode == "before-queue":
         ctx.relay_pending.append(rcpt)
         return None
-    return reject(554, "5.7.1", f"<{rcpt.addr or rcpt.raw}>: Relay access denied; authenticate "
-                  "or send from your provider's network to mail outside our domains", "relay")
+    return reject(
+        554,
+        "5.7.1",
+        f"<{rcpt.addr or rcpt.raw}>: Relay access denied; authenticate "
+        "or send from your provider's network to mail outside our domains",
+        "relay",
+    )
 
 
 @rule(Stage.DATA, "relay")
@@ -36,6 +41,10 @@ def relay_data(ctx: Context) -> Verdict | None:
     if not ctx.relay_pending or ctx.identity.may_relay:
         return None
     who = ", ".join(f"<{a.addr}>" for a in ctx.relay_pending[:3])
-    return reject(554, "5.7.1", f"Relay access denied for {who}: no authenticated login or "
-                  "customer network; authenticate (SMTP AUTH) to mail outside our domains",
-                  "relay")
+    return reject(
+        554,
+        "5.7.1",
+        f"Relay access denied for {who}: no authenticated login or "
+        "customer network; authenticate (SMTP AUTH) to mail outside our domains",
+        "relay",
+    )

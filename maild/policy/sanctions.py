@@ -21,8 +21,13 @@ def _blocked(ctx: Context) -> Verdict | None:
     if block is None:
         return None
     _, contact = provider_addresses(ctx.config)
-    return reject(554, "5.7.1", f"Outbound mail from {c.name} is blocked ({block.reason[:120]}); "
-                  f"contact {contact} to have it lifted", "blocked")
+    return reject(
+        554,
+        "5.7.1",
+        f"Outbound mail from {c.name} is blocked ({block.reason[:120]}); "
+        f"contact {contact} to have it lifted",
+        "blocked",
+    )
 
 
 @rule(Stage.RCPT, "blocked")

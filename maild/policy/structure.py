@@ -23,33 +23,52 @@ from maild.policy.headers import settings
 _FIELD = re.compile(rb"^[!-9;-~]+[ \t]*:")
 
 
-@check("header-syntax", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="header lines are 'Name: value', ASCII unless SMTPUTF8, "
-       "no NULs, at most 998 characters")
+@check(
+    "header-syntax",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="header lines are 'Name: value', ASCII unless SMTPUTF8, "
+    "no NULs, at most 998 characters",
+)
 def header_syntax(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     hb = ctx.message.header_block
     if b"\x00" in hb:
         return Finding("Message header contains a NUL character; remove it")
     if not hb.isascii() and not declares_smtputf8(ctx.mail_params):
-        return Finding("Message header contains raw 8-bit characters: encode them "
-                       "(RFC 2047) or send with SMTPUTF8")
+        return Finding(
+            "Message header contains raw 8-bit characters: encode them "
+            "(RFC 2047) or send with SMTPUTF8"
+        )
     limit = settings(ctx).max_line_length
     for i, line in enumerate(hb.split(b"\r\n")[:-1], 1):
         if len(line) > limit:
-            return Finding(f"Header line {i} is longer than {limit} characters; fold it "
-                           "(RFC 5322 2.1.1)")
+            return Finding(
+                f"Header line {i} is longer than {limit} characters; fold it (RFC 5322 2.1.1)"
+            )
         if line[:1] in (b" ", b"\t"):
             if i == 1:
                 return Finding("Message header starts with a continuation line")
         elif not _FIELD.match(line):
-            return Finding(f"Header line {i} is not a 'Name: value' field; end the header "
-                           "with an empty line before the body")
+            return Finding(
+                f"Header line {i} is not a 'Name: value' field; end the header "
+                "with an empty line before the body"
+            )
     return None
 
 
-@check("from-missing", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="a From: header is present (RFC 5322 3.6)")
+@check(
+    "from-missing",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="a From: header is present (RFC 5322 3.6)",
+)
 def from_missing(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     if ctx.message.field_counts.get("from", 0) == 0:
@@ -57,8 +76,15 @@ def from_missing(ctx: Context) -> Finding | None:
     return None
 
 
-@check("from-multiple", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="exactly one From: field; several authors need a Sender:")
+@check(
+    "from-multiple",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="exactly one From: field; several authors need a Sender:",
+)
 def from_multiple(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     n = ctx.message.field_counts.get("from", 0)
@@ -66,31 +92,59 @@ def from_multiple(ctx: Context) -> Finding | None:
         return Finding(f"Message has {n} From: headers; a message has exactly one")
     boxes = ctx.message.mailboxes.get("from")
     if boxes and len(boxes) > 1 and not ctx.message.field_counts.get("sender"):
-        return Finding("From: names several authors but there is no Sender: header "
-                       "(RFC 5322 3.6.2); add Sender: with the address that sends")
+        return Finding(
+            "From: names several authors but there is no Sender: header "
+            "(RFC 5322 3.6.2); add Sender: with the address that sends"
+        )
     return None
 
 
-@check("from-invalid", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="From: is a well-formed address that every reader parses alike")
+@check(
+    "from-invalid",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="From: is a well-formed address that every reader parses alike",
+)
 def from_invalid(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     if "from" not in ctx.message.mailboxes:
         return None
     boxes = ctx.message.mailboxes["from"]
     if not boxes:
-        return Finding("From: header is not a valid address; write it as "
-                       "\"Name <you@your-domain>\" or you@your-domain")
+        return Finding(
+            "From: header is not a valid address; write it as "
+            '"Name <you@your-domain>" or you@your-domain'
+        )
     return None
 
 
-SINGLE_FIELDS = ("date", "sender", "reply-to", "to", "cc", "bcc", "message-id",
-                 "in-reply-to", "references", "subject")
+SINGLE_FIELDS = (
+    "date",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "subject",
+)
 
 
-@check("header-duplicate", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="at most one Date:, Sender:, Reply-To:, To:, Cc:, Bcc:, "
-       "Message-ID:, In-Reply-To:, References:, Subject: (RFC 5322 3.6)")
+@check(
+    "header-duplicate",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="at most one Date:, Sender:, Reply-To:, To:, Cc:, Bcc:, "
+    "Message-ID:, In-Reply-To:, References:, Subject: (RFC 5322 3.6)",
+)
 def header_duplicate(ctx: Context) -> Finding | None:
     assert ctx.message is not None
     counts = ctx.message.field_counts
@@ -105,12 +159,20 @@ def _title(name: str) -> str:
     return {"message-id": "Message-ID"}.get(name, "-".join(p.capitalize() for p in name.split("-")))
 
 
-@check("date-missing", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="a Date: header is present (RFC 5322 3.6.1)")
+@check(
+    "date-missing",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="a Date: header is present (RFC 5322 3.6.1)",
+)
 def date_missing(ctx: Context) -> Finding | None:
     if first(ctx, "Date") is None:
-        return Finding("Message has no Date: header; add one (your mail program or "
-                       "library can do it)")
+        return Finding(
+            "Message has no Date: header; add one (your mail program or library can do it)"
+        )
     return None
 
 
@@ -133,13 +195,22 @@ def _date(ctx: Context) -> float | None:
     return ts
 
 
-@check("date-invalid", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="Date: is an RFC 5322 date-time")
+@check(
+    "date-invalid",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="Date: is an RFC 5322 date-time",
+)
 def date_invalid(ctx: Context) -> Finding | None:
     value = first(ctx, "Date")
     if value is not None and _date(ctx) is None:
-        return Finding(f"Date: header {show(value.strip(), 60)!r} is not a valid RFC 5322 "
-                       "date, such as 'Mon, 3 Jun 2024 14:05:00 +0200'")
+        return Finding(
+            f"Date: header {show(value.strip(), 60)!r} is not a valid RFC 5322 "
+            "date, such as 'Mon, 3 Jun 2024 14:05:00 +0200'"
+        )
     return None
 
 
@@ -147,30 +218,55 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
 
 
-@check("date-future", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="Date: is not more than date_future (2 h) ahead")
+@check(
+    "date-future",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="Date: is not more than date_future (2 h) ahead",
+)
 def date_future(ctx: Context) -> Finding | None:
     ts = _date(ctx)
     limit = settings(ctx).date_future
     if ts is not None and ts - time.time() > limit:
-        return Finding(f"Date: header is more than {_span(limit)} in the future; check the "
-                       "clock and time zone of the sending computer")
+        return Finding(
+            f"Date: header is more than {_span(limit)} in the future; check the "
+            "clock and time zone of the sending computer"
+        )
     return None
 
 
-@check("date-past", Stage.DATA, scope="any", default="tag", code=550,
-       status="5.6.0", summary="Date: is not more than date_past (7 days) old")
+@check(
+    "date-past",
+    Stage.DATA,
+    scope="any",
+    default="tag",
+    code=550,
+    status="5.6.0",
+    summary="Date: is not more than date_past (7 days) old",
+)
 def date_past(ctx: Context) -> Finding | None:
     ts = _date(ctx)
     limit = settings(ctx).date_past
     if ts is not None and time.time() - ts > limit:
-        return Finding(f"Date: header is more than {_span(limit)} in the past; check the "
-                       "clock of the sending computer")
+        return Finding(
+            f"Date: header is more than {_span(limit)} in the past; check the "
+            "clock of the sending computer"
+        )
     return None
 
 
-@check("message-id-missing", Stage.DATA, scope="any", default="tag", code=550,
-       status="5.6.0", summary="a Message-ID: header is present (RFC 5322 3.6.4: SHOULD)")
+@check(
+    "message-id-missing",
+    Stage.DATA,
+    scope="any",
+    default="tag",
+    code=550,
+    status="5.6.0",
+    summary="a Message-ID: header is present (RFC 5322 3.6.4: SHOULD)",
+)
 def message_id_missing(ctx: Context) -> Finding | None:
     if first(ctx, "Message-ID") is None:
         return Finding("Message has no Message-ID: header; add one")
@@ -182,17 +278,25 @@ _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 _MSGID = re.compile(rf'^\s*<({_DOT_ATOM}|"[^"\\\r\n]*")@({_DOT_ATOM}|\[[^\[\]\\\s]*\])>\s*$')
 
 
-@check("message-id-invalid", Stage.DATA, scope="any", default="reject", code=550,
-       status="5.6.0", summary="Message-ID: is <left@right> with a domain, not a bare IP, "
-       "on the right")
+@check(
+    "message-id-invalid",
+    Stage.DATA,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.6.0",
+    summary="Message-ID: is <left@right> with a domain, not a bare IP, on the right",
+)
 def message_id_invalid(ctx: Context) -> Finding | None:
     value = first(ctx, "Message-ID")
     if value is None:
         return None
     m = _MSGID.match(value)
     if not m:
-        return Finding(f"Message-ID: {show(value.strip(), 60)} is malformed; it must look "
-                       "like <unique-part@your-domain>")
+        return Finding(
+            f"Message-ID: {show(value.strip(), 60)} is malformed; it must look "
+            "like <unique-part@your-domain>"
+        )
     right = m.group(2).strip("[]")
     if right.lower().startswith("ipv6:"):
         right = right[5:]
@@ -202,8 +306,10 @@ def message_id_invalid(ctx: Context) -> Finding | None:
         ipaddress.ip_address(right)
     except ValueError:
         return None
-    return Finding(f"Message-ID: {show(value.strip(), 60)} has a bare IP address on the right "
-                   "of '@'; use your domain name")
+    return Finding(
+        f"Message-ID: {show(value.strip(), 60)} has a bare IP address on the right "
+        "of '@'; use your domain name"
+    )
 
 
 _COMMENT = re.compile(r"\([^()]*\)")
@@ -219,8 +325,16 @@ def received_by(value: str) -> str:
     return m.group(1).lower().rstrip(".") if m else ""
 
 
-@check("received-forged", Stage.DATA, strike=True, scope="any", default="reject", code=550,
-       status="5.7.1", summary="no Received: line from the client claims one of our host names")
+@check(
+    "received-forged",
+    Stage.DATA,
+    strike=True,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="no Received: line from the client claims one of our host names",
+)
 def received_forged(ctx: Context) -> Finding | None:
     """The client's own topmost Received: line cannot have been written by us: the message
     has not passed us yet. (The one line our trusted upstream prepends, before-queue
@@ -236,8 +350,10 @@ def received_forged(ctx: Context) -> Finding | None:
     lines = ctx.message.header_values.get("received") or []
     i = 1 if ctx.client.trusted_peer and lines and received_by(lines[0]) in ours else 0
     if i < len(lines) and (host := received_by(lines[i])) in ours:
-        return Finding(f"Received: header claims the message passed our server {host}, "
-                       "which it did not; remove the forged Received: line")
+        return Finding(
+            f"Received: header claims the message passed our server {host}, "
+            "which it did not; remove the forged Received: line"
+        )
     return None
 
 
@@ -245,8 +361,8 @@ def received_forged(ctx: Context) -> Finding | None:
 
 _ADDR_IN_TEXT = re.compile(r"[^\s<>()\"',;:@\[\]]+@([^\s<>()\"',;:@\[\]]+)")
 _DOMAIN_IN_TEXT = re.compile(
-    r"(?<![\w@.-])((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{2,63}))(?![\w@-]|\.\w)",
-    re.I)
+    r"(?<![\w@.-])((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{2,63}))(?![\w@-]|\.\w)", re.I
+)
 
 
 def related(a: str, b: str) -> bool:
@@ -261,9 +377,16 @@ async def _tld_exists(tld: str) -> bool:
     return r.ok
 
 
-@check("display-name-spoof", Stage.DATA, strike=True, scope="any", default="reject", code=550,
-       status="5.7.1", summary="the From: display name shows no address or domain other "
-       "than the From address's own")
+@check(
+    "display-name-spoof",
+    Stage.DATA,
+    strike=True,
+    scope="any",
+    default="reject",
+    code=550,
+    status="5.7.1",
+    summary="the From: display name shows no address or domain other than the From address's own",
+)
 async def display_name_spoof(ctx: Context) -> Finding | None:
     """'"billing@bank.example" <x@customer.example>' shows the reader a bank. A mentioned
     domain counts only when its top-level domain exists in DNS ("J.R. Smith", "Dr.Who"
@@ -289,14 +412,18 @@ async def display_name_spoof(ctx: Context) -> Finding | None:
             for m in _ADDR_IN_TEXT.finditer(text):
                 dom = m.group(1).rstrip(".")
                 if "." in dom and foreign(dom):
-                    return Finding(f"From: display name shows the address {show(m.group(0), 60)}, "
-                                   f"which is not the From address; put only a name there")
+                    return Finding(
+                        f"From: display name shows the address {show(m.group(0), 60)}, "
+                        f"which is not the From address; put only a name there"
+                    )
             text = _ADDR_IN_TEXT.sub(" ", text)
         if "." not in text:
             continue
         for m in _DOMAIN_IN_TEXT.finditer(text):
             dom = m.group(1)
             if foreign(dom) and await _tld_exists(m.group(2).lower()):
-                return Finding(f"From: display name shows the domain {show(dom, 60)}, which is "
-                               "not the From address's domain; put only a name there")
+                return Finding(
+                    f"From: display name shows the domain {show(dom, 60)}, which is "
+                    "not the From address's domain; put only a name there"
+                )
     return None

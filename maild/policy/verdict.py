@@ -39,8 +39,9 @@ class Verdict:
         return self.action is Action.ACCEPT
 
 
-def accept(rule: str = "-", *, final: bool = False, reason: str = "Ok",
-           postmaster: bool = False) -> Verdict:
+def accept(
+    rule: str = "-", *, final: bool = False, reason: str = "Ok", postmaster: bool = False
+) -> Verdict:
     return Verdict(Action.ACCEPT, 250, "2.0.0", reason, rule, final=final, postmaster=postmaster)
 
 

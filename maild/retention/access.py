@@ -32,8 +32,7 @@ from maild.store.base import Store, StoreError
 
 log = logging.getLogger("maild.retention")
 
-_DOVECOT = re.compile(
-    r"\b(imap|pop3)-login: (?:[A-Za-z]+: )?(?:Login|Logged in): user=<([^>]*)>")
+_DOVECOT = re.compile(r"\b(imap|pop3)-login: (?:[A-Za-z]+: )?(?:Login|Logged in): user=<([^>]*)>")
 _COURIER = re.compile(r"\b(imapd|pop3d)(?:-ssl)?(?:\[\d+\])?: LOGIN, user=([^,\s]+),")
 _ISO = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?)\s")
 _BSD = re.compile(r"^([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d)(?:\.\d+)?\s")
@@ -45,7 +44,7 @@ MAX_CHUNK = 4 * 1024 * 1024
 class Login:
     user: str
     ts: float
-    source: str           # "imap" | "pop3" (Courier's imapd/pop3d are reported the same way)
+    source: str  # "imap" | "pop3" (Courier's imapd/pop3d are reported the same way)
 
 
 def parse_timestamp(line: str, now: float) -> float | None:
@@ -69,11 +68,22 @@ def parse_timestamp(line: str, now: float) -> float | None:
     year = time.localtime(now).tm_year
     for y in (year, year - 1):
         try:
-            ts = time.mktime((y, month, int(m.group(2)), int(m.group(3)), int(m.group(4)),
-                              int(m.group(5)), 0, 0, -1))
+            ts = time.mktime(
+                (
+                    y,
+                    month,
+                    int(m.group(2)),
+                    int(m.group(3)),
+                    int(m.group(4)),
+                    int(m.group(5)),
+                    0,
+                    0,
+                    -1,
+                )
+            )
         except (OverflowError, ValueError):
             return None
-        if ts <= now + 86400:      # a line from "December" read in January is last year's
+        if ts <= now + 86400:  # a line from "December" read in January is last year's
             return ts
     return None
 
@@ -121,6 +131,7 @@ def latest(logins: Iterable[Login]) -> list[tuple[str, float, str]]:
 
 # --------------------------------------------------------------------------- last_login dict
 
+
 def _tab_unescape(s: str) -> str:
     if "\x01" not in s:
         return s
@@ -145,7 +156,7 @@ def _epoch(value: str) -> float | None:
     if v <= 0:
         return None
     for scale in (1, 1_000, 1_000_000, 1_000_000_000):
-        if v / scale < 10_000_000_000:       # before the year 2286
+        if v / scale < 10_000_000_000:  # before the year 2286
             return v / scale
     return None
 
@@ -158,7 +169,7 @@ def parse_dict_file(text: str, prefix: str, now: float) -> list[tuple[str, float
         key, value = _tab_unescape(lines[i]), _tab_unescape(lines[i + 1])
         if not key.startswith(prefix):
             continue
-        user = normalize_user(key[len(prefix):])
+        user = normalize_user(key[len(prefix) :])
         ts = _epoch(value)
         if user and safe_user(user) and ts is not None:
             out.append((user, min(ts, now), "last_login"))
@@ -219,13 +230,14 @@ class FileFollower:
         total += await self._drain(self.path, inode, offset, on_access)
         return total
 
-    async def _drain(self, path: str, inode: int, offset: int, on_access: OnAccess,
-                     final: bool = False) -> int:
+    async def _drain(
+        self, path: str, inode: int, offset: int, on_access: OnAccess, final: bool = False
+    ) -> int:
         total = 0
         while True:
             lines, new_offset, ino = await asyncio.to_thread(_read_chunk, path, offset)
             if ino != inode:
-                return total          # replaced while we looked: next poll sorts it out
+                return total  # replaced while we looked: next poll sorts it out
             if lines:
                 logins = parse_lines(lines, self.clock())
                 if logins:
@@ -235,12 +247,14 @@ class FileFollower:
                 break
             offset = new_offset
             if not final:
-                await state.save_log_position(self.store, self.source, inode=inode,
-                                              offset=offset, now=self.clock())
+                await state.save_log_position(
+                    self.store, self.source, inode=inode, offset=offset, now=self.clock()
+                )
         if final:
             return total
-        await state.save_log_position(self.store, self.source, inode=inode, offset=offset,
-                                      now=self.clock())
+        await state.save_log_position(
+            self.store, self.source, inode=inode, offset=offset, now=self.clock()
+        )
         return total
 
 
@@ -251,7 +265,9 @@ def _find_rotated(path: str, inode: int) -> str | None:
     except OSError:
         return None
     for name in names:
-        if name == base + ".1" or (name.startswith(base + "-") and not name.endswith((".gz", ".xz", ".bz2", ".zst"))):
+        if name == base + ".1" or (
+            name.startswith(base + "-") and not name.endswith((".gz", ".xz", ".bz2", ".zst"))
+        ):
             p = os.path.join(d, name)
             with contextlib.suppress(OSError):
                 if os.stat(p).st_ino == inode:
@@ -283,11 +299,13 @@ class JournalFollower:
 
     source = "journal"
 
-    def __init__(self, matches: Sequence[str], store: Store, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, matches: Sequence[str], store: Store, clock: Callable[[], float] = time.time
+    ):
         self.matches = tuple(matches)
         self.store = store
         self.clock = clock
-        self.since: float | None = None     # after a cursor the journal no longer knows
+        self.since: float | None = None  # after a cursor the journal no longer knows
 
     def argv(self, cursor: str, follow: bool) -> list[str]:
         args = ["journalctl", "--output=json", "--no-pager"]
@@ -307,7 +325,7 @@ class JournalFollower:
         except ValueError:
             return None, ""
         msg = entry.get("MESSAGE")
-        if isinstance(msg, list):       # non-UTF-8 messages come as a list of bytes
+        if isinstance(msg, list):  # non-UTF-8 messages come as a list of bytes
             msg = bytes(msg).decode("utf-8", "replace")
         cursor = entry.get("__CURSOR", "")
         if not isinstance(msg, str):
@@ -330,8 +348,10 @@ class JournalFollower:
             cursor = ""
         start_cursor = cursor
         proc = await asyncio.create_subprocess_exec(
-            *self.argv(cursor, follow), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+            *self.argv(cursor, follow),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         assert proc.stdout is not None
         total = 0
         batch: list[Login] = []
@@ -341,7 +361,7 @@ class JournalFollower:
                 try:
                     raw: bytes | None = await asyncio.wait_for(proc.stdout.readline(), 0.5)
                 except TimeoutError:
-                    raw = None                     # quiet: flush what we have
+                    raw = None  # quiet: flush what we have
                 if raw:
                     login, c = self.parse_entry(raw.decode("utf-8", "replace"))
                     cursor = c or cursor
@@ -354,8 +374,9 @@ class JournalFollower:
                     total += len(batch)
                     batch = []
                 if cursor != saved:
-                    await state.save_log_position(self.store, self.source, cursor=cursor,
-                                                  now=self.clock())
+                    await state.save_log_position(
+                        self.store, self.source, cursor=cursor, now=self.clock()
+                    )
                     saved = cursor
                 if raw == b"":
                     break
@@ -382,15 +403,18 @@ async def _position_time(store: Store, source: str) -> float | None:
     return None
 
 
-async def import_dict(path: str, prefix: str, on_access: OnAccess,
-                      clock: Callable[[], float] = time.time) -> int:
+async def import_dict(
+    path: str, prefix: str, on_access: OnAccess, clock: Callable[[], float] = time.time
+) -> int:
     """Import Dovecot's last_login file dict; returns the number of users in it."""
+
     def _read() -> str | None:
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 return f.read()
         except FileNotFoundError:
             return None
+
     text = await asyncio.to_thread(_read)
     if text is None:
         return 0
@@ -403,9 +427,15 @@ async def import_dict(path: str, prefix: str, on_access: OnAccess,
 class AccessTracker:
     """Follows the configured sources until stopped; calls on_access with every batch."""
 
-    def __init__(self, settings: AccessSettings, store: Store, on_access: OnAccess, *,
-                 resolve: Callable[[str], str] = lambda p: p,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: AccessSettings,
+        store: Store,
+        on_access: OnAccess,
+        *,
+        resolve: Callable[[str], str] = lambda p: p,
+        clock: Callable[[], float] = time.time,
+    ):
         self.settings = settings
         self.store = store
         self.on_access = on_access
@@ -453,7 +483,9 @@ class AccessTracker:
         path = self.resolve(self.settings.last_login_dict)
         while True:
             try:
-                await import_dict(path, self.settings.last_login_key_prefix, self.on_access, self.clock)
+                await import_dict(
+                    path, self.settings.last_login_key_prefix, self.on_access, self.clock
+                )
             except (OSError, StoreError) as e:
                 log.error("retention: last_login dict path=%s error=%s", path, e)
             await asyncio.sleep(self.settings.import_interval)

@@ -37,11 +37,13 @@ def _load(ctx: click.Context) -> tuple[Config, RetentionConfig]:
 def _need_enabled(cfg: RetentionConfig, config: Config) -> None:
     if not cfg.enabled:
         raise click.ClickException(
-            f"retention is off: {config.path} has no [retention] section (or enabled = false)")
+            f"retention is off: {config.path} has no [retention] section (or enabled = false)"
+        )
 
 
 def _with_store(config: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     """Open maild's store, run fn(store), close it; store errors become one line."""
+
     async def main() -> T:
         try:
             store = await open_store(config)
@@ -77,11 +79,12 @@ def parse_time(value: str) -> float:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         raise click.BadParameter(
-            f"{value!r}: expected a Unix time or a date such as 2024-05-01 or "
-            "2024-05-01T12:00:00") from None
+            f"{value!r}: expected a Unix time or a date such as 2024-05-01 or 2024-05-01T12:00:00"
+        ) from None
 
 
 # --------------------------------------------------------------------------- retention
+
 
 @click.group("retention")
 def retention_group() -> None:
@@ -95,8 +98,9 @@ def retention_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Dry-run lines as JSON objects.")
 @config_option
 @click.pass_context
-def run_cmd(ctx: click.Context, rule: str | None, dry_run: bool, user: str | None,
-            as_json: bool) -> None:
+def run_cmd(
+    ctx: click.Context, rule: str | None, dry_run: bool, user: str | None, as_json: bool
+) -> None:
     """Run RULE now (every enabled rule if none is given)."""
     from maild.retention.jobs import RunBusy, RunError, Runner
     from maild.retention.mailboxes import normalize_user
@@ -115,10 +119,14 @@ def run_cmd(ctx: click.Context, rule: str | None, dry_run: bool, user: str | Non
         if as_json:
             click.echo(json.dumps(ev, ensure_ascii=False))
         elif ev["action"] == "delete":
-            click.echo(f"would-delete\t{ev['rule']}\t{ev['user']}\t{ev['folder']}\t{ev['file']}\t{ev['size']}")
+            click.echo(
+                f"would-delete\t{ev['rule']}\t{ev['user']}\t{ev['folder']}\t{ev['file']}\t{ev['size']}"
+            )
         else:
-            click.echo(f"would-shrink\t{ev['rule']}\t{ev['user']}\tquota={ev['quota']}\t"
-                       f"original={ev['original']}\tusage={ev['usage']}")
+            click.echo(
+                f"would-shrink\t{ev['rule']}\t{ev['user']}\tquota={ev['quota']}\t"
+                f"original={ev['original']}\tusage={ev['usage']}"
+            )
 
     async def go(store: Any) -> int:
         runner = Runner(cfg, store)
@@ -134,9 +142,14 @@ def run_cmd(ctx: click.Context, rule: str | None, dry_run: bool, user: str | Non
                 bar.update(done - bar.pos)
 
             try:
-                rep = await runner.run(name, dry_run=dry_run, user=user, trigger="cli",
-                                       on_progress=progress if tty else None,
-                                       on_plan=emit if dry_run else None)
+                rep = await runner.run(
+                    name,
+                    dry_run=dry_run,
+                    user=user,
+                    trigger="cli",
+                    on_progress=progress if tty else None,
+                    on_plan=emit if dry_run else None,
+                )
             except (RunBusy, RunError) as e:
                 click.echo(f"maild: {e}", err=True)
                 failed += 1
@@ -145,14 +158,17 @@ def run_cmd(ctx: click.Context, rule: str | None, dry_run: bool, user: str | Non
                 if bar is not None:
                     bar.__exit__(None, None, None)
             verb = "would delete" if dry_run else "deleted"
-            click.echo(f"rule {rep.rule}: {rep.status}, {rep.mailboxes} mailboxes, "
-                       f"{rep.scanned} files scanned, {verb} {rep.deleted} ({rep.bytes} bytes)"
-                       + (f", shrunk {rep.shrunk}" if rep.shrunk else "")
-                       + (f", restored {rep.restored}" if rep.restored else "")
-                       + (f", vanished {rep.vanished}" if rep.vanished else "")
-                       + (f", skipped {rep.skipped}" if rep.skipped else "")
-                       + (f", errors {rep.errors}" if rep.errors else "")
-                       + f" in {rep.seconds:.1f} s", err=True)
+            click.echo(
+                f"rule {rep.rule}: {rep.status}, {rep.mailboxes} mailboxes, "
+                f"{rep.scanned} files scanned, {verb} {rep.deleted} ({rep.bytes} bytes)"
+                + (f", shrunk {rep.shrunk}" if rep.shrunk else "")
+                + (f", restored {rep.restored}" if rep.restored else "")
+                + (f", vanished {rep.vanished}" if rep.vanished else "")
+                + (f", skipped {rep.skipped}" if rep.skipped else "")
+                + (f", errors {rep.errors}" if rep.errors else "")
+                + f" in {rep.seconds:.1f} s",
+                err=True,
+            )
             failed += rep.errors > 0 or rep.status != "done"
         return failed
 
@@ -173,23 +189,31 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
         return
-    click.echo(f"retention: {'on' if cfg.enabled else 'off'}; mailboxes known "
-               f"{info['mailboxes_known']}, shrunk {info['mailboxes_shrunk']}, pending deletions "
-               f"{info['pending_deletions']}")
+    click.echo(
+        f"retention: {'on' if cfg.enabled else 'off'}; mailboxes known "
+        f"{info['mailboxes_known']}, shrunk {info['mailboxes_shrunk']}, pending deletions "
+        f"{info['pending_deletions']}"
+    )
     for r in info["rules"]:
         last = r["last_run"]
-        click.echo(f"  {r['rule']}: {r['action']}, schedule {r['schedule']}"
-                   f"{'' if r['enabled'] else ' (disabled)'}, next run {_when(r['next_run'])}")
+        click.echo(
+            f"  {r['rule']}: {r['action']}, schedule {r['schedule']}"
+            f"{'' if r['enabled'] else ' (disabled)'}, next run {_when(r['next_run'])}"
+        )
         if last:
-            click.echo(f"    last run {_when(last['started'])} ({last['trigger']}): {last['status']}, "
-                       f"{last['mailboxes']} mailboxes, {last['scanned']} files scanned, "
-                       f"deleted {last['deleted']} ({last['bytes']} bytes), shrunk {last['shrunk']}, "
-                       f"restored {last['restored']}, skipped {last['skipped']}, errors {last['errors']}")
+            click.echo(
+                f"    last run {_when(last['started'])} ({last['trigger']}): {last['status']}, "
+                f"{last['mailboxes']} mailboxes, {last['scanned']} files scanned, "
+                f"deleted {last['deleted']} ({last['bytes']} bytes), shrunk {last['shrunk']}, "
+                f"restored {last['restored']}, skipped {last['skipped']}, errors {last['errors']}"
+            )
         else:
             click.echo("    never run")
     for s in info["access_sources"]:
-        click.echo(f"  access source {s['source']}: read up to {s['offset'] or s['cursor'] or 0}, "
-                   f"updated {_when(s['updated'])}")
+        click.echo(
+            f"  access source {s['source']}: read up to {s['offset'] or s['cursor'] or 0}, "
+            f"updated {_when(s['updated'])}"
+        )
 
 
 @retention_group.command("deletions")
@@ -199,24 +223,32 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @config_option
 @click.pass_context
-def deletions_cmd(ctx: click.Context, user: str | None, rule: str | None, limit: int,
-                  as_json: bool) -> None:
+def deletions_cmd(
+    ctx: click.Context, user: str | None, rule: str | None, limit: int, as_json: bool
+) -> None:
     """The record of deleted files, newest first."""
     from maild.retention import state
     from maild.retention.mailboxes import normalize_user
 
     config, _cfg = _load(ctx)
-    rows = _with_store(config, lambda store: state.deletions(
-        store, user=normalize_user(user) if user else None, rule=rule, limit=limit))
+    rows = _with_store(
+        config,
+        lambda store: state.deletions(
+            store, user=normalize_user(user) if user else None, rule=rule, limit=limit
+        ),
+    )
     for r in rows:
         if as_json:
             click.echo(json.dumps(r, ensure_ascii=False))
         else:
-            click.echo(f"{_when(r['ts'])}\t{r['rule']}\t{r['user']}\t{r['folder']}\t{r['name']}\t"
-                       f"{r['size']}\t{r['status']}")
+            click.echo(
+                f"{_when(r['ts'])}\t{r['rule']}\t{r['user']}\t{r['folder']}\t{r['name']}\t"
+                f"{r['size']}\t{r['status']}"
+            )
 
 
 # --------------------------------------------------------------------------- mailbox
+
 
 @click.group("mailbox")
 def mailbox_group() -> None:
@@ -253,22 +285,36 @@ def show_cmd(ctx: click.Context, user: str, files: bool, dovecot: bool, as_json:
                 n.pop("files", None)
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
         return
-    click.echo(f"mailbox {info['user']}  {info['path']}{'' if info['exists'] else '  (no such directory)'}")
+    click.echo(
+        f"mailbox {info['user']}  {info['path']}{'' if info['exists'] else '  (no such directory)'}"
+    )
     if info["known"]:
         click.echo(f"  first seen   {_when(info['first_seen'])}")
-        click.echo(f"  last access  {_when(info['last_access'])}"
-                   f"{' (' + info['access_source'] + ')' if info['access_source'] else ''}"
-                   f"; idle {info['idle_days']} days")
+        click.echo(
+            f"  last access  {_when(info['last_access'])}"
+            f"{' (' + info['access_source'] + ')' if info['access_source'] else ''}"
+            f"; idle {info['idle_days']} days"
+        )
     else:
         click.echo("  not seen by maild yet: its idle clock starts at the first run that sees it")
     md = info.get("maildirsize")
-    click.echo(f"  quota        {md['limit'] if md and 'limit' in md else 'no maildirsize'}"
-               + (f", usage {md['usage_bytes']} bytes / {md['usage_count']} messages"
-                  if md and "limit" in md else ""))
-    click.echo(f"  quota state  {info['quota_state']}"
-               + (f", original {info['original_quota']}" if info.get("original_quota") else "")
-               + (f", shrunk {_when(info['shrunk_at'])} by {info['shrunk_rule']}"
-                  if info.get("shrunk_at") else ""))
+    click.echo(
+        f"  quota        {md['limit'] if md and 'limit' in md else 'no maildirsize'}"
+        + (
+            f", usage {md['usage_bytes']} bytes / {md['usage_count']} messages"
+            if md and "limit" in md
+            else ""
+        )
+    )
+    click.echo(
+        f"  quota state  {info['quota_state']}"
+        + (f", original {info['original_quota']}" if info.get("original_quota") else "")
+        + (
+            f", shrunk {_when(info['shrunk_at'])} by {info['shrunk_rule']}"
+            if info.get("shrunk_at")
+            else ""
+        )
+    )
     if info.get("dovecot_userdb_limit") is not None:
         click.echo(f"  dovecot userdb override  *:bytes={info['dovecot_userdb_limit']}")
     if "dovecot" in info:
@@ -276,14 +322,18 @@ def show_cmd(ctx: click.Context, user: str, files: bool, dovecot: bool, as_json:
         if "error" in dv:
             click.echo(f"  dovecot      cannot ask doveadm: {dv['error']}")
         else:
-            click.echo(f"  dovecot      enforces {dv.get('storage_limit_kb', '?')} kB, uses "
-                       f"{dv.get('storage_used_kb', '?')} kB; quota_rule "
-                       f"{dv.get('quota_rule') or '(none: limit from maildirsize)'}")
+            click.echo(
+                f"  dovecot      enforces {dv.get('storage_limit_kb', '?')} kB, uses "
+                f"{dv.get('storage_used_kb', '?')} kB; quota_rule "
+                f"{dv.get('quota_rule') or '(none: limit from maildirsize)'}"
+            )
     if info["exists"]:
         click.echo(f"  usage        {info['usage_bytes']} bytes counted by the quota")
         for f in info["folders"]:
-            click.echo(f"    {f['folder']:<30} {f['messages']:>8} messages {f['bytes']:>12} bytes"
-                       + ("" if f["quota_counted"] else "  (not counted)"))
+            click.echo(
+                f"    {f['folder']:<30} {f['messages']:>8} messages {f['bytes']:>12} bytes"
+                + ("" if f["quota_counted"] else "  (not counted)")
+            )
         for n in info["next"]:
             if "error" in n:
                 click.echo(f"  rule {n['rule']}: {n['error']}")
@@ -299,6 +349,7 @@ def show_cmd(ctx: click.Context, user: str, files: bool, dovecot: bool, as_json:
 
 
 # --------------------------------------------------------------------------- access
+
 
 @click.group("access")
 def access_group() -> None:
@@ -331,8 +382,12 @@ def touch_cmd(ctx: click.Context, user: str, at: str | None) -> None:
 
 
 @access_group.command("import")
-@click.option("--dict", "dict_path", metavar="PATH",
-              help="Dovecot last_login file dict (default: [retention.access] last_login_dict).")
+@click.option(
+    "--dict",
+    "dict_path",
+    metavar="PATH",
+    help="Dovecot last_login file dict (default: [retention.access] last_login_dict).",
+)
 @click.option("--tsv", "tsv_path", metavar="PATH", help="Lines 'user unix-time'.")
 @config_option
 @click.pass_context
@@ -345,12 +400,15 @@ def import_cmd(ctx: click.Context, dict_path: str | None, tsv_path: str | None) 
     if not dict_path and not tsv_path:
         dict_path = cfg.resolve(cfg.access.last_login_dict) if cfg.access.last_login_dict else None
     if not dict_path and not tsv_path:
-        raise click.UsageError("give --dict PATH or --tsv PATH (or set last_login_dict in "
-                               "[retention.access])")
+        raise click.UsageError(
+            "give --dict PATH or --tsv PATH (or set last_login_dict in [retention.access])"
+        )
     rows: list[tuple[str, float, str]] = []
     now = time.time()
-    for path, parser in ((dict_path, lambda t: parse_dict_file(t, cfg.access.last_login_key_prefix, now)),
-                         (tsv_path, lambda t: parse_tsv(t, now))):
+    for path, parser in (
+        (dict_path, lambda t: parse_dict_file(t, cfg.access.last_login_key_prefix, now)),
+        (tsv_path, lambda t: parse_tsv(t, now)),
+    ):
         if not path:
             continue
         try:
@@ -383,7 +441,8 @@ def poll_cmd(ctx: click.Context) -> None:
         runner = Runner(cfg, store)
         if source == "journal":
             return await JournalFollower(cfg.access.journal_match, store).run(
-                runner.on_access, follow=False)
+                runner.on_access, follow=False
+            )
         return await FileFollower(cfg.resolve(source), store).poll(runner.on_access)
 
     try:
@@ -409,8 +468,9 @@ def list_cmd(ctx: click.Context, idle_over: str | None, as_json: bool) -> None:
         try:
             limit = parse_duration(idle_over)
         except ValueError:
-            raise click.BadParameter(f"{idle_over!r}: expected a duration such as 60d",
-                                     param_hint="--idle-over") from None
+            raise click.BadParameter(
+                f"{idle_over!r}: expected a duration such as 60d", param_hint="--idle-over"
+            ) from None
     rows = _with_store(config, lambda store: state.mailboxes(store))
     now = time.time()
     out = sorted(rows.values(), key=lambda r: r.idle_since)
@@ -419,11 +479,20 @@ def list_cmd(ctx: click.Context, idle_over: str | None, as_json: bool) -> None:
         if limit is not None and idle <= limit:
             continue
         if as_json:
-            click.echo(json.dumps({"user": r.user, "first_seen": r.first_seen,
-                                   "last_access": r.last_access, "source": r.access_source,
-                                   "idle_days": round(idle / 86400, 1),
-                                   "quota_state": r.quota_state}))
+            click.echo(
+                json.dumps(
+                    {
+                        "user": r.user,
+                        "first_seen": r.first_seen,
+                        "last_access": r.last_access,
+                        "source": r.access_source,
+                        "idle_days": round(idle / 86400, 1),
+                        "quota_state": r.quota_state,
+                    }
+                )
+            )
         else:
-            click.echo(f"{r.user}\t{_when(r.last_access)}\t{r.access_source or '-'}\t"
-                       f"idle {idle / 86400:.1f} d\t{r.quota_state}")
-
+            click.echo(
+                f"{r.user}\t{_when(r.last_access)}\t{r.access_source or '-'}\t"
+                f"idle {idle / 86400:.1f} d\t{r.quota_state}"
+            )

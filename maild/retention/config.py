@@ -42,25 +42,25 @@ class RetentionRule:
     exclude_folders: tuple[str, ...] = ()
     mailboxes: str = "all"
     users: tuple[str, ...] = ()
-    idle: float | None = None          # seconds without POP/IMAP access, None = any mailbox
-    age: float | None = None           # seconds; for trim: never delete younger mail
-    age_by: str = "received"           # "saved" (ctime, time in folder) | "received" (mtime)
-    quota: int | None = None           # shrink: the reduced limit in bytes
-    max_size: int | None = None        # trim: the size to trim the selected folders down to
-    schedule: str = "daily"            # as written
-    cron: str = ""                     # 5-field crontab, "" for manual
+    idle: float | None = None  # seconds without POP/IMAP access, None = any mailbox
+    age: float | None = None  # seconds; for trim: never delete younger mail
+    age_by: str = "received"  # "saved" (ctime, time in folder) | "received" (mtime)
+    quota: int | None = None  # shrink: the reduced limit in bytes
+    max_size: int | None = None  # trim: the size to trim the selected folders down to
+    schedule: str = "daily"  # as written
+    cron: str = ""  # 5-field crontab, "" for manual
     enabled: bool = True
 
 
 @dataclass(frozen=True)
 class StoreSettings:
     layout: str = "maildir++"
-    path: str = ""                     # template, e.g. /var/vmail/%d/%n/Maildir
-    users_file: str = ""               # one user per line; "" = walk the path template
+    path: str = ""  # template, e.g. /var/vmail/%d/%n/Maildir
+    users_file: str = ""  # one user per line; "" = walk the path template
     root_mailboxes: tuple[str, ...] = ()
     root_mailboxes_file: str = ""
     special_use: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_SPECIAL_USE.items())
-    lock_dir: str = ""                 # "" = retention-locks/ next to maild's state store
+    lock_dir: str = ""  # "" = retention-locks/ next to maild's state store
 
     def aliases(self, use: str) -> tuple[str, ...]:
         for name, names in self.special_use:
@@ -71,9 +71,9 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class AccessSettings:
-    dovecot_log: str = ""              # a file path, "journal", or "" (no log following)
+    dovecot_log: str = ""  # a file path, "journal", or "" (no log following)
     journal_match: tuple[str, ...] = ("SYSLOG_IDENTIFIER=dovecot",)
-    last_login_dict: str = ""          # Dovecot file dict written by the last_login plugin
+    last_login_dict: str = ""  # Dovecot file dict written by the last_login plugin
     last_login_key_prefix: str = "shared/last-login/"
     poll_interval: float = 1.0
     import_interval: float = 300.0
@@ -81,12 +81,12 @@ class AccessSettings:
 
 @dataclass(frozen=True)
 class QuotaSettings:
-    maildirsize: bool = True           # write the limit to line 1 of maildirsize
-    ignore_folders: tuple[str, ...] = ()   # folders the quota does not count (Courier: Trash)
-    dovecot_userdb: str = ""           # passwd-file maild maintains: userdb_quota_rule overrides
+    maildirsize: bool = True  # write the limit to line 1 of maildirsize
+    ignore_folders: tuple[str, ...] = ()  # folders the quota does not count (Courier: Trash)
+    dovecot_userdb: str = ""  # passwd-file maild maintains: userdb_quota_rule overrides
     doveadm: tuple[str, ...] = ("doveadm",)
     flush_auth_cache: bool = False
-    recalc: bool = False               # run `doveadm quota recalc` after deleting (count/dict quota)
+    recalc: bool = False  # run `doveadm quota recalc` after deleting (count/dict quota)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class RetentionConfig:
     daily_at: str = "03:00"
     keep_records: float = 180 * 86400.0
     lock_timeout: float = 30.0
-    config_dir: str = "."              # directory of policies.toml (relative paths start there)
+    config_dir: str = "."  # directory of policies.toml (relative paths start there)
 
     def rule(self, name: str) -> RetentionRule | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -114,11 +114,16 @@ class RetentionConfig:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def cron_for(schedule: str, daily_at: str) -> str:
     """'daily' / 'hourly' / 'weekly' / a crontab line into a 5-field crontab ('' = manual)."""
     hh, mm = (int(x) for x in daily_at.split(":"))
-    words = {"daily": f"{mm} {hh} * * *", "hourly": f"{mm} * * * *",
-             "weekly": f"{mm} {hh} * * sun", "manual": ""}
+    words = {
+        "daily": f"{mm} {hh} * * *",
+        "hourly": f"{mm} * * * *",
+        "weekly": f"{mm} {hh} * * sun",
+        "manual": "",
+    }
     return words.get(schedule, schedule)
 
 
@@ -138,7 +143,12 @@ def template_problem(template: str) -> str | None:
     """Why a mailbox path template cannot be used, or None."""
     if not template.startswith("/"):
         return "an absolute path"
-    if "%u" not in template and "%n" not in template and "%Lu" not in template and "%Ln" not in template:
+    if (
+        "%u" not in template
+        and "%n" not in template
+        and "%Lu" not in template
+        and "%Ln" not in template
+    ):
         return "a path containing %u (user) or %n (local part)"
     rest = _TEMPLATE_VAR.sub("", template)
     if "%" in rest:
@@ -148,12 +158,14 @@ def template_problem(template: str) -> str | None:
 
 # --------------------------------------------------------------------------- parsing
 
+
 def _parse_store(r: Reader, *, required: bool) -> StoreSettings:
     d = StoreSettings()
     path = r.str("path", "")
     if not path and required:
-        r.problems.append(f"{r.key('path')} is missing: it is required, "
-                          'e.g. "/var/vmail/%d/%n/Maildir"')
+        r.problems.append(
+            f'{r.key("path")} is missing: it is required, e.g. "/var/vmail/%d/%n/Maildir"'
+        )
     elif path and (why := template_problem(path)) is not None:
         r.error("path", path, why)
     su = r.table_of("special_use")
@@ -199,7 +211,11 @@ def _parse_quota(r: Reader) -> QuotaSettings:
     d = QuotaSettings()
     doveadm = r.str_list("doveadm", d.doveadm)
     if not doveadm:
-        r.error("doveadm", [], 'a command such as ["doveadm"] or ["doveadm", "-c", "/etc/dovecot/dovecot.conf"]')
+        r.error(
+            "doveadm",
+            [],
+            'a command such as ["doveadm"] or ["doveadm", "-c", "/etc/dovecot/dovecot.conf"]',
+        )
         doveadm = d.doveadm
     q = QuotaSettings(
         maildirsize=r.bool("maildirsize", d.maildirsize),
@@ -249,48 +265,78 @@ def _parse_rule(r: Reader, daily_at: str, names: set[str]) -> RetentionRule:
     schedule = r.str("schedule", "daily")
     cron = cron_for(schedule, daily_at) if schedule else ""
     if schedule not in SCHEDULE_WORDS and not valid_cron(cron):
-        r.error("schedule", schedule,
-                '"daily", "hourly", "weekly", "manual" or a crontab line such as "30 3 * * *"')
+        r.error(
+            "schedule",
+            schedule,
+            '"daily", "hourly", "weekly", "manual" or a crontab line such as "30 3 * * *"',
+        )
         cron = ""
     enabled = r.bool("enabled", True)
 
     if action == "delete":
         if age is None:
-            r.problems.append(f"{r.key('age')} is missing: a delete rule needs an age "
-                              '(e.g. "7d"); without one it would delete every message')
+            r.problems.append(
+                f"{r.key('age')} is missing: a delete rule needs an age "
+                '(e.g. "7d"); without one it would delete every message'
+            )
         elif not age_by_raw:
-            r.problems.append(f"{r.key('age_by')} is missing: say how age is measured, "
-                              '"saved" (time in the folder, for Trash) or "received"')
+            r.problems.append(
+                f"{r.key('age_by')} is missing: say how age is measured, "
+                '"saved" (time in the folder, for Trash) or "received"'
+            )
         for key in ("quota", "max_size"):
             if r.has(key):
-                r.error(key, r.table[key], f'no {key} for action "delete" (it is for "shrink"/"trim")')
+                r.error(
+                    key, r.table[key], f'no {key} for action "delete" (it is for "shrink"/"trim")'
+                )
     elif action == "shrink":
         if quota is None:
-            r.problems.append(f"{r.key('quota')} is missing: a shrink rule needs the reduced "
-                              'quota, e.g. "1MB"')
+            r.problems.append(
+                f'{r.key("quota")} is missing: a shrink rule needs the reduced quota, e.g. "1MB"'
+            )
         elif quota <= 0:
             r.error("quota", quota, "a size above zero")
         if idle is None:
-            r.problems.append(f"{r.key('idle')} is missing: a shrink rule needs an idle time "
-                              '(e.g. "90d"); without one it would shrink every mailbox')
+            r.problems.append(
+                f"{r.key('idle')} is missing: a shrink rule needs an idle time "
+                '(e.g. "90d"); without one it would shrink every mailbox'
+            )
         if r.has("max_size"):
             r.error("max_size", r.table["max_size"], 'no max_size for action "shrink" (use quota)')
         if age is not None:
-            r.error("age", r.table["age"], 'no age for action "shrink" (it deletes oldest first '
-                    "until the mailbox fits)")
+            r.error(
+                "age",
+                r.table["age"],
+                'no age for action "shrink" (it deletes oldest first until the mailbox fits)',
+            )
     elif action == "trim":
         if max_size is None:
-            r.problems.append(f"{r.key('max_size')} is missing: a trim rule needs the size to "
-                              'trim down to, e.g. "500MB"')
+            r.problems.append(
+                f"{r.key('max_size')} is missing: a trim rule needs the size to "
+                'trim down to, e.g. "500MB"'
+            )
         if r.has("quota"):
             r.error("quota", r.table["quota"], 'no quota for action "trim" (use max_size)')
     if idle is not None and idle <= 0:
         r.error("idle", idle, 'a positive duration such as "60d"')
     if age is not None and age <= 0 and action == "delete":
         r.error("age", age, 'a positive duration such as "7d"')
-    rule = RetentionRule(name=name, action=action, folders=folders, exclude_folders=exclude,
-                mailboxes=mailboxes, users=users, idle=idle, age=age, age_by=age_by,
-                quota=quota, max_size=max_size, schedule=schedule, cron=cron, enabled=enabled)
+    rule = RetentionRule(
+        name=name,
+        action=action,
+        folders=folders,
+        exclude_folders=exclude,
+        mailboxes=mailboxes,
+        users=users,
+        idle=idle,
+        age=age,
+        age_by=age_by,
+        quota=quota,
+        max_size=max_size,
+        schedule=schedule,
+        cron=cron,
+        enabled=enabled,
+    )
     r.unknown()
     return rule
 
@@ -318,14 +364,20 @@ def parse_retention(r: Reader) -> RetentionConfig:
         config_dir=".",
     )
     if any(rule.mailboxes in ("root", "other") for rule in rules) and not (
-            store.root_mailboxes or store.root_mailboxes_file):
-        r.problems.append(f"{r.key('store.root_mailboxes')} is missing: a rule selects "
-                          'mailboxes = "root" or "other"; list the root mailboxes '
-                          "(root_mailboxes or root_mailboxes_file)")
+        store.root_mailboxes or store.root_mailboxes_file
+    ):
+        r.problems.append(
+            f"{r.key('store.root_mailboxes')} is missing: a rule selects "
+            'mailboxes = "root" or "other"; list the root mailboxes '
+            "(root_mailboxes or root_mailboxes_file)"
+        )
     if any(rule.action == "shrink" for rule in rules) and not (
-            cfg.quota.maildirsize or cfg.quota.dovecot_userdb):
-        r.problems.append(f"{r.key('quota')}: a shrink rule needs somewhere to write the quota: "
-                          "maildirsize = true and/or dovecot_userdb = PATH")
+        cfg.quota.maildirsize or cfg.quota.dovecot_userdb
+    ):
+        r.problems.append(
+            f"{r.key('quota')}: a shrink rule needs somewhere to write the quota: "
+            "maildirsize = true and/or dovecot_userdb = PATH"
+        )
     r.unknown()
     return cfg
 
@@ -349,8 +401,7 @@ def retention_of(config) -> RetentionConfig:
     cfg = bind_config_dir(cfg, config.path)
     if not cfg.store.lock_dir:
         state = resolve_state_path(config.server.state, config.path)
-        cfg = replace(cfg, store=replace(
-            cfg.store, lock_dir=str(Path(state).parent / "retention-locks")))
+        cfg = replace(
+            cfg, store=replace(cfg.store, lock_dir=str(Path(state).parent / "retention-locks"))
+        )
     return cfg
-
-

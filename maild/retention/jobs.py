@@ -40,25 +40,36 @@ class RunError(Exception):
 class Runner:
     """Runs rules, restores quotas; one per configuration."""
 
-    def __init__(self, cfg: RetentionConfig, store: Store, *,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self, cfg: RetentionConfig, store: Store, *, clock: Callable[[], float] = time.time
+    ):
         self.cfg = cfg
         self.store = store
         self.clock = clock
         self.stop_event = threading.Event()
         self.lock_dir = cfg.resolve(cfg.store.lock_dir)
         bind_store(self.lock_dir, store)  # shared state: mailbox locks take store leases
-        self.userdb = (quota.UserdbOverrides(cfg.resolve(cfg.quota.dovecot_userdb), cfg.lock_timeout)
-                       if cfg.quota.dovecot_userdb else None)
+        self.userdb = (
+            quota.UserdbOverrides(cfg.resolve(cfg.quota.dovecot_userdb), cfg.lock_timeout)
+            if cfg.quota.dovecot_userdb
+            else None
+        )
         self.restorer = QuotaRestorer(cfg, store, self.lock_dir, self.userdb, clock)
 
     # ------------------------------------------------------------------ public API
 
-    async def run(self, rule_name: str, *, dry_run: bool = False, user: str | None = None,
-                  now: float | None = None, trigger: str = "cli",
-                  on_progress: Callable[[int, int], None] | None = None,
-                  on_plan: Callable[[dict[str, Any]], None] | None = None,
-                  quiet: bool = False) -> Report:
+    async def run(
+        self,
+        rule_name: str,
+        *,
+        dry_run: bool = False,
+        user: str | None = None,
+        now: float | None = None,
+        trigger: str = "cli",
+        on_progress: Callable[[int, int], None] | None = None,
+        on_plan: Callable[[dict[str, Any]], None] | None = None,
+        quiet: bool = False,
+    ) -> Report:
         """Run one rule. quiet (previews such as `mailbox show`, dry runs only) logs nothing."""
         rule = self.cfg.rule(rule_name)
         if rule is None:
@@ -87,8 +98,18 @@ class Runner:
             pending = await state.pending(self.store) if not dry_run else {}
             if not dry_run:
                 report.run_id = await state.start_run(self.store, rule.name, now, trigger)
-            work = Sweep(self, rule, now, dry_run, report, cache, pending,
-                         Bridge(asyncio.get_running_loop()), on_progress, on_plan)
+            work = Sweep(
+                self,
+                rule,
+                now,
+                dry_run,
+                report,
+                cache,
+                pending,
+                Bridge(asyncio.get_running_loop()),
+                on_progress,
+                on_plan,
+            )
             work.quiet = quiet
             try:
                 await asyncio.to_thread(work.all, boxes, rows)
@@ -103,12 +124,27 @@ class Runner:
             report.seconds = time.monotonic() - started
             # A dry run says would_delete/would_shrink: a grep for "deleted=" counts only
             # what was deleted.
-            (log.debug if quiet else log.info)("retention: run rule=%s status=%s mailboxes=%d scanned=%d cached_dirs=%d "
-                     "%s=%d bytes=%d vanished=%d skipped=%d %s=%d restored=%d errors=%d "
-                     "dry_run=%s seconds=%.2f", rule.name, report.status, report.mailboxes,
-                     report.scanned, report.cached_dirs, verb("deleted", dry_run), report.deleted,
-                     report.bytes, report.vanished, report.skipped, verb("shrunk", dry_run),
-                     report.shrunk, report.restored, report.errors, yesno(dry_run), report.seconds)
+            (log.debug if quiet else log.info)(
+                "retention: run rule=%s status=%s mailboxes=%d scanned=%d cached_dirs=%d "
+                "%s=%d bytes=%d vanished=%d skipped=%d %s=%d restored=%d errors=%d "
+                "dry_run=%s seconds=%.2f",
+                rule.name,
+                report.status,
+                report.mailboxes,
+                report.scanned,
+                report.cached_dirs,
+                verb("deleted", dry_run),
+                report.deleted,
+                report.bytes,
+                report.vanished,
+                report.skipped,
+                verb("shrunk", dry_run),
+                report.shrunk,
+                report.restored,
+                report.errors,
+                yesno(dry_run),
+                report.seconds,
+            )
         return report
 
     async def _finish(self, report: Report, work: Sweep, now: float) -> None:
@@ -116,14 +152,16 @@ class Runner:
             if work.cache_updates:
                 await state.save_dircache(self.store, work.flush_cache())
             if report.run_id is not None:
-                await state.finish_run(self.store, report.run_id, self.clock(), report.status,
-                                       report.figures())
+                await state.finish_run(
+                    self.store, report.run_id, self.clock(), report.status, report.figures()
+                )
             await state.prune(self.store, now - self.cfg.keep_records)
         except StoreError as e:
             log.error("retention: cannot record run rule=%s error=%s", report.rule, e)
 
-    async def on_access(self, rows: list[tuple[str, float, str]], *,
-                        background: bool = False) -> None:
+    async def on_access(
+        self, rows: list[tuple[str, float, str]], *, background: bool = False
+    ) -> None:
         """Record accesses; a shrunk mailbox accessed again gets its quota back at once."""
         await self.restorer.on_access(rows, background=background)
 

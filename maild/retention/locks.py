@@ -71,8 +71,9 @@ class FileLock:
         self.acquire()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -83,8 +84,9 @@ def _key(name: str) -> str:
 class LeasedLock(FileLock):
     """The local file lock, then the store lease (from a worker thread, never the loop)."""
 
-    def __init__(self, path: str, timeout: float, name: str, store: Any,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, path: str, timeout: float, name: str, store: Any, loop: asyncio.AbstractEventLoop
+    ):
         super().__init__(path, timeout)
         self.name, self.store, self.loop = name, store, loop
 

@@ -32,8 +32,9 @@ def safe_user(user: str) -> bool:
     if not user or len(user) > 320 or "/" in user or "\0" in user or "\n" in user:
         return False
     local, _, domain = user.partition("@")
-    return all(p not in (".", "..") and not p.startswith(".") for p in (user, local, domain) if p) \
-        and bool(local)
+    return all(
+        p not in (".", "..") and not p.startswith(".") for p in (user, local, domain) if p
+    ) and bool(local)
 
 
 def normalize_user(user: str) -> str:
@@ -49,8 +50,9 @@ def user_path(template: str, user: str) -> str:
     values = {"u": user, "n": local, "d": domain, "%": "%"}
     if "%d" in template.replace("%Ld", "%d") and not domain:
         raise ValueError(f"user {user!r} has no domain, but the path template needs %d")
-    return _VAR.sub(lambda m: values[m.group(2)].lower() if m.group(1) else values[m.group(2)],
-                    template)
+    return _VAR.sub(
+        lambda m: values[m.group(2)].lower() if m.group(1) else values[m.group(2)], template
+    )
 
 
 def _component_regex(part: str) -> tuple[re.Pattern[str], list[str]]:
@@ -58,14 +60,17 @@ def _component_regex(part: str) -> tuple[re.Pattern[str], list[str]]:
     out = ["^"]
     pos = 0
     for m in _VAR.finditer(part):
-        out.append(re.escape(part[pos:m.start()]))
+        out.append(re.escape(part[pos : m.start()]))
         var = m.group(2)
         if var == "%":
             out.append("%")
         else:
             names.append(var)
-            out.append(f"(?P<g{len(names) - 1}>[^/]+?)" if var != "d" else
-                       f"(?P<g{len(names) - 1}>[^/@]+?)")
+            out.append(
+                f"(?P<g{len(names) - 1}>[^/]+?)"
+                if var != "d"
+                else f"(?P<g{len(names) - 1}>[^/@]+?)"
+            )
         pos = m.end()
     out.append(re.escape(part[pos:]) + "$")
     return re.compile("".join(out)), names
@@ -98,8 +103,11 @@ def walk_template(template: str) -> list[Mailbox]:
         for base, vals in current:
             try:
                 with os.scandir(base) as it:
-                    entries = [e.name for e in it
-                               if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+                    entries = [
+                        e.name
+                        for e in it
+                        if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+                    ]
             except OSError:
                 continue
             for name in sorted(entries):
@@ -163,8 +171,11 @@ def find_mailboxes(store: StoreSettings, resolve: Callable[[str], str]) -> list[
             continue
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            log.warning("retention: skipped user=%s reason=same directory as another mailbox path=%s",
-                        mb.user, mb.path)
+            log.warning(
+                "retention: skipped user=%s reason=same directory as another mailbox path=%s",
+                mb.user,
+                mb.path,
+            )
             continue
         seen.add(key)
         out.append(mb)

@@ -21,24 +21,24 @@ from typing import NamedTuple
 from maild.retention import mutf7
 
 SUBDIRS = ("new", "cur")
-NO_TIME = 1e18            # min time of an empty directory (later than any message)
+NO_TIME = 1e18  # min time of an empty directory (later than any message)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
 class Folder:
-    name: str                 # decoded, "/"-separated; "INBOX" for the mailbox root
-    rel: tuple[str, ...]      # on-disk path components below the mailbox root
+    name: str  # decoded, "/"-separated; "INBOX" for the mailbox root
+    rel: tuple[str, ...]  # on-disk path components below the mailbox root
 
 
 class MsgFile(NamedTuple):
     folder: str
-    sub: str                  # "cur" or "new"
+    sub: str  # "cur" or "new"
     name: str
-    size: int                 # as the quota counts it: ",S=" from the name, else st_size
-    mtime: float              # received date
-    ctime: float              # saved date (time in this folder)
+    size: int  # as the quota counts it: ",S=" from the name, else st_size
+    mtime: float  # received date
+    ctime: float  # saved date (time in this folder)
     ino: int
 
 
@@ -49,7 +49,7 @@ class DirSummary(NamedTuple):
     ino: int
     mtime_ns: int
     ctime_ns: int
-    messages: int             # column "count" of retention_dircache (a field `count` would shadow tuple.count)
+    messages: int  # column "count" of retention_dircache (a field `count` would shadow tuple.count)
     bytes: int
     min_mtime: float
     min_ctime: float
@@ -57,10 +57,15 @@ class DirSummary(NamedTuple):
     def same_dir(self, st: os.stat_result) -> bool:
         """Unchanged: no file was added, removed or renamed since it was summarised."""
         return (self.dev, self.ino, self.mtime_ns, self.ctime_ns) == (
-            st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            st.st_dev,
+            st.st_ino,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
 
 
 # --------------------------------------------------------------------------- opening
+
 
 def open_root(path: str) -> int:
     """Open a mailbox root. The configured path itself may be a symlink (the operator's
@@ -110,12 +115,14 @@ def _is_maildir(parent_fd: int, name: str | None = None) -> bool:
 
 # --------------------------------------------------------------------------- folders
 
+
 def folder_name(parts: list[str]) -> str:
     return "/".join(mutf7.decode(p) for p in parts)
 
 
-def list_folders(root_fd: int, layout: str, want: Callable[[str], bool] | None = None
-                 ) -> list[Folder]:
+def list_folders(
+    root_fd: int, layout: str, want: Callable[[str], bool] | None = None
+) -> list[Folder]:
     """The folders of one mailbox: INBOX (the root) and the rest, by layout.
 
     Maildir++: ".Sent", ".Archive.2024" (hierarchy with "."). LAYOUT=fs: "Sent",
@@ -132,9 +139,13 @@ def list_folders(root_fd: int, layout: str, want: Callable[[str], bool] | None =
         _walk_fs(root_fd, (), folders, 0)
         return folders if want is None else [f for f in folders if want(f.name)]
     with os.scandir(root_fd) as it:
-        entries = sorted(e.name for e in it
-                         if e.name.startswith(".") and e.name not in (".", "..")
-                         and e.is_dir(follow_symlinks=False))
+        entries = sorted(
+            e.name
+            for e in it
+            if e.name.startswith(".")
+            and e.name not in (".", "..")
+            and e.is_dir(follow_symlinks=False)
+        )
     for name in entries:
         parts = name[1:].split(".")
         if not all(parts):
@@ -149,9 +160,13 @@ def _walk_fs(fd: int, rel: tuple[str, ...], out: list[Folder], depth: int) -> No
     if depth >= _MAX_DEPTH:
         return
     with os.scandir(fd) as it:
-        names = sorted(e.name for e in it
-                       if not e.name.startswith(".") and e.name not in ("cur", "new", "tmp")
-                       and e.is_dir(follow_symlinks=False))
+        names = sorted(
+            e.name
+            for e in it
+            if not e.name.startswith(".")
+            and e.name not in ("cur", "new", "tmp")
+            and e.is_dir(follow_symlinks=False)
+        )
     for name in names:
         try:
             sub = open_dir(fd, name)
@@ -188,8 +203,9 @@ def dir_stat(folder_fd: int, sub: str) -> os.stat_result | None:
     return st if stat.S_ISDIR(st.st_mode) else None
 
 
-def scan_dir(folder_fd: int, sub: str, folder: str, *, older_than: tuple[str, float] | None = None
-             ) -> tuple[DirSummary, list[MsgFile]] | None:
+def scan_dir(
+    folder_fd: int, sub: str, folder: str, *, older_than: tuple[str, float] | None = None
+) -> tuple[DirSummary, list[MsgFile]] | None:
     """All messages in one cur/ or new/ directory: one stat per file, names from readdir.
 
     With older_than=("mtime"|"ctime", t) only messages whose time is before t are
@@ -206,7 +222,7 @@ def scan_dir(folder_fd: int, sub: str, folder: str, *, older_than: tuple[str, fl
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:      # a symlink where cur/ or new/ should be
+        if e.errno == errno.ELOOP:  # a symlink where cur/ or new/ should be
             return None
         raise
     by_ctime = older_than is not None and older_than[0] == "ctime"
@@ -229,8 +245,7 @@ def scan_dir(folder_fd: int, sub: str, folder: str, *, older_than: tuple[str, fl
                 continue
             if st.st_mode & ifmt != ifreg:
                 continue
-            size = (int(sm[1]) if ",S=" in name and (sm := search(name)) is not None
-                    else st.st_size)
+            size = int(sm[1]) if ",S=" in name and (sm := search(name)) is not None else st.st_size
             m, c = st.st_mtime, st.st_ctime
             total += size
             count += 1
@@ -242,12 +257,14 @@ def scan_dir(folder_fd: int, sub: str, folder: str, *, older_than: tuple[str, fl
                 append(MsgFile(folder, sub, name, size, m, c, st.st_ino))
     finally:
         os.close(fd)
-    summary = DirSummary(dst.st_dev, dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns,
-                         count, total, min_m, min_c)
+    summary = DirSummary(
+        dst.st_dev, dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns, count, total, min_m, min_c
+    )
     return summary, files
 
 
 # --------------------------------------------------------------------------- deleting
+
 
 def unlink_message(sub_fd: int, f: MsgFile) -> str:
     """Delete one scanned message: "deleted", "vanished" (gone or renamed) or "changed"."""
@@ -288,8 +305,9 @@ def iter_subdirs(folder_fd: int) -> Iterator[tuple[str, int]]:
             os.close(fd)
 
 
-def folder_usage(root_fd: int, layout: str, want: Callable[[str], bool] | None = None
-                 ) -> Iterator[tuple[Folder, int, int]]:
+def folder_usage(
+    root_fd: int, layout: str, want: Callable[[str], bool] | None = None
+) -> Iterator[tuple[Folder, int, int]]:
     """(folder, bytes, messages) of each folder of a mailbox (those `want` accepts),
     counted from the directories themselves (what a Maildir++ recalculation counts); an
     unreadable folder is skipped."""

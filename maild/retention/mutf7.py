@@ -26,7 +26,7 @@ def decode(name: str) -> str:
         end = name.find("-", i + 1)
         if end < 0:
             return name
-        chunk = name[i + 1:end]
+        chunk = name[i + 1 : end]
         if not chunk:
             out.append("&")
         else:
@@ -49,7 +49,9 @@ def encode(name: str) -> str:
     def flush() -> None:
         if pending:
             raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-")
+            out.append(
+                "&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-"
+            )
             pending.clear()
 
     for c in name:

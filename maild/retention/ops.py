@@ -17,22 +17,31 @@ from maild.config import Config
 from maild.doctor import Finding, fail, ok, warn
 from maild.store.base import Store
 
-_LOGIN = re.compile(rb"(imap|pop3)-login: (?:Info: )?(?:Login|Logged in): user=<|imapd: LOGIN, user=")
+_LOGIN = re.compile(
+    rb"(imap|pop3)-login: (?:Info: )?(?:Login|Logged in): user=<|imapd: LOGIN, user="
+)
 
 
 async def report_section(store: Store, since: float, until: float) -> tuple[str, dict] | None:
     rows = await store.fetchall(
         "SELECT rule, COUNT(*), COALESCE(SUM(size), 0) FROM retention_deletions "
-        "WHERE status = 'deleted' AND ts >= ? AND ts < ? GROUP BY rule ORDER BY rule", (since, until))
+        "WHERE status = 'deleted' AND ts >= ? AND ts < ? GROUP BY rule ORDER BY rule",
+        (since, until),
+    )
     shrunk = await store.fetchone(
-        "SELECT COUNT(*) FROM retention_mailboxes WHERE shrunk_at >= ? AND shrunk_at < ?", (since, until))
+        "SELECT COUNT(*) FROM retention_mailboxes WHERE shrunk_at >= ? AND shrunk_at < ?",
+        (since, until),
+    )
     restored = await store.fetchone(
         "SELECT COUNT(*) FROM retention_mailboxes WHERE restored_at >= ? AND restored_at < ?",
-        (since, until))
+        (since, until),
+    )
     return "retention", {
-        "deleted_messages": sum(r[1] for r in rows), "deleted_bytes": sum(r[2] for r in rows),
+        "deleted_messages": sum(r[1] for r in rows),
+        "deleted_bytes": sum(r[2] for r in rows),
         "by_rule": {r[0]: {"messages": r[1], "bytes": r[2]} for r in rows},
-        "quota_shrunk": shrunk[0] if shrunk else 0, "quota_restored": restored[0] if restored else 0,
+        "quota_shrunk": shrunk[0] if shrunk else 0,
+        "quota_restored": restored[0] if restored else 0,
     }
 
 
@@ -53,12 +62,22 @@ def doctor_checks(config: Config) -> list[Finding]:
     out: list[Finding] = []
     base = _base(rc.resolve(rc.store.path))
     if not base.is_dir():
-        out.append(fail("mail-store", f"{base} (from [retention.store] path) does not exist",
-                        "set [retention.store] path to the mail store's template, e.g. "
-                        "/var/vmail/%d/%n/Maildir"))
+        out.append(
+            fail(
+                "mail-store",
+                f"{base} (from [retention.store] path) does not exist",
+                "set [retention.store] path to the mail store's template, e.g. "
+                "/var/vmail/%d/%n/Maildir",
+            )
+        )
     elif not os.access(base, os.R_OK | os.X_OK):
-        out.append(fail("mail-store", f"{base} is not readable by uid {os.getuid()}",
-                        "add the maild user to the group owning the store (docs/install.md)"))
+        out.append(
+            fail(
+                "mail-store",
+                f"{base} is not readable by uid {os.getuid()}",
+                "add the maild user to the group owning the store (docs/install.md)",
+            )
+        )
     else:
         sample = []
         for root, dirs, _files in os.walk(base):
@@ -70,16 +89,32 @@ def doctor_checks(config: Config) -> list[Finding]:
         if sample:
             out.append(ok("mail-store", f"{base} readable; Maildirs found, e.g. {sample[0]}"))
         else:
-            out.append(warn("mail-store", f"{base} readable but no Maildir (cur/new/tmp) found in it",
-                            "check [retention.store] path and layout"))
+            out.append(
+                warn(
+                    "mail-store",
+                    f"{base} readable but no Maildir (cur/new/tmp) found in it",
+                    "check [retention.store] path and layout",
+                )
+            )
     log = rc.access.dovecot_log
     if not log:
-        out.append(warn("access-log", "no [retention.access] dovecot_log: idle clocks only move with "
-                        "`maild access touch`", 'set dovecot_log = "/var/log/mail.log" or "journal"'))
+        out.append(
+            warn(
+                "access-log",
+                "no [retention.access] dovecot_log: idle clocks only move with "
+                "`maild access touch`",
+                'set dovecot_log = "/var/log/mail.log" or "journal"',
+            )
+        )
     elif log == "journal":
         if shutil.which("journalctl") is None:
-            out.append(fail("access-log", "dovecot_log = journal, but journalctl is not installed",
-                            "install systemd, or point dovecot_log at Dovecot's log file"))
+            out.append(
+                fail(
+                    "access-log",
+                    "dovecot_log = journal, but journalctl is not installed",
+                    "install systemd, or point dovecot_log at Dovecot's log file",
+                )
+            )
         else:
             out.append(ok("access-log", "following the journal"))
     else:
@@ -89,12 +124,22 @@ def doctor_checks(config: Config) -> list[Finding]:
                 f.seek(max(0, p.stat().st_size - 1024 * 1024))
                 tail = f.read()
         except OSError as e:
-            out.append(fail("access-log", f"cannot read {p}: {e.strerror}",
-                            "add the maild user to group adm, or fix dovecot_log"))
+            out.append(
+                fail(
+                    "access-log",
+                    f"cannot read {p}: {e.strerror}",
+                    "add the maild user to group adm, or fix dovecot_log",
+                )
+            )
         else:
             if _LOGIN.search(tail):
                 out.append(ok("access-log", f"{p} readable, recent POP/IMAP login lines seen"))
             else:
-                out.append(warn("access-log", f"{p} readable but no POP/IMAP login line in its last MB",
-                                "check that Dovecot logs there (log_path / syslog facility mail)"))
+                out.append(
+                    warn(
+                        "access-log",
+                        f"{p} readable but no POP/IMAP login line in its last MB",
+                        "check that Dovecot logs there (log_path / syslog facility mail)",
+                    )
+                )
     return out

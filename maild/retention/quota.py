@@ -30,16 +30,16 @@ from maild.retention.locks import file_lock
 log = logging.getLogger("maild.retention")
 
 MAILDIRSIZE = "maildirsize"
-ORIGINAL = "maildirsize.maild-original"   # the limit before the first shrink, next to it
-NO_FILE = "-"                              # "there was no maildirsize" (never a valid line 1)
+ORIGINAL = "maildirsize.maild-original"  # the limit before the first shrink, next to it
+NO_FILE = "-"  # "there was no maildirsize" (never a valid line 1)
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
 class Maildirsize:
     limit_line: str
-    bytes_limit: int          # 0 = no limit
-    count_limit: int          # 0 = no limit
+    bytes_limit: int  # 0 = no limit
+    count_limit: int  # 0 = no limit
     usage_bytes: int
     usage_count: int
     usage_lines: int
@@ -97,13 +97,14 @@ def parse(text: str) -> Maildirsize | None:
 
 # --------------------------------------------------------------------------- files
 
+
 def read_text(root_fd: int, name: str) -> str | None:
     try:
         fd = os.open(name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:      # a symlink: not ours to read
+        if e.errno == errno.ELOOP:  # a symlink: not ours to read
             return None
         raise
     try:
@@ -129,8 +130,14 @@ def _stat(root_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def write_atomic(root_fd: int, name: str, data: bytes, *, like: os.stat_result | None = None,
-                 exclusive: bool = False) -> bool:
+def write_atomic(
+    root_fd: int,
+    name: str,
+    data: bytes,
+    *,
+    like: os.stat_result | None = None,
+    exclusive: bool = False,
+) -> bool:
     """Write a file in the mailbox root through a temporary file and rename(2), owned like
     the file it replaces (or like the mailbox root, mode 0600). With exclusive, an existing
     file is kept and False returned."""
@@ -149,7 +156,7 @@ def write_atomic(root_fd: int, name: str, data: bytes, *, like: os.stat_result |
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -186,7 +193,7 @@ def set_limit(root_fd: int, line: str, usage: tuple[int, int]) -> str | None:
     if first == line:
         return first
     if rest and not rest.endswith("\n"):
-        rest = rest[: rest.rfind("\n") + 1]     # an unfinished append: drop it, as Dovecot does
+        rest = rest[: rest.rfind("\n") + 1]  # an unfinished append: drop it, as Dovecot does
     write_atomic(root_fd, MAILDIRSIZE, f"{line}\n{rest}".encode())
     return first
 
@@ -211,7 +218,7 @@ def append_usage(root_fd: int, dbytes: int, dcount: int) -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
-        os.write(fd, f"{dbytes} {dcount}\n".encode())    # one write: atomic with O_APPEND
+        os.write(fd, f"{dbytes} {dcount}\n".encode())  # one write: atomic with O_APPEND
     finally:
         os.close(fd)
     return True
@@ -250,11 +257,14 @@ def drop_original(root_fd: int) -> None:
 
 # --------------------------------------------------------------------------- Dovecot userdb
 
+
 class UserdbOverrides:
     """The passwd-file maild keeps for Dovecot: forced quota rules of shrunk mailboxes."""
 
-    HEADER = ("# Maintained by maild (retention): quota of idle root mailboxes. Do not edit.\n"
-              "# Dovecot reads it as a second userdb; see docs/retention.md.\n")
+    HEADER = (
+        "# Maintained by maild (retention): quota of idle root mailboxes. Do not edit.\n"
+        "# Dovecot reads it as a second userdb; see docs/retention.md.\n"
+    )
 
     def __init__(self, path: str, lock_timeout: float = 30.0):
         self.path = path
@@ -345,7 +355,11 @@ def run_doveadm(doveadm: tuple[str, ...], *args: str, timeout: float = 30.0) -> 
         log.error("retention: doveadm failed command=%r error=%s", " ".join(argv), e)
         return False
     if p.returncode != 0:
-        log.error("retention: doveadm failed command=%r status=%d error=%s", " ".join(argv),
-                  p.returncode, (p.stderr or p.stdout).strip().replace("\n", " ")[:300])
+        log.error(
+            "retention: doveadm failed command=%r status=%d error=%s",
+            " ".join(argv),
+            p.returncode,
+            (p.stderr or p.stdout).strip().replace("\n", " ")[:300],
+        )
         return False
     return True

@@ -31,7 +31,7 @@ log = logging.getLogger("maild.retention")
 # shrunk limit just before (the login that triggered the restore) may write it back when
 # it recalculates maildirsize, usually within a second or two.
 VERIFY_AFTER = (2.0, 30.0)
-RESTORE_RETRY = 10.0     # seconds between attempts while a run holds the mailbox
+RESTORE_RETRY = 10.0  # seconds between attempts while a run holds the mailbox
 RESTORE_ATTEMPTS = 60
 
 
@@ -46,16 +46,24 @@ def should_restore(row: state.MailboxRow) -> bool:
 class QuotaRestorer:
     """Restores the quotas of one configuration's shrunk mailboxes."""
 
-    def __init__(self, cfg: RetentionConfig, store: Store, lock_dir: str,
-                 userdb: quota.UserdbOverrides | None, clock: Callable[[], float]):
+    def __init__(
+        self,
+        cfg: RetentionConfig,
+        store: Store,
+        lock_dir: str,
+        userdb: quota.UserdbOverrides | None,
+        clock: Callable[[], float],
+    ):
         self.cfg = cfg
         self.store = store
         self.lock_dir = lock_dir
         self.userdb = userdb
         self.clock = clock
         self._later: set[asyncio.Task] = set()
-    async def on_access(self, rows: list[tuple[str, float, str]], *,
-                        background: bool = False) -> None:
+
+    async def on_access(
+        self, rows: list[tuple[str, float, str]], *, background: bool = False
+    ) -> None:
         """Record accesses; a shrunk mailbox accessed again gets its quota back at once.
 
         In the daemon (background=True) each restore is a task of its own, retried while
@@ -95,6 +103,7 @@ class QuotaRestorer:
     def _verify_later(self, user: str) -> None:
         """Dovecot may be recalculating maildirsize with the limit it read just before the
         restore; look again once that is surely over (and at every run for two days)."""
+
         async def later() -> None:
             waited = 0.0
             for at in VERIFY_AFTER:
@@ -118,8 +127,11 @@ class QuotaRestorer:
         """Put a restored limit back if maildirsize shows the shrunk one again."""
         if not self.cfg.quota.maildirsize:
             return 0
-        rows = [r for r in await state.recently_restored(self.store, since)
-                if only is None or r.user == only]
+        rows = [
+            r
+            for r in await state.recently_restored(self.store, since)
+            if only is None or r.user == only
+        ]
         if not rows:
             return 0
         return await asyncio.to_thread(self._verify, rows)
@@ -144,8 +156,12 @@ class QuotaRestorer:
             except (LockBusy, OSError, ValueError):
                 continue
             fixed += 1
-            log.warning("retention: action=restore user=%s quota=%s reason=maildirsize had the "
-                        "shrunk limit again (re-applied)", row.user, row.restored_quota)
+            log.warning(
+                "retention: action=restore user=%s quota=%s reason=maildirsize had the "
+                "shrunk limit again (re-applied)",
+                row.user,
+                row.restored_quota,
+            )
         return fixed
 
     async def restore(self, user: str, *, reason: str) -> bool:
@@ -167,8 +183,11 @@ class QuotaRestorer:
         try:
             with mailbox_lock(self.lock_dir, user, self.cfg.lock_timeout):
                 original = row.original_quota
-                if self.userdb is not None and self.userdb.remove(user) and \
-                        self.cfg.quota.flush_auth_cache:
+                if (
+                    self.userdb is not None
+                    and self.userdb.remove(user)
+                    and self.cfg.quota.flush_auth_cache
+                ):
                     quota.run_doveadm(self.cfg.quota.doveadm, "auth", "cache", "flush", user)
                 root_fd = None
                 with contextlib.suppress(OSError, ValueError):
@@ -179,23 +198,35 @@ class QuotaRestorer:
                             original = quota.read_original(root_fd)
                         if self.cfg.quota.maildirsize:
                             if original is None:
-                                log.error("retention: action=restore user=%s error=original quota "
-                                          "unknown, maildirsize left as it is", user)
+                                log.error(
+                                    "retention: action=restore user=%s error=original quota "
+                                    "unknown, maildirsize left as it is",
+                                    user,
+                                )
                                 return False
                             if original == quota.NO_FILE:
                                 quota.remove(root_fd)
                             else:
                                 quota.set_limit(root_fd, original, quota_usage(self.cfg, root_fd))
-                        quota.drop_original(root_fd)     # ours; stale, it would mislead
+                        quota.drop_original(root_fd)  # ours; stale, it would mislead
                 finally:
                     if root_fd is not None:
                         os.close(root_fd)
-                bridge.call(state.mark_restored(
-                    self.store, user, self.clock(),
-                    original if self.cfg.quota.maildirsize and root_fd is not None else None))
+                bridge.call(
+                    state.mark_restored(
+                        self.store,
+                        user,
+                        self.clock(),
+                        original if self.cfg.quota.maildirsize and root_fd is not None else None,
+                    )
+                )
         except LockBusy:
             log.warning("retention: action=restore user=%s status=busy (will retry)", user)
             return False
-        log.info("retention: action=restore user=%s quota=%s reason=%s", user,
-                 "none" if original in (None, quota.NO_FILE) else original, reason)
+        log.info(
+            "retention: action=restore user=%s quota=%s reason=%s",
+            user,
+            "none" if original in (None, quota.NO_FILE) else original,
+            reason,
+        )
         return True

@@ -78,8 +78,9 @@ class RetentionService:
 
     @property
     def active(self) -> bool:
-        return self.cfg.enabled and bool(self.cfg.rules or self.cfg.access.dovecot_log
-                                         or self.cfg.access.last_login_dict)
+        return self.cfg.enabled and bool(
+            self.cfg.rules or self.cfg.access.dovecot_log or self.cfg.access.last_login_dict
+        )
 
     async def start(self) -> None:
         if not self.active:
@@ -92,19 +93,32 @@ class RetentionService:
         for rule in self.cfg.rules:
             if not (rule.enabled and rule.cron):
                 continue
-            self.scheduler.add_job(self._job, trigger_for(rule.cron), args=[rule.name, "schedule"],
-                                   id=f"retention:{rule.name}", name=f"retention {rule.name}",
-                                   max_instances=1, coalesce=True, misfire_grace_time=6 * 3600,
-                                   replace_existing=True)
+            self.scheduler.add_job(
+                self._job,
+                trigger_for(rule.cron),
+                args=[rule.name, "schedule"],
+                id=f"retention:{rule.name}",
+                name=f"retention {rule.name}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=6 * 3600,
+                replace_existing=True,
+            )
         self.scheduler.start()
         await self._catch_up()
-        self.tracker = AccessTracker(self.cfg.access, self.store,
-                                     functools.partial(self.runner.on_access, background=True),
-                                     resolve=self.cfg.resolve, clock=self.clock)
+        self.tracker = AccessTracker(
+            self.cfg.access,
+            self.store,
+            functools.partial(self.runner.on_access, background=True),
+            resolve=self.cfg.resolve,
+            clock=self.clock,
+        )
         self.tracker.start()
-        log.info("retention: started rules=%s access=%s", ",".join(
-            r.name for r in self.cfg.rules if r.enabled and r.cron) or "none",
-            self.cfg.access.dovecot_log or "none")
+        log.info(
+            "retention: started rules=%s access=%s",
+            ",".join(r.name for r in self.cfg.rules if r.enabled and r.cron) or "none",
+            self.cfg.access.dovecot_log or "none",
+        )
 
     async def _catch_up(self) -> None:
         """A rule that missed a run while maild was down runs soon after start."""
@@ -120,11 +134,20 @@ class RetentionService:
             gap = period(rule.cron, now)
             if last is not None and gap and now - last > gap * 1.1:
                 when = datetime.fromtimestamp(time.time() + CATCH_UP_DELAY, UTC)
-                self.scheduler.add_job(self._job, "date", run_date=when,
-                                       args=[rule.name, "catch-up"],
-                                       id=f"retention-catch-up:{rule.name}", replace_existing=True)
-                log.info("retention: rule=%s missed its schedule (last run %d s ago): running "
-                         "in %d s", rule.name, int(now - last), int(CATCH_UP_DELAY))
+                self.scheduler.add_job(
+                    self._job,
+                    "date",
+                    run_date=when,
+                    args=[rule.name, "catch-up"],
+                    id=f"retention-catch-up:{rule.name}",
+                    replace_existing=True,
+                )
+                log.info(
+                    "retention: rule=%s missed its schedule (last run %d s ago): running in %d s",
+                    rule.name,
+                    int(now - last),
+                    int(CATCH_UP_DELAY),
+                )
 
     async def _job(self, rule_name: str, trigger: str) -> None:
         task = asyncio.current_task()
@@ -135,7 +158,7 @@ class RetentionService:
                 await self.runner.run(rule_name, trigger=trigger)
         except (RunBusy, RunError, StoreError, OSError) as e:
             log.error("retention: run rule=%s status=failed error=%s", rule_name, e)
-        except Exception:   # a scheduled job must never take the daemon down
+        except Exception:  # a scheduled job must never take the daemon down
             log.exception("retention: run rule=%s status=failed", rule_name)
         finally:
             if task is not None:
@@ -144,8 +167,10 @@ class RetentionService:
     def jobs(self) -> list[tuple[str, float | None]]:
         if self.scheduler is None:
             return []
-        return [(j.id, j.next_run_time.timestamp() if j.next_run_time else None)
-                for j in self.scheduler.get_jobs()]
+        return [
+            (j.id, j.next_run_time.timestamp() if j.next_run_time else None)
+            for j in self.scheduler.get_jobs()
+        ]
 
     async def reload(self, new_config: Any) -> None:
         """Apply a new policies.toml: a run in progress finishes with the old rules."""
@@ -170,7 +195,7 @@ class RetentionService:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
         if wait_runs and self.running:
-            self.runner.stop()            # ends after the current mailbox, consistently
+            self.runner.stop()  # ends after the current mailbox, consistently
             for t in list(self.running):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t

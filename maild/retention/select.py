@@ -83,8 +83,9 @@ def expired(files: Iterable[MsgFile], age: float, age_by: str, now: float) -> li
     return [f for f in files if f.mtime < limit]
 
 
-def oldest_until(files: Iterable[MsgFile], usage: int, limit: int, age_by: str,
-                 min_age: float | None, now: float) -> list[MsgFile]:
+def oldest_until(
+    files: Iterable[MsgFile], usage: int, limit: int, age_by: str, min_age: float | None, now: float
+) -> list[MsgFile]:
     """Oldest first until usage <= limit; never a message younger than min_age."""
     if usage <= limit:
         return []
@@ -101,8 +102,14 @@ def oldest_until(files: Iterable[MsgFile], usage: int, limit: int, age_by: str,
     return out
 
 
-def plan(rule: RetentionRule, files: Sequence[MsgFile], now: float, *, selected: FolderMatch,
-         counted: FolderMatch) -> list[MsgFile]:
+def plan(
+    rule: RetentionRule,
+    files: Sequence[MsgFile],
+    now: float,
+    *,
+    selected: FolderMatch,
+    counted: FolderMatch,
+) -> list[MsgFile]:
     """The messages of one (idle, if the rule says so) mailbox that the rule deletes.
 
     `files` are all scanned messages of the mailbox; for "delete" only the rule's folders

@@ -29,15 +29,26 @@ def _folders_usage(cfg: RetentionConfig, path: str) -> tuple[list[dict[str, Any]
     try:
         md = quota.read(root_fd)
         original = quota.read_original(root_fd)
-        out = [{"folder": folder.name, "messages": n, "bytes": b,
-                "quota_counted": counted(folder.name)}
-               for folder, b, n in folder_usage(root_fd, cfg.store.layout)]
+        out = [
+            {
+                "folder": folder.name,
+                "messages": n,
+                "bytes": b,
+                "quota_counted": counted(folder.name),
+            }
+            for folder, b, n in folder_usage(root_fd, cfg.store.layout)
+        ]
     finally:
         os.close(root_fd)
     mds = None
     if md is not None:
-        mds = {"limit": md.limit_line, "bytes_limit": md.bytes_limit, "count_limit": md.count_limit,
-               "usage_bytes": md.usage_bytes, "usage_count": md.usage_count}
+        mds = {
+            "limit": md.limit_line,
+            "bytes_limit": md.bytes_limit,
+            "count_limit": md.count_limit,
+            "usage_bytes": md.usage_bytes,
+            "usage_count": md.usage_count,
+        }
     if original is not None:
         mds = (mds or {}) | {"original_file": original}
     return out, mds
@@ -48,10 +59,20 @@ def dovecot_view(doveadm: tuple[str, ...], user: str) -> dict[str, Any]:
     maild's limit really reaches it."""
     out: dict[str, Any] = {}
     try:
-        q = subprocess.run([*doveadm, "quota", "get", "-u", user], capture_output=True,
-                           text=True, timeout=30, check=False)
-        u = subprocess.run([*doveadm, "user", "-f", "quota_rule", user], capture_output=True,
-                           text=True, timeout=30, check=False)
+        q = subprocess.run(
+            [*doveadm, "quota", "get", "-u", user],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        u = subprocess.run(
+            [*doveadm, "user", "-f", "quota_rule", user],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": str(e)}
     if q.returncode != 0:
@@ -68,8 +89,14 @@ def dovecot_view(doveadm: tuple[str, ...], user: str) -> dict[str, Any]:
     return out
 
 
-async def mailbox_info(cfg: RetentionConfig, store: Store, user: str, *,
-                       now: float | None = None, dovecot: bool = False) -> dict[str, Any]:
+async def mailbox_info(
+    cfg: RetentionConfig,
+    store: Store,
+    user: str,
+    *,
+    now: float | None = None,
+    dovecot: bool = False,
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     try:
         path = user_path(cfg.store.path, user)
@@ -78,15 +105,27 @@ async def mailbox_info(cfg: RetentionConfig, store: Store, user: str, *,
     row = await state.mailbox(store, user)
     info: dict[str, Any] = {"user": user, "path": path, "exists": os.path.isdir(path)}
     if row is None:
-        info |= {"known": False, "first_seen": None, "last_access": None, "access_source": "",
-                 "idle_days": 0.0}
+        info |= {
+            "known": False,
+            "first_seen": None,
+            "last_access": None,
+            "access_source": "",
+            "idle_days": 0.0,
+        }
     else:
-        info |= {"known": True, "first_seen": row.first_seen, "last_access": row.last_access,
-                 "access_source": row.access_source,
-                 "idle_days": round((now - row.idle_since) / 86400, 1),
-                 "quota_state": row.quota_state, "original_quota": row.original_quota,
-                 "shrunk_quota": row.shrunk_quota, "shrunk_at": row.shrunk_at,
-                 "shrunk_rule": row.shrunk_rule, "restored_at": row.restored_at}
+        info |= {
+            "known": True,
+            "first_seen": row.first_seen,
+            "last_access": row.last_access,
+            "access_source": row.access_source,
+            "idle_days": round((now - row.idle_since) / 86400, 1),
+            "quota_state": row.quota_state,
+            "original_quota": row.original_quota,
+            "shrunk_quota": row.shrunk_quota,
+            "shrunk_at": row.shrunk_at,
+            "shrunk_rule": row.shrunk_rule,
+            "restored_at": row.restored_at,
+        }
     info.setdefault("quota_state", "normal")
     runner = Runner(cfg, store)
     if runner.userdb is not None:
@@ -106,8 +145,14 @@ async def mailbox_info(cfg: RetentionConfig, store: Store, user: str, *,
                 upcoming.append({"rule": rule.name, "at": at, "error": str(e)})
                 continue
             files = [p for p in rep.planned if p["action"] == "delete"]
-            entry = {"rule": rule.name, "at": at, "scheduled": when.get(rule.name) is not None,
-                     "delete": len(files), "bytes": sum(p["size"] for p in files), "files": files}
+            entry = {
+                "rule": rule.name,
+                "at": at,
+                "scheduled": when.get(rule.name) is not None,
+                "delete": len(files),
+                "bytes": sum(p["size"] for p in files),
+                "files": files,
+            }
             shrink = [p for p in rep.planned if p["action"] == "shrink"]
             if shrink:
                 entry["shrink_to"] = shrink[0]["quota"]
@@ -119,20 +164,29 @@ async def mailbox_info(cfg: RetentionConfig, store: Store, user: str, *,
     return info
 
 
-async def status_info(cfg: RetentionConfig, store: Store, *, now: float | None = None) -> dict[str, Any]:
+async def status_info(
+    cfg: RetentionConfig, store: Store, *, now: float | None = None
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     when = next_runs(cfg, now)
     last = await state.last_runs(store)
     rules = []
     for rule in cfg.rules:
-        rules.append({"rule": rule.name, "action": rule.action, "schedule": rule.schedule,
-                      "enabled": rule.enabled, "next_run": when.get(rule.name),
-                      "last_run": last.get(rule.name)})
+        rules.append(
+            {
+                "rule": rule.name,
+                "action": rule.action,
+                "schedule": rule.schedule,
+                "enabled": rule.enabled,
+                "next_run": when.get(rule.name),
+                "last_run": last.get(rule.name),
+            }
+        )
     counts = await store.fetchone(
         "SELECT count(*), sum(quota_state != 'normal'), sum(last_access IS NULL) "
-        "FROM retention_mailboxes")
-    pend = await store.fetchone(
-        "SELECT count(*) FROM retention_deletions WHERE status = 'pending'")
+        "FROM retention_mailboxes"
+    )
+    pend = await store.fetchone("SELECT count(*) FROM retention_deletions WHERE status = 'pending'")
     positions = await state.log_positions(store)
     return {
         "enabled": cfg.enabled,
@@ -141,6 +195,8 @@ async def status_info(cfg: RetentionConfig, store: Store, *, now: float | None =
         "mailboxes_shrunk": (counts[1] or 0) if counts else 0,
         "mailboxes_never_accessed": (counts[2] or 0) if counts else 0,
         "pending_deletions": pend[0] if pend else 0,
-        "access_sources": [{"source": s, "inode": i, "offset": o, "cursor": c, "updated": u}
-                           for s, i, o, c, u in positions],
+        "access_sources": [
+            {"source": s, "inode": i, "offset": o, "cursor": c, "updated": u}
+            for s, i, o, c, u in positions
+        ],
     }

@@ -108,11 +108,14 @@ class MailboxRow:
         return max(self.first_seen, self.last_access or 0.0)
 
 
-_MB_COLS = ("user, first_seen, last_access, access_source, quota_state, original_quota, "
-            "shrunk_quota, shrunk_at, shrunk_rule, shrunk_idle_since, restored_at, restored_quota")
+_MB_COLS = (
+    "user, first_seen, last_access, access_source, quota_state, original_quota, "
+    "shrunk_quota, shrunk_at, shrunk_rule, shrunk_idle_since, restored_at, restored_quota"
+)
 
 
 # --------------------------------------------------------------------------- mailboxes
+
 
 async def mailboxes(store: Store, users: Sequence[str] | None = None) -> dict[str, MailboxRow]:
     """All known mailboxes (one query), or only the given users."""
@@ -122,15 +125,19 @@ async def mailboxes(store: Store, users: Sequence[str] | None = None) -> dict[st
         rows = []
         users = list(users)
         for i in range(0, len(users), 500):
-            chunk = users[i:i + 500]
+            chunk = users[i : i + 500]
             rows += await store.fetchall(
                 f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE user IN "
-                f"({','.join('?' * len(chunk))})", chunk)
+                f"({','.join('?' * len(chunk))})",
+                chunk,
+            )
     return {r[0]: MailboxRow(*r) for r in rows}
 
 
 async def mailbox(store: Store, user: str) -> MailboxRow | None:
-    row = await store.fetchone(f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE user = ?", (user,))
+    row = await store.fetchone(
+        f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE user = ?", (user,)
+    )
     return MailboxRow(*row) if row else None
 
 
@@ -138,7 +145,8 @@ async def first_seen(store: Store, users: Iterable[str], now: float) -> None:
     """Start the idle clock of mailboxes maild has not seen before (never 'never accessed')."""
     await store.executemany(
         "INSERT INTO retention_mailboxes(user, first_seen) VALUES (?, ?) ON CONFLICT(user) DO NOTHING",
-        [(u, now) for u in users])
+        [(u, now) for u in users],
+    )
 
 
 async def record_access(store: Store, accesses: Iterable[tuple[str, float, str]]) -> None:
@@ -153,24 +161,31 @@ async def record_access(store: Store, accesses: Iterable[tuple[str, float, str]]
             last_access = CASE WHEN excluded.last_access > coalesce(retention_mailboxes.last_access, 0)
                                THEN excluded.last_access
                                ELSE coalesce(retention_mailboxes.last_access, 0) END
-        """, [(u, t, s) for u, t, s in accesses])
+        """,
+        [(u, t, s) for u, t, s in accesses],
+    )
 
 
 async def record_original_quota(store: Store, user: str, original: str) -> str:
     """Record the quota before the first shrink; never overwrite it. Returns the recorded one."""
     await store.execute(
         "UPDATE retention_mailboxes SET original_quota = ? WHERE user = ? AND original_quota IS NULL",
-        (original, user))
-    row = await store.fetchone("SELECT original_quota FROM retention_mailboxes WHERE user = ?", (user,))
+        (original, user),
+    )
+    row = await store.fetchone(
+        "SELECT original_quota FROM retention_mailboxes WHERE user = ?", (user,)
+    )
     return row[0] if row and row[0] is not None else original
 
 
-async def mark_shrunk(store: Store, user: str, *, state: str, quota: str, rule: str, at: float,
-                      idle_since: float) -> None:
+async def mark_shrunk(
+    store: Store, user: str, *, state: str, quota: str, rule: str, at: float, idle_since: float
+) -> None:
     await store.execute(
         "UPDATE retention_mailboxes SET quota_state = ?, shrunk_quota = ?, shrunk_rule = ?, "
         "shrunk_at = coalesce(shrunk_at, ?), shrunk_idle_since = ? WHERE user = ?",
-        (state, quota, rule, at, idle_since, user))
+        (state, quota, rule, at, idle_since, user),
+    )
 
 
 async def mark_restored(store: Store, user: str, at: float, restored: str | None) -> None:
@@ -179,34 +194,48 @@ async def mark_restored(store: Store, user: str, at: float, restored: str | None
     await store.execute(
         "UPDATE retention_mailboxes SET quota_state = 'normal', original_quota = NULL, "
         "shrunk_at = NULL, shrunk_rule = NULL, shrunk_idle_since = NULL, "
-        "restored_at = ?, restored_quota = ? WHERE user = ?", (at, restored, user))
+        "restored_at = ?, restored_quota = ? WHERE user = ?",
+        (at, restored, user),
+    )
 
 
 async def recently_restored(store: Store, since: float) -> list[MailboxRow]:
     rows = await store.fetchall(
         f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE quota_state = 'normal' AND "
-        "restored_at >= ? AND restored_quota IS NOT NULL AND shrunk_quota IS NOT NULL", (since,))
+        "restored_at >= ? AND restored_quota IS NOT NULL AND shrunk_quota IS NOT NULL",
+        (since,),
+    )
     return [MailboxRow(*r) for r in rows]
 
 
 async def shrunk_mailboxes(store: Store) -> dict[str, MailboxRow]:
     rows = await store.fetchall(
-        f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE quota_state != 'normal'")
+        f"SELECT {_MB_COLS} FROM retention_mailboxes WHERE quota_state != 'normal'"
+    )
     return {r[0]: MailboxRow(*r) for r in rows}
 
 
 # --------------------------------------------------------------------------- deletions
 
-async def add_pending(store: Store, rows: Sequence[tuple[int, float, str, str, str, str, int]]) -> None:
+
+async def add_pending(
+    store: Store, rows: Sequence[tuple[int, float, str, str, str, str, int]]
+) -> None:
     """Write-ahead: (run_id, ts, rule, user, folder, name, size) before the files are unlinked."""
     await store.executemany(
         "INSERT INTO retention_deletions(run_id, ts, rule, user, folder, name, size, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')", rows)
+        "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+        rows,
+    )
 
 
-async def claim(store: Store, user: str, idle: float | None, now: float,
-                rows: Sequence[tuple[int, float, str, str, str, str, int]]
-                ) -> tuple[MailboxRow | None, bool]:
+async def claim(
+    store: Store,
+    user: str,
+    idle: float | None,
+    now: float,
+    rows: Sequence[tuple[int, float, str, str, str, str, int]],
+) -> tuple[MailboxRow | None, bool]:
     """In one trip: re-read the mailbox's last access and, if it is still idle (or the rule
     has no idle condition), write the planned deletions as pending. Returns (row, go)."""
     fresh = await mailbox(store, user)
@@ -217,35 +246,55 @@ async def claim(store: Store, user: str, idle: float | None, now: float,
     return fresh, True
 
 
-async def settle(store: Store, run_id: int, user: str,
-                 outcomes: Sequence[tuple[str, str, str]], *, rest: str | None = None) -> None:
+async def settle(
+    store: Store,
+    run_id: int,
+    user: str,
+    outcomes: Sequence[tuple[str, str, str]],
+    *,
+    rest: str | None = None,
+) -> None:
     """Set the final status of pending rows: (status, folder, name). With rest, every
     outcome not listed as `rest` is set one by one and all other pending rows of this run
     and user get `rest` in one statement (the common case: everything deleted)."""
-    one_by_one = [(st, run_id, user, folder, name) for st, folder, name in outcomes
-                  if rest is None or st != rest]
+    one_by_one = [
+        (st, run_id, user, folder, name)
+        for st, folder, name in outcomes
+        if rest is None or st != rest
+    ]
     if one_by_one:
         await store.executemany(
             "UPDATE retention_deletions SET status = ? WHERE run_id = ? AND user = ? AND "
-            "folder = ? AND name = ? AND status = 'pending'", one_by_one)
+            "folder = ? AND name = ? AND status = 'pending'",
+            one_by_one,
+        )
     if rest is not None:
         await store.execute(
             "UPDATE retention_deletions SET status = ? WHERE run_id = ? AND user = ? AND "
-            "status = 'pending'", (rest, run_id, user))
+            "status = 'pending'",
+            (rest, run_id, user),
+        )
 
 
 async def pending(store: Store) -> dict[str, list[tuple[int, str, str, int]]]:
     """Rows an interrupted run left pending, by user: (run_id, folder, name, size)."""
     rows = await store.fetchall(
-        "SELECT user, run_id, folder, name, size FROM retention_deletions WHERE status = 'pending'")
+        "SELECT user, run_id, folder, name, size FROM retention_deletions WHERE status = 'pending'"
+    )
     out: dict[str, list[tuple[int, str, str, int]]] = {}
     for user, run_id, folder, name, size in rows:
         out.setdefault(user, []).append((run_id, folder, name, size))
     return out
 
 
-async def deletions(store: Store, *, user: str | None = None, rule: str | None = None,
-                    since: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+async def deletions(
+    store: Store,
+    *,
+    user: str | None = None,
+    rule: str | None = None,
+    since: float | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
     where = ["status != 'pending'"]
     params: list[str | float] = []
     for col, val in (("user", user), ("rule", rule)):
@@ -258,41 +307,57 @@ async def deletions(store: Store, *, user: str | None = None, rule: str | None =
     params.append(limit)
     rows = await store.fetchall(
         "SELECT ts, run_id, rule, user, folder, name, size, status FROM retention_deletions "
-        f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", params)
+        f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        params,
+    )
     cols = ("ts", "run_id", "rule", "user", "folder", "name", "size", "status")
     return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 async def prune(store: Store, before: float) -> int:
     return await store.execute(
-        "DELETE FROM retention_deletions WHERE ts < ? AND status != 'pending'", (before,))
+        "DELETE FROM retention_deletions WHERE ts < ? AND status != 'pending'", (before,)
+    )
 
 
 # --------------------------------------------------------------------------- runs
 
-RUN_FIELDS = ("mailboxes", "scanned", "deleted", "bytes", "vanished", "skipped", "shrunk",
-              "restored", "errors")
+RUN_FIELDS = (
+    "mailboxes",
+    "scanned",
+    "deleted",
+    "bytes",
+    "vanished",
+    "skipped",
+    "shrunk",
+    "restored",
+    "errors",
+)
 
 
 async def start_run(store: Store, rule: str, started: float, trigger: str) -> int:
     # A run left 'running' by a crash is over: the caller holds the rule's run lock.
     await store.execute(
         "UPDATE retention_runs SET status = 'interrupted' WHERE rule = ? AND status = 'running'",
-        (rule,))
+        (rule,),
+    )
     await store.execute(
         "INSERT INTO retention_runs(rule, started, status, trigger) VALUES (?, ?, 'running', ?)",
-        (rule, started, trigger))
+        (rule, started, trigger),
+    )
     row = await store.fetchone("SELECT max(id) FROM retention_runs WHERE rule = ?", (rule,))
     assert row is not None
     return int(row[0])
 
 
-async def finish_run(store: Store, run_id: int, finished: float, status: str,
-                     figures: dict[str, int]) -> None:
+async def finish_run(
+    store: Store, run_id: int, finished: float, status: str, figures: dict[str, int]
+) -> None:
     sets = ", ".join(f"{f} = ?" for f in RUN_FIELDS)
     await store.execute(
         f"UPDATE retention_runs SET finished = ?, status = ?, {sets} WHERE id = ?",
-        (finished, status, *(figures.get(f, 0) for f in RUN_FIELDS), run_id))
+        (finished, status, *(figures.get(f, 0) for f in RUN_FIELDS), run_id),
+    )
 
 
 async def last_runs(store: Store) -> dict[str, dict[str, Any]]:
@@ -300,22 +365,26 @@ async def last_runs(store: Store) -> dict[str, dict[str, Any]]:
     cols = ("id", "rule", "started", "finished", "status", "trigger") + RUN_FIELDS
     rows = await store.fetchall(
         f"SELECT {', '.join(cols)} FROM retention_runs WHERE id IN "
-        "(SELECT max(id) FROM retention_runs GROUP BY rule)")
+        "(SELECT max(id) FROM retention_runs GROUP BY rule)"
+    )
     return {r[1]: dict(zip(cols, r, strict=True)) for r in rows}
 
 
 async def last_completed_start(store: Store, rule: str) -> float | None:
     row = await store.fetchone(
-        "SELECT max(started) FROM retention_runs WHERE rule = ? AND status = 'done'", (rule,))
+        "SELECT max(started) FROM retention_runs WHERE rule = ? AND status = 'done'", (rule,)
+    )
     return row[0] if row else None
 
 
 # --------------------------------------------------------------------------- dir cache
 
+
 async def dircache(store: Store) -> dict[str, tuple]:
     rows = await store.fetchall(
         "SELECT path, dev, ino, mtime_ns, ctime_ns, count, bytes, min_mtime, min_ctime "
-        "FROM retention_dircache")
+        "FROM retention_dircache"
+    )
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
@@ -326,26 +395,35 @@ async def save_dircache(store: Store, entries: Iterable[tuple]) -> None:
         "min_mtime, min_ctime) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
         "dev = excluded.dev, ino = excluded.ino, mtime_ns = excluded.mtime_ns, "
         "ctime_ns = excluded.ctime_ns, count = excluded.count, bytes = excluded.bytes, "
-        "min_mtime = excluded.min_mtime, min_ctime = excluded.min_ctime", list(entries))
+        "min_mtime = excluded.min_mtime, min_ctime = excluded.min_ctime",
+        list(entries),
+    )
 
 
 # --------------------------------------------------------------------------- log position
 
+
 async def log_position(store: Store, source: str) -> tuple[int, int, str] | None:
     row = await store.fetchone(
-        "SELECT inode, offset, cursor FROM retention_log_position WHERE source = ?", (source,))
+        "SELECT inode, offset, cursor FROM retention_log_position WHERE source = ?", (source,)
+    )
     return (int(row[0]), int(row[1]), str(row[2])) if row else None
 
 
-async def save_log_position(store: Store, source: str, *, inode: int = 0, offset: int = 0,
-                            cursor: str = "", now: float) -> None:
+async def save_log_position(
+    store: Store, source: str, *, inode: int = 0, offset: int = 0, cursor: str = "", now: float
+) -> None:
     await store.execute(
         "INSERT INTO retention_log_position(source, inode, offset, cursor, updated) "
         "VALUES (?, ?, ?, ?, ?) ON CONFLICT(source) DO UPDATE SET inode = excluded.inode, "
         "offset = excluded.offset, cursor = excluded.cursor, updated = excluded.updated",
-        (source, inode, offset, cursor, now))
+        (source, inode, offset, cursor, now),
+    )
 
 
 async def log_positions(store: Store) -> list[tuple[str, int, int, str, float]]:
-    return list(await store.fetchall(
-        "SELECT source, inode, offset, cursor, updated FROM retention_log_position"))
+    return list(
+        await store.fetchall(
+            "SELECT source, inode, offset, cursor, updated FROM retention_log_position"
+        )
+    )

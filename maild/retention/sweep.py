@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from maild.retention.jobs import Runner
 
 log = logging.getLogger("maild.retention")
-RACY_SECONDS = 2.0        # a directory changed this recently is not summarised (coarse mtimes)
+RACY_SECONDS = 2.0  # a directory changed this recently is not summarised (coarse mtimes)
 CACHE_FLUSH_EVERY = 2000  # mailboxes between writes of the directory summaries
 
 
@@ -56,13 +56,13 @@ class Report:
     dry_run: bool
     run_id: int | None = None
     status: str = "done"
-    mailboxes: int = 0         # mailboxes the rule applied to
-    scanned: int = 0           # files stat'ed
-    cached_dirs: int = 0       # directories skipped: unchanged and nothing old enough
+    mailboxes: int = 0  # mailboxes the rule applied to
+    scanned: int = 0  # files stat'ed
+    cached_dirs: int = 0  # directories skipped: unchanged and nothing old enough
     deleted: int = 0
     bytes: int = 0
     vanished: int = 0
-    skipped: int = 0           # mailboxes left alone: busy, accessed meanwhile
+    skipped: int = 0  # mailboxes left alone: busy, accessed meanwhile
     shrunk: int = 0
     restored: int = 0
     errors: int = 0
@@ -88,10 +88,19 @@ def verb(done: str, dry_run: bool) -> str:
 class Sweep:
     """One run's pass over the mailboxes (runs in a worker thread)."""
 
-    def __init__(self, runner: Runner, rule: RetentionRule, now: float, dry_run: bool, report: Report,
-                 cache: dict[str, tuple], pending: dict[str, list[tuple[int, str, str, int]]],
-                 bridge: Bridge, on_progress: Callable[[int, int], None] | None,
-                 on_plan: Callable[[dict[str, Any]], None] | None):
+    def __init__(
+        self,
+        runner: Runner,
+        rule: RetentionRule,
+        now: float,
+        dry_run: bool,
+        report: Report,
+        cache: dict[str, tuple],
+        pending: dict[str, list[tuple[int, str, str, int]]],
+        bridge: Bridge,
+        on_progress: Callable[[int, int], None] | None,
+        on_plan: Callable[[dict[str, Any]], None] | None,
+    ):
         self.r = runner
         self.cfg = runner.cfg
         self.rule = rule
@@ -121,7 +130,7 @@ class Sweep:
             for fut in self.writes:
                 try:
                     fut.result()
-                except StoreError as e:       # rows stay pending: the next run settles them
+                except StoreError as e:  # rows stay pending: the next run settles them
                     self.report.errors += 1
                     log.error("retention: rule=%s cannot record deletions: %s", self.rule.name, e)
             self.writes = []
@@ -184,11 +193,16 @@ class Sweep:
 
     def _skipped_accessed(self, mb: Mailbox, fresh: state.MailboxRow) -> None:
         self.report.skipped += 1
-        log.info("retention: rule=%s user=%s skipped=accessed last_access=%d",
-                 self.rule.name, mb.user, int(fresh.idle_since))
+        log.info(
+            "retention: rule=%s user=%s skipped=accessed last_access=%d",
+            self.rule.name,
+            mb.user,
+            int(fresh.idle_since),
+        )
 
-    def _plan(self, mb: Mailbox, root_fd: int
-              ) -> tuple[list[Folder], dict[str, tuple[int, int]], list[MsgFile]]:
+    def _plan(
+        self, mb: Mailbox, root_fd: int
+    ) -> tuple[list[Folder], dict[str, tuple[int, int]], list[MsgFile]]:
         rule = self.rule
         # Only the folders the rule reads are listed (and checked for being maildirs); the
         # victims, which _delete looks up in `folders`, come from these alone.
@@ -196,8 +210,10 @@ class Sweep:
             want = self.selected
         else:
             selected, counted = self.selected, self.counted
+
             def want(name: str) -> bool:
                 return selected(name) or counted(name)
+
         folders = list_folders(root_fd, self.cfg.store.layout, want)
         files, totals, skipped_dirs = self._collect(mb, root_fd, folders)
         if rule.action != "delete":
@@ -213,8 +229,9 @@ class Sweep:
         pick = self.counted if rule.action == "shrink" else self.selected
         return sum(b for name, (b, _c) in totals.items() if pick(name))
 
-    def _collect(self, mb: Mailbox, root_fd: int, folders: list[Folder]
-                 ) -> tuple[list[MsgFile], dict[str, tuple[int, int]], list[tuple[Folder, str]]]:
+    def _collect(
+        self, mb: Mailbox, root_fd: int, folders: list[Folder]
+    ) -> tuple[list[MsgFile], dict[str, tuple[int, int]], list[tuple[Folder, str]]]:
         """Scan the folders' cur/ and new/, skipping unchanged directories the cache shows
         hold nothing old enough (delete), or whose totals suffice (trim/shrink)."""
         rule, rep = self.rule, self.report
@@ -222,8 +239,9 @@ class Sweep:
         totals: dict[str, tuple[int, int]] = {}
         skipped: list[tuple[Folder, str]] = []
         cutoff = self.now - rule.age if (rule.action == "delete" and rule.age) else None
-        prefilter = (("ctime" if rule.age_by == "saved" else "mtime", cutoff)
-                     if cutoff is not None else None)
+        prefilter = (
+            ("ctime" if rule.age_by == "saved" else "mtime", cutoff) if cutoff is not None else None
+        )
         for folder in folders:
             try:
                 ffd = open_folder(root_fd, folder)
@@ -240,7 +258,9 @@ class Sweep:
                     if cached is not None:
                         summary = DirSummary(*cached)
                         if summary.same_dir(st):
-                            oldest = summary.min_ctime if rule.age_by == "saved" else summary.min_mtime
+                            oldest = (
+                                summary.min_ctime if rule.age_by == "saved" else summary.min_mtime
+                            )
                             if rule.action != "delete" or (cutoff is not None and oldest >= cutoff):
                                 rep.cached_dirs += 1
                                 b_total += summary.bytes
@@ -255,8 +275,9 @@ class Sweep:
                     files += found
                     b_total += summary.bytes
                     c_total += summary.messages
-                    if time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS and \
-                            summary.same_dir(st):
+                    if time.time() - max(
+                        st.st_mtime, st.st_ctime
+                    ) > RACY_SECONDS and summary.same_dir(st):
                         self.cache_updates[key] = summary
                         self.cache[key] = tuple(summary)
             finally:
@@ -290,16 +311,31 @@ class Sweep:
         else:
             self.report.planned.append(event)
 
-    def _delete(self, mb: Mailbox, root_fd: int, folders: list[Folder],
-                victims: list[MsgFile], *, recheck: bool = False) -> None:
+    def _delete(
+        self,
+        mb: Mailbox,
+        root_fd: int,
+        folders: list[Folder],
+        victims: list[MsgFile],
+        *,
+        recheck: bool = False,
+    ) -> None:
         if not victims:
             return
         rule, rep = self.rule, self.report
         if self.dry_run:
             per: dict[str, list[int]] = {}
             for f in victims:
-                self._emit({"action": "delete", "rule": rule.name, "user": mb.user,
-                            "folder": f.folder, "file": f"{f.sub}/{f.name}", "size": f.size})
+                self._emit(
+                    {
+                        "action": "delete",
+                        "rule": rule.name,
+                        "user": mb.user,
+                        "folder": f.folder,
+                        "file": f"{f.sub}/{f.name}",
+                        "size": f.size,
+                    }
+                )
                 agg = per.setdefault(f.folder, [0, 0])
                 agg[0] += 1
                 agg[1] += f.size
@@ -308,14 +344,28 @@ class Sweep:
             for folder, (n, b) in per.items():
                 (log.debug if self.quiet else log.info)(
                     "retention: rule=%s user=%s folder=%s %s=%d bytes=%d dry_run=yes",
-                    rule.name, mb.user, folder, verb("deleted", True), n, b)
+                    rule.name,
+                    mb.user,
+                    folder,
+                    verb("deleted", True),
+                    n,
+                    b,
+                )
             return
         by_name = {f.name: f for f in folders}
         ts = self.r.clock()
-        fresh, go = self.bridge.call(state.claim(
-            self.r.store, mb.user, rule.idle if recheck else None, self.now,
-            [(rep.run_id or 0, ts, rule.name, mb.user, f.folder, f"{f.sub}/{f.name}", f.size)
-             for f in victims]))
+        fresh, go = self.bridge.call(
+            state.claim(
+                self.r.store,
+                mb.user,
+                rule.idle if recheck else None,
+                self.now,
+                [
+                    (rep.run_id or 0, ts, rule.name, mb.user, f.folder, f"{f.sub}/{f.name}", f.size)
+                    for f in victims
+                ],
+            )
+        )
         if not go:
             assert fresh is not None
             self._skipped_accessed(mb, fresh)
@@ -338,8 +388,13 @@ class Sweep:
                 try:
                     for f in group:
                         res = unlink_message(sfd, f)
-                        outcomes.append(({"deleted": "deleted", "vanished": "vanished"}.get(res, "kept"),
-                                         f.folder, f"{f.sub}/{f.name}"))
+                        outcomes.append(
+                            (
+                                {"deleted": "deleted", "vanished": "vanished"}.get(res, "kept"),
+                                f.folder,
+                                f"{f.sub}/{f.name}",
+                            )
+                        )
                         if res == "deleted":
                             agg[0] += 1
                             agg[1] += f.size
@@ -356,20 +411,42 @@ class Sweep:
                 quota.append_usage(root_fd, -freed_b, -freed_c)
             # not awaited: if maild dies before this lands, the rows stay pending and the
             # next run settles them and recounts maildirsize
-            self.writes.append(self.bridge.submit(state.settle(
-                self.r.store, rep.run_id or 0, mb.user, outcomes,
-                rest="deleted" if completed else None)))
+            self.writes.append(
+                self.bridge.submit(
+                    state.settle(
+                        self.r.store,
+                        rep.run_id or 0,
+                        mb.user,
+                        outcomes,
+                        rest="deleted" if completed else None,
+                    )
+                )
+            )
             for fname, (n, b, v) in per_folder.items():
                 rep.deleted += n
                 rep.bytes += b
                 rep.vanished += v
-                log.info("retention: rule=%s user=%s folder=%s deleted=%d bytes=%d vanished=%d "
-                         "dry_run=no", rule.name, mb.user, fname, n, b, v)
+                log.info(
+                    "retention: rule=%s user=%s folder=%s deleted=%d bytes=%d vanished=%d "
+                    "dry_run=no",
+                    rule.name,
+                    mb.user,
+                    fname,
+                    n,
+                    b,
+                    v,
+                )
         if self.cfg.quota.recalc and freed_c:
             quota.run_doveadm(self.cfg.quota.doveadm, "quota", "recalc", "-u", mb.user)
 
-    def _shrink(self, mb: Mailbox, row: state.MailboxRow, root_fd: int,
-                totals: dict[str, tuple[int, int]], victims: list[MsgFile]) -> None:
+    def _shrink(
+        self,
+        mb: Mailbox,
+        row: state.MailboxRow,
+        root_fd: int,
+        totals: dict[str, tuple[int, int]],
+        victims: list[MsgFile],
+    ) -> None:
         rule, rep, qc = self.rule, self.report, self.cfg.quota
         assert rule.quota is not None
         md = quota.read(root_fd)
@@ -380,25 +457,49 @@ class Sweep:
         if original is None:
             original = current
         target = quota.shrunk_line(None if original == quota.NO_FILE else original, rule.quota)
-        usage = (sum(b for n, (b, _c) in totals.items() if self.counted(n)),
-                 sum(c for n, (_b, c) in totals.items() if self.counted(n)))
+        usage = (
+            sum(b for n, (b, _c) in totals.items() if self.counted(n)),
+            sum(c for n, (_b, c) in totals.items() if self.counted(n)),
+        )
         if self.dry_run:
             if row.quota_state == "normal" or current != target:
-                self._emit({"action": "shrink", "rule": rule.name, "user": mb.user,
-                            "quota": target, "original": original, "usage": usage[0]})
+                self._emit(
+                    {
+                        "action": "shrink",
+                        "rule": rule.name,
+                        "user": mb.user,
+                        "quota": target,
+                        "original": original,
+                        "usage": usage[0],
+                    }
+                )
                 rep.shrunk += 1
             self._delete(mb, root_fd, [], victims)
             return
         first = row.quota_state == "normal"
         if first and row.original_quota is None and current == target and original == current:
-            log.warning("retention: rule=%s user=%s original quota unknown: maildirsize already "
-                        "says %s and no record of the original exists", rule.name, mb.user, current)
-        if qc.maildirsize:          # kept next to maildirsize: survives losing maild's store
+            log.warning(
+                "retention: rule=%s user=%s original quota unknown: maildirsize already "
+                "says %s and no record of the original exists",
+                rule.name,
+                mb.user,
+                current,
+            )
+        if qc.maildirsize:  # kept next to maildirsize: survives losing maild's store
             original = quota.save_original(root_fd, original)
         original = self.bridge.call(state.record_original_quota(self.r.store, mb.user, original))
         target = quota.shrunk_line(None if original == quota.NO_FILE else original, rule.quota)
-        self.bridge.call(state.mark_shrunk(self.r.store, mb.user, state="shrinking", quota=target,
-                                           rule=rule.name, at=self.now, idle_since=row.idle_since))
+        self.bridge.call(
+            state.mark_shrunk(
+                self.r.store,
+                mb.user,
+                state="shrinking",
+                quota=target,
+                rule=rule.name,
+                at=self.now,
+                idle_since=row.idle_since,
+            )
+        )
         changed = False
         if self.r.userdb is not None and self.r.userdb.set(mb.user, rule.quota):
             changed = True
@@ -408,14 +509,29 @@ class Sweep:
             changed = True
         folders = list_folders(root_fd, self.cfg.store.layout)
         self._delete(mb, root_fd, folders, victims)
-        self.bridge.call(state.mark_shrunk(self.r.store, mb.user, state="shrunk", quota=target,
-                                           rule=rule.name, at=self.now, idle_since=row.idle_since))
+        self.bridge.call(
+            state.mark_shrunk(
+                self.r.store,
+                mb.user,
+                state="shrunk",
+                quota=target,
+                rule=rule.name,
+                at=self.now,
+                idle_since=row.idle_since,
+            )
+        )
         if changed or first:
             rep.shrunk += 1
-            log.info("retention: rule=%s user=%s action=shrink quota=%s original=%s usage=%d "
-                     "deleted=%d dry_run=no", rule.name, mb.user, target,
-                     "none" if original == quota.NO_FILE else original,
-                     usage[0] - sum(f.size for f in victims), len(victims))
+            log.info(
+                "retention: rule=%s user=%s action=shrink quota=%s original=%s usage=%d "
+                "deleted=%d dry_run=no",
+                rule.name,
+                mb.user,
+                target,
+                "none" if original == quota.NO_FILE else original,
+                usage[0] - sum(f.size for f in victims),
+                len(victims),
+            )
 
     # ------------------------------------------------------------------ recovery
 
@@ -450,8 +566,13 @@ class Sweep:
                 self._recount(root_fd)
             for run_id, outcomes in by_run.items():
                 self.bridge.call(state.settle(self.r.store, run_id, mb.user, outcomes))
-            log.info("retention: rule=%s user=%s recovered=%d gone=%d (interrupted run)",
-                     self.rule.name, mb.user, len(rows), gone)
+            log.info(
+                "retention: rule=%s user=%s recovered=%d gone=%d (interrupted run)",
+                self.rule.name,
+                mb.user,
+                len(rows),
+                gone,
+            )
         finally:
             os.close(root_fd)
 

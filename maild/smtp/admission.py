@@ -58,8 +58,12 @@ class LogOnce:
     """Once per key per `window` seconds: say() is True for the first event of a window
     and returns how many were left unsaid since the last line (for "N more")."""
 
-    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = MAX_TRACKED):
+    def __init__(
+        self,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = MAX_TRACKED,
+    ):
         self.window = window
         self.clock = clock
         self.max_keys = max_keys
@@ -160,8 +164,9 @@ class Admission:
 
     # ------------------------------------------------------------------ connect
 
-    def admit(self, addr: str, *, reserved: bool, exempt: bool,
-              notify: Callable[[str], None]) -> Slot | Refusal:
+    def admit(
+        self, addr: str, *, reserved: bool, exempt: bool, notify: Callable[[str], None]
+    ) -> Slot | Refusal:
         """A slot for a new connection from `addr`, or why not.
 
         Making room may shed the longest-idle stranger (its notify("shed") is called
@@ -171,21 +176,29 @@ class Admission:
         now = self.clock()
         if not exempt:
             if self.per_ip.get(addr, 0) >= lim.max_sessions_per_ip:
-                return self._refuse(addr, "sessions",
-                                    f"Too many connections from {addr} "
-                                    f"(limit {lim.max_sessions_per_ip})")
+                return self._refuse(
+                    addr,
+                    "sessions",
+                    f"Too many connections from {addr} (limit {lim.max_sessions_per_ip})",
+                )
             if lim.max_connection_rate_per_ip and self._rate_exceeded(addr, now):
-                return self._refuse(addr, "connection-rate",
-                                    f"Too many connections from {addr} in the last minute "
-                                    f"(limit {lim.max_connection_rate_per_ip})")
+                return self._refuse(
+                    addr,
+                    "connection-rate",
+                    f"Too many connections from {addr} in the last minute "
+                    f"(limit {lim.max_connection_rate_per_ip})",
+                )
         full = self.total >= lim.max_sessions or (
-            not reserved and len(self._strangers) >= self.stranger_share)
+            not reserved and len(self._strangers) >= self.stranger_share
+        )
         if full and not self._shed_one(now, addr, reserved):
             if self.total >= lim.max_sessions:
                 reason = f"Too many sessions in progress (limit {lim.max_sessions})"
             else:
-                reason = (f"Too many sessions in progress (limit {self.stranger_share} "
-                          "for clients outside our customers' networks)")
+                reason = (
+                    f"Too many sessions in progress (limit {self.stranger_share} "
+                    "for clients outside our customers' networks)"
+                )
             refusal = self._refuse(addr, "sessions", reason)
             self._check_stress(now, pressed=True)
             return refusal
@@ -224,8 +237,9 @@ class Admission:
         self.refused_count += 1
         self._stress_refused += 1
         say, unsaid = self.log_once.say((addr, rule))
-        return Refusal(reply=f"421 4.7.0 {reason}; try again later", rule=rule, log=say,
-                       unsaid=unsaid)
+        return Refusal(
+            reply=f"421 4.7.0 {reason}; try again later", rule=rule, log=say, unsaid=unsaid
+        )
 
     def _shed_one(self, now: float, addr: str, reserved: bool) -> bool:
         """Close an idle stranger to make room for a newcomer from `addr`; False if none
@@ -317,27 +331,43 @@ class Admission:
                 log.warning(
                     "warning: stress: started: sessions=%d/%d strangers=%d/%d; strangers' "
                     "timeouts now command %gs, data %gs, and the longest-idle strangers are "
-                    "closed first to make room", self.total, lim.max_sessions,
-                    len(self._strangers), share, self.command_timeout(_STRANGER),
-                    self.data_timeout(_STRANGER))
+                    "closed first to make room",
+                    self.total,
+                    lim.max_sessions,
+                    len(self._strangers),
+                    share,
+                    self.command_timeout(_STRANGER),
+                    self.data_timeout(_STRANGER),
+                )
                 for slot in list(self._idle):
                     slot.notify("stress")
-        elif strangers < share * STRESS_END and self.total < self.limits.max_sessions \
-                and not pressed:
-            log.warning("stress: ended after %ds: sessions=%d/%d; %d idle strangers closed "
-                        "and %d connections refused meanwhile", now - self.stressed_since,
-                        self.total, self.limits.max_sessions, self._stress_shed,
-                        self._stress_refused)
+        elif (
+            strangers < share * STRESS_END and self.total < self.limits.max_sessions and not pressed
+        ):
+            log.warning(
+                "stress: ended after %ds: sessions=%d/%d; %d idle strangers closed "
+                "and %d connections refused meanwhile",
+                now - self.stressed_since,
+                self.total,
+                self.limits.max_sessions,
+                self._stress_shed,
+                self._stress_refused,
+            )
             self.stressed_since = None
 
     def status(self) -> dict[str, Any]:
         """For `maild status`."""
         lim = self.limits
-        return {"sessions": self.total, "max_sessions": lim.max_sessions,
-                "reserved_in_use": self.reserved_in_use,
-                "reserved_sessions": lim.reserved_sessions,
-                "strangers": len(self._strangers), "stress": self.stressed,
-                "shed": self.shed_count, "refused": self.refused_count}
+        return {
+            "sessions": self.total,
+            "max_sessions": lim.max_sessions,
+            "reserved_in_use": self.reserved_in_use,
+            "reserved_sessions": lim.reserved_sessions,
+            "strangers": len(self._strangers),
+            "stress": self.stressed,
+            "shed": self.shed_count,
+            "refused": self.refused_count,
+        }
 
 
 # What a stranger's timeouts are, for the stress log line.

@@ -35,8 +35,7 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger("maild.smtp")
 
-REPLY_BUDGET = ("452 4.3.1 Insufficient system resources: too much mail in transit; "
-                "try again later")
+REPLY_BUDGET = "452 4.3.1 Insufficient system resources: too much mail in transit; try again later"
 REPLY_STORAGE = "452 4.3.1 Insufficient system storage; try again later"
 BLOCK = 256 * 1024  # bytes read from a spool file at a time, for the relay
 TRIM_AFTER = 16 * 1024 * 1024  # mail in RAM after which settle() gives memory back
@@ -93,9 +92,12 @@ class Budget:
             f = tempfile.TemporaryFile(dir=self.spool_dir, prefix="maild-spool-")  # noqa: SIM115
         except OSError as e:
             if not self._warned:
-                log.error("error: cannot create a spool file in %s: %s; messages larger "
-                          "than spool_threshold are answered 452 4.3.1", self.spool_dir,
-                          e.strerror or e)
+                log.error(
+                    "error: cannot create a spool file in %s: %s; messages larger "
+                    "than spool_threshold are answered 452 4.3.1",
+                    self.spool_dir,
+                    e.strerror or e,
+                )
                 self._warned = True
             raise SpoolError(REPLY_STORAGE) from e
         self._warned = False
@@ -119,9 +121,14 @@ class Budget:
 
     def status(self) -> dict[str, int]:
         """For `maild status`."""
-        return {"memory_in_flight": self.in_use, "memory_in_flight_limit": self.total,
-                "memory_in_flight_peak": self.peak, "spooling": self.spooling,
-                "spooled": self.spooled, "refused_452": self.refused}
+        return {
+            "memory_in_flight": self.in_use,
+            "memory_in_flight_limit": self.total,
+            "memory_in_flight_peak": self.peak,
+            "spooling": self.spooling,
+            "spooled": self.spooled,
+            "refused_452": self.refused,
+        }
 
 
 @dataclass(eq=False)
@@ -166,8 +173,9 @@ class Sink:
         except SpoolError as e:
             self._fail(e.reply)
         except OSError as e:
-            log.error("error: cannot write a spool file in %s: %s", self.budget.spool_dir,
-                      e.strerror or e)
+            log.error(
+                "error: cannot write a spool file in %s: %s", self.budget.spool_dir, e.strerror or e
+            )
             self._fail(REPLY_STORAGE)
 
     def _fail(self, reply: str) -> None:
@@ -185,7 +193,7 @@ class Sink:
         (charged to the budget) for the rules."""
         if self.header_end < 0:
             tail = min(3, len(self.buf))
-            i = (bytes(self.buf[len(self.buf) - tail:]) + bytes(data)).find(b"\r\n\r\n")
+            i = (bytes(self.buf[len(self.buf) - tail :]) + bytes(data)).find(b"\r\n\r\n")
             if i >= 0:
                 self.header_end = len(self.buf) - tail + i + 4
         want = need = len(data)  # until the header ends, all of it is needed
@@ -217,8 +225,14 @@ class Sink:
         """The message read; the sink is empty afterwards."""
         if self.file is not None:
             self.file.flush()
-        content = Content(budget=self.budget, head=bytes(self.buf), size=self.size,
-                          file=self.file, charged=self.charged, header_end=self.header_end)
+        content = Content(
+            budget=self.budget,
+            head=bytes(self.buf),
+            size=self.size,
+            file=self.file,
+            charged=self.charged,
+            header_end=self.header_end,
+        )
         self.file, self.charged, self.buf = None, 0, bytearray()
         return content
 
@@ -247,7 +261,7 @@ class Content:
         this process's memory)."""
         if not self.spooled:
             for pos in range(offset, self.size, block):
-                yield self.head[pos:pos + block]
+                yield self.head[pos : pos + block]
             return
         if self.file is None:
             raise ValueError("spool file closed")

@@ -27,8 +27,17 @@ SUPPORTED = _aiosmtpd.__version__.startswith("1.4.")
 
 # Postfix's smtpd_junk_command_limit: a client may not hold a session for ever with NOOPs
 # (or RSETs, VRFYs, HELPs) sent just before each idle timeout.
-JUNK_COMMAND_LIMITS = {"NOOP": 100, "RSET": 100, "VRFY": 20, "EXPN": 20, "HELP": 20,
-                       "EHLO": 20, "HELO": 20, "XFORWARD": 100, "*": 100_000}
+JUNK_COMMAND_LIMITS = {
+    "NOOP": 100,
+    "RSET": 100,
+    "VRFY": 20,
+    "EXPN": 20,
+    "HELP": 20,
+    "EHLO": 20,
+    "HELO": 20,
+    "XFORWARD": 100,
+    "*": 100_000,
+}
 
 
 class FastInit(SMTP):
@@ -45,15 +54,26 @@ class FastInit(SMTP):
             import inspect
 
             auth = tuple(
-                (getattr(mfunc, "__auth_mechanism_name__",
-                         mname.replace("auth_", "").replace("__", "-")), mname, obj is self)
+                (
+                    getattr(
+                        mfunc,
+                        "__auth_mechanism_name__",
+                        mname.replace("auth_", "").replace("__", "-"),
+                    ),
+                    mname,
+                    obj is self,
+                )
                 for obj in (self, handler)
                 for mname, mfunc in inspect.getmembers(obj)
-                if mname.startswith("auth_"))
+                if mname.startswith("auth_")
+            )
             hooks = tuple(m for m in dir(handler) if m.startswith("handle_"))
             ehlo = getattr(handler, "handle_EHLO", None)
-            ver = None if ehlo is None else {4: "old", 5: "new"}.get(
-                len(inspect.signature(ehlo).parameters))
+            ver = (
+                None
+                if ehlo is None
+                else {4: "old", 5: "new"}.get(len(inspect.signature(ehlo).parameters))
+            )
             if ehlo is not None and ver != "new":
                 raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
             methods = tuple(m for m in dir(self) if m.startswith("smtp_"))
@@ -67,8 +87,11 @@ class FastInit(SMTP):
         self.__ident__ = "ESMTP maild"
         self.loop = _aiosmtpd.make_loop()
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop)
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
         self.event_handler = handler
         self.data_size_limit = limits.message_size
         self.enable_SMTPUTF8 = True
@@ -92,9 +115,10 @@ class FastInit(SMTP):
         self._authenticator = None
         self._auth_required = False
         auth, hooks, ver, methods = self._introspect(handler)
-        self._auth_methods = {mech: _aiosmtpd._AuthMechAttr(
-            getattr(self if is_self else handler, mname), is_self)
-            for mech, mname, is_self in auth}
+        self._auth_methods = {
+            mech: _aiosmtpd._AuthMechAttr(getattr(self if is_self else handler, mname), is_self)
+            for mech, mname, is_self in auth
+        }
         self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
         self._ehlo_hook_ver = ver
         self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}

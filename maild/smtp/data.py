@@ -48,9 +48,11 @@ class Abort:
     reply: str
 
 
-_BARE = Abort(AbortKind.BARE_LINE_ENDING,
-              "550 5.5.2 Message refused: bare <LF> or <CR> received (RFC 5321 2.3.8); "
-              "send lines ending in CRLF")
+_BARE = Abort(
+    AbortKind.BARE_LINE_ENDING,
+    "550 5.5.2 Message refused: bare <LF> or <CR> received (RFC 5321 2.3.8); "
+    "send lines ending in CRLF",
+)
 _NUL = Abort(AbortKind.NUL, "550 5.6.0 Message refused: NUL character in message data")
 
 
@@ -58,8 +60,9 @@ def _too_big(limit: int) -> Abort:
     return Abort(AbortKind.SIZE, f"552 5.3.4 Message size exceeds fixed limit ({limit} bytes)")
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int,
-                    out: Any = None) -> tuple[bytes, Abort | None]:
+async def read_data(
+    reader: asyncio.StreamReader, limit: int, max_line: int, out: Any = None
+) -> tuple[bytes, Abort | None]:
     """DATA from `reader` up to and including CRLF.CRLF: (content, None), or (content
     dropped, why the message is refused).
 
@@ -113,7 +116,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int,
                 pos = max(pos, len(buf) - 1)  # a trailing CR may pair with the next LF
         while not skipping:  # the complete lines in buf[pos:]
             if buf.startswith(b".\r\n", pos):
-                del buf[:pos + 3]
+                del buf[: pos + 3]
                 reader._maybe_resume_transport()  # type: ignore[attr-defined]
                 return (bytes(out) if own else b""), problem
             last = buf.rfind(b"\r\n", pos)
@@ -150,21 +153,21 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int,
                     pos = p + 2
                     continue
                 if buf.find(b"\n", pos, p) >= 0 or buf.find(b"\r", pos, p) >= 0:
-                    del buf[:p + 2]
+                    del buf[: p + 2]
                     reader._maybe_resume_transport()  # type: ignore[attr-defined]
                     return b"", _BARE
                 if buf.find(b"\x00", pos, p) >= 0:
-                    del buf[:p + 2]
+                    del buf[: p + 2]
                     reader._maybe_resume_transport()  # type: ignore[attr-defined]
                     return b"", _NUL
                 if problem is None:
-                    out.extend(buf[pos + 1 if buf[pos] == 46 else pos:p + 2])
+                    out.extend(buf[pos + 1 if buf[pos] == 46 else pos : p + 2])
                     if limit and len(out) > limit:
                         problem = _too_big(limit)
                         out.clear()
                 pos = p + 2
         # buf[pos:] is a partial line (no CRLF)
-        if not skipping and len(buf) - pos - 1 > max_line + (buf[pos:pos + 1] == b"."):
+        if not skipping and len(buf) - pos - 1 > max_line + (buf[pos : pos + 1] == b"."):
             # An overlong line: the rest of it, up to its CRLF, is never read as lines
             # (a dot or a command after a pause must not end DATA where the client's
             # line does not end: that would be a smuggling vector).
@@ -182,9 +185,11 @@ async def read_data(reader: asyncio.StreamReader, limit: int, max_line: int,
 
 
 def _long_reply(max_line: int) -> Abort:
-    return Abort(AbortKind.LINE_LENGTH,
-                 f"500 5.5.2 Message line longer than {max_line} characters "
-                 "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable")
+    return Abort(
+        AbortKind.LINE_LENGTH,
+        f"500 5.5.2 Message line longer than {max_line} characters "
+        "(RFC 5321 4.5.3.1.6); wrap long lines or use quoted-printable",
+    )
 
 
 def _clean(buf: bytearray, start: int, end: int, window: int) -> bool:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("maild.downstream")
 
-MAX_LINE = 8192                 # a reply line longer than this is a protocol error
-MAX_REPLY = MAX_LINE * 4        # and so is a (multi-line) reply longer than this
+MAX_LINE = 8192  # a reply line longer than this is a protocol error
+MAX_REPLY = MAX_LINE * 4  # and so is a (multi-line) reply longer than this
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
@@ -72,7 +72,8 @@ class Reply:
         """As aiosmtpd's push() sends it: multi-line replies joined with CRLF."""
         lines = self.text.split("\n") or [""]
         return "\r\n".join(
-            f"{self.code}{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines))
+            f"{self.code}{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)
+        )
 
 
 class _Client(asyncio.Protocol):
@@ -151,14 +152,15 @@ class _Client(asyncio.Protocol):
                 if len(buf) > MAX_REPLY:
                     raise DownstreamError("downstream reply too long")
                 return None
-            line = bytes(buf[offset:end + 1])
+            line = bytes(buf[offset : end + 1])
             if len(line) > MAX_LINE or offset + len(line) > MAX_REPLY:
                 raise DownstreamError("downstream reply too long")
             try:
                 code = int(line[:3])
             except ValueError:
-                raise DownstreamError("malformed downstream reply line: "
-                                      + line.decode("utf-8", "ignore").strip()) from None
+                raise DownstreamError(
+                    "malformed downstream reply line: " + line.decode("utf-8", "ignore").strip()
+                ) from None
             offset = end + 1
             lines.append(line[4:].strip(b" \t\r\n"))
             if line[3:4] != b"-":
@@ -236,7 +238,9 @@ class Connection:
     pipelining: bool = False
     chunking: bool = False
     content_sent: bool = False  # this transaction's message has been written (for the log)
-    pool: Downstream | None = None  # the pool it came from: after a reload swapped pools, it goes back there
+    pool: Downstream | None = (
+        None  # the pool it came from: after a reload swapped pools, it goes back there
+    )
     holder: str = ""  # the real client whose transaction holds it (the per-client cap)
     reserved: bool = True  # counted in the reserved share (customers, postmaster, maild)
 
@@ -248,10 +252,21 @@ class Connection:
 class Downstream:
     """A pool of SMTP connections to one downstream (Postfix's re-injection smtpd)."""
 
-    def __init__(self, host: str, port: int, *, local_hostname: str, timeout: float = 60.0,
-                 pool_size: int = 8, max_idle: float = 50.0, max_transactions: int = 1000,
-                 max_connections: int = 0, max_per_client: int = 0, reserved: int = 0,
-                 greeting_timeout: float | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        local_hostname: str,
+        timeout: float = 60.0,
+        pool_size: int = 8,
+        max_idle: float = 50.0,
+        max_transactions: int = 1000,
+        max_connections: int = 0,
+        max_per_client: int = 0,
+        reserved: int = 0,
+        greeting_timeout: float | None = None,
+    ):
         self.host = host
         self.port = port
         self.local_hostname = local_hostname
@@ -276,15 +291,18 @@ class Downstream:
         client = _Client(loop)
         where = f"{self.host}:{self.port}"
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: client, self.host, self.port),
-                                   self.greeting_timeout)
+            await asyncio.wait_for(
+                loop.create_connection(lambda: client, self.host, self.port), self.greeting_timeout
+            )
         except TimeoutError:
             client.close()
             # No SYN-ACK in time: the listen queue is full, which on loopback means the
             # service's processes are all busy (its master no longer accepts).
             raise DownstreamBusy(
                 f"Our mail server has no free process (no answer from it within "
-                f"{self.greeting_timeout:g}s)", "downstream-busy") from None
+                f"{self.greeting_timeout:g}s)",
+                "downstream-busy",
+            ) from None
         except OSError as e:
             client.close()
             raise DownstreamError(f"cannot connect to {where}: {e}") from e
@@ -298,12 +316,19 @@ class Downstream:
                 # for the service (its process limit), the kernel's backlog holds them.
                 raise DownstreamBusy(
                     f"Our mail server has no free process (no greeting from it within "
-                    f"{self.greeting_timeout:g}s)", "downstream-busy") from None
+                    f"{self.greeting_timeout:g}s)",
+                    "downstream-busy",
+                ) from None
             if greeting.code != 220:
-                raise DownstreamRefused(f"cannot connect to {where}: {greeting.code} {greeting.text}")
+                raise DownstreamRefused(
+                    f"cannot connect to {where}: {greeting.code} {greeting.text}"
+                )
             ehlo = await client.reply(
-                client.send(f"EHLO {self.local_hostname}\r\n".encode("utf-8", "surrogateescape"),
-                            1)[0], self.timeout)
+                client.send(
+                    f"EHLO {self.local_hostname}\r\n".encode("utf-8", "surrogateescape"), 1
+                )[0],
+                self.timeout,
+            )
         except DownstreamError:
             client.close()
             raise
@@ -311,11 +336,21 @@ class Downstream:
             client.close()
             raise DownstreamRefused(f"{where} refused EHLO: {ehlo.code} {ehlo.text}")
         ext = esmtp_extensions(ehlo.text)
-        xf = frozenset(a.upper() for a in ext["xforward"].split()) if "xforward" in ext \
+        xf = (
+            frozenset(a.upper() for a in ext["xforward"].split())
+            if "xforward" in ext
             else frozenset()
+        )
         now = time.monotonic()
-        return Connection(client=client, xforward=xf, created=now, last_used=now,
-                          pipelining="pipelining" in ext, chunking="chunking" in ext, pool=self)
+        return Connection(
+            client=client,
+            xforward=xf,
+            created=now,
+            last_used=now,
+            pipelining="pipelining" in ext,
+            chunking="chunking" in ext,
+            pool=self,
+        )
 
     async def probe(self) -> frozenset[str]:
         """Connect and EHLO, then QUIT: the XFORWARD attributes offered, or DownstreamError
@@ -330,18 +365,24 @@ class Downstream:
             return
         # Per client for strangers: a customer's MTA may hold many connections (Postfix's
         # default concurrency to one destination is 20); [ratelimit] bounds customers.
-        if holder and not reserved and self.max_per_client and \
-                self.per_client.get(holder, 0) >= self.max_per_client:
+        if (
+            holder
+            and not reserved
+            and self.max_per_client
+            and self.per_client.get(holder, 0) >= self.max_per_client
+        ):
             self.busy += 1
-            raise DownstreamBusy(f"Too many messages in transit from {holder} at once "
-                                 f"(limit {self.max_per_client})", "downstream-per-client")
+            raise DownstreamBusy(
+                f"Too many messages in transit from {holder} at once (limit {self.max_per_client})",
+                "downstream-per-client",
+            )
         if self.in_use >= self.max_connections or (
-                not reserved and self.strangers_in_use >= self.max_connections - self.reserved):
+            not reserved and self.strangers_in_use >= self.max_connections - self.reserved
+        ):
             self.busy += 1
             raise DownstreamBusy(BUSY_POOL, "downstream-connections")
 
-    async def acquire(self, holder: str = "", *, reserved: bool = True
-                      ) -> tuple[Connection, bool]:
+    async def acquire(self, holder: str = "", *, reserved: bool = True) -> tuple[Connection, bool]:
         """A connection ready for MAIL; the bool says whether it came from the pool.
 
         `holder` is the real client (per-client cap); `reserved` says whether the
@@ -395,8 +436,12 @@ class Downstream:
         # Idle pooled connections hold smtpd processes too: within the cap.
         if self.max_connections and self.in_use + len(self._idle) >= self.max_connections:
             reusable = False
-        if (reusable and conn.is_connected and len(self._idle) < self.pool_size
-                and conn.transactions < self.max_transactions):
+        if (
+            reusable
+            and conn.is_connected
+            and len(self._idle) < self.pool_size
+            and conn.transactions < self.max_transactions
+        ):
             self._idle.append(conn)
         else:
             self._discard(conn)
@@ -425,8 +470,9 @@ class Downstream:
         client = conn.client
         return await client.reply(client.send(self._line(line), 1)[0], timeout or self.timeout)
 
-    async def pipeline(self, conn: Connection, lines: list[str], timeout: float | None = None
-                       ) -> list[Reply]:
+    async def pipeline(
+        self, conn: Connection, lines: list[str], timeout: float | None = None
+    ) -> list[Reply]:
         """Several commands in one write, their replies in order (RFC 2920; only where the
         downstream advertised PIPELINING, conn.pipelining). XFORWARD and MAIL this way
         cost one send and one round trip instead of two."""
@@ -437,8 +483,15 @@ class Downstream:
             out.append(await client.reply(fut, timeout or self.timeout))
         return out
 
-    async def data(self, conn: Connection, message: bytes, timeout: float | None = None, *,
-                   rest: Iterable[bytes] = (), rest_size: int = 0) -> Reply:
+    async def data(
+        self,
+        conn: Connection,
+        message: bytes,
+        timeout: float | None = None,
+        *,
+        rest: Iterable[bytes] = (),
+        rest_size: int = 0,
+    ) -> Reply:
         """The message (line endings normalised) and the final reply: with BDAT where the
         downstream offers CHUNKING (RFC 3030: one write and one round trip, no
         dot-stuffing), else DATA, the dot-stuffed message after the 354.
@@ -478,8 +531,9 @@ class Downstream:
         return r
 
     @staticmethod
-    async def _write_rest(client: _Client, fut: asyncio.Future[Reply], rest: Iterable[bytes],
-                          *, stuff: bool) -> None:
+    async def _write_rest(
+        client: _Client, fut: asyncio.Future[Reply], rest: Iterable[bytes], *, stuff: bool
+    ) -> None:
         """Write the blocks of `rest` (dot-stuffed for DATA), waiting for the transport
         to drain between them; stop early if the downstream already replied (a refusal,
         a lost connection)."""

@@ -32,16 +32,24 @@ class SessionHooks(Protocol):
     def apply_xforward(self, session: MaildSession) -> None:
         """session.xforward changed: it defines the client that policy sees."""
 
-    def path_refused(self, session: MaildSession, stage: str, reply: str,
-                     address: Address) -> None:
+    def path_refused(self, session: MaildSession, stage: str, reply: str, address: Address) -> None:
         """A MAIL or RCPT refused by the protocol rules before any policy ran."""
 
     def data_aborted(self, session: MaildSession, abort: Abort) -> None:
         """DATA was refused while it was read (abort.reply follows)."""
 
-    def record(self, session: MaildSession, action: str, stage: str, reply: str, *,
-               rule: str = "-", ctx: Context | None = None, rcpt: Address | None = None,
-               extra: dict[str, str] | None = None) -> None:
+    def record(
+        self,
+        session: MaildSession,
+        action: str,
+        stage: str,
+        reply: str,
+        *,
+        rule: str = "-",
+        ctx: Context | None = None,
+        rcpt: Address | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         """One decision: a syslog line and a decision-log row."""
 
     async def handle_exception(self, error: Exception) -> str:

@@ -85,13 +85,20 @@ class LateReplies:
             h.update(b"\0id\0" + msgid.encode())
         else:
             # a spooled message's content here is its first bytes: its size goes in too
-            h.update(b"\0content\0%d\0" % (ctx.message.size if ctx.message else 0)
-                     + (ctx.message.content if ctx.message else b""))
+            h.update(
+                b"\0content\0%d\0" % (ctx.message.size if ctx.message else 0)
+                + (ctx.message.content if ctx.message else b"")
+            )
         return h.hexdigest()
 
-    def watch(self, key: str, task: asyncio.Future[Reply], conn: Connection,
-              downstream: Downstream,
-              session_id: str) -> None:
+    def watch(
+        self,
+        key: str,
+        task: asyncio.Future[Reply],
+        conn: Connection,
+        downstream: Downstream,
+        session_id: str,
+    ) -> None:
         self.pending.add(key)
 
         def done(t: asyncio.Future[Reply]) -> None:
@@ -101,11 +108,18 @@ class LateReplies:
             if reply is not None and reply.ok:
                 self._expire()
                 first = reply.text.splitlines()[0] if reply.text else ""
-                self.accepted[key] = first.removeprefix("2.0.0 ").removeprefix("Ok: ").strip() or "queued"
+                self.accepted[key] = (
+                    first.removeprefix("2.0.0 ").removeprefix("Ok: ").strip() or "queued"
+                )
                 self._when[key] = time.monotonic()
-                log.warning("%s: warning: downstream accepted late: %d %s; the client's retry "
-                            "will be answered 250 without relaying again", session_id,
-                            reply.code, first)
+                log.warning(
+                    "%s: warning: downstream accepted late: %d %s; the client's retry "
+                    "will be answered 250 without relaying again",
+                    session_id,
+                    reply.code,
+                    first,
+                )
+
         task.add_done_callback(done)
 
     def _expire(self) -> None:
@@ -139,8 +153,14 @@ TEMPFAIL_INTERNAL = "451 4.3.0 Temporary internal error; try again later"
 class Proxy:
     """The aiosmtpd handler shared by every session (maild.smtp.hooks.SessionHooks)."""
 
-    def __init__(self, config: Config, downstream: Downstream, decisions: DecisionLog | None,
-                 services: Services | None = None, health: Health | None = None):
+    def __init__(
+        self,
+        config: Config,
+        downstream: Downstream,
+        decisions: DecisionLog | None,
+        services: Services | None = None,
+        health: Health | None = None,
+    ):
         self.config = config
         self.services = services if services is not None else Services()
         self.downstream = downstream
@@ -159,9 +179,18 @@ class Proxy:
 
     # ------------------------------------------------------------------ logging
 
-    def record(self, session: MaildSession, action: str, stage: str, reply: str, *,
-               rule: str = "-", ctx: Context | None = None, rcpt: Address | None = None,
-               extra: dict[str, str] | None = None) -> None:
+    def record(
+        self,
+        session: MaildSession,
+        action: str,
+        stage: str,
+        reply: str,
+        *,
+        rule: str = "-",
+        ctx: Context | None = None,
+        rcpt: Address | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         """One syslog line and one decision-log row per decision."""
         try:
             client = session.client
@@ -186,87 +215,133 @@ class Proxy:
             status, _, reason = rest.partition(" ")
             if self.decisions is not None:
                 size = ctx.message.size if ctx and ctx.message else 0
-                self.decisions.add(DecisionRow(
-                    ts=time.time(), session=session.id, stage=stage, action=action,
-                    code=int(code) if code.isdigit() else 0, status=status,
-                    reason=mlog.clean(reason, 300), rule=rule, client_name=client.name,
-                    client_addr=client.addr, customer=customer, sender=sender,
-                    recipient=to, size=size))
+                self.decisions.add(
+                    DecisionRow(
+                        ts=time.time(),
+                        session=session.id,
+                        stage=stage,
+                        action=action,
+                        code=int(code) if code.isdigit() else 0,
+                        status=status,
+                        reason=mlog.clean(reason, 300),
+                        rule=rule,
+                        client_name=client.name,
+                        client_addr=client.addr,
+                        customer=customer,
+                        sender=sender,
+                        recipient=to,
+                        size=size,
+                    )
+                )
             key = {"relay": "relayed", "reject": "rejected"}.get(action, "tempfailed")
             self.stats[key] += 1
             self.decided[(stage, action, rule)] += 1
         except Exception:  # logging must never turn a delivered message into an error
             log.exception("cannot record decision")
 
-    def _verdict(self, session: MaildSession, v: Verdict, ctx: Context,
-                 rcpt: Address | None = None) -> str:
+    def _verdict(
+        self, session: MaildSession, v: Verdict, ctx: Context, rcpt: Address | None = None
+    ) -> str:
         reply = v.reply.encode("utf-8", "replace").decode("utf-8")  # an 8-bit address in it
-        self.record(session, v.action.value, ctx.stage.value, reply, rule=v.rule, ctx=ctx,
-                    rcpt=rcpt)
+        self.record(
+            session, v.action.value, ctx.stage.value, reply, rule=v.rule, ctx=ctx, rcpt=rcpt
+        )
         sanctions = self.services.sanctions
         if v.strike and ctx.identity.customer is not None and sanctions is not None:
-            sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason,
-                                  session=session.id)
+            sanctions.strike_soon(ctx.identity.customer.name, v.rule, v.reason, session=session.id)
         return reply
 
     def _context(self, session: MaildSession, sender: Address, params: list[str]) -> Context:
-        return Context(config=self.config, session_id=session.id, client=session.client,
-                       sender=sender, mail_params=params, services=self.services)
+        return Context(
+            config=self.config,
+            session_id=session.id,
+            client=session.client,
+            sender=sender,
+            mail_params=params,
+            services=self.services,
+        )
 
     # ------------------------------------------------------------------ session
 
     def session_refused(self, session: MaildSession, refusal: Refusal) -> None:
         # Once per client per minute (admission control counts what it did not log).
         if refusal.log:
-            self.record(session, "tempfail", "CONNECT", refusal.reply, rule=refusal.rule,
-                        extra={"unsaid": str(refusal.unsaid)} if refusal.unsaid else None)
+            self.record(
+                session,
+                "tempfail",
+                "CONNECT",
+                refusal.reply,
+                rule=refusal.rule,
+                extra={"unsaid": str(refusal.unsaid)} if refusal.unsaid else None,
+            )
 
     def session_shed(self, session: MaildSession, reply: str) -> None:
         say, unsaid = self.shed_log.say(session.client.addr)
         if say:
-            self.record(session, "tempfail", "CONNECT", reply, rule="stress",
-                        extra={"unsaid": str(unsaid)} if unsaid else None)
+            self.record(
+                session,
+                "tempfail",
+                "CONNECT",
+                reply,
+                rule="stress",
+                extra={"unsaid": str(unsaid)} if unsaid else None,
+            )
 
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
 
-    def path_refused(self, session: MaildSession, stage: str, reply: str,
-                     address: Address) -> None:
+    def path_refused(self, session: MaildSession, stage: str, reply: str, address: Address) -> None:
         """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
         if stage == "MAIL":
             ctx = self._context(session, address, [])
             ctx.identity = resolve(self.config, session.client, sender=address)
             self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
         else:
-            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx,
-                        rcpt=address)
+            self.record(
+                session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx, rcpt=address
+            )
 
     async def xforward_refused(self, session: MaildSession) -> None:
-        self.record(session, "reject", "XFORWARD", "550 5.7.0 Error: insufficient authorization",
-                    rule="xforward")
+        self.record(
+            session,
+            "reject",
+            "XFORWARD",
+            "550 5.7.0 Error: insufficient authorization",
+            rule="xforward",
+        )
 
     def apply_xforward(self, session: MaildSession) -> None:
         """XFORWARD from a trusted upstream defines the client that policy sees."""
-        xforward.apply(session.xforward, session.client, self.services.sessions,
-                       session.counted)
+        xforward.apply(session.xforward, session.client, self.services.sessions, session.counted)
 
     def data_aborted(self, session: MaildSession, abort: Abort) -> None:
-        self.record(session, "reject" if abort.reply.startswith("5") else "tempfail", "DATA",
-                    abort.reply, rule=abort.kind.rule, ctx=session.ctx)
+        self.record(
+            session,
+            "reject" if abort.reply.startswith("5") else "tempfail",
+            "DATA",
+            abort.reply,
+            rule=abort.kind.rule,
+            ctx=session.ctx,
+        )
         self._drop_conn(session, reusable=True, rset=True)
 
-    async def handle_HELO(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope,
-                          hostname: str) -> str:
+    async def handle_HELO(
+        self, server: MaildSMTP, session: MaildSession, envelope: MaildEnvelope, hostname: str
+    ) -> str:
         session.host_name = hostname
         if "HELO" not in session.xforward:
             session.client.helo = hostname
             session.client.proto = "SMTP"
         return f"250 {server.hostname}"
 
-    async def handle_EHLO(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: MaildSMTP,
+        session: MaildSession,
+        envelope: MaildEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         if "HELO" not in session.xforward:
             session.client.helo = hostname
@@ -283,8 +358,11 @@ class Proxy:
         # One element, so aiosmtpd pushes the whole reply in one write: it writes (and
         # the kernel sends) each element on its own, and on loopback every send wakes
         # the client: 8 sends per session where one does.
-        return ["\r\n".join(responses[:1] + ["250-PIPELINING"] + responses[1:-1] + extra
-                             + responses[-1:])]
+        return [
+            "\r\n".join(
+                responses[:1] + ["250-PIPELINING"] + responses[1:-1] + extra + responses[-1:]
+            )
+        ]
 
     # ------------------------------------------------------------------ transaction
 
@@ -311,19 +389,23 @@ class Proxy:
 
     @staticmethod
     def _xforward_refused(session: MaildSession, r: Reply) -> None:
-        log.warning("%s: warning: downstream refused XFORWARD (%d %s); allow "
-                    "maild in smtpd_authorized_xforward_hosts", session.id,
-                    r.code, r.text.splitlines()[0] if r.text else "")
+        log.warning(
+            "%s: warning: downstream refused XFORWARD (%d %s); allow "
+            "maild in smtpd_authorized_xforward_hosts",
+            session.id,
+            r.code,
+            r.text.splitlines()[0] if r.text else "",
+        )
 
-    async def _open(self, session: MaildSession, rcpt_line: str, *, reserved: bool
-                    ) -> tuple[Connection, Reply, Reply | None]:
+    async def _open(
+        self, session: MaildSession, rcpt_line: str, *, reserved: bool
+    ) -> tuple[Connection, Reply, Reply | None]:
         """At the first accepted RCPT: acquire a connection (DownstreamBusy past a cap),
         send XFORWARD, MAIL and RCPT; retry once if a pooled one died. (conn, the reply
         to MAIL, the reply to RCPT or None if MAIL was refused)."""
         mail_line = session.mail_line
         for attempt in (1, 2):
-            conn, pooled = await self.downstream.acquire(session.client.addr,
-                                                         reserved=reserved)
+            conn, pooled = await self.downstream.acquire(session.client.addr, reserved=reserved)
             try:
                 lines = xforward.downstream_lines(session.client, conn.xforward)
                 rcpt: Reply | None = None
@@ -352,9 +434,14 @@ class Proxy:
                     raise
         raise AssertionError("unreachable")
 
-    async def handle_MAIL(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope,
-                          address: Address, params: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: MaildSMTP,
+        session: MaildSession,
+        envelope: MaildEnvelope,
+        address: Address,
+        params: list[str],
+    ) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         ctx = self._context(session, address, params)
         try:
@@ -378,19 +465,32 @@ class Proxy:
     def _store_down(self) -> bool:
         return self.health is not None and not self.health.ok
 
-    def _tempfail(self, session: MaildSession, ctx: Context | None, stage: str, reply: str,
-                  rule: str, rcpt: Address | None = None) -> str:
+    def _tempfail(
+        self,
+        session: MaildSession,
+        ctx: Context | None,
+        stage: str,
+        reply: str,
+        rule: str,
+        rcpt: Address | None = None,
+    ) -> str:
         self.record(session, "tempfail", stage, reply, rule=rule, ctx=ctx, rcpt=rcpt)
         return reply
 
-    async def handle_RCPT(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope,
-                          address: Address, params: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: MaildSMTP,
+        session: MaildSession,
+        envelope: MaildEnvelope,
+        address: Address,
+        params: list[str],
+    ) -> str:
         ctx: Context | None = session.ctx
         conn: Connection | None = session.conn
         if ctx is None:
-            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
-                                  rcpt=address)
+            return self._tempfail(
+                session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", rcpt=address
+            )
         try:
             v = await pipeline.rcpt(ctx, address)
         except StoreError as e:
@@ -410,20 +510,28 @@ class Proxy:
             except DownstreamError as e:
                 log.error("%s: error: downstream lost at RCPT: %s", session.id, e)
                 self._drop_conn(session, reusable=False)
-                return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
-                                      address)
+                return self._tempfail(
+                    session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", address
+                )
         pipeline.rcpt_done(ctx, address, v, relayed=reply.ok)
         if reply.ok:
             envelope.rcpt_tos.append(address.addr)
             envelope.rcpt_options.extend(params)
         else:
-            self.record(session, "reject" if reply.code >= 500 else "tempfail", "RCPT",
-                        f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
-                        rule="downstream", ctx=ctx, rcpt=address)
+            self.record(
+                session,
+                "reject" if reply.code >= 500 else "tempfail",
+                "RCPT",
+                f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
+                rule="downstream",
+                ctx=ctx,
+                rcpt=address,
+            )
         return reply.smtp()
 
-    async def _open_at_rcpt(self, session: MaildSession, ctx: Context, address: Address,
-                            v: Verdict, rcpt_line: str) -> Reply | str:
+    async def _open_at_rcpt(
+        self, session: MaildSession, ctx: Context, address: Address, v: Verdict, rcpt_line: str
+    ) -> Reply | str:
         """The transaction's downstream connection, opened for its first accepted
         recipient: the downstream's reply to that RCPT, or the reply to give instead."""
         # Customers (by login or network) and postmaster mail use the reserved share.
@@ -434,33 +542,53 @@ class Proxy:
             pipeline.rcpt_done(ctx, address, v, relayed=False)
             say, unsaid = self.busy_log.say((session.client.addr, e.rule))
             if say:
-                self.record(session, "tempfail", "RCPT", e.reply, rule=e.rule, ctx=ctx,
-                            rcpt=address, extra={"unsaid": str(unsaid)} if unsaid else None)
+                self.record(
+                    session,
+                    "tempfail",
+                    "RCPT",
+                    e.reply,
+                    rule=e.rule,
+                    ctx=ctx,
+                    rcpt=address,
+                    extra={"unsaid": str(unsaid)} if unsaid else None,
+                )
             return e.reply
         except DownstreamError as e:
             pipeline.rcpt_done(ctx, address, v, relayed=False)
-            log.error("%s: error: downstream %s:%d: %s", session.id, self.downstream.host,
-                      self.downstream.port, e)
-            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream",
-                                  address)
+            log.error(
+                "%s: error: downstream %s:%d: %s",
+                session.id,
+                self.downstream.host,
+                self.downstream.port,
+                e,
+            )
+            return self._tempfail(session, ctx, "RCPT", TEMPFAIL_DOWNSTREAM, "downstream", address)
         if reply is None:  # the downstream refused MAIL FROM: the client hears it here
             pipeline.rcpt_done(ctx, address, v, relayed=False)
             self.downstream.release(conn, reusable=mail.code != 421)
-            self.record(session, "reject" if mail.code >= 500 else "tempfail", "RCPT",
-                        f"{mail.code} {mail.text.splitlines()[0] if mail.text else ''}",
-                        rule="downstream", ctx=ctx, rcpt=address)
+            self.record(
+                session,
+                "reject" if mail.code >= 500 else "tempfail",
+                "RCPT",
+                f"{mail.code} {mail.text.splitlines()[0] if mail.text else ''}",
+                rule="downstream",
+                ctx=ctx,
+                rcpt=address,
+            )
             return mail.smtp()
         session.conn = conn
         return reply
 
-    async def handle_DATA_START(self, server: MaildSMTP, session: MaildSession,
-                                envelope: MaildEnvelope) -> str | None:
+    async def handle_DATA_START(
+        self, server: MaildSMTP, session: MaildSession, envelope: MaildEnvelope
+    ) -> str | None:
         if session.conn is None or session.ctx is None:
             return self._tempfail(session, session.ctx, "DATA", TEMPFAIL_DOWNSTREAM, "downstream")
         return None
 
-    async def handle_DATA(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope) -> str:
+    async def handle_DATA(
+        self, server: MaildSMTP, session: MaildSession, envelope: MaildEnvelope
+    ) -> str:
         content = envelope.original_content
         assert isinstance(content, Content)  # smtp_DATA sets it before this hook
         try:
@@ -494,8 +622,13 @@ class Proxy:
         if self._store_down():  # it broke during this transaction
             self._drop_conn(session, reusable=True, rset=True)
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_INTERNAL, "store")
-        added = received_header(session.client, ctx.config.server.hostname, session.id,
-                                ctx.recipients, format_datetime(localtime()))
+        added = received_header(
+            session.client,
+            ctx.config.server.hostname,
+            session.id,
+            ctx.recipients,
+            format_datetime(localtime()),
+        )
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
         # Only while some late reply is awaited or remembered can this be a retry of one
@@ -515,12 +648,18 @@ class Proxy:
             self.record(session, "relay", "DATA", reply_text, rule="late-accept", ctx=ctx)
             return reply_text
         if content.spooled:  # the header from RAM, the body from the spool file
-            head, rest = content.head[:content.header_end], content.blocks(content.header_end)
+            head, rest = content.head[: content.header_end], content.blocks(content.header_end)
         else:
             head, rest = content.head, iter(())
-        task = asyncio.ensure_future(self.downstream.data(
-            conn, added + strip_own_headers(head), timeout=LATE_REPLY_WAIT, rest=rest,
-            rest_size=content.size - len(head) if content.spooled else 0))
+        task = asyncio.ensure_future(
+            self.downstream.data(
+                conn,
+                added + strip_own_headers(head),
+                timeout=LATE_REPLY_WAIT,
+                rest=rest,
+                rest_size=content.size - len(head) if content.spooled else 0,
+            )
+        )
         try:
             reply = await asyncio.wait_for(asyncio.shield(task), self.downstream.timeout)
         except TimeoutError:
@@ -528,10 +667,13 @@ class Proxy:
             # stop listening), so keep waiting in the background and remember a late 250:
             # the client's retry of the same message is then answered without a 2nd copy.
             where = "after the final dot" if conn.content_sent else "at the DATA command"
-            log.error("%s: error: downstream slower than %gs %s; answering 451 "
-                      "and waiting for its reply", session.id, self.downstream.timeout, where)
-            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
-                            session.id)
+            log.error(
+                "%s: error: downstream slower than %gs %s; answering 451 and waiting for its reply",
+                session.id,
+                self.downstream.timeout,
+                where,
+            )
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream, session.id)
             content.pin_until(task)
             session.conn = None
             self._drop_conn(session, reusable=False)
@@ -540,10 +682,12 @@ class Proxy:
             # The client reset the connection while Postfix held the final dot. Postfix
             # may still queue the message: the client will retry it, and the retry must
             # be answered from Postfix's late reply, not relayed a second time.
-            log.warning("%s: warning: client left while the downstream held the final dot; "
-                        "its reply is kept for the client's retry", session.id)
-            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream,
-                            session.id)
+            log.warning(
+                "%s: warning: client left while the downstream held the final dot; "
+                "its reply is kept for the client's retry",
+                session.id,
+            )
+            self.late.watch(key or self.late.key(ctx), task, conn, self.downstream, session.id)
             content.pin_until(task)
             session.conn = None
             raise
@@ -558,18 +702,26 @@ class Proxy:
         self.downstream.release(conn, reusable=True)
         first = reply.text.splitlines()[0] if reply.text else ""
         action = "relay" if reply.ok else ("reject" if reply.code >= 500 else "tempfail")
-        self.record(session, action, "DATA", f"{reply.code} {first}",
-                    rule=v.rule if reply.ok else "downstream", ctx=ctx,
-                    extra={"size": str(message.size), "nrcpt": str(len(ctx.recipients))})
+        self.record(
+            session,
+            action,
+            "DATA",
+            f"{reply.code} {first}",
+            rule=v.rule if reply.ok else "downstream",
+            ctx=ctx,
+            extra={"size": str(message.size), "nrcpt": str(len(ctx.recipients))},
+        )
         return reply.smtp()
 
-    async def handle_RSET(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope) -> str:
+    async def handle_RSET(
+        self, server: MaildSMTP, session: MaildSession, envelope: MaildEnvelope
+    ) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "250 2.0.0 Ok"
 
-    async def handle_QUIT(self, server: MaildSMTP, session: MaildSession,
-                          envelope: MaildEnvelope) -> str:
+    async def handle_QUIT(
+        self, server: MaildSMTP, session: MaildSession, envelope: MaildEnvelope
+    ) -> str:
         self._drop_conn(session, reusable=True, rset=True)
         return "221 2.0.0 Bye"
 

@@ -23,8 +23,9 @@ def _tok(value: str, default: str) -> str:
     return v or default
 
 
-def received_header(client: Client, hostname: str, session_id: str,
-                    recipients: list[Address], date: str) -> bytes:
+def received_header(
+    client: Client, hostname: str, session_id: str, recipients: list[Address], date: str
+) -> bytes:
     helo = _tok(client.helo, "unknown")
     name = _tok(client.name, "unknown")
     addr = _tok(client.addr, "UNAVAILABLE")
@@ -34,9 +35,11 @@ def received_header(client: Client, hostname: str, session_id: str,
     for_clause = ""
     if len(recipients) == 1 and recipients[0].addr:
         for_clause = f"\r\n\tfor <{_tok(recipients[0].addr, '')}>"
-    return (f"Received: from {helo} ({name} [{addr}])\r\n"
-            f"\tby {hostname} (maild) with {proto} id {session_id}{for_clause};\r\n"
-            f"\t{date}\r\n").encode("ascii")
+    return (
+        f"Received: from {helo} ({name} [{addr}])\r\n"
+        f"\tby {hostname} (maild) with {proto} id {session_id}{for_clause};\r\n"
+        f"\t{date}\r\n"
+    ).encode("ascii")
 
 
 def authenticated_login(headers: email.message.Message) -> str:

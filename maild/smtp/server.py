@@ -70,10 +70,22 @@ class LineTooLong(Exception):
 # one. aiosmtpd's own replies ("500 Error: bad syntax", "503 Error: send HELO first")
 # do not: push() adds the code Postfix uses for the same reply.
 ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
-DEFAULT_ENHANCED = {"421": "4.7.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
-                    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
-                    "504": "5.5.4", "530": "5.7.0", "550": "5.0.0", "552": "5.3.4",
-                    "553": "5.1.3", "554": "5.7.0"}
+DEFAULT_ENHANCED = {
+    "421": "4.7.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+}
 PLAIN_REPLIES = {"250 OK": "250 2.0.0 Ok", "221 Bye": "221 2.0.0 Bye"}
 
 
@@ -184,9 +196,17 @@ class MaildSMTP(FastInit):
     session: MaildSession | None
     envelope: MaildEnvelope | None
 
-    def __init__(self, handler: SessionHooks, *, settings: Server, counter: SessionCounter,
-                 trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-                 admission: Admission, budget: Budget, **kwargs: Any):
+    def __init__(
+        self,
+        handler: SessionHooks,
+        *,
+        settings: Server,
+        counter: SessionCounter,
+        trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+        admission: Admission,
+        budget: Budget,
+        **kwargs: Any,
+    ):
         limits = settings.limits
         # aiosmtpd sizes its StreamReader from this attribute: room for a line's text, a
         # stuffed dot and CRLF. The DATA line rule itself is read_data's (max_line).
@@ -252,8 +272,9 @@ class MaildSMTP(FastInit):
     def _envelope(self) -> MaildEnvelope:
         return cast(MaildEnvelope, self.envelope)
 
-    def _cb_client_connected(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         super()._cb_client_connected(_StrictReader(reader, self), writer)  # type: ignore[arg-type]
 
     def is_trusted(self, addr: str) -> bool:
@@ -271,8 +292,12 @@ class MaildSMTP(FastInit):
             addr = addr[7:]
         trusted = self.is_trusted(addr)
         session.client = Client(addr=addr, port=str(peer[1]), trusted_peer=trusted, name="unknown")
-        slot = self.admission.admit(addr, reserved=trusted or self.admission.is_customer(addr),
-                                    exempt=trusted, notify=self._admission_event)
+        slot = self.admission.admit(
+            addr,
+            reserved=trusted or self.admission.is_customer(addr),
+            exempt=trusted,
+            notify=self._admission_event,
+        )
         if isinstance(slot, Refusal):
             self.event_handler.session_refused(session, slot)
             await self.push(slot.reply.replace(" 4.7.0 ", f" 4.7.0 {self.hostname} ", 1))
@@ -294,8 +319,9 @@ class MaildSMTP(FastInit):
             return
         if idle:
             envelope = self.envelope
-            self.admission.idle(slot, in_transaction=envelope is not None
-                                and envelope.mail_from is not None)
+            self.admission.idle(
+                slot, in_transaction=envelope is not None and envelope.mail_from is not None
+            )
             duration = self.admission.command_timeout(slot)
             if duration != self._timeout_duration:
                 self._timeout_duration = duration
@@ -388,10 +414,11 @@ class MaildSMTP(FastInit):
             self.close_after_reply()
             return reply
         if isinstance(error, LineTooLong):
-            reply = (f"500 5.5.2 Error: command line longer than "
-                     f"{self.settings.limits.line_length} characters")
-            self.event_handler.record(self._session, "reject", "CONNECT", reply,
-                                      rule="line_length")
+            reply = (
+                f"500 5.5.2 Error: command line longer than "
+                f"{self.settings.limits.line_length} characters"
+            )
+            self.event_handler.record(self._session, "reject", "CONNECT", reply, rule="line_length")
             return reply
         return await self.event_handler.handle_exception(error)
 
@@ -399,6 +426,7 @@ class MaildSMTP(FastInit):
         """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
         flushed (transport.close flushes); read no further command meanwhile."""
         self._reader.closed = True  # type: ignore[attr-defined]
+
         def close() -> None:
             if self.transport is not None:
                 self.transport.close()
@@ -416,10 +444,12 @@ class MaildSMTP(FastInit):
     # Postfix's replies with smtpd_sasl_auth_enable = no and without TLS. aiosmtpd's own
     # are "538 Encryption required" (as if AUTH would work after a STARTTLS maild lacks)
     # and "454 TLS not available" (a temporary failure: try TLS again later).
-    smtp_AUTH = _only_when_offered("AUTH", "auth_enabled",
-                                   "503 5.5.1 Error: authentication not enabled")
-    smtp_STARTTLS = _only_when_offered("STARTTLS", "tls_context",
-                                       "502 5.5.1 Error: command not implemented")
+    smtp_AUTH = _only_when_offered(
+        "AUTH", "auth_enabled", "503 5.5.1 Error: authentication not enabled"
+    )
+    smtp_STARTTLS = _only_when_offered(
+        "STARTTLS", "tls_context", "502 5.5.1 Error: command not implemented"
+    )
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         """BDAT, although CHUNKING is not offered: the chunk that follows cannot be told
@@ -427,8 +457,9 @@ class MaildSMTP(FastInit):
         @syntax: HELP does not list it)."""
         reply = "521 5.5.1 Error: command not implemented"
         session = self._session
-        self.event_handler.record(session, "reject", "DATA", reply, rule="smuggling",
-                                  ctx=session.ctx)
+        self.event_handler.record(
+            session, "reject", "DATA", reply, rule="smuggling", ctx=session.ctx
+        )
         await self.push(reply)
         self.close_after_reply()
 
@@ -461,8 +492,9 @@ class MaildSMTP(FastInit):
 
     # ---------------------------------------------------------------- MAIL / RCPT
 
-    def _parse(self, keyword: str, arg: str | None, allowed: set[str]
-               ) -> tuple[Address, list[str]] | str:
+    def _parse(
+        self, keyword: str, arg: str | None, allowed: set[str]
+    ) -> tuple[Address, list[str]] | str:
         """(address, params) or the error reply to send."""
         what = "sender" if keyword == "FROM:" else "recipient"
         syntaxerr = f"501 5.5.4 Syntax: {'MAIL FROM' if what == 'sender' else 'RCPT TO'}:<address>"
@@ -487,8 +519,9 @@ class MaildSMTP(FastInit):
                 if not value.isdigit():
                     return "501 5.5.4 Bad message size syntax"
                 if self.data_size_limit and int(value) > self.data_size_limit:
-                    return (f"552 5.3.4 Message size exceeds fixed limit "
-                            f"({self.data_size_limit} bytes)")
+                    return (
+                        f"552 5.3.4 Message size exceeds fixed limit ({self.data_size_limit} bytes)"
+                    )
             elif key == "BODY" and value.upper() not in ("7BIT", "8BITMIME"):
                 return "501 5.5.4 Unsupported BODY type: use 7BIT or 8BITMIME"
             elif key == "SMTPUTF8" and value:
@@ -499,8 +532,9 @@ class MaildSMTP(FastInit):
                 return "501 5.5.4 Bad NOTIFY parameter"
         return address, plist
 
-    async def _refused_8bit(self, stage: str, address: Address, params: list[str],
-                            smtputf8: bool) -> bool:
+    async def _refused_8bit(
+        self, stage: str, address: Address, params: list[str], smtputf8: bool
+    ) -> bool:
         """Refuse (and log) a non-ASCII path or parameter without SMTPUTF8, or one that is
         not valid UTF-8 (RFC 6531 3.4: 553 5.6.7); True if refused.
 
@@ -509,14 +543,18 @@ class MaildSMTP(FastInit):
         """
         what = "Sender" if stage == "MAIL" else "Recipient"
         reply = None
-        for text, name in ((address.raw, f"{what} address"),
-                           (" ".join(params), f"{stage} parameter")):
+        for text, name in (
+            (address.raw, f"{what} address"),
+            (" ".join(params), f"{stage} parameter"),
+        ):
             kind = eight_bit(text)
             if kind == "malformed":
                 reply = f"553 5.6.7 {name} is not valid UTF-8 (RFC 6531 3.3)"
             elif kind == "utf-8" and not smtputf8:
-                reply = (f"553 5.6.7 {name} has non-ASCII characters: "
-                         "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)")
+                reply = (
+                    f"553 5.6.7 {name} has non-ASCII characters: "
+                    "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)"
+                )
             if reply is not None:
                 self.event_handler.path_refused(self._session, stage, reply, address)
                 await self.push(reply)
@@ -559,8 +597,9 @@ class MaildSMTP(FastInit):
         if address.is_null:
             await self.push("501 5.1.3 Bad recipient address syntax: empty address")
             return
-        if await self._refused_8bit("RCPT", address, params,
-                                    declares_smtputf8(self._envelope.mail_params)):
+        if await self._refused_8bit(
+            "RCPT", address, params, declares_smtputf8(self._envelope.mail_params)
+        ):
             return
         status = await self._call_handler_hook("RCPT", address, params)
         await self.push(status)
@@ -607,8 +646,9 @@ class MaildSMTP(FastInit):
         self._reset_timeout(self.admission.data_timeout(self._session.slot))
         sink = self.budget.sink()
         try:
-            _, abort = await read_data(reader, self.data_size_limit or 0,
-                                       self.settings.limits.line_length, sink)
+            _, abort = await read_data(
+                reader, self.data_size_limit or 0, self.settings.limits.line_length, sink
+            )
             if abort is None and sink.error is not None:
                 abort = Abort(AbortKind.MEMORY, sink.error)
             if abort is not None:

@@ -19,9 +19,16 @@ def as_bytes(msg: EmailMessage) -> bytes:
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 
-async def submit(downstream: Downstream, mail_from: str, rcpts: list[str], data: bytes, *,
-                 attempts: int = 3, delay: float = 30.0, what: str = "message"
-                 ) -> tuple[Reply | None, list[str]]:
+async def submit(
+    downstream: Downstream,
+    mail_from: str,
+    rcpts: list[str],
+    data: bytes,
+    *,
+    attempts: int = 3,
+    delay: float = 30.0,
+    what: str = "message",
+) -> tuple[Reply | None, list[str]]:
     """(final reply, recipients the downstream took); (None, []) if it never got through."""
     for attempt in range(1, attempts + 1):
         try:
@@ -45,7 +52,9 @@ async def submit(downstream: Downstream, mail_from: str, rcpts: list[str], data:
             downstream.release(conn, reusable=True)
             if r.ok and accepted:
                 return r, accepted
-            log.error("submit: %s refused: %d %s", what, r.code, r.text.splitlines()[0] if r.text else "")
+            log.error(
+                "submit: %s refused: %d %s", what, r.code, r.text.splitlines()[0] if r.text else ""
+            )
             if r.code >= 500:
                 return r, []
         except DownstreamError as e:

@@ -26,8 +26,10 @@ class Counter(Protocol):
 
 def xtext(value: str) -> str:
     """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' as +HH."""
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value.encode("utf-8", "surrogateescape").decode("latin-1"))
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
+        for c in value.encode("utf-8", "surrogateescape").decode("latin-1")
+    )
 
 
 def xtext_decode(value: str) -> str | None:
@@ -36,7 +38,7 @@ def xtext_decode(value: str) -> str | None:
     while i < len(value):
         ch = value[i]
         if ch == "+":
-            h = value[i + 1:i + 3]
+            h = value[i + 1 : i + 3]
             if len(h) != 2 or any(c not in "0123456789ABCDEFabcdef" for c in h):
                 return None
             out.append(chr(int(h, 16)))
@@ -65,9 +67,11 @@ def parse(arg: str) -> dict[str, str] | str:
 def apply(xf: Mapping[str, str], c: Client, sessions: Counter | None, counted: bool) -> None:
     """Set the client from the session's XFORWARD attributes; a new ADDR moves the
     session from the old address's count to the new one's (when it was counted)."""
+
     def val(k: str) -> str | None:
         v = xf.get(k)
         return None if v is None or v == UNAVAILABLE else v
+
     if (addr := val("ADDR")) is not None:
         addr = addr[5:] if addr.upper().startswith("IPV6:") else addr
         if sessions is not None and addr != c.addr and counted:
@@ -76,8 +80,13 @@ def apply(xf: Mapping[str, str], c: Client, sessions: Counter | None, counted: b
         c.addr = addr
     if (name := val("NAME")) is not None:
         c.name = name
-    for attr, key in (("port", "PORT"), ("proto", "PROTO"), ("helo", "HELO"),
-                      ("ident", "IDENT"), ("source", "SOURCE")):
+    for attr, key in (
+        ("port", "PORT"),
+        ("proto", "PROTO"),
+        ("helo", "HELO"),
+        ("ident", "IDENT"),
+        ("source", "SOURCE"),
+    ):
         if key in xf:
             # [UNAVAILABLE] means unknown: never keep the upstream's own value.
             setattr(c, attr, val(key) or "")

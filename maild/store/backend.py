@@ -5,8 +5,15 @@ from __future__ import annotations
 from maild.store.base import Migrations, Store, is_postgres, resolve_state_path
 
 
-async def open_store(state: str, config_path: str = ".", *, migrations: Migrations,
-                     migrate: bool = True, check: bool = False, init: bool = False) -> Store:
+async def open_store(
+    state: str,
+    config_path: str = ".",
+    *,
+    migrations: Migrations,
+    migrate: bool = True,
+    check: bool = False,
+    init: bool = False,
+) -> Store:
     """Open the store named by `[server] state` and bring the schemas in migrations up to
     date: `postgresql://...` for several nodes sharing one state, else a SQLite file.
 
@@ -20,7 +27,12 @@ async def open_store(state: str, config_path: str = ".", *, migrations: Migratio
     else:
         from maild.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(resolve_state_path(state, config_path), migrations=migrations,
-                            migrate=migrate, check=check, init=init)
+        store = SQLiteStore(
+            resolve_state_path(state, config_path),
+            migrations=migrations,
+            migrate=migrate,
+            check=check,
+            init=init,
+        )
     await store.open()
     return store

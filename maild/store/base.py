@@ -56,8 +56,11 @@ class Health:
     def failed(self, cause: str) -> None:
         if self.ok:
             self.ok, self.cause = False, cause
-            log.error("error: state store: unavailable, mail is answered 451 4.3.0 until a "
-                      "write succeeds: %s", cause)
+            log.error(
+                "error: state store: unavailable, mail is answered 451 4.3.0 until a "
+                "write succeeds: %s",
+                cause,
+            )
 
 
 class Store(Protocol):
@@ -97,7 +100,7 @@ def resolve_state_path(state: str, config_path: str) -> str:
     if is_postgres(state):
         return str(Path(config_path).resolve().parent / "var" / "maild.pg")
     if state.startswith("sqlite:"):
-        state = state[len("sqlite:"):]
+        state = state[len("sqlite:") :]
     p = Path(state)
     if not p.is_absolute():
         p = Path(config_path).resolve().parent / p

@@ -21,16 +21,21 @@ from maild.wiring import Wiring
 _BATCH = 1000
 
 
-async def migrate(parts: Wiring, src_url: str, dst_url: str, *,
-                  echo: Callable[[str], None] = print) -> dict[str, int]:
+async def migrate(
+    parts: Wiring, src_url: str, dst_url: str, *, echo: Callable[[str], None] = print
+) -> dict[str, int]:
     """Copy every table of src (SQLite) into dst (PostgreSQL); returns rows per table."""
     src = await parts.open_store(src_url)  # brings an older single-node state up to date first
     dst = await parts.open_store(dst_url)
     counts: dict[str, int] = {}
     try:
-        tables = [r[0] for r in await src.fetchall(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "AND name != 'schema_version' ORDER BY name")]
+        tables = [
+            r[0]
+            for r in await src.fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "AND name != 'schema_version' ORDER BY name"
+            )
+        ]
         for t in tables:
             row = await dst.fetchone(f"SELECT COUNT(*) FROM {t}")
             if row and row[0]:
@@ -39,15 +44,17 @@ async def migrate(parts: Wiring, src_url: str, dst_url: str, *,
             for t in tables:
                 info = await src.fetchall(f"PRAGMA table_info({t})")
                 cols = [r[1] for r in info]
-                identity = any(r[1] == "id" and r[5] and str(r[2]).upper() == "INTEGER"
-                               for r in info)
+                identity = any(
+                    r[1] == "id" and r[5] and str(r[2]).upper() == "INTEGER" for r in info
+                )
                 quoted = ", ".join(f'"{c}"' for c in cols)
                 order = " ORDER BY id" if "id" in cols else ""
                 insert = f"INSERT INTO {t}({quoted}) VALUES ({', '.join('?' * len(cols))})"
                 n, offset = 0, 0
                 while True:
                     rows = await src.fetchall(
-                        f"SELECT {quoted} FROM {t}{order} LIMIT ? OFFSET ?", (_BATCH, offset))
+                        f"SELECT {quoted} FROM {t}{order} LIMIT ? OFFSET ?", (_BATCH, offset)
+                    )
                     if not rows:
                         break
                     await dst.executemany(insert, rows)
@@ -57,7 +64,8 @@ async def migrate(parts: Wiring, src_url: str, dst_url: str, *,
                 if identity:  # new rows must not reuse a copied id
                     await dst.fetchone(
                         f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), "
-                        f"COALESCE((SELECT MAX(id) FROM {t}), 0) + 1, false)")
+                        f"COALESCE((SELECT MAX(id) FROM {t}), 0) + 1, false)"
+                    )
                 echo(f"{t}: {n} rows")
     finally:
         await src.close()
@@ -77,5 +85,7 @@ def migrate_state(src: str, dst: str) -> None:
     except StoreError as e:
         click.echo(f"maild: migrate-state: {e}", err=True)
         sys.exit(1)
-    click.echo(f"migrated {sum(counts.values())} rows in {len(counts)} tables; stop the "
-               "single node and set [server] state to the URL on every node")
+    click.echo(
+        f"migrated {sum(counts.values())} rows in {len(counts)} tables; stop the "
+        "single node and set [server] state to the URL on every node"
+    )

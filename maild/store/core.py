@@ -77,8 +77,9 @@ _INSERT = f"INSERT INTO decisions({', '.join(COLUMNS)}) VALUES ({', '.join('?' *
 class DecisionLog:
     """Buffered, batched writer of decision rows."""
 
-    def __init__(self, store: Store, *, interval: float = 0.5, batch: int = 500,
-                 max_pending: int = 100_000):
+    def __init__(
+        self, store: Store, *, interval: float = 0.5, batch: int = 500, max_pending: int = 100_000
+    ):
         self.store = store
         self.interval = interval
         self.batch = batch
@@ -121,19 +122,28 @@ class DecisionLog:
             if not self.retry_delay:  # once per outage, and the cause only if health did not
                 health = getattr(self.store, "health", None)
                 cause = "" if health is not None and not health.ok else f": {e}"
-                log.error("decision log: cannot write %d rows, will retry until it can%s",
-                          len(rows), cause)
+                log.error(
+                    "decision log: cannot write %d rows, will retry until it can%s",
+                    len(rows),
+                    cause,
+                )
             self.retry_delay = min(max(self.retry_delay * 2, self.interval), 30.0)
             self.pending[:0] = rows[: self.max_pending - len(self.pending)]
         except Exception as e:  # rows no retry can write: drop them, keep the writer alive
-            log.error("decision log: cannot write %d rows, dropped: %s: %s", len(rows),
-                      type(e).__name__, e)
+            log.error(
+                "decision log: cannot write %d rows, dropped: %s: %s",
+                len(rows),
+                type(e).__name__,
+                e,
+            )
         else:
             if self.retry_delay:
                 log.info("decision log: store writable again, %d rows written", len(rows))
             self.retry_delay = 0.0
         if self.dropped:
-            log.error("decision log: %d rows dropped (store unavailable for too long)", self.dropped)
+            log.error(
+                "decision log: %d rows dropped (store unavailable for too long)", self.dropped
+            )
             self.dropped = 0
 
     async def stop(self) -> None:
@@ -144,20 +154,33 @@ class DecisionLog:
             self._task = None
         await self.flush()
         if self.pending:
-            log.error("decision log: %d rows not written at stop (the store takes no writes); "
-                      "syslog has a line for each decision", len(self.pending))
+            log.error(
+                "decision log: %d rows not written at stop (the store takes no writes); "
+                "syslog has a line for each decision",
+                len(self.pending),
+            )
 
 
 async def heartbeat(store: Store, node: str = socket.gethostname()) -> None:
     """One small write: how the daemon learns whether the store takes writes, when
     nothing else wrote lately (and, while it fails, when it works again)."""
-    await store.execute("INSERT INTO heartbeat(node, ts) VALUES (?, ?) ON CONFLICT(node) "
-                        "DO UPDATE SET ts = excluded.ts", (node, time.time()))
+    await store.execute(
+        "INSERT INTO heartbeat(node, ts) VALUES (?, ?) ON CONFLICT(node) "
+        "DO UPDATE SET ts = excluded.ts",
+        (node, time.time()),
+    )
 
 
-async def recent_decisions(store: Store, *, since: float | None = None, limit: int = 100,
-                           customer: str | None = None, action: str | None = None,
-                           rule: str | None = None, address: str | None = None) -> list[dict]:
+async def recent_decisions(
+    store: Store,
+    *,
+    since: float | None = None,
+    limit: int = 100,
+    customer: str | None = None,
+    action: str | None = None,
+    rule: str | None = None,
+    address: str | None = None,
+) -> list[dict]:
     """Newest first; every filter optional. `address` matches sender or recipient."""
     where: list[str] = []
     params: list[str | float] = []

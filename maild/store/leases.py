@@ -30,15 +30,17 @@ MIGRATIONS = (
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def acquire(store: Store, name: str, *, ttl: float, owner: str = OWNER,
-                  now: float | None = None) -> bool:
+async def acquire(
+    store: Store, name: str, *, ttl: float, owner: str = OWNER, now: float | None = None
+) -> bool:
     """Take the lease if it is free, expired or ours; True when this owner holds it."""
     now = time.time() if now is None else now
     row = await store.fetchone(
         "INSERT INTO leases(name, owner, expires) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
         "SET owner = excluded.owner, expires = excluded.expires "
         "WHERE leases.expires < ? OR leases.owner = ? RETURNING owner",
-        (name, owner, now + ttl, now, owner))
+        (name, owner, now + ttl, now, owner),
+    )
     return row is not None and row[0] == owner
 
 

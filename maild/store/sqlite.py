@@ -33,8 +33,12 @@ log = logging.getLogger("maild.store")
 INIT_FLAG = "--init-state"
 _HEADER = b"SQLite format 3\0"
 # Errors of the statement or the caller, not of the store: they say nothing about health.
-_NOT_HEALTH = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError,
-               sqlite3.DataError)
+_NOT_HEALTH = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    sqlite3.DataError,
+)
 
 
 class StateRefused(StoreError):
@@ -45,14 +49,22 @@ def _unusable(path: str, what: str) -> StateRefused:
     return StateRefused(
         f"state store {path} {what}: refusing to start over it, which would drop the "
         f"sanctions and the consent ledger; restore it from a backup, or start once with "
-        f"`maild serve {INIT_FLAG}` to move it aside and begin an empty state")
+        f"`maild serve {INIT_FLAG}` to move it aside and begin an empty state"
+    )
 
 
 class SQLiteStore:
     dialect = "sqlite"
 
-    def __init__(self, path: str, *, migrations: Migrations, migrate: bool = True,
-                 check: bool = False, init: bool = False):
+    def __init__(
+        self,
+        path: str,
+        *,
+        migrations: Migrations,
+        migrate: bool = True,
+        check: bool = False,
+        init: bool = False,
+    ):
         self.path = path
         self.migrations = migrations
         self.shm = path + "-shm"
@@ -64,7 +76,8 @@ class SQLiteStore:
         # lands in the middle of it; calls made inside the block skip the lock.
         self._tx_lock = asyncio.Lock()
         self._in_tx: contextvars.ContextVar[bool] = contextvars.ContextVar(
-            f"maild-sqlite-{id(self)}", default=False)
+            f"maild-sqlite-{id(self)}", default=False
+        )
 
     def _shm_writable(self) -> None:
         """Raise (instead of letting SQLite fault) when the -shm file cannot be written."""
@@ -74,8 +87,10 @@ class SQLiteStore:
         with contextlib.suppress(OSError):
             if not os.statvfs(self.shm).f_flag & os.ST_RDONLY:
                 why = "it is immutable or its permissions forbid it"
-        raise StoreError(f"state store {self.path}: cannot write {self.shm} ({why}): "
-                         "SQLite cannot update its WAL index")
+        raise StoreError(
+            f"state store {self.path}: cannot write {self.shm} ({why}): "
+            "SQLite cannot update its WAL index"
+        )
 
     def _error(self, e: Exception) -> StoreError:
         err = e if isinstance(e, StoreError) else StoreError(f"state store {self.path}: {e}")
@@ -180,8 +195,9 @@ class SQLiteStore:
         if self.check:
             async with self.db.execute("PRAGMA quick_check(1)") as cur:
                 verdict = (await cur.fetchone() or ("no answer",))[0]
-        async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                   "AND name = 'schema_version'") as cur:
+        async with self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ) as cur:
             ours = await cur.fetchone() is not None
         if verdict != "ok":
             raise _unusable(self.path, f"is damaged (SQLite quick_check: {verdict})")
@@ -195,8 +211,12 @@ class SQLiteStore:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.path + suffix, aside + suffix)
-        log.warning("state store: moved %s aside to %s (%s); starting an empty state",
-                    self.path, aside, INIT_FLAG)
+        log.warning(
+            "state store: moved %s aside to %s (%s); starting an empty state",
+            self.path,
+            aside,
+            INIT_FLAG,
+        )
 
     async def close(self) -> None:
         if self.db is None:
@@ -206,8 +226,11 @@ class SQLiteStore:
             self._shm_writable()
         except StoreError as e:
             _abandon(db)
-            log.error("error: %s; the state is left open, SQLite recovers it from the WAL at "
-                      "the next start", e)
+            log.error(
+                "error: %s; the state is left open, SQLite recovers it from the WAL at "
+                "the next start",
+                e,
+            )
             return
         await db.close()
 
@@ -215,19 +238,22 @@ class SQLiteStore:
         assert self.db is not None
         await self.db.execute(
             "CREATE TABLE IF NOT EXISTS schema_version ("
-            " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+            " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
         current = await self.schema_versions()
         for component, scripts in self.migrations.items():
             have = current.get(component, 0)
             if have > len(scripts):
                 raise StoreError(
                     f"state store {self.path} has {component} schema v{have}, newer than this "
-                    f"maild knows (v{len(scripts)}): upgrade maild or restore a matching state")
+                    f"maild knows (v{len(scripts)}): upgrade maild or restore a matching state"
+                )
             for version in range(have + 1, len(scripts) + 1):
                 await self.db.executescript(
                     "BEGIN;\n" + scripts[version - 1] + "\n"
                     f"INSERT INTO schema_version(component, version) VALUES ('{component}', {version})"
-                    f" ON CONFLICT(component) DO UPDATE SET version = {version};\nCOMMIT;")
+                    f" ON CONFLICT(component) DO UPDATE SET version = {version};\nCOMMIT;"
+                )
         await self.db.commit()
 
     async def schema_versions(self) -> dict[str, int]:
@@ -270,8 +296,10 @@ def _create(path: str) -> None:
     con = sqlite3.connect(tmp)
     try:
         con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                    " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
         con.commit()
     finally:
         con.close()  # the last connection checkpoints and removes the -wal and -shm

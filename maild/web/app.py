@@ -29,7 +29,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                               "form-action 'self'; frame-ancestors 'none'",
+    "form-action 'self'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
 
@@ -46,8 +46,12 @@ async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except StoreError as e:
         log.error("web: %s %s: state store: %s", request.method, _where(request), e)
-        resp = problem("Try again later", "A temporary problem kept us from doing this; "
-                       "nothing was changed. Please try again in a few minutes.", 503)
+        resp = problem(
+            "Try again later",
+            "A temporary problem kept us from doing this; "
+            "nothing was changed. Please try again in a few minutes.",
+            503,
+        )
         resp.headers["Retry-After"] = "300"
     except Exception:
         log.exception("web: %s %s failed", request.method, _where(request))
@@ -107,16 +111,20 @@ class WebService:
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def _serve(self, app: web.Application, where: tuple[str, int], what: str) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               keepalive_timeout=guard.CLIENT_SECONDS)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=guard.CLIENT_SECONDS
+        )
         await runner.setup()
         host, port = where
         try:
             await web.TCPSite(runner, host or None, port, reuse_address=True).start()
         except OSError as e:
             await runner.cleanup()
-            raise OSError(e.errno, f"{e.strerror or e} ([web] {what} = {host}:{port}; maild "
-                          "binds it after dropping root: a port above 1023)") from None
+            raise OSError(
+                e.errno,
+                f"{e.strerror or e} ([web] {what} = {host}:{port}; maild "
+                "binds it after dropping root: a port above 1023)",
+            ) from None
         self.runners.append(runner)
 
     async def start(self) -> None:
@@ -125,17 +133,22 @@ class WebService:
         # (a list registered later gets its key at its first message, from the store).
         await self.key("csrf")
         optin = getattr(self.daemon, "optin", None)
-        for list_id in (optin.registry().lists if optin is not None else ()):
+        for list_id in optin.registry().lists if optin is not None else ():
             await self.list_key(list_id)
         separate = w.metrics_listen if w.metrics else None  # metrics on a listener of their own
-        await self._serve(self.app(pages=True, with_metrics=w.metrics and separate is None),
-                          w.listen, "listen")
+        await self._serve(
+            self.app(pages=True, with_metrics=w.metrics and separate is None), w.listen, "listen"
+        )
         if separate is not None:
-            await self._serve(self.app(pages=False, with_metrics=True), separate,
-                              "metrics_listen")
-        log.info("web: listening on %s:%d base_url=%s metrics=%s", *w.listen, w.base_url,
-                 "off" if not w.metrics else ("{}:{}".format(*separate) if separate is not None
-                                              else "on the web listener"))
+            await self._serve(self.app(pages=False, with_metrics=True), separate, "metrics_listen")
+        log.info(
+            "web: listening on %s:%d base_url=%s metrics=%s",
+            *w.listen,
+            w.base_url,
+            "off"
+            if not w.metrics
+            else ("{}:{}".format(*separate) if separate is not None else "on the web listener"),
+        )
 
     async def stop(self) -> None:
         for r in self.runners:

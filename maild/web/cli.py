@@ -21,9 +21,11 @@ from maild.web.settings import section
 def _base_url(config: Config) -> str:
     w = section(config)
     if not w.base_url:
-        raise click.UsageError(f"{config.path}: [web] base_url is not set: one-click URLs are "
-                               "built from the public URL maild's pages are reached at "
-                               "(docs/policies.md, [web])")
+        raise click.UsageError(
+            f"{config.path}: [web] base_url is not set: one-click URLs are "
+            "built from the public URL maild's pages are reached at "
+            "(docs/policies.md, [web])"
+        )
     return w.base_url
 
 
@@ -47,11 +49,18 @@ def unsubscribe_url_cmd(list_id: str, address: str, as_json: bool) -> None:
 
     lid, url = _run(config, do)
     if as_json:
-        echo_json({"list_id": lid, "address": addr, "url": url,
-                   "list_unsubscribe": f"<{url}>",
-                   "list_unsubscribe_post": "List-Unsubscribe=One-Click"})
+        echo_json(
+            {
+                "list_id": lid,
+                "address": addr,
+                "url": url,
+                "list_unsubscribe": f"<{url}>",
+                "list_unsubscribe_post": "List-Unsubscribe=One-Click",
+            }
+        )
     else:
         click.echo(url)
+
 
 @click.command("unsubscribe-key")
 @click.argument("list_id", metavar="LIST")

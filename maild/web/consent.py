@@ -54,8 +54,9 @@ def _redacted(name: str, value: str) -> str:
     a webmail session among them, and the ledger and its bundles outlive them all)."""
     n = name.lower()
     if n == "cookie":
-        return "; ".join(f"{c.split('=', 1)[0].strip()}=REDACTED"
-                         for c in value.split(";") if c.strip())
+        return "; ".join(
+            f"{c.split('=', 1)[0].strip()}=REDACTED" for c in value.split(";") if c.strip()
+        )
     if n in ("authorization", "proxy-authorization"):
         return f"{value.strip().split(' ', 1)[0]} REDACTED"
     return value
@@ -87,10 +88,17 @@ def hidden_capability(request: web.Request, marker: str) -> tuple[dict[str, str]
 def http_detail(request: web.Request, client: str, path: str) -> dict[str, Any]:
     """What the event's detail says about the request (the raw bytes hold the rest)."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    return {"http": {"method": request.method, "path": path, "host": request.host[:255],
-                     "client_ip": client, "peer": peer[0] if peer else "",
-                     "forwarded_for": ", ".join(request.headers.getall("X-Forwarded-For", []))[:500],
-                     "received": iso(time.time())}}
+    return {
+        "http": {
+            "method": request.method,
+            "path": path,
+            "host": request.host[:255],
+            "client_ip": client,
+            "peer": peer[0] if peer else "",
+            "forwarded_for": ", ".join(request.headers.getall("X-Forwarded-For", []))[:500],
+            "received": iso(time.time()),
+        }
+    }
 
 
 class Consent:
@@ -124,8 +132,12 @@ class Consent:
 
     def _bad_link(self, page: str) -> web.Response:
         self.web.count(page, "bad-link")
-        return problem("Link not valid", "This unsubscribe link is not valid. Use the link "
-                       "in the most recent message from the list, or write to its owner.", 404)
+        return problem(
+            "Link not valid",
+            "This unsubscribe link is not valid. Use the link "
+            "in the most recent message from the list, or write to its owner.",
+            404,
+        )
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
         """GET: a page with a button; never revokes."""
@@ -134,9 +146,16 @@ class Consent:
             return self._bad_link("unsubscribe-page")
         lst, address = target
         self.web.count("unsubscribe-page", "shown")
-        return html(pages.render(pages.UNSUBSCRIBE_FORM, f"Unsubscribe from {lst.cfg.name}",
-                                 address=address, name=lst.cfg.name, list_id=lst.id,
-                                 action=request.path))
+        return html(
+            pages.render(
+                pages.UNSUBSCRIBE_FORM,
+                f"Unsubscribe from {lst.cfg.name}",
+                address=address,
+                name=lst.cfg.name,
+                list_id=lst.id,
+                action=request.path,
+            )
+        )
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         """POST with List-Unsubscribe=One-Click (RFC 8058): revoke at once."""
@@ -147,9 +166,13 @@ class Consent:
         form = await guard.read_form(request)
         if form.get(ONE_CLICK_FIELD) != ONE_CLICK_VALUE:
             self.web.count("unsubscribe", "no-one-click")
-            return problem("Nothing changed", "This request did not say "
-                           f"{ONE_CLICK_FIELD}={ONE_CLICK_VALUE} (RFC 8058), so nothing was "
-                           "changed. Use the button on the unsubscribe page.", 400)
+            return problem(
+                "Nothing changed",
+                "This request did not say "
+                f"{ONE_CLICK_FIELD}={ONE_CLICK_VALUE} (RFC 8058), so nothing was "
+                "changed. Use the button on the unsubscribe page.",
+                400,
+            )
         client = client_of(request, self.web.settings)
         before = self.optin.standing(lst.id, address)
         if before.state in GONE:
@@ -157,23 +180,42 @@ class Consent:
         else:
             hide, path = hidden_capability(request, "MAC-REDACTED")
             res = await actions.revoke(  # the CLI's own path: one chain
-                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst.cfg,
-                address, channel="one-click", actor="maild-web", ip=client,
+                self.optin.ledger,
+                self.web.daemon.config,
+                self.optin.downstream,
+                lst.cfg,
+                address,
+                channel="one-click",
+                actor="maild-web",
+                ip=client,
                 user_agent=request.headers.get("User-Agent", ""),
                 evidence=await raw_request(request, hide),
-                detail=http_detail(request, client, path))
+                detail=http_detail(request, client, path),
+            )
             await self.optin.refresh()  # the very next message to the address is refused
             outcome = f"revoked (was {res.before.state})"
         self.web.count("unsubscribe", outcome.split(" ")[0])
-        log.info("web: one-click list=%s address=%s result=%s client=%s", lst.id,
-                 clean(address), outcome, clean(client))
-        return html(pages.render(pages.UNSUBSCRIBED, f"Unsubscribed from {lst.cfg.name}",
-                                 address=address, name=lst.cfg.name))
+        log.info(
+            "web: one-click list=%s address=%s result=%s client=%s",
+            lst.id,
+            clean(address),
+            outcome,
+            clean(client),
+        )
+        return html(
+            pages.render(
+                pages.UNSUBSCRIBED,
+                f"Unsubscribed from {lst.cfg.name}",
+                address=address,
+                name=lst.cfg.name,
+            )
+        )
 
     # ------------------------------------------------------------- forms
 
-    async def _form(self, request: web.Request, template: str, title: str,
-                    **values: object) -> web.Response:
+    async def _form(
+        self, request: web.Request, template: str, title: str, **values: object
+    ) -> web.Response:
         """A form page with its CSRF pair: the cookie (kept if the browser has one) and the
         field signed for this path."""
         nonce = request.cookies.get(guard.CSRF_COOKIE, "")
@@ -181,20 +223,33 @@ class Consent:
             nonce = guard.new_nonce()
         token = guard.csrf_token(await self.web.key("csrf"), nonce, request.path)
         resp = html(pages.render(template, title, action=request.path, csrf=token, **values))
-        resp.set_cookie(guard.CSRF_COOKIE, nonce, httponly=True, samesite="Strict",
-                        secure=self.web.settings.base_url.startswith("https:"),
-                        path=self.web.base_path or "/")
+        resp.set_cookie(
+            guard.CSRF_COOKIE,
+            nonce,
+            httponly=True,
+            samesite="Strict",
+            secure=self.web.settings.base_url.startswith("https:"),
+            path=self.web.base_path or "/",
+        )
         return resp
 
     async def _guarded(self, request: web.Request, page: str) -> tuple[Any, str] | web.Response:
         """A form POST's (fields, client), or the refusal: bad CSRF pair, over the limit."""
         form = await guard.read_form(request)
         csrf = form.get("csrf")
-        if not guard.csrf_ok(await self.web.key("csrf"), request.cookies.get(guard.CSRF_COOKIE),
-                             request.path, csrf if isinstance(csrf, str) else None):
+        if not guard.csrf_ok(
+            await self.web.key("csrf"),
+            request.cookies.get(guard.CSRF_COOKIE),
+            request.path,
+            csrf if isinstance(csrf, str) else None,
+        ):
             self.web.count(page, "csrf")
-            return problem("Form expired", "This form has expired or did not come from this "
-                           "site. Go back, reload the page and try again.", 403)
+            return problem(
+                "Form expired",
+                "This form has expired or did not come from this "
+                "site. Go back, reload the page and try again.",
+                403,
+            )
         w = self.web.settings
         client = client_of(request, w)
         if not self.web.limiter.allow(f"client:{client}", w.client_limit, w.limit_window):
@@ -216,9 +271,15 @@ class Consent:
             return self._no_list("subscribe-page")
         self.web.count("subscribe-page", "shown")
         c = lst.cfg
-        return await self._form(request, pages.SUBSCRIBE_FORM, f"Subscribe to {c.name}",
-                                name=c.name, list_id=c.id, owner=c.owner,
-                                consent=c.consent_text)
+        return await self._form(
+            request,
+            pages.SUBSCRIBE_FORM,
+            f"Subscribe to {c.name}",
+            name=c.name,
+            list_id=c.id,
+            owner=c.owner,
+            consent=c.consent_text,
+        )
 
     def _no_list(self, page: str) -> web.Response:
         self.web.count(page, "no-list")
@@ -238,36 +299,75 @@ class Consent:
             address = actions.check_address(raw_address if isinstance(raw_address, str) else "")
         except ActionError:
             self.web.count("subscribe", "bad-address")
-            return problem("Not an email address", f"{str(raw_address or '')[:200]!s} is not "
-                           "an email address such as bob@example.org. Go back and correct it.",
-                           400)
+            return problem(
+                "Not an email address",
+                f"{str(raw_address or '')[:200]!s} is not "
+                "an email address such as bob@example.org. Go back and correct it.",
+                400,
+            )
         w = self.web.settings
-        if not self.web.limiter.allow(f"address:{guard.mailbox(address)}", w.address_limit,
-                                      w.limit_window):
+        if not self.web.limiter.allow(
+            f"address:{guard.mailbox(address)}", w.address_limit, w.limit_window
+        ):
             return self._busy("subscribe", client)
         # Recorded and sent after the answer: how long that takes (a ledger write and a
         # mail, or neither for an address subscribed already) must not tell who is.
-        self.optin.spawn(self._request(lst.cfg, address, client,
-                                       request.headers.get("User-Agent", ""),
-                                       await raw_request(request),
-                                       http_detail(request, client, request.path)))
-        return html(pages.render(pages.SUBSCRIBE_SENT, f"Subscribe to {lst.cfg.name}",
-                                 address=address, name=lst.cfg.name))
+        self.optin.spawn(
+            self._request(
+                lst.cfg,
+                address,
+                client,
+                request.headers.get("User-Agent", ""),
+                await raw_request(request),
+                http_detail(request, client, request.path),
+            )
+        )
+        return html(
+            pages.render(
+                pages.SUBSCRIBE_SENT,
+                f"Subscribe to {lst.cfg.name}",
+                address=address,
+                name=lst.cfg.name,
+            )
+        )
 
-    async def _request(self, lst: Any, address: str, client: str, user_agent: str,
-                       evidence: bytes, detail: dict[str, Any]) -> None:
+    async def _request(
+        self,
+        lst: Any,
+        address: str,
+        client: str,
+        user_agent: str,
+        evidence: bytes,
+        detail: dict[str, Any],
+    ) -> None:
         """The subscribe POST's work, after its answer; each outcome is one log line."""
+
         def logged(level: int, result: str, reason: str) -> str:
-            log.log(level, "web: subscribe list=%s address=%s result=%s client=%s "
-                    "reason=\"%s\"", lst.id, clean(address), result, clean(client),
-                    clean(reason))
+            log.log(
+                level,
+                'web: subscribe list=%s address=%s result=%s client=%s reason="%s"',
+                lst.id,
+                clean(address),
+                result,
+                clean(client),
+                clean(reason),
+            )
             return result
 
         try:
             res = await actions.request(  # the CLI's own path: one chain
-                self.optin.ledger, self.web.daemon.config, self.optin.downstream, lst,
-                address, channel="web", actor="maild-web", ip=client, user_agent=user_agent,
-                evidence=evidence, detail=detail)
+                self.optin.ledger,
+                self.web.daemon.config,
+                self.optin.downstream,
+                lst,
+                address,
+                channel="web",
+                actor="maild-web",
+                ip=client,
+                user_agent=user_agent,
+                evidence=evidence,
+                detail=detail,
+            )
             await self.optin.refresh()
             outcome = "requested" if res.sent or self.optin.downstream is None else "not-sent"
         except ActionError as e:
@@ -291,15 +391,29 @@ class Consent:
         t = await self.optin.find_token(th) if 20 <= len(token) <= 64 else None
         lst = self._list(t.list_id) if t is not None else None
         if t is None or lst is None:
-            return problem("Link not valid", "This confirmation link is not valid. Ask the "
-                           "list again for a new confirmation message.", 404)
+            return problem(
+                "Link not valid",
+                "This confirmation link is not valid. Ask the "
+                "list again for a new confirmation message.",
+                404,
+            )
         if t.used:
-            return html(pages.render(pages.CONFIRMED, f"Subscribed to {lst.cfg.name}",
-                                     address=t.address, name=lst.cfg.name))
+            return html(
+                pages.render(
+                    pages.CONFIRMED,
+                    f"Subscribed to {lst.cfg.name}",
+                    address=t.address,
+                    name=lst.cfg.name,
+                )
+            )
         if t.expires < self.optin.clock():
-            return problem("Link expired", f"This confirmation link expired on "
-                           f"{iso(t.expires)[:16].replace('T', ' ')} UTC. Ask the list again "
-                           "for a new confirmation message.", 410)
+            return problem(
+                "Link expired",
+                f"This confirmation link expired on "
+                f"{iso(t.expires)[:16].replace('T', ' ')} UTC. Ask the list again "
+                "for a new confirmation message.",
+                410,
+            )
         return t, lst, th
 
     async def confirm_page(self, request: web.Request) -> web.Response:
@@ -311,9 +425,15 @@ class Consent:
         t, lst, _ = got
         self.web.count("confirm-page", "shown")
         consent = await self.optin.ledger.consent_text(t.consent_hash) or lst.cfg.consent_text
-        return await self._form(request, pages.CONFIRM_FORM, f"Confirm: {lst.cfg.name}",
-                                address=t.address, name=lst.cfg.name, list_id=lst.id,
-                                consent=consent)
+        return await self._form(
+            request,
+            pages.CONFIRM_FORM,
+            f"Confirm: {lst.cfg.name}",
+            address=t.address,
+            name=lst.cfg.name,
+            list_id=lst.id,
+            consent=consent,
+        )
 
     async def confirm(self, request: web.Request) -> web.Response:
         """POST: the subscriber's confirmation, with the raw request (token redacted)."""
@@ -330,12 +450,22 @@ class Consent:
         hide, path = hidden_capability(request, f"TOKEN-SHA256-{th[:32]}")
         try:
             ev = await self.optin.ledger.append(
-                list_id=t.list_id, address=t.address, kind=Kind.CONFIRM, channel="web",
-                actor="maild-web", ip=client, user_agent=request.headers.get("User-Agent", ""),
-                consent_hash=t.consent_hash or lst.cfg.consent_hash, token_hash=th,
+                list_id=t.list_id,
+                address=t.address,
+                kind=Kind.CONFIRM,
+                channel="web",
+                actor="maild-web",
+                ip=client,
+                user_agent=request.headers.get("User-Agent", ""),
+                consent_hash=t.consent_hash or lst.cfg.consent_hash,
+                token_hash=th,
                 raw=await raw_request(request, hide),
-                detail={**http_detail(request, client, path), "request_seq": t.request_seq,
-                        "confirmation_message_id": t.message_id})
+                detail={
+                    **http_detail(request, client, path),
+                    "request_seq": t.request_seq,
+                    "confirmation_message_id": t.message_id,
+                },
+            )
         except StoreError:
             t.used = False
             raise
@@ -343,10 +473,21 @@ class Consent:
         log_event(ev)
         await self.optin.refresh()
         self.web.count("confirm", "confirmed")
-        log.info("web: confirm list=%s address=%s token_hash=%s client=%s", t.list_id,
-                 clean(t.address), short(th), clean(client))
-        return html(pages.render(pages.CONFIRMED, f"Subscribed to {lst.cfg.name}",
-                                 address=t.address, name=lst.cfg.name))
+        log.info(
+            "web: confirm list=%s address=%s token_hash=%s client=%s",
+            t.list_id,
+            clean(t.address),
+            short(th),
+            clean(client),
+        )
+        return html(
+            pages.render(
+                pages.CONFIRMED,
+                f"Subscribed to {lst.cfg.name}",
+                address=t.address,
+                name=lst.cfg.name,
+            )
+        )
 
     def routes(self, app: web.Application, base: str) -> None:
         path = f"{base}/unsubscribe/{{list}}/{{address}}/{{mac}}"

@@ -35,9 +35,9 @@ _MAX_KEYS = 100_000
 CLIENT_SECONDS = 20.0  # for the headers (and an idle keep-alive), and again for the body
 
 
-def client_address(peer: str, forwarded_for: Iterable[str],
-                   trusted: tuple[Network, ...]) -> str:
+def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Network, ...]) -> str:
     """The address a request came from, believing X-Forwarded-For only from `trusted`."""
+
     def is_trusted(a: str) -> bool:
         try:
             ip = ipaddress.ip_address(a)
@@ -62,8 +62,9 @@ def client_of(request: web.Request, settings: Any) -> str:
     """The client of an aiohttp request under the [web] settings' trusted proxies."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     addr = str(peer[0]) if peer else (request.remote or "")
-    return client_address(addr, request.headers.getall("X-Forwarded-For", []),
-                          settings.trusted_proxies)
+    return client_address(
+        addr, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
+    )
 
 
 async def read_form(request: web.Request) -> MultiDictProxy[Any]:

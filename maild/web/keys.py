@@ -40,17 +40,20 @@ MAC_HEX = 32  # 128 bits: unguessable, and short enough for a mail header line
 
 async def key(store: Store, name: str) -> bytes:
     """The named secret, created (once, by whoever asks first) if it does not exist."""
-    await store.execute("INSERT INTO web_keys(name, secret, created) VALUES (?, ?, ?) "
-                        "ON CONFLICT(name) DO NOTHING",
-                        (name, secrets.token_hex(32), time.time()))
+    await store.execute(
+        "INSERT INTO web_keys(name, secret, created) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+        (name, secrets.token_hex(32), time.time()),
+    )
     row = await store.fetchone("SELECT secret FROM web_keys WHERE name = ?", (name,))
     assert row is not None
     return bytes.fromhex(str(row[0]))
 
 
 async def all_keys(store: Store) -> dict[str, bytes]:
-    return {str(n): bytes.fromhex(str(s))
-            for n, s in await store.fetchall("SELECT name, secret FROM web_keys")}
+    return {
+        str(n): bytes.fromhex(str(s))
+        for n, s in await store.fetchall("SELECT name, secret FROM web_keys")
+    }
 
 
 def list_key_name(list_id: str) -> str:

@@ -22,11 +22,11 @@ def url(base_url: str, key: bytes, list_id: str, address: str) -> str:
 def parse(base_url: str, uri: str) -> tuple[str, str, str] | None:
     """(list_id, address, mac) of a maild one-click URL under base_url, else None."""
     p = prefix(base_url)
-    if not base_url or uri[:len(p)].lower() != p.lower():
+    if not base_url or uri[: len(p)].lower() != p.lower():
         return None
     path = urlsplit(uri).path
     base_path = urlsplit(p).path
-    parts = path[len(base_path):].split("/") if path.startswith(base_path) else []
+    parts = path[len(base_path) :].split("/") if path.startswith(base_path) else []
     if len(parts) != 3 or not all(parts):
         return None
     address = keys.decode_address(parts[1])

@@ -20,9 +20,17 @@ log = logging.getLogger("maild.web")
 # What [web] needs loaded before root is dropped (maild.privs.drop): aiohttp and
 # prometheus_client import parts of the standard library the unprivileged user may not
 # be able to read.
-PRELOAD = ("maild.web.app", "maild.web.consent", "maild.web.metrics", "maild.web.pages",
-           "maild.web.oneclick", "maild.web.guard", "maild.optin.model",
-           "prometheus_client.exposition", "prometheus_client.parser")
+PRELOAD = (
+    "maild.web.app",
+    "maild.web.consent",
+    "maild.web.metrics",
+    "maild.web.pages",
+    "maild.web.oneclick",
+    "maild.web.guard",
+    "maild.optin.model",
+    "prometheus_client.exposition",
+    "prometheus_client.parser",
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,9 @@ class WebConfig:
 def parse_web(r: Reader) -> WebConfig:
     d = WebConfig()
     base = r.str("base_url", "").strip().rstrip("/")
-    metrics_listen = r.hostport("metrics_listen", "127.0.0.1:9025") \
-        if r.has("metrics_listen") else None
+    metrics_listen = (
+        r.hostport("metrics_listen", "127.0.0.1:9025") if r.has("metrics_listen") else None
+    )
     c = WebConfig(
         enabled=r.bool("enabled", d.enabled),
         listen=r.hostport("listen", "127.0.0.1:8025"),
@@ -60,20 +69,38 @@ def parse_web(r: Reader) -> WebConfig:
     )
     if base:
         u = urlsplit(base)
-        if u.scheme not in ("https", "http") or not u.hostname or u.query or u.fragment or \
-                not (is_hostname(u.hostname) or _is_ip(u.hostname)):
-            r.error("base_url", base, 'the public URL of maild\'s pages, such as '
-                    '"https://lists.example.net/maild" (no query, no fragment)')
+        if (
+            u.scheme not in ("https", "http")
+            or not u.hostname
+            or u.query
+            or u.fragment
+            or not (is_hostname(u.hostname) or _is_ip(u.hostname))
+        ):
+            r.error(
+                "base_url",
+                base,
+                "the public URL of maild's pages, such as "
+                '"https://lists.example.net/maild" (no query, no fragment)',
+            )
         elif u.scheme == "http" and not _loopback(u.hostname):
             # RFC 8058 one-click URIs must be https; plain http only on a trial box.
-            r.error("base_url", base, "an https:// URL (RFC 8058 one-click needs https; "
-                    "TLS is terminated by the reverse proxy); http only for a loopback host")
+            r.error(
+                "base_url",
+                base,
+                "an https:// URL (RFC 8058 one-click needs https; "
+                "TLS is terminated by the reverse proxy); http only for a loopback host",
+            )
     if c.enabled and not base:
-        r.problems.append(f"{r.key('base_url')} is missing: [web] enabled = true needs the public "
-                          'URL its pages are reached at, e.g. "https://lists.example.net/maild"')
+        r.problems.append(
+            f"{r.key('base_url')} is missing: [web] enabled = true needs the public "
+            'URL its pages are reached at, e.g. "https://lists.example.net/maild"'
+        )
     if c.require_one_click and not c.enabled:
-        r.error("require_one_click", True, "false unless [web] enabled = true (maild must serve "
-                "the one-click URLs it requires)")
+        r.error(
+            "require_one_click",
+            True,
+            "false unless [web] enabled = true (maild must serve the one-click URLs it requires)",
+        )
     if metrics_listen is not None and metrics_listen == c.listen:
         r.error("metrics_listen", "{}:{}".format(*metrics_listen), "an address other than listen")
     r.unknown()
@@ -106,7 +133,14 @@ def reload_note(old: object, new: object) -> None:
     """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
     once; what the listeners and routes were built from does not."""
     a, b = section(old), section(new)
-    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != \
-            (b.enabled, b.listen, b.metrics, b.metrics_listen, urlsplit(b.base_url).path):
-        log.warning("warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
-                    "path of base_url take effect only after a restart")
+    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != (
+        b.enabled,
+        b.listen,
+        b.metrics,
+        b.metrics_listen,
+        urlsplit(b.base_url).path,
+    ):
+        log.warning(
+            "warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
+            "path of base_url take effect only after a restart"
+        )

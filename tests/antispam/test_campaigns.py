@@ -5,11 +5,15 @@ import math
 from maild.antispam.campaigns import Campaigns
 from maild.textsig import normalise, signature, volatile_tokens
 
-BASE = ("Dear {n}, our spring sale has started: 30% off all shoes and boots at "
-        "https://shop.example/sale?u={n}{i} until May {i}. Reply to {n}@mail.example "
-        "to unsubscribe from this newsletter. Kind regards, the shop team")
-OTHER = ("Minutes of the board meeting: the budget for next year was approved, "
-         "the roof repair is scheduled for March and the next meeting is on Tuesday")
+BASE = (
+    "Dear {n}, our spring sale has started: 30% off all shoes and boots at "
+    "https://shop.example/sale?u={n}{i} until May {i}. Reply to {n}@mail.example "
+    "to unsubscribe from this newsletter. Kind regards, the shop team"
+)
+OTHER = (
+    "Minutes of the board meeting: the budget for next year was approved, "
+    "the roof repair is scheduled for March and the next meeting is on Tuesday"
+)
 
 
 def sig(text: str, name: str = ""):
@@ -56,7 +60,9 @@ def test_memory_is_bounded():
     import random
 
     rnd = random.Random(7)
-    words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(2000)]
+    words = [
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(2000)
+    ]
     for _ in range(50):
         c.add("acme", sig(" ".join(rnd.sample(words, 30))), 1)
     assert len(c.customers["acme"].campaigns) == 10

@@ -141,7 +141,9 @@ def test_each_window_counts_a_message_once_and_decays_over_its_own_period():
 
     def send() -> str | None:
         res = Reservation()
-        over = lim.try_reserve(res, [("messages", "cust:a", hour, 1.0), ("messages", "cust:a", day, 1.0)])
+        over = lim.try_reserve(
+            res, [("messages", "cust:a", hour, 1.0), ("messages", "cust:a", day, 1.0)]
+        )
         if over is None:
             lim.commit(res)
         return None if over is None else over.rate.text
@@ -177,8 +179,10 @@ async def test_a_counter_stored_before_per_window_counting_is_carried_over(tmp_p
     3 messages were stored as 6. After the upgrade each window holds 3, the old row goes."""
     clock = Clock()
     store = await open_store(str(tmp_path / "s.db"))
-    await store.execute("INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
-                        ("cust:a", 6.0, clock.t, 86400.0))
+    await store.execute(
+        "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
+        ("cust:a", 6.0, clock.t, 86400.0),
+    )
     lim = Limiter(clock)
     assert await lim.load(store) == 1
     assert "ratelimit: legacy counters=1" in caplog.text

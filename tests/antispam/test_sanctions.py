@@ -5,9 +5,13 @@ import asyncio
 from maild.antispam.sanctions import Sanctions, SanctionsConfig, set_state
 from maild.components import open_store, parse
 
-CONFIG = parse({"postmaster": {"domains": ["h.example"]},
-                "customers": [{"name": "acme", "contact": "ops@acme.example"}],
-                "sanctions": {"window": "7d", "cooldown": "1h"}})
+CONFIG = parse(
+    {
+        "postmaster": {"domains": ["h.example"]},
+        "customers": [{"name": "acme", "contact": "ops@acme.example"}],
+        "sanctions": {"window": "7d", "cooldown": "1h"},
+    }
+)
 
 
 class Clock:
@@ -43,7 +47,9 @@ async def test_first_offence_warns_second_blocks(tmp_path):
     # further strikes while blocked change nothing
     clock.t += 7200
     assert await s.strike("acme", "bulk", "more") is None
-    rows = await store.fetchall("SELECT action FROM sanction_events WHERE customer='acme' ORDER BY id")
+    rows = await store.fetchall(
+        "SELECT action FROM sanction_events WHERE customer='acme' ORDER BY id"
+    )
     assert [r[0] for r in rows] == ["strike", "warn", "strike", "block", "strike"]
     await store.close()
 
@@ -111,7 +117,9 @@ def test_config_defaults_and_errors():
 def test_notice_text_says_what_and_how(tmp_path):
     from maild.antispam.notify import compose
 
-    msg, rcpts = compose(CONFIG, "acme", "warn", "1 offence in 7 days, latest: ratelimit: Rate limit messages", 1)
+    msg, rcpts = compose(
+        CONFIG, "acme", "warn", "1 offence in 7 days, latest: ratelimit: Rate limit messages", 1
+    )
     assert rcpts == ["ops@acme.example", "postmaster@h.example"]
     body = msg.get_content()
     assert "warning" in body.lower() and "abuse@h.example" in body and "rate limit" in body.lower()
@@ -124,9 +132,13 @@ async def test_a_control_row_committed_late_is_still_applied(tmp_path):
     s, store, _ = await make(tmp_path)
     seen = []
     s.on_control.append(lambda kind, arg: seen.append((kind, arg)))
-    await store.execute("INSERT INTO control(id, ts, kind, arg) VALUES (6, 0, 'ratelimit-reset', 'b')")
+    await store.execute(
+        "INSERT INTO control(id, ts, kind, arg) VALUES (6, 0, 'ratelimit-reset', 'b')"
+    )
     await s.poll()
-    await store.execute("INSERT INTO control(id, ts, kind, arg) VALUES (5, 0, 'ratelimit-reset', 'a')")
+    await store.execute(
+        "INSERT INTO control(id, ts, kind, arg) VALUES (5, 0, 'ratelimit-reset', 'a')"
+    )
     await s.poll()
     await s.poll()  # and only once
     assert seen == [("ratelimit-reset", "b"), ("ratelimit-reset", "a")]

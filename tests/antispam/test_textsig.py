@@ -28,21 +28,48 @@ def reference_signature(words: list[str]) -> tuple[int, ...] | None:
         return None
     mins = [0xFFFF] * SLOTS
     for i in range(len(words) - 2):
-        sh = " ".join(words[i:i + 3])
-        vals = textsig._UNPACK(hashlib.blake2b(sh.encode("utf-8", "surrogatepass"),
-                                               digest_size=64, key=textsig._KEY).digest())
+        sh = " ".join(words[i : i + 3])
+        vals = textsig._UNPACK(
+            hashlib.blake2b(
+                sh.encode("utf-8", "surrogatepass"), digest_size=64, key=textsig._KEY
+            ).digest()
+        )
         mins = list(map(min, mins, vals))
     return tuple(mins)
 
 
-PIECES = ["a", "B", "1", "42", "٣", "²", "½", "İ", "é", "_", "#", "@", ".", "-", "+", " ", "\n",
-          "http://", "https://x.example/p?q=1", "ftp://", "://", "a@b.example", "x.y"]
+PIECES = [
+    "a",
+    "B",
+    "1",
+    "42",
+    "٣",
+    "²",
+    "½",
+    "İ",
+    "é",
+    "_",
+    "#",
+    "@",
+    ".",
+    "-",
+    "+",
+    " ",
+    "\n",
+    "http://",
+    "https://x.example/p?q=1",
+    "ftp://",
+    "://",
+    "a@b.example",
+    "x.y",
+]
 VOLATILE = ["1", "42", "#", "a", "b", "٣", "x", "x.y", "ab"]
 
 
 @settings(max_examples=500)
-@given(st.lists(st.sampled_from(PIECES), max_size=30),
-       st.sets(st.sampled_from(VOLATILE), max_size=4))
+@given(
+    st.lists(st.sampled_from(PIECES), max_size=30), st.sets(st.sampled_from(VOLATILE), max_size=4)
+)
 def test_normalise_is_the_plain_definition(pieces, volatile):
     text = "".join(pieces)
     assert normalise(text, volatile) == reference_normalise(text, volatile)
@@ -54,8 +81,12 @@ def test_normalise_any_text(text):
 
 
 @settings(max_examples=200)
-@given(st.lists(st.sampled_from(["w", "x", "#", "@", "é", "日本", "\udcff"]
-                                + [f"w{i}" for i in range(50)]), max_size=80))
+@given(
+    st.lists(
+        st.sampled_from(["w", "x", "#", "@", "é", "日本", "\udcff"] + [f"w{i}" for i in range(50)]),
+        max_size=80,
+    )
+)
 def test_signature_is_the_plain_definition(words):
     assert signature(words) == reference_signature(words)
 

@@ -88,8 +88,10 @@ def smtp_argument(data: bytes) -> None:
     except UnicodeDecodeError:
         valid = False
     assert eight_bit(arg) == (None if data.isascii() else "utf-8" if valid else "malformed")
-    for keyword, allowed in (("FROM:", {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}),
-                             ("TO:", {"NOTIFY", "ORCPT"})):
+    for keyword, allowed in (
+        ("FROM:", {"BODY", "SIZE", "SMTPUTF8", "RET", "ENVID"}),
+        ("TO:", {"NOTIFY", "ORCPT"}),
+    ):
         out = _PARSER._parse(keyword, arg, allowed)
         if isinstance(out, str):
             assert REFUSAL.match(out), out

@@ -15,7 +15,13 @@ def budget(examples: int, **kw: object) -> settings:
 
     No deadline: a slow example is reported by the tests' own bounds, not as flakiness.
     """
-    return settings(max_examples=examples * (10 if SLOW else 1), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture],
-                    **kw)
+    return settings(
+        max_examples=examples * (10 if SLOW else 1),
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+        **kw,
+    )

@@ -23,8 +23,13 @@ MANY = budget(400)
 
 
 @MANY
-@given(st.one_of(any_path(), st.text(max_size=200),
-                 st.binary(max_size=200).map(lambda b: b.decode("utf-8", "surrogateescape"))))
+@given(
+    st.one_of(
+        any_path(),
+        st.text(max_size=200),
+        st.binary(max_size=200).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    )
+)
 @example("<" + "@a," * 5000 + "@b:c@d>")
 @example('<"' + "\\" * 10001 + '"@x>')
 @example("<" * 10000)
@@ -75,8 +80,10 @@ def test_params_parse_or_raise_path_error(p: str) -> None:
 
 
 @MANY
-@given(st.text(max_size=40).map(lambda s: s.replace("@", "")),
-       st.text(max_size=30).map(lambda s: s.replace("@", "")).filter(lambda d: d.strip(".")))
+@given(
+    st.text(max_size=40).map(lambda s: s.replace("@", "")),
+    st.text(max_size=30).map(lambda s: s.replace("@", "")).filter(lambda d: d.strip(".")),
+)
 def test_canonical_is_idempotent(local: str, domain: str) -> None:
     """For mailboxes with a domain. (Degenerate input is not: 'x@@' -> 'x@' -> 'x', and
     'x@.' -> 'x@' -> 'x'; harmless, such recipients cannot be delivered.)"""

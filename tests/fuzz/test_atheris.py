@@ -43,23 +43,38 @@ def test_coverage_guided_fuzzing(tmp_path: Path, record_property) -> None:
         _hypothesis_fallback()
         return
     seconds = 150 if SLOW else 10
-    cmd = [sys.executable, str(TARGET), f"-runs={2_000_000 if SLOW else 200_000}", "-seed=1",
-           f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=2048", "-max_len=4096",
-           f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", str(corpus)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
-                          cwd=TARGET.parents[2])
+    cmd = [
+        sys.executable,
+        str(TARGET),
+        f"-runs={2_000_000 if SLOW else 200_000}",
+        "-seed=1",
+        f"-max_total_time={seconds}",
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        "-max_len=4096",
+        f"-artifact_prefix={tmp_path}/",
+        "-print_final_stats=1",
+        str(corpus),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 120, cwd=TARGET.parents[2]
+    )
     out = proc.stdout + proc.stderr
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", out)
     cov = re.findall(r"cov: (\d+)", out)
     record_property("engine", "atheris")
     record_property("executions", int(runs.group(1)) if runs else None)
     record_property("coverage_edges", int(cov[-1]) if cov else None)
-    crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + \
-        sorted(tmp_path.glob("oom-*"))
+    crashes = (
+        sorted(tmp_path.glob("crash-*"))
+        + sorted(tmp_path.glob("timeout-*"))
+        + sorted(tmp_path.glob("oom-*"))
+    )
     assert proc.returncode == 0 and not crashes, (
         f"atheris found a problem (rc={proc.returncode}); input: "
         f"{crashes[0].read_bytes()[:300] if crashes else None!r}\n"
-        f"{replay(crashes[0]) if crashes else out[-4000:]}")
+        f"{replay(crashes[0]) if crashes else out[-4000:]}"
+    )
     assert runs and int(runs.group(1)) > 1000, out[-2000:]
 
 
@@ -73,7 +88,6 @@ def replay(crash: Path) -> str:
 
 
 @budget(3000)
-@given(st.one_of(st.sampled_from(atheris_target.SEEDS),
-                 st.binary(max_size=4096)))
+@given(st.one_of(st.sampled_from(atheris_target.SEEDS), st.binary(max_size=4096)))
 def _hypothesis_fallback(data: bytes) -> None:
     atheris_target.one_input(data)

@@ -52,7 +52,9 @@ def check_accepted(c: cfg.Config) -> None:
         assert 0 < port < 65536 and isinstance(host, str)
     lim = s.limits
     assert 78 <= lim.line_length <= 100000
-    assert lim.recipients_per_message >= 1 and lim.max_sessions >= 1 and lim.max_sessions_per_ip >= 1
+    assert (
+        lim.recipients_per_message >= 1 and lim.max_sessions >= 1 and lim.max_sessions_per_ip >= 1
+    )
     assert lim.message_size >= 0
     assert not (s.downstream_timeout >= 100)
     assert all(cfg.is_hostname(d) for d in c.hosted_domains)
@@ -73,12 +75,17 @@ def test_random_bytes(tmp_path_factory, data: bytes) -> None:
 
 
 @budget(250)
-@given(st.lists(st.tuples(st.integers(0, len(SHIPPED_TEXT)), st.binary(max_size=8),
-                          st.integers(0, 8)), min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(SHIPPED_TEXT)), st.binary(max_size=8), st.integers(0, 8)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_edited_shipped_file(tmp_path_factory, edits: list[tuple[int, bytes, int]]) -> None:
     data = bytearray(SHIPPED_TEXT)
     for pos, insert, delete in edits:
-        data[pos:pos + delete] = insert
+        data[pos : pos + delete] = insert
     c = load_bytes(tmp_path_factory.mktemp("e"), bytes(data))
     if c is not None:
         check_accepted(c)
@@ -129,10 +136,15 @@ def test_random_values_at_known_places(base: int, data: st.DataObject) -> None:
     check_accepted(c)
 
 
-@pytest.mark.parametrize("key, value", [
-    (k, v) for k in ("limits.command_timeout", "limits.data_timeout", "downstream_timeout")
-    for v in (math.nan, math.inf, 0, "0s")
-    if (k, v) != ("downstream_timeout", math.inf)])  # refused already: not below 100 s
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        (k, v)
+        for k in ("limits.command_timeout", "limits.data_timeout", "downstream_timeout")
+        for v in (math.nan, math.inf, 0, "0s")
+        if (k, v) != ("downstream_timeout", math.inf)
+    ],
+)  # refused already: not below 100 s
 def test_timeouts_must_be_finite_and_positive(key: str, value: object) -> None:
     doc = copy.deepcopy(SHIPPED_DOC)
     table = doc["server"]
@@ -151,8 +163,9 @@ def test_deeply_nested_file_is_a_config_error(tmp_path: Path) -> None:
     assert load_bytes(tmp_path, DEEP) is None
 
 
-def test_sighup_with_deeply_nested_file_is_refused(maild_factory, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sighup_with_deeply_nested_file_is_refused(
+    maild_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sock_path = tmp_path / "notify.sock"
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(str(sock_path))

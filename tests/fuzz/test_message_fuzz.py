@@ -58,15 +58,23 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-def data_verdict(loop: asyncio.AbstractEventLoop, content: bytes, *, customer: bool,
-                 smtputf8: bool = False):
+def data_verdict(
+    loop: asyncio.AbstractEventLoop, content: bytes, *, customer: bool, smtputf8: bool = False
+):
     addr = CUSTOMER_IP if customer else "192.0.2.77"
     client = Client(addr=addr, helo="mail.acme.example", name="mail.acme.example")
     sender = parse_path("<boss@acme.example>" if customer else "<someone@elsewhere.example>")
-    ctx = Context(config=CONFIG, session_id="FUZZ", client=client, sender=sender,
-                  mail_params=["SMTPUTF8"] if smtputf8 else [])
+    ctx = Context(
+        config=CONFIG,
+        session_id="FUZZ",
+        client=client,
+        sender=sender,
+        mail_params=["SMTPUTF8"] if smtputf8 else [],
+    )
     ctx.identity = resolve(CONFIG, client, sender=sender)
-    ctx.recipients = [parse_path("<partner@outside.example>" if customer else "<bob@hosted.example>")]
+    ctx.recipients = [
+        parse_path("<partner@outside.example>" if customer else "<bob@hosted.example>")
+    ]
     ctx.postmaster_only = False
     ctx.message = Message(content)
     return loop.run_until_complete(asyncio.wait_for(pipeline.run(Stage.DATA, ctx), 60)), ctx
@@ -109,9 +117,10 @@ def test_parsing_never_raises(content: bytes) -> None:
 @given(message(), st.booleans(), st.booleans())
 @example(b"From: \xff\xfe <boss@acme.example>\r\n\r\nx\r\n", True, False)
 @example(b"From: boss@acme.example\r\nSubject: \x00\r\n\r\nx\r\n", True, False)
-@example(b"From: \"\\\xff\" <\xff@acme.example>\r\nTo: a@b\r\n\r\nx\r\n", True, True)
-def test_data_stage_answers_a_well_formed_reply(loop, content: bytes, customer: bool,
-                                                utf8: bool) -> None:
+@example(b'From: "\\\xff" <\xff@acme.example>\r\nTo: a@b\r\n\r\nx\r\n', True, True)
+def test_data_stage_answers_a_well_formed_reply(
+    loop, content: bytes, customer: bool, utf8: bool
+) -> None:
     v, ctx = data_verdict(loop, content, customer=customer, smtputf8=utf8)
     assert_reply(v)
     for name, value in ctx.add_headers:
@@ -148,24 +157,37 @@ def python_calls(fn: Callable[[], object]) -> int:
 
 
 def nested_multipart(depth: int) -> bytes:
-    head = "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'
-                   for i in range(depth))
+    head = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(depth)
+    )
     tail = "".join(f"--b{i}--\r\n" for i in reversed(range(depth)))
-    return ("From: boss@acme.example\r\nSubject: nest\r\nMIME-Version: 1.0\r\n" + head
-            + "Content-Type: text/plain\r\n\r\nhello there world\r\n" + tail).encode()
+    return (
+        "From: boss@acme.example\r\nSubject: nest\r\nMIME-Version: 1.0\r\n"
+        + head
+        + "Content-Type: text/plain\r\n\r\nhello there world\r\n"
+        + tail
+    ).encode()
 
 
 def many_parts(n: int) -> bytes:
-    body = "".join(f"--B\r\nContent-Type: text/plain\r\n\r\nword{i} alpha beta gamma\r\n"
-                   for i in range(n)) + "--B--\r\n"
-    return ('From: boss@acme.example\r\nMIME-Version: 1.0\r\n'
-            'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + body).encode()
+    body = (
+        "".join(
+            f"--B\r\nContent-Type: text/plain\r\n\r\nword{i} alpha beta gamma\r\n" for i in range(n)
+        )
+        + "--B--\r\n"
+    )
+    return (
+        "From: boss@acme.example\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + body
+    ).encode()
 
 
 def test_huge_header_count_costs_linear_memory() -> None:
     """20,000 header fields (250 KB): parsed, counted and checked within 40x its size."""
-    content = b"".join(b"X-H%d: v\r\n" % i for i in range(20000)) + \
-        b"From: boss@acme.example\r\n\r\nbody\r\n"
+    content = (
+        b"".join(b"X-H%d: v\r\n" % i for i in range(20000))
+        + b"From: boss@acme.example\r\n\r\nbody\r\n"
+    )
     m = Message(content)
     peak = peak_bytes(lambda: (m.headers, m.field_counts, m.mailboxes, m.decoded_headers))
     assert m.field_counts["from"] == 1
@@ -199,8 +221,9 @@ def test_mime_part_count_does_not_multiply_the_work() -> None:
     than the same text in one part (BUG-10: it cost 1.2 M Python calls against 3 k, and
     200,000 parts held the event loop for 147 s)."""
     bomb = many_parts(1600)
-    same_text = (b"From: boss@acme.example\r\nMIME-Version: 1.0\r\n\r\n"
-                 + b"".join(b"word%d alpha beta gamma\r\n" % i for i in range(1600)))
+    same_text = b"From: boss@acme.example\r\nMIME-Version: 1.0\r\n\r\n" + b"".join(
+        b"word%d alpha beta gamma\r\n" % i for i in range(1600)
+    )
     plain = python_calls(lambda: textsig.body_text(same_text))
     parts = python_calls(lambda: textsig.body_text(bomb))
     assert parts <= 20 * plain + 50_000, (parts, plain)

@@ -22,8 +22,15 @@ PROPER = re.compile(r"^[25]\.\d{1,3}\.\d{1,3} ")
 
 def send(m, data: bytes) -> tuple[Attempt, float]:
     t0 = time.monotonic()
-    a = attempt(m.port, sender="boss@acme.example", rcpts=["partner@outside.example"], data=data,
-                source=CUSTOMER_IP, helo="mail.acme.example", timeout=300)
+    a = attempt(
+        m.port,
+        sender="boss@acme.example",
+        rcpts=["partner@outside.example"],
+        data=data,
+        source=CUSTOMER_IP,
+        helo="mail.acme.example",
+        timeout=300,
+    )
     return a, time.monotonic() - t0
 
 
@@ -40,16 +47,25 @@ def live(smtp_sink_factory, maild_factory):
 
 def test_header_and_part_floods_get_a_verdict(live, record_property):
     """100,000 header fields (1.3 MB) and 3,000 MIME parts: judged, answered, survived."""
-    hdrs = b"".join(b"X-H%d: v\r\n" % i for i in range(100_000)) + \
-        b"From: boss@acme.example\r\nSubject: flood\r\n\r\nbody\r\n"
+    hdrs = (
+        b"".join(b"X-H%d: v\r\n" % i for i in range(100_000))
+        + b"From: boss@acme.example\r\nSubject: flood\r\n\r\nbody\r\n"
+    )
     a, t_hdrs = send(live, hdrs)
     assert_verdict(a)
     b, t_parts = send(live, many_parts(3000))
     assert_verdict(b)
     assert live.proc.poll() is None
     rss, hwm = rss_kb(live.proc.pid)
-    record_property("bombs", {"header_flood_s": round(t_hdrs, 2), "parts_3000_s": round(t_parts, 2),
-                              "rss_mb": rss // 1024, "peak_mb": hwm // 1024})
+    record_property(
+        "bombs",
+        {
+            "header_flood_s": round(t_hdrs, 2),
+            "parts_3000_s": round(t_parts, 2),
+            "rss_mb": rss // 1024,
+            "peak_mb": hwm // 1024,
+        },
+    )
     assert hwm < 400 * 1024
 
 
@@ -65,8 +81,10 @@ def test_encoded_word_bomb_keeps_memory_bounded(live):
     """Through maild: one customer message whose From: holds 3,000 encoded words (57 KB,
     folded) may not raise maild's peak RSS by 100 MB (BUG-9: it went 44 -> 253 MB)."""
     before = rss_kb(live.proc.pid)[1]
-    bomb = (b"From: " + b"\r\n ".join([b"=?utf-8?q?=C3=A9?="] * 3000) + b" <boss@acme.example>"
-            b"\r\nSubject: words\r\n\r\nbody\r\n")
+    bomb = (
+        b"From: " + b"\r\n ".join([b"=?utf-8?q?=C3=A9?="] * 3000) + b" <boss@acme.example>"
+        b"\r\nSubject: words\r\n\r\nbody\r\n"
+    )
     a, _ = send(live, bomb)
     assert_verdict(a)
     hwm = rss_kb(live.proc.pid)[1]

@@ -26,8 +26,9 @@ SENDER = "fuzz-sender@hosted.example"  # bounces stay in a hosted Maildir
 
 def relay_attempt(port: int, path: str, source: str = STRANGER) -> tuple[int, int | None]:
     """RCPT TO:<path> byte-exact; DATA if accepted. (RCPT code, final code or None)."""
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30,
-                     source_address=(source, 0))
+    s = smtplib.SMTP(
+        "127.0.0.1", port, local_hostname="client.example", timeout=30, source_address=(source, 0)
+    )
     try:
         s.ehlo("client.example")
         code, _ = s.mail(SENDER)
@@ -54,8 +55,9 @@ def test_control_the_oracle_sees_a_relay(postfix_factory):
     """Straight to the re-injection smtpd (no maild), a source route through a hosted
     domain relays: Postfix strips the route and sends to the final, foreign domain."""
     pf = postfix_factory(hosted_domains=HOSTED)
-    code, final = relay_attempt(pf.reinject_port, "<@hosted.example:victim@outside.example>",
-                                source="127.0.0.1")
+    code, final = relay_attempt(
+        pf.reinject_port, "<@hosted.example:victim@outside.example>", source="127.0.0.1"
+    )
     assert code == 250 and final == 250
     settle(pf)
     assert len(leaked(pf)) == 1

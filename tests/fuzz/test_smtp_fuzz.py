@@ -80,17 +80,27 @@ class InProcessMaild:
         c = self.config
         maild_dns.configure(c)
         host, port = c.server.downstream
-        self.downstream = Downstream(host, port, local_hostname=c.server.hostname, timeout=10,
-                                     pool_size=4)
+        self.downstream = Downstream(
+            host, port, local_hostname=c.server.hostname, timeout=10, pool_size=4
+        )
         self.proxy = Proxy(c, self.downstream, None)
         self.counter = SessionCounter()
         self.admission = Admission(c.server.limits)
-        self.budget = Budget(c.server.limits.memory_in_flight, c.server.limits.spool_threshold,
-                             tempfile.gettempdir())
+        self.budget = Budget(
+            c.server.limits.memory_in_flight, c.server.limits.spool_threshold, tempfile.gettempdir()
+        )
         self.server = await self.loop.create_server(
-            lambda: MaildSMTP(self.proxy, settings=c.server, counter=self.counter,
-                              trusted=c.server.trusted_upstreams, admission=self.admission,
-                              budget=self.budget), "127.0.0.1", 0)
+            lambda: MaildSMTP(
+                self.proxy,
+                settings=c.server,
+                counter=self.counter,
+                trusted=c.server.trusted_upstreams,
+                admission=self.admission,
+                budget=self.budget,
+            ),
+            "127.0.0.1",
+            0,
+        )
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -119,7 +129,8 @@ def known_internal_error(r: logging.LogRecord) -> bool:
     test_control_character_in_a_path_is_refused_and_leaks_nothing."""
     e = r.exc_info[1] if r.exc_info else None
     return (isinstance(e, UnicodeEncodeError) and "surrogates not allowed" in str(e)) or (
-        isinstance(e, ValueError) and "prohibited control character" in str(e))
+        isinstance(e, ValueError) and "prohibited control character" in str(e)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +143,16 @@ def sink(tmp_path_factory) -> Iterator[SmtpSink]:
 
 @pytest.fixture(scope="module")
 def server(sink: SmtpSink) -> Iterator[InProcessMaild]:
-    policy = front_policy(sink.port, limits={
-        "message_size": 4000, "recipients_per_message": 4, "command_timeout": "60s",
-        "data_timeout": "60s", "max_sessions_per_ip": 50})
+    policy = front_policy(
+        sink.port,
+        limits={
+            "message_size": 4000,
+            "recipients_per_message": 4,
+            "command_timeout": "60s",
+            "data_timeout": "60s",
+            "max_sessions_per_ip": 50,
+        },
+    )
     policy["headers"] = {"mode": "enforce"}
     policy["dns"]["timeout"] = "1s"
     m = InProcessMaild(components.parse(policy, "fuzz.toml")).start()
@@ -244,8 +262,9 @@ def check_reply(sent: bytes, reply: bytes) -> None:
     if code[:1] in b"45":
         text = LINE.match(lines[-1]).group(3)
         m = ENHANCED.match(text)
-        assert m and m.group(1) == code[:1], f"refusal without a matching enhanced " \
-                                             f"status code: {reply!r} (to {sent[:80]!r})"
+        assert m and m.group(1) == code[:1], (
+            f"refusal without a matching enhanced status code: {reply!r} (to {sent[:80]!r})"
+        )
 
 
 def bad_bytes(body: bytes) -> bool:
@@ -264,8 +283,18 @@ def check(t: Transcript) -> None:
 
 # --------------------------------------------------------------------------- strategies
 
-helos = st.sampled_from([b"mail.acme.example", b"client.example", b"[127.0.0.5]", b"vm",
-                         b"mx.hosted.example", b"\xff\xfe", b"a" * 300, b"x y"])
+helos = st.sampled_from(
+    [
+        b"mail.acme.example",
+        b"client.example",
+        b"[127.0.0.5]",
+        b"vm",
+        b"mx.hosted.example",
+        b"\xff\xfe",
+        b"a" * 300,
+        b"x y",
+    ]
+)
 
 
 @st.composite
@@ -273,7 +302,9 @@ def body_item(draw) -> bytes:
     msg = draw(message())
     if draw(st.integers(0, 9)) == 0:
         pos = draw(st.integers(0, len(msg)))
-        msg = msg[:pos] + draw(st.sampled_from([b"\0", b"\n", b"\r", b"\n.\n", b"\r.\r"])) + msg[pos:]
+        msg = (
+            msg[:pos] + draw(st.sampled_from([b"\0", b"\n", b"\r", b"\n.\n", b"\r.\r"])) + msg[pos:]
+        )
     if draw(st.integers(0, 14)) == 0:
         msg += b"x" * 5000  # over message_size
     return data_payload(msg)
@@ -290,15 +321,32 @@ def session(draw) -> tuple[list[tuple[str, bytes]], str]:
             if line.upper().startswith(b"DATA"):
                 items.append(("data", draw(body_item())))
         return items, source
-    rcpt = st.one_of(st.sampled_from(["<bob@hosted.example>", "<postmaster@hosted.example>",
-                                      "<Postmaster>", "<partner@outside.example>"]), any_path())
-    sender = st.one_of(st.sampled_from(["<boss@acme.example>", "<>", "<someone@elsewhere.example>"]),
-                       any_path())
+    rcpt = st.one_of(
+        st.sampled_from(
+            [
+                "<bob@hosted.example>",
+                "<postmaster@hosted.example>",
+                "<Postmaster>",
+                "<partner@outside.example>",
+            ]
+        ),
+        any_path(),
+    )
+    sender = st.one_of(
+        st.sampled_from(["<boss@acme.example>", "<>", "<someone@elsewhere.example>"]), any_path()
+    )
     items = [("cmd", b"EHLO " + draw(helos) + b"\r\n")]
     for _ in range(draw(st.integers(1, 2))):
         p = draw(params)
-        items.append(("cmd", b"MAIL FROM:" + to_bytes(draw(sender)) + (b" " + to_bytes(p) if p else b"")
-                      + b"\r\n"))
+        items.append(
+            (
+                "cmd",
+                b"MAIL FROM:"
+                + to_bytes(draw(sender))
+                + (b" " + to_bytes(p) if p else b"")
+                + b"\r\n",
+            )
+        )
         for _ in range(draw(st.integers(1, 3))):
             items.append(("cmd", b"RCPT TO:" + to_bytes(draw(rcpt)) + b"\r\n"))
         items.append(("cmd", b"DATA\r\n"))
@@ -321,9 +369,18 @@ def test_fuzz_smtp_sessions(server: InProcessMaild, sink: SmtpSink) -> None:
 
     @budget(200)
     @given(session())
-    @example(([("cmd", b"EHLO x\r\n"), ("cmd", b"MAIL FROM:<a@outside.example>\r\n"),
-               ("cmd", b"RCPT TO:<bob@hosted.example>\r\n"), ("cmd", b"DATA\r\n"),
-               ("data", b"Subject: x\r\n\r\na\nb\r\n.\r\n")], STRANGER))
+    @example(
+        (
+            [
+                ("cmd", b"EHLO x\r\n"),
+                ("cmd", b"MAIL FROM:<a@outside.example>\r\n"),
+                ("cmd", b"RCPT TO:<bob@hosted.example>\r\n"),
+                ("cmd", b"DATA\r\n"),
+                ("data", b"Subject: x\r\n\r\na\nb\r\n.\r\n"),
+            ],
+            STRANGER,
+        )
+    )
     @example(([("cmd", b"EHLO x\r\n"), ("cmd", b"NOOP " + b"a" * 1200 + b"\r\n")], STRANGER))
     def one(case: tuple[list[tuple[str, bytes]], str]) -> None:
         items, source = case
@@ -332,8 +389,11 @@ def test_fuzz_smtp_sessions(server: InProcessMaild, sink: SmtpSink) -> None:
         told[0] += t.relayed
 
     one()
-    unexpected = [r for r in server.records
-                  if "internal error" in r.getMessage() and not known_internal_error(r)]
+    unexpected = [
+        r
+        for r in server.records
+        if "internal error" in r.getMessage() and not known_internal_error(r)
+    ]
     assert not unexpected, [(r.getMessage(), r.exc_info) for r in unexpected[:3]]
     # nothing lost, nothing extra: what clients were told is what the downstream has
     deadline = time.monotonic() + 30
@@ -357,26 +417,49 @@ def session_replies(port: int, lines: list[bytes], source: str = STRANGER) -> li
 
 
 def test_8bit_relay_refusal_is_554_not_an_internal_error(server: InProcessMaild) -> None:
-    replies = session_replies(server.port, [b"EHLO client.example\r\n",
-                                            b"MAIL FROM:<a@outside.example>\r\n",
-                                            b"RCPT TO:<\xff@outside.example>\r\n"])
+    replies = session_replies(
+        server.port,
+        [
+            b"EHLO client.example\r\n",
+            b"MAIL FROM:<a@outside.example>\r\n",
+            b"RCPT TO:<\xff@outside.example>\r\n",
+        ],
+    )
     # 554 5.7.1 (relay denied), or any other permanent refusal of the 8-bit path
     assert replies[3][:1] == b"5" and ENHANCED.match(replies[3][4:]), replies[3]
 
 
 def test_every_refusal_has_an_enhanced_status_code(server: InProcessMaild) -> None:
-    replies = session_replies(server.port, [b"EHLO client.example\r\n", b"FOO bar\r\n", b"\r\n",
-                                            b"\xff\xfe\r\n", b"HELO\r\n", b"RSET x\r\n",
-                                            b"EXPN x\r\n", b"STARTTLS\r\n", b"HELP 0\r\n",
-                                            b"QUIT x\r\n"])
+    replies = session_replies(
+        server.port,
+        [
+            b"EHLO client.example\r\n",
+            b"FOO bar\r\n",
+            b"\r\n",
+            b"\xff\xfe\r\n",
+            b"HELO\r\n",
+            b"RSET x\r\n",
+            b"EXPN x\r\n",
+            b"STARTTLS\r\n",
+            b"HELP 0\r\n",
+            b"QUIT x\r\n",
+        ],
+    )
     bare = [r for r in replies[2:] if r[:1] in b"45" and not ENHANCED.match(r[4:])]
     assert not bare, bare
 
 
 def test_mail_from_without_a_path_is_a_syntax_error(server: InProcessMaild) -> None:
-    replies = session_replies(server.port, [b"EHLO client.example\r\n", b"MAIL FROM:\r\n",
-                                            b"MAIL FROM: \r\n", b"MAIL FROM:<>\r\n",
-                                            b"RCPT TO:\r\n"])
+    replies = session_replies(
+        server.port,
+        [
+            b"EHLO client.example\r\n",
+            b"MAIL FROM:\r\n",
+            b"MAIL FROM: \r\n",
+            b"MAIL FROM:<>\r\n",
+            b"RCPT TO:\r\n",
+        ],
+    )
     assert replies[2].startswith(b"501 5.5.4 Syntax: MAIL FROM"), replies[2]
     assert replies[3].startswith(b"501 5.5.4 Syntax: MAIL FROM"), replies[3]
     assert replies[4].startswith(b"250"), replies[4]  # the real null path is fine
@@ -384,8 +467,9 @@ def test_mail_from_without_a_path_is_a_syntax_error(server: InProcessMaild) -> N
 
 
 def test_overlong_command_line_is_not_taken_for_smuggling(server: InProcessMaild) -> None:
-    replies = session_replies(server.port, [b"EHLO client.example\r\n",
-                                            b"NOOP " + b"a" * 1200 + b"\r\n", b"NOOP\r\n"])
+    replies = session_replies(
+        server.port, [b"EHLO client.example\r\n", b"NOOP " + b"a" * 1200 + b"\r\n", b"NOOP\r\n"]
+    )
     assert len(replies) == 4, replies
     assert b"bare" not in replies[2], replies[2]
     assert replies[3].startswith(b"250"), replies[3]

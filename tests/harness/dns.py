@@ -62,8 +62,14 @@ STANDARD_DROP = ("timeout.acme.example.",)
 class DnsServer:
     """``DnsServer(zone_text).start()``; ``.nameserver`` is "127.0.0.1:PORT"."""
 
-    def __init__(self, records: str = STANDARD_ZONE, *, servfail: Iterable[str] = (),
-                 drop: Iterable[str] = (), host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        records: str = STANDARD_ZONE,
+        *,
+        servfail: Iterable[str] = (),
+        drop: Iterable[str] = (),
+        host: str = "127.0.0.1",
+    ) -> None:
         self.zone = dns.zone.from_text(SOA + records, origin=dns.name.root, relativize=False)
         self.soa = self.zone.find_rrset(dns.name.root, dns.rdatatype.SOA)
         self.servfail = {dns.name.from_text(n) for n in servfail}
@@ -222,7 +228,8 @@ def shared_server() -> DnsServer:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = DnsServer(STANDARD_ZONE, servfail=STANDARD_SERVFAIL,
-                                drop=STANDARD_DROP).start()
+            _shared = DnsServer(
+                STANDARD_ZONE, servfail=STANDARD_SERVFAIL, drop=STANDARD_DROP
+            ).start()
             atexit.register(_shared.stop)
         return _shared

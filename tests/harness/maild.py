@@ -32,8 +32,12 @@ def render(doc: dict) -> str:
     out: list[str] = []
 
     def table(prefix: str, d: dict) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not (
-            isinstance(v, list) and v and isinstance(v[0], dict))}
+        scalars = {
+            k: v
+            for k, v in d.items()
+            if not isinstance(v, dict)
+            and not (isinstance(v, list) and v and isinstance(v[0], dict))
+        }
         if prefix:
             out.append(f"[{prefix}]")
         for k, v in scalars.items():
@@ -46,8 +50,12 @@ def render(doc: dict) -> str:
             elif isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     out.append(f"[[{key}]]")
-                    nested = {ik: iv for ik, iv in item.items() if isinstance(iv, dict) or (
-                        isinstance(iv, list) and iv and isinstance(iv[0], dict))}
+                    nested = {
+                        ik: iv
+                        for ik, iv in item.items()
+                        if isinstance(iv, dict)
+                        or (isinstance(iv, list) and iv and isinstance(iv[0], dict))
+                    }
                     for ik, iv in item.items():
                         if ik not in nested:
                             out.append(f"{ik} = {toml_value(iv)}")
@@ -88,17 +96,26 @@ class Maild:
     def cli_argv(self, *args: str) -> list[str]:
         return [*MAILD, *args, "-c", str(self.config)]
 
-    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cli_argv(*args), capture_output=True, text=True,
-                              timeout=timeout, check=check)
+    def cli(
+        self, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.cli_argv(*args), capture_output=True, text=True, timeout=timeout, check=check
+        )
 
     def start(self, timeout: float = 15) -> Maild:
         timeout = patience(timeout)
         self.write()
-        root_flag = ["--allow-root"] if os.geteuid() == 0 and not self.policy["server"].get("user") else []
-        self.proc = subprocess.Popen([*MAILD, "serve", "-c", str(self.config), "--log",
-                                      str(self.logfile), *root_flag], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, cwd=self.root, env={**os.environ})
+        root_flag = (
+            ["--allow-root"] if os.geteuid() == 0 and not self.policy["server"].get("user") else []
+        )
+        self.proc = subprocess.Popen(
+            [*MAILD, "serve", "-c", str(self.config), "--log", str(self.logfile), *root_flag],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**os.environ},
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -21,8 +21,12 @@ from tests.harness.ports import free_port
 
 def pg_bindir() -> str | None:
     """The newest /usr/lib/postgresql/<version>/bin with initdb, if any."""
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                  key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    dirs = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
+    )
     return str(Path(dirs[-1]).parent) if dirs else None
 
 
@@ -59,8 +63,14 @@ class Postgres:
         self.started = False
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True,
-                              text=True, timeout=120, check=check, cwd="/")
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+            cwd="/",
+        )
 
     def start(self) -> Postgres:
         if not self.data.exists():
@@ -68,22 +78,54 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.sock, "postgres")
             self.root.chmod(0o755)
-            self._run(f"{self.bindir}/initdb", "-D", str(self.data), "-A", "trust", "-U",
-                      "postgres", "--no-sync", "-E", "UTF8", "--locale=C")
+            self._run(
+                f"{self.bindir}/initdb",
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
             with open(self.data / "postgresql.conf", "a") as f:
-                f.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
-                        f"unix_socket_directories = '{self.sock}'\nfsync = off\n"
-                        "synchronous_commit = off\nfull_page_writes = off\n"
-                        "max_connections = 200\n")
-        self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-l",
-                  str(self.root / "server.log"), "start")
+                f.write(
+                    f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                    f"unix_socket_directories = '{self.sock}'\nfsync = off\n"
+                    "synchronous_commit = off\nfull_page_writes = off\n"
+                    "max_connections = 200\n"
+                )
+        self._run(
+            f"{self.bindir}/pg_ctl",
+            "-D",
+            str(self.data),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.root / "server.log"),
+            "start",
+        )
         self.started = True
         return self
 
     def stop(self) -> None:
         if self.started:
-            self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-m",
-                      "fast", "stop", check=False)
+            self._run(
+                f"{self.bindir}/pg_ctl",
+                "-D",
+                str(self.data),
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                "fast",
+                "stop",
+                check=False,
+            )
             self.started = False
 
     def remove(self) -> None:
@@ -91,8 +133,20 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
-        r = self._run(f"{self.bindir}/psql", "-h", str(self.sock), "-p", str(self.port), "-d",
-                      db, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql)
+        r = self._run(
+            f"{self.bindir}/psql",
+            "-h",
+            str(self.sock),
+            "-p",
+            str(self.port),
+            "-d",
+            db,
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        )
         return r.stdout
 
     def create_db(self, name: str) -> str:

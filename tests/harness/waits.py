@@ -44,8 +44,9 @@ def wait_until(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0
         time.sleep(interval)
 
 
-async def wait_until_async(cond: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                           interval: float = 0.05) -> T | None:
+async def wait_until_async(
+    cond: Callable[[], Awaitable[T]], timeout: float = 10.0, interval: float = 0.05
+) -> T | None:
     """The same for an async predicate, without blocking the event loop."""
     deadline = time.monotonic() + patience(timeout)
     while True:

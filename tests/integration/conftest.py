@@ -30,11 +30,23 @@ def need(*binaries: str) -> None:
 
 def front_policy(downstream_port: int, **server: object) -> dict:
     return {
-        "server": {"mode": "front", "downstream": f"127.0.0.1:{downstream_port}",
-                   "trusted_upstreams": ["127.0.0.1/32"], "downstream_timeout": "20s", **server},
+        "server": {
+            "mode": "front",
+            "downstream": f"127.0.0.1:{downstream_port}",
+            "trusted_upstreams": ["127.0.0.1/32"],
+            "downstream_timeout": "20s",
+            **server,
+        },
         "postmaster": {"domains": ["hosted.example"], "hostnames": ["host.hosted.example"]},
-        "customers": [{"name": "acme", "networks": [f"{CUSTOMER_IP}/32"], "logins": ["alice"],
-                       "domains": ["acme.example"], "contact": "ops@acme.example"}],
+        "customers": [
+            {
+                "name": "acme",
+                "networks": [f"{CUSTOMER_IP}/32"],
+                "logins": ["alice"],
+                "domains": ["acme.example"],
+                "contact": "ops@acme.example",
+            }
+        ],
         # DNS from a loopback server this test process runs (never the internet), and the
         # forged-header checks in tag mode: swaks greets with the bare machine name, which
         # they refuse. test_forged_headers.py sets "enforce" where it tests them.
@@ -46,8 +58,9 @@ def front_policy(downstream_port: int, **server: object) -> dict:
 @pytest.fixture(scope="module")
 def postfix(tmp_path_factory):
     need("postfix", "swaks")
-    pf = Postfix(tmp_path_factory.mktemp("pf"), hosted_domains=HOSTED,
-                 hostname="host.hosted.example")
+    pf = Postfix(
+        tmp_path_factory.mktemp("pf"), hosted_domains=HOSTED, hostname="host.hosted.example"
+    )
     pf.start()
     yield pf
     pf.stop()
@@ -63,7 +76,6 @@ def maild(postfix, tmp_path_factory):
 
 def smtp(port: int, source: str = STRANGER, helo: str = "client.example") -> smtplib.SMTP:
     """A real SMTP client session from a chosen loopback address."""
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=30,
-                     source_address=(source, 0))
+    s = smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=30, source_address=(source, 0))
     s.ehlo(helo)
     return s

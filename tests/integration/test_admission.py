@@ -45,10 +45,14 @@ def test_a_full_strangers_share_makes_room_for_a_newcomer_and_a_customer(postfix
         # and one of the crowd's idle sessions is closed to make room
         newcomer, banner = _greeted(m.port, STRANGER)
         assert banner.startswith(b"220"), banner
-        said = wait_until(lambda: next((x for c in crowd if (x := _closed_with(c))), None),
-                          timeout=10)
-        assert said is not None and said.startswith(b"421 4.7.0 ") \
-            and b"Server busy: closing idle sessions to make room" in said, said
+        said = wait_until(
+            lambda: next((x for c in crowd if (x := _closed_with(c))), None), timeout=10
+        )
+        assert (
+            said is not None
+            and said.startswith(b"421 4.7.0 ")
+            and b"Server busy: closing idle sessions to make room" in said
+        ), said
         # a customer at the full house gets the reserved slot
         customer, banner = _greeted(m.port, CUSTOMER_IP)
         assert banner.startswith(b"220"), banner

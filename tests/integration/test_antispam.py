@@ -19,8 +19,12 @@ LIMITED, SPAMMER, BLOCKME, UPGRADED = "127.0.0.20", "127.0.0.21", "127.0.0.22", 
 def policy(port: int) -> dict:
     p = front_policy(port)
     p["customers"] += [
-        {"name": "limited", "networks": [f"{LIMITED}/32"], "contact": "ops-limited@hosted.example",
-         "ratelimit": {"messages": ["3/1h", "10/1d"]}},  # each window counts a message once
+        {
+            "name": "limited",
+            "networks": [f"{LIMITED}/32"],
+            "contact": "ops-limited@hosted.example",
+            "ratelimit": {"messages": ["3/1h", "10/1d"]},
+        },  # each window counts a message once
         {"name": "spammer", "networks": [f"{SPAMMER}/32"], "contact": "ops-spammer@hosted.example"},
         {"name": "blockme", "networks": [f"{BLOCKME}/32"]},
     ]
@@ -43,8 +47,10 @@ def test_limit_refuses_the_fourth_warns_and_survives_restart(postfix, m):
     m.stop()  # counters are persisted at stop ...
     m.start()  # ... and loaded at start
     shown = m.cli("customers").stdout
-    assert any(line.startswith("limited ") and line.endswith(" 3 of 3/1h, 3 of 10/1d")
-               for line in shown.splitlines()), shown
+    assert any(
+        line.startswith("limited ") and line.endswith(" 3 of 3/1h, 3 of 10/1d")
+        for line in shown.splitlines()
+    ), shown
     r = swaks(m.port, frm="a@limited.example", to="r9@outside.example", bind=LIMITED)
     assert r.rcpt_codes == [450], r.output
     assert "450 4.7.1 Rate limit messages (3/1h) exceeded; try again in" in r.output
@@ -56,24 +62,42 @@ def test_limit_refuses_the_fourth_warns_and_survives_restart(postfix, m):
     pm = postfix.wait_for_messages("postmaster@hosted.example", 1)
     assert any(b"Warning: outbound mail from limited" in x for x in pm)
     # postmaster is never limited
-    assert swaks(m.port, frm="a@limited.example", to="postmaster@hosted.example", bind=LIMITED).data_code == 250
+    assert (
+        swaks(
+            m.port, frm="a@limited.example", to="postmaster@hosted.example", bind=LIMITED
+        ).data_code
+        == 250
+    )
     # an operator resets the counter: mail flows again
     assert m.cli("ratelimit", "reset", "limited").returncode == 0
-    assert wait_until(lambda: swaks(m.port, frm="a@limited.example", to="r10@outside.example",
-                                    bind=LIMITED).data_code == 250)
+    assert wait_until(
+        lambda: (
+            swaks(m.port, frm="a@limited.example", to="r10@outside.example", bind=LIMITED).data_code
+            == 250
+        )
+    )
 
 
 def test_personalised_campaign_trips_the_bulk_rule(postfix, m):
     codes = []
     for n in range(5):
         name = ["anna", "bert", "cleo", "dirk", "emma"][n]
-        body = (f"Hello {name.title()}, our autumn offer: 40% off every coat in the store at "
-                f"https://shop.example/coats?ref={name}{n} until {n + 10} December.\r\n"
-                "Unsubscribe by replying. Best wishes, the shop team\r\n")
-        r = swaks(m.port, frm="news@spammer.example", bind=SPAMMER,
-                  to=[f"c{n}x{i}@outside.example" for i in range(30)],
-                  header=[f"Subject: Autumn offer for {name}", f"To: {name.title()} <{name}@outside.example>"],
-                  body=body)
+        body = (
+            f"Hello {name.title()}, our autumn offer: 40% off every coat in the store at "
+            f"https://shop.example/coats?ref={name}{n} until {n + 10} December.\r\n"
+            "Unsubscribe by replying. Best wishes, the shop team\r\n"
+        )
+        r = swaks(
+            m.port,
+            frm="news@spammer.example",
+            bind=SPAMMER,
+            to=[f"c{n}x{i}@outside.example" for i in range(30)],
+            header=[
+                f"Subject: Autumn offer for {name}",
+                f"To: {name.title()} <{name}@outside.example>",
+            ],
+            body=body,
+        )
         codes.append(r.data_code)
         if r.data_code != 250:
             assert "550 5.7.1 Bulk mail refused" in r.output and "Breidbart index 21.9" in r.output
@@ -82,23 +106,34 @@ def test_personalised_campaign_trips_the_bulk_rule(postfix, m):
 
 
 def test_blocked_customer_reaches_postmaster_and_unblock_restores(postfix, m):
-    assert swaks(m.port, frm="a@blockme.example", to="x@outside.example", bind=BLOCKME).data_code == 250
+    assert (
+        swaks(m.port, frm="a@blockme.example", to="x@outside.example", bind=BLOCKME).data_code
+        == 250
+    )
     r = m.cli("customer", "block", "blockme", "--reason", "complaints from recipients")
     assert r.returncode == 0, r.stderr
 
     def refused():
         res = swaks(m.port, frm="a@blockme.example", to="x@outside.example", bind=BLOCKME)
-        return res.rcpt_codes == [554] and "5.7.1 Outbound mail from blockme is blocked" in res.output
+        return (
+            res.rcpt_codes == [554] and "5.7.1 Outbound mail from blockme is blocked" in res.output
+        )
 
     assert wait_until(refused)
-    assert "contact abuse@hosted.example" in swaks(m.port, frm="a@blockme.example", to="y@outside.example",
-                                                   bind=BLOCKME).output
+    assert (
+        "contact abuse@hosted.example"
+        in swaks(m.port, frm="a@blockme.example", to="y@outside.example", bind=BLOCKME).output
+    )
     r = swaks(m.port, frm="a@blockme.example", to="abuse@hosted.example", bind=BLOCKME)
     assert r.data_code == 250, r.output
     assert "blocked" in m.cli("customer", "show", "blockme").stdout
     assert m.cli("customer", "unblock", "blockme").returncode == 0
-    assert wait_until(lambda: swaks(m.port, frm="a@blockme.example", to="z@outside.example",
-                                    bind=BLOCKME).data_code == 250)
+    assert wait_until(
+        lambda: (
+            swaks(m.port, frm="a@blockme.example", to="z@outside.example", bind=BLOCKME).data_code
+            == 250
+        )
+    )
 
 
 def test_counters_stored_before_the_upgrade_are_carried_over(postfix, tmp_path):
@@ -107,14 +142,21 @@ def test_counters_stored_before_the_upgrade_are_carried_over(postfix, tmp_path):
     from maild.components import open_store
 
     policy = front_policy(postfix.reinject_port)
-    policy["customers"] += [{"name": "upgraded", "networks": [f"{UPGRADED}/32"],
-                             "ratelimit": {"messages": ["3/1h", "10/1d"]}}]
+    policy["customers"] += [
+        {
+            "name": "upgraded",
+            "networks": [f"{UPGRADED}/32"],
+            "ratelimit": {"messages": ["3/1h", "10/1d"]},
+        }
+    ]
     db = tmp_path / "state.db"
 
     async def old_state() -> None:
         store = await open_store(str(db))
-        await store.execute("INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
-                            ("cust:upgraded", 4.0, time.time(), 86400.0))
+        await store.execute(
+            "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
+            ("cust:upgraded", 4.0, time.time(), 86400.0),
+        )
         await store.close()
 
     asyncio.run(old_state())
@@ -122,13 +164,22 @@ def test_counters_stored_before_the_upgrade_are_carried_over(postfix, tmp_path):
     md.start()
     try:
         md.wait_log("ratelimit: legacy counters=1")
-        assert swaks(md.port, frm="a@upgraded.example", to="u1@outside.example", bind=UPGRADED).data_code == 250
+        assert (
+            swaks(
+                md.port, frm="a@upgraded.example", to="u1@outside.example", bind=UPGRADED
+            ).data_code
+            == 250
+        )
         r = swaks(md.port, frm="a@upgraded.example", to="u2@outside.example", bind=UPGRADED)
         assert r.rcpt_codes == [450] and "Rate limit messages (3/1h)" in r.output, r.output
     finally:
         md.stop()
     with sqlite3.connect(db) as c:
-        rows = dict(c.execute("SELECT key, value FROM ratelimit_counters WHERE key LIKE 'cust:upgraded#%' "
-                              "OR key = 'cust:upgraded'"))
+        rows = dict(
+            c.execute(
+                "SELECT key, value FROM ratelimit_counters WHERE key LIKE 'cust:upgraded#%' "
+                "OR key = 'cust:upgraded'"
+            )
+        )
     assert rows.keys() == {"cust:upgraded#1d", "cust:upgraded#1h"}, rows  # the old row is gone
     assert all(2.9 < v <= 3.0 for v in rows.values()), rows  # 2 carried over, 1 sent

@@ -34,7 +34,10 @@ def test_sighup_reloads_policy_without_dropping_sessions(postfix, tmp_path):
         m.config.write_text("[server\n")
         m.signal(signal.SIGHUP)
         m.wait_log("reload refused, keeping the running policy")
-        assert swaks(m.port, frm="a@newcust.example", to="y@outside.example", bind=STRANGER).data_code == 250
+        assert (
+            swaks(m.port, frm="a@newcust.example", to="y@outside.example", bind=STRANGER).data_code
+            == 250
+        )
 
 
 def test_ready_notification_and_graceful_stop(postfix, tmp_path, monkeypatch):
@@ -43,7 +46,9 @@ def test_ready_notification_and_graceful_stop(postfix, tmp_path, monkeypatch):
     rx.bind(str(sock_path))
     rx.settimeout(15)
     monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
-    m = Maild(tmp_path / "m", front_policy(postfix.reinject_port, pid_file=str(tmp_path / "maild.pid")))
+    m = Maild(
+        tmp_path / "m", front_policy(postfix.reinject_port, pid_file=str(tmp_path / "maild.pid"))
+    )
     m.start()
     try:
         assert rx.recv(1000).startswith(b"READY=1")
@@ -64,12 +69,17 @@ def test_an_8bit_address_is_logged_escaped_and_the_decision_log_goes_on(postfix,
     """RFC 5321 allows 8-bit bytes on the wire; syslog and the state store take only UTF-8.
     The refusal is logged with the byte as \\xff, and later decisions are still written."""
     with Maild(tmp_path / "m", front_policy(postfix.reinject_port)) as m:
-        with socket.create_connection(("127.0.0.1", m.port), timeout=30,
-                                      source_address=(STRANGER, 0)) as s:
+        with socket.create_connection(
+            ("127.0.0.1", m.port), timeout=30, source_address=(STRANGER, 0)
+        ) as s:
             f = s.makefile("rb")
             f.readline()
-            for line in (b"EHLO client.example", b"MAIL FROM:<a@outside.example>",
-                         b"RCPT TO:<\xff@outside.example>", b"QUIT"):
+            for line in (
+                b"EHLO client.example",
+                b"MAIL FROM:<a@outside.example>",
+                b"RCPT TO:<\xff@outside.example>",
+                b"QUIT",
+            ):
                 s.sendall(line + b"\r\n")
                 while (reply := f.readline())[3:4] == b"-":
                     pass

@@ -47,7 +47,8 @@ def second_postfix(tmp_path):
 
 
 def test_reload_moves_listen_and_downstream_and_sessions_in_flight_finish(
-        postfix, second_postfix, tmp_path):
+    postfix, second_postfix, tmp_path
+):
     m = Maild(tmp_path / "m", front_policy(postfix.reinject_port))
     with m:
         old_port = m.port
@@ -55,8 +56,9 @@ def test_reload_moves_listen_and_downstream_and_sessions_in_flight_finish(
         s.mail("a@outside.example")
         assert s.rcpt("reload-old@hosted.example")[0] == 250
         new_port = free_port()
-        m.policy["server"].update(listen=f"127.0.0.1:{new_port}",
-                                  downstream=f"127.0.0.1:{second_postfix.reinject_port}")
+        m.policy["server"].update(
+            listen=f"127.0.0.1:{new_port}", downstream=f"127.0.0.1:{second_postfix.reinject_port}"
+        )
         m.write()
         r = m.cli("reload")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -79,7 +81,9 @@ def test_reload_moves_listen_and_downstream_and_sessions_in_flight_finish(
         m.port = new_port  # for the harness's own checks at stop
         # the downstream was checked at start and at the reload, and answered both times
         for pf in (postfix, second_postfix):
-            m.wait_log(f"downstream: 127.0.0.1:{pf.reinject_port} answers EHLO and authorises XFORWARD")
+            m.wait_log(
+                f"downstream: 127.0.0.1:{pf.reinject_port} answers EHLO and authorises XFORWARD"
+            )
         assert "warning: downstream" not in m.log()
 
 
@@ -96,8 +100,10 @@ def test_reload_names_a_state_change_that_needs_a_restart_and_exits_1(postfix, t
         m.write()
         r = m.cli("reload")
         assert r.returncode == 1, r.stdout + r.stderr
-        assert f"not in effect until a restart: [server] state = {elsewhere} (running: {running})" \
-            in r.stderr, r.stderr
+        assert (
+            f"not in effect until a restart: [server] state = {elsewhere} (running: {running})"
+            in r.stderr
+        ), r.stderr
         assert "restart maild" in r.stderr
         # `maild status` with the edited file still finds the daemon, and shows what runs
         st = status(m)
@@ -127,8 +133,9 @@ def test_reload_to_a_privileged_port_after_dropping_root_says_so(postfix):
     d = Path(tempfile.mkdtemp(prefix="maild-ctl-", dir="/tmp"))
     d.chmod(0o755)
     try:
-        policy = front_policy(postfix.reinject_port, user="nobody",
-                              state=str(d / "state" / "maild.db"))
+        policy = front_policy(
+            postfix.reinject_port, user="nobody", state=str(d / "state" / "maild.db")
+        )
         m = Maild(d / "m", policy)
         (d / "m").chmod(0o755)
         with m:
@@ -138,14 +145,22 @@ def test_reload_to_a_privileged_port_after_dropping_root_says_so(postfix):
             r = m.cli("reload")
             assert r.returncode == 1, r.stdout + r.stderr
             assert f"[server] listen = 127.0.0.1:{port} (running: 127.0.0.1:{m.port})" in r.stderr
-            assert "a port below 1024 needs root, which maild gave up after binding at start" \
-                in r.stderr, r.stderr
+            assert (
+                "a port below 1024 needs root, which maild gave up after binding at start"
+                in r.stderr
+            ), r.stderr
             # still listening where it was
-            assert swaks(m.port, frm="a@outside.example", to="bob@hosted.example",
-                         bind=STRANGER).data_code == 250
+            assert (
+                swaks(
+                    m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER
+                ).data_code
+                == 250
+            )
             line = doctor_line(m, "listen")
-            assert f"the running daemon (pid {m.proc.pid}) uses listen 127.0.0.1:{m.port}, not " \
-                f"the file's 127.0.0.1:{port}: restart maild" in line, line
+            assert (
+                f"the running daemon (pid {m.proc.pid}) uses listen 127.0.0.1:{m.port}, not "
+                f"the file's 127.0.0.1:{port}: restart maild" in line
+            ), line
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -158,9 +173,11 @@ def test_doctor_says_which_downstream_the_daemon_uses(postfix, tmp_path):
         m.write()  # edited, not reloaded
         line = doctor_line(m, "downstream")
         assert line.startswith(f"FAIL downstream: cannot reach 127.0.0.1:{closed}"), line
-        assert f"the running daemon (pid {m.proc.pid}) uses downstream " \
-            f"127.0.0.1:{postfix.reinject_port}, not the file's 127.0.0.1:{closed}: " \
-            "`maild reload` applies the file" in line, line
+        assert (
+            f"the running daemon (pid {m.proc.pid}) uses downstream "
+            f"127.0.0.1:{postfix.reinject_port}, not the file's 127.0.0.1:{closed}: "
+            "`maild reload` applies the file" in line
+        ), line
         # reloading applies it, and says at once that nothing answers there
         r = m.cli("reload")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -183,7 +200,10 @@ def test_block_and_unblock_are_in_effect_when_the_command_returns(postfix, tmp_p
         assert send("before@outside.example").data_code == 250
         r = m.cli("customer", "block", "acme", "--reason", "complaints")
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == f"customer acme: blocked; applied in the running daemon (pid {m.proc.pid})"
+        assert (
+            r.stdout.strip()
+            == f"customer acme: blocked; applied in the running daemon (pid {m.proc.pid})"
+        )
         res = send("right-after-block@outside.example")  # no waiting: the block is in effect
         assert res.rcpt_codes == [554], res.output
         r = m.cli("customer", "unblock", "acme")
@@ -203,7 +223,10 @@ def test_block_and_unblock_are_in_effect_when_the_command_returns(postfix, tmp_p
     # no daemon: said so, and the block holds from the start
     r = m.cli("customer", "unblock", "acme")
     assert r.returncode == 0
-    assert r.stdout.strip() == "customer acme: ok; the daemon is not running: takes effect when it starts"
+    assert (
+        r.stdout.strip()
+        == "customer acme: ok; the daemon is not running: takes effect when it starts"
+    )
     with m:
         assert send("after-start@outside.example").data_code == 250
 
@@ -221,8 +244,12 @@ def test_start_warns_when_nothing_listens_downstream_and_keeps_running(tmp_path)
         assert f"fix: {REINJECT_FIX}" in line, line
         assert status(m)["running"]
         # once Postfix listens there, mail flows without a restart
-        pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED, reinject_port=port,
-                     hostname="host.hosted.example")
+        pf = Postfix(
+            tmp_path / "pf",
+            hosted_domains=HOSTED,
+            reinject_port=port,
+            hostname="host.hosted.example",
+        )
         with pf:
             r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER)
             assert r.data_code == 250, r.output
@@ -230,9 +257,15 @@ def test_start_warns_when_nothing_listens_downstream_and_keeps_running(tmp_path)
 
 
 def test_start_warns_when_the_downstream_does_not_offer_xforward(tmp_path):
-    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED, hostname="host.hosted.example",
-                 reinject_options={"smtpd_authorized_xforward_hosts": "192.0.2.1"})
+    pf = Postfix(
+        tmp_path / "pf",
+        hosted_domains=HOSTED,
+        hostname="host.hosted.example",
+        reinject_options={"smtpd_authorized_xforward_hosts": "192.0.2.1"},
+    )
     with pf, Maild(tmp_path / "m", front_policy(pf.reinject_port)) as m:
         text = m.wait_log("warning: downstream at start:")
-        assert f"127.0.0.1:{pf.reinject_port} answers EHLO but does not offer XFORWARD to maild; " \
-            "fix: add -o smtpd_authorized_xforward_hosts=127.0.0.0/8" in text, text
+        assert (
+            f"127.0.0.1:{pf.reinject_port} answers EHLO but does not offer XFORWARD to maild; "
+            "fix: add -o smtpd_authorized_xforward_hosts=127.0.0.0/8" in text
+        ), text

@@ -48,8 +48,11 @@ def enforcing(port: int, **headers: object) -> dict:
     p["dns"]["timeout"] = "1s"
     p["sanctions"] = {"ladder": ["warn"], "notify": False}
     # before acme: PolicyMaild.extra's [[customers.permitted]] belongs to the last customer
-    p["customers"] = [{"name": "newsco", "networks": [f"{NEWSCO}/32"], "domains": ["newsco.example"]},
-                      {"name": "otherco", "networks": [f"{OTHERCO}/32"]}, *p["customers"]]
+    p["customers"] = [
+        {"name": "newsco", "networks": [f"{NEWSCO}/32"], "domains": ["newsco.example"]},
+        {"name": "otherco", "networks": [f"{OTHERCO}/32"]},
+        *p["customers"],
+    ]
     return p
 
 
@@ -81,21 +84,33 @@ def wait_outside_with(postfix: Postfix, needle: str, timeout: float = 20) -> byt
     raise AssertionError(f"no outside message with {needle!r}:\n{postfix.log_tail()}")
 
 
-def send_as_acme(port: int, *, frm: str = "boss@acme.example", helo: str = HELO,
-                 header: list[str] = (), to: str = "partner@outside.example", **kw):
+def send_as_acme(
+    port: int,
+    *,
+    frm: str = "boss@acme.example",
+    helo: str = HELO,
+    header: list[str] = (),
+    to: str = "partner@outside.example",
+    **kw,
+):
     return swaks(port, frm=frm, to=to, bind=CUSTOMER_IP, helo=helo, header=list(header), **kw)
 
 
 def test_forged_from_is_refused_with_the_named_rule_and_a_strike(postfix, m):
     subj = subject()
-    r = send_as_acme(m.port, header=["From: Chief Executive <ceo@bank.example>", f"Subject: {subj}"])
+    r = send_as_acme(
+        m.port, header=["From: Chief Executive <ceo@bank.example>", f"Subject: {subj}"]
+    )
     assert r.rcpt_codes == [250], r.output
     assert r.data_code == 550, r.output
     assert "5.7.1 From: address <ceo@bank.example> is not an address of yours" in r.data_reply
     assert "(from-owner)" in r.data_reply
     log = m.wait_log("rule=from-owner")
-    assert re.search(r"reject: DATA from \S+\[127\.0\.0\.9\]: 550 5\.7\.1 .*customer=acme by=network "
-                     r"from=<boss@acme\.example> .*rule=from-owner", log), log[-2000:]
+    assert re.search(
+        r"reject: DATA from \S+\[127\.0\.0\.9\]: 550 5\.7\.1 .*customer=acme by=network "
+        r"from=<boss@acme\.example> .*rule=from-owner",
+        log,
+    ), log[-2000:]
     m.wait_log("action=strike rule=from-owner")
     postfix.wait_queue_empty()
     assert outside_with(postfix, subj) == []
@@ -146,19 +161,40 @@ def test_a_registered_lists_return_path_on_a_hosted_domain_is_its_customers(post
     the shipped policies.toml, on the provider's domain): list mail from that return path,
     with its unsubscribe address in Reply-To:, passes every ownership check for the list's
     customer and costs no strike; for another customer it is still a forgery."""
-    r = m.cli("optin", "list", "register", "news.newsco.example", "--customer", "newsco",
-              "--owner", "news-owner@newsco.example", "--domain", "hosted.example",
-              "--return-path", "news-bounces+*@hosted.example",
-              "--unsubscribe", "news-leave@hosted.example",
-              "--consent-text", "Newsco News: one message a month.")
+    r = m.cli(
+        "optin",
+        "list",
+        "register",
+        "news.newsco.example",
+        "--customer",
+        "newsco",
+        "--owner",
+        "news-owner@newsco.example",
+        "--domain",
+        "hosted.example",
+        "--return-path",
+        "news-bounces+*@hosted.example",
+        "--unsubscribe",
+        "news-leave@hosted.example",
+        "--consent-text",
+        "Newsco News: one message a month.",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     sub = "reader@hosted.example"
-    r = m.cli("optin", "add", "news.newsco.example", sub, "--source", "signup form",
-              "--obtained", "2024-01-15")
+    r = m.cli(
+        "optin",
+        "add",
+        "news.newsco.example",
+        sub,
+        "--source",
+        "signup form",
+        "--obtained",
+        "2024-01-15",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
     def daemon_knows_the_list() -> bool:  # hosted.example became a list domain: a made-up
-        s = smtp(m.port)                  # confirm+TOKEN@ is refused at RCPT (no strike)
+        s = smtp(m.port)  # confirm+TOKEN@ is refused at RCPT (no strike)
         try:
             s.mail("someone@outside.example")
             return s.rcpt(f"confirm+{'a' * 32}@hosted.example")[0] == 550
@@ -168,9 +204,14 @@ def test_a_registered_lists_return_path_on_a_hosted_domain_is_its_customers(post
     assert wait_until(daemon_knows_the_list)
     rp = "news-bounces+reader=hosted.example@hosted.example"
     subj = subject()
-    head = [f"From: Newsco News <{rp}>", f"To: {sub}", "Reply-To: news-leave@hosted.example",
-            "List-Id: <news.newsco.example>", "List-Unsubscribe: <mailto:news-leave@hosted.example>",
-            f"Subject: {subj}"]
+    head = [
+        f"From: Newsco News <{rp}>",
+        f"To: {sub}",
+        "Reply-To: news-leave@hosted.example",
+        "List-Id: <news.newsco.example>",
+        "List-Unsubscribe: <mailto:news-leave@hosted.example>",
+        f"Subject: {subj}",
+    ]
     r = swaks(m.port, frm=rp, to=sub, bind=NEWSCO, helo="mail.newsco.example", header=head)
     assert r.rcpt_codes == [250] and r.data_code == 250, r.output
     assert any(subj.encode() in x for x in postfix.wait_for_messages(sub, 1))
@@ -186,7 +227,9 @@ def test_a_registered_lists_return_path_on_a_hosted_domain_is_its_customers(post
 
 def test_sender_domain_nxdomain_is_550_and_dns_timeout_is_451(postfix, m):
     r = send_as_acme(m.port, frm="boss@nxdomain.acme.example")
-    assert r.rcpt_codes == [550] and "5.1.8" in r.output and "does not exist in DNS" in r.output, r.output
+    assert r.rcpt_codes == [550] and "5.1.8" in r.output and "does not exist in DNS" in r.output, (
+        r.output
+    )
     r = send_as_acme(m.port, frm="boss@timeout.acme.example")
     assert r.rcpt_codes == [451] and "4.4.3" in r.output, r.output
     assert "try again later" in r.output
@@ -211,10 +254,12 @@ def test_display_name_spoof_and_structure_are_refused(m):
 
 def test_null_sender_only_for_bounces(postfix, m):
     subj = subject()
-    bounce = (f"From: MAILER-DAEMON@mail.acme.example\r\nTo: partner@outside.example\r\n"
-              f"Subject: Undelivered Mail Returned to Sender {subj}\r\nDate: {_now()}\r\n"
-              "Message-ID: <b@mail.acme.example>\r\nAuto-Submitted: auto-replied\r\n"
-              "\r\nnot delivered\r\n")
+    bounce = (
+        f"From: MAILER-DAEMON@mail.acme.example\r\nTo: partner@outside.example\r\n"
+        f"Subject: Undelivered Mail Returned to Sender {subj}\r\nDate: {_now()}\r\n"
+        "Message-ID: <b@mail.acme.example>\r\nAuto-Submitted: auto-replied\r\n"
+        "\r\nnot delivered\r\n"
+    )
     s = smtp(m.port, source=CUSTOMER_IP, helo=HELO)
     s.mail("<>")
     assert s.rcpt("partner@outside.example")[0] == 250
@@ -222,8 +267,10 @@ def test_null_sender_only_for_bounces(postfix, m):
     assert code == 250, text
     s.mail("<>")
     assert s.rcpt("partner@outside.example")[0] == 250
-    code, text = s.data(f"From: boss@acme.example\r\nSubject: offers\r\nDate: {_now()}\r\n"
-                        "Message-ID: <n@acme.example>\r\n\r\nbuy\r\n".encode())
+    code, text = s.data(
+        f"From: boss@acme.example\r\nSubject: offers\r\nDate: {_now()}\r\n"
+        "Message-ID: <n@acme.example>\r\n\r\nbuy\r\n".encode()
+    )
     assert (code, text[:5]) == (550, b"5.7.1") and b"(null-sender)" in text, text
     s.quit()
     postfix.wait_queue_empty()
@@ -232,20 +279,33 @@ def test_null_sender_only_for_bounces(postfix, m):
 
 def test_inbound_mail_from_strangers_is_not_judged_for_ownership(postfix, m):
     subj = subject()
-    r = swaks(m.port, frm="ceo@bank.example", to="bob@hosted.example", bind=STRANGER, helo="vm",
-              header=["From: CEO <ceo@bank.example>", f"Subject: {subj}"])
+    r = swaks(
+        m.port,
+        frm="ceo@bank.example",
+        to="bob@hosted.example",
+        bind=STRANGER,
+        helo="vm",
+        header=["From: CEO <ceo@bank.example>", f"Subject: {subj}"],
+    )
     assert r.data_code == 250, r.output
     msgs = [x for x in postfix.wait_for_messages("bob@hosted.example", 1) if subj.encode() in x]
     assert msgs and b"X-Maild-Verdict" not in msgs[0]
 
 
 def test_tag_mode_adds_the_verdict_and_delivers_and_outside_maild_headers_are_replaced(
-        postfix, tmp_path):
+    postfix, tmp_path
+):
     with Maild(tmp_path / "tag", front_policy(postfix.reinject_port)) as mt:  # mode = "tag"
         subj = subject()
-        r = send_as_acme(mt.port, header=[
-            "From: CEO <ceo@bank.example>", f"Subject: {subj}",
-            "X-Maild-Customer: bank (by login ceo)", "X-Maild-Verdict: rule=all result=pass"])
+        r = send_as_acme(
+            mt.port,
+            header=[
+                "From: CEO <ceo@bank.example>",
+                f"Subject: {subj}",
+                "X-Maild-Customer: bank (by login ceo)",
+                "X-Maild-Verdict: rule=all result=pass",
+            ],
+        )
         assert r.data_code == 250, r.output
         msg = wait_outside_with(postfix, subj)
         head = msg.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
@@ -254,8 +314,10 @@ def test_tag_mode_adds_the_verdict_and_delivers_and_outside_maild_headers_are_re
         verdicts = re.findall(rb"^X-Maild-Verdict: (.*(?:\r?\n\s.*)*)", head, re.M)
         assert len(verdicts) == 1, head
         v = b" ".join(verdicts[0].split())
-        assert v.startswith(b"rule=from-owner result=fail enforce=reject; From: address "
-                            b"<ceo@bank.example> is not an address of yours"), v
+        assert v.startswith(
+            b"rule=from-owner result=fail enforce=reject; From: address "
+            b"<ceo@bank.example> is not an address of yours"
+        ), v
         mt.wait_log("tag: DATA from")
         assert "rule=from-owner" in mt.log()
 
@@ -266,33 +328,59 @@ def test_before_queue_login_is_judged_at_end_of_data(tmp_path):
     not judged, and Postfix's own Received line is not taken for a forgery."""
     need("postfix", "swaks", "dovecot")
     port = free_port()
-    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED, hostname="host.hosted.example",
-                 proxy_filter=f"127.0.0.1:{port}", proxy_timeout="100s",
-                 sasl_users={"alice": "secret"},
-                 main_cf={"smtpd_sasl_authenticated_header": "yes"})
+    pf = Postfix(
+        tmp_path / "pf",
+        hosted_domains=HOSTED,
+        hostname="host.hosted.example",
+        proxy_filter=f"127.0.0.1:{port}",
+        proxy_timeout="100s",
+        sasl_users={"alice": "secret"},
+        main_cf={"smtpd_sasl_authenticated_header": "yes"},
+    )
     policy = enforcing(pf.reinject_port)
     policy["server"].update(mode="before-queue")
     with Maild(tmp_path / "m", policy, port=port) as mb:
         pf.start()
         try:
             subj = subject()
-            r = swaks(pf.smtpd_port, frm="alice@acme.example", to="partner@elsewhere.example",
-                      bind="127.0.0.77", helo="DESKTOP-7QX", auth=("alice", "secret"),
-                      header=[f"Subject: {subj}"])
+            r = swaks(
+                pf.smtpd_port,
+                frm="alice@acme.example",
+                to="partner@elsewhere.example",
+                bind="127.0.0.77",
+                helo="DESKTOP-7QX",
+                auth=("alice", "secret"),
+                header=[f"Subject: {subj}"],
+            )
             assert r.data_code == 250, r.output
-            r = swaks(pf.smtpd_port, frm="alice@acme.example", to="partner@elsewhere.example",
-                      bind="127.0.0.77", helo="DESKTOP-7QX", auth=("alice", "secret"),
-                      header=["From: CEO <ceo@bank.example>"])
+            r = swaks(
+                pf.smtpd_port,
+                frm="alice@acme.example",
+                to="partner@elsewhere.example",
+                bind="127.0.0.77",
+                helo="DESKTOP-7QX",
+                auth=("alice", "secret"),
+                header=["From: CEO <ceo@bank.example>"],
+            )
             assert r.data_code == 550 and "(from-owner)" in (r.data_reply or ""), r.output
-            r = swaks(pf.smtpd_port, frm="ceo@bank.example", to="partner@elsewhere.example",
-                      bind="127.0.0.77", helo="DESKTOP-7QX", auth=("alice", "secret"))
+            r = swaks(
+                pf.smtpd_port,
+                frm="ceo@bank.example",
+                to="partner@elsewhere.example",
+                bind="127.0.0.77",
+                helo="DESKTOP-7QX",
+                auth=("alice", "secret"),
+            )
             assert r.rcpt_codes == [250], r.output  # a stranger until the login is known
             assert r.data_code == 553 and "(envelope-owner)" in (r.data_reply or ""), r.output
             pf.wait_queue_empty()
             assert len(outside_with(pf, subj)) == 1
             log = mb.wait_log("rule=envelope-owner")
-            assert re.search(r"reject: DATA from \S+: 550 5\.7\.1 .*customer=acme by=login .*"
-                             r"rule=from-owner", log), log[-2000:]
+            assert re.search(
+                r"reject: DATA from \S+: 550 5\.7\.1 .*customer=acme by=login .*"
+                r"rule=from-owner",
+                log,
+            ), log[-2000:]
         finally:
             pf.stop()
 

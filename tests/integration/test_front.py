@@ -12,14 +12,22 @@ from tests.integration.conftest import CUSTOMER_IP, HOSTED, STRANGER, front_poli
 
 
 def test_message_is_delivered_with_maild_received_line_and_queue_id(postfix, maild):
-    r = swaks(maild.port, frm="someone@outside.example", to="bob@hosted.example", bind=STRANGER,
-              header=["Subject: hello bob"])
+    r = swaks(
+        maild.port,
+        frm="someone@outside.example",
+        to="bob@hosted.example",
+        bind=STRANGER,
+        header=["Subject: hello bob"],
+    )
     assert r.data_code == 250, r.output
     assert re.search(r"queued as [0-9A-F]+", r.output), "downstream queue id not passed back"
     msg = postfix.wait_for_messages("bob@hosted.example", 1)[-1]
     assert b"Subject: hello bob" in msg
-    received = re.search(rb"Received: from \S+ \(unknown \[127\.0\.0\.5\]\)\r?\n\tby mx\.hosted\.example"
-                         rb" \(maild\) with ESMTP id ([0-9A-F]{10})", msg)
+    received = re.search(
+        rb"Received: from \S+ \(unknown \[127\.0\.0\.5\]\)\r?\n\tby mx\.hosted\.example"
+        rb" \(maild\) with ESMTP id ([0-9A-F]{10})",
+        msg,
+    )
     assert received, msg[:800]
     # the same id is in maild's log line for this message
     maild.wait_log(f"{received.group(1).decode()}: relay: DATA from unknown[127.0.0.5]")
@@ -34,9 +42,13 @@ def test_customer_network_relays_to_outside(postfix, maild):
 
 
 def test_downstream_refusal_is_per_recipient(tmp_path):
-    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED, reinject_options={
-        "smtpd_recipient_restrictions":
-            "check_recipient_access,inline:{nobody@hosted.example=REJECT},permit_mynetworks,reject"})
+    pf = Postfix(
+        tmp_path / "pf",
+        hosted_domains=HOSTED,
+        reinject_options={
+            "smtpd_recipient_restrictions": "check_recipient_access,inline:{nobody@hosted.example=REJECT},permit_mynetworks,reject"
+        },
+    )
     with pf, Maild(tmp_path / "m", front_policy(pf.reinject_port)) as m:
         s = smtp(m.port)
         s.mail("a@outside.example")
@@ -53,7 +65,9 @@ def test_downstream_refusal_is_per_recipient(tmp_path):
 
 
 def test_downstream_5xx_at_end_of_data_reaches_the_client(tmp_path):
-    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED, reinject_options={"message_size_limit": "4000"})
+    pf = Postfix(
+        tmp_path / "pf", hosted_domains=HOSTED, reinject_options={"message_size_limit": "4000"}
+    )
     with pf, Maild(tmp_path / "m", front_policy(pf.reinject_port)) as m:
         s = smtp(m.port)
         s.mail("a@outside.example")
@@ -73,17 +87,30 @@ def test_postfix_down_gives_4xx_and_nothing_is_lost(tmp_path):
     pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED)
     pf.start()
     with Maild(tmp_path / "m", front_policy(pf.reinject_port)) as m:
-        assert swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER).data_code == 250
+        assert (
+            swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER).data_code
+            == 250
+        )
         pf.stop()
-        r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER,
-                  header=["Subject: while down"])
+        r = swaks(
+            m.port,
+            frm="a@outside.example",
+            to="bob@hosted.example",
+            bind=STRANGER,
+            header=["Subject: while down"],
+        )
         # no downstream connection before a recipient: the failure shows at the first RCPT
         assert r.data_code is None and "451 4.4.1" in r.output, r.output
         m.wait_log("tempfail: RCPT from unknown[127.0.0.5]: 451 4.4.1")
         # the client retries once Postfix is back: delivered exactly once
         pf.start()
-        r = swaks(m.port, frm="a@outside.example", to="bob@hosted.example", bind=STRANGER,
-                  header=["Subject: while down"])
+        r = swaks(
+            m.port,
+            frm="a@outside.example",
+            to="bob@hosted.example",
+            bind=STRANGER,
+            header=["Subject: while down"],
+        )
         assert r.data_code == 250, r.output
         msgs = pf.wait_for_messages("bob@hosted.example", 2)
         time.sleep(0.5)
@@ -115,7 +142,12 @@ def test_untrusted_xforward_is_refused(maild):
 def test_trusted_xforward_defines_the_client_and_is_passed_downstream(postfix, maild):
     s = smtp(maild.port, source="127.0.0.1")
     assert "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE" in s.ehlo_resp.decode()
-    assert s.docmd("XFORWARD", "NAME=relay.client.example ADDR=203.0.113.9 PORT=4711 HELO=c.example")[0] == 250
+    assert (
+        s.docmd("XFORWARD", "NAME=relay.client.example ADDR=203.0.113.9 PORT=4711 HELO=c.example")[
+            0
+        ]
+        == 250
+    )
     assert s.docmd("XFORWARD", "PROTO=ESMTP SOURCE=REMOTE")[0] == 250
     s.mail("x@outside.example")
     assert s.rcpt("carol@hosted.example")[0] == 250
@@ -133,8 +165,7 @@ def test_trusted_xforward_defines_the_client_and_is_passed_downstream(postfix, m
 # Lines that dot-stuffing must get right on both hops: client -> maild (DATA) and maild ->
 # downstream (BDAT where the downstream offers CHUNKING, as Postfix does; DATA with
 # dot-stuffing where it does not, as smtp-sink).
-DOTTED = (b"Subject: dots\r\n\r\n.\r\n..\r\n...\r\n.leading\r\nmiddle . line\r\n"
-          b". space\r\nlast\r\n")
+DOTTED = b"Subject: dots\r\n\r\n.\r\n..\r\n...\r\n.leading\r\nmiddle . line\r\n. space\r\nlast\r\n"
 
 
 def test_dotted_lines_arrive_intact_through_postfix(postfix, maild):
@@ -144,8 +175,9 @@ def test_dotted_lines_arrive_intact_through_postfix(postfix, maild):
     assert msg.endswith(DOTTED.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")), msg[-200:]
 
 
-def test_dotted_lines_arrive_intact_through_a_downstream_without_chunking(smtp_sink_factory,
-                                                                          tmp_path):
+def test_dotted_lines_arrive_intact_through_a_downstream_without_chunking(
+    smtp_sink_factory, tmp_path
+):
     sink = smtp_sink_factory()
     with Maild(tmp_path / "m", front_policy(sink.port)) as m, smtp(m.port) as s:
         s.sendmail("dots@outside.example", ["dots@hosted.example"], DOTTED)

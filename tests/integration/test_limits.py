@@ -14,9 +14,17 @@ from tests.integration.conftest import STRANGER, front_policy, smtp
 
 @pytest.fixture(scope="module")
 def tight(postfix, tmp_path_factory):
-    policy = front_policy(postfix.reinject_port, limits={
-        "message_size": 2000, "recipients_per_message": 3, "line_length": 200,
-        "command_timeout": "2s", "data_timeout": "3s", "max_sessions_per_ip": 3})
+    policy = front_policy(
+        postfix.reinject_port,
+        limits={
+            "message_size": 2000,
+            "recipients_per_message": 3,
+            "line_length": 200,
+            "command_timeout": "2s",
+            "data_timeout": "3s",
+            "max_sessions_per_ip": 3,
+        },
+    )
     with Maild(tmp_path_factory.mktemp("tight"), policy) as m:
         yield m
 
@@ -28,7 +36,9 @@ def test_size_advertised_and_enforced(tight):
     assert (code, text[:5]) == (552, b"5.3.4")
     s.mail("a@outside.example")
     s.rcpt("bob@hosted.example")
-    code, text = s.data(b"Subject: big\r\n\r\n" + b"x" * 100 + (b"\r\n" + b"y" * 100) * 30 + b"\r\n")
+    code, text = s.data(
+        b"Subject: big\r\n\r\n" + b"x" * 100 + (b"\r\n" + b"y" * 100) * 30 + b"\r\n"
+    )
     assert (code, text[:5]) == (552, b"5.3.4"), text
     s.quit()
 
@@ -68,15 +78,19 @@ def test_a_line_of_line_length_arrives_whole_with_or_without_a_leading_dot(tight
     (smtplib doubles the dot) and the doubled dot is not counted."""
     plain, dotted = b"p" * 200, b"." + b"d" * 199
     with smtp(tight.port) as s:
-        s.sendmail("a@outside.example", ["fits@hosted.example"],
-                   b"Subject: fits\r\n\r\n" + plain + b"\r\n" + dotted + b"\r\n")
+        s.sendmail(
+            "a@outside.example",
+            ["fits@hosted.example"],
+            b"Subject: fits\r\n\r\n" + plain + b"\r\n" + dotted + b"\r\n",
+        )
     msg = postfix.wait_for_messages("fits@hosted.example", 1)[-1].replace(b"\r\n", b"\n")
     assert b"\n" + plain + b"\n" + dotted + b"\n" in msg, msg[-500:]
 
 
 def test_command_timeout_says_421(tight):
-    with socket.create_connection(("127.0.0.1", tight.port), timeout=10,
-                                  source_address=(STRANGER, 0)) as c:
+    with socket.create_connection(
+        ("127.0.0.1", tight.port), timeout=10, source_address=(STRANGER, 0)
+    ) as c:
         c.recv(1000)
         time.sleep(3)
         assert c.recv(1000).startswith(b"421 4.4.2")
@@ -93,11 +107,16 @@ def read_reply(c: socket.socket) -> bytes:
 
 
 def test_data_deadline_stops_slowloris(tight):
-    with socket.create_connection(("127.0.0.1", tight.port), timeout=10,
-                                  source_address=(STRANGER, 0)) as c:
+    with socket.create_connection(
+        ("127.0.0.1", tight.port), timeout=10, source_address=(STRANGER, 0)
+    ) as c:
         read_reply(c)
-        for line in [b"EHLO x\r\n", b"MAIL FROM:<a@outside.example>\r\n",
-                     b"RCPT TO:<b@hosted.example>\r\n", b"DATA\r\n"]:
+        for line in [
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@outside.example>\r\n",
+            b"RCPT TO:<b@hosted.example>\r\n",
+            b"DATA\r\n",
+        ]:
             c.sendall(line)
             assert read_reply(c)[:1] in b"23", line
         got = b""
@@ -116,15 +135,20 @@ def test_data_deadline_stops_slowloris(tight):
 
 
 def test_sessions_per_ip(tight):
-    conns = [socket.create_connection(("127.0.0.1", tight.port), timeout=10,
-                                      source_address=(STRANGER, 0)) for _ in range(4)]
+    conns = [
+        socket.create_connection(
+            ("127.0.0.1", tight.port), timeout=10, source_address=(STRANGER, 0)
+        )
+        for _ in range(4)
+    ]
     try:
         banners = [c.recv(1000) for c in conns]
         assert [b[:3] for b in banners[:3]] == [b"220"] * 3
         assert banners[3].startswith(b"421 4.7.0"), banners[3]
         # another address is not affected
-        with socket.create_connection(("127.0.0.1", tight.port), timeout=10,
-                                      source_address=("127.0.0.6", 0)) as other:
+        with socket.create_connection(
+            ("127.0.0.1", tight.port), timeout=10, source_address=("127.0.0.6", 0)
+        ) as other:
             assert other.recv(1000).startswith(b"220")
     finally:
         for c in conns:

@@ -31,8 +31,11 @@ def before_queue(root, **pf_args) -> tuple[Postfix, Maild]:
     port = free_port()
     pf_args.setdefault("proxy_filter", f"127.0.0.1:{port}")
     pf = Postfix(root / "pf", hosted_domains=HOSTED, **pf_args)
-    m = Maild(root / "m", front_policy(pf.reinject_port, mode="before-queue",
-                                       trusted_upstreams=["127.0.0.1/32"]), port=port)
+    m = Maild(
+        root / "m",
+        front_policy(pf.reinject_port, mode="before-queue", trusted_upstreams=["127.0.0.1/32"]),
+        port=port,
+    )
     # a DNS server that refuses nothing is not needed here: point [dns] at a closed port
     # only in the test that wants a DNS failure.
     return pf, m
@@ -40,18 +43,30 @@ def before_queue(root, **pf_args) -> tuple[Postfix, Maild]:
 
 def test_doctor_on_a_correctly_wired_postfix(tmp_path):
     need("postfix")
-    pf, m = before_queue(tmp_path, proxy_timeout="100s", main_cf={"smtpd_sasl_authenticated_header": "yes"})
+    pf, m = before_queue(
+        tmp_path, proxy_timeout="100s", main_cf={"smtpd_sasl_authenticated_header": "yes"}
+    )
     with pf, m:
         rc, lines = doctor(m, pf)
-        for name in ("config", "state", "daemon", "listen", "downstream", "postfix-reinject",
-                     "postfix-proxy-filter", "postfix-proxy-timeout"):
+        for name in (
+            "config",
+            "state",
+            "daemon",
+            "listen",
+            "downstream",
+            "postfix-reinject",
+            "postfix-proxy-filter",
+            "postfix-proxy-timeout",
+        ):
             assert lines.get(name) == ["OK"], (name, lines)
         assert "postfix-sasl-header" not in lines
         assert rc in (0, 1)  # only environment warnings (no systemd unit here) may remain
 
 
-@pytest.mark.parametrize("case", ["no-proxy-filter", "short-proxy-timeout", "no-xforward",
-                                  "reinject-loops", "downstream-down"])
+@pytest.mark.parametrize(
+    "case",
+    ["no-proxy-filter", "short-proxy-timeout", "no-xforward", "reinject-loops", "downstream-down"],
+)
 def test_doctor_reproduces_each_failure(tmp_path, case):
     need("postfix")
     args: dict = {"proxy_timeout": "100s"}
@@ -94,17 +109,24 @@ def test_doctor_reports_postconfs_own_error_for_a_config_dir_without_main_cf(tmp
     m.write()
     r = m.cli("doctor", "--postfix-config", str(pf.etc))
     line = next(x for x in r.stdout.splitlines() if x.startswith("WARN postfix:"))
-    assert re.search(rf"postconf -c {re.escape(str(pf.etc))} failed: \S*postconf: fatal: open "
-                     rf"{re.escape(str(pf.etc))}/main.cf: No such file or directory$", line), r.stdout
+    assert re.search(
+        rf"postconf -c {re.escape(str(pf.etc))} failed: \S*postconf: fatal: open "
+        rf"{re.escape(str(pf.etc))}/main.cf: No such file or directory$",
+        line,
+    ), r.stdout
     fix = r.stdout.splitlines()[r.stdout.splitlines().index(line) + 1]
     assert "--postfix-config DIR" in fix and "install postfix" not in fix, r.stdout
 
 
 def test_postmaster_check_finds_a_domain_whose_postfix_refuses_postmaster(tmp_path):
     need("postfix")
-    pf = Postfix(tmp_path / "pf", hosted_domains=HOSTED + ["bad.example"], reinject_options={
-        "smtpd_recipient_restrictions":
-            "check_recipient_access,inline:{postmaster@bad.example=REJECT},permit_mynetworks,reject"})
+    pf = Postfix(
+        tmp_path / "pf",
+        hosted_domains=HOSTED + ["bad.example"],
+        reinject_options={
+            "smtpd_recipient_restrictions": "check_recipient_access,inline:{postmaster@bad.example=REJECT},permit_mynetworks,reject"
+        },
+    )
     policy = front_policy(pf.reinject_port)
     policy["postmaster"]["domains"] = ["hosted.example", "bad.example"]
     with pf, Maild(tmp_path / "m", policy) as m:
@@ -112,11 +134,15 @@ def test_postmaster_check_finds_a_domain_whose_postfix_refuses_postmaster(tmp_pa
         rows = {row["address"]: row for row in json.loads(r.stdout)}
         assert r.returncode == 1
         assert rows["postmaster@bad.example"]["postfix"]["code"] == 554
-        assert rows["postmaster@bad.example"]["maild"]["code"] == 554  # maild relays Postfix's answer
+        assert (
+            rows["postmaster@bad.example"]["maild"]["code"] == 554
+        )  # maild relays Postfix's answer
         assert rows["abuse@bad.example"]["postfix"]["code"] == 250
         assert rows["postmaster@hosted.example"]["maild"]["code"] == 250
         text = m.cli("postmaster", "check").stdout
-        assert re.search(r"postmaster@bad\.example: maild=FAIL\(554 .*postfix=FAIL\(554", text), text
+        assert re.search(r"postmaster@bad\.example: maild=FAIL\(554 .*postfix=FAIL\(554", text), (
+            text
+        )
         # nothing was delivered by the probes
         pf.wait_queue_empty()
         assert pf.count_all() == 0
@@ -124,8 +150,9 @@ def test_postmaster_check_finds_a_domain_whose_postfix_refuses_postmaster(tmp_pa
 
 def test_report_figures_equal_what_was_sent(postfix, tmp_path):
     policy = front_policy(postfix.reinject_port)
-    policy["customers"].append({"name": "reporter", "networks": ["127.0.0.30/32"],
-                                "ratelimit": {"messages": ["2/1h"]}})
+    policy["customers"].append(
+        {"name": "reporter", "networks": ["127.0.0.30/32"], "ratelimit": {"messages": ["2/1h"]}}
+    )
     with Maild(tmp_path / "m", policy) as m:
         for i in range(3):
             swaks(m.port, frm="a@reporter.example", to=f"r{i}@outside.example", bind="127.0.0.30")
@@ -180,17 +207,29 @@ def test_report_and_doctor_cover_retention(tmp_path):
     for sub in ("cur", "new", "tmp", ".Trash/cur", ".Trash/new", ".Trash/tmp"):
         (md / sub).mkdir(parents=True)
     for i in range(3):
-        (md / ".Trash" / "cur" / f"{1000 + i}.M1P1.host:2,S").write_bytes(b"Subject: x\r\n\r\n" + b"y" * 100)
+        (md / ".Trash" / "cur" / f"{1000 + i}.M1P1.host:2,S").write_bytes(
+            b"Subject: x\r\n\r\n" + b"y" * 100
+        )
     (md / "cur" / "2000.M1P1.host:2,S").write_bytes(b"Subject: keep\r\n\r\nkeep\r\n")
     dlog = tmp_path / "dovecot.log"
-    dlog.write_text("Nov 22 10:00:00 host dovecot: imap-login: Login: user=<bob@hosted.example>, "
-                    "method=PLAIN, rip=127.0.0.1\n")
+    dlog.write_text(
+        "Nov 22 10:00:00 host dovecot: imap-login: Login: user=<bob@hosted.example>, "
+        "method=PLAIN, rip=127.0.0.1\n"
+    )
     policy = front_policy(9)
     policy["retention"] = {
         "store": {"layout": "maildir++", "path": str(store) + "/%d/%n/Maildir"},
         "access": {"dovecot_log": str(dlog)},
-        "rules": [{"name": "trash-fast", "folders": ["\\Trash"], "age": "1s", "age_by": "saved",
-                   "action": "delete", "schedule": "manual"}],
+        "rules": [
+            {
+                "name": "trash-fast",
+                "folders": ["\\Trash"],
+                "age": "1s",
+                "age_by": "saved",
+                "action": "delete",
+                "schedule": "manual",
+            }
+        ],
     }
     m = Maild(tmp_path / "m", policy)
     m.write()

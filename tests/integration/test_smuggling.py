@@ -16,17 +16,30 @@ import pytest
 
 from tests.integration.conftest import STRANGER
 
-VARIANTS = [b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n",
-            b"\r\n.\r", b"\r\n\x00.\r\n", b"\r\n.\r\r\n", b"\r\r\n.\r\r\n"]
-HIDDEN = (b"MAIL FROM:<evil@outside.example>\r\nRCPT TO:<smuggled@hosted.example>\r\nDATA\r\n"
-          b"Subject: smuggled\r\n\r\nhidden\r\n")
+VARIANTS = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\r.\n",
+    b"\n.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+]
+HIDDEN = (
+    b"MAIL FROM:<evil@outside.example>\r\nRCPT TO:<smuggled@hosted.example>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nhidden\r\n"
+)
 
 
-def converse(port: int, chunks: list[bytes], source: str = STRANGER, *,
-             half_close: bool = True) -> bytes:
+def converse(
+    port: int, chunks: list[bytes], source: str = STRANGER, *, half_close: bool = True
+) -> bytes:
     """Send raw bytes exactly as given; return everything the server answered."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(source, 0)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
         out = s.recv(4096)
         for chunk in chunks:
             try:
@@ -50,9 +63,13 @@ def converse(port: int, chunks: list[bytes], source: str = STRANGER, *,
 
 
 def payload(ending: bytes, rcpt: str = "bob@hosted.example") -> list[bytes]:
-    return [b"EHLO client.example\r\n", b"MAIL FROM:<a@outside.example>\r\n",
-            f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n",
-            b"Subject: carrier\r\n\r\nbody" + ending + HIDDEN + b".\r\nQUIT\r\n"]
+    return [
+        b"EHLO client.example\r\n",
+        b"MAIL FROM:<a@outside.example>\r\n",
+        f"RCPT TO:<{rcpt}>\r\n".encode(),
+        b"DATA\r\n",
+        b"Subject: carrier\r\n\r\nbody" + ending + HIDDEN + b".\r\nQUIT\r\n",
+    ]
 
 
 @pytest.mark.parametrize("ending", VARIANTS, ids=[repr(v)[2:-1] for v in VARIANTS])
@@ -75,11 +92,17 @@ def test_bare_lf_in_a_command_line_is_refused(maild):
 AFTER = b"NOOP\r\nMAIL FROM:<evil@outside.example>\r\nRCPT TO:<after@hosted.example>\r\n"
 
 
-@pytest.mark.parametrize("chunks", [
-    [b"EHLO client.example\r\nMAIL FROM:<a@outside.example>\r\nRCPT TO:<bob@hosted.example>\r\n"
-     b"DATA\r\nSubject: x\r\n\r\nbare\nlf\r\n.\r\n" + AFTER],
-    [b"EHLO client.example\r\nNOOP\n" + AFTER],
-], ids=["in-data", "in-a-command"])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [
+            b"EHLO client.example\r\nMAIL FROM:<a@outside.example>\r\nRCPT TO:<bob@hosted.example>\r\n"
+            b"DATA\r\nSubject: x\r\n\r\nbare\nlf\r\n.\r\n" + AFTER
+        ],
+        [b"EHLO client.example\r\nNOOP\n" + AFTER],
+    ],
+    ids=["in-data", "in-a-command"],
+)
 def test_nothing_sent_after_a_bare_line_ending_is_read_as_a_command(maild, chunks):
     """The session ends at the refusal, although the client's next commands are already
     in maild's buffer (aiosmtpd ran them before the close took effect)."""
@@ -91,11 +114,14 @@ def test_nothing_sent_after_a_bare_line_ending_is_read_as_a_command(maild, chunk
 
 
 def test_two_pipelined_messages_are_two_messages_once_each(postfix, maild):
-    one = (b"MAIL FROM:<a@outside.example>\r\nRCPT TO:<pipe@hosted.example>\r\nDATA\r\n"
-           b"Subject: first\r\n\r\n1\r\n.\r\n")
+    one = (
+        b"MAIL FROM:<a@outside.example>\r\nRCPT TO:<pipe@hosted.example>\r\nDATA\r\n"
+        b"Subject: first\r\n\r\n1\r\n.\r\n"
+    )
     two = one.replace(b"first", b"second")
-    out = converse(maild.port, [b"EHLO client.example\r\n", one + two + b"QUIT\r\n"],
-                   half_close=False)
+    out = converse(
+        maild.port, [b"EHLO client.example\r\n", one + two + b"QUIT\r\n"], half_close=False
+    )
     assert out.count(b"queued as") == 2, out
     msgs = postfix.wait_for_messages("pipe@hosted.example", 2)
     time.sleep(0.5)
@@ -107,10 +133,13 @@ def test_two_pipelined_messages_are_two_messages_once_each(postfix, maild):
 def test_control_postfix_alone_would_be_smuggled(postfix):
     """Without maild in front, the loopback re-injection smtpd takes some variants."""
     for ending in VARIANTS:
-        converse(postfix.reinject_port, payload(ending, "control@hosted.example"), source="127.0.0.1")
+        converse(
+            postfix.reinject_port, payload(ending, "control@hosted.example"), source="127.0.0.1"
+        )
     postfix.wait_queue_empty()
-    assert len(postfix.messages("smuggled@hosted.example")) >= 1, \
+    assert len(postfix.messages("smuggled@hosted.example")) >= 1, (
         "Postfix refused every variant on its own: the smuggling tests prove nothing here"
+    )
     # leave no trace for the maild tests above (they may run after this one)
     for f in postfix.maildir("smuggled@hosted.example").glob("*/*"):
         f.unlink()

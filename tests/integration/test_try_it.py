@@ -37,16 +37,22 @@ def readme_commands() -> list[list[str]]:
     section = text.split("\n## Try it\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```sh\n(.*?)```", section, re.S)
     assert block, "README.md: the Try it section has no ```sh block"
-    return [argv for line in block.group(1).splitlines() if (argv := shlex.split(line, comments=True))]
+    return [
+        argv for line in block.group(1).splitlines() if (argv := shlex.split(line, comments=True))
+    ]
 
 
 def try_it_config(tmp: Path, listen: int, downstream: int) -> Path:
     """examples/try-it.toml with our ports and state, and a resolver that never answers."""
     doc = tomllib.loads((ROOT / "examples" / "try-it.toml").read_text(encoding="utf-8"))
-    assert (doc["server"]["listen"], doc["server"]["downstream"]) == (LISTEN, DOWNSTREAM), \
+    assert (doc["server"]["listen"], doc["server"]["downstream"]) == (LISTEN, DOWNSTREAM), (
         "the README's commands and examples/try-it.toml name different ports"
-    doc["server"].update(listen=f"127.0.0.1:{listen}", downstream=f"127.0.0.1:{downstream}",
-                         state=str(tmp / "try-it.db"))
+    )
+    doc["server"].update(
+        listen=f"127.0.0.1:{listen}",
+        downstream=f"127.0.0.1:{downstream}",
+        state=str(tmp / "try-it.db"),
+    )
     doc["dns"] = {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": "1s"}  # no DNS
     path = tmp / "try-it.toml"
     path.write_text(render(doc))
@@ -56,16 +62,20 @@ def try_it_config(tmp: Path, listen: int, downstream: int) -> Path:
 def localise(argv: list[str], config: Path, listen: int, downstream: int) -> list[str]:
     out = []
     for a in argv:
-        a = a.replace("examples/try-it.toml", str(config)).replace(
-            LISTEN, f"127.0.0.1:{listen}").replace(DOWNSTREAM, f"127.0.0.1:{downstream}")
-        out.append(str(BIN / a[len(".venv/bin/"):]) if a.startswith(".venv/bin/") else a)
+        a = (
+            a.replace("examples/try-it.toml", str(config))
+            .replace(LISTEN, f"127.0.0.1:{listen}")
+            .replace(DOWNSTREAM, f"127.0.0.1:{downstream}")
+        )
+        out.append(str(BIN / a[len(".venv/bin/") :]) if a.startswith(".venv/bin/") else a)
     if out[1:2] == ["serve"] and os.geteuid() == 0:
         out.append("--allow-root")  # "as root, add --allow-root"
     return out
 
 
-def follow_readme(tmp: Path, downstream_port: int | None,
-                  then: Callable[[int], None] = lambda port: None) -> tuple[SwaksResult, str, str]:
+def follow_readme(
+    tmp: Path, downstream_port: int | None, then: Callable[[int], None] = lambda port: None
+) -> tuple[SwaksResult, str, str]:
     """Run the README's lines in order, then `then(maild's port)` while the servers run;
     downstream_port: a Postfix instead of aiosmtpd. Returns swaks' result, `maild log`'s
     output and what the aiosmtpd downstream printed."""
@@ -94,11 +104,18 @@ def follow_readme(tmp: Path, downstream_port: int | None,
                 assert wait_until(lambda p=p, port=port: port_open(port) or p.poll() is not None)
                 assert p.poll() is None, out.read_text()
                 continue
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                               env={**os.environ, "HOME": "/nonexistent"})
+            r = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+                env={**os.environ, "HOME": "/nonexistent"},
+            )
             if argv[0].endswith("swaks"):
-                swaks_out = SwaksResult(r.returncode, r.stdout + r.stderr,
-                                        parse_swaks(r.stdout + r.stderr))
+                swaks_out = SwaksResult(
+                    r.returncode, r.stdout + r.stderr, parse_swaks(r.stdout + r.stderr)
+                )
             else:
                 assert r.returncode == 0, r.stdout + r.stderr
                 log_out = r.stdout
@@ -118,14 +135,19 @@ def test_readme_try_it_relays_a_first_message_without_dns(tmp_path):
     def refusal(port: int) -> None:  # the README's next step: another domain's sender
         r = swaks(port, frm="ceo@bank.example", to="friend@example.org", helo="pc.try.example")
         assert r.rcpt_codes == [553], r.output
-        assert "553 5.7.1 Sender address <ceo@bank.example> is not an address of yours" in \
-            r.output and "(envelope-owner)" in r.output, r.output
+        assert (
+            "553 5.7.1 Sender address <ceo@bank.example> is not an address of yours" in r.output
+            and "(envelope-owner)" in r.output
+        ), r.output
 
     r, log, printed = follow_readme(tmp_path, None, refusal)
     assert r.rcpt_codes == [250] and r.data_code == 250, r.output
     assert "by mail.try.example (maild)" in printed and "From: you@try.example" in printed
-    assert re.search(r"relay: DATA from \S+\[127\.0\.0\.1\]: 250 .*customer=you "
-                     r"from=<you@try\.example> to=<friend@example\.org>", log), log
+    assert re.search(
+        r"relay: DATA from \S+\[127\.0\.0\.1\]: 250 .*customer=you "
+        r"from=<you@try\.example> to=<friend@example\.org>",
+        log,
+    ), log
 
 
 def test_readme_try_it_with_a_local_postfix_downstream(tmp_path):

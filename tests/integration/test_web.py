@@ -31,26 +31,43 @@ LIST = "news.acme.example"
 LISTS = test_optin.LISTS
 # The opt-in tests' Postfix: hosted.example and the list domain delivered to Maildirs.
 postfix = test_optin.postfix
-CONSENT = "Acme News & <Friends>: one message a month about \"Acme\" products. Unsubscribe at any time."
+CONSENT = (
+    'Acme News & <Friends>: one message a month about "Acme" products. Unsubscribe at any time.'
+)
 
 
 def policy(downstream: int, web_port: int, **web: object) -> dict:
     p = front_policy(downstream)
     p["postmaster"]["domains"] = [*p["postmaster"]["domains"], LISTS]
-    p["optin"] = {"lists": [{
-        "id": LIST, "customer": "acme", "owner": "news-owner@acme.example", "name": "Acme News",
-        "domain": LISTS, "return_paths": [f"news-bounces+*@{LISTS}"],
-        "unsubscribe": [f"news-leave@{LISTS}"], "consent_text": CONSENT}]}
-    p["web"] = {"enabled": True, "listen": f"127.0.0.1:{web_port}",
-                "base_url": f"http://127.0.0.1:{web_port}", **web}
+    p["optin"] = {
+        "lists": [
+            {
+                "id": LIST,
+                "customer": "acme",
+                "owner": "news-owner@acme.example",
+                "name": "Acme News",
+                "domain": LISTS,
+                "return_paths": [f"news-bounces+*@{LISTS}"],
+                "unsubscribe": [f"news-leave@{LISTS}"],
+                "consent_text": CONSENT,
+            }
+        ]
+    }
+    p["web"] = {
+        "enabled": True,
+        "listen": f"127.0.0.1:{web_port}",
+        "base_url": f"http://127.0.0.1:{web_port}",
+        **web,
+    }
     return p
 
 
 @pytest.fixture(scope="module")
 def m(postfix, tmp_path_factory):
     port = free_port()
-    md = Maild(tmp_path_factory.mktemp("web"), policy(postfix.reinject_port, port,
-                                                       require_one_click=True))
+    md = Maild(
+        tmp_path_factory.mktemp("web"), policy(postfix.reinject_port, port, require_one_click=True)
+    )
     md.web = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     md.start()
     md.wait_log("web: listening on")
@@ -58,8 +75,11 @@ def m(postfix, tmp_path_factory):
     md.stop()
 
 
-def get(url: str, opener: urllib.request.OpenerDirector | None = None,
-        data: dict[str, str] | None = None) -> tuple[int, str]:
+def get(
+    url: str,
+    opener: urllib.request.OpenerDirector | None = None,
+    data: dict[str, str] | None = None,
+) -> tuple[int, str]:
     """A GET (a POST with `data`) over TCP; an opener keeps a browser's cookies."""
     body = urllib.parse.urlencode(data).encode() if data is not None else None
     try:
@@ -70,8 +90,9 @@ def get(url: str, opener: urllib.request.OpenerDirector | None = None,
 
 
 def browser() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(
-        http.cookiejar.CookieJar()))
+    return urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
 
 
 def csrf(page: str) -> str:
@@ -85,8 +106,11 @@ def ledger_rows(m: Maild) -> int:
 
 
 def links(message: bytes) -> list[str]:
-    body = email.message_from_bytes(message, policy=email.policy.default).get_body(
-        ("plain",)).get_content()
+    body = (
+        email.message_from_bytes(message, policy=email.policy.default)
+        .get_body(("plain",))
+        .get_content()
+    )
     return re.findall(r"https?://[^\s<>\"]+", body)
 
 
@@ -97,8 +121,11 @@ def scrape(url: str) -> dict[str, list]:
 
 
 def value(samples: list, name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and
-               all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_metrics_after_a_relayed_and_a_rejected_message(postfix, m):
@@ -108,12 +135,21 @@ def test_metrics_after_a_relayed_and_a_rejected_message(postfix, m):
     r = swaks(m.port, frm="someone@outside.example", to="partner@outside.example", bind=STRANGER)
     assert r.rcpt_codes and r.rcpt_codes[0] >= 500, r.output
     after = scrape(m.web + "/metrics")
-    assert value(after["maild_relayed"], "maild_relayed_total") == \
-        value(before["maild_relayed"], "maild_relayed_total") + 1
-    assert value(after["maild_rejected"], "maild_rejected_total") == \
-        value(before["maild_rejected"], "maild_rejected_total") + 1
-    relay_rejects = value(after["maild_decisions"], "maild_decisions_total",
-                          stage="RCPT", action="reject", rule="relay")
+    assert (
+        value(after["maild_relayed"], "maild_relayed_total")
+        == value(before["maild_relayed"], "maild_relayed_total") + 1
+    )
+    assert (
+        value(after["maild_rejected"], "maild_rejected_total")
+        == value(before["maild_rejected"], "maild_rejected_total") + 1
+    )
+    relay_rejects = value(
+        after["maild_decisions"],
+        "maild_decisions_total",
+        stage="RCPT",
+        action="reject",
+        rule="relay",
+    )
     assert relay_rejects >= 1, after["maild_decisions"]
     assert value(after["maild_store_up"], "maild_store_up") == 1
     assert value(after["maild_store_errors"], "maild_store_errors_total") == 0
@@ -126,8 +162,7 @@ def test_metrics_after_a_relayed_and_a_rejected_message(postfix, m):
 
 def test_metrics_on_their_own_address_are_not_on_the_public_listener(postfix, tmp_path):
     port, mport = free_port(), free_port()
-    md = Maild(tmp_path, policy(postfix.reinject_port, port,
-                                metrics_listen=f"127.0.0.1:{mport}"))
+    md = Maild(tmp_path, policy(postfix.reinject_port, port, metrics_listen=f"127.0.0.1:{mport}"))
     with md:
         md.wait_log("web: listening on")
         assert "maild_relayed" in scrape(f"http://127.0.0.1:{mport}/metrics")
@@ -147,18 +182,31 @@ def unsubscribe_url(m: Maild, address: str) -> str:
 
 def list_mail(m: Maild, to: str, url: str):
     local, _, domain = to.partition("@")
-    return swaks(m.port, frm=f"news-bounces+{local}={domain}@{LISTS}", to=to, bind=CUSTOMER_IP,
-                 header=[f"To: {to}", f"List-Id: <{LIST}>", "Subject: This month",
-                         f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>",
-                         "List-Unsubscribe-Post: List-Unsubscribe=One-Click"],
-                 body=f"Hello {to}, here is this month's news.\r\n")
+    return swaks(
+        m.port,
+        frm=f"news-bounces+{local}={domain}@{LISTS}",
+        to=to,
+        bind=CUSTOMER_IP,
+        header=[
+            f"To: {to}",
+            f"List-Id: <{LIST}>",
+            "Subject: This month",
+            f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        ],
+        body=f"Hello {to}, here is this month's news.\r\n",
+    )
 
 
 def curl_post(url: str, *data: str) -> tuple[int, str]:
     """A real curl POST; `data` as curl's --data-raw values (none: an empty body)."""
     args = [a for d in data for a in ("--data-raw", d)] or ["-X", "POST"]
-    r = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args, url],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     body, _, code = r.stdout.rpartition("\n")
     return int(code), body
@@ -190,8 +238,10 @@ def test_one_click_post_over_tcp_with_and_without_the_exact_body(postfix, m):
     assert code == 200 and "is unsubscribed from Acme News" in page
     r = list_mail(m, bob, url)
     assert r.rcpt_codes == [550] and "unsubscribed from list news.acme.example" in r.output
-    notices = [email.message_from_bytes(b, policy=email.policy.default)
-               for b in postfix.wait_for_messages(bob, 3)]
+    notices = [
+        email.message_from_bytes(b, policy=email.policy.default)
+        for b in postfix.wait_for_messages(bob, 3)
+    ]
     assert [n["Subject"] for n in notices].count("You have been unsubscribed from Acme News") == 1
     assert state(m, bob) == "revoked"
 
@@ -209,20 +259,30 @@ def test_one_click_refuses_another_https_uri_beside_maild_url(postfix, m):
     # one message to two subscribers with both URLs: either one's click could revoke the other
     fay = "fay@hosted.example"
     subscribe_by_owner(m, fay)
-    r = swaks(m.port, frm=f"news-bounces+all@{LISTS}", to=[dora, fay], bind=CUSTOMER_IP,
-              header=[f"To: {dora}, {fay}", f"List-Id: <{LIST}>", "Subject: This month",
-                      f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>, "
-                      f"<{unsubscribe_url(m, fay)}>",
-                      "List-Unsubscribe-Post: List-Unsubscribe=One-Click"],
-              body="Hello, here is this month's news.\r\n")
-    assert r.data_code == 550 and "is not the one for <dora@hosted.example>, <fay" in r.output, \
+    r = swaks(
+        m.port,
+        frm=f"news-bounces+all@{LISTS}",
+        to=[dora, fay],
+        bind=CUSTOMER_IP,
+        header=[
+            f"To: {dora}, {fay}",
+            f"List-Id: <{LIST}>",
+            "Subject: This month",
+            f"List-Unsubscribe: <mailto:news-leave@{LISTS}>, <{url}>, <{unsubscribe_url(m, fay)}>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        ],
+        body="Hello, here is this month's news.\r\n",
+    )
+    assert r.data_code == 550 and "is not the one for <dora@hosted.example>, <fay" in r.output, (
         r.output
+    )
     assert list_mail(m, dora, url).data_code == 250
     assert state(m, dora) == "confirmed"
 
 
 def test_subscribe_and_confirm_over_http_and_a_get_of_every_link_changes_nothing(
-        postfix, m, tmp_path):
+    postfix, m, tmp_path
+):
     erin = "erin@hosted.example"
     b = browser()
     status, page = get(f"{m.web}/subscribe/{LIST}", b)

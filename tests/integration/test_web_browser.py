@@ -21,8 +21,12 @@ from tests.integration.test_web import LIST, links, list_mail, state, unsubscrib
 
 postfix = test_optin.postfix  # the opt-in tests' Postfix (hosted.example, the list domain)
 m = test_web.m  # maild with [web] and require_one_click, in front of it
-ARTIFACTS = Path(os.environ.get("MAILD_TEST_ARTIFACTS") or
-                 Path(__file__).resolve().parents[1] / "artifacts") / "web"
+ARTIFACTS = (
+    Path(
+        os.environ.get("MAILD_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts"
+    )
+    / "web"
+)
 
 
 @pytest.fixture
@@ -33,8 +37,15 @@ def chrome(request):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1000,800", "--no-first-run", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1000,800",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
         opts.add_argument(arg)
     browser = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
     browser.set_page_load_timeout(60)
@@ -76,10 +87,12 @@ def test_subscribe_confirm_and_one_click_unsubscribe_in_a_browser(postfix, m, ch
 
     # a list message with maild's one-click URL; the person clicks it in the message
     assert list_mail(m, frank, unsubscribe_url(m, frank)).data_code == 250
-    news = email.message_from_bytes(postfix.wait_for_messages(frank, 2)[-1],
-                                    policy=email.policy.default)
-    [url] = [u for u in re.findall(r"<([^>]+)>", str(news["List-Unsubscribe"]))
-             if u.startswith("http")]
+    news = email.message_from_bytes(
+        postfix.wait_for_messages(frank, 2)[-1], policy=email.policy.default
+    )
+    [url] = [
+        u for u in re.findall(r"<([^>]+)>", str(news["List-Unsubscribe"])) if u.startswith("http")
+    ]
     chrome.get(url)
     chrome.shot("unsubscribe-page")
     assert state(m, frank) == "confirmed"

@@ -19,16 +19,27 @@ POLICY = {
     "optin": {
         "complaint_min_volume": 100,
         "lists": [
-            {"id": "news.acme.example", "customer": "acme", "owner": "news@acme.example",
-             "name": "Acme News", "domain": "lists.hosted.example",
-             "return_paths": ["news-bounces+*@lists.hosted.example", "news@acme.example"],
-             "unsubscribe": ["news-leave@lists.hosted.example",
-                             "news-leave+*@lists.hosted.example"],
-             "consent_text": CONSENT},
-            {"id": "deals.other.example", "customer": "other", "owner": "deals@other.example",
-             "domain": "lists.hosted.example",
-             "return_paths": ["deals-bounces@lists.hosted.example"],
-             "consent_text": "Deals from Other."},
+            {
+                "id": "news.acme.example",
+                "customer": "acme",
+                "owner": "news@acme.example",
+                "name": "Acme News",
+                "domain": "lists.hosted.example",
+                "return_paths": ["news-bounces+*@lists.hosted.example", "news@acme.example"],
+                "unsubscribe": [
+                    "news-leave@lists.hosted.example",
+                    "news-leave+*@lists.hosted.example",
+                ],
+                "consent_text": CONSENT,
+            },
+            {
+                "id": "deals.other.example",
+                "customer": "other",
+                "owner": "deals@other.example",
+                "domain": "lists.hosted.example",
+                "return_paths": ["deals-bounces@lists.hosted.example"],
+                "consent_text": "Deals from Other.",
+            },
         ],
     },
 }

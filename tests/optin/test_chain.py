@@ -13,9 +13,17 @@ from maild.optin.model import Event, Kind, iso
 def chain(n: int) -> list[Event]:
     out, prev = [], GENESIS
     for i in range(1, n + 1):
-        e = Event(list_id="l.example", seq=i, ts=iso(1_700_000_000 + i), address=f"u{i}@x.example",
-                  kind=Kind.REQUEST if i % 2 else Kind.CONFIRM, channel="web", ip="192.0.2.1",
-                  detail={"n": i, "nested": {"b": 1, "a": [1, 2]}}, prev_hash=prev)
+        e = Event(
+            list_id="l.example",
+            seq=i,
+            ts=iso(1_700_000_000 + i),
+            address=f"u{i}@x.example",
+            kind=Kind.REQUEST if i % 2 else Kind.CONFIRM,
+            channel="web",
+            ip="192.0.2.1",
+            detail={"n": i, "nested": {"b": 1, "a": [1, 2]}},
+            prev_hash=prev,
+        )
         e = dataclasses.replace(e, hash=row_hash(e, prev))
         out.append(e)
         prev = e.hash
@@ -26,7 +34,9 @@ def verify(events: list[Event], head=None) -> Verifier:
     v = Verifier("l.example")
     for e in events:
         v.feed(e)
-    v.check_head(head if head is not None else (events[-1].seq, events[-1].hash) if events else None)
+    v.check_head(
+        head if head is not None else (events[-1].seq, events[-1].hash) if events else None
+    )
     return v
 
 
@@ -89,16 +99,35 @@ def test_detail_key_order_does_not_matter():
 def as_row(e: Event) -> tuple:
     from maild.optin.chain import detail_json
 
-    return (e.list_id, e.seq, e.ts, e.address, str(e.kind), e.channel, e.actor, e.ip,
-            e.user_agent, e.consent_hash, e.token_hash, e.message_id, e.raw_sha256,
-            detail_json(e.detail), e.prev_hash, e.hash)
+    return (
+        e.list_id,
+        e.seq,
+        e.ts,
+        e.address,
+        str(e.kind),
+        e.channel,
+        e.actor,
+        e.ip,
+        e.user_agent,
+        e.consent_hash,
+        e.token_hash,
+        e.message_id,
+        e.raw_sha256,
+        detail_json(e.detail),
+        e.prev_hash,
+        e.hash,
+    )
 
 
 def test_fast_row_hashing_matches_the_definition():
     from maild.optin.chain import canonical_row
 
-    e = dataclasses.replace(chain(1)[0], actor="Jörg \"quoted\" \\ <j@x>", user_agent="Mozilla/5.0 ☃",
-                            detail={"z": "ü", "a": {"k": [1, "two", None, True]}, "n": 3})
+    e = dataclasses.replace(
+        chain(1)[0],
+        actor='Jörg "quoted" \\ <j@x>',
+        user_agent="Mozilla/5.0 ☃",
+        detail={"z": "ü", "a": {"k": [1, "two", None, True]}, "n": 3},
+    )
     assert canonical_row(*as_row(e)[:14]) == canonical(e)
 
 

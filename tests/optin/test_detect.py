@@ -25,7 +25,9 @@ def hdrs(*lines: str):
 
 def test_signals():
     assert list_signals(hdrs("List-Id: News <news.acme.example>", "List-Post: <mailto:x@y>")) == [
-        "List-Id", "List-Post"]
+        "List-Id",
+        "List-Post",
+    ]
     assert list_signals(hdrs("Precedence: BULK")) == ["Precedence: bulk"]
     assert list_signals(hdrs("Precedence: junk", "Subject: hi")) == []
     assert header_list_id(hdrs("List-Id: News <News.Acme.Example>")) == "news.acme.example"
@@ -42,25 +44,44 @@ def test_auto_replies():
     assert automatic(hdrs("X-Autoreply: yes"), False) == "X-Autoreply header"
 
 
-@pytest.mark.parametrize("lines, needle", [
-    ((), "must carry a List-Unsubscribe header"),
-    (("List-Unsubscribe: mailto:leave@x.example",), "in angle brackets"),
-    (("List-Unsubscribe: <http://x.example/u>",), "in angle brackets"),
-    (("List-Unsubscribe: <https://x.example/u>",), "(found: none)"),
-    (("List-Unsubscribe: <https://x.example/u>", "List-Unsubscribe-Post: List-Unsubscribe=one-click"),
-     "found: 'List-Unsubscribe=one-click'"),
-    (("List-Unsubscribe: <https://x.example/u>", "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
-      "List-Unsubscribe-Post: List-Unsubscribe=One-Click"), "exactly one"),
-])
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        ((), "must carry a List-Unsubscribe header"),
+        (("List-Unsubscribe: mailto:leave@x.example",), "in angle brackets"),
+        (("List-Unsubscribe: <http://x.example/u>",), "in angle brackets"),
+        (("List-Unsubscribe: <https://x.example/u>",), "(found: none)"),
+        (
+            (
+                "List-Unsubscribe: <https://x.example/u>",
+                "List-Unsubscribe-Post: List-Unsubscribe=one-click",
+            ),
+            "found: 'List-Unsubscribe=one-click'",
+        ),
+        (
+            (
+                "List-Unsubscribe: <https://x.example/u>",
+                "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+                "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            ),
+            "exactly one",
+        ),
+    ],
+)
 def test_unsubscribe_problems(lines, needle):
     assert needle in unsubscribe_problem(hdrs(*lines), require_one_click=False)
 
 
-@pytest.mark.parametrize("lines", [
-    ("List-Unsubscribe: <mailto:leave@x.example?subject=unsubscribe>",),
-    ("List-Unsubscribe: <https://x.example/u?id=1>, <mailto:leave@x.example>",
-     "List-Unsubscribe-Post:  List-Unsubscribe=One-Click "),
-])
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ("List-Unsubscribe: <mailto:leave@x.example?subject=unsubscribe>",),
+        (
+            "List-Unsubscribe: <https://x.example/u?id=1>, <mailto:leave@x.example>",
+            "List-Unsubscribe-Post:  List-Unsubscribe=One-Click ",
+        ),
+    ],
+)
 def test_unsubscribe_ok(lines):
     assert unsubscribe_problem(hdrs(*lines), require_one_click=False) == ""
 
@@ -84,10 +105,17 @@ def test_recipient_named_in_to_or_body():
 
 def test_recipient_found_in_encoded_bodies():
     b64 = base64.b64encode(b"<p>Sent to <b>bob@example.org</b></p>").decode()
-    raw, h = msg("list@x.example", b64.encode() + b"\r\n",
-                 "MIME-Version: 1.0\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n")
+    raw, h = msg(
+        "list@x.example",
+        b64.encode() + b"\r\n",
+        "MIME-Version: 1.0\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n",
+    )
     assert unnamed_recipients(raw, h, ["bob@example.org"]) == []
     qp = b"A long line that the list software wrapped for bob@exam=\r\nple.org in QP\r\n"
-    raw, h = msg("list@x.example", qp, "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
-                 "Content-Transfer-Encoding: quoted-printable\r\n")
+    raw, h = msg(
+        "list@x.example",
+        qp,
+        "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n",
+    )
     assert unnamed_recipients(raw, h, ["bob@example.org"]) == []

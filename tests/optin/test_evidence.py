@@ -18,16 +18,38 @@ LIST = "news.acme.example"
 
 async def history(ledger, config) -> None:
     lst = section(config).lists[0]
-    res = await actions.request(ledger, config, None, lst, "Bob@Example.org", ip="198.51.100.7",
-                                user_agent="Mozilla/5.0", evidence=b"POST /subscribe bob\n")
-    await ledger.append(list_id=LIST, address="bob@example.org", kind=Kind.CONFIRM,
-                        channel="email", token_hash=res.event.token_hash,
-                        consent_hash=res.event.consent_hash,
-                        raw=b"From: bob@example.org\r\nSubject: Re: confirm\r\n\r\nyes\r\n")
-    await ledger.append(list_id=LIST, address="someone@example.org", kind=Kind.REQUEST,
-                        channel="web")
-    await actions.revoke(ledger, config, None, lst, "bob@example.org", channel="one-click",
-                         actor="web:shop", ip="198.51.100.8")
+    res = await actions.request(
+        ledger,
+        config,
+        None,
+        lst,
+        "Bob@Example.org",
+        ip="198.51.100.7",
+        user_agent="Mozilla/5.0",
+        evidence=b"POST /subscribe bob\n",
+    )
+    await ledger.append(
+        list_id=LIST,
+        address="bob@example.org",
+        kind=Kind.CONFIRM,
+        channel="email",
+        token_hash=res.event.token_hash,
+        consent_hash=res.event.consent_hash,
+        raw=b"From: bob@example.org\r\nSubject: Re: confirm\r\n\r\nyes\r\n",
+    )
+    await ledger.append(
+        list_id=LIST, address="someone@example.org", kind=Kind.REQUEST, channel="web"
+    )
+    await actions.revoke(
+        ledger,
+        config,
+        None,
+        lst,
+        "bob@example.org",
+        channel="one-click",
+        actor="web:shop",
+        ip="198.51.100.8",
+    )
 
 
 async def test_bundle_holds_every_event_and_message(ledger, config, tmp_path):
@@ -39,7 +61,10 @@ async def test_bundle_holds_every_event_and_message(ledger, config, tmp_path):
     with zipfile.ZipFile(b.path) as z:
         doc = json.loads(z.read("evidence.json"))
         names = set(z.namelist())
-        assert z.read("consent/" + doc["events"][0]["consent_hash"] + ".txt").decode().strip() == CONSENT
+        assert (
+            z.read("consent/" + doc["events"][0]["consent_hash"] + ".txt").decode().strip()
+            == CONSENT
+        )
         assert "How to check a row yourself" in z.read("README.txt").decode()
         req = doc["events"][0]
         assert z.read(req["raw_file"]) == b"POST /subscribe bob\n"
@@ -49,8 +74,9 @@ async def test_bundle_holds_every_event_and_message(ledger, config, tmp_path):
     assert doc["verified"] and doc["lists"][0]["state"] == "revoked"
     assert doc["lists"][0]["chain"]["rows"] == 4  # the whole chain, other addresses too
     assert doc["events"][2]["channel"] == "one-click" and doc["events"][2]["ip"] == "198.51.100.8"
-    assert all(e["row_hash_ok"] and e["chain_ok"] and e["raw_intact"] is not False
-               for e in doc["events"])
+    assert all(
+        e["row_hash_ok"] and e["chain_ok"] and e["raw_intact"] is not False for e in doc["events"]
+    )
 
 
 async def test_verify_finds_altered_rows_raw_messages_and_truncation(ledger, config, store):
@@ -58,10 +84,12 @@ async def test_verify_finds_altered_rows_raw_messages_and_truncation(ledger, con
     assert (await verify_all(ledger)).ok
     await store.execute("UPDATE optin_events SET actor = 'forged' WHERE seq = 2")
     r = await verify_all(ledger)
-    assert not r.ok and any("seq=2: confirm event for bob@example.org was altered" in b
-                            for b in r.chains[0].breaks)
-    await store.execute("UPDATE optin_raw SET data = ? WHERE size = 20",
-                        (pack(b"POST /subscribe eve\n"),))
+    assert not r.ok and any(
+        "seq=2: confirm event for bob@example.org was altered" in b for b in r.chains[0].breaks
+    )
+    await store.execute(
+        "UPDATE optin_raw SET data = ? WHERE size = 20", (pack(b"POST /subscribe eve\n"),)
+    )
     assert any("was altered" in p for p in (await verify_all(ledger)).raw_problems)
 
 

@@ -15,19 +15,30 @@ from maild.store.base import StoreError
 
 
 async def test_append_builds_a_chain_per_list(ledger):
-    a = await ledger.append(list_id="a.example", address="X@Example.org", kind=Kind.REQUEST,
-                            channel="web", ip="192.0.2.1", detail={"b": 2, "a": [1]},
-                            consent_text="Consent A")
-    b = await ledger.append(list_id="a.example", address="x@example.org", kind=Kind.CONFIRM,
-                            channel="email")
-    c = await ledger.append(list_id="b.example", address="x@example.org", kind=Kind.REQUEST,
-                            channel="api")
+    a = await ledger.append(
+        list_id="a.example",
+        address="X@Example.org",
+        kind=Kind.REQUEST,
+        channel="web",
+        ip="192.0.2.1",
+        detail={"b": 2, "a": [1]},
+        consent_text="Consent A",
+    )
+    b = await ledger.append(
+        list_id="a.example", address="x@example.org", kind=Kind.CONFIRM, channel="email"
+    )
+    c = await ledger.append(
+        list_id="b.example", address="x@example.org", kind=Kind.REQUEST, channel="api"
+    )
     assert (a.seq, b.seq, c.seq) == (1, 2, 1)
     assert a.address == "x@example.org" and b.prev_hash == a.hash and a.detail == {"a": [1], "b": 2}
     assert await ledger.head("a.example") == (2, b.hash)
     assert await ledger.consent_text(a.consent_hash) == "Consent A"
     assert [e.kind for e in await ledger.events_for("x@example.org")] == [
-        Kind.REQUEST, Kind.CONFIRM, Kind.REQUEST]
+        Kind.REQUEST,
+        Kind.CONFIRM,
+        Kind.REQUEST,
+    ]
     assert [e.seq for e in await ledger.events_for("x@example.org", "b.example")] == [1]
     assert (await verify_all(ledger)).ok
 
@@ -40,8 +51,12 @@ async def test_two_writers_never_fork_a_chain(tmp_path):
 
         async def write(ledger: Ledger, who: str) -> None:
             for i in range(25):
-                await ledger.append(list_id="l.example", address=f"{who}{i}@x.example",
-                                    kind=Kind.REQUEST, channel="api")
+                await ledger.append(
+                    list_id="l.example",
+                    address=f"{who}{i}@x.example",
+                    kind=Kind.REQUEST,
+                    channel="api",
+                )
 
         await asyncio.gather(write(l1, "a"), write(l2, "b"))
         events = await l1.events_of_list("l.example")
@@ -54,26 +69,35 @@ async def test_two_writers_never_fork_a_chain(tmp_path):
 
 async def test_raw_messages_are_stored_once_and_compressed(ledger, store):
     raw = b"Received: from x\r\nSubject: hi\r\n\r\n" + b"body line\r\n" * 500
-    e1 = await ledger.append(list_id="l.example", address="a@x.example", kind=Kind.REQUEST,
-                             channel="web", raw=raw)
-    e2 = await ledger.append(list_id="l.example", address="b@x.example", kind=Kind.REQUEST,
-                             channel="web", raw=raw)
+    e1 = await ledger.append(
+        list_id="l.example", address="a@x.example", kind=Kind.REQUEST, channel="web", raw=raw
+    )
+    e2 = await ledger.append(
+        list_id="l.example", address="b@x.example", kind=Kind.REQUEST, channel="web", raw=raw
+    )
     assert e1.raw_sha256 == e2.raw_sha256 and await ledger.raw(e1.raw_sha256) == raw
     size, stored = await store.fetchone("SELECT size, length(data) FROM optin_raw")
     assert size == len(raw) and stored < len(raw) / 5
 
 
 async def test_lists_in_the_store(ledger):
-    lst = ListConfig(id="x.acme.example", customer="acme", owner="x@acme.example",
-                     consent_text="X", domain="lists.acme.example",
-                     return_paths=("x-bounces+*@lists.acme.example",))
+    lst = ListConfig(
+        id="x.acme.example",
+        customer="acme",
+        owner="x@acme.example",
+        consent_text="X",
+        domain="lists.acme.example",
+        return_paths=("x-bounces+*@lists.acme.example",),
+    )
     await ledger.register_list(lst, "cli:root")
     with pytest.raises(StoreError):
         await ledger.register_list(lst, "cli:root")
-    await ledger.register_list(ListConfig(**{**lst.__dict__, "owner": "y@acme.example"}),
-                               "cli:root", replace=True)
+    await ledger.register_list(
+        ListConfig(**{**lst.__dict__, "owner": "y@acme.example"}), "cli:root", replace=True
+    )
     assert [(x.id, x.owner, x.return_paths) for x in await ledger.stored_lists()] == [
-        ("x.acme.example", "y@acme.example", ("x-bounces+*@lists.acme.example",))]
+        ("x.acme.example", "y@acme.example", ("x-bounces+*@lists.acme.example",))
+    ]
     assert await ledger.unregister_list("x.acme.example")
     assert not await ledger.unregister_list("x.acme.example")
 
@@ -87,7 +111,8 @@ async def test_delivered_counts_add_up(ledger):
 
 async def test_requests_are_counted_per_address(ledger):
     for _ in range(2):
-        await ledger.append(list_id="l.example", address="a@x.example", kind=Kind.REQUEST,
-                            channel="web")
+        await ledger.append(
+            list_id="l.example", address="a@x.example", kind=Kind.REQUEST, channel="web"
+        )
     assert await ledger.count_requests("l.example", "A@x.example", 0) == 2
     assert await ledger.count_requests("l.example", "b@x.example", 0) == 0

@@ -13,9 +13,16 @@ def test_confirmation(config):
     lst = section(config).lists[0]
     token = new_token()
     assert len(token) == 32 and token == token.lower()
-    msg, mid = messages.confirmation(lst, "bob@example.org", token, confirm_local="confirm",
-                                     hostname="mx.hosted.example", when="2024-03-01T10:00:00",
-                                     expires="2024-03-04T10:00:00", ip="198.51.100.7")
+    msg, mid = messages.confirmation(
+        lst,
+        "bob@example.org",
+        token,
+        confirm_local="confirm",
+        hostname="mx.hosted.example",
+        when="2024-03-01T10:00:00",
+        expires="2024-03-04T10:00:00",
+        ip="198.51.100.7",
+    )
     assert msg["Reply-To"] == f"confirm+{token}@lists.hosted.example"
     assert msg["Message-ID"] == mid and mid.endswith("@mx.hosted.example>")
     assert msg["Auto-Submitted"] == "auto-generated" and msg["To"] == "bob@example.org"
@@ -30,8 +37,13 @@ def test_confirmation(config):
 
 def test_revocation_notice(config):
     lst = section(config).lists[0]
-    msg, mid = messages.revocation_notice(lst, "bob@example.org", channel="one-click",
-                                          when="2024-03-01T10:00:00", hostname="mx.hosted.example")
+    msg, mid = messages.revocation_notice(
+        lst,
+        "bob@example.org",
+        channel="one-click",
+        when="2024-03-01T10:00:00",
+        hostname="mx.hosted.example",
+    )
     assert msg["Subject"] == "You have been unsubscribed from Acme News"
     assert "one-click unsubscribe" in msg.get_content() and msg["Message-ID"] == mid
 

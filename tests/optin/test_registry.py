@@ -32,10 +32,16 @@ def test_registry(config):
 
 
 def test_config_wins_over_the_store(config):
-    stored = ListConfig(id="news.acme.example", customer="other", owner="x@other.example",
-                        consent_text="x")
-    extra = ListConfig(id="tips.other.example", customer="other", owner="t@other.example",
-                       consent_text="t", domain="tips.other.example")
+    stored = ListConfig(
+        id="news.acme.example", customer="other", owner="x@other.example", consent_text="x"
+    )
+    extra = ListConfig(
+        id="tips.other.example",
+        customer="other",
+        owner="t@other.example",
+        consent_text="t",
+        domain="tips.other.example",
+    )
     reg = Registry.build(section(config), [stored, extra])
     assert reg.get("news.acme.example").customer == "acme" and reg.shadowed == ["news.acme.example"]
     assert reg.get("tips.other.example").source == "store"
@@ -50,23 +56,35 @@ def test_a_lists_addresses_belong_to_its_customer_only(config):
     def of(customer: str, addr: str) -> str | None:
         return reg.address_of(customer, addr, "confirm", tokens.get)
 
-    assert of("acme", "news-bounces+bob=example.org@Lists.Hosted.Example") == \
-        "return path of list news.acme.example"
-    assert of("acme", "news-leave+bob=example.org@lists.hosted.example") == \
-        "unsubscribe address of list news.acme.example"
-    assert of("acme", "confirm+T1@lists.hosted.example") == \
-        "confirmation address of list news.acme.example"
-    assert of("other", "deals-bounces@lists.hosted.example") == \
-        "return path of list deals.other.example"
-    assert of("other", "confirm+t2@lists.hosted.example") == \
-        "confirmation address of list deals.other.example"
-    for customer, addr in (("other", "news-bounces+x@lists.hosted.example"),
-                           ("other", "news-leave@lists.hosted.example"),
-                           ("other", "confirm+t1@lists.hosted.example"),
-                           ("acme", "deals-bounces@lists.hosted.example"),
-                           ("acme", "confirm+t2@lists.hosted.example"),
-                           ("acme", "confirm+unknown@lists.hosted.example"),
-                           ("acme", "confirm+t1@hosted.example"),  # not the list's domain
-                           ("acme", "postmaster@lists.hosted.example"),
-                           ("nobody", "news-bounces+x@lists.hosted.example")):
+    assert (
+        of("acme", "news-bounces+bob=example.org@Lists.Hosted.Example")
+        == "return path of list news.acme.example"
+    )
+    assert (
+        of("acme", "news-leave+bob=example.org@lists.hosted.example")
+        == "unsubscribe address of list news.acme.example"
+    )
+    assert (
+        of("acme", "confirm+T1@lists.hosted.example")
+        == "confirmation address of list news.acme.example"
+    )
+    assert (
+        of("other", "deals-bounces@lists.hosted.example")
+        == "return path of list deals.other.example"
+    )
+    assert (
+        of("other", "confirm+t2@lists.hosted.example")
+        == "confirmation address of list deals.other.example"
+    )
+    for customer, addr in (
+        ("other", "news-bounces+x@lists.hosted.example"),
+        ("other", "news-leave@lists.hosted.example"),
+        ("other", "confirm+t1@lists.hosted.example"),
+        ("acme", "deals-bounces@lists.hosted.example"),
+        ("acme", "confirm+t2@lists.hosted.example"),
+        ("acme", "confirm+unknown@lists.hosted.example"),
+        ("acme", "confirm+t1@hosted.example"),  # not the list's domain
+        ("acme", "postmaster@lists.hosted.example"),
+        ("nobody", "news-bounces+x@lists.hosted.example"),
+    ):
         assert of(customer, addr) is None, (customer, addr)

@@ -55,15 +55,21 @@ def test_arf_with_the_original_message():
 
 def test_arf_with_headers_only_and_a_redacted_recipient():
     raw = arf(third="text/rfc822-headers", body="").replace(
-        b"Original-Rcpt-To: <bob@example.org>", b"Original-Rcpt-To: <redacted@isp.example>")
+        b"Original-Rcpt-To: <bob@example.org>", b"Original-Rcpt-To: <redacted@isp.example>"
+    )
     c = parse_arf(raw)
-    assert c is not None and c.list_id == "news.acme.example" and c.rcpt_to == ["redacted@isp.example"]
+    assert (
+        c is not None and c.list_id == "news.acme.example" and c.rcpt_to == ["redacted@isp.example"]
+    )
     assert c.to == ["bob@example.org"]
 
 
 def test_not_an_arf():
     assert parse_arf(b"From: a@b\r\nSubject: hi\r\n\r\nplain complaint\r\n") is None
-    assert parse_arf(arf().replace(b"report-type=feedback-report", b"report-type=delivery-status")) is None
+    assert (
+        parse_arf(arf().replace(b"report-type=feedback-report", b"report-type=delivery-status"))
+        is None
+    )
 
 
 DSN = """\
@@ -103,8 +109,10 @@ Status: 4.4.1
 
 def test_dsn_permanent_failures():
     got = parse_dsn(DSN.replace("\n", "\r\n").encode())
-    assert [(b.recipient, b.status) for b in got] == [("bob@example.org", "5.1.1"),
-                                                       ("carol@example.org", "5.7.1")]
+    assert [(b.recipient, b.status) for b in got] == [
+        ("bob@example.org", "5.1.1"),
+        ("carol@example.org", "5.7.1"),
+    ]
     assert "Recipient address rejected" in got[0].diagnostic
     assert address_failure("5.1.1") and address_failure("5.2.1")
     assert not address_failure("5.7.1") and not address_failure("5.2.2")

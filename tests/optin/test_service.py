@@ -24,11 +24,24 @@ async def started(config, store) -> OptinService:
 
 async def test_start_loads_the_ledger_and_stored_lists(config, store, ledger, caplog):
     await ledger.append(list_id=LIST, address="a@x.example", kind=Kind.OWNER_ADD, channel="cli")
-    await ledger.append(list_id=LIST, address="b@x.example", kind=Kind.REQUEST, channel="web",
-                        token_hash="f" * 64, detail={"expires": "2999-01-01T00:00:00.000000Z"})
-    await ledger.register_list(ListConfig(id="tips.acme.example", customer="acme",
-                                          owner="t@acme.example", consent_text="t",
-                                          domain="lists.hosted.example"), "cli:root")
+    await ledger.append(
+        list_id=LIST,
+        address="b@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash="f" * 64,
+        detail={"expires": "2999-01-01T00:00:00.000000Z"},
+    )
+    await ledger.register_list(
+        ListConfig(
+            id="tips.acme.example",
+            customer="acme",
+            owner="t@acme.example",
+            consent_text="t",
+            domain="lists.hosted.example",
+        ),
+        "cli:root",
+    )
     caplog.set_level(logging.INFO, logger="maild.optin")
     svc = await started(config, store)
     try:
@@ -45,8 +58,9 @@ async def test_cli_changes_reach_the_daemon_through_control(config, store, tmp_p
     svc = await started(config, store)
     other = await open_store(store.path)  # the CLI's own connection
     try:
-        await Ledger(other).append(list_id=LIST, address="c@x.example", kind=Kind.OWNER_ADD,
-                                   channel="cli")
+        await Ledger(other).append(
+            list_id=LIST, address="c@x.example", kind=Kind.OWNER_ADD, channel="cli"
+        )
         await control(other, "optin", LIST)
         assert svc.standing(LIST, "c@x.example").state is State.UNKNOWN
         svc._own_poll = True
@@ -63,8 +77,9 @@ async def test_a_refusal_reads_the_ledger_again_first(config, store):
     svc = await started(config, store)
     other = await open_store(store.path)  # the CLI's own connection
     try:
-        await Ledger(other).append(list_id=LIST, address="d@x.example", kind=Kind.OWNER_ADD,
-                                   channel="cli")
+        await Ledger(other).append(
+            list_id=LIST, address="d@x.example", kind=Kind.OWNER_ADD, channel="cli"
+        )
         assert svc.standing(LIST, "d@x.example").state is State.UNKNOWN  # the cache lags
         st = await svc.standing_before_refusal(LIST, "d@x.example")
         assert st.state is State.CONFIRMED and st.sendable
@@ -75,27 +90,45 @@ async def test_a_refusal_reads_the_ledger_again_first(config, store):
         await svc.stop()
 
 
-async def test_a_stored_lists_addresses_are_its_customers_for_ownership(config, store, ledger,
-                                                                      monkeypatch):
+async def test_a_stored_lists_addresses_are_its_customers_for_ownership(
+    config, store, ledger, monkeypatch
+):
     """`maild optin list register` lists and issued tokens reach owner_of through the
     running service, for the list's customer only."""
     from maild.policy.identity import lists_of, owner_of
 
-    await ledger.register_list(ListConfig(
-        id="tips.acme.example", customer="acme", owner="tips@acme.example", consent_text="t",
-        domain="hosted.example", return_paths=("tips-bounces+*@hosted.example",),
-        unsubscribe=("tips-leave@hosted.example",)), "cli:root")
-    await ledger.append(list_id="tips.acme.example", address="b@x.example", kind=Kind.REQUEST,
-                        channel="web", token_hash=token_hash("tok1"),
-                        detail={"expires": "2999-01-01T00:00:00.000000Z"})
+    await ledger.register_list(
+        ListConfig(
+            id="tips.acme.example",
+            customer="acme",
+            owner="tips@acme.example",
+            consent_text="t",
+            domain="hosted.example",
+            return_paths=("tips-bounces+*@hosted.example",),
+            unsubscribe=("tips-leave@hosted.example",),
+        ),
+        "cli:root",
+    )
+    await ledger.append(
+        list_id="tips.acme.example",
+        address="b@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash("tok1"),
+        detail={"expires": "2999-01-01T00:00:00.000000Z"},
+    )
     svc = await started(config, store)
     try:
         acme, other = config.customer("acme"), config.customer("other")
-        for addr, why in (("tips-bounces+b=x.example@hosted.example", "return path"),
-                          ("tips-leave@hosted.example", "unsubscribe address"),
-                          ("confirm+tok1@hosted.example", "confirmation address")):
-            assert owner_of(acme, addr, "envelope", lists_of(config, svc)) == \
-                f"{why} of list tips.acme.example"
+        for addr, why in (
+            ("tips-bounces+b=x.example@hosted.example", "return path"),
+            ("tips-leave@hosted.example", "unsubscribe address"),
+            ("confirm+tok1@hosted.example", "confirmation address"),
+        ):
+            assert (
+                owner_of(acme, addr, "envelope", lists_of(config, svc))
+                == f"{why} of list tips.acme.example"
+            )
             assert owner_of(other, addr, "envelope", lists_of(config, svc)) is None
         assert owner_of(acme, "confirm+tok2@hosted.example", "from", lists_of(config, svc)) is None
     finally:
@@ -106,8 +139,18 @@ async def test_own_events_apply_at_once_and_survive_a_store_outage(config, store
     svc = await started(config, store)
     try:
         await store.execute("ALTER TABLE optin_events RENAME TO optin_events_away")
-        svc.record("test revoke", [dict(list_id=LIST, address="d@x.example", kind=Kind.REVOKE,
-                                        channel="mailto", raw=b"Subject: unsubscribe\r\n\r\n")])
+        svc.record(
+            "test revoke",
+            [
+                dict(
+                    list_id=LIST,
+                    address="d@x.example",
+                    kind=Kind.REVOKE,
+                    channel="mailto",
+                    raw=b"Subject: unsubscribe\r\n\r\n",
+                )
+            ],
+        )
         assert svc.standing(LIST, "d@x.example").state is State.REVOKED  # honoured at once
         for _ in range(100):
             if "cannot record test revoke" in caplog.text:
@@ -125,11 +168,15 @@ async def test_own_events_apply_at_once_and_survive_a_store_outage(config, store
 async def test_events_still_queued_at_shutdown_are_logged(config, store, caplog):
     svc = await started(config, store)
     await store.execute("ALTER TABLE optin_events RENAME TO optin_events_away")
-    svc.record("late", [dict(list_id=LIST, address="e@x.example", kind=Kind.COMPLAINT,
-                             channel="complaint")])
+    svc.record(
+        "late",
+        [dict(list_id=LIST, address="e@x.example", kind=Kind.COMPLAINT, channel="complaint")],
+    )
     await svc.stop(grace=0.2)
-    assert "NOT RECORDED at shutdown: list=news.acme.example address=e@x.example " \
-           "event=complaint" in caplog.text
+    assert (
+        "NOT RECORDED at shutdown: list=news.acme.example address=e@x.example "
+        "event=complaint" in caplog.text
+    )
 
 
 async def test_delivered_counts_persist_across_restarts(config, store):
@@ -146,8 +193,9 @@ async def test_delivered_counts_persist_across_restarts(config, store):
 async def test_complaint_rate_has_a_volume_floor(config, store):
     svc = await started(config, store)
     try:
-        await svc.ledger.append(list_id=LIST, address="f@x.example", kind=Kind.COMPLAINT,
-                                channel="complaint")
+        await svc.ledger.append(
+            list_id=LIST, address="f@x.example", kind=Kind.COMPLAINT, channel="complaint"
+        )
         await svc.refresh()
         svc.count_delivered(LIST, 10)
         assert svc.complaint_rate(LIST) == (1, 10, 1.0)  # 1 / max(10, 100)

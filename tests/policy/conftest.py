@@ -7,12 +7,21 @@ from maild.components import parse
 from maild.policy.context import Client, Context, Identity
 from maild.policy.services import Services
 
-CONFIG = parse({
-    "server": {"mode": "front", "limits": {"recipients_per_message": 3}},
-    "postmaster": {"domains": ["hosted.example"], "hostnames": ["mx.hosted.example"]},
-    "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "logins": ["alice"],
-                   "domains": ["acme.example"], "addresses": ["news@partner.example"]}],
-})
+CONFIG = parse(
+    {
+        "server": {"mode": "front", "limits": {"recipients_per_message": 3}},
+        "postmaster": {"domains": ["hosted.example"], "hostnames": ["mx.hosted.example"]},
+        "customers": [
+            {
+                "name": "acme",
+                "networks": ["192.0.2.0/24"],
+                "logins": ["alice"],
+                "domains": ["acme.example"],
+                "addresses": ["news@partner.example"],
+            }
+        ],
+    }
+)
 
 
 @pytest.fixture
@@ -28,15 +37,28 @@ def services():
 
 @pytest.fixture
 def make_ctx(services):
-    def make(*, addr="198.51.100.7", sender="<x@stranger.example>", trusted=False,
-             config=CONFIG, identity=None, mode=None):
+    def make(
+        *,
+        addr="198.51.100.7",
+        sender="<x@stranger.example>",
+        trusted=False,
+        config=CONFIG,
+        identity=None,
+        mode=None,
+    ):
         c = config
         if mode:
             from dataclasses import replace
+
             c = replace(config, server=replace(config.server, mode=mode))
-        ctx = Context(config=c, session_id="TEST", client=Client(addr=addr, trusted_peer=trusted),
-                      services=services)
+        ctx = Context(
+            config=c,
+            session_id="TEST",
+            client=Client(addr=addr, trusted_peer=trusted),
+            services=services,
+        )
         ctx.sender = parse_path(sender)
         ctx.identity = identity or Identity()
         return ctx
+
     return make

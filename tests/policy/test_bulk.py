@@ -9,12 +9,19 @@ from maild.policy import bulk, pipeline
 from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.services import Services
 
-CONFIG = parse({"headers": {"enabled": False},"postmaster": {"domains": ["hosted.example"]},
-                "ratelimit": {"enabled": False},
-                "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}]})
+CONFIG = parse(
+    {
+        "headers": {"enabled": False},
+        "postmaster": {"domains": ["hosted.example"]},
+        "ratelimit": {"enabled": False},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}],
+    }
+)
 
-TEXT = ("Hello {name}, our autumn offer: 40% off every coat in the store at "
-        "https://shop.example/coats?ref={name}{n} until {n} December. Best wishes, the shop")
+TEXT = (
+    "Hello {name}, our autumn offer: 40% off every coat in the store at "
+    "https://shop.example/coats?ref={name}{n} until {n} December. Best wishes, the shop"
+)
 
 
 services = Services()  # the contexts' services: a fresh campaign memory per test
@@ -28,13 +35,15 @@ def campaigns():
 
 
 async def copy(n: int, recipients: int, text: str = TEXT):
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="192.0.2.1"),
-                  services=services)
+    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="192.0.2.1"), services=services)
     ctx.identity = Identity(CONFIG.customer("acme"), "network")
     ctx.recipients = [parse_path(f"<user{n}x{i}@outside.example>") for i in range(recipients)]
     name = ["anna", "bert", "cleo", "dirk", "emma", "fred"][n % 6]
-    body = (f"To: {name.title()} <{name}@outside.example>\r\nSubject: offer\r\n\r\n"
-            + text.format(name=name, n=n) + "\r\n").encode()
+    body = (
+        f"To: {name.title()} <{name}@outside.example>\r\nSubject: offer\r\n\r\n"
+        + text.format(name=name, n=n)
+        + "\r\n"
+    ).encode()
     ctx.message = Message(body)
     v = await pipeline.run(Stage.DATA, ctx)
     pipeline.finish(ctx, v.accepted)
@@ -53,11 +62,17 @@ async def test_thirty_recipient_copies_trip_at_the_fourth(monkeypatch):
 
 async def test_unrelated_messages_never_add_up():
     for n in range(10):
-        v, _ = await copy(n, 30, text=f"Personal note number {'xyz'[n % 3]} about {'abcdefghij'[n]} topics "
-                          + " ".join(f"word{c}" for c in "abcdefghij"[: n + 3]))
+        v, _ = await copy(
+            n,
+            30,
+            text=f"Personal note number {'xyz'[n % 3]} about {'abcdefghij'[n]} topics "
+            + " ".join(f"word{c}" for c in "abcdefghij"[: n + 3]),
+        )
     # different texts: each is its own campaign; only one copy of each
-    assert all(len(c.copies) == 1 for c in services.campaigns.customers["acme"].campaigns.values()) \
+    assert (
+        all(len(c.copies) == 1 for c in services.campaigns.customers["acme"].campaigns.values())
         or len(services.campaigns.customers["acme"].campaigns) > 1
+    )
 
 
 async def test_exemption_vouches_for_confirmed_list_mail():
@@ -71,8 +86,9 @@ async def test_exemption_vouches_for_confirmed_list_mail():
 
 
 async def test_unidentified_senders_are_not_scored():
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr="203.0.113.9"),
-                  services=services)
+    ctx = Context(
+        config=CONFIG, session_id="T", client=Client(addr="203.0.113.9"), services=services
+    )
     ctx.recipients = [parse_path("<x@hosted.example>")]
     ctx.message = Message(b"Subject: x\r\n\r\n" + TEXT.format(name="a", n=1).encode() + b"\r\n")
     assert bulk.bulk(ctx) is None

@@ -5,15 +5,29 @@ from maild.components import parse
 from maild.policy.context import Client
 from maild.policy.customer import resolve
 
-C = parse({"postmaster": {"domains": ["h.example"]}, "customers": [
-    {"name": "big", "networks": ["10.0.0.0/8"], "domains": ["big.example"]},
-    {"name": "small", "networks": ["10.1.2.3/32"], "logins": ["Small@Small.Example"],
-     "addresses": ["news@partner.example"]},
-]})
+C = parse(
+    {
+        "postmaster": {"domains": ["h.example"]},
+        "customers": [
+            {"name": "big", "networks": ["10.0.0.0/8"], "domains": ["big.example"]},
+            {
+                "name": "small",
+                "networks": ["10.1.2.3/32"],
+                "logins": ["Small@Small.Example"],
+                "addresses": ["news@partner.example"],
+            },
+        ],
+    }
+)
 
 
 def test_login_first_and_case_insensitive():
-    i = resolve(C, Client(addr="10.9.9.9"), login="small@small.example", sender=parse_path("<a@big.example>"))
+    i = resolve(
+        C,
+        Client(addr="10.9.9.9"),
+        login="small@small.example",
+        sender=parse_path("<a@big.example>"),
+    )
     assert (i.name, i.by) == ("small", "login") and i.may_relay
 
 

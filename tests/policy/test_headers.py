@@ -45,12 +45,26 @@ def policy(nameserver: str, **headers: object) -> dict:
         "server": {"mode": "front", "hostname": "mx.hosted.example"},
         "postmaster": {"domains": ["hosted.example"], "hostnames": ["host.hosted.example"]},
         "customers": [
-            {"name": "acme", "networks": ["192.0.2.0/24"], "logins": ["alice"],
-             "domains": ["acme.example"], "addresses": ["news@partner.example"],
-             "permitted": [{"domain": "trusted-partner.example", "granted_by": GRANTOR,
-                            "fields": ["from", "reply-to"]}]},
-            {"name": "forwarder", "networks": ["198.51.100.0/24"], "domains": ["fwd.example"],
-             "headers": {"checks": {"from-owner": "tag"}}},
+            {
+                "name": "acme",
+                "networks": ["192.0.2.0/24"],
+                "logins": ["alice"],
+                "domains": ["acme.example"],
+                "addresses": ["news@partner.example"],
+                "permitted": [
+                    {
+                        "domain": "trusted-partner.example",
+                        "granted_by": GRANTOR,
+                        "fields": ["from", "reply-to"],
+                    }
+                ],
+            },
+            {
+                "name": "forwarder",
+                "networks": ["198.51.100.0/24"],
+                "domains": ["fwd.example"],
+                "headers": {"checks": {"from-owner": "tag"}},
+            },
         ],
         "dns": {"nameservers": [nameserver], "timeout": "2s"},
         "headers": headers,
@@ -89,11 +103,13 @@ _NOW = re.compile(r"\{now(?:([+-]\d+)([hd])|(-0000))?\}")
 
 def load(name: str) -> bytes:
     """A corpus message with its {now...} dates filled in, with CRLF line ends."""
+
     def date(m: re.Match) -> str:
         if m.group(3):
             return time.strftime("%a, %d %b %Y %H:%M:%S -0000", time.gmtime())
         shift = int(m.group(1)) * (3600 if m.group(2) == "h" else 86400) if m.group(1) else 0
         return format_datetime_local(time.time() + shift)
+
     raw = (CORPUS / name).read_bytes()
     text = _NOW.sub(lambda m: date(m), raw.decode("utf-8", "surrogateescape"))
     return text.encode("utf-8", "surrogateescape").replace(b"\n", b"\r\n")
@@ -108,13 +124,17 @@ def format_datetime_local(ts: float) -> str:
 async def run_case(case: dict, config, config_all) -> dict:
     conf = config_all if case.get("apply_to_all") else config
     customer = case.get("customer", "acme")
-    return await _run(conf, load(case["file"]),
-                      customer=(customer or None) if not case.get("login") else None,
-                      login=case.get("login", ""),
-                      client_addr=case.get("client", "192.0.2.7"),
-                      helo=case.get("helo", "mail.acme.example"),
-                      mail_from=case.get("mail_from", "boss@acme.example"),
-                      smtputf8=case.get("smtputf8", False), services=services)
+    return await _run(
+        conf,
+        load(case["file"]),
+        customer=(customer or None) if not case.get("login") else None,
+        login=case.get("login", ""),
+        client_addr=case.get("client", "192.0.2.7"),
+        helo=case.get("helo", "mail.acme.example"),
+        mail_from=case.get("mail_from", "boss@acme.example"),
+        smtputf8=case.get("smtputf8", False),
+        services=services,
+    )
 
 
 def _charge(limiter: Limiter, customer: str, n: int) -> None:
@@ -125,6 +145,7 @@ def _charge(limiter: Limiter, customer: str, n: int) -> None:
 
 
 # --------------------------------------------------------------------------- the corpus
+
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{i}-{c['file']}" for i, c in enumerate(CASES)])
 async def test_corpus(case, config, config_all, limiter):
@@ -145,7 +166,8 @@ async def test_corpus(case, config, config_all, limiter):
 
 
 async def test_corpus_has_a_passing_and_a_failing_message_for_every_check(
-        config, config_all, limiter):
+    config, config_all, limiter
+):
     passed: set[str] = set()
     failed: set[str] = set()
     for case in CASES:
@@ -156,7 +178,8 @@ async def test_corpus_has_a_passing_and_a_failing_message_for_every_check(
         limiter.counters.clear()
         for r in report["checks"]:
             (failed if r["result"] == "fail" else passed if r["result"] == "pass" else set()).add(
-                r["name"])
+                r["name"]
+            )
     assert set(chain.CHECKS) - failed == set(), "checks without a failing corpus message"
     assert set(chain.CHECKS) - passed == set(), "checks without a passing corpus message"
     assert len(chain.CHECKS) >= 24
@@ -164,8 +187,17 @@ async def test_corpus_has_a_passing_and_a_failing_message_for_every_check(
 
 # --------------------------------------------------------------------------- rules in the pipeline
 
-def make_ctx(config, content: bytes, *, sender="<boss@acme.example>", addr="192.0.2.7",
-             helo="mail.acme.example", login="", trusted=False) -> Context:
+
+def make_ctx(
+    config,
+    content: bytes,
+    *,
+    sender="<boss@acme.example>",
+    addr="192.0.2.7",
+    helo="mail.acme.example",
+    login="",
+    trusted=False,
+) -> Context:
     client = Client(addr=addr, helo=helo, trusted_peer=trusted)
     s = parse_path(sender)
     ctx = Context(config=config, session_id="T1", client=client, sender=s, services=services)
@@ -179,15 +211,25 @@ async def test_forged_from_is_refused_with_its_rule_and_a_strike(config):
     assert (await pipeline.run(Stage.MAIL, ctx)).accepted
     v = await pipeline.run(Stage.DATA, ctx)
     assert (v.action, v.code, v.status, v.rule, v.strike) == (
-        Action.REJECT, 550, "5.7.1", "from-owner", True)
+        Action.REJECT,
+        550,
+        "5.7.1",
+        "from-owner",
+        True,
+    )
     assert "<ceo@bank.example>" in v.reason and "acme.example" in v.reason
     assert len(v.reply) < 512 and "\r" not in v.reply and "\n" not in v.reply
 
 
 async def test_tag_mode_adds_verdict_headers_and_accepts(dns_server):
     conf = parse(policy(dns_server.nameserver, mode="tag"))
-    ctx = make_ctx(conf, load("display-name-address.eml").replace(
-        b"Subject: Quarterly", b"Reply-To: x@bank.example\r\nSubject: Quarterly"), helo="vm")
+    ctx = make_ctx(
+        conf,
+        load("display-name-address.eml").replace(
+            b"Subject: Quarterly", b"Reply-To: x@bank.example\r\nSubject: Quarterly"
+        ),
+        helo="vm",
+    )
     assert (await pipeline.run(Stage.MAIL, ctx)).accepted
     v = await pipeline.run(Stage.DATA, ctx)
     assert v.accepted
@@ -204,27 +246,44 @@ async def test_customer_mode_overrides_the_global_mode(dns_server):
     ctx = make_ctx(conf, load("forged-from.eml"))
     assert (await pipeline.run(Stage.DATA, ctx)).rule == "from-owner"
     # ... and the forwarder, still in global tag mode with its own from-owner = "tag":
-    ctx = make_ctx(conf, load("forged-from.eml"), sender="<srs@fwd.example>",
-                   addr="198.51.100.7", helo="relay.fwd.example")
+    ctx = make_ctx(
+        conf,
+        load("forged-from.eml"),
+        sender="<srs@fwd.example>",
+        addr="198.51.100.7",
+        helo="relay.fwd.example",
+    )
     assert (await pipeline.run(Stage.DATA, ctx)).accepted
     assert [n for n, _ in ctx.add_headers] == ["X-Maild-Verdict"]
 
 
 async def test_global_check_actions_off_and_tempfail(dns_server):
-    conf = parse(policy(dns_server.nameserver,
-                        checks={"from-owner": "tempfail", "helo-invalid": "off"}))
+    conf = parse(
+        policy(dns_server.nameserver, checks={"from-owner": "tempfail", "helo-invalid": "off"})
+    )
     ctx = make_ctx(conf, load("forged-from.eml"), helo="vm")
     assert (await pipeline.run(Stage.MAIL, ctx)).accepted  # helo-invalid is off
     v = await pipeline.run(Stage.DATA, ctx)
     assert (v.action, v.code, v.status, v.rule, v.strike) == (
-        Action.TEMPFAIL, 451, "4.7.1", "from-owner", False)
+        Action.TEMPFAIL,
+        451,
+        "4.7.1",
+        "from-owner",
+        False,
+    )
 
 
 async def test_mail_stage_checks_rerun_at_data_when_the_login_arrives_late(config):
     """Before-queue mode: at MAIL the client is a stranger; the login is in Postfix's
     Received line at end of data. The envelope is judged then, under the customer."""
-    ctx = make_ctx(config, load("legit.eml"), sender="<boss@bank.example>",
-                   addr="203.0.113.77", helo="DESKTOP-7QX", trusted=True)
+    ctx = make_ctx(
+        config,
+        load("legit.eml"),
+        sender="<boss@bank.example>",
+        addr="203.0.113.77",
+        helo="DESKTOP-7QX",
+        trusted=True,
+    )
     assert ctx.identity.customer is None
     assert (await pipeline.run(Stage.MAIL, ctx)).accepted
     ctx.identity = resolve(config, ctx.client, "alice", ctx.sender)
@@ -234,8 +293,10 @@ async def test_mail_stage_checks_rerun_at_data_when_the_login_arrives_late(confi
 
 async def test_a_check_is_judged_once_per_transaction(config):
     ctx = make_ctx(config, load("legit.eml"), helo="vm")
-    conf_tag = replace(config, sections={**config.sections,
-                                         "headers": replace(config.sections["headers"], mode="tag")})
+    conf_tag = replace(
+        config,
+        sections={**config.sections, "headers": replace(config.sections["headers"], mode="tag")},
+    )
     ctx.config = conf_tag
     await pipeline.run(Stage.MAIL, ctx)
     await pipeline.run(Stage.DATA, ctx)
@@ -250,8 +311,13 @@ async def test_postmaster_only_transactions_skip_every_check(config):
 
 
 async def test_unidentified_senders_are_not_checked_by_default(config):
-    ctx = make_ctx(config, load("from-missing.eml"), sender="<x@outside.example>",
-                   addr="203.0.113.5", helo="vm")
+    ctx = make_ctx(
+        config,
+        load("from-missing.eml"),
+        sender="<x@outside.example>",
+        addr="203.0.113.5",
+        helo="vm",
+    )
     assert ctx.identity.customer is None
     assert (await pipeline.run(Stage.MAIL, ctx)).accepted
     assert (await pipeline.run(Stage.DATA, ctx)).accepted
@@ -268,20 +334,31 @@ async def test_a_domain_attribution_is_not_a_submission(config):
 
 # --------------------------------------------------------------------------- pieces
 
-@pytest.mark.parametrize("value, host", [
-    ("from a.example (a [192.0.2.1]) by mx.hosted.example (maild) with ESMTP id X; date",
-     "mx.hosted.example"),
-    ("from a (comment with by evil.example) by MX.Hosted.Example. with SMTP; d", "mx.hosted.example"),
-    ("from a.example\r\n\tby\r\n\tmx.acme.example; Mon, 3 Jun 2024", "mx.acme.example"),
-    ("from a.example with local; Mon, 3 Jun 2024", ""),
-])
+
+@pytest.mark.parametrize(
+    "value, host",
+    [
+        (
+            "from a.example (a [192.0.2.1]) by mx.hosted.example (maild) with ESMTP id X; date",
+            "mx.hosted.example",
+        ),
+        (
+            "from a (comment with by evil.example) by MX.Hosted.Example. with SMTP; d",
+            "mx.hosted.example",
+        ),
+        ("from a.example\r\n\tby\r\n\tmx.acme.example; Mon, 3 Jun 2024", "mx.acme.example"),
+        ("from a.example with local; Mon, 3 Jun 2024", ""),
+    ],
+)
 def test_received_by(value, host):
     assert structure.received_by(value) == host
 
 
 def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
-    ours = ("Received: from c.example (c.example [192.0.2.7])\r\n\tby host.hosted.example "
-            "(Postfix) with ESMTPSA id 4V;\r\n\tMon, 3 Jun 2024 14:05:00 +0200\r\n")
+    ours = (
+        "Received: from c.example (c.example [192.0.2.7])\r\n\tby host.hosted.example "
+        "(Postfix) with ESMTPSA id 4V;\r\n\tMon, 3 Jun 2024 14:05:00 +0200\r\n"
+    )
     msg = load("legit.eml")
     ctx = make_ctx(config, (ours + "").encode() + msg, trusted=True)
     assert structure.received_forged(ctx) is None
@@ -294,14 +371,18 @@ def test_received_forged_skips_only_the_trusted_upstreams_own_line(config):
 
 def test_localhost_is_never_one_of_our_names(config):
     conf = replace(config, server=replace(config.server, hostname="localhost"))
-    ctx = make_ctx(conf, b"Received: from localhost by localhost; d\r\nFrom: a@acme.example\r\n\r\n")
+    ctx = make_ctx(
+        conf, b"Received: from localhost by localhost; d\r\nFrom: a@acme.example\r\n\r\n"
+    )
     assert "localhost" not in h.own_names(ctx)
     assert structure.received_forged(ctx) is None
 
 
 def test_message_mailboxes_are_parsed_once_and_shared():
-    m = Message(b"From: =?utf-8?q?J=C3=B6rg?= <j@acme.example>\r\nReply-To: a@b.example, "
-                b"c@d.example\r\nSender: broken <x@\r\n\r\nbody\r\n")
+    m = Message(
+        b"From: =?utf-8?q?J=C3=B6rg?= <j@acme.example>\r\nReply-To: a@b.example, "
+        b"c@d.example\r\nSender: broken <x@\r\n\r\nbody\r\n"
+    )
     assert m.mailboxes["from"] == (("Jörg", "j@acme.example", "acme.example"),)
     assert [a for _, a, _ in m.mailboxes["reply-to"]] == ["a@b.example", "c@d.example"]
     assert m.mailboxes["sender"] is None
@@ -310,11 +391,17 @@ def test_message_mailboxes_are_parsed_once_and_shared():
 
 # --------------------------------------------------------------------------- [headers]
 
+
 def test_defaults_when_the_section_is_absent():
     conf = parse({"postmaster": {"domains": ["hosted.example"]}})
     s = conf.sections["headers"]
     assert (s.mode, s.apply_to, s.checks, s.date_future, s.date_past) == (
-        "enforce", "customers", {}, 7200.0, 7 * 86400.0)
+        "enforce",
+        "customers",
+        {},
+        7200.0,
+        7 * 86400.0,
+    )
     assert chain.CHECKS["from-owner"].default == "reject"
     assert chain.CHECKS["date-past"].default == "tag"
     assert chain.CHECKS["null-sender-rate"].default == "tempfail"
@@ -329,28 +416,58 @@ def test_the_shipped_policy_parses_with_the_documented_defaults():
     assert conf.sections["dns"].timeout == 5.0
 
 
-@pytest.mark.parametrize("headers, customer, needle", [
-    ({"mode": "loud"}, {}, 'headers.mode = "loud": expected one of "enforce", "tag"'),
-    ({"apply_to": "everyone"}, {}, 'headers.apply_to = "everyone": expected one of'),
-    ({"checks": {"from-ownr": "tag"}}, {}, "headers.checks.from-ownr: unknown check; known checks:"),
-    ({"checks": {"from-owner": "drop"}}, {}, 'headers.checks.from-owner = "drop": expected one of "reject"'),
-    ({"null_sender_rate": "lots"}, {}, 'headers.null_sender_rate = "lots": expected a rate'),
-    ({"date_future": "soon"}, {}, 'headers.date_future = "soon": expected a duration'),
-    ({"colour": "red"}, {}, "headers.colour: unknown key"),
-    ({}, {"headers": {"mode": "gentle"}}, 'customers[0].headers.mode = "gentle"'),
-    ({}, {"headers": {"checks": {"helo": "off"}}}, "customers[0].headers.checks.helo: unknown check"),
-    ({}, {"permitted": [{"domain": "p.example"}]},
-     "customers[0].permitted[0].granted_by is missing: say who granted the permission"),
-    ({}, {"permitted": [{"address": "a@p.example", "domain": "p.example", "granted_by": "x"}]},
-     "customers[0].permitted[0]: give exactly one of address"),
-    ({}, {"permitted": [{"address": "nobody", "granted_by": "x"}]},
-     'customers[0].permitted[0].address = "nobody": expected a full address'),
-    ({}, {"permitted": [{"domain": "p.example", "granted_by": "x", "fields": ["bcc"]}]},
-     'customers[0].permitted[0].fields[0] = "bcc": expected one of "envelope"'),
-])
+@pytest.mark.parametrize(
+    "headers, customer, needle",
+    [
+        ({"mode": "loud"}, {}, 'headers.mode = "loud": expected one of "enforce", "tag"'),
+        ({"apply_to": "everyone"}, {}, 'headers.apply_to = "everyone": expected one of'),
+        (
+            {"checks": {"from-ownr": "tag"}},
+            {},
+            "headers.checks.from-ownr: unknown check; known checks:",
+        ),
+        (
+            {"checks": {"from-owner": "drop"}},
+            {},
+            'headers.checks.from-owner = "drop": expected one of "reject"',
+        ),
+        ({"null_sender_rate": "lots"}, {}, 'headers.null_sender_rate = "lots": expected a rate'),
+        ({"date_future": "soon"}, {}, 'headers.date_future = "soon": expected a duration'),
+        ({"colour": "red"}, {}, "headers.colour: unknown key"),
+        ({}, {"headers": {"mode": "gentle"}}, 'customers[0].headers.mode = "gentle"'),
+        (
+            {},
+            {"headers": {"checks": {"helo": "off"}}},
+            "customers[0].headers.checks.helo: unknown check",
+        ),
+        (
+            {},
+            {"permitted": [{"domain": "p.example"}]},
+            "customers[0].permitted[0].granted_by is missing: say who granted the permission",
+        ),
+        (
+            {},
+            {"permitted": [{"address": "a@p.example", "domain": "p.example", "granted_by": "x"}]},
+            "customers[0].permitted[0]: give exactly one of address",
+        ),
+        (
+            {},
+            {"permitted": [{"address": "nobody", "granted_by": "x"}]},
+            'customers[0].permitted[0].address = "nobody": expected a full address',
+        ),
+        (
+            {},
+            {"permitted": [{"domain": "p.example", "granted_by": "x", "fields": ["bcc"]}]},
+            'customers[0].permitted[0].fields[0] = "bcc": expected one of "envelope"',
+        ),
+    ],
+)
 def test_bad_settings_name_the_key_the_value_and_the_fix(headers, customer, needle):
-    doc = {"postmaster": {"domains": ["hosted.example"]}, "headers": headers,
-           "customers": [{"name": "c", "domains": ["c.example"], **customer}]}
+    doc = {
+        "postmaster": {"domains": ["hosted.example"]},
+        "headers": headers,
+        "customers": [{"name": "c", "domains": ["c.example"], **customer}],
+    }
     with pytest.raises(ConfigError) as e:
         parse(doc)
     assert any(needle in p for p in e.value.problems), e.value.problems
@@ -370,13 +487,16 @@ def test_permitted_entries_keep_who_granted_them(config):
 
 # --------------------------------------------------------------------------- check-message
 
+
 @pytest.fixture
 def policy_file(tmp_path, dns_server):
     p = tmp_path / "policies.toml"
     doc = policy(dns_server.nameserver)
     permitted = doc["customers"][0].pop("permitted")
-    extra = "".join(f'\n[[customers.permitted]]\ndomain = "{x["domain"]}"\ngranted_by = "{x["granted_by"]}"\n'
-                    for x in permitted)
+    extra = "".join(
+        f'\n[[customers.permitted]]\ndomain = "{x["domain"]}"\ngranted_by = "{x["granted_by"]}"\n'
+        for x in permitted
+    )
     # acme must be the last [[customers]] entry for [[customers.permitted]] to attach to it
     doc["customers"].reverse()
     p.write_text(render(doc) + extra)
@@ -390,41 +510,76 @@ def cli(policy_file, *args: str):
 def test_check_message_prints_every_verdict_and_exits_1_when_refused(policy_file, tmp_path):
     msg = tmp_path / "m.eml"
     msg.write_bytes(load("forged-from.eml").replace(b"\r\n", b"\n"))
-    r = cli(policy_file, str(msg), "--customer", "acme", "--helo", "mail.acme.example",
-            "--mail-from", "boss@acme.example")
+    r = cli(
+        policy_file,
+        str(msg),
+        "--customer",
+        "acme",
+        "--helo",
+        "mail.acme.example",
+        "--mail-from",
+        "boss@acme.example",
+    )
     assert r.exit_code == 1, r.output
     lines = r.output.splitlines()
     assert "customer=acme (by network)" in lines[0]
     assert sum(1 for x in lines if x.startswith("  ")) == len(chain.CHECKS)
-    assert any(re.match(r"  FAIL  from-owner\s+reject: 550 5.7.1 From: address <ceo@bank.example>", x)
-               for x in lines), r.output
+    assert any(
+        re.match(r"  FAIL  from-owner\s+reject: 550 5.7.1 From: address <ceo@bank.example>", x)
+        for x in lines
+    ), r.output
     assert re.search(r"  pass  envelope-owner", r.output)
     assert lines[-1].startswith("verdict: reject by from-owner: 550 5.7.1")
 
 
-def test_check_message_without_helo_skips_the_helo_checks_and_shows_the_real_verdict(policy_file,
-                                                                                     tmp_path):
+def test_check_message_without_helo_skips_the_helo_checks_and_shows_the_real_verdict(
+    policy_file, tmp_path
+):
     msg = tmp_path / "m.eml"
     msg.write_bytes(load("forged-from.eml"))
-    r = cli(policy_file, str(msg), "--customer", "acme", "--mail-from", "boss@acme.example", "--json")
+    r = cli(
+        policy_file, str(msg), "--customer", "acme", "--mail-from", "boss@acme.example", "--json"
+    )
     assert r.exit_code == 1, r.output
     data = json.loads(r.output)
     rows = {c["name"]: c for c in data["checks"]}
-    assert rows["helo-invalid"] == {"name": "helo-invalid", "stage": "MAIL", "result": "skip",
-                                    "why": "no --helo given"}
+    assert rows["helo-invalid"] == {
+        "name": "helo-invalid",
+        "stage": "MAIL",
+        "result": "skip",
+        "why": "no --helo given",
+    }
     assert rows["helo-ours"]["result"] == "skip"
     assert data["verdict"]["rule"] == "from-owner"
     # an empty --helo is a client that greeted with nothing: judged, and refused
-    r = cli(policy_file, str(msg), "--customer", "acme", "--mail-from", "boss@acme.example",
-            "--helo", "", "--json")
+    r = cli(
+        policy_file,
+        str(msg),
+        "--customer",
+        "acme",
+        "--mail-from",
+        "boss@acme.example",
+        "--helo",
+        "",
+        "--json",
+    )
     assert json.loads(r.output)["verdict"]["rule"] == "helo-invalid"
 
 
 def test_check_message_json_and_a_clean_message(policy_file, tmp_path):
     msg = tmp_path / "ok.eml"
     msg.write_bytes(load("legit-permitted.eml"))
-    r = cli(policy_file, str(msg), "--client", "192.0.2.7", "--helo", "mail.acme.example",
-            "--mail-from", "<boss@acme.example>", "--json")
+    r = cli(
+        policy_file,
+        str(msg),
+        "--client",
+        "192.0.2.7",
+        "--helo",
+        "mail.acme.example",
+        "--mail-from",
+        "<boss@acme.example>",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["verdict"] == {"action": "relay", "rule": "-", "reply": ""}
@@ -443,11 +598,14 @@ def test_check_message_without_a_customer_skips_the_customer_checks(policy_file,
     assert data["customer"] == "- (not identified)"
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--customer", "nobody"], "no customer 'nobody'"),
-    (["--client", "not-an-ip"], "'not-an-ip' is not an IP address"),
-    (["--mail-from", "<a@b"], "--mail-from"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--customer", "nobody"], "no customer 'nobody'"),
+        (["--client", "not-an-ip"], "'not-an-ip' is not an IP address"),
+        (["--mail-from", "<a@b"], "--mail-from"),
+    ],
+)
 def test_check_message_usage_errors_exit_2_without_a_traceback(policy_file, tmp_path, args, needle):
     msg = tmp_path / "m.eml"
     msg.write_bytes(load("legit.eml"))

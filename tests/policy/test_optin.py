@@ -20,8 +20,10 @@ from tests.optin.conftest import make_config
 LIST = "news.acme.example"
 RP = "news-bounces+x=y.example@lists.hosted.example"
 CONFIG = make_config()
-HEAD = (f"List-Id: Acme News <{LIST}>\nList-Unsubscribe: <mailto:news-leave@lists.hosted.example>"
-        "\nSubject: March news\n")
+HEAD = (
+    f"List-Id: Acme News <{LIST}>\nList-Unsubscribe: <mailto:news-leave@lists.hosted.example>"
+    "\nSubject: March news\n"
+)
 
 
 @pytest.fixture
@@ -50,10 +52,16 @@ async def seed(svc: OptinService, address: str, *kinds: Kind, list_id: str = LIS
     await svc.refresh()
 
 
-def ctx_for(*, sender: str = f"<{RP}>", addr: str = "192.0.2.7", by: str = "network",
-            customer: str | None = "acme") -> Context:
-    ctx = Context(config=CONFIG, session_id="T", client=Client(addr=addr, name="c.example"),
-                  services=services)
+def ctx_for(
+    *,
+    sender: str = f"<{RP}>",
+    addr: str = "192.0.2.7",
+    by: str = "network",
+    customer: str | None = "acme",
+) -> Context:
+    ctx = Context(
+        config=CONFIG, session_id="T", client=Client(addr=addr, name="c.example"), services=services
+    )
     ctx.sender = parse_path(sender)
     if customer:
         ctx.identity = Identity(CONFIG.customer(customer), by)
@@ -85,10 +93,12 @@ async def test_rcpt_per_state(svc):
     await seed(svc, "spam@x.example", Kind.OWNER_ADD, Kind.COMPLAINT)
     ctx = ctx_for()
     assert (await rcpt(ctx, "ok@x.example")).accepted
-    for who, needle in (("pend@x.example", "has not confirmed the subscription"),
-                        ("gone@x.example", "unsubscribed from list news.acme.example on"),
-                        ("spam@x.example", "suppressed on list news.acme.example since"),
-                        ("new@x.example", "is not a subscriber of list news.acme.example")):
+    for who, needle in (
+        ("pend@x.example", "has not confirmed the subscription"),
+        ("gone@x.example", "unsubscribed from list news.acme.example on"),
+        ("spam@x.example", "suppressed on list news.acme.example since"),
+        ("new@x.example", "is not a subscriber of list news.acme.example"),
+    ):
         v = await rcpt(ctx, who)
         assert (v.code, v.status, v.rule, v.strike) == (550, "5.7.1", "optin-consent", False)
         assert v.reason.startswith(f"<{who}> ") and needle in v.reason, v.reason
@@ -117,13 +127,23 @@ async def test_confirm_address_checks_the_token(svc):
     v = await rcpt(ctx, f"confirm+{'a' * 32}@lists.hosted.example")
     assert (v.code, v.status, v.rule) == (550, "5.1.1", "optin-confirm")
     # a token the CLI issued a moment ago (not folded in yet) is found in the store
-    await svc.ledger.append(list_id=LIST, address="bob@x.example", kind=Kind.REQUEST,
-                            channel="web", token_hash=token_hash("b" * 32),
-                            detail={"expires": "2999-01-01T00:00:00.000000Z"})
+    await svc.ledger.append(
+        list_id=LIST,
+        address="bob@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash("b" * 32),
+        detail={"expires": "2999-01-01T00:00:00.000000Z"},
+    )
     assert (await rcpt(ctx, f"confirm+{'B' * 32}@lists.hosted.example")).accepted
-    await svc.ledger.append(list_id=LIST, address="old@x.example", kind=Kind.REQUEST,
-                            channel="web", token_hash=token_hash("c" * 32),
-                            detail={"expires": "2001-01-01T00:00:00.000000Z"})
+    await svc.ledger.append(
+        list_id=LIST,
+        address="old@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash("c" * 32),
+        detail={"expires": "2001-01-01T00:00:00.000000Z"},
+    )
     v = await rcpt(ctx, f"confirm+{'c' * 32}@lists.hosted.example")
     assert (v.code, v.status) == (550, "5.7.1") and "expired on 2001-01-01 00:00 UTC" in v.reason
 
@@ -151,8 +171,9 @@ async def test_precedence_bulk_is_list_mail_but_not_on_an_auto_reply(svc):
     assert v.rule == "optin-unregistered" and "(Precedence: bulk)" in v.reason
     ctx = ctx_for(sender="<me@acme.example>")
     await rcpt(ctx, "x@outside.example")
-    v = await data(ctx, "To: x@outside.example\nPrecedence: bulk\nAuto-Submitted: auto-replied\n"
-                   "\nI am away\n")
+    v = await data(
+        ctx, "To: x@outside.example\nPrecedence: bulk\nAuto-Submitted: auto-replied\n\nI am away\n"
+    )
     assert v.accepted
 
 
@@ -176,14 +197,32 @@ async def test_good_list_mail_passes_and_is_counted(svc):
     assert svc.complaint_rate(LIST)[1] == 1
 
 
-@pytest.mark.parametrize("head, to, body, needle, rule", [
-    ("List-Id: <news.acme.example>\n", "ok@x.example", "hi", "must carry a List-Unsubscribe",
-     "optin-unsubscribe"),
-    ("List-Unsubscribe: <https://acme.example/u/1>\n", "ok@x.example", "hi",
-     "RFC 8058 requires exactly one", "optin-unsubscribe"),
-    (HEAD, "list@acme.example", "hi", "must name its recipient: <ok@x.example>",
-     "optin-recipient"),
-])
+@pytest.mark.parametrize(
+    "head, to, body, needle, rule",
+    [
+        (
+            "List-Id: <news.acme.example>\n",
+            "ok@x.example",
+            "hi",
+            "must carry a List-Unsubscribe",
+            "optin-unsubscribe",
+        ),
+        (
+            "List-Unsubscribe: <https://acme.example/u/1>\n",
+            "ok@x.example",
+            "hi",
+            "RFC 8058 requires exactly one",
+            "optin-unsubscribe",
+        ),
+        (
+            HEAD,
+            "list@acme.example",
+            "hi",
+            "must name its recipient: <ok@x.example>",
+            "optin-recipient",
+        ),
+    ],
+)
 async def test_per_message_rules(svc, head, to, body, needle, rule):
     await seed(svc, "ok@x.example", Kind.OWNER_ADD)
     ctx = ctx_for()
@@ -221,8 +260,11 @@ async def test_bulk_rule_spares_a_registered_list_to_confirmed_subscribers(svc, 
         ctx.config = cfg
         for a in ("a@x.example", "b@x.example"):
             await rcpt(ctx, a)
-        v = await data(ctx, f"To: a@x.example, b@x.example\n{list_head}\n"
-                       "Our spring collection is here, with twenty new coats and hats.\n")
+        v = await data(
+            ctx,
+            f"To: a@x.example, b@x.example\n{list_head}\n"
+            "Our spring collection is here, with twenty new coats and hats.\n",
+        )
         return v, ctx
 
     v, ctx = await send(f"<{RP}>", HEAD)
@@ -235,13 +277,21 @@ async def test_bulk_rule_spares_a_registered_list_to_confirmed_subscribers(svc, 
 
 
 async def test_confirmation_reply_is_recorded_once_accepted(svc):
-    await svc.ledger.append(list_id=LIST, address="bob@x.example", kind=Kind.REQUEST,
-                            channel="web", token_hash=token_hash("d" * 32), message_id="<c1@mx>",
-                            detail={"expires": "2999-01-01T00:00:00.000000Z"})
+    await svc.ledger.append(
+        list_id=LIST,
+        address="bob@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash("d" * 32),
+        message_id="<c1@mx>",
+        detail={"expires": "2999-01-01T00:00:00.000000Z"},
+    )
     await svc.refresh()
-    reply = ("From: Bob <bob@x.example>\nTo: confirm+" + "d" * 32 + "@lists.hosted.example\n"
-             "Subject: Re: Please confirm\nIn-Reply-To: <c1@mx>\nMessage-ID: <r1@x.example>\n"
-             "User-Agent: Mutt/2.2\n\nyes\n")
+    reply = (
+        "From: Bob <bob@x.example>\nTo: confirm+" + "d" * 32 + "@lists.hosted.example\n"
+        "Subject: Re: Please confirm\nIn-Reply-To: <c1@mx>\nMessage-ID: <r1@x.example>\n"
+        "User-Agent: Mutt/2.2\n\nyes\n"
+    )
     # refused downstream: nothing recorded
     ctx = ctx_for(sender="<bob@x.example>", addr="203.0.113.5", customer=None)
     await rcpt(ctx, f"confirm+{'d' * 32}@lists.hosted.example")
@@ -257,19 +307,31 @@ async def test_confirmation_reply_is_recorded_once_accepted(svc):
     await svc.queue.join()
     e = (await svc.ledger.events_for("bob@x.example"))[-1]
     assert (e.kind, e.channel, e.ip, e.user_agent, e.message_id) == (
-        Kind.CONFIRM, "email", "203.0.113.5", "Mutt/2.2", "<r1@x.example>")
+        Kind.CONFIRM,
+        "email",
+        "203.0.113.5",
+        "Mutt/2.2",
+        "<r1@x.example>",
+    )
     assert e.detail["confirmation_message_id"] == "<c1@mx>" and e.detail["from_is_subscriber"]
     assert (await svc.ledger.raw(e.raw_sha256)) == reply.replace("\n", "\r\n").encode()
     assert not svc.overlay  # the store now says it
 
 
 async def test_automatic_reply_does_not_confirm(svc):
-    await svc.ledger.append(list_id=LIST, address="bob@x.example", kind=Kind.REQUEST,
-                            channel="web", token_hash=token_hash("e" * 32),
-                            detail={"expires": "2999-01-01T00:00:00.000000Z"})
+    await svc.ledger.append(
+        list_id=LIST,
+        address="bob@x.example",
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash("e" * 32),
+        detail={"expires": "2999-01-01T00:00:00.000000Z"},
+    )
     await svc.refresh()
-    for sender, head in (("<>", "Subject: Delivery report"),
-                         ("<bob@x.example>", "Auto-Submitted: auto-replied")):
+    for sender, head in (
+        ("<>", "Subject: Delivery report"),
+        ("<bob@x.example>", "Auto-Submitted: auto-replied"),
+    ):
         ctx = ctx_for(sender=sender, addr="203.0.113.5", customer=None)
         await rcpt(ctx, f"confirm+{'e' * 32}@lists.hosted.example")
         await data(ctx, f"From: bob@x.example\n{head}\n\naway\n")
@@ -295,13 +357,15 @@ async def test_mailto_unsubscribe_by_verp_address_and_by_sender(svc):
         assert (e.kind, e.channel) == (Kind.REVOKE, "mailto") and e.raw_sha256
 
 
-ARF = ("From: fbl@isp.example\nTo: abuse@hosted.example\nSubject: report\nMIME-Version: 1.0\n"
-       "Content-Type: multipart/report; report-type=feedback-report; boundary=\"b\"\n\n"
-       "--b\nContent-Type: text/plain\n\nabuse report\n--b\n"
-       "Content-Type: message/feedback-report\n\nFeedback-Type: abuse\nUser-Agent: FBL/1\n"
-       "Version: 1\nOriginal-Mail-From: <news-bounces+carl=x.example@lists.hosted.example>\n\n"
-       "--b\nContent-Type: text/rfc822-headers\n\nFrom: news@acme.example\nTo: carl@x.example\n"
-       "List-Id: <news.acme.example>\n\n--b--\n")
+ARF = (
+    "From: fbl@isp.example\nTo: abuse@hosted.example\nSubject: report\nMIME-Version: 1.0\n"
+    'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\n\n'
+    "--b\nContent-Type: text/plain\n\nabuse report\n--b\n"
+    "Content-Type: message/feedback-report\n\nFeedback-Type: abuse\nUser-Agent: FBL/1\n"
+    "Version: 1\nOriginal-Mail-From: <news-bounces+carl=x.example@lists.hosted.example>\n\n"
+    "--b\nContent-Type: text/rfc822-headers\n\nFrom: news@acme.example\nTo: carl@x.example\n"
+    "List-Id: <news.acme.example>\n\n--b--\n"
+)
 
 
 async def test_arf_to_abuse_suppresses_and_the_rate_is_judged(svc, store, monkeypatch, caplog):
@@ -333,11 +397,13 @@ async def test_complaint_under_the_limit_only_warns(svc, caplog):
     assert "action=warning" in caplog.text and "action=strike" not in caplog.text
 
 
-DSN = ("From: MAILER-DAEMON@mx.x.example\nTo: news-bounces+dan=x.example@lists.hosted.example\n"
-       "Subject: Undelivered\nMIME-Version: 1.0\nContent-Type: multipart/report; "
-       "report-type=delivery-status; boundary=\"d\"\n\n--d\nContent-Type: text/plain\n\nsorry\n"
-       "--d\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.x.example\n\n"
-       "Final-Recipient: rfc822; dan@x.example\nAction: failed\nStatus: 5.1.1\n\n--d--\n")
+DSN = (
+    "From: MAILER-DAEMON@mx.x.example\nTo: news-bounces+dan=x.example@lists.hosted.example\n"
+    "Subject: Undelivered\nMIME-Version: 1.0\nContent-Type: multipart/report; "
+    'report-type=delivery-status; boundary="d"\n\n--d\nContent-Type: text/plain\n\nsorry\n'
+    "--d\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.x.example\n\n"
+    "Final-Recipient: rfc822; dan@x.example\nAction: failed\nStatus: 5.1.1\n\n--d--\n"
+)
 
 
 async def test_hard_bounce_to_the_return_path_suppresses(svc):

@@ -11,15 +11,31 @@ from maild.policy.postmaster import is_postmaster, postmaster_rcpt
 from maild.policy.verdict import reject
 
 
-@pytest.mark.parametrize("path", ["<Postmaster>", "<POSTMASTER>", "<postmaster@hosted.example>",
-                                  "<POSTMASTER@HOSTED.EXAMPLE>", "<abuse@mx.hosted.example>",
-                                  '<"postmaster"@hosted.example>', "<postmaster@hosted.example.>"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "<Postmaster>",
+        "<POSTMASTER>",
+        "<postmaster@hosted.example>",
+        "<POSTMASTER@HOSTED.EXAMPLE>",
+        "<abuse@mx.hosted.example>",
+        '<"postmaster"@hosted.example>',
+        "<postmaster@hosted.example.>",
+    ],
+)
 def test_postmaster_addresses(config, path):
     assert is_postmaster(parse_path(path), config)
 
 
-@pytest.mark.parametrize("path", ["<abuse>", "<postmaster@outside.example>", "<webmaster@hosted.example>",
-                                  "<@outside.example:postmaster@hosted.example>"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "<abuse>",
+        "<postmaster@outside.example>",
+        "<webmaster@hosted.example>",
+        "<@outside.example:postmaster@hosted.example>",
+    ],
+)
 def test_not_postmaster(config, path):
     assert not is_postmaster(parse_path(path), config)
 
@@ -29,7 +45,9 @@ async def test_postmaster_beats_a_rule_that_refuses_everything(make_ctx):
         return reject(554, "5.7.1", "blocked", "test-block")
 
     rules = list(CHAIN[Stage.RCPT])
-    rules.insert(rules.index(postmaster_rcpt) + 1, policy_rules.rule(Stage.RCPT, "test-block")(refuse_all))
+    rules.insert(
+        rules.index(postmaster_rcpt) + 1, policy_rules.rule(Stage.RCPT, "test-block")(refuse_all)
+    )
     ctx = make_ctx()
     ctx.rcpt = parse_path("<postmaster@hosted.example>")
     assert (await pipeline.run(Stage.RCPT, ctx, rules)).accepted

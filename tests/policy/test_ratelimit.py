@@ -10,14 +10,27 @@ from maild.policy.context import Client, Context, Identity, Message, Stage
 from maild.policy.ratelimit import limits_for
 from maild.policy.services import Services
 
-CONFIG = parse({"headers": {"enabled": False},
-    "postmaster": {"domains": ["hosted.example"]},
-    "ratelimit": {"messages": ["3/1h"], "same_recipient": ["2/1h"], "bytes": ["1000/1h"],
-                  "tiers": {"big": {"messages": ["100/1h"]}}},
-    "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]},
-                  {"name": "bigco", "networks": ["198.51.100.0/24"], "tier": "big",
-                   "ratelimit": {"recipients_per_message": 2}}],
-})
+CONFIG = parse(
+    {
+        "headers": {"enabled": False},
+        "postmaster": {"domains": ["hosted.example"]},
+        "ratelimit": {
+            "messages": ["3/1h"],
+            "same_recipient": ["2/1h"],
+            "bytes": ["1000/1h"],
+            "tiers": {"big": {"messages": ["100/1h"]}},
+        },
+        "customers": [
+            {"name": "acme", "networks": ["192.0.2.0/24"]},
+            {
+                "name": "bigco",
+                "networks": ["198.51.100.0/24"],
+                "tier": "big",
+                "ratelimit": {"recipients_per_message": 2},
+            },
+        ],
+    }
+)
 
 
 class Clock:
@@ -44,8 +57,9 @@ def ctx_for(customer: str, ip: str = "192.0.2.1") -> Context:
     return ctx
 
 
-async def send(customer: str, rcpts: list[str], body: bytes = b"Subject: x\r\n\r\nhi\r\n",
-               accept: bool = True) -> tuple[list, object]:
+async def send(
+    customer: str, rcpts: list[str], body: bytes = b"Subject: x\r\n\r\nhi\r\n", accept: bool = True
+) -> tuple[list, object]:
     ctx = ctx_for(customer)
     codes = []
     for r in rcpts:
@@ -99,7 +113,9 @@ async def test_postmaster_never_limited():
 
 
 async def test_bytes_at_end_of_data():
-    codes, dv = await send("acme", ["x@outside.example"], body=b"Subject: x\r\n\r\n" + b"y" * 2000 + b"\r\n")
+    codes, dv = await send(
+        "acme", ["x@outside.example"], body=b"Subject: x\r\n\r\n" + b"y" * 2000 + b"\r\n"
+    )
     assert codes[0].accepted and not dv.accepted and "bytes" in dv.reason
 
 
@@ -116,8 +132,13 @@ async def test_unidentified_clients_not_limited_by_default():
     assert limits_for(ctx) is None
 
 
-DEFAULTS = parse({"headers": {"enabled": False}, "postmaster": {"domains": ["hosted.example"]},
-                  "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}]})
+DEFAULTS = parse(
+    {
+        "headers": {"enabled": False},
+        "postmaster": {"domains": ["hosted.example"]},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"]}],
+    }
+)
 
 
 async def test_default_windows_accept_exactly_200_messages_an_hour(monkeypatch):

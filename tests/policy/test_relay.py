@@ -36,8 +36,15 @@ def test_stranger_cannot_relay(make_ctx, path):
     assert v is not None and v.code == 554 and v.status == "5.7.1" and v.rule == "relay"
 
 
-@pytest.mark.parametrize("path", ["<bob@hosted.example>", "<Bob@HOSTED.EXAMPLE.>",
-                                  "<bob%mx.hosted.example@hosted.example>", "<bob@mx.hosted.example>"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "<bob@hosted.example>",
+        "<Bob@HOSTED.EXAMPLE.>",
+        "<bob%mx.hosted.example@hosted.example>",
+        "<bob@mx.hosted.example>",
+    ],
+)
 def test_stranger_may_mail_hosted_domains(make_ctx, path):
     ctx = make_ctx()
     ctx.rcpt = parse_path(path)

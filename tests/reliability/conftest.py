@@ -21,7 +21,9 @@ from tests.integration.conftest import need
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "slow: long soak/load variant, skipped unless MAILD_SLOW=1 (see docs/reliability.md)")
+        "markers",
+        "slow: long soak/load variant, skipped unless MAILD_SLOW=1 (see docs/reliability.md)",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +45,9 @@ class MaildFactory:
         self.base = base
         self.instances: list[Maild] = []
 
-    def __call__(self, policy: dict, *, root: Path | None = None, port: int | None = None,
-                 start: bool = True) -> Maild:
+    def __call__(
+        self, policy: dict, *, root: Path | None = None, port: int | None = None, start: bool = True
+    ) -> Maild:
         root = root or self.base / f"maild{len(self.instances)}"
         m = Maild(root, policy, port=port)
         self.instances.append(m)

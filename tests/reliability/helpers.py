@@ -52,7 +52,9 @@ class Attempt:
         return self.dropped != "" or (self.final is not None and 400 <= self.final < 500)
 
     def __str__(self) -> str:
-        return f"final={self.final} text={self.text!r} dropped={self.dropped!r} replies={self.replies}"
+        return (
+            f"final={self.final} text={self.text!r} dropped={self.dropped!r} replies={self.replies}"
+        )
 
 
 def unique_subject(tag: str = "msg") -> str:
@@ -60,17 +62,33 @@ def unique_subject(tag: str = "msg") -> str:
 
 
 def message(subject: str, body: bytes = b"hello\r\n", extra: bytes = b"") -> bytes:
-    return (f"From: sender@outside.example\r\nTo: rcpt@hosted.example\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@outside.example>\r\n").encode() + extra + b"\r\n" + body
+    return (
+        (
+            f"From: sender@outside.example\r\nTo: rcpt@hosted.example\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@outside.example>\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
-def attempt(port: int, *, sender: str, rcpts: list[str], data: bytes, source: str,
-            helo: str = "client.example", timeout: float = 60.0) -> Attempt:
+def attempt(
+    port: int,
+    *,
+    sender: str,
+    rcpts: list[str],
+    data: bytes,
+    source: str,
+    helo: str = "client.example",
+    timeout: float = 60.0,
+) -> Attempt:
     """One SMTP transaction with smtplib, classified; never raises for server behaviour."""
     a = Attempt()
     try:
-        s = smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=timeout,
-                         source_address=(source, 0))
+        s = smtplib.SMTP(
+            "127.0.0.1", port, local_hostname=helo, timeout=timeout, source_address=(source, 0)
+        )
     except (OSError, smtplib.SMTPException) as e:
         a.dropped = f"connect: {e!r}"
         return a
@@ -122,14 +140,18 @@ def read_reply(sock: socket.socket) -> bytes:
             return buf
 
 
-def open_in_data(port: int, source: str, sender: str, rcpt: str,
-                 timeout: float = 30) -> socket.socket:
+def open_in_data(
+    port: int, source: str, sender: str, rcpt: str, timeout: float = 30
+) -> socket.socket:
     """A raw session that got 354 for DATA: the test decides what happens next."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
     assert read_reply(s).startswith(b"220")
-    for line, want in ((b"EHLO client.example\r\n", b"250"),
-                       (f"MAIL FROM:<{sender}>\r\n".encode(), b"250"),
-                       (f"RCPT TO:<{rcpt}>\r\n".encode(), b"250"), (b"DATA\r\n", b"354")):
+    for line, want in (
+        (b"EHLO client.example\r\n", b"250"),
+        (f"MAIL FROM:<{sender}>\r\n".encode(), b"250"),
+        (f"RCPT TO:<{rcpt}>\r\n".encode(), b"250"),
+        (b"DATA\r\n", b"354"),
+    ):
         s.sendall(line)
         got = read_reply(s)
         assert got.startswith(want), (line, got)
@@ -164,7 +186,9 @@ def _environ(pid: int) -> dict[str, str]:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 
@@ -225,6 +249,8 @@ def wait_for(cond: Callable[[], T], what: str, timeout: float = 20.0, interval: 
     if not value:
         raise AssertionError(f"timed out waiting for {what}")
     return value
+
+
 def in_sleep(pid: int) -> bool:
     """Is the process blocked in nanosleep/clock_nanosleep (x86-64 syscalls 35 and 230)?
 
@@ -283,8 +309,11 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
-def decision_rows(db: Path, sql: str = "SELECT session, action, stage, code, sender, recipient "
-                  "FROM decisions ORDER BY id", params: tuple = ()) -> list[tuple]:
+def decision_rows(
+    db: Path,
+    sql: str = "SELECT session, action, stage, code, sender, recipient FROM decisions ORDER BY id",
+    params: tuple = (),
+) -> list[tuple]:
     """Read maild's decision log from outside, as `maild log` would (WAL: readers never block)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
@@ -294,8 +323,9 @@ def decision_rows(db: Path, sql: str = "SELECT session, action, stage, code, sen
 
 
 def relay_sessions_for(db: Path, sender: str) -> list[str]:
-    rows = decision_rows(db, "SELECT session FROM decisions WHERE action = 'relay' AND sender = ?",
-                         (sender,))
+    rows = decision_rows(
+        db, "SELECT session FROM decisions WHERE action = 'relay' AND sender = ?", (sender,)
+    )
     return [r[0] for r in rows]
 
 
@@ -306,8 +336,11 @@ def relay_sessions_for(db: Path, sender: str) -> list[str]:
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A private, size-limited tmpfs at ``path`` (root only): a filesystem the test can fill."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield path
     finally:
@@ -340,4 +373,3 @@ def chattr(flag: str, *paths: Path) -> None:
     for p in paths:
         if p.exists():
             subprocess.run(["chattr", flag, str(p)], check=True, capture_output=True)
-

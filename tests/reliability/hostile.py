@@ -51,8 +51,10 @@ class Crowd:
 
 def postfix_main_cf() -> dict[str, str]:
     """The downstream's settings: 24 MB messages fit, the big domain is discarded."""
-    return {"message_size_limit": str(64 * 1024 * 1024),
-            "transport_maps": f"inline:{{{BIG_DOMAIN}=discard:}}"}
+    return {
+        "message_size_limit": str(64 * 1024 * 1024),
+        "transport_maps": f"inline:{{{BIG_DOMAIN}=discard:}}",
+    }
 
 
 def addresses(block: int | str, n: int, per: int) -> list[str]:
@@ -110,8 +112,9 @@ async def _open(port: int, src: str) -> tuple[asyncio.StreamReader, asyncio.Stre
     return await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
 
 
-async def _open_or_wait(port: int, src: str, stats: Counter[str]
-                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+async def _open_or_wait(
+    port: int, src: str, stats: Counter[str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """A connection, or None a second after the connect failed (the caller tries again)."""
     try:
         return await _open(port, src)
@@ -121,9 +124,17 @@ async def _open_or_wait(port: int, src: str, stats: Counter[str]
         return None
 
 
-async def idle(port: int, src: str, stop: asyncio.Event, stats: Counter[str],
-               arrived: asyncio.Event | None, *, mail: bool = False, rcpt: bool = False,
-               slow: bool = False) -> None:
+async def idle(
+    port: int,
+    src: str,
+    stop: asyncio.Event,
+    stats: Counter[str],
+    arrived: asyncio.Event | None,
+    *,
+    mail: bool = False,
+    rcpt: bool = False,
+    slow: bool = False,
+) -> None:
     """One hostile connection, re-opened a second after maild closes it."""
     while not stop.is_set():
         if (conn := await _open_or_wait(port, src, stats)) is None:
@@ -180,16 +191,19 @@ async def _drip(r: asyncio.StreamReader, w: asyncio.StreamWriter, stop: asyncio.
 
 
 def big_message(size: int, tag: str) -> bytes:
-    head = (f"From: bulk@outside.example\r\nTo: x@{BIG_DOMAIN}\r\nSubject: {tag}\r\n"
-            f"Message-ID: <{tag}@outside.example>\r\nDate: Thu, 3 Dec 2026 07:00:00 +0000\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
-            "Content-Transfer-Encoding: base64\r\n\r\n").encode()
+    head = (
+        f"From: bulk@outside.example\r\nTo: x@{BIG_DOMAIN}\r\nSubject: {tag}\r\n"
+        f"Message-ID: <{tag}@outside.example>\r\nDate: Thu, 3 Dec 2026 07:00:00 +0000\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
     line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n"
     return head + line * ((size - len(head)) // len(line))
 
 
-async def big(port: int, src: str, size: int, stop: asyncio.Event, stats: Counter[str],
-              arrived: asyncio.Event) -> None:
+async def big(
+    port: int, src: str, size: int, stop: asyncio.Event, stats: Counter[str], arrived: asyncio.Event
+) -> None:
     """24 MB messages back to back until the load ends."""
     body = big_message(size, "big") + b".\r\n"
     while not stop.is_set():
@@ -201,8 +215,12 @@ async def big(port: int, src: str, size: int, stop: asyncio.Event, stats: Counte
                 stats["big refused at connect"] += 1
                 arrived.set()
                 continue
-            for line in (b"EHLO big.example\r\n", b"MAIL FROM:<bulk@outside.example>\r\n",
-                         f"RCPT TO:<x@{BIG_DOMAIN}>\r\n".encode(), b"DATA\r\n"):
+            for line in (
+                b"EHLO big.example\r\n",
+                b"MAIL FROM:<bulk@outside.example>\r\n",
+                f"RCPT TO:<x@{BIG_DOMAIN}>\r\n".encode(),
+                b"DATA\r\n",
+            ):
                 w.write(line)
                 got = await read_reply(r)
                 if got[:1] not in b"23":
@@ -212,7 +230,7 @@ async def big(port: int, src: str, size: int, stop: asyncio.Event, stats: Counte
             else:
                 arrived.set()
                 for i in range(0, len(body), 1 << 20):
-                    w.write(body[i:i + (1 << 20)])
+                    w.write(body[i : i + (1 << 20)])
                     await w.drain()
                 final = await read_reply(r)
                 stats["big " + final[:9].decode()] += 1
@@ -276,8 +294,11 @@ class CrowdProcess:
     def __enter__(self) -> CrowdProcess:
         self.ready, self.stop_flag = self.ctx.Event(), self.ctx.Event()
         self.result = self.ctx.Queue()
-        self.proc = self.ctx.Process(target=_crowd_main, args=(
-            self.port, self.crowd, self.ready, self.stop_flag, self.result), daemon=True)
+        self.proc = self.ctx.Process(
+            target=_crowd_main,
+            args=(self.port, self.crowd, self.ready, self.stop_flag, self.result),
+            daemon=True,
+        )
         self.proc.start()
         return self
 
@@ -313,8 +334,9 @@ class ProbeResult:
     rcpt: str = ""
 
 
-async def probe_one(port: int, src: str, sender: str, rcpt: str, who: str,
-                    timeout: float = 120.0) -> ProbeResult:
+async def probe_one(
+    port: int, src: str, sender: str, rcpt: str, who: str, timeout: float = 120.0
+) -> ProbeResult:
     """One complete session; the final reply and the time from connect to it (-2 if
     maild did not answer within `timeout`)."""
     try:
@@ -336,17 +358,25 @@ async def _probe(port: int, src: str, sender: str, rcpt: str, who: str) -> Probe
         got = await read_reply(r)
         if not got.startswith(b"220"):
             return ProbeResult(who, subject, int(got[:3]), got.decode(), time.monotonic() - t0)
-        for line in (b"EHLO probe.example\r\n", f"MAIL FROM:<{sender}>\r\n".encode(),
-                     f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"):
+        for line in (
+            b"EHLO probe.example\r\n",
+            f"MAIL FROM:<{sender}>\r\n".encode(),
+            f"RCPT TO:<{rcpt}>\r\n".encode(),
+            b"DATA\r\n",
+        ):
             w.write(line)
             got = await read_reply(r)
             if got[:1] not in b"23":
-                return ProbeResult(who, subject, int(got[:3]), got.decode().strip(),
-                                   time.monotonic() - t0)
-        w.write(f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
-                f"Message-ID: <{subject}@probe.example>\r\n"
-                "Date: Thu, 3 Dec 2026 07:00:00 +0000\r\n\r\n".encode()
-                + _prose() + b".\r\n")
+                return ProbeResult(
+                    who, subject, int(got[:3]), got.decode().strip(), time.monotonic() - t0
+                )
+        w.write(
+            f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@probe.example>\r\n"
+            "Date: Thu, 3 Dec 2026 07:00:00 +0000\r\n\r\n".encode()
+            + _prose()
+            + b".\r\n"
+        )
         final = await read_reply(r)
         took = time.monotonic() - t0
         w.write(b"QUIT\r\n")
@@ -360,11 +390,46 @@ async def _probe(port: int, src: str, sender: str, rcpt: str, who: str) -> Probe
 
 
 _WORDS = [
-    "invoice", "meeting", "quarter", "budget", "river", "garden", "ticket", "office",
-    "printer", "window", "project", "deadline", "summer", "harbor", "lantern", "pencil",
-    "orange", "violin", "castle", "market", "thunder", "basket", "mirror", "rocket",
-    "silver", "forest", "doctor", "bridge", "island", "canvas", "planet", "butter",
-    "engine", "legend", "marble", "needle", "pirate", "saddle", "temple", "velvet",
+    "invoice",
+    "meeting",
+    "quarter",
+    "budget",
+    "river",
+    "garden",
+    "ticket",
+    "office",
+    "printer",
+    "window",
+    "project",
+    "deadline",
+    "summer",
+    "harbor",
+    "lantern",
+    "pencil",
+    "orange",
+    "violin",
+    "castle",
+    "market",
+    "thunder",
+    "basket",
+    "mirror",
+    "rocket",
+    "silver",
+    "forest",
+    "doctor",
+    "bridge",
+    "island",
+    "canvas",
+    "planet",
+    "butter",
+    "engine",
+    "legend",
+    "marble",
+    "needle",
+    "pirate",
+    "saddle",
+    "temple",
+    "velvet",
 ]
 
 
@@ -376,15 +441,15 @@ def _prose() -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-async def probes(port: int, seconds: float, *, count: int | None = None
-                 ) -> list[ProbeResult]:
+async def probes(port: int, seconds: float, *, count: int | None = None) -> list[ProbeResult]:
     """The customer and the stranger-to-postmaster probe, each starting a message every
     second (the next at once when one took longer) for `seconds`, or `count` each."""
     out: list[ProbeResult] = []
     end = time.monotonic() + seconds
 
-    async def every_second(src: str, sender: str, rcpts: tuple[str, ...], who: str,
-                           offset: float) -> None:
+    async def every_second(
+        src: str, sender: str, rcpts: tuple[str, ...], who: str, offset: float
+    ) -> None:
         await asyncio.sleep(offset)
         i = 0
         while (i < count) if count is not None else (time.monotonic() < end):
@@ -395,8 +460,8 @@ async def probes(port: int, seconds: float, *, count: int | None = None
 
     await asyncio.gather(
         every_second(CUSTOMER_IP, "ann@acme.example", CUSTOMER_RCPTS, "customer", 0.0),
-        every_second(STRANGER_IP, "someone@outside.example", (POSTMASTER_RCPT,), "postmaster",
-                     0.5))
+        every_second(STRANGER_IP, "someone@outside.example", (POSTMASTER_RCPT,), "postmaster", 0.5),
+    )
     return out
 
 

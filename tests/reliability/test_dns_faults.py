@@ -82,19 +82,32 @@ def setup(postfix_factory, maild_factory, dns):
 
 
 def customer_message(subject: str, sender: str) -> bytes:
-    return (f"From: Boss <{sender}>\r\nTo: partner@outside.example\r\nSubject: {subject}\r\n"
-            f"Date: {format_datetime(localtime())}\r\n"
-            f"Message-ID: <{subject}@{sender.split('@')[1]}>\r\n\r\nquarterly figures\r\n").encode()
+    return (
+        f"From: Boss <{sender}>\r\nTo: partner@outside.example\r\nSubject: {subject}\r\n"
+        f"Date: {format_datetime(localtime())}\r\n"
+        f"Message-ID: <{subject}@{sender.split('@')[1]}>\r\n\r\nquarterly figures\r\n"
+    ).encode()
 
 
 def as_customer(port: int, subject: str, sender: str) -> Attempt:
-    return attempt(port, sender=sender, rcpts=["partner@outside.example"],
-                   data=customer_message(subject, sender), source=CUSTOMER_IP, helo=HELO)
+    return attempt(
+        port,
+        sender=sender,
+        rcpts=["partner@outside.example"],
+        data=customer_message(subject, sender),
+        source=CUSTOMER_IP,
+        helo=HELO,
+    )
 
 
 def inbound(port: int, subject: str) -> Attempt:
-    return attempt(port, sender="someone@elsewhere.example", rcpts=["bob@hosted.example"],
-                   data=customer_message(subject, "someone@elsewhere.example"), source=STRANGER)
+    return attempt(
+        port,
+        sender="someone@elsewhere.example",
+        rcpts=["bob@hosted.example"],
+        data=customer_message(subject, "someone@elsewhere.example"),
+        source=STRANGER,
+    )
 
 
 def assert_dns_tempfail(a: Attempt) -> None:

@@ -44,8 +44,9 @@ RCPT = "rcpt@hosted.example"
 
 
 def session(port: int) -> smtplib.SMTP:
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=60,
-                     source_address=(STRANGER, 0))
+    s = smtplib.SMTP(
+        "127.0.0.1", port, local_hostname="client.example", timeout=60, source_address=(STRANGER, 0)
+    )
     s.ehlo("client.example")
     return s
 
@@ -143,8 +144,11 @@ def test_reinject_smtpd_killed_mid_transfer_loses_nothing(postfix_factory, maild
         assert s.getreply()[0] == 354
         s.send(big + b"\r\n.\r\n")
         # maild has read the whole message and is half-way through writing it downstream
-        wait_for(lambda: any(rx > 30_000 for _, rx in tcp_queues(pf.reinject_port)),
-                 "maild to be half-way through relaying the message", timeout=15)
+        wait_for(
+            lambda: any(rx > 30_000 for _, rx in tcp_queues(pf.reinject_port)),
+            "maild to be half-way through relaying the message",
+            timeout=15,
+        )
         for p in reinject_smtpd_pids(pf):
             os.kill(p, signal.SIGKILL)
     finally:
@@ -163,8 +167,10 @@ def test_reinject_smtpd_killed_after_final_dot_before_reply(postfix_factory, mai
     """The downstream has the whole message, the final dot included, and is still checking it
     (Postfix's end-of-data `sleep`) when it is killed: it never committed the message. The
     client hears 4.4.1, and its retry (Postfix healthy again) delivers exactly one copy."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 30, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 30, permit"},
+    )
     m = maild_factory(front_policy(pf.reinject_port))
     subj = unique_subject("after-dot")
     s = session(m.port)
@@ -174,8 +180,10 @@ def test_reinject_smtpd_killed_after_final_dot_before_reply(postfix_factory, mai
     assert s.getreply()[0] == 354
     s.send(message(subj) + b"\r\n.\r\n")
     # smtpd sleeps in its end-of-data restriction only once it has read the final dot
-    sleeping = wait_for(lambda: [p for p in reinject_smtpd_pids(pf) if in_sleep(p)],
-                        "the re-injection smtpd to reach its end-of-data checks")
+    sleeping = wait_for(
+        lambda: [p for p in reinject_smtpd_pids(pf) if in_sleep(p)],
+        "the re-injection smtpd to reach its end-of-data checks",
+    )
     for p in sleeping:
         os.kill(p, signal.SIGKILL)
     code, text = s.getreply()
@@ -187,7 +195,9 @@ def test_reinject_smtpd_killed_after_final_dot_before_reply(postfix_factory, mai
     assert m.proc.poll() is None
 
 
-def test_postfix_crash_after_250_keeps_the_message_and_maild_redials(postfix_factory, maild_factory):
+def test_postfix_crash_after_250_keeps_the_message_and_maild_redials(
+    postfix_factory, maild_factory
+):
     """Postfix accepted (250 with its queue id) and crashes before delivering. The queued
     message survives the crash and is delivered once after the restart; maild's pooled
     connection died with Postfix, and the next client is accepted without seeing a 4xx."""
@@ -238,14 +248,17 @@ def test_downstream_silent_at_data_command_past_deadline(smtp_sink_factory, mail
     m.wait_log("downstream slower than 2s at the DATA command")
 
 
-def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postfix_factory,
-                                                                           maild_factory):
+def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(
+    postfix_factory, maild_factory
+):
     """Postfix finishes its end-of-data work and queues the message even after maild
     stopped waiting (deadline 2 s, Postfix takes 5 s): the client heard 451, so its retry
     must not make a second copy (BUG-1, fixed: maild keeps waiting for the late reply and
     answers the retry of the same message 250 without relaying it again)."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 5, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 5, permit"},
+    )
     policy = front_policy(pf.reinject_port)
     policy["server"]["downstream_timeout"] = "2s"
     m = maild_factory(policy)
@@ -263,8 +276,10 @@ def test_downstream_slower_than_deadline_after_final_dot_is_not_duplicated(postf
 
 
 def test_retry_before_the_late_reply_is_not_duplicated(postfix_factory, maild_factory):
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 4, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 4, permit"},
+    )
     policy = front_policy(pf.reinject_port)
     policy["server"]["downstream_timeout"] = "1s"
     m = maild_factory(policy)
@@ -306,20 +321,24 @@ def test_a_rebuilt_retry_after_a_late_accept_is_not_duplicated(postfix_factory, 
     s.close()
     m.wait_log("downstream accepted late", timeout=30)
     retry = retry_until_accepted(
-        m.port, message(subj, extra=b"Date: Thu, 3 Dec 2026 06:00:31 +0000\r\n"))
+        m.port, message(subj, extra=b"Date: Thu, 3 Dec 2026 06:00:31 +0000\r\n")
+    )
     assert "accepted earlier" in retry.text, retry
     assert_one_copy(pf, subj)
 
 
-def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(postfix_factory,
-                                                                          maild_factory):
+def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(
+    postfix_factory, maild_factory
+):
     """The client's idle timer (command_timeout, 2 s here) must not run out while maild
     itself waits on a downstream that takes 5 s to accept the final dot: hanging up then
     would leave Postfix to commit a message the client retries (found by this test: BUG-2
     in docs/reliability.md). Either outcome is fine for the client, as long as the copies
     agree with what it was told: 250 and one copy, or 4xx and one copy after its retry."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 5, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 5, permit"},
+    )
     m = maild_factory(front_policy(pf.reinject_port, limits={"command_timeout": "2s"}))
     subj = unique_subject("idle-timer")
     a = attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER)
@@ -332,14 +351,17 @@ def test_command_timeout_shorter_than_downstream_wait_does_not_duplicate(postfix
     m.wait_log(f"from=<{SENDER}>")  # the decision is logged
 
 
-def test_client_half_close_while_postfix_holds_the_dot_still_gets_its_reply(postfix_factory,
-                                                                            maild_factory):
+def test_client_half_close_while_postfix_holds_the_dot_still_gets_its_reply(
+    postfix_factory, maild_factory
+):
     """A client sends its message and QUIT and shuts down its side at once, while Postfix
     takes 2 s over the final dot (BUG-15: aiosmtpd cancelled the session on EOF, so the
     client never heard the 250 for a message Postfix then committed: its retry would be a
     second copy). maild must answer everything the client sent before its EOF."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 2, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 2, permit"},
+    )
     m = maild_factory(front_policy(pf.reinject_port))
     subj = unique_subject("half-close")
     s = open_in_data(m.port, STRANGER, SENDER, RCPT)
@@ -371,16 +393,21 @@ def test_client_eof_in_the_middle_of_data_relays_nothing(postfix_factory, maild_
         s.close()
     settle(pf)
     assert copies(pf, RCPT, subj) == 0
-    assert attempt(m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER).accepted
+    assert attempt(
+        m.port, sender=SENDER, rcpts=[RCPT], data=message(subj), source=STRANGER
+    ).accepted
 
 
-def test_client_reset_while_postfix_holds_the_dot_then_retry_is_one_copy(postfix_factory,
-                                                                         maild_factory):
+def test_client_reset_while_postfix_holds_the_dot_then_retry_is_one_copy(
+    postfix_factory, maild_factory
+):
     """The client resets the connection (RST) while Postfix takes 3 s over the final dot.
     Postfix commits the message; the client heard nothing and retries. The retry must be
     answered 250 from Postfix's late reply, not relayed a second time."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 3, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 3, permit"},
+    )
     m = maild_factory(front_policy(pf.reinject_port))
     subj = unique_subject("client-reset")
     s = open_in_data(m.port, STRANGER, SENDER, RCPT)

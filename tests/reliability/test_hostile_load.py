@@ -42,16 +42,26 @@ from tests.reliability.hostile import (
 
 CROWD = Crowd(idle=200, slowloris=50, holders=30, big=5)
 PROBES = 20  # messages from each probe, one a second
-LIMITS = {"max_sessions": 150, "reserved_sessions": 30, "command_timeout": "60s",
-          "data_timeout": "2m", "stress_command_timeout": "10s", "stress_data_timeout": "90s",
-          "message_size": "30MB"}
+LIMITS = {
+    "max_sessions": 150,
+    "reserved_sessions": 30,
+    "command_timeout": "60s",
+    "data_timeout": "2m",
+    "stress_command_timeout": "10s",
+    "stress_data_timeout": "90s",
+    "message_size": "30MB",
+}
 
 
 @pytest.fixture
 def downstream(tmp_path: Path):
     need("postfix")
-    pf = Postfix(tmp_path / "pf", hosted_domains=[*HOSTED, BIG_DOMAIN],
-                 hostname="host.hosted.example", main_cf=postfix_main_cf())
+    pf = Postfix(
+        tmp_path / "pf",
+        hosted_domains=[*HOSTED, BIG_DOMAIN],
+        hostname="host.hosted.example",
+        main_cf=postfix_main_cf(),
+    )
     pf.start()
     yield pf
     pf.stop()
@@ -91,8 +101,9 @@ def test_customers_and_postmaster_get_through_a_hostile_crowd(downstream, maild_
                             out.append(line[9:].strip().decode())
             return out
 
-        assert wait_until(lambda s=subjects, d=delivered: s <= set(d()), timeout=60), \
+        assert wait_until(lambda s=subjects, d=delivered: s <= set(d()), timeout=60), (
             f"a {who} probe accepted and never delivered"
+        )
         got = delivered()
         assert sorted(got) == sorted(subjects), f"{who}: lost or duplicated"
     # The crowd really was there and maild defended itself: it shed idle strangers and

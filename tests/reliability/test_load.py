@@ -55,12 +55,30 @@ class Crowd:
     rss_bound_mb: int
 
 
-SHORT = Crowd(connections=1000, slowloris=100, flooder_extra=10, legit_senders=60,
-              messages_each=5, interval=1.0, per_ip=20, command_timeout=12, data_timeout=14,
-              rss_bound_mb=400)
-SOAK = Crowd(connections=2000, slowloris=300, flooder_extra=20, legit_senders=100,
-             messages_each=30, interval=1.0, per_ip=20, command_timeout=30, data_timeout=40,
-             rss_bound_mb=600)
+SHORT = Crowd(
+    connections=1000,
+    slowloris=100,
+    flooder_extra=10,
+    legit_senders=60,
+    messages_each=5,
+    interval=1.0,
+    per_ip=20,
+    command_timeout=12,
+    data_timeout=14,
+    rss_bound_mb=400,
+)
+SOAK = Crowd(
+    connections=2000,
+    slowloris=300,
+    flooder_extra=20,
+    legit_senders=100,
+    messages_each=30,
+    interval=1.0,
+    per_ip=20,
+    command_timeout=30,
+    data_timeout=40,
+    rss_bound_mb=600,
+)
 
 
 @dataclass
@@ -91,15 +109,20 @@ async def _reader(r: asyncio.StreamReader, seen: Seen, limit: float) -> None:
         seen.closed = True
 
 
-async def slowloris(port: int, src: str, in_data: bool, c: Crowd,
-                    arrived: Callable[[], None] = lambda: None) -> Seen:
+async def slowloris(
+    port: int, src: str, in_data: bool, c: Crowd, arrived: Callable[[], None] = lambda: None
+) -> Seen:
     seen = Seen()
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
     try:
         if in_data:
             await read_reply(r)
-            for line in (b"EHLO slow.example\r\n", b"MAIL FROM:<slow@outside.example>\r\n",
-                         b"RCPT TO:<slow@hosted.example>\r\n", b"DATA\r\n"):
+            for line in (
+                b"EHLO slow.example\r\n",
+                b"MAIL FROM:<slow@outside.example>\r\n",
+                b"RCPT TO:<slow@hosted.example>\r\n",
+                b"DATA\r\n",
+            ):
                 w.write(line)
                 got = await read_reply(r)
                 assert got[:1] in b"23", got
@@ -119,8 +142,9 @@ async def slowloris(port: int, src: str, in_data: bool, c: Crowd,
     return seen
 
 
-async def parked(port: int, src: str, c: Crowd, greet: bool = True,
-                 arrived: Callable[[], None] = lambda: None) -> Seen:
+async def parked(
+    port: int, src: str, c: Crowd, greet: bool = True, arrived: Callable[[], None] = lambda: None
+) -> Seen:
     seen = Seen()
     try:
         r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
@@ -150,14 +174,21 @@ async def send_one(port: int, src: str, subject: str) -> tuple[int, float]:
     r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
     try:
         assert (await read_reply(r)).startswith(b"220")
-        for line in (b"EHLO legit.example\r\n", b"MAIL FROM:<legit@outside.example>\r\n",
-                     b"RCPT TO:<rcpt@hosted.example>\r\n", b"DATA\r\n"):
+        for line in (
+            b"EHLO legit.example\r\n",
+            b"MAIL FROM:<legit@outside.example>\r\n",
+            b"RCPT TO:<rcpt@hosted.example>\r\n",
+            b"DATA\r\n",
+        ):
             w.write(line)
             got = await read_reply(r)
             if got[:1] not in b"23":
                 return int(got[:3]), time.monotonic() - t0
-        w.write(f"From: legit@outside.example\r\nSubject: {subject}\r\n\r\n".encode()
-                + b"Quarterly report attached.\r\n" * 20 + b".\r\n")
+        w.write(
+            f"From: legit@outside.example\r\nSubject: {subject}\r\n\r\n".encode()
+            + b"Quarterly report attached.\r\n" * 20
+            + b".\r\n"
+        )
         final = await read_reply(r)
         elapsed = time.monotonic() - t0
         w.write(b"QUIT\r\n")
@@ -168,8 +199,9 @@ async def send_one(port: int, src: str, subject: str) -> tuple[int, float]:
         w.close()
 
 
-async def legit_sender(port: int, src: str, tag: str, c: Crowd, k: int, n: int,
-                       results: list[tuple[str, int, float]]) -> None:
+async def legit_sender(
+    port: int, src: str, tag: str, c: Crowd, k: int, n: int, results: list[tuple[str, int, float]]
+) -> None:
     """One message per interval; the senders are spread evenly over the interval."""
     await asyncio.sleep(c.interval * k / c.legit_senders)
     for i in range(n):
@@ -209,8 +241,12 @@ def plan(c: Crowd) -> tuple[list[str], list[str], int, list[str]]:
     flooder = c.per_ip + c.flooder_extra
     n_parked = c.connections - c.slowloris - flooder - c.legit_senders
     assert n_parked > 0
-    return (addresses("1", c.slowloris, c.per_ip // 2), addresses("2", n_parked, c.per_ip // 2),
-            flooder, addresses("3", c.legit_senders, 3))
+    return (
+        addresses("1", c.slowloris, c.per_ip // 2),
+        addresses("2", n_parked, c.per_ip // 2),
+        flooder,
+        addresses("3", c.legit_senders, 3),
+    )
 
 
 def crowd_process(port: int, c: Crowd, q: Any, go: Any) -> None:
@@ -229,18 +265,25 @@ def crowd_process(port: int, c: Crowd, q: Any, go: Any) -> None:
             if count[0] == total:
                 all_in.set()
 
-        slow_tasks = [asyncio.create_task(slowloris(port, s, i % 2 == 1, c, arrived))
-                      for i, s in enumerate(slow_src)]
-        parked_tasks = [asyncio.create_task(parked(port, s, c, arrived=arrived))
-                        for s in parked_src]
-        flood_tasks = [asyncio.create_task(parked(port, "127.0.4.1", c, arrived=arrived))
-                       for _ in range(flooder)]
+        slow_tasks = [
+            asyncio.create_task(slowloris(port, s, i % 2 == 1, c, arrived))
+            for i, s in enumerate(slow_src)
+        ]
+        parked_tasks = [
+            asyncio.create_task(parked(port, s, c, arrived=arrived)) for s in parked_src
+        ]
+        flood_tasks = [
+            asyncio.create_task(parked(port, "127.0.4.1", c, arrived=arrived))
+            for _ in range(flooder)
+        ]
         with contextlib.suppress(TimeoutError):  # the first ones must not have timed out yet
             await asyncio.wait_for(all_in.wait(), c.command_timeout * 2 / 3)
         q.put("ready" if all_in.is_set() else f"only {count[0]} of {total} connected")
-        return {"slow": await asyncio.gather(*slow_tasks),
-                "parked": await asyncio.gather(*parked_tasks),
-                "flood": await asyncio.gather(*flood_tasks)}
+        return {
+            "slow": await asyncio.gather(*slow_tasks),
+            "parked": await asyncio.gather(*parked_tasks),
+            "flood": await asyncio.gather(*flood_tasks),
+        }
 
     q.put("started")
     go.wait(120)
@@ -262,8 +305,12 @@ async def legit_traffic(port: int, pid: int, c: Crowd, report: Report, q: Any, g
             lag.append(time.monotonic() - t - 0.2)
 
     base_results: list[tuple[str, int, float]] = []
-    await asyncio.gather(*(legit_sender(port, s, f"alone{k}", c, k, 2, base_results)
-                           for k, s in enumerate(legit_src)))
+    await asyncio.gather(
+        *(
+            legit_sender(port, s, f"alone{k}", c, k, 2, base_results)
+            for k, s in enumerate(legit_src)
+        )
+    )
     assert all(code == 250 for _s, code, _t in base_results), base_results
     loop = asyncio.get_running_loop()
     go.set()
@@ -271,8 +318,12 @@ async def legit_traffic(port: int, pid: int, c: Crowd, report: Report, q: Any, g
     sampler = asyncio.create_task(sample())
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     results: list[tuple[str, int, float]] = []
-    await asyncio.gather(*(legit_sender(port, s, f"legit{k}", c, k, c.messages_each, results)
-                           for k, s in enumerate(legit_src)))
+    await asyncio.gather(
+        *(
+            legit_sender(port, s, f"legit{k}", c, k, c.messages_each, results)
+            for k, s in enumerate(legit_src)
+        )
+    )
     sampler.cancel()
     report["legit_seconds"] = round(time.monotonic() - t0, 1)
     report["maild_cpu_seconds"] = round(cpu_seconds(pid) - cpu0, 1)
@@ -282,21 +333,32 @@ async def legit_traffic(port: int, pid: int, c: Crowd, report: Report, q: Any, g
     base = [t for _s, _c, t in base_results]
     lat = [t for _s, code, t in results if code == 250]
     for name, xs in (("latency_alone_ms", base), ("latency_in_crowd_ms", lat)):
-        report[name] = {"p50": round(pct(xs, 0.5) * 1000, 1), "p95": round(pct(xs, 0.95) * 1000, 1),
-                        "max": round(max(xs, default=float("nan")) * 1000, 1)}
+        report[name] = {
+            "p50": round(pct(xs, 0.5) * 1000, 1),
+            "p95": round(pct(xs, 0.95) * 1000, 1),
+            "max": round(max(xs, default=float("nan")) * 1000, 1),
+        }
     return base_results + results
 
 
-def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
-              record_property: Any) -> None:
+def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd, record_property: Any) -> None:
     sink = smtp_sink_factory(backlog=512)
-    m = maild_factory(front_policy(sink.port, limits={
-        "command_timeout": f"{c.command_timeout}s", "data_timeout": f"{c.data_timeout}s",
-        "max_sessions": c.connections + 200, "max_sessions_per_ip": c.per_ip,
-        # every stranger fits in the strangers' share of the session slots and of the
-        # downstream connections (smtp-sink has no process limit): this test is about
-        # timeouts at scale; test_hostile_load.py is about a crowd larger than the shares
-        "reserved_sessions": 100, "downstream_connections": 300}))
+    m = maild_factory(
+        front_policy(
+            sink.port,
+            limits={
+                "command_timeout": f"{c.command_timeout}s",
+                "data_timeout": f"{c.data_timeout}s",
+                "max_sessions": c.connections + 200,
+                "max_sessions_per_ip": c.per_ip,
+                # every stranger fits in the strangers' share of the session slots and of the
+                # downstream connections (smtp-sink has no process limit): this test is about
+                # timeouts at scale; test_hostile_load.py is about a crowd larger than the shares
+                "reserved_sessions": 100,
+                "downstream_connections": 300,
+            },
+        )
+    )
     pid = m.proc.pid
     report = Report()
     report["rss_idle_mb"] = round(rss_kb(pid)[0] / 1024, 1)
@@ -323,16 +385,19 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
     bad = [(s, code) for s, code, _t in out["results"] if code != 250]
     assert not bad, f"{len(bad)} legitimate messages not accepted: {bad[:10]}"
     subjects = [s for s, _c, _t in out["results"]]
-    wait_for(lambda: len(sink.dump_files()) >= len(subjects), "the sink to dump everything",
-             timeout=60)
+    wait_for(
+        lambda: len(sink.dump_files()) >= len(subjects), "the sink to dump everything", timeout=60
+    )
     dumps = b"\n".join(sink.messages())
     dup = {s: dumps.count(f"Subject: {s}\n".encode()) for s in subjects}
     assert all(n == 1 for n in dup.values()), {s: n for s, n in dup.items() if n != 1}
     # slowloris and parked sessions end with 421 4.4.2 and a close
     for kind in ("slow", "parked"):
         wrong = [s for s in out[kind] if not (s.closed and s.last_reply.startswith(b"421 4.4.2"))]
-        assert not wrong, f"{len(wrong)} {kind} sessions not closed with 421 4.4.2: " \
-                          f"{[w.data[-200:] for w in wrong[:5]]}"
+        assert not wrong, (
+            f"{len(wrong)} {kind} sessions not closed with 421 4.4.2: "
+            f"{[w.data[-200:] for w in wrong[:5]]}"
+        )
     # the flooder: exactly per_ip sessions, 421 4.7.0 for the rest
     banners = [s.data[:9] for s in out["flood"]]
     assert sum(b.startswith(b"220") for b in banners) == c.per_ip, banners
@@ -341,15 +406,20 @@ def run_crowd(maild_factory: Any, smtp_sink_factory: Any, c: Crowd,
     assert hwm < c.rss_bound_mb * 1024, report.numbers
     assert m.proc.poll() is None
     status = m.root / "maild.status.json"
-    wait_for(lambda: json.loads(status.read_text())["sessions"] == 0, "maild to count 0 sessions",
-             timeout=15, interval=0.5)
+    wait_for(
+        lambda: json.loads(status.read_text())["sessions"] == 0,
+        "maild to count 0 sessions",
+        timeout=15,
+        interval=0.5,
+    )
     again = asyncio.run(_banners(m.port, "127.0.4.1", c.per_ip))
     assert all(b.startswith(b"220") for b in again), again
 
 
 async def _banners(port: int, src: str, n: int) -> list[bytes]:
-    conns = [await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
-             for _ in range(n)]
+    conns = [
+        await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0)) for _ in range(n)
+    ]
     out = [await read_reply(r) for r, _w in conns]
     for _r, w in conns:
         w.write(b"QUIT\r\n")
@@ -391,8 +461,7 @@ def test_global_session_limit_refuses_with_421_and_frees_slots(maild_factory, sm
     """max_sessions = 50: from 60 different addresses, 50 sessions and ten 421 4.7.0; once
     they are gone, new sessions are served (no slot leaks)."""
     sink = smtp_sink_factory(dump=False)
-    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50,
-                                                      "reserved_sessions": 0}))
+    m = maild_factory(front_policy(sink.port, limits={"max_sessions": 50, "reserved_sessions": 0}))
 
     async def run() -> tuple[list[bytes], list[bytes]]:
         first = await _open_many(m.port, addresses("5", 60, 1))

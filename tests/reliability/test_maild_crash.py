@@ -37,15 +37,17 @@ def kill9(m) -> None:
     m.proc.wait(10)
 
 
-def test_sigkill_mid_data_then_restart_delivers_exactly_once(postfix_factory, maild_factory,
-                                                               tmp_path):
+def test_sigkill_mid_data_then_restart_delivers_exactly_once(
+    postfix_factory, maild_factory, tmp_path
+):
     pf = postfix_factory(hosted_domains=HOSTED)
     policy = front_policy(pf.reinject_port, pid_file=str(tmp_path / "maild.pid"))
     m = maild_factory(policy)
     db = m.root / "state.db"
     warm = unique_subject("before-crash")
-    a = attempt(m.port, sender=f"{warm}@outside.example", rcpts=[RCPT], data=message(warm),
-                source=STRANGER)
+    a = attempt(
+        m.port, sender=f"{warm}@outside.example", rcpts=[RCPT], data=message(warm), source=STRANGER
+    )
     assert a.accepted, a
     wait_for(lambda: relay_sessions_for(db, f"{warm}@outside.example"), "the decision row")
 
@@ -77,21 +79,24 @@ def test_sigkill_mid_data_then_restart_delivers_exactly_once(postfix_factory, ma
     assert len(relay_sessions_for(db, sender)) == 1
 
 
-def test_sigkill_while_downstream_holds_the_final_dot_loses_nothing(postfix_factory,
-                                                                     maild_factory):
+def test_sigkill_while_downstream_holds_the_final_dot_loses_nothing(postfix_factory, maild_factory):
     """The in-doubt window: maild sent the final dot and Postfix has not answered yet when
     maild dies. Postfix commits the message anyway, the client saw no reply and retries.
     Nothing may be lost; the retry makes a second copy, which no SMTP relay can avoid in
     this window (RFC 1047): the test records that count and asserts no loss."""
-    pf = postfix_factory(hosted_domains=HOSTED,
-                         reinject_options={"smtpd_end_of_data_restrictions": "sleep 3, permit"})
+    pf = postfix_factory(
+        hosted_domains=HOSTED,
+        reinject_options={"smtpd_end_of_data_restrictions": "sleep 3, permit"},
+    )
     m = maild_factory(front_policy(pf.reinject_port))
     subj = unique_subject("in-doubt")
     sender = f"{subj}@outside.example"
     s = open_in_data(m.port, STRANGER, sender, RCPT)
     s.sendall(message(subj) + b"\r\n.\r\n")
-    wait_for(lambda: any(in_sleep(p) for p in reinject_smtpd_pids(pf)),
-             "Postfix to hold the complete message")
+    wait_for(
+        lambda: any(in_sleep(p) for p in reinject_smtpd_pids(pf)),
+        "Postfix to hold the complete message",
+    )
     kill9(m)
     code, why = final_reply(s)
     s.close()
@@ -114,26 +119,47 @@ def test_rate_limit_counters_survive_sigkill(postfix_factory, maild_factory):
     db = m.root / "state.db"
     for i in range(3):
         subj = unique_subject(f"quota{i}")
-        a = attempt(m.port, sender="boss@acme.example", rcpts=["partner@outside.example"],
-                    data=message(subj), source=CUSTOMER_IP)
+        a = attempt(
+            m.port,
+            sender="boss@acme.example",
+            rcpts=["partner@outside.example"],
+            data=message(subj),
+            source=CUSTOMER_IP,
+        )
         assert a.accepted, a
-    over = attempt(m.port, sender="boss@acme.example", rcpts=["partner@outside.example"],
-                   data=message(unique_subject("quota-over")), source=CUSTOMER_IP)
+    over = attempt(
+        m.port,
+        sender="boss@acme.example",
+        rcpts=["partner@outside.example"],
+        data=message(unique_subject("quota-over")),
+        source=CUSTOMER_IP,
+    )
     assert over.final == 450 and "4.7.1" in over.text, over
 
     def persisted() -> bool:
-        rows = decision_rows(db, "SELECT value FROM ratelimit_counters WHERE key = ?",
-                             ("cust:acme#1h",))
+        rows = decision_rows(
+            db, "SELECT value FROM ratelimit_counters WHERE key = ?", ("cust:acme#1h",)
+        )
         return bool(rows) and rows[0][0] >= 2.99
 
     wait_for(persisted, "the counters to be persisted", timeout=20)
     kill9(m)
     m = maild_factory.restart(m)
     m.wait_log("antispam: counters=")
-    again = attempt(m.port, sender="boss@acme.example", rcpts=["partner@outside.example"],
-                    data=message(unique_subject("quota-after-crash")), source=CUSTOMER_IP)
+    again = attempt(
+        m.port,
+        sender="boss@acme.example",
+        rcpts=["partner@outside.example"],
+        data=message(unique_subject("quota-after-crash")),
+        source=CUSTOMER_IP,
+    )
     assert again.final == 450 and "4.7.1" in again.text, again
     # strangers' inbound mail is not affected by acme's limit
-    ok = attempt(m.port, sender="x@outside.example", rcpts=[RCPT],
-                 data=message(unique_subject("inbound")), source=STRANGER)
+    ok = attempt(
+        m.port,
+        sender="x@outside.example",
+        rcpts=[RCPT],
+        data=message(unique_subject("inbound")),
+        source=STRANGER,
+    )
     assert ok.accepted, ok

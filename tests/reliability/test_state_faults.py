@@ -53,22 +53,41 @@ def send_batch(port: int, tag: str, n: int) -> list[tuple[str, str, str, Attempt
     for i in range(n):
         subj = unique_subject(f"{tag}-in{i}")
         sender = f"{subj}@outside.example"
-        out.append((subj, sender, RCPT, attempt(port, sender=sender, rcpts=[RCPT],
-                                                data=message(subj), source=STRANGER)))
+        out.append(
+            (
+                subj,
+                sender,
+                RCPT,
+                attempt(port, sender=sender, rcpts=[RCPT], data=message(subj), source=STRANGER),
+            )
+        )
         subj = unique_subject(f"{tag}-out{i}")
         sender = f"{subj}@acme.example"
-        out.append((subj, sender, OUTSIDE, attempt(port, sender=sender, rcpts=[OUTSIDE],
-                                                   data=message(subj), source=CUSTOMER_IP)))
+        out.append(
+            (
+                subj,
+                sender,
+                OUTSIDE,
+                attempt(
+                    port, sender=sender, rcpts=[OUTSIDE], data=message(subj), source=CUSTOMER_IP
+                ),
+            )
+        )
     return out
 
 
 def wait_recovered(m) -> None:
     """Until maild's last word on its store is that it takes writes again (a write
     succeeded after the repair: at most one heartbeat round, 2 s, after it)."""
+
     def recovered() -> bool:
-        said = [line for line in m.log().splitlines()
-                if "state store: unavailable" in line or "state store: available again" in line]
+        said = [
+            line
+            for line in m.log().splitlines()
+            if "state store: unavailable" in line or "state store: available again" in line
+        ]
         return bool(said) and "available again" in said[-1]
+
     wait_for(recovered, "state store: available again", timeout=20)
 
 
@@ -76,13 +95,16 @@ def outside_copies(pf, needle: str) -> int:
     return sum(needle.encode() in m for m in pf.outside_messages())
 
 
-def exercise(pf, m, db: Path, break_store: Callable[[], None], heal: Callable[[], None],
-             n: int = 4) -> dict[str, int]:
+def exercise(
+    pf, m, db: Path, break_store: Callable[[], None], heal: Callable[[], None], n: int = 4
+) -> dict[str, int]:
     """Break the store, send mail, heal it, and check the whole contract; returns numbers."""
     warm = send_batch(m.port, "warm", 1)
     assert all(a.accepted for *_, a in warm), [str(a) for *_, a in warm]
-    wait_for(lambda: len(decision_rows(db, "SELECT 1 FROM decisions WHERE action='relay'")) >= 2,
-             "warm-up decision rows")
+    wait_for(
+        lambda: len(decision_rows(db, "SELECT 1 FROM decisions WHERE action='relay'")) >= 2,
+        "warm-up decision rows",
+    )
     break_store()
     sent = send_batch(m.port, "broken", n)
     for _subj, _sender, _rcpt, a in sent:
@@ -93,15 +115,23 @@ def exercise(pf, m, db: Path, break_store: Callable[[], None], heal: Callable[[]
     late = send_batch(m.port, "late", 1)
     for *_, a in late:
         assert a.final == 451 and a.text.startswith("4.3.0"), a
-    numbers = {"messages": len(sent), "accepted_while_broken": sum(a.accepted for *_, a in sent),
-               "tempfailed_once_known": len(late)}
+    numbers = {
+        "messages": len(sent),
+        "accepted_while_broken": sum(a.accepted for *_, a in sent),
+        "tempfailed_once_known": len(late),
+    }
     sent += late
     heal()
     wait_recovered(m)
     for subj, sender, rcpt, a in sent:
         if not a.accepted:  # the client's retry, now that the store works
-            b = attempt(m.port, sender=sender, rcpts=[rcpt], data=message(subj),
-                        source=STRANGER if rcpt == RCPT else CUSTOMER_IP)
+            b = attempt(
+                m.port,
+                sender=sender,
+                rcpts=[rcpt],
+                data=message(subj),
+                source=STRANGER if rcpt == RCPT else CUSTOMER_IP,
+            )
             assert b.accepted, b
     settle(pf)
     for subj, _sender, rcpt, _a in warm + sent:
@@ -111,17 +141,25 @@ def exercise(pf, m, db: Path, break_store: Callable[[], None], heal: Callable[[]
     senders = [sender for _s, sender, _r, _a in warm + sent]
 
     def relay_rows() -> dict[str, int]:
-        rows = decision_rows(db, "SELECT sender, COUNT(*) FROM decisions WHERE action = 'relay' "
-                             "GROUP BY sender")
+        rows = decision_rows(
+            db, "SELECT sender, COUNT(*) FROM decisions WHERE action = 'relay' GROUP BY sender"
+        )
         return {s: c for s, c in rows if s in senders}
 
-    wait_for(lambda: len(relay_rows()) == len(senders), "every decision row to be written",
-             timeout=30)
+    wait_for(
+        lambda: len(relay_rows()) == len(senders), "every decision row to be written", timeout=30
+    )
     counts = relay_rows()
     assert all(c == 1 for c in counts.values()), {s: c for s, c in counts.items() if c != 1}
-    wait_for(lambda: decision_rows(db, "SELECT value FROM ratelimit_counters WHERE key = ? "
-                                       "AND value >= ?", ("cust:acme#1h", n + 0.9)),
-             "acme's rate-limit counter to be persisted", timeout=30)
+    wait_for(
+        lambda: decision_rows(
+            db,
+            "SELECT value FROM ratelimit_counters WHERE key = ? AND value >= ?",
+            ("cust:acme#1h", n + 0.9),
+        ),
+        "acme's rate-limit counter to be persisted",
+        timeout=30,
+    )
     return numbers
 
 
@@ -209,8 +247,7 @@ def until_tempfailed(m, port: int, tag: str) -> tuple[list[tuple[str, str, Attem
         sent.append((subj, sender, a))
         return None if a.accepted else a
 
-    return sent, wait_for(one, "a 451 4.3.0 while the store is broken", timeout=30,
-                          interval=0.2)
+    return sent, wait_for(one, "a 451 4.3.0 while the store is broken", timeout=30, interval=0.2)
 
 
 def rounds_after(m, n: int) -> None:
@@ -221,6 +258,7 @@ def rounds_after(m, n: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             return json.loads(status.read_text())["written"]
         return 0.0
+
     seen = {written()}
     wait_for(lambda: seen.add(written()) or len(seen) > n, f"{n} housekeeping rounds", timeout=30)
 
@@ -273,8 +311,9 @@ def test_shared_memory_file_not_writable(pf, maild_factory):
     assert decision_rows(db, relayed) == [(len(sent),)]
     assert decision_rows(db, "PRAGMA integrity_check") == [("ok",)]
     subj = unique_subject("after")
-    a = attempt(m.port, sender=f"{subj}@outside.example", rcpts=[RCPT], data=message(subj),
-                source=STRANGER)
+    a = attempt(
+        m.port, sender=f"{subj}@outside.example", rcpts=[RCPT], data=message(subj), source=STRANGER
+    )
     assert a.accepted, a
     retry_and_count(pf, m, [(subj, f"{subj}@outside.example", a)])
 
@@ -320,16 +359,24 @@ def test_start_with_an_empty_state_file_is_refused_unless_init_state(pf, maild_f
     again = maild_factory(m.policy, root=m.root, port=m.port, start=False)
     again.write()
     again.logfile = m.root / "maild-init.log"  # the first run's "daemon started" is in the other
-    again.proc = subprocess.Popen([*again.cli_argv("serve"), "--log", str(again.logfile),
-                                   "--allow-root", "--init-state"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, cwd=again.root)
+    again.proc = subprocess.Popen(
+        [*again.cli_argv("serve"), "--log", str(again.logfile), "--allow-root", "--init-state"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=again.root,
+    )
     again.wait_log("daemon started", timeout=20)
     assert f"moved {db} aside" in again.log(), again.log()
     aside = [p for p in m.root.iterdir() if p.name.startswith("state.db.refused-")]
     assert [p.read_bytes() for p in aside] == [b""], aside
     subj = unique_subject("init")
-    a = attempt(again.port, sender=f"{subj}@outside.example", rcpts=[RCPT], data=message(subj),
-                source=STRANGER)
+    a = attempt(
+        again.port,
+        sender=f"{subj}@outside.example",
+        rcpts=[RCPT],
+        data=message(subj),
+        source=STRANGER,
+    )
     assert a.accepted, a
     settle(pf)
     assert copies(pf, RCPT, subj) == 1

@@ -101,7 +101,7 @@ class Dovecot:
     def __init__(self, users: dict[str, str]):
         """users: name -> extra userdb fields (e.g. "userdb_quota_rule=*:storage=10M")."""
         self.root = Path(tempfile.mkdtemp(prefix="maild-dovecot-"))
-        os.chmod(self.root, 0o755)        # the mail user must reach its mail below it
+        os.chmod(self.root, 0o755)  # the mail user must reach its mail below it
         self.users = users
         self.imap_port = free_port()
         self.pop3_port = free_port()
@@ -117,17 +117,34 @@ class Dovecot:
             (self.root / d).mkdir(exist_ok=True)
         for d in ("vmail", "lastlogin"):
             os.chown(self.root / d, MAIL_UID, MAIL_UID)
-        self.conf.write_text(CONF.format(root=self.root, uid=MAIL_UID, imap=self.imap_port,
-                                         pop3=self.pop3_port, quota_file=self.quota_file))
+        self.conf.write_text(
+            CONF.format(
+                root=self.root,
+                uid=MAIL_UID,
+                imap=self.imap_port,
+                pop3=self.pop3_port,
+                quota_file=self.quota_file,
+            )
+        )
         (self.root / "passwd").write_text(
-            "".join(f"{u}:{{PLAIN}}{self.PASSWORD}\n" for u in self.users))
-        (self.root / "users").write_text("".join(
-            f"{u}::{MAIL_UID}:{MAIL_UID}::{self.home(u)}::{extra}\n" for u, extra in self.users.items()))
+            "".join(f"{u}:{{PLAIN}}{self.PASSWORD}\n" for u in self.users)
+        )
+        (self.root / "users").write_text(
+            "".join(
+                f"{u}::{MAIL_UID}:{MAIL_UID}::{self.home(u)}::{extra}\n"
+                for u, extra in self.users.items()
+            )
+        )
         self.quota_file.write_text("")
         # The master daemonizes and its children keep inherited descriptors: no pipes here.
         with open(self.root / "startup.err", "wb") as err:
-            rc = subprocess.run(["dovecot", "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, check=False).returncode
+            rc = subprocess.run(
+                ["dovecot", "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                check=False,
+            ).returncode
         if rc != 0:
             raise RuntimeError("dovecot did not start: " + (self.root / "startup.err").read_text())
         deadline = time.monotonic() + 10
@@ -145,8 +162,13 @@ class Dovecot:
         return True
 
     def stop(self) -> None:
-        subprocess.run(["doveadm", "-c", str(self.conf), "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["doveadm", "-c", str(self.conf), "stop"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
         pid_file = self.root / "run" / "master.pid"
         deadline = time.monotonic() + 10
         while pid_file.exists() and time.monotonic() < deadline:
@@ -175,15 +197,26 @@ class Dovecot:
 
     def deliver(self, user: str, size: int, subject: str = "test") -> int:
         """dovecot-lda; 0 delivered, 77 refused (e.g. over quota), 75 temporary failure."""
-        msg = (f"From: sender@example.org\r\nTo: {user}\r\nSubject: {subject}\r\n"
-               f"Message-ID: <{time.time_ns()}@example.org>\r\n\r\n").encode() + b"x" * size + b"\r\n"
-        p = subprocess.run([self.lda, "-c", str(self.conf), "-e", "-d", user], input=msg,
-                           capture_output=True, check=False)
+        msg = (
+            (
+                f"From: sender@example.org\r\nTo: {user}\r\nSubject: {subject}\r\n"
+                f"Message-ID: <{time.time_ns()}@example.org>\r\n\r\n"
+            ).encode()
+            + b"x" * size
+            + b"\r\n"
+        )
+        p = subprocess.run(
+            [self.lda, "-c", str(self.conf), "-e", "-d", user],
+            input=msg,
+            capture_output=True,
+            check=False,
+        )
         return p.returncode
 
     def doveadm(self, *args: str) -> str:
-        p = subprocess.run(["doveadm", "-c", str(self.conf), *args], capture_output=True,
-                           text=True, check=True)
+        p = subprocess.run(
+            ["doveadm", "-c", str(self.conf), *args], capture_output=True, text=True, check=True
+        )
         return p.stdout
 
     def userdb_field(self, user: str, field: str) -> str:

@@ -38,9 +38,17 @@ def make_maildir(path: Path, folders: tuple[str, ...] = (), layout: str = "maild
     return path
 
 
-def add_msg(mailbox: Path, folder: str = "INBOX", *, size: int = 100, mtime: float | None = None,
-            sub: str = "cur", layout: str = "maildir++", name: str | None = None,
-            with_s: bool = True) -> Path:
+def add_msg(
+    mailbox: Path,
+    folder: str = "INBOX",
+    *,
+    size: int = 100,
+    mtime: float | None = None,
+    sub: str = "cur",
+    layout: str = "maildir++",
+    name: str | None = None,
+    with_s: bool = True,
+) -> Path:
     """One message; its mtime (received date) is set, its ctime is "now" (saved now)."""
     d = folder_dir(mailbox, folder, layout) / sub
     d.mkdir(parents=True, exist_ok=True)
@@ -113,8 +121,9 @@ quota = "1MB"
 
 
 def keydata_config(tmp: Path, mail: Path, layout: str = "maildir++", extra: str = "") -> Path:
-    return write_config(tmp, "[retention]\n" + STORE.format(layout=layout) + extra + KEYDATA_RULES,
-                        mail=mail)
+    return write_config(
+        tmp, "[retention]\n" + STORE.format(layout=layout) + extra + KEYDATA_RULES, mail=mail
+    )
 
 
 def files_in(mailbox: Path) -> set[str]:
@@ -127,9 +136,9 @@ def files_in(mailbox: Path) -> set[str]:
     return out
 
 
-try:          # the shared harness (tests/harness), when it is importable
+try:  # the shared harness (tests/harness), when it is importable
     from harness import require_binary, require_root, skip_or_fail
-except ImportError:       # the same rules, locally: skip on a laptop, fail under CI=true
+except ImportError:  # the same rules, locally: skip on a laptop, fail under CI=true
 
     def skip_or_fail(reason: str) -> None:
         if os.environ.get("CI") == "true":
@@ -145,5 +154,6 @@ except ImportError:       # the same rules, locally: skip on a laptop, fail unde
     def require_root() -> None:
         if os.geteuid() != 0:
             skip_or_fail("this test needs root")
+
 
 __all__ = ["require_binary", "require_root", "skip_or_fail"]

@@ -43,7 +43,7 @@ def test_dry_run_prints_and_changes_nothing_then_run_deletes(setup):
     msg = add_msg(mb, "Trash", size=321, mtime=time.time() - 400 * DAY)
     r = run(cfg, "retention", "run", "idle", "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "would-delete" not in r.output        # never seen before: its idle clock starts now
+    assert "would-delete" not in r.output  # never seen before: its idle clock starts now
     r = run(cfg, "access", "touch", "alice@hosted.example", "--at", str(time.time() - 100 * DAY))
     assert r.exit_code == 0
     r = run(cfg, "retention", "run", "idle", "--dry-run")
@@ -58,7 +58,11 @@ def test_dry_run_prints_and_changes_nothing_then_run_deletes(setup):
     r = run(cfg, "retention", "deletions", "--json")
     rec = json.loads(r.output.splitlines()[0])
     assert (rec["user"], rec["folder"], rec["size"], rec["status"]) == (
-        "alice@hosted.example", "Trash", 321, "deleted")
+        "alice@hosted.example",
+        "Trash",
+        321,
+        "deleted",
+    )
 
 
 def test_status_shows_next_and_last_runs(setup):
@@ -88,14 +92,16 @@ def test_mailbox_show(setup, caplog):
     assert {f["folder"]: f["messages"] for f in info["folders"]} == {"INBOX": 1, "Trash": 1}
     assert {n["rule"] for n in info["next"]} == {"trash", "idle", "shrink"}
     nxt = {n["rule"]: n for n in info["next"]}
-    assert nxt["trash"]["delete"] == 0                  # in Trash for less than 7 days
+    assert nxt["trash"]["delete"] == 0  # in Trash for less than 7 days
     assert [f["file"] for f in nxt["idle"]["files"]] == [f"cur/{old.name}"]
-    assert old.exists()                                 # showing deletes nothing
+    assert old.exists()  # showing deletes nothing
     r = run(cfg, "mailbox", "show", "Alice@Hosted.Example")
     assert r.exit_code == 0 and "quota        52428800S" in r.output and "Trash" in r.output
     import logging
 
-    assert not [r for r in caplog.records if r.name == "maild.retention" and r.levelno >= logging.INFO]
+    assert not [
+        r for r in caplog.records if r.name == "maild.retention" and r.levelno >= logging.INFO
+    ]
 
 
 def test_mailbox_show_says_when_dovecot_cannot_be_asked(setup):
@@ -111,24 +117,29 @@ def test_access_touch_import_poll_and_list(setup, tmp_path):
     d.write_text(f"shared/last-login/bob@hosted.example\n{int(time.time()) - 5}\n")
     r = run(cfg, "access", "import", "--dict", str(d))
     assert r.exit_code == 0 and "imported 1" in r.output
-    log.write_text(time.strftime("%b %d %H:%M:%S") +
-                   " pop3-login: Info: Login: user=<carol@hosted.example>, method=PLAIN\n")
+    log.write_text(
+        time.strftime("%b %d %H:%M:%S")
+        + " pop3-login: Info: Login: user=<carol@hosted.example>, method=PLAIN\n"
+    )
     r = run(cfg, "access", "poll")
     assert r.exit_code == 0 and "1 logins read" in r.output
-    assert "0 logins read" in run(cfg, "access", "poll").output            # position kept
+    assert "0 logins read" in run(cfg, "access", "poll").output  # position kept
     r = run(cfg, "access", "list", "--json")
     users = {json.loads(x)["user"]: json.loads(x) for x in r.output.splitlines()}
     assert users["bob@hosted.example"]["source"] == "last_login"
     assert users["carol@hosted.example"]["source"] == "pop3"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["retention", "run", "nope"], "no retention rule named 'nope'"),
-    (["access", "touch", "../x"], "not a usable user name"),
-    (["access", "touch", "a@b.c", "--at", "yesterday"], "Unix time"),
-    (["access", "list", "--idle-over", "long"], "duration"),
-    (["mailbox", "show", "a/b@c"], "not a usable user name"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["retention", "run", "nope"], "no retention rule named 'nope'"),
+        (["access", "touch", "../x"], "not a usable user name"),
+        (["access", "touch", "a@b.c", "--at", "yesterday"], "Unix time"),
+        (["access", "list", "--idle-over", "long"], "duration"),
+        (["mailbox", "show", "a/b@c"], "not a usable user name"),
+    ],
+)
 def test_bad_input_is_one_clear_line(setup, args, says):
     cfg, _mb, _ = setup
     r = run(cfg, *args)
@@ -136,8 +147,10 @@ def test_bad_input_is_one_clear_line(setup, args, says):
 
 
 def test_a_broken_config_exits_2_naming_the_key(tmp_path):
-    cfg = write_config(tmp_path, '[retention]\n[[retention.rules]]\nname = "x"\n'
-                                 '[retention.store]\npath = "/v/%u"\n')
+    cfg = write_config(
+        tmp_path,
+        '[retention]\n[[retention.rules]]\nname = "x"\n[retention.store]\npath = "/v/%u"\n',
+    )
     r = run(cfg, "retention", "status")
     assert r.exit_code == 2 and "retention.rules[0].age" in r.output
 
@@ -175,4 +188,4 @@ def test_progress_bar_on_a_terminal(setup, monkeypatch):
 
     monkeypatch.setattr(rcli.click, "progressbar", bar)
     r = run(cfg, "retention", "run", "trash")
-    assert r.exit_code == 0 and seen == [1]                 # one mailbox: alice
+    assert r.exit_code == 0 and seen == [1]  # one mailbox: alice

@@ -40,12 +40,26 @@ def test_shipped_example_holds_keydatas_three_rules():
     by = {r.name: r for r in cfg.rules}
     trash, idle, root = by["trash-7d"], by["idle-60d-older-90d"], by["root-idle-90d-shrink"]
     assert (trash.action, trash.folders, trash.age, trash.age_by, trash.idle) == (
-        "delete", ("\\Trash",), 7 * 86400, "saved", None)
+        "delete",
+        ("\\Trash",),
+        7 * 86400,
+        "saved",
+        None,
+    )
     assert (idle.action, idle.folders, idle.idle, idle.age, idle.age_by) == (
-        "delete", ("*",), 60 * 86400, 90 * 86400, "received")
+        "delete",
+        ("*",),
+        60 * 86400,
+        90 * 86400,
+        "received",
+    )
     assert (root.action, root.mailboxes, root.idle, root.quota) == (
-        "shrink", "root", 90 * 86400, 1024 * 1024)
-    assert all(r.cron == "17 3 * * *" for r in cfg.rules)     # daily at daily_at
+        "shrink",
+        "root",
+        90 * 86400,
+        1024 * 1024,
+    )
+    assert all(r.cron == "17 3 * * *" for r in cfg.rules)  # daily at daily_at
 
 
 def _doc_toml_blocks() -> list[str]:
@@ -57,7 +71,11 @@ def test_every_toml_example_in_the_docs_parses():
     assert len(blocks) >= 2
     for block in blocks:
         data = tomllib.loads(block)
-        if "retention" in data and "rules" in data["retention"] and "store" not in data["retention"]:
+        if (
+            "retention" in data
+            and "rules" in data["retention"]
+            and "store" not in data["retention"]
+        ):
             data["retention"]["store"] = STORE
         parse(data)
 
@@ -87,32 +105,70 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path):
     assert retention_of(load(p)).store.lock_dir == "/srv/maild/retention-locks"
 
 
-@pytest.mark.parametrize("rule, key, says", [
-    ({"name": "x", "folders": ["*"], "action": "delete"}, "retention.rules[0].age",
-     "delete every message"),
-    ({"name": "x", "age": "7d"}, "retention.rules[0].age_by", '"saved"'),
-    ({"name": "x", "age": "7d", "age_by": "atime"}, "retention.rules[0].age_by", '"received"'),
-    ({"name": "x", "action": "shrink", "quota": "1MB"}, "retention.rules[0].idle",
-     "shrink every mailbox"),
-    ({"name": "x", "action": "shrink", "idle": "90d"}, "retention.rules[0].quota", "1MB"),
-    ({"name": "x", "action": "trim"}, "retention.rules[0].max_size", "500MB"),
-    ({"name": "x", "action": "purge", "age": "1d", "age_by": "saved"}, "retention.rules[0].action",
-     '"delete"'),
-    ({"name": "x", "age": "1d", "age_by": "saved", "schedule": "sometimes"},
-     "retention.rules[0].schedule", "crontab"),
-    ({"name": "x", "age": "1d", "age_by": "saved", "schedule": "61 3 * * *"},
-     "retention.rules[0].schedule", "crontab"),
-    ({"name": "x", "age": "seven days", "age_by": "saved"}, "retention.rules[0].age", "duration"),
-    ({"name": "x", "age": "1d", "age_by": "saved", "foldrs": ["*"]}, "retention.rules[0].foldrs",
-     "unknown key"),
-    ({"name": "bad name", "age": "1d", "age_by": "saved"}, "retention.rules[0].name", "letters"),
-    ({"name": "x", "age": "1d", "age_by": "saved", "quota": "1MB"}, "retention.rules[0].quota",
-     "shrink"),
-    ({"name": "x", "action": "shrink", "idle": "90d", "quota": "1MB", "age": "1d"},
-     "retention.rules[0].age", "oldest first"),
-    ({"name": "x", "age": "1d", "age_by": "saved", "mailboxes": "some"},
-     "retention.rules[0].mailboxes", '"root"'),
-])
+@pytest.mark.parametrize(
+    "rule, key, says",
+    [
+        (
+            {"name": "x", "folders": ["*"], "action": "delete"},
+            "retention.rules[0].age",
+            "delete every message",
+        ),
+        ({"name": "x", "age": "7d"}, "retention.rules[0].age_by", '"saved"'),
+        ({"name": "x", "age": "7d", "age_by": "atime"}, "retention.rules[0].age_by", '"received"'),
+        (
+            {"name": "x", "action": "shrink", "quota": "1MB"},
+            "retention.rules[0].idle",
+            "shrink every mailbox",
+        ),
+        ({"name": "x", "action": "shrink", "idle": "90d"}, "retention.rules[0].quota", "1MB"),
+        ({"name": "x", "action": "trim"}, "retention.rules[0].max_size", "500MB"),
+        (
+            {"name": "x", "action": "purge", "age": "1d", "age_by": "saved"},
+            "retention.rules[0].action",
+            '"delete"',
+        ),
+        (
+            {"name": "x", "age": "1d", "age_by": "saved", "schedule": "sometimes"},
+            "retention.rules[0].schedule",
+            "crontab",
+        ),
+        (
+            {"name": "x", "age": "1d", "age_by": "saved", "schedule": "61 3 * * *"},
+            "retention.rules[0].schedule",
+            "crontab",
+        ),
+        (
+            {"name": "x", "age": "seven days", "age_by": "saved"},
+            "retention.rules[0].age",
+            "duration",
+        ),
+        (
+            {"name": "x", "age": "1d", "age_by": "saved", "foldrs": ["*"]},
+            "retention.rules[0].foldrs",
+            "unknown key",
+        ),
+        (
+            {"name": "bad name", "age": "1d", "age_by": "saved"},
+            "retention.rules[0].name",
+            "letters",
+        ),
+        (
+            {"name": "x", "age": "1d", "age_by": "saved", "quota": "1MB"},
+            "retention.rules[0].quota",
+            "shrink",
+        ),
+        (
+            {"name": "x", "action": "shrink", "idle": "90d", "quota": "1MB", "age": "1d"},
+            "retention.rules[0].age",
+            "oldest first",
+        ),
+        (
+            {"name": "x", "age": "1d", "age_by": "saved", "mailboxes": "some"},
+            "retention.rules[0].mailboxes",
+            '"root"',
+        ),
+    ],
+)
 def test_bad_rules_are_refused_naming_the_key(rule, key, says):
     found = problems(rules(rule))
     assert any(p.startswith(key) and says in p for p in found), found
@@ -123,14 +179,17 @@ def test_duplicate_rule_names_are_refused():
     assert any("retention.rules[1].name" in p and "no other" in p for p in problems(rules(r, r)))
 
 
-@pytest.mark.parametrize("store, key, says", [
-    ({"path": "var/vmail/%u"}, "retention.store.path", "absolute"),
-    ({"path": "/var/vmail/%d"}, "retention.store.path", "%u"),
-    ({"path": "/var/vmail/%x/%u"}, "retention.store.path", "only variables"),
-    ({"path": "/v/%u", "layout": "mbox"}, "retention.store.layout", '"maildir++"'),
-    ({"path": "/v/%u", "lyout": "fs"}, "retention.store.lyout", "unknown key"),
-    ({}, "retention.store.path", "required"),
-])
+@pytest.mark.parametrize(
+    "store, key, says",
+    [
+        ({"path": "var/vmail/%u"}, "retention.store.path", "absolute"),
+        ({"path": "/var/vmail/%d"}, "retention.store.path", "%u"),
+        ({"path": "/var/vmail/%x/%u"}, "retention.store.path", "only variables"),
+        ({"path": "/v/%u", "layout": "mbox"}, "retention.store.layout", '"maildir++"'),
+        ({"path": "/v/%u", "lyout": "fs"}, "retention.store.lyout", "unknown key"),
+        ({}, "retention.store.path", "required"),
+    ],
+)
 def test_bad_store_settings_are_refused(store, key, says):
     found = problems(rules({"name": "x", "age": "1d", "age_by": "saved"}, store=store))
     assert any(p.startswith(key) and says in p for p in found), found
@@ -154,11 +213,13 @@ def test_all_problems_are_reported_together():
 
 
 def test_special_use_aliases_can_be_extended():
-    data = rules({"name": "x", "folders": ["\\Trash"], "age": "7d", "age_by": "saved"},
-                 store=STORE | {"special_use": {"Trash": ["Papierkorb", "Trash"]}})
+    data = rules(
+        {"name": "x", "folders": ["\\Trash"], "age": "7d", "age_by": "saved"},
+        store=STORE | {"special_use": {"Trash": ["Papierkorb", "Trash"]}},
+    )
     cfg = parse(data).sections["retention"]
     assert cfg.store.aliases("Trash") == ("Papierkorb", "Trash")
-    assert cfg.store.aliases("Junk")       # defaults kept
+    assert cfg.store.aliases("Junk")  # defaults kept
 
 
 def test_schedule_words():

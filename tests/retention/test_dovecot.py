@@ -25,8 +25,8 @@ from .helpers import DAY, require_binary, require_root, retention, skip_or_fail,
 pytestmark = pytest.mark.integration
 
 USERS = {
-    "alice@hosted.example": "userdb_quota_rule=*:storage=10M",   # forced rule from userdb
-    "bob@hosted.example": "",                                    # limit from maildirsize
+    "alice@hosted.example": "userdb_quota_rule=*:storage=10M",  # forced rule from userdb
+    "bob@hosted.example": "",  # limit from maildirsize
     "carol@hosted.example": "",
     "dave@hosted.example": "",
     "erin@hosted.example": "",
@@ -49,7 +49,9 @@ def dovecot():
 
 @pytest.fixture
 async def env(dovecot, tmp_path):
-    cfg_path = write_config(tmp_path, f"""
+    cfg_path = write_config(
+        tmp_path,
+        f"""
         [server]
         state = "{tmp_path}/maild.db"
 
@@ -83,7 +85,8 @@ async def env(dovecot, tmp_path):
         idle = "90d"
         action = "shrink"
         quota = "1MB"
-        """)
+        """,
+    )
     store = await open_store(str(tmp_path / "maild.db"), str(cfg_path))
     yield cfg_path, retention(cfg_path), store
     await store.close()
@@ -139,7 +142,7 @@ async def test_imap_and_pop3_logins_are_seen_and_reset_the_idle_clock(dovecot, e
     assert rows["carol@hosted.example"].access_source == "imap"
     assert rows["dave@hosted.example"].access_source == "pop3"
     plan = await runner.run("idle", dry_run=True, user="carol@hosted.example")
-    assert plan.planned == [] and old.exists()                  # accessed: no longer idle
+    assert plan.planned == [] and old.exists()  # accessed: no longer idle
 
 
 async def test_deleted_messages_disappear_from_the_imap_view(dovecot, env):
@@ -149,13 +152,18 @@ async def test_deleted_messages_disappear_from_the_imap_view(dovecot, env):
     try:
         m.create("Trash")
         for i in range(3):
-            assert m.append("Trash", None, None, f"Subject: t{i}\r\n\r\ntrashed\r\n".encode())[0] == "OK"
+            assert (
+                m.append("Trash", None, None, f"Subject: t{i}\r\n\r\ntrashed\r\n".encode())[0]
+                == "OK"
+            )
         assert m.append("INBOX", None, None, b"Subject: keep\r\n\r\nkeep\r\n")[0] == "OK"
         typ, data = m.select("Trash")
         assert (typ, int(data[0])) == ("OK", 3)
-        rep = await Runner(cfg, store, clock=lambda: time.time() + 7 * DAY + 60).run("trash", user=user)
+        rep = await Runner(cfg, store, clock=lambda: time.time() + 7 * DAY + 60).run(
+            "trash", user=user
+        )
         assert (rep.deleted, rep.errors) == (3, 0)
-        m.noop()                                   # the open session syncs: EXPUNGE x3
+        m.noop()  # the open session syncs: EXPUNGE x3
         typ, data = m.select("Trash")
         assert int(data[0]) == 0
         typ, data = m.select("INBOX")
@@ -164,18 +172,26 @@ async def test_deleted_messages_disappear_from_the_imap_view(dovecot, env):
         m.logout()
 
 
-@pytest.mark.parametrize("user, original_kb, login", [
-    ("alice@hosted.example", "10240", "imap"),   # quota_rule from userdb, forced: maild's userdb file
-    ("bob@hosted.example", "51200", "pop3"),     # limit from maildirsize line 1
-])
-async def test_a_shrunk_quota_refuses_deliveries_and_a_login_restores_it(dovecot, env, user,
-                                                                        original_kb, login):
+@pytest.mark.parametrize(
+    "user, original_kb, login",
+    [
+        (
+            "alice@hosted.example",
+            "10240",
+            "imap",
+        ),  # quota_rule from userdb, forced: maild's userdb file
+        ("bob@hosted.example", "51200", "pop3"),  # limit from maildirsize line 1
+    ],
+)
+async def test_a_shrunk_quota_refuses_deliveries_and_a_login_restores_it(
+    dovecot, env, user, original_kb, login
+):
     path, cfg, store = env
     assert dovecot.deliver(user, 1_500_000, "big") == 0
     assert dovecot.deliver(user, 200_000, "small") == 0
     msgs = sorted(age_all(dovecot.maildir(user), 200), key=lambda p: p.stat().st_size)
     small, big = msgs
-    os.utime(big, (time.time() - 300 * DAY,) * 2)       # the oldest
+    os.utime(big, (time.time() - 300 * DAY,) * 2)  # the oldest
     assert dovecot.quota_limit_kb(user) == original_kb
     await state.first_seen(store, [user], time.time() - 100 * DAY)
 
@@ -189,11 +205,17 @@ async def test_a_shrunk_quota_refuses_deliveries_and_a_login_restores_it(dovecot
     if user.startswith("alice"):
         assert await wait_for(lambda: rule_is("*:bytes=1048576"))
     assert dovecot.quota_limit_kb(user) == "1024"
-    info = await mailbox_info(dataclasses.replace(cfg, quota=dataclasses.replace(
-        cfg.quota, doveadm=("doveadm", "-c", str(dovecot.conf)))), store, user, dovecot=True)
+    info = await mailbox_info(
+        dataclasses.replace(
+            cfg, quota=dataclasses.replace(cfg.quota, doveadm=("doveadm", "-c", str(dovecot.conf)))
+        ),
+        store,
+        user,
+        dovecot=True,
+    )
     assert info["dovecot"]["storage_limit_kb"] == "1024"
     assert info["quota_state"] == "shrunk" and info["maildirsize"]["bytes_limit"] == 1048576
-    assert dovecot.deliver(user, 1_500_000, "refused") == 77       # over the 1 MB quota
+    assert dovecot.deliver(user, 1_500_000, "refused") == 77  # over the 1 MB quota
     assert dovecot.deliver(user, 10_000, "fits") == 0
 
     svc = RetentionService(load(path), store)
@@ -227,7 +249,7 @@ async def test_a_shrunk_quota_refuses_deliveries_and_a_login_restores_it(dovecot
 
 async def test_last_login_dict_is_imported(dovecot, env):
     _path, _cfg, store = env
-    assert dovecot.deliver("erin@hosted.example", 100) == 0       # a delivery is no access
+    assert dovecot.deliver("erin@hosted.example", 100) == 0  # a delivery is no access
     m = imap(dovecot, "dave@hosted.example")
     m.logout()
     runner = Runner(_cfg, store)

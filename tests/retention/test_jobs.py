@@ -44,23 +44,29 @@ def newest_ctime(paths) -> float:
 
 async def deletion_rows(store):
     return await store.fetchall(
-        "SELECT rule, user, folder, name, size, status FROM retention_deletions ORDER BY id")
+        "SELECT rule, user, folder, name, size, status FROM retention_deletions ORDER BY id"
+    )
 
 
 # --------------------------------------------------------------------------- Trash
+
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_trash_goes_after_seven_days_in_trash(tmp_path, mail, store, layout):
     cfg = retention(keydata_config(tmp_path, mail, layout))
     mb = box(mail, "alice", ("Trash", "Deleted Items", "Trash/Old", "Sent"), layout)
     now = 1e9
-    trashed = [add_msg(mb, "Trash", mtime=now - 400 * DAY, layout=layout),      # old mail, trashed now
-               add_msg(mb, "Trash", mtime=now - 1 * DAY, sub="new", layout=layout),
-               add_msg(mb, "Deleted Items", mtime=now - 3 * DAY, layout=layout)]
-    keep = [add_msg(mb, "INBOX", mtime=now - 400 * DAY, layout=layout),
-            add_msg(mb, "Trash/Old", mtime=now - 400 * DAY, layout=layout),
-            add_msg(mb, "Sent", mtime=now - 400 * DAY, layout=layout),
-            add_msg(mb, "Trash", sub="tmp", layout=layout)]
+    trashed = [
+        add_msg(mb, "Trash", mtime=now - 400 * DAY, layout=layout),  # old mail, trashed now
+        add_msg(mb, "Trash", mtime=now - 1 * DAY, sub="new", layout=layout),
+        add_msg(mb, "Deleted Items", mtime=now - 3 * DAY, layout=layout),
+    ]
+    keep = [
+        add_msg(mb, "INBOX", mtime=now - 400 * DAY, layout=layout),
+        add_msg(mb, "Trash/Old", mtime=now - 400 * DAY, layout=layout),
+        add_msg(mb, "Sent", mtime=now - 400 * DAY, layout=layout),
+        add_msg(mb, "Trash", sub="tmp", layout=layout),
+    ]
     dot = mb / (".Trash" if layout == "maildir++" else "Trash") / "cur" / ".hidden-old"
     dot.write_bytes(b"x")
     t0 = newest_ctime(trashed + keep)
@@ -75,7 +81,10 @@ async def test_trash_goes_after_seven_days_in_trash(tmp_path, mail, store, layou
     assert all(p.exists() for p in keep) and dot.exists()
     rows = await deletion_rows(store)
     assert sorted((r[2], r[5]) for r in rows) == [
-        ("Deleted Items", "deleted"), ("Trash", "deleted"), ("Trash", "deleted")]
+        ("Deleted Items", "deleted"),
+        ("Trash", "deleted"),
+        ("Trash", "deleted"),
+    ]
 
 
 async def test_trash_cutoff_splits_by_time_in_trash(tmp_path, mail, store):
@@ -93,21 +102,31 @@ async def test_trash_cutoff_splits_by_time_in_trash(tmp_path, mail, store):
 
 # --------------------------------------------------------------------------- idle 60 / 90
 
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_idle_mailboxes_lose_mail_received_over_90_days_ago(tmp_path, mail, store, layout):
     cfg = retention(keydata_config(tmp_path, mail, layout))
     now = 2e9
     bob = box(mail, "bob", ("Trash", "Sent", "Archive/2019"), layout)
-    old = [add_msg(bob, "INBOX", mtime=now - 91 * DAY, layout=layout),
-           add_msg(bob, "Archive/2019", mtime=now - 700 * DAY, layout=layout),
-           add_msg(bob, "Trash", mtime=now - 100 * DAY, sub="new", layout=layout)]
-    young = [add_msg(bob, "INBOX", mtime=now - 89 * DAY, layout=layout),
-             add_msg(bob, "Sent", mtime=now - 10 * DAY, layout=layout)]
+    old = [
+        add_msg(bob, "INBOX", mtime=now - 91 * DAY, layout=layout),
+        add_msg(bob, "Archive/2019", mtime=now - 700 * DAY, layout=layout),
+        add_msg(bob, "Trash", mtime=now - 100 * DAY, sub="new", layout=layout),
+    ]
+    young = [
+        add_msg(bob, "INBOX", mtime=now - 89 * DAY, layout=layout),
+        add_msg(bob, "Sent", mtime=now - 10 * DAY, layout=layout),
+    ]
     alice = box(mail, "alice", layout=layout)
     active = [add_msg(alice, "INBOX", mtime=now - 400 * DAY, layout=layout)]
     await state.first_seen(store, ["bob@hosted.example", "alice@hosted.example"], now - 200 * DAY)
-    await state.record_access(store, [("bob@hosted.example", now - 61 * DAY, "imap"),
-                                      ("alice@hosted.example", now - 59 * DAY, "pop3")])
+    await state.record_access(
+        store,
+        [
+            ("bob@hosted.example", now - 61 * DAY, "imap"),
+            ("alice@hosted.example", now - 59 * DAY, "pop3"),
+        ],
+    )
     rep = await Runner(cfg, store, clock=Clock(now)).run("idle")
     assert (rep.mailboxes, rep.deleted) == (1, 3)
     assert not any(p.exists() for p in old)
@@ -142,11 +161,13 @@ async def test_repeated_runs_are_idempotent(tmp_path, mail, store):
     first = await runner.run("idle")
     after = files_in(mb)
     second = await runner.run("idle")
-    assert first.deleted == 9 and second.deleted == 0          # 91..99 days; 90 is not over 90
+    assert first.deleted == 9 and second.deleted == 0  # 91..99 days; 90 is not over 90
     assert files_in(mb) == after and len(after) == 11
 
 
-async def test_dry_run_lists_exactly_what_the_run_deletes_and_changes_nothing(tmp_path, mail, store):
+async def test_dry_run_lists_exactly_what_the_run_deletes_and_changes_nothing(
+    tmp_path, mail, store
+):
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     mb = box(mail, "bob", ("Trash", "Sent"))
@@ -165,7 +186,7 @@ async def test_dry_run_lists_exactly_what_the_run_deletes_and_changes_nothing(tm
     real = await runner.run("idle")
     done = {(r[1], r[2], r[3], r[4]) for r in await deletion_rows(store)}
     assert {(p["user"], p["folder"], p["file"], p["size"]) for p in planned} == done
-    assert rep.deleted == real.deleted == len(done) == 14      # 91..104 days old
+    assert rep.deleted == real.deleted == len(done) == 14  # 91..104 days old
 
 
 async def test_deletions_recorded_and_maildirsize_corrected(tmp_path, mail, store):
@@ -190,7 +211,9 @@ async def test_deletions_recorded_and_maildirsize_corrected(tmp_path, mail, stor
 
 async def test_quota_ignored_folders_are_not_subtracted(tmp_path, mail, store):
     """Courier does not count Trash: deleting from it must not lower the usage."""
-    cfg = retention(keydata_config(tmp_path, mail, extra='[retention.quota]\nignore_folders = ["Trash"]\n'))
+    cfg = retention(
+        keydata_config(tmp_path, mail, extra='[retention.quota]\nignore_folders = ["Trash"]\n')
+    )
     now = 2e9
     mb = box(mail, "bob")
     add_msg(mb, "Trash", size=700, mtime=now - 100 * DAY)
@@ -211,11 +234,21 @@ async def test_idle_root_mailbox_shrinks_and_comes_back(tmp_path, mail, store, l
     cfg = retention(keydata_config(tmp_path, mail, layout, extra=USERDB))
     now = 2e9
     root = box(mail, "root", ("Trash",), layout)
-    msgs = [add_msg(root, "INBOX" if i % 4 else "Trash", size=100_000,
-                    mtime=now - (300 - i) * DAY, layout=layout) for i in range(30)]
+    msgs = [
+        add_msg(
+            root,
+            "INBOX" if i % 4 else "Trash",
+            size=100_000,
+            mtime=now - (300 - i) * DAY,
+            layout=layout,
+        )
+        for i in range(30)
+    ]
     (root / "maildirsize").write_text("104857600S,1000C\n3000000 30\n")
     other = box(mail, "other", layout=layout)
-    other_msgs = [add_msg(other, size=100_000, mtime=now - 300 * DAY, layout=layout) for _ in range(30)]
+    other_msgs = [
+        add_msg(other, size=100_000, mtime=now - 300 * DAY, layout=layout) for _ in range(30)
+    ]
     await state.first_seen(store, ["root@hosted.example", "other@hosted.example"], now - 91 * DAY)
     userdb = quota.UserdbOverrides(str(tmp_path / "quota.passwd"))
     runner = Runner(cfg, store, clock=Clock(now))
@@ -230,11 +263,14 @@ async def test_idle_root_mailbox_shrinks_and_comes_back(tmp_path, mail, store, l
     assert quota.read_original(os.open(root, os.O_RDONLY)) == "104857600S,1000C"
     row = await state.mailbox(store, "root@hosted.example")
     assert (row.quota_state, row.original_quota, row.shrunk_quota) == (
-        "shrunk", "104857600S,1000C", "1048576S,1000C")
+        "shrunk",
+        "104857600S,1000C",
+        "1048576S,1000C",
+    )
     assert userdb.limit("root@hosted.example") == 1048576
     assert userdb.limit("other@hosted.example") is None
 
-    again = await runner.run("shrink")           # shrinking twice is harmless
+    again = await runner.run("shrink")  # shrinking twice is harmless
     assert (again.shrunk, again.deleted) == (0, 0)
     assert (await state.mailbox(store, "root@hosted.example")).original_quota == "104857600S,1000C"
 
@@ -244,11 +280,12 @@ async def test_idle_root_mailbox_shrinks_and_comes_back(tmp_path, mail, store, l
     assert not (root / quota.ORIGINAL).exists()
     row = await state.mailbox(store, "root@hosted.example")
     assert (row.quota_state, row.original_quota, row.restored_at) == ("normal", None, now)
-    assert (await runner.run("shrink")).shrunk == 0        # accessed: not idle any more
+    assert (await runner.run("shrink")).shrunk == 0  # accessed: not idle any more
 
 
-async def test_a_shrink_that_fails_halfway_is_finished_by_the_next_run(tmp_path, mail, store,
-                                                                       monkeypatch):
+async def test_a_shrink_that_fails_halfway_is_finished_by_the_next_run(
+    tmp_path, mail, store, monkeypatch
+):
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     root = box(mail, "root")
@@ -263,7 +300,7 @@ async def test_a_shrink_that_fails_halfway_is_finished_by_the_next_run(tmp_path,
     monkeypatch.setattr(sweep.Sweep, "_delete", fail)
     rep = await runner.run("shrink")
     assert rep.errors == 1 and old.exists()
-    assert (root / "maildirsize").read_text().startswith("1048576S\n")      # limit already set
+    assert (root / "maildirsize").read_text().startswith("1048576S\n")  # limit already set
     assert (await state.mailbox(store, "root@hosted.example")).quota_state == "shrinking"
     monkeypatch.undo()
     rep = await runner.run("shrink")
@@ -299,7 +336,7 @@ async def test_the_original_quota_survives_losing_the_state_store(tmp_path, mail
     await state.first_seen(store, ["root@hosted.example"], now - 91 * DAY)
     await Runner(cfg, store, clock=Clock(now)).run("shrink")
     assert (root / "maildirsize").read_text().startswith("1048576S\n")
-    await store.execute("DELETE FROM retention_mailboxes")          # the store is lost
+    await store.execute("DELETE FROM retention_mailboxes")  # the store is lost
     await state.first_seen(store, ["root@hosted.example"], now - 91 * DAY)
     runner = Runner(cfg, store, clock=Clock(now + DAY))
     await runner.run("shrink")
@@ -323,8 +360,9 @@ async def test_runs_restore_quotas_of_mailboxes_accessed_meanwhile(tmp_path, mai
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
 
 
-async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, mail, store,
-                                                                     monkeypatch):
+async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(
+    tmp_path, mail, store, monkeypatch
+):
     """Dovecot rewrites maildirsize with the limit it read; if it read the shrunk one just
     before the restore, maild notices and restores again."""
     monkeypatch.setattr(restore, "VERIFY_AFTER", (0.0,))
@@ -337,19 +375,20 @@ async def test_a_restore_undone_by_a_racing_recalculation_is_put_back(tmp_path, 
     await runner.run("shrink")
     await runner.on_access([("root@hosted.example", now, "imap")])
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
-    (root / "maildirsize").write_text("1048576S\n0 0\n")           # the racing rewrite
-    await asyncio.gather(*runner.restorer._later)                           # the delayed check
+    (root / "maildirsize").write_text("1048576S\n0 0\n")  # the racing rewrite
+    await asyncio.gather(*runner.restorer._later)  # the delayed check
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
     (root / "maildirsize").write_text("1048576S\n0 0\n")
-    assert (await runner.run("trash")).errors == 0                  # every run checks too
+    assert (await runner.run("trash")).errors == 0  # every run checks too
     assert (root / "maildirsize").read_text().startswith("52428800S\n")
-    (root / "maildirsize").write_text("2097152S\n0 0\n")            # the operator's change
+    (root / "maildirsize").write_text("2097152S\n0 0\n")  # the operator's change
     await runner.run("trash")
     assert (root / "maildirsize").read_text().startswith("2097152S\n")
 
 
 async def test_a_login_while_a_run_holds_the_mailbox_restores_when_it_is_free(
-        tmp_path, mail, store, monkeypatch):
+    tmp_path, mail, store, monkeypatch
+):
     monkeypatch.setattr(restore, "RESTORE_RETRY", 0.01)
     monkeypatch.setattr(restore, "VERIFY_AFTER", (0.0,))
     cfg = dataclasses.replace(retention(keydata_config(tmp_path, mail)), lock_timeout=0.0)
@@ -363,7 +402,7 @@ async def test_a_login_while_a_run_holds_the_mailbox_restores_when_it_is_free(
     held.acquire()
     try:
         await runner.on_access([("root@hosted.example", now, "pop3")], background=True)
-        await asyncio.sleep(0.05)              # a few attempts, all refused by the lock
+        await asyncio.sleep(0.05)  # a few attempts, all refused by the lock
         assert (await state.mailbox(store, "root@hosted.example")).quota_state == "shrunk"
     finally:
         held.release()
@@ -408,7 +447,7 @@ async def test_every_decision_is_one_greppable_log_line(tmp_path, mail, store, c
     # a grep for what was deleted finds only the real runs' lines
     assert all("dry_run=no" in line for line in lines if "deleted=" in line), lines
     assert all(line.startswith("retention: ") for line in lines)
-    assert not any("xxxx" in line for line in lines)             # never message content
+    assert not any("xxxx" in line for line in lines)  # never message content
 
 
 # --------------------------------------------------------------------------- trim (CT)
@@ -442,27 +481,30 @@ async def test_trim_deletes_oldest_first_down_to_the_size_but_not_young_mail(tmp
     assert sent.exists()
     msgs.append(add_msg(mb, size=100 * 1024, mtime=now - 8 * DAY))
     rep = await Runner(cfg, store, clock=Clock(now)).run("pop3-trim")
-    assert rep.deleted == 0                          # over 500k, but all younger than 14 days
+    assert rep.deleted == 0  # over 500k, but all younger than 14 days
 
 
 # --------------------------------------------------------------------------- safety
+
 
 async def test_symlinks_tmp_and_dotfiles_are_never_touched(tmp_path, mail, store):
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     outside = make_maildir(tmp_path / "outside", ("Trash",))
-    precious = [add_msg(outside, "INBOX", mtime=now - 900 * DAY),
-                add_msg(outside, "Trash", mtime=now - 900 * DAY)]
+    precious = [
+        add_msg(outside, "INBOX", mtime=now - 900 * DAY),
+        add_msg(outside, "Trash", mtime=now - 900 * DAY),
+    ]
     mb = box(mail, "bob", ())
-    os.symlink(outside / ".Trash", mb / ".Trash")                # symlinked folder
-    os.symlink(precious[0], mb / "cur" / "1.evil,S=1:2,S")        # symlinked message
-    os.symlink(outside / "cur", mb / ".Sent")                     # not even a maildir
+    os.symlink(outside / ".Trash", mb / ".Trash")  # symlinked folder
+    os.symlink(precious[0], mb / "cur" / "1.evil,S=1:2,S")  # symlinked message
+    os.symlink(outside / "cur", mb / ".Sent")  # not even a maildir
     tmpmsg = add_msg(mb, sub="tmp", mtime=now - 900 * DAY)
     dot = mb / "new" / ".old"
     dot.write_bytes(b"x")
     os.utime(dot, (now - 900 * DAY,) * 2)
     evil_user = mail / "hosted.example" / "mallory"
-    os.symlink(outside.parent, evil_user)                          # symlinked user directory
+    os.symlink(outside.parent, evil_user)  # symlinked user directory
     await state.first_seen(store, ["bob@hosted.example", "mallory@hosted.example"], now - 100 * DAY)
     runner = Runner(cfg, store, clock=Clock(now + 30 * DAY))
     for rule in ("trash", "idle", "shrink"):
@@ -471,7 +513,9 @@ async def test_symlinks_tmp_and_dotfiles_are_never_touched(tmp_path, mail, store
     assert all(p.exists() for p in precious) and tmpmsg.exists() and dot.exists()
 
 
-async def test_a_file_renamed_meanwhile_is_vanished_not_an_error(tmp_path, mail, store, monkeypatch):
+async def test_a_file_renamed_meanwhile_is_vanished_not_an_error(
+    tmp_path, mail, store, monkeypatch
+):
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     mb = box(mail, "bob")
@@ -482,7 +526,7 @@ async def test_a_file_renamed_meanwhile_is_vanished_not_an_error(tmp_path, mail,
 
     def plan_then_flag_change(*args, **kw):
         victims = real_plan(*args, **kw)
-        os.rename(a, a.with_name(a.name + "T"))         # a client sets a flag
+        os.rename(a, a.with_name(a.name + "T"))  # a client sets a flag
         return victims
 
     monkeypatch.setattr(sweep, "plan", plan_then_flag_change)
@@ -501,9 +545,10 @@ async def test_an_access_during_the_run_spares_the_mailbox(tmp_path, mail, store
     loop = asyncio.get_running_loop()
 
     def progress(done, total):
-        if done == 1:        # b logs in after the run read the accesses, before its turn
+        if done == 1:  # b logs in after the run read the accesses, before its turn
             asyncio.run_coroutine_threadsafe(
-                state.record_access(store, [("b@hosted.example", now - 1, "imap")]), loop).result()
+                state.record_access(store, [("b@hosted.example", now - 1, "imap")]), loop
+            ).result()
 
     rep = await Runner(cfg, store, clock=Clock(now)).run("idle", on_progress=progress)
     assert (rep.deleted, rep.skipped) == (1, 1)
@@ -543,8 +588,11 @@ async def test_one_run_per_rule_at_a_time(tmp_path, mail, store):
 async def test_root_rules_do_not_run_without_the_list_of_root_mailboxes(tmp_path, mail, store):
     from .helpers import write_config
 
-    body = (keydata_config(tmp_path, mail).read_text()
-            .replace('root_mailboxes = ["root@*"]', f'root_mailboxes_file = "{tmp_path}/missing"'))
+    body = (
+        keydata_config(tmp_path, mail)
+        .read_text()
+        .replace('root_mailboxes = ["root@*"]', f'root_mailboxes_file = "{tmp_path}/missing"')
+    )
     cfg = retention(write_config(tmp_path, body))
     with pytest.raises(RunError, match="root mailboxes"):
         await Runner(cfg, store).run("shrink")
@@ -566,7 +614,7 @@ async def test_user_option(tmp_path, mail, store):
 
 
 async def test_unchanged_directories_are_not_read_again(tmp_path, mail, store, monkeypatch):
-    monkeypatch.setattr(sweep, "RACY_SECONDS", -1.0)      # test dirs are only milliseconds old
+    monkeypatch.setattr(sweep, "RACY_SECONDS", -1.0)  # test dirs are only milliseconds old
     cfg = retention(keydata_config(tmp_path, mail))
     now = 2e9
     mb = box(mail, "bob", ("Trash", "Sent"))
@@ -578,7 +626,7 @@ async def test_unchanged_directories_are_not_read_again(tmp_path, mail, store, m
     assert (first.scanned, first.deleted) == (40, 0)
     second = await runner.run("idle")
     assert (second.scanned, second.deleted) == (0, 0) and second.cached_dirs >= 3
-    late = add_msg(mb, "Sent", mtime=now - 95 * DAY)            # changes Sent/cur only
+    late = add_msg(mb, "Sent", mtime=now - 95 * DAY)  # changes Sent/cur only
     third = await runner.run("idle")
     assert third.deleted == 1 and not late.exists()
     assert 0 < third.scanned < 40
@@ -652,12 +700,16 @@ async def test_a_run_killed_at_any_point_is_finished_consistently(tmp_path, mail
     await state.first_seen(store, ["bob@hosted.example"], now - 100 * DAY)
     await store.close()
     script = CRASH.format(tests=str(REPO / "tests"), cfg=str(cfg_path), db=db, now=now)
-    proc = subprocess.run([sys.executable, "-c", script, point, str(n)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, point, str(n)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 9, proc.stderr
 
     store = await open_store(db, str(cfg_path))
     try:
-        pending = await store.fetchall("SELECT count(*) FROM retention_deletions WHERE status='pending'")
+        pending = await store.fetchall(
+            "SELECT count(*) FROM retention_deletions WHERE status='pending'"
+        )
         assert pending[0][0] == 6
         rep = await Runner(retention(cfg_path), store, clock=Clock(now)).run("idle")
         assert rep.errors == 0
@@ -665,7 +717,8 @@ async def test_a_run_killed_at_any_point_is_finished_consistently(tmp_path, mail
         md = quota.parse((mb / "maildirsize").read_text())
         assert (md.usage_bytes, md.usage_count) == (2000, 2)
         statuses = await store.fetchall(
-            "SELECT status, count(*) FROM retention_deletions GROUP BY status ORDER BY status")
+            "SELECT status, count(*) FROM retention_deletions GROUP BY status ORDER BY status"
+        )
         done = dict(statuses)
         assert "pending" not in done
         assert done.get("gone", 0) == (n if point == "unlink" else 6)
@@ -679,14 +732,26 @@ async def test_a_run_killed_at_any_point_is_finished_consistently(tmp_path, mail
 
 # --------------------------------------------------------------------------- property
 
-message = st.tuples(st.sampled_from(["INBOX", "Trash", "Sent", "Deleted Items", "A/B"]),
-                    st.integers(0, 200), st.integers(1, 3000), st.sampled_from(["cur", "new"]))
+message = st.tuples(
+    st.sampled_from(["INBOX", "Trash", "Sent", "Deleted Items", "A/B"]),
+    st.integers(0, 200),
+    st.integers(1, 3000),
+    st.sampled_from(["cur", "new"]),
+)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(msgs=st.lists(message, max_size=25), idle_days=st.integers(0, 120),
-       layout=st.sampled_from(LAYOUTS), max_size=st.integers(0, 20000))
-def test_property_exactly_the_expected_files_go(tmp_path_factory, msgs, idle_days, layout, max_size):
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    msgs=st.lists(message, max_size=25),
+    idle_days=st.integers(0, 120),
+    layout=st.sampled_from(LAYOUTS),
+    max_size=st.integers(0, 20000),
+)
+def test_property_exactly_the_expected_files_go(
+    tmp_path_factory, msgs, idle_days, layout, max_size
+):
     tmp = tmp_path_factory.mktemp("prop")
     mail = tmp / "vmail"
     extra = f"""
@@ -699,13 +764,17 @@ max_size = {max_size}
     cfg = retention(_with_extra_rule(tmp, mail, layout, extra))
     now = 2e9
     mb = box(mail, "u", ("Trash", "Sent", "Deleted Items", "A/B"), layout)
-    made = [(add_msg(mb, f, size=size, mtime=now - age * DAY - 1, sub=sub, layout=layout), f, age, size)
-            for f, age, size, sub in msgs]
+    made = [
+        (add_msg(mb, f, size=size, mtime=now - age * DAY - 1, sub=sub, layout=layout), f, age, size)
+        for f, age, size, sub in msgs
+    ]
     idle = idle_days > 60
-    expect_idle = {p for p, _f, age, _s in made if idle and age >= 90}     # mtime is 1 s older
+    expect_idle = {p for p, _f, age, _s in made if idle and age >= 90}  # mtime is 1 s older
     remaining = [(p, f, age, s) for p, f, age, s in made if p not in expect_idle]
-    trim_pool = sorted([m for m in remaining if m[1] in ("INBOX", "Sent")],
-                       key=lambda m: (os.stat(m[0]).st_mtime, m[1], m[0].parent.name, m[0].name))
+    trim_pool = sorted(
+        [m for m in remaining if m[1] in ("INBOX", "Sent")],
+        key=lambda m: (os.stat(m[0]).st_mtime, m[1], m[0].parent.name, m[0].name),
+    )
     usage = sum(m[3] for m in trim_pool)
     expect_trim = set()
     for p, _f, _a, s in trim_pool:
@@ -740,4 +809,3 @@ def _with_extra_rule(tmp, mail, layout, extra):
     p = keydata_config(tmp, mail, layout)
     p.write_text(p.read_text() + extra)
     return p
-

@@ -23,13 +23,16 @@ from maild.retention.maildir import (
 from .helpers import DAY, add_msg, make_maildir
 
 
-@pytest.mark.parametrize("decoded, encoded", [
-    ("INBOX", "INBOX"),
-    ("Gelöschte Elemente", "Gel&APY-schte Elemente"),
-    ("Tom & Jerry", "Tom &- Jerry"),
-    ("台北", "&U,BTFw-"),
-    ("~peter/mail/日本語", "~peter/mail/&ZeVnLIqe-"),
-])
+@pytest.mark.parametrize(
+    "decoded, encoded",
+    [
+        ("INBOX", "INBOX"),
+        ("Gelöschte Elemente", "Gel&APY-schte Elemente"),
+        ("Tom & Jerry", "Tom &- Jerry"),
+        ("台北", "&U,BTFw-"),
+        ("~peter/mail/日本語", "~peter/mail/&ZeVnLIqe-"),
+    ],
+)
 def test_modified_utf7_vectors(decoded, encoded):
     assert mutf7.encode(decoded) == encoded
     assert mutf7.decode(encoded) == decoded
@@ -55,31 +58,40 @@ def _names(path, layout):
 
 def test_maildirpp_folders(tmp_path):
     mb = make_maildir(tmp_path / "m", ("Trash", "Deleted Items", "Archive/2024", "Gelöschte"))
-    (mb / ".NotAFolder").mkdir()               # no cur/ or new/: not a folder
+    (mb / ".NotAFolder").mkdir()  # no cur/ or new/: not a folder
     (mb / "dovecot.index").write_bytes(b"")
     assert _names(mb, "maildir++") == {
-        ("INBOX", ()), ("Trash", (".Trash",)), ("Deleted Items", (".Deleted Items",)),
-        ("Archive/2024", (".Archive.2024",)), ("Gelöschte", (".Gel&APY-schte",))}
+        ("INBOX", ()),
+        ("Trash", (".Trash",)),
+        ("Deleted Items", (".Deleted Items",)),
+        ("Archive/2024", (".Archive.2024",)),
+        ("Gelöschte", (".Gel&APY-schte",)),
+    }
 
 
 def test_folders_filtered_by_want(tmp_path):
     """A rule lists only the folders it reads (the others are not even opened)."""
     mb = make_maildir(tmp_path / "m", ("Trash", "Sent", "Gelöschte"))
-    (mb / ".Junk").mkdir()                     # wanted, but no cur/ or new/: not a folder
+    (mb / ".Junk").mkdir()  # wanted, but no cur/ or new/: not a folder
     fd = open_root(str(mb))
     try:
         got = list_folders(fd, "maildir++", want=lambda n: n in ("Trash", "Gelöschte", "Junk"))
         assert {(f.name, f.rel) for f in got} == {
-            ("Trash", (".Trash",)), ("Gelöschte", (".Gel&APY-schte",))}
-        assert [f.name for f in list_folders(fd, "maildir++", want=lambda n: n == "INBOX")] \
-            == ["INBOX"]
+            ("Trash", (".Trash",)),
+            ("Gelöschte", (".Gel&APY-schte",)),
+        }
+        assert [f.name for f in list_folders(fd, "maildir++", want=lambda n: n == "INBOX")] == [
+            "INBOX"
+        ]
     finally:
         os.close(fd)
     fs = make_maildir(tmp_path / "f", ("Trash", "Archive/2024"), layout="fs")
     fd = open_root(str(fs))
     try:
-        assert [f.name for f in list_folders(fd, "fs", want=lambda n: n != "INBOX")] \
-            == ["Archive/2024", "Trash"]
+        assert [f.name for f in list_folders(fd, "fs", want=lambda n: n != "INBOX")] == [
+            "Archive/2024",
+            "Trash",
+        ]
     finally:
         os.close(fd)
 
@@ -87,8 +99,11 @@ def test_folders_filtered_by_want(tmp_path):
 def test_fs_layout_folders(tmp_path):
     mb = make_maildir(tmp_path / "m", ("Trash", "Archive/2024", "Archive/2024/Q1"), layout="fs")
     assert _names(mb, "fs") == {
-        ("INBOX", ()), ("Trash", ("Trash",)), ("Archive/2024", ("Archive", "2024")),
-        ("Archive/2024/Q1", ("Archive", "2024", "Q1"))}
+        ("INBOX", ()),
+        ("Trash", ("Trash",)),
+        ("Archive/2024", ("Archive", "2024")),
+        ("Archive/2024/Q1", ("Archive", "2024", "Q1")),
+    }
 
 
 def test_symlinked_folder_is_not_a_folder(tmp_path):
@@ -143,23 +158,29 @@ def test_symlinked_cur_is_not_followed(tmp_path):
     assert _scan(mb) is None
 
 
-@pytest.mark.parametrize("name, st_size, expected", [
-    ("1.M1P1.host,S=1234:2,S", 9, 1234),
-    ("1.M1P1.host,S=1234,W=1260:2,S", 9, 1234),
-    ("1.M1P1.host,S=1234", 9, 1234),
-    ("1.M1P1.host:2,S", 9, 9),
-    ("1.M1P1.host,S=12x4:2,", 9, 9),
-    ("1.M1P1.host,S=:2,", 9, 9),
-])
+@pytest.mark.parametrize(
+    "name, st_size, expected",
+    [
+        ("1.M1P1.host,S=1234:2,S", 9, 1234),
+        ("1.M1P1.host,S=1234,W=1260:2,S", 9, 1234),
+        ("1.M1P1.host,S=1234", 9, 1234),
+        ("1.M1P1.host:2,S", 9, 9),
+        ("1.M1P1.host,S=12x4:2,", 9, 9),
+        ("1.M1P1.host,S=:2,", 9, 9),
+    ],
+)
 def test_message_size_as_the_quota_counts_it(name, st_size, expected):
     assert message_size(name, st_size) == expected
 
 
-@pytest.mark.parametrize("name, st_size, expected", [
-    ("1.M1P1.host,S=1234:2,S", 9, 1234),
-    ("1.M1P1.host,S=12x4:2,", 9, 9),
-    ("1.M1P1.host,S=:2,S=77", 9, 77),
-])
+@pytest.mark.parametrize(
+    "name, st_size, expected",
+    [
+        ("1.M1P1.host,S=1234:2,S", 9, 1234),
+        ("1.M1P1.host,S=12x4:2,", 9, 9),
+        ("1.M1P1.host,S=:2,S=77", 9, 77),
+    ],
+)
 def test_scan_reads_sizes_as_message_size(tmp_path, name, st_size, expected):
     """scan_dir parses ",S=" inline (per-file speed); it must agree with message_size."""
     mb = make_maildir(tmp_path / "m")
@@ -192,7 +213,7 @@ def test_unlink_of_a_renamed_file_is_vanished_not_an_error(tmp_path):
     p = add_msg(mb)
     (f,) = _scan(mb)[1]
     renamed = p.with_name(p.name + "T")
-    os.rename(p, renamed)                       # a flag change
+    os.rename(p, renamed)  # a flag change
     assert _unlink(mb, f) == "vanished"
     assert renamed.exists()
 
@@ -204,11 +225,11 @@ def test_unlink_never_deletes_a_replaced_file(tmp_path):
     p.unlink()
     target = tmp_path / "precious"
     target.write_bytes(b"y")
-    os.symlink(target, p)                        # the name now points elsewhere
+    os.symlink(target, p)  # the name now points elsewhere
     assert _unlink(mb, f) == "changed"
     assert target.exists() and os.path.islink(p)
     os.unlink(p)
-    p.write_bytes(b"new")                        # same name, another inode
+    p.write_bytes(b"new")  # same name, another inode
     assert _unlink(mb, f) == "changed"
     assert p.exists()
 

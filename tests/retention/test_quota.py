@@ -24,9 +24,14 @@ def root(tmp_path):
 def test_parse_limits_and_usage():
     md = quota.parse("1048576S,1000C\n500 2\n-100 -1\n300 1\n")
     assert (md.bytes_limit, md.count_limit, md.usage_bytes, md.usage_count, md.usage_lines) == (
-        1048576, 1000, 700, 2, 3)
+        1048576,
+        1000,
+        700,
+        2,
+        3,
+    )
     assert quota.parse("0S\n0 0\n").bytes_limit == 0
-    unfinished = quota.parse("100S\n10 1\n99")          # an append in progress
+    unfinished = quota.parse("100S\n10 1\n99")  # an append in progress
     assert unfinished.usage_bytes == 10
 
 
@@ -66,7 +71,7 @@ def test_rewrites_keep_owner_and_mode(root):
     st = os.stat(p)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (MAILUID, MAILUID, 0o600)
     p.unlink()
-    quota.set_limit(fd, "50S", (1, 1))            # a new file: owned like the mailbox
+    quota.set_limit(fd, "50S", (1, 1))  # a new file: owned like the mailbox
     st = os.stat(p)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (MAILUID, MAILUID, 0o600)
     assert quota.save_original(fd, "100S") == "100S"
@@ -105,7 +110,7 @@ def test_original_is_recorded_once(root):
     d, fd = root
     assert quota.read_original(fd) is None
     assert quota.save_original(fd, "104857600S") == "104857600S"
-    assert quota.save_original(fd, "1048576S") == "104857600S"     # never overwritten
+    assert quota.save_original(fd, "1048576S") == "104857600S"  # never overwritten
     assert quota.read_original(fd) == "104857600S"
     quota.drop_original(fd)
     assert quota.read_original(fd) is None
@@ -118,11 +123,13 @@ def test_userdb_file_lines_and_restore(tmp_path):
     u.ensure()
     assert path.exists() and u.read() == {}
     assert u.set("alice@example.com", 1048576)
-    assert not u.set("alice@example.com", 1048576)         # no change, no rewrite
+    assert not u.set("alice@example.com", 1048576)  # no change, no rewrite
     assert u.set("bob@example.com", 2048)
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    assert lines == ["alice@example.com:::::::userdb_quota_rule=*:bytes=1048576",
-                     "bob@example.com:::::::userdb_quota_rule=*:bytes=2048"]
+    assert lines == [
+        "alice@example.com:::::::userdb_quota_rule=*:bytes=1048576",
+        "bob@example.com:::::::userdb_quota_rule=*:bytes=2048",
+    ]
     assert u.limit("alice@example.com") == 1048576
     assert u.remove("alice@example.com")
     assert not u.remove("alice@example.com")
@@ -135,7 +142,7 @@ def test_userdb_file_mtime_always_moves_forward(tmp_path):
     u = quota.UserdbOverrides(str(path))
     u.set("a@x", 1)
     stamps = [int(os.stat(path).st_mtime)]
-    for n in range(2, 6):                    # same size each time, within one second
+    for n in range(2, 6):  # same size each time, within one second
         u.set("a@x", n)
         stamps.append(int(os.stat(path).st_mtime))
     assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))

@@ -13,7 +13,7 @@ from .helpers import DAY, add_msg, keydata_config, make_maildir, write_config
 
 
 async def test_without_retention_start_does_nothing(tmp_path, store):
-    cfg = write_config(tmp_path, "[server]\nhostname = \"mx.example\"\n")
+    cfg = write_config(tmp_path, '[server]\nhostname = "mx.example"\n')
     svc = RetentionService(load(cfg), store)
     await svc.start()
     assert svc.scheduler is None and svc.tracker is None
@@ -22,8 +22,11 @@ async def test_without_retention_start_does_nothing(tmp_path, store):
 
 async def test_one_job_per_scheduled_rule(tmp_path, mail, store):
     path = keydata_config(tmp_path, mail)
-    path.write_text(path.read_text().replace('name = "shrink"', 'name = "shrink"\nschedule = "manual"')
-                    .replace("[retention]\n", '[retention]\ndaily_at = "04:05"\n', 1))
+    path.write_text(
+        path.read_text()
+        .replace('name = "shrink"', 'name = "shrink"\nschedule = "manual"')
+        .replace("[retention]\n", '[retention]\ndaily_at = "04:05"\n', 1)
+    )
     svc = RetentionService(load(path), store)
     await svc.start()
     try:
@@ -68,7 +71,7 @@ async def test_a_missed_run_is_caught_up_only_if_the_rule_ran_before(tmp_path, m
     try:
         ids = {j for j, _ in svc.jobs()}
         assert "retention-catch-up:trash" in ids
-        assert "retention-catch-up:idle" not in ids           # never ran: waits for its schedule
+        assert "retention-catch-up:idle" not in ids  # never ran: waits for its schedule
     finally:
         await svc.stop()
 
@@ -95,7 +98,7 @@ async def test_a_scheduled_job_runs_the_rule_and_never_raises(tmp_path, mail, st
     svc = RetentionService(load(path), store)
     await svc._job("trash", "schedule")
     assert (await state.last_runs(store))["trash"]["status"] == "done"
-    await svc._job("no-such-rule", "schedule")                  # logged, not raised
+    await svc._job("no-such-rule", "schedule")  # logged, not raised
 
 
 async def test_a_login_in_the_log_restores_a_shrunk_quota_at_once(tmp_path, mail, store):
@@ -113,8 +116,10 @@ async def test_a_login_in_the_log_restores_a_shrunk_quota_at_once(tmp_path, mail
     await svc.start()
     try:
         with open(log, "a") as f:
-            f.write(time.strftime("%b %d %H:%M:%S") + " imap-login: Info: Login: "
-                    "user=<root@hosted.example>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1\n")
+            f.write(
+                time.strftime("%b %d %H:%M:%S") + " imap-login: Info: Login: "
+                "user=<root@hosted.example>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1\n"
+            )
 
         async def restored():
             row = await state.mailbox(store, "root@hosted.example")

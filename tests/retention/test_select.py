@@ -41,9 +41,18 @@ def test_inbox_star_percent_and_exclude():
     assert [f for f in FOLDERS if match("inbox")(f)] == ["INBOX"]
     assert all(match("*")(f) for f in FOLDERS)
     assert [f for f in FOLDERS if match("Trash/*")(f)] == ["Trash/Old"]
-    assert [f for f in FOLDERS if match("%")(f)] == ["INBOX", "Trash", "Deleted Items", "Sent", "trash"]
+    assert [f for f in FOLDERS if match("%")(f)] == [
+        "INBOX",
+        "Trash",
+        "Deleted Items",
+        "Sent",
+        "trash",
+    ]
     assert [f for f in FOLDERS if match("*", exclude=("\\Trash", "Sent"))(f)] == [
-        "INBOX", "Trash/Old", "Archive/2019"]
+        "INBOX",
+        "Trash/Old",
+        "Archive/2019",
+    ]
     assert [f for f in FOLDERS if match("Archive/2019")(f)] == ["Archive/2019"]
 
 
@@ -68,9 +77,17 @@ def test_exactly_at_the_age_is_not_yet_expired():
 
 times = st.floats(min_value=NOW - 400 * DAY, max_value=NOW, allow_nan=False)
 files_st = st.lists(
-    st.builds(lambda folder, m, c, size, i: msg(folder, mtime=m, ctime=c, size=size, name=f"f{i}"),
-              st.sampled_from(FOLDERS), times, times, st.integers(0, 5000), st.integers()),
-    max_size=60, unique_by=lambda f: f.name)
+    st.builds(
+        lambda folder, m, c, size, i: msg(folder, mtime=m, ctime=c, size=size, name=f"f{i}"),
+        st.sampled_from(FOLDERS),
+        times,
+        times,
+        st.integers(0, 5000),
+        st.integers(),
+    ),
+    max_size=60,
+    unique_by=lambda f: f.name,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,8 +98,12 @@ def test_expired_is_exactly_the_older_files(files, age_by, age):
 
 
 @settings(max_examples=200, deadline=None)
-@given(files_st, st.integers(0, 100_000), st.sampled_from(["saved", "received"]),
-       st.one_of(st.none(), st.floats(1, 100 * DAY)))
+@given(
+    files_st,
+    st.integers(0, 100_000),
+    st.sampled_from(["saved", "received"]),
+    st.one_of(st.none(), st.floats(1, 100 * DAY)),
+)
 def test_oldest_until_is_minimal_oldest_first_and_respects_min_age(files, limit, age_by, min_age):
     usage = sum(f.size for f in files)
     got = oldest_until(files, usage, limit, age_by, min_age, NOW)
@@ -104,25 +125,35 @@ def test_oldest_until_is_minimal_oldest_first_and_respects_min_age(files, limit,
 
 def test_shrink_counts_every_counted_folder_and_deletes_only_selected_counted_ones():
     rule = RetentionRule(name="s", action="shrink", folders=("INBOX",), idle=DAY, quota=250)
-    files = [msg("INBOX", mtime=NOW - 3 * DAY, size=100), msg("INBOX", mtime=NOW - 1 * DAY, size=100),
-             msg("Trash", mtime=NOW - 9 * DAY, size=100)]
+    files = [
+        msg("INBOX", mtime=NOW - 3 * DAY, size=100),
+        msg("INBOX", mtime=NOW - 1 * DAY, size=100),
+        msg("Trash", mtime=NOW - 9 * DAY, size=100),
+    ]
     counted_all = quota_counts(STORE, ())
     got = plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=counted_all)
-    assert got == [files[0]]                      # 300 > 250: the oldest INBOX message
-    courier = quota_counts(STORE, ("Trash",))      # Trash not counted: 200 <= 250
+    assert got == [files[0]]  # 300 > 250: the oldest INBOX message
+    courier = quota_counts(STORE, ("Trash",))  # Trash not counted: 200 <= 250
     assert plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=courier) == []
 
 
 def test_trim_counts_only_its_folders():
     rule = RetentionRule(name="t", action="trim", folders=("INBOX",), max_size=100)
-    files = [msg("INBOX", mtime=NOW - 5 * DAY, size=80), msg("INBOX", mtime=NOW - 2 * DAY, size=80),
-             msg("Sent", mtime=NOW - 9 * DAY, size=5000)]
-    got = plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ()))
+    files = [
+        msg("INBOX", mtime=NOW - 5 * DAY, size=80),
+        msg("INBOX", mtime=NOW - 2 * DAY, size=80),
+        msg("Sent", mtime=NOW - 9 * DAY, size=5000),
+    ]
+    got = plan(
+        rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ())
+    )
     assert got == [files[0]]
 
 
 def test_delete_plan_takes_only_selected_folders():
     rule = RetentionRule(name="d", folders=("\\Trash",), age=7 * DAY, age_by="saved")
     files = [msg("Trash", ctime=NOW - 8 * DAY), msg("INBOX", ctime=NOW - 8 * DAY)]
-    got = plan(rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ()))
+    got = plan(
+        rule, files, NOW, selected=folder_matcher(rule, STORE), counted=quota_counts(STORE, ())
+    )
     assert got == [files[0]]

@@ -19,8 +19,7 @@ class Clock:
 
 
 def limits(**kw: object):
-    return parse({"postmaster": {"domains": ["h.example"]},
-                  "server": {"limits": kw}}).server.limits
+    return parse({"postmaster": {"domains": ["h.example"]}, "server": {"limits": kw}}).server.limits
 
 
 @pytest.fixture
@@ -28,10 +27,12 @@ def clock() -> Clock:
     return Clock()
 
 
-def admit(adm: Admission, addr: str, events: list, *, reserved: bool = False,
-          exempt: bool = False) -> Slot | Refusal:
-    return adm.admit(addr, reserved=reserved, exempt=exempt,
-                     notify=lambda e, a=addr: events.append((a, e)))
+def admit(
+    adm: Admission, addr: str, events: list, *, reserved: bool = False, exempt: bool = False
+) -> Slot | Refusal:
+    return adm.admit(
+        addr, reserved=reserved, exempt=exempt, notify=lambda e, a=addr: events.append((a, e))
+    )
 
 
 def test_per_client_count_and_trusted_exempt(clock):
@@ -74,8 +75,9 @@ def test_refusals_are_logged_once_per_client_per_minute(clock):
 
 
 def test_reserved_share_keeps_customers_in_when_strangers_fill_theirs(clock):
-    adm = Admission(limits(max_sessions=10, reserved_sessions=3, max_sessions_per_ip=100),
-                    clock=clock)
+    adm = Admission(
+        limits(max_sessions=10, reserved_sessions=3, max_sessions_per_ip=100), clock=clock
+    )
     ev: list = []
     strangers = [admit(adm, f"198.51.100.{i}", ev) for i in range(7)]
     assert all(isinstance(s, Slot) for s in strangers)
@@ -150,8 +152,10 @@ def test_no_stranger_idle_long_enough_means_refusal(clock):
 
 
 def test_stress_shrinks_strangers_timeouts_and_logs_start_and_end(clock, caplog):
-    adm = Admission(limits(max_sessions=8, reserved_sessions=4, command_timeout="5m",
-                           data_timeout="10m"), clock=clock)
+    adm = Admission(
+        limits(max_sessions=8, reserved_sessions=4, command_timeout="5m", data_timeout="10m"),
+        clock=clock,
+    )
     ev: list = []
     caplog.set_level(logging.INFO, "maild.smtp")
     cust = admit(adm, "192.0.2.1", ev, reserved=True)
@@ -183,8 +187,14 @@ def test_limits_are_checked_by_check_config():
     from maild.config import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        limits(max_sessions=10, reserved_sessions=10, downstream_connections=5,
-               downstream_reserved=5, memory_in_flight="1MB", spool_threshold="2MB")
+        limits(
+            max_sessions=10,
+            reserved_sessions=10,
+            downstream_connections=5,
+            downstream_reserved=5,
+            memory_in_flight="1MB",
+            spool_threshold="2MB",
+        )
     text = str(e.value)
     assert "reserved_sessions = 10: expected fewer than max_sessions (10)" in text
     assert "downstream_reserved = 5: expected fewer than downstream_connections (5)" in text

@@ -13,7 +13,7 @@ HEADER = b"From: a@example.org\r\nSubject: x\r\n\r\n"
 
 def feed(sink, data: bytes, block: int = 1000) -> None:
     for i in range(0, len(data), block):
-        sink.extend(memoryview(data)[i:i + block])
+        sink.extend(memoryview(data)[i : i + block])
 
 
 def test_a_small_message_stays_in_ram_and_is_charged_until_closed(tmp_path: Path):

@@ -49,7 +49,7 @@ class FakeServer:
             data, pending = pending + reply, b""
             step = self.chunk or len(data)
             for i in range(0, len(data), step):
-                writer.write(data[i:i + step])
+                writer.write(data[i : i + step])
                 await writer.drain()
                 await asyncio.sleep(0)
             if key == b"QUIT":
@@ -68,9 +68,15 @@ async def _pair(server: FakeServer):
 
 @pytest.mark.parametrize("chunk, together", [(0, False), (0, True), (1, False), (7, True)])
 async def test_pipelined_replies_are_paired_in_order(chunk, together):
-    server = FakeServer({b"EHLO": EHLO, b"XFORWARD": b"250 2.0.0 xf ok\r\n",
-                         b"MAIL": b"250-2.1.0 sender\r\n250 2.1.0 Ok\r\n"},
-                        chunk=chunk, together=together)
+    server = FakeServer(
+        {
+            b"EHLO": EHLO,
+            b"XFORWARD": b"250 2.0.0 xf ok\r\n",
+            b"MAIL": b"250-2.1.0 sender\r\n250 2.1.0 Ok\r\n",
+        },
+        chunk=chunk,
+        together=together,
+    )
     srv, ds = await _pair(server)
     try:
         conn, pooled = await ds.acquire()

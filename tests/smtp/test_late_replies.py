@@ -13,16 +13,25 @@ from maild.smtp.proxy import LateReplies, message_id
 CONFIG = parse({"postmaster": {"domains": ["hosted.example"]}})
 
 
-def key(content: bytes, sender: str = "<s@outside.example>",
-        rcpts: tuple[str, ...] = ("<a@hosted.example>", "<b@hosted.example>")) -> str:
-    ctx = Context(config=CONFIG, session_id="TEST", client=Client(addr="192.0.2.7"),
-                  sender=parse_path(sender), recipients=[parse_path(r) for r in rcpts])
+def key(
+    content: bytes,
+    sender: str = "<s@outside.example>",
+    rcpts: tuple[str, ...] = ("<a@hosted.example>", "<b@hosted.example>"),
+) -> str:
+    ctx = Context(
+        config=CONFIG,
+        session_id="TEST",
+        client=Client(addr="192.0.2.7"),
+        sender=parse_path(sender),
+        recipients=[parse_path(r) for r in rcpts],
+    )
     ctx.message = Message(content)
     return LateReplies.key(ctx)
 
 
-def msg(date: str, msgid: str | None = "<1234.abc@outside.example>", body: bytes = b"hi\r\n"
-        ) -> bytes:
+def msg(
+    date: str, msgid: str | None = "<1234.abc@outside.example>", body: bytes = b"hi\r\n"
+) -> bytes:
     head = f"From: s@outside.example\r\nDate: {date}\r\nSubject: news\r\n"
     if msgid is not None:
         head += f"Message-ID: {msgid}\r\n"
@@ -38,11 +47,14 @@ def test_a_rebuilt_retry_with_the_same_message_id_is_the_same_message():
     assert key(msg(FIRST)) == key(msg(RETRY), rcpts=("<b@hosted.example>", "<a@hosted.example>"))
 
 
-@pytest.mark.parametrize("other", [
-    {"sender": "<t@outside.example>"},
-    {"rcpts": ("<a@hosted.example>",)},
-    {"rcpts": ("<a@hosted.example>", "<b@hosted.example>", "<c@hosted.example>")},
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"sender": "<t@outside.example>"},
+        {"rcpts": ("<a@hosted.example>",)},
+        {"rcpts": ("<a@hosted.example>", "<b@hosted.example>", "<c@hosted.example>")},
+    ],
+)
 def test_another_envelope_is_another_message(other):
     assert key(msg(FIRST)) != key(msg(FIRST), **other)
 
@@ -51,8 +63,9 @@ def test_another_message_id_is_another_message():
     assert key(msg(FIRST)) != key(msg(FIRST, msgid="<1235.abc@outside.example>"))
 
 
-@pytest.mark.parametrize("msgid", [None, "", "no-brackets@outside.example",
-                                   "<a@b> <c@d>", "(comment) <a@b>"])
+@pytest.mark.parametrize(
+    "msgid", [None, "", "no-brackets@outside.example", "<a@b> <c@d>", "(comment) <a@b>"]
+)
 def test_without_a_plain_message_id_the_content_identifies_it(msgid):
     """Byte-identical retries still match; a changed one does not (the window that
     remains, docs/reliability.md)."""

@@ -6,11 +6,14 @@ from maild.smtp.own_headers import customer_header, header_line, strip_own_heade
 
 
 def test_strip_removes_forged_maild_headers_with_continuations():
-    msg = (b"From: a@b.example\r\nX-Maild-Customer: bank\r\n\t(by login ceo)\r\n"
-           b"x-maild-verdict: pass\r\nSubject: hi\r\n\tthere\r\n\r\nX-Maild-Customer: in body stays\r\n")
+    msg = (
+        b"From: a@b.example\r\nX-Maild-Customer: bank\r\n\t(by login ceo)\r\n"
+        b"x-maild-verdict: pass\r\nSubject: hi\r\n\tthere\r\n\r\nX-Maild-Customer: in body stays\r\n"
+    )
     out = strip_own_headers(msg)
-    assert out == (b"From: a@b.example\r\nSubject: hi\r\n\tthere\r\n\r\n"
-                   b"X-Maild-Customer: in body stays\r\n")
+    assert out == (
+        b"From: a@b.example\r\nSubject: hi\r\n\tthere\r\n\r\nX-Maild-Customer: in body stays\r\n"
+    )
 
 
 def test_strip_leaves_clean_messages_untouched():
@@ -20,7 +23,10 @@ def test_strip_leaves_clean_messages_untouched():
 
 def test_customer_header_names_customer_and_method():
     c = Customer(name="acme")
-    assert customer_header(Identity(c, "login", "alice")) == b"X-Maild-Customer: acme (by login alice)\r\n"
+    assert (
+        customer_header(Identity(c, "login", "alice"))
+        == b"X-Maild-Customer: acme (by login alice)\r\n"
+    )
     assert customer_header(Identity(c, "network")) == b"X-Maild-Customer: acme (by network)\r\n"
     assert customer_header(Identity()) == b"X-Maild-Customer: none (not identified)\r\n"
 

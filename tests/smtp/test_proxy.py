@@ -25,15 +25,19 @@ from maild.smtp.proxy import TEMPFAIL_DOWNSTREAM, Proxy
 from maild.smtp.server import MaildEnvelope, MaildSession
 from maild.store.core import DecisionRow
 
-CONFIG = parse({
-    "server": {"hostname": "mx.hosted.example", "downstream": "127.0.0.1:10026"},
-    "postmaster": {"domains": ["hosted.example"]},
-    "headers": {"checks": {"sender-domain-unknown": "off", "from-domain-unknown": "off"}},
-    "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["acme.example"]}],
-})
-MESSAGE = (b"From: Ann <ann@acme.example>\r\nTo: bob@outside.example\r\n"
-           b"Date: Mon, 3 Jun 2024 10:00:00 +0000\r\nMessage-ID: <1@acme.example>\r\n"
-           b"Subject: hello\r\n\r\nhi\r\n")
+CONFIG = parse(
+    {
+        "server": {"hostname": "mx.hosted.example", "downstream": "127.0.0.1:10026"},
+        "postmaster": {"domains": ["hosted.example"]},
+        "headers": {"checks": {"sender-domain-unknown": "off", "from-domain-unknown": "off"}},
+        "customers": [{"name": "acme", "networks": ["192.0.2.0/24"], "domains": ["acme.example"]}],
+    }
+)
+MESSAGE = (
+    b"From: Ann <ann@acme.example>\r\nTo: bob@outside.example\r\n"
+    b"Date: Mon, 3 Jun 2024 10:00:00 +0000\r\nMessage-ID: <1@acme.example>\r\n"
+    b"Subject: hello\r\n\r\nhi\r\n"
+)
 
 
 @dataclass
@@ -57,13 +61,14 @@ class FakeDownstream:
     xforward: frozenset[str] = frozenset()
     acquired: list[tuple[str, bool]] = field(default_factory=list)  # (holder, reserved)
 
-    async def acquire(self, holder: str = "", *, reserved: bool = True
-                      ) -> tuple[FakeConn, bool]:
+    async def acquire(self, holder: str = "", *, reserved: bool = True) -> tuple[FakeConn, bool]:
         if "acquire" in self.fail:
             raise DownstreamError("connection refused")
         if "busy" in self.fail:
-            raise DownstreamBusy("Too many messages in transit to our mail server right now",
-                                 "downstream-connections")
+            raise DownstreamBusy(
+                "Too many messages in transit to our mail server right now",
+                "downstream-connections",
+            )
         self.acquired.append((holder, reserved))
         return FakeConn(self.xforward), False
 
@@ -77,12 +82,20 @@ class FakeDownstream:
     async def command(self, conn: FakeConn, line: str, timeout: float | None = None) -> Reply:
         return self._reply(line)
 
-    async def pipeline(self, conn: FakeConn, lines: list[str], timeout: float | None = None
-                       ) -> list[Reply]:
+    async def pipeline(
+        self, conn: FakeConn, lines: list[str], timeout: float | None = None
+    ) -> list[Reply]:
         return [self._reply(line) for line in lines]
 
-    async def data(self, conn: FakeConn, message: bytes, timeout: float | None = None, *,
-                   rest: Iterable[bytes] = (), rest_size: int = 0) -> Reply:
+    async def data(
+        self,
+        conn: FakeConn,
+        message: bytes,
+        timeout: float | None = None,
+        *,
+        rest: Iterable[bytes] = (),
+        rest_size: int = 0,
+    ) -> Reply:
         self._reply("DATA")  # raises when told to fail
         conn.content_sent = True
         self.sent[-1] = (message + b"".join(rest)).decode()
@@ -133,8 +146,9 @@ def proxy(down, decisions, sanctions) -> Proxy:
     return Proxy(CONFIG, down, decisions, Services(sanctions=sanctions))  # type: ignore[arg-type]
 
 
-async def session(proxy: Proxy, addr: str = "192.0.2.7", helo: str = "mail.acme.example"
-                  ) -> tuple[MaildSession, MaildEnvelope]:
+async def session(
+    proxy: Proxy, addr: str = "192.0.2.7", helo: str = "mail.acme.example"
+) -> tuple[MaildSession, MaildEnvelope]:
     s = MaildSession(asyncio.get_running_loop())
     s.client.addr = addr
     await proxy.handle_EHLO(None, s, None, helo, ["250-mx.hosted.example", "250 HELP"])
@@ -149,8 +163,13 @@ async def rcpt(proxy: Proxy, s: MaildSession, e: MaildEnvelope, to: str) -> str:
     return await proxy.handle_RCPT(None, s, e, parse_path(to), [])
 
 
-async def data(proxy: Proxy, s: MaildSession, e: MaildEnvelope, content: bytes = MESSAGE,
-               budget: Budget | None = None) -> str:
+async def data(
+    proxy: Proxy,
+    s: MaildSession,
+    e: MaildEnvelope,
+    content: bytes = MESSAGE,
+    budget: Budget | None = None,
+) -> str:
     """End of data, the content read as the server reads it (into a budget's sink)."""
     sink = (budget or Budget(1 << 20, 1 << 16, tempfile.gettempdir())).sink()
     sink.extend(content)
@@ -158,8 +177,7 @@ async def data(proxy: Proxy, s: MaildSession, e: MaildEnvelope, content: bytes =
     return await proxy.handle_DATA(None, s, e)
 
 
-async def test_a_message_is_relayed_and_answered_with_the_downstreams_reply(proxy, down,
-                                                                           decisions):
+async def test_a_message_is_relayed_and_answered_with_the_downstreams_reply(proxy, down, decisions):
     s, e = await session(proxy)
     assert await mail(proxy, s, e, "<ann@acme.example>") == "250 2.1.0 Ok"
     assert down.sent == [] and s.conn is None  # nothing downstream before a recipient
@@ -185,8 +203,9 @@ async def test_nothing_is_relayed_after_a_refused_recipient(proxy, down, decisio
     assert e.rcpt_tos == []
 
 
-async def test_a_refused_message_is_not_relayed_and_strikes_when_forged(proxy, down, decisions,
-                                                                        sanctions):
+async def test_a_refused_message_is_not_relayed_and_strikes_when_forged(
+    proxy, down, decisions, sanctions
+):
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
     await rcpt(proxy, s, e, "<bob@outside.example>")
@@ -194,8 +213,7 @@ async def test_a_refused_message_is_not_relayed_and_strikes_when_forged(proxy, d
     reply = await data(proxy, s, e, forged)
     assert reply.startswith("550 5.7.1 ") and reply.endswith("(from-owner)")
     await asyncio.sleep(0)  # the transaction's RSET, sent in the background
-    assert down.sent == ["MAIL FROM:<ann@acme.example>", "RCPT TO:<bob@outside.example>",
-                         "RSET"]
+    assert down.sent == ["MAIL FROM:<ann@acme.example>", "RCPT TO:<bob@outside.example>", "RSET"]
     assert decisions.last() == ("DATA", "reject", "from-owner", 550)
     assert sanctions.strikes == [("acme", "from-owner")]
 
@@ -204,8 +222,9 @@ async def test_a_malformed_message_is_refused_without_a_strike(proxy, down, sanc
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
     await rcpt(proxy, s, e, "<bob@outside.example>")
-    reply = await data(proxy, s, e, MESSAGE.replace(b"Date: Mon, 3 Jun 2024 10:00:00 +0000\r\n",
-                                                    b""))
+    reply = await data(
+        proxy, s, e, MESSAGE.replace(b"Date: Mon, 3 Jun 2024 10:00:00 +0000\r\n", b"")
+    )
     assert reply.startswith("550 5.6.0 ") and reply.endswith("(date-missing)")
     assert sanctions.strikes == []
 
@@ -221,14 +240,16 @@ async def test_downstream_unreachable_is_451_at_the_first_recipient(proxy, down,
 
 
 async def test_a_full_downstream_pool_is_451_4_4_5_with_the_reason_once_a_minute(
-        proxy, down, decisions):
+    proxy, down, decisions
+):
     down.fail.add("busy")
     s, e = await session(proxy, addr="198.51.100.9", helo="stranger.example")
     await mail(proxy, s, e, "<x@stranger.example>")
     for _ in range(3):
         reply = await rcpt(proxy, s, e, "<bob@hosted.example>")
-        assert reply == ("451 4.4.5 Too many messages in transit to our mail server right "
-                         "now; try again later")
+        assert reply == (
+            "451 4.4.5 Too many messages in transit to our mail server right now; try again later"
+        )
     assert [r.rule for r in decisions.rows] == ["downstream-connections"]
     assert e.rcpt_tos == [] and s.conn is None
 
@@ -254,8 +275,7 @@ async def test_a_downstream_refusing_mail_from_is_heard_at_rcpt(proxy, down, dec
     assert s.conn is None and e.rcpt_tos == []
 
 
-async def test_downstream_lost_during_data_is_451_and_nothing_is_counted(proxy, down,
-                                                                         decisions):
+async def test_downstream_lost_during_data_is_451_and_nothing_is_counted(proxy, down, decisions):
     down.fail.add("DATA")
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
@@ -286,8 +306,7 @@ async def test_postmaster_first_keeps_the_transaction_postmaster_only(proxy, dow
     assert reply.startswith("452 4.5.3 <bob@hosted.example>: send mail to other recipients")
 
 
-async def test_a_data_abort_is_logged_by_its_kind_and_nothing_is_relayed(proxy, down,
-                                                                        decisions):
+async def test_a_data_abort_is_logged_by_its_kind_and_nothing_is_relayed(proxy, down, decisions):
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
     await rcpt(proxy, s, e, "<bob@outside.example>")
@@ -305,12 +324,16 @@ async def test_xforward_is_sent_before_mail_when_the_downstream_accepts_it(proxy
     s, e = await session(proxy)
     await mail(proxy, s, e, "<ann@acme.example>")
     await rcpt(proxy, s, e, "<bob@outside.example>")
-    assert down.sent == ["XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=mail.acme.example",
-                         "MAIL FROM:<ann@acme.example>", "RCPT TO:<bob@outside.example>"]
+    assert down.sent == [
+        "XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 HELO=mail.acme.example",
+        "MAIL FROM:<ann@acme.example>",
+        "RCPT TO:<bob@outside.example>",
+    ]
 
 
 async def test_a_spooled_message_is_relayed_whole_and_its_spool_freed_on_every_path(
-        proxy, down, decisions, tmp_path):
+    proxy, down, decisions, tmp_path
+):
     budget = Budget(1 << 20, 4096, str(tmp_path))
     body = b"".join(b"line %06d of a long report\r\n" % i for i in range(2000))
     s, e = await session(proxy)

@@ -16,9 +16,13 @@ def headers(text: str):
 
 
 def test_received_names_the_real_client():
-    h = received_header(Client(addr="203.0.113.9", name="mail.client.example", helo="client",
-                               proto="ESMTPA"), "mx.hosted.example", "ABCDEF0123",
-                        [parse_path("<bob@hosted.example>")], "Sun, 22 Nov 2026 12:00:00 +0000")
+    h = received_header(
+        Client(addr="203.0.113.9", name="mail.client.example", helo="client", proto="ESMTPA"),
+        "mx.hosted.example",
+        "ABCDEF0123",
+        [parse_path("<bob@hosted.example>")],
+        "Sun, 22 Nov 2026 12:00:00 +0000",
+    )
     text = h.decode()
     assert text.startswith("Received: from client (mail.client.example [203.0.113.9])\r\n")
     assert "by mx.hosted.example (maild) with ESMTPA id ABCDEF0123" in text
@@ -26,17 +30,22 @@ def test_received_names_the_real_client():
 
 
 def test_received_header_cannot_be_injected_through_helo():
-    h = received_header(Client(addr="2001:db8::1", helo="evil\r\nBcc: x (y)"), "mx", "ID", [],
-                        "date").decode()
+    h = received_header(
+        Client(addr="2001:db8::1", helo="evil\r\nBcc: x (y)"), "mx", "ID", [], "date"
+    ).decode()
     assert h.count("\r\n") == 3 and "Bcc: x" not in h and "[IPv6:2001:db8::1]" in h
 
 
 def test_login_only_from_topmost_received():
-    top = headers("Received: from x (y [1.2.3.4])\n\t(Authenticated sender: alice)\n\tby mx (Postfix)\n"
-                  "Received: from evil\n\t(Authenticated sender: mallory)\n\n")
+    top = headers(
+        "Received: from x (y [1.2.3.4])\n\t(Authenticated sender: alice)\n\tby mx (Postfix)\n"
+        "Received: from evil\n\t(Authenticated sender: mallory)\n\n"
+    )
     assert authenticated_login(top) == "alice"
-    forged = headers("Received: from x (y [1.2.3.4])\n\tby mx (Postfix)\n"
-                     "Received: from evil (Authenticated sender: mallory)\n\n")
+    forged = headers(
+        "Received: from x (y [1.2.3.4])\n\tby mx (Postfix)\n"
+        "Received: from evil (Authenticated sender: mallory)\n\n"
+    )
     assert authenticated_login(forged) == ""
 
 

@@ -43,12 +43,16 @@ def _state(p: MaildSMTP) -> dict[str, object]:
 
 
 async def test_fast_init_matches_aiosmtpd(monkeypatch):
-    settings = Server(hostname="mx.example", limits=Limits(message_size=1234, line_length=500,
-                                                            command_timeout=42.0))
+    settings = Server(
+        hostname="mx.example",
+        limits=Limits(message_size=1234, line_length=500, command_timeout=42.0),
+    )
     handler = Proxy.__new__(Proxy)
     counter = SessionCounter()
-    gates = {"admission": Admission(settings.limits),
-             "budget": Budget(1 << 20, 1 << 10, tempfile.gettempdir())}
+    gates = {
+        "admission": Admission(settings.limits),
+        "budget": Budget(1 << 20, 1 << 10, tempfile.gettempdir()),
+    }
     fast = MaildSMTP(handler, settings=settings, counter=counter, trusted=(), **gates)
     monkeypatch.setattr(srv, "SUPPORTED", False)
     slow = MaildSMTP(handler, settings=settings, counter=counter, trusted=(), **gates)

@@ -25,9 +25,21 @@ class FlakyStore:
 
 
 def row(n: int) -> DecisionRow:
-    return DecisionRow(ts=float(n), session=f"S{n}", stage="DATA", action="relay", code=250,
-                       status="2.0.0", reason="Ok", rule="", client_name="c", client_addr="192.0.2.1",
-                       customer="", sender="a@x.example", recipient="b@y.example")
+    return DecisionRow(
+        ts=float(n),
+        session=f"S{n}",
+        stage="DATA",
+        action="relay",
+        code=250,
+        status="2.0.0",
+        reason="Ok",
+        rule="",
+        client_name="c",
+        client_addr="192.0.2.1",
+        customer="",
+        sender="a@x.example",
+        recipient="b@y.example",
+    )
 
 
 def test_failures_back_off_to_30s_and_recovery_writes_each_row_once(caplog) -> None:

@@ -41,10 +41,14 @@ async def test_concurrent_opens_migrate_safely(state_url):
 async def test_execute_fetch_rowcount_and_placeholders(store):
     n = await store.execute("INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)", (1.5, "k", "a"))
     assert n == 1
-    await store.executemany("INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)",
-                            [(2.0, "k", "b"), (3.25, "j", "c")])
+    await store.executemany(
+        "INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)", [(2.0, "k", "b"), (3.25, "j", "c")]
+    )
     assert await store.fetchall("SELECT id, ts, kind, arg FROM control ORDER BY id") == [
-        (1, 1.5, "k", "a"), (2, 2.0, "k", "b"), (3, 3.25, "j", "c")]
+        (1, 1.5, "k", "a"),
+        (2, 2.0, "k", "b"),
+        (3, 3.25, "j", "c"),
+    ]
     assert await store.execute("UPDATE control SET arg = ? WHERE kind = ?", ("z", "k")) == 2
     assert await store.fetchone("SELECT COUNT(*) FROM control WHERE arg = 'z'") == (2,)
     assert await store.fetchone("SELECT arg FROM control WHERE id = ?", (99,)) is None
@@ -55,11 +59,32 @@ async def test_execute_fetch_rowcount_and_placeholders(store):
 
 
 async def test_large_integers_and_doubles_round_trip(store):
-    await rstate.save_dircache(store, [("/m/cur", 2**40, 2**33, 1_700_000_000_123_456_789,
-                                        1_700_000_000_123_456_789, 3, 2**35, 1.7e9 + 0.25, 1.0)])
+    await rstate.save_dircache(
+        store,
+        [
+            (
+                "/m/cur",
+                2**40,
+                2**33,
+                1_700_000_000_123_456_789,
+                1_700_000_000_123_456_789,
+                3,
+                2**35,
+                1.7e9 + 0.25,
+                1.0,
+            )
+        ],
+    )
     assert (await rstate.dircache(store))["/m/cur"] == (
-        2**40, 2**33, 1_700_000_000_123_456_789, 1_700_000_000_123_456_789, 3, 2**35,
-        1.7e9 + 0.25, 1.0)
+        2**40,
+        2**33,
+        1_700_000_000_123_456_789,
+        1_700_000_000_123_456_789,
+        3,
+        2**35,
+        1.7e9 + 0.25,
+        1.0,
+    )
 
 
 async def test_transaction_commits_or_rolls_back_together(store):
@@ -116,8 +141,12 @@ async def test_consent_chain_stays_valid_with_two_writers(store, state_url):
 
         async def write(ledger: Ledger, who: str) -> None:
             for i in range(20):
-                await ledger.append(list_id="l.example", address=f"{who}{i}@x.example",
-                                    kind=Kind.REQUEST, channel="api")
+                await ledger.append(
+                    list_id="l.example",
+                    address=f"{who}{i}@x.example",
+                    kind=Kind.REQUEST,
+                    channel="api",
+                )
 
         await asyncio.gather(write(l1, "a"), write(l2, "b"))
         assert [e.seq for e in await l1.events_of_list("l.example")] == list(range(1, 41))
@@ -129,15 +158,24 @@ async def test_consent_chain_stays_valid_with_two_writers(store, state_url):
 
 async def test_retention_runs_and_pending_deletions(store):
     run = await rstate.start_run(store, "old", 100.0, "test")
-    await rstate.add_pending(store, [(run, 100.0, "old", "u@x", "INBOX", "m1", 10),
-                                     (run, 100.0, "old", "u@x", "INBOX", "m2", 20)])
+    await rstate.add_pending(
+        store,
+        [
+            (run, 100.0, "old", "u@x", "INBOX", "m1", 10),
+            (run, 100.0, "old", "u@x", "INBOX", "m2", 20),
+        ],
+    )
     assert sorted((await rstate.pending(store))["u@x"]) == [
-        (run, "INBOX", "m1", 10), (run, "INBOX", "m2", 20)]
+        (run, "INBOX", "m1", 10),
+        (run, "INBOX", "m2", 20),
+    ]
     await rstate.settle(store, run, "u@x", [("vanished", "INBOX", "m2")], rest="deleted")
     await rstate.finish_run(store, run, 101.0, "done", {"deleted": 1, "vanished": 1})
     assert await rstate.pending(store) == {}
     assert {d["name"]: d["status"] for d in await rstate.deletions(store)} == {
-        "m1": "deleted", "m2": "vanished"}
+        "m1": "deleted",
+        "m2": "vanished",
+    }
     assert (await rstate.last_runs(store))["old"]["deleted"] == 1
     assert await rstate.last_completed_start(store, "old") == 100.0
     await rstate.save_log_position(store, "dovecot", inode=5, offset=77, now=1.0)
@@ -175,7 +213,6 @@ async def test_shared_counters_lose_no_increments(store, state_url):
         row = await store.fetchone("SELECT value FROM ratelimit_counters WHERE key = 'cust:a#1w'")
         assert row is not None and row[0] == pytest.approx(60.0)
 
-
     finally:
         await node2.close()
 
@@ -187,8 +224,10 @@ async def test_a_counter_stored_before_per_window_counting_is_carried_over_once(
         pytest.skip("shared counters are a PostgreSQL feature")
     node2 = await open_store(state_url)
     try:
-        await store.execute("INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
-                            ("cust:a", 6.0, 1000.0, 86400.0))
+        await store.execute(
+            "INSERT INTO ratelimit_counters(key, value, ts, period) VALUES (?, ?, ?, ?)",
+            ("cust:a", 6.0, 1000.0, 86400.0),
+        )
         hour, day = Rate.parse("100/1h"), Rate.parse("1000/1d")
         checks = [("messages", "cust:a", hour, 1.0), ("messages", "cust:a", day, 1.0)]
         nodes = [Limiter(clock=lambda: 1000.0), Limiter(clock=lambda: 1000.0)]
@@ -272,8 +311,10 @@ async def test_a_database_that_is_not_maild_state_is_refused(tmp_path):
 async def test_a_damaged_state_is_refused_at_the_daemons_start(tmp_path):
     path = tmp_path / "maild.db"
     s = await open_store(str(path))
-    await s.executemany("INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)",
-                        [(float(i), "k", "x" * 500) for i in range(2000)])
+    await s.executemany(
+        "INSERT INTO control(ts, kind, arg) VALUES (?, ?, ?)",
+        [(float(i), "k", "x" * 500) for i in range(2000)],
+    )
     await s.close()
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # a truncated copy, as a bad restore leaves

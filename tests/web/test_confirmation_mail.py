@@ -18,9 +18,16 @@ def test_link_to_the_page_and_no_token_in_the_stored_copy_even_on_a_long_line():
     lst = section(config).lists[0]
     token = new_token()
     url = confirm_url(config, token)
-    msg, _ = messages.confirmation(lst, "bob@example.org", token, confirm_local="confirm",
-                                   hostname="mx.hosted.example", when="2024-03-01T10:00:00",
-                                   expires="2024-03-04T10:00:00", confirm_url=url)
+    msg, _ = messages.confirmation(
+        lst,
+        "bob@example.org",
+        token,
+        confirm_local="confirm",
+        hostname="mx.hosted.example",
+        when="2024-03-01T10:00:00",
+        expires="2024-03-04T10:00:00",
+        confirm_url=url,
+    )
     body = msg.get_content()
     assert f"    {url}\n" in body and "only its button, or your reply, counts" in body
     assert f"confirm+{token}@lists.hosted.example" in body  # the reply still works

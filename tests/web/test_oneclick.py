@@ -12,8 +12,13 @@ BOB = "bob@hosted.example"
 
 async def subscribed(site, address: str = BOB) -> str:
     """A confirmed subscriber; returns the path of their one-click URL."""
-    await site.optin.ledger.append(list_id=LIST, address=address, kind=Kind.OWNER_ADD,
-                                   channel="cli", detail={"attestation": {"source": "t"}})
+    await site.optin.ledger.append(
+        list_id=LIST,
+        address=address,
+        kind=Kind.OWNER_ADD,
+        channel="cli",
+        detail={"attestation": {"source": "t"}},
+    )
     await site.optin.refresh()
     key = await site.web.list_key(LIST)
     return oneclick.url(BASE, key, LIST, address).removeprefix("http://127.0.0.1:8025")
@@ -49,9 +54,14 @@ async def test_get_shows_a_button_and_changes_nothing(site):
 
 async def test_post_with_the_exact_body_revokes_at_once_with_the_raw_request(site):
     path = await subscribed(site)
-    r = await site.client.post(path, data=b"List-Unsubscribe=One-Click",
-                               headers={"Content-Type": "application/x-www-form-urlencoded",
-                                        "User-Agent": "Gmail-One-Click/1.0"})
+    r = await site.client.post(
+        path,
+        data=b"List-Unsubscribe=One-Click",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "User-Agent": "Gmail-One-Click/1.0",
+        },
+    )
     assert r.status == 200, await r.text()
     assert site.optin.standing(LIST, BOB).state is State.REVOKED
     ev = (await events(site))[-1]
@@ -79,8 +89,9 @@ async def test_multipart_body_is_accepted_too(site):
 async def test_post_without_the_one_click_body_changes_nothing(site):
     path = await subscribed(site)
     for body in (b"", b"List-Unsubscribe=one-click", b"unsubscribe=1"):
-        r = await site.client.post(path, data=body, headers={
-            "Content-Type": "application/x-www-form-urlencoded"})
+        r = await site.client.post(
+            path, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
         assert r.status == 400 and "nothing was changed" in await r.text()
     assert site.optin.standing(LIST, BOB).state is State.CONFIRMED
     assert len(await events(site)) == 1
@@ -124,9 +135,8 @@ async def test_the_evidence_keeps_no_working_unsubscribe_url(site):
     in the request line must not smuggle it past the redaction."""
     path = await subscribed(site)
     mac = path.rsplit("/", 1)[1]
-    sent = path[:-len(mac)] + "".join(f"%{ord(c):02x}" for c in mac)
-    r = await site.client.session.post(as_sent(site, sent),
-                                       data={"List-Unsubscribe": "One-Click"})
+    sent = path[: -len(mac)] + "".join(f"%{ord(c):02x}" for c in mac)
+    r = await site.client.session.post(as_sent(site, sent), data={"List-Unsubscribe": "One-Click"})
     assert r.status == 200 and site.optin.standing(LIST, BOB).state is State.REVOKED
     ev = (await events(site))[-1]
     raw = await Ledger(site.store).raw(ev.raw_sha256)

@@ -36,8 +36,7 @@ async def form(site, path: str) -> str:
 async def subscribe(site, address: str, **headers: str):
     """A subscribe POST, and the work maild does after answering it."""
     csrf = await form(site, PAGE)
-    r = await site.client.post(PAGE, data={"csrf": csrf, "address": address},
-                               headers=headers)
+    r = await site.client.post(PAGE, data={"csrf": csrf, "address": address}, headers=headers)
     await settled(site)
     return r
 
@@ -59,9 +58,14 @@ async def test_form_shows_the_consent_text_and_changes_nothing(site):
 
 
 async def test_post_records_a_request_with_the_raw_http_request(site):
-    r = await subscribe(site, "Bob@Hosted.example", **{"User-Agent": "Firefox/128",
-                                                        "X-Forwarded-For": "198.51.100.7"})
-    assert r.status == 200 and "a message asking you to confirm" in " ".join((await r.text()).split())
+    r = await subscribe(
+        site,
+        "Bob@Hosted.example",
+        **{"User-Agent": "Firefox/128", "X-Forwarded-For": "198.51.100.7"},
+    )
+    assert r.status == 200 and "a message asking you to confirm" in " ".join(
+        (await r.text()).split()
+    )
     [ev] = await events(site)
     assert ev.kind is Kind.REQUEST and ev.channel == "web" and ev.address == "bob@hosted.example"
     assert ev.ip == "198.51.100.7" and ev.user_agent == "Firefox/128"  # via a trusted proxy
@@ -74,8 +78,9 @@ async def test_post_records_a_request_with_the_raw_http_request(site):
 
 
 async def test_the_answer_never_tells_who_is_subscribed(site):
-    await site.optin.ledger.append(list_id=LIST, address="carol@hosted.example",
-                                   kind=Kind.OWNER_ADD, channel="cli")
+    await site.optin.ledger.append(
+        list_id=LIST, address="carol@hosted.example", kind=Kind.OWNER_ADD, channel="cli"
+    )
     await site.optin.refresh()
     known = await (await subscribe(site, "carol@hosted.example")).text()
     new = await (await subscribe(site, "dave@hosted.example")).text()
@@ -99,10 +104,13 @@ async def test_the_answer_comes_before_the_ledger_or_the_mail(site):
     writer = asyncio.create_task(other_writer())
     await busy.wait()
     try:
-        r = await asyncio.wait_for(site.client.post(
-            PAGE, data={"csrf": csrf, "address": "jo@hosted.example"}), patience(10))
+        r = await asyncio.wait_for(
+            site.client.post(PAGE, data={"csrf": csrf, "address": "jo@hosted.example"}),
+            patience(10),
+        )
         assert r.status == 200 and "a message asking you to confirm" in " ".join(
-            (await r.text()).split())
+            (await r.text()).split()
+        )
     finally:
         release.set()
         await writer
@@ -111,14 +119,17 @@ async def test_the_answer_comes_before_the_ledger_or_the_mail(site):
 
 
 async def test_csrf_pair_is_required_and_bound_to_the_page(site):
-    for data in ({"address": "eve@hosted.example"},
-                 {"address": "eve@hosted.example", "csrf": "0" * 64}):
+    for data in (
+        {"address": "eve@hosted.example"},
+        {"address": "eve@hosted.example", "csrf": "0" * 64},
+    ):
         r = await site.client.post(PAGE, data=data)
         assert r.status == 403 and "has expired or did not come from this site" in await r.text()
     token = await form(site, PAGE)
     other = "/maild/subscribe/deals.other.example"
-    assert (await site.client.post(other, data={"csrf": token, "address": "e@x.example"})
-            ).status == 403
+    assert (
+        await site.client.post(other, data={"csrf": token, "address": "e@x.example"})
+    ).status == 403
     site.client.session.cookie_jar.clear()  # another site's browser: its own cookie or none
     r = await site.client.post(PAGE, data={"csrf": token, "address": "eve@hosted.example"})
     assert r.status == 403 and await events(site) == []
@@ -133,8 +144,9 @@ async def test_bad_address_is_named_and_escaped(site):
 
 async def test_rate_limits_per_client_and_per_address(site):
     for i in range(5):  # address_limit = 5
-        assert (await subscribe(site, "fred@hosted.example",
-                                **{"X-Forwarded-For": f"198.51.100.{i}"})).status == 200
+        assert (
+            await subscribe(site, "fred@hosted.example", **{"X-Forwarded-For": f"198.51.100.{i}"})
+        ).status == 200
     r = await subscribe(site, "fred@hosted.example", **{"X-Forwarded-For": "198.51.100.99"})
     assert r.status == 429 and r.headers["Retry-After"] == "3600"
     for i in range(20):  # client_limit = 20, from one client
@@ -146,8 +158,15 @@ async def test_rate_limits_per_client_and_per_address(site):
 async def pending(site, address: str = "bob@hosted.example", *, expires: float = 4e9) -> str:
     token = new_token()
     await site.optin.ledger.append(
-        list_id=LIST, address=address, kind=Kind.REQUEST, channel="web", token_hash=token_hash(token),
-        consent_text=CONSENT, message_id="<m1@x>", detail={"expires": iso(expires)})
+        list_id=LIST,
+        address=address,
+        kind=Kind.REQUEST,
+        channel="web",
+        token_hash=token_hash(token),
+        consent_text=CONSENT,
+        message_id="<m1@x>",
+        detail={"expires": iso(expires)},
+    )
     await site.optin.refresh()
     return token
 
@@ -191,8 +210,10 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies():
     assert guard.client_address("192.0.2.1", ["198.51.100.7"], proxies) == "192.0.2.1"
     assert guard.client_address("10.0.0.2", ["198.51.100.7"], proxies) == "198.51.100.7"
     # the left part is whatever the client sent: the right-most untrusted hop counts
-    assert guard.client_address("10.0.0.2", ["1.2.3.4, 198.51.100.7, 10.0.0.9"],
-                                proxies) == "198.51.100.7"
+    assert (
+        guard.client_address("10.0.0.2", ["1.2.3.4, 198.51.100.7, 10.0.0.9"], proxies)
+        == "198.51.100.7"
+    )
     assert guard.client_address("10.0.0.2", ["junk"], proxies) == "10.0.0.2"
     assert guard.client_address("10.0.0.2", [], proxies) == "10.0.0.2"
 
@@ -209,8 +230,13 @@ async def test_nothing_is_served_or_recorded_while_optin_is_disabled(site):
     from maild.components import parse
     from tests.web.conftest import BASE, POLICY
 
-    site.daemon.config = parse({**POLICY, "optin": {**POLICY["optin"], "enabled": False},
-                                "web": {"enabled": True, "base_url": BASE}})
+    site.daemon.config = parse(
+        {
+            **POLICY,
+            "optin": {**POLICY["optin"], "enabled": False},
+            "web": {"enabled": True, "base_url": BASE},
+        }
+    )
     assert (await site.client.get(PAGE)).status == 404
     token = await pending(site)
     assert (await site.client.get(f"/maild/confirm/{token}")).status == 404
@@ -228,8 +254,10 @@ async def test_a_store_failure_is_a_503_page_and_records_nothing(site, caplog):
     r = await site.client.post(PAGE, data={"csrf": csrf, "address": "hal@hosted.example"})
     assert r.status == 200 and "a message asking you" in " ".join((await r.text()).split())
     await settled(site)
-    assert 'address=hal@hosted.example result=not-recorded client=127.0.0.1 reason="state ' \
-        'store' in caplog.text
+    assert (
+        'address=hal@hosted.example result=not-recorded client=127.0.0.1 reason="state '
+        "store" in caplog.text
+    )
     await site.store.open()
     assert [e.kind for e in await events(site, "hal@hosted.example")] == [Kind.REQUEST]
 
@@ -244,7 +272,8 @@ async def test_the_raw_request_keeps_no_cookie_or_credential(site):
     [ev] = await events(site, "ivy@hosted.example")
     raw = await Ledger(site.store).raw(ev.raw_sha256)
     nonce = site.client.session.cookie_jar.filter_cookies(site.client.make_url(PAGE))[
-        guard.CSRF_COOKIE].value
+        guard.CSRF_COOKIE
+    ].value
     assert b"s3cr3t-session" not in raw and nonce.encode() not in raw
     assert b"aXZ5OnBhc3N3b3Jk" not in raw and b"\r\nAuthorization: Basic REDACTED\r\n" in raw
     assert b"webmail_session=REDACTED" in raw and b"maild_csrf=REDACTED" in raw
@@ -254,8 +283,9 @@ async def test_address_limit_counts_a_mailbox_under_all_its_tags(site):
     """bob+1@, bob+2@ ... all land in bob's mailbox: subscription bombing through
     +tags (and case) is one address to the per-address limit."""
     for i in range(5):  # address_limit = 5
-        r = await subscribe(site, f"Kim+{i}@hosted.example",
-                            **{"X-Forwarded-For": f"198.51.100.{i}"})
+        r = await subscribe(
+            site, f"Kim+{i}@hosted.example", **{"X-Forwarded-For": f"198.51.100.{i}"}
+        )
         assert r.status == 200
     r = await subscribe(site, "kim+other@Hosted.example", **{"X-Forwarded-For": "198.51.100.9"})
     assert r.status == 429 and not await events(site, "kim+other@hosted.example")

@@ -28,10 +28,19 @@ def test_off_by_default_with_documented_defaults():
 
 
 def test_enabled_section_is_typed():
-    c = parse({**MINIMAL, "web": {"enabled": True, "listen": "127.0.0.1:8080",
-                                  "base_url": "https://lists.example.net/maild/",
-                                  "trusted_proxies": ["192.0.2.10"],
-                                  "metrics_listen": "127.0.0.1:9100", "client_limit": 3}})
+    c = parse(
+        {
+            **MINIMAL,
+            "web": {
+                "enabled": True,
+                "listen": "127.0.0.1:8080",
+                "base_url": "https://lists.example.net/maild/",
+                "trusted_proxies": ["192.0.2.10"],
+                "metrics_listen": "127.0.0.1:9100",
+                "client_limit": 3,
+            },
+        }
+    )
     w = section(c)
     assert w.base_url == "https://lists.example.net/maild"
     assert w.listen == ("127.0.0.1", 8080) and w.metrics_listen == ("127.0.0.1", 9100)
@@ -39,18 +48,23 @@ def test_enabled_section_is_typed():
     assert confirm_url(c, "tok") == "https://lists.example.net/maild/confirm/tok"
 
 
-@pytest.mark.parametrize(("web", "needle"), [
-    ({"enabled": True}, "web.base_url is missing"),
-    ({"enabled": True, "base_url": "http://lists.example.net"}, "an https:// URL"),
-    ({"enabled": True, "base_url": "https://lists.example.net/?a=1"}, "no query"),
-    ({"enabled": True, "base_url": "ftp://x.example"}, "the public URL"),
-    ({"require_one_click": True}, "web.require_one_click = true: expected false unless"),
-    ({"listen": "nowhere"}, "web.listen"),
-    ({"enabled": True, "base_url": "https://x.example", "metrics_listen": "127.0.0.1:8025"},
-     "an address other than listen"),
-    ({"trusted_proxies": ["not-an-ip"]}, "web.trusted_proxies[0]"),
-    ({"enable": True}, "web.enable: unknown key"),
-])
+@pytest.mark.parametrize(
+    ("web", "needle"),
+    [
+        ({"enabled": True}, "web.base_url is missing"),
+        ({"enabled": True, "base_url": "http://lists.example.net"}, "an https:// URL"),
+        ({"enabled": True, "base_url": "https://lists.example.net/?a=1"}, "no query"),
+        ({"enabled": True, "base_url": "ftp://x.example"}, "the public URL"),
+        ({"require_one_click": True}, "web.require_one_click = true: expected false unless"),
+        ({"listen": "nowhere"}, "web.listen"),
+        (
+            {"enabled": True, "base_url": "https://x.example", "metrics_listen": "127.0.0.1:8025"},
+            "an address other than listen",
+        ),
+        ({"trusted_proxies": ["not-an-ip"]}, "web.trusted_proxies[0]"),
+        ({"enable": True}, "web.enable: unknown key"),
+    ],
+)
 def test_mistakes_are_named(web, needle):
     assert any(needle in p for p in problems(web)), problems(web)
 
@@ -68,5 +82,7 @@ def test_reload_says_which_changes_wait_for_a_restart(caplog):
     reload_note(old, parse({**MINIMAL, "web": {**on, "client_limit": 3}}))
     assert "take effect only after a restart" not in caplog.text
     reload_note(old, parse({**MINIMAL, "web": {**on, "listen": "127.0.0.1:8099"}}))
-    assert "[web] enabled, listen, metrics, metrics_listen and the path of base_url take " \
-           "effect only after a restart" in caplog.text
+    assert (
+        "[web] enabled, listen, metrics, metrics_listen and the path of base_url take "
+        "effect only after a restart" in caplog.text
+    )

@@ -21,8 +21,9 @@ async def listener(site, monkeypatch) -> int:
     """The real listener (WebService._serve, as `maild serve` runs it) on a free port."""
     monkeypatch.setattr(guard, "CLIENT_SECONDS", 0.5, raising=False)
     port = free_port()
-    await site.web._serve(site.web.app(pages=True, with_metrics=False), ("127.0.0.1", port),
-                          "listen")
+    await site.web._serve(
+        site.web.app(pages=True, with_metrics=False), ("127.0.0.1", port), "listen"
+    )
     return port
 
 
@@ -49,9 +50,13 @@ async def test_headers_never_finished_are_cut_off(site, monkeypatch):
 async def test_a_body_never_finished_is_a_408(site, monkeypatch):
     port = await listener(site, monkeypatch)
     try:
-        got = await answer_to(port, (
-            f"POST {PAGE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
-            "\r\nContent-Length: 100\r\n\r\ncsrf=").encode())
+        got = await answer_to(
+            port,
+            (
+                f"POST {PAGE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+                "\r\nContent-Length: 100\r\n\r\ncsrf="
+            ).encode(),
+        )
         assert got.startswith(b"HTTP/1.1 408 ")
     finally:
         await site.web.stop()
