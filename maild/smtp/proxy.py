@@ -465,6 +465,20 @@ class Proxy:
     def _store_down(self) -> bool:
         return self.health is not None and not self.health.ok
 
+    def _downstream_refused(
+        self, session: MaildSession, reply: Reply, ctx: Context, rcpt: Address
+    ) -> None:
+        """One decision line for a recipient the downstream refused (or whose MAIL it did)."""
+        self.record(
+            session,
+            "reject" if reply.code >= 500 else "tempfail",
+            "RCPT",
+            f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
+            rule="downstream",
+            ctx=ctx,
+            rcpt=rcpt,
+        )
+
     def _tempfail(
         self,
         session: MaildSession,
@@ -518,15 +532,7 @@ class Proxy:
             envelope.rcpt_tos.append(address.addr)
             envelope.rcpt_options.extend(params)
         else:
-            self.record(
-                session,
-                "reject" if reply.code >= 500 else "tempfail",
-                "RCPT",
-                f"{reply.code} {reply.text.splitlines()[0] if reply.text else ''}",
-                rule="downstream",
-                ctx=ctx,
-                rcpt=address,
-            )
+            self._downstream_refused(session, reply, ctx, address)
         return reply.smtp()
 
     async def _open_at_rcpt(
@@ -566,15 +572,7 @@ class Proxy:
         if reply is None:  # the downstream refused MAIL FROM: the client hears it here
             pipeline.rcpt_done(ctx, address, v, relayed=False)
             self.downstream.release(conn, reusable=mail.code != 421)
-            self.record(
-                session,
-                "reject" if mail.code >= 500 else "tempfail",
-                "RCPT",
-                f"{mail.code} {mail.text.splitlines()[0] if mail.text else ''}",
-                rule="downstream",
-                ctx=ctx,
-                rcpt=address,
-            )
+            self._downstream_refused(session, mail, ctx, address)
             return mail.smtp()
         session.conn = conn
         return reply
