@@ -669,8 +669,14 @@ class Postfix:
             mark = self.log_mark()
             try:
                 return self._start_once(timeout)
-            except PostfixError:
-                lost_race = "Address already in use" in self.log(mark)
+            except PostfixError as e:
+                # The master's own "bind ... Address already in use" reaches the log only
+                # through postlogd, which may not be up yet when the master gives up: a
+                # bare "mail system startup failed" is taken for a lost race too (a real
+                # configuration error fails all three attempts alike).
+                lost_race = "Address already in use" in self.log(
+                    mark
+                ) or "mail system startup failed" in str(e)
                 if attempt == 2 or not lost_race or not (self._auto_smtpd or self._auto_reinject):
                     raise
                 if self._auto_smtpd:
