@@ -181,7 +181,9 @@ class Admission:
                     "sessions",
                     f"Too many connections from {addr} (limit {lim.max_sessions_per_ip})",
                 )
-            if lim.max_connection_rate_per_ip and self._rate_exceeded(addr, now):
+            # A customer's MTA opens a connection per message: its pace is [ratelimit]'s
+            # business, as Postfix exempts $mynetworks (smtpd_client_event_limit_exceptions).
+            if lim.max_connection_rate_per_ip and not reserved and self._rate_exceeded(addr, now):
                 return self._refuse(
                     addr,
                     "connection-rate",

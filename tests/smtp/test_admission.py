@@ -62,6 +62,18 @@ def test_connection_rate_counts_attempts_in_a_sliding_minute(clock):
     assert isinstance(admit(adm, "192.0.2.1", ev), Slot)
 
 
+def test_customer_networks_are_not_held_to_the_connection_rate(clock):
+    """A customer's MTA opening one connection per message (10 a second is ordinary)
+    must not hear 421: Postfix exempts $mynetworks from anvil's rate, and the customer's
+    pace is what [ratelimit] limits."""
+    adm = Admission(limits(max_connection_rate_per_ip=3), clock=clock)
+    ev: list = []
+    for _ in range(10):
+        s = admit(adm, "192.0.2.9", ev, reserved=True)
+        assert isinstance(s, Slot)
+        adm.release(s)
+
+
 def test_refusals_are_logged_once_per_client_per_minute(clock):
     adm = Admission(limits(max_sessions_per_ip=1), clock=clock)
     ev: list = []
