@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from tests.harness.clients import SwaksResult, parse_swaks, swaks
 from tests.harness.maild import render
 from tests.harness.ports import free_port, port_open
 from tests.harness.postfix import Postfix
-from tests.harness.waits import wait_until
+from tests.harness.waits import patience, wait_until
 from tests.integration.conftest import HOSTED, need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,14 +105,25 @@ def follow_readme(
                 assert wait_until(lambda p=p, port=port: port_open(port) or p.poll() is not None)
                 assert p.poll() is None, out.read_text()
                 continue
-            r = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=ROOT,
-                env={**os.environ, "HOME": "/nonexistent"},
-            )
+
+            def run(argv: list[str] = argv) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    cwd=ROOT,
+                    env={**os.environ, "HOME": "/nonexistent"},
+                )
+
+            r = run()
+            if argv[1:2] == ["log"]:
+                # decision rows reach the store in batches, a moment after the reply:
+                # a person running it again a second later sees the line
+                deadline = time.monotonic() + patience(10)
+                while "relay:" not in r.stdout and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    r = run()
             if argv[0].endswith("swaks"):
                 swaks_out = SwaksResult(
                     r.returncode, r.stdout + r.stderr, parse_swaks(r.stdout + r.stderr)
