@@ -639,10 +639,11 @@ class Proxy:
             return self._tempfail(session, ctx, "DATA", TEMPFAIL_DOWNSTREAM, "late-pending")
         if key is not None and (queued := self.late.accepted.get(key)) is not None:
             # The client retries a message the downstream took after we had answered 451:
-            # say 250 and do not relay it a second time.
+            # say 250 and do not relay it a second time. It was delivered: charged now
+            # (the first attempt heard 451 and released its reservation).
+            pipeline.finish(ctx, accepted=True)
             self._drop_conn(session, reusable=True, rset=True)
             reply_text = f"250 2.0.0 Ok: {queued} (accepted earlier, after a delay)"
-            pipeline.finish(ctx, accepted=True)
             self.record(session, "relay", "DATA", reply_text, rule="late-accept", ctx=ctx)
             return reply_text
         if content.spooled:  # the header from RAM, the body from the spool file

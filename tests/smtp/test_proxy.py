@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from maild.address import parse_path
+from maild.antispam.limiter import Limiter, Rate
 from maild.components import parse
+from maild.policy.ratelimit import customer_key
 from maild.policy.services import Services
 from maild.smtp.budget import Budget
 from maild.smtp.data import Abort, AbortKind
@@ -60,6 +62,7 @@ class FakeDownstream:
     fail: set[str] = field(default_factory=set)  # "acquire", "DATA", ...: DownstreamError
     xforward: frozenset[str] = frozenset()
     acquired: list[tuple[str, bool]] = field(default_factory=list)  # (holder, reserved)
+    data_delay: float = 0.0  # seconds the final dot's reply takes
 
     async def acquire(self, holder: str = "", *, reserved: bool = True) -> tuple[FakeConn, bool]:
         if "acquire" in self.fail:
@@ -98,6 +101,7 @@ class FakeDownstream:
     ) -> Reply:
         self._reply("DATA")  # raises when told to fail
         conn.content_sent = True
+        await asyncio.sleep(self.data_delay)
         self.sent[-1] = (message + b"".join(rest)).decode()
         return self.replies.get("DATA", Reply(250, "2.0.0 Ok: queued as 4XyZ"))
 
@@ -349,3 +353,27 @@ async def test_a_spooled_message_is_relayed_whole_and_its_spool_freed_on_every_p
     forged = MESSAGE.replace(b"From: Ann <ann@acme.example>", b"From: boss@bank.example")
     assert (await data(proxy, s, e, forged + body, budget)).startswith("550 5.7.1 ")
     assert budget.spooled == 2 and budget.spooling == 0 and budget.in_use == 0
+
+
+async def test_a_retry_answered_from_a_late_accept_is_charged_once(down, decisions, sanctions):
+    """The first attempt heard 451 (the downstream's 250 came late) and charged nothing;
+    the retry is answered 250 without a second copy, and that message is counted."""
+    limiter = Limiter(clock=lambda: 1e9)
+    proxy = Proxy(CONFIG, down, decisions, Services(sanctions=sanctions, limiter=limiter))  # type: ignore[arg-type]
+    down.timeout, down.data_delay = 0.01, 0.05
+    messages = customer_key("messages", "acme")
+    hour = Rate.parse("200/1h")
+    for attempt in ("first", "retry"):
+        s, e = await session(proxy)
+        assert (await mail(proxy, s, e, "<ann@acme.example>")).startswith("250")
+        assert (await rcpt(proxy, s, e, "<bob@outside.example>")).startswith("250")
+        reply = await data(proxy, s, e)
+        if attempt == "first":
+            assert reply.startswith("451"), reply
+            assert limiter.value(messages, hour) == 0
+            while not proxy.late.accepted:  # the late 250 arrives
+                await asyncio.sleep(0.01)
+        else:
+            assert "accepted earlier" in reply, reply
+    assert sum("Subject: hello" in x for x in down.sent) == 1  # relayed once
+    assert limiter.value(messages, hour) == 1
