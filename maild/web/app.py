@@ -20,6 +20,7 @@ from aiohttp import web
 from maild.store.base import StoreError
 from maild.web import guard, keys, metrics
 from maild.web.consent import Consent, problem
+from maild.web.listener import CappedSite
 from maild.web.settings import WebConfig, section
 
 log = logging.getLogger("maild.web")
@@ -117,7 +118,15 @@ class WebService:
         await runner.setup()
         host, port = where
         try:
-            await web.TCPSite(runner, host or None, port, reuse_address=True).start()
+            w = self.settings
+            await CappedSite(
+                runner,
+                host or None,
+                port,
+                max_connections=w.max_connections,
+                max_per_ip=w.max_connections_per_ip,
+                trusted=w.trusted_proxies,
+            ).start()
         except OSError as e:
             await runner.cleanup()
             raise OSError(

@@ -27,6 +27,7 @@ PRELOAD = (
     "maild.web.pages",
     "maild.web.oneclick",
     "maild.web.guard",
+    "maild.web.listener",
     "maild.optin.model",
     "prometheus_client.exposition",
     "prometheus_client.parser",
@@ -47,6 +48,10 @@ class WebConfig:
     client_limit: int = 20  # form POSTs per client address per limit_window
     address_limit: int = 5  # form POSTs per subscriber address per limit_window
     limit_window: float = 3600.0
+    # Open HTTP connections in all and per client address (trusted proxies not counted
+    # per address: every request behind them comes from them); past them a 503.
+    max_connections: int = 256
+    max_connections_per_ip: int = 16
 
 
 def parse_web(r: Reader) -> WebConfig:
@@ -66,6 +71,8 @@ def parse_web(r: Reader) -> WebConfig:
         client_limit=r.int("client_limit", d.client_limit, minimum=1),
         address_limit=r.int("address_limit", d.address_limit, minimum=1),
         limit_window=r.duration("limit_window", "1h", positive=True),
+        max_connections=r.int("max_connections", d.max_connections, minimum=1),
+        max_connections_per_ip=r.int("max_connections_per_ip", d.max_connections_per_ip, minimum=1),
     )
     if base:
         u = urlsplit(base)
