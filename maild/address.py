@@ -202,3 +202,11 @@ def canonical(addr: str) -> str:
     local = local.split("+", 1)[0] if not local.startswith("+") else local
     domain = domain.lower().rstrip(".")
     return f"{local.lower()}@{domain}" if domain else local.lower()
+
+
+def mailbox(address: str) -> str:
+    """The mailbox a (lower-cased) address reaches, without its +tag (the usual Postfix
+    recipient_delimiter): what per-address limits count, so that bob+1@, bob+2@ ...
+    cannot bomb bob with confirmation requests."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from maild.address import mailbox
 from maild.antispam.sanctions import control
 from maild.config import Config
 from maild.log import clean
@@ -128,9 +129,9 @@ async def request(
     n = await ledger.count_requests(lst.id, address, now - 86400)
     if n >= s.max_requests:
         raise ActionError(
-            f"{address} was sent {n} confirmation requests for {lst.id} in the "
-            f"last 24 hours (max_requests = {s.max_requests}); more would be "
-            "subscription bombing"
+            f"{mailbox(address)} was sent {n} confirmation requests for {lst.id} in the "
+            f"last 24 hours, to it or a +tag of it (max_requests = {s.max_requests}); "
+            "more would be subscription bombing"
         )
     if not lst.domain:
         raise ActionError(f"list {lst.id} has no domain for confirm+TOKEN@ replies")

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import replace
 from typing import Any
 
+from maild.address import mailbox
 from maild.optin.chain import GENESIS, detail_json, row_hash
 from maild.optin.model import Event, Kind, iso, now_iso
 from maild.optin.settings import ListConfig, consent_hash
@@ -342,12 +343,20 @@ class Ledger:
         )
 
     async def count_requests(self, list_id: str, address: str, since: float) -> int:
-        row = await self.store.fetchone(
-            "SELECT COUNT(*) FROM optin_events WHERE address = ? AND list_id = ? AND event = ? "
-            "AND ts >= ?",
-            (address.lower(), list_id, str(Kind.REQUEST), iso(since)),
+        """Requests since `since` for the address's mailbox under any +tag: bob@,
+        bob+1@, bob+2@ are one mailbox to subscription bombing (max_requests)."""
+        box = mailbox(address.lower())
+        local, _, domain = box.rpartition("@")
+        # every "local+..." sorts between "local+" and "local," ("," follows "+") in
+        # byte order: SQLite's, and PostgreSQL's under COLLATE "C" (a locale's collation
+        # may ignore punctuation)
+        c = ' COLLATE "C"' if self.store.dialect == "postgresql" else ""
+        rows = await self.store.fetchall(
+            f"SELECT address FROM optin_events WHERE (address = ? OR (address{c} > ? AND "
+            f"address{c} < ?)) AND list_id = ? AND event = ? AND ts >= ?",
+            (box, local + "+", local + ",", list_id, str(Kind.REQUEST), iso(since)),
         )
-        return int(row[0]) if row else 0
+        return sum(1 for (a,) in rows if mailbox(a) == box)
 
     async def chain_ids(self) -> list[str]:
         rows = await self.store.fetchall(

@@ -66,6 +66,7 @@ class Health:
 class Store(Protocol):
     path: str
     health: Health
+    dialect: str  # "sqlite" or "postgresql": for the rare query whose SQL must differ
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

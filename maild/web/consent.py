@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from maild.address import mailbox
 from maild.antispam.sanctions import control
 from maild.log import clean
 from maild.optin import actions
@@ -252,7 +253,9 @@ class Consent:
             )
         w = self.web.settings
         client = client_of(request, w)
-        if not self.web.limiter.allow(f"client:{client}", w.client_limit, w.limit_window):
+        if not self.web.limiter.allow(
+            f"client:{guard.client_key(client)}", w.client_limit, w.limit_window
+        ):
             return self._busy(page, client)
         return form, client
 
@@ -307,7 +310,7 @@ class Consent:
             )
         w = self.web.settings
         if not self.web.limiter.allow(
-            f"address:{guard.mailbox(address)}", w.address_limit, w.limit_window
+            f"address:{mailbox(address)}", w.address_limit, w.limit_window
         ):
             return self._busy("subscribe", client)
         # Recorded and sent after the answer: how long that takes (a ledger write and a

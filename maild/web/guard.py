@@ -67,6 +67,20 @@ def client_of(request: web.Request, settings: Any) -> str:
     )
 
 
+def client_key(addr: str) -> str:
+    """What counts as one client: an IPv4 address, an IPv6 client by its /64 (one
+    host's usual share: a /128 per connection would make the cap worthless)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return addr
+
+
 async def read_form(request: web.Request) -> MultiDictProxy[Any]:
     """The POSTed fields, if the client sends them within CLIENT_SECONDS; else a 408."""
     try:
@@ -88,14 +102,6 @@ def csrf_ok(key: bytes, nonce: str | None, path: str, given: str | None) -> bool
     if not nonce or not given:
         return False
     return hmac.compare_digest(csrf_token(key, nonce, path), given)
-
-
-def mailbox(address: str) -> str:
-    """The mailbox a (lower-cased) address reaches, without its +tag (the usual Postfix
-    recipient_delimiter): what the per-address limit counts, so that bob+1@, bob+2@ ...
-    cannot bomb bob with confirmation requests."""
-    local, _, domain = address.rpartition("@")
-    return f"{local.split('+', 1)[0]}@{domain}"
 
 
 class Limiter:

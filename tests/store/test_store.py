@@ -348,3 +348,19 @@ async def test_health_is_judged_by_writes(store):
 
     await heartbeat(store)
     assert store.health.ok
+
+
+async def test_requests_are_counted_per_mailbox_under_all_its_tags(store):
+    ledger = Ledger(store)
+    """bob+1@, bob+2@ reach bob's mailbox: max_requests must count them together, or a
+    bomber sends max_requests confirmations per tag. Byte order on both backends."""
+    for address in ("bob@x.example", "bob+1@x.example", "Bob+news@X.example"):
+        await ledger.append(list_id="l.example", address=address, kind=Kind.REQUEST, channel="web")
+    for other in ("bobby@x.example", "bob+1@y.example", "bo@x.example", "bob,x@x.example"):
+        await ledger.append(list_id="l.example", address=other, kind=Kind.REQUEST, channel="web")
+    await ledger.append(
+        list_id="m.example", address="bob+2@x.example", kind=Kind.REQUEST, channel="web"
+    )
+    for asked in ("bob@x.example", "bob+9@x.example", "BOB+1@x.example"):
+        assert await ledger.count_requests("l.example", asked, 0) == 3, asked
+    assert await ledger.count_requests("l.example", "bobby@x.example", 0) == 1

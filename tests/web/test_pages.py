@@ -155,6 +155,19 @@ async def test_rate_limits_per_client_and_per_address(site):
     assert r.status == 429 and not await events(site, "last@hosted.example")
 
 
+async def test_the_client_limit_counts_an_ipv6_64_as_one_client(site):
+    """An IPv6 host has a /64 to choose from: one address per POST must not multiply
+    client_limit. Another /64 is another client."""
+    for i in range(20):  # client_limit = 20, from one /64
+        await subscribe(
+            site, f"y{i}@hosted.example", **{"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"}
+        )
+    r = await subscribe(site, "last@hosted.example", **{"X-Forwarded-For": "2001:db8:1:2:ffff::1"})
+    assert r.status == 429 and not await events(site, "last@hosted.example")
+    r = await subscribe(site, "other@hosted.example", **{"X-Forwarded-For": "2001:db8:1:3::1"})
+    assert r.status == 200
+
+
 async def pending(site, address: str = "bob@hosted.example", *, expires: float = 4e9) -> str:
     token = new_token()
     await site.optin.ledger.append(
