@@ -73,8 +73,12 @@ def policy(nameserver: str, **headers: object) -> dict:
 
 @pytest.fixture(scope="module")
 def dns_server():
+    """The loopback server, and maild.dns pointed at it for every test of the module
+    (a test that parses its own policy must not depend on one that ran before it)."""
     with DnsServer(STANDARD_ZONE, servfail=STANDARD_SERVFAIL, drop=STANDARD_DROP) as s:
+        maild_dns.configure(parse(policy(s.nameserver)))
         yield s
+        maild_dns.configure(None)
 
 
 @pytest.fixture
