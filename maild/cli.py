@@ -88,6 +88,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
 
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
+    from maild.customers.sources import SourceError
     from maild.privs import PrivilegeError
     from maild.store.base import StoreError
 
@@ -96,7 +97,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     except PrivilegeError as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
-    except StoreError as e:
+    except (StoreError, SourceError) as e:
         # systemd's Restart= retries; the operator reads one line, not a traceback.
         click.echo(f"maild: {e}", err=True)
         sys.exit(1)
