@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 from maild import config as cfg
 from maild import privs
+from maild.customers.directory import Refresher
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
-from maild.customers.directory import Refresher
 from maild.policy.customer import index as customer_index
 from maild.policy.services import Services
 from maild.sdnotify import notify
