@@ -387,26 +387,24 @@ class CustomerDirectory:
 
     A refresh of [customer_source] builds a new index off the event loop and publishes it
     here with one assignment, so every reader sees either the old index or the new one,
-    never half of each. Without a publisher (a CLI command, a test) the first reader loads
-    the index itself (maild.customers.directory.initial_index).
+    never half of each. Without a publisher (a CLI command, a test) the first reader
+    builds it with the loader the composition root handed to parse()
+    (maild.customers.directory.initial_index), or with the one it passes itself.
     """
 
     def __init__(self, config: Config):
         self._config = config
         self._index: Any = None
+        self.loader: Callable[[Config], Any] | None = None
 
-    @property
-    def index(self) -> Any:
+    def current(self, loader: Callable[[Config], Any] | None = None) -> Any:
         idx = self._index
         if idx is None:
-            from maild.customers.directory import initial_index
-
-            idx = self._index = initial_index(self._config)
+            load = self.loader or loader
+            if load is None:
+                return None
+            idx = self._index = load(self._config)
         return idx
-
-    @property
-    def loaded(self) -> bool:
-        return self._index is not None
 
     def publish(self, index: Any) -> None:
         self._index = index
@@ -441,11 +439,15 @@ class Config:
 
     def customer(self, name: str) -> Customer | None:
         """A customer in force by name, from policies.toml or [customer_source]."""
-        return self.directory.index.by_name(name)
+        idx = self.directory.current()
+        if idx is None:  # parsed without the composition root: policies.toml alone
+            return next((c for c in self.customers if c.name == name), None)
+        return idx.by_name(name)
 
     def all_customers(self) -> tuple[Customer, ...]:
         """Every customer in force: policies.toml's, then the source's."""
-        return self.directory.index.customers
+        idx = self.directory.current()
+        return self.customers if idx is None else idx.customers
 
 
 # A component's parser for its own top-level section: parser(reader) -> object, read back
@@ -649,11 +651,13 @@ def parse(
     *,
     sections: Mapping[str, SectionParser] | None = None,
     customer_keys: Mapping[str, CustomerParser] | None = None,
+    customer_index: Callable[[Config], Any] | None = None,
 ) -> Config:
     """Validate a decoded TOML document; raise ConfigError with every problem.
 
     sections and customer_keys are the components' parsers, in the order their problems
-    are listed; without them only [server], [[customers]] and [postmaster] are known."""
+    are listed; without them only [server], [[customers]] and [postmaster] are known.
+    customer_index builds the config's customer index when it is first needed."""
     problems: list[str] = []
     root = Reader(data, "", problems)
     server = _parse_server(root.table_of("server"))
@@ -664,7 +668,7 @@ def parse(
     root.unknown()
     if problems:
         raise ConfigError(path, problems)
-    return Config(
+    config = Config(
         path=path,
         server=server,
         customers=customers,
@@ -672,6 +676,8 @@ def parse(
         sections=parsed,
         customer_source=source,
     )
+    config.directory.loader = customer_index
+    return config
 
 
 def load(
@@ -679,6 +685,7 @@ def load(
     *,
     sections: Mapping[str, SectionParser] | None = None,
     customer_keys: Mapping[str, CustomerParser] | None = None,
+    customer_index: Callable[[Config], Any] | None = None,
 ) -> Config:
     """Read and validate policies.toml; raise ConfigError naming every problem."""
     p = Path(path)
@@ -696,4 +703,10 @@ def load(
         raise ConfigError(
             str(p), ["the file is nested too deeply to be a policy; check for runaway brackets"]
         ) from None
-    return parse(data, str(p), sections=sections, customer_keys=customer_keys)
+    return parse(
+        data,
+        str(p),
+        sections=sections,
+        customer_keys=customer_keys,
+        customer_index=customer_index,
+    )

@@ -16,9 +16,11 @@ import click
 
 from maild.antispam.limiter import Counter, counter_key, legacy_share, under
 from maild.antispam.sanctions import control, set_state
-from maild.clitools import echo_json, load_config, open_store, run_async
+from maild.clitools import config_option, echo_json, load_config, open_store, run_async
 from maild.config import Config
+from maild.customers.index import origin_kind
 from maild.daemonctl import apply_control
+from maild.policy.customer import index as customer_index
 from maild.store.base import Store
 
 
@@ -32,10 +34,23 @@ async def _with_store(config: Config, fn: Any) -> Any:
 
 def _need_customer(config: Config, name: str) -> None:
     if config.customer(name) is None:
-        known = ", ".join(c.name for c in config.customers) or "none"
         raise click.BadParameter(
-            f"no customer named {name!r} in {config.path} (known: {known})", param_hint="NAME"
+            f"no customer named {name!r} in {config.path}{_where_else(config)} "
+            f"(known: {known_customers(config)})",
+            param_hint="NAME",
         )
+
+
+def known_customers(config: Config, shown: int = 10) -> str:
+    """A few names, not a hundred thousand."""
+    names = [c.name for c in config.all_customers()]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more if names else "none"
+
+
+def _where_else(config: Config) -> str:
+    note = customer_index(config).source_note
+    return f" or its [customer_source] ({note})" if note else ""
 
 
 async def _state(store: Store, name: str) -> dict:
@@ -119,21 +134,32 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
-@click.command("customers")
+@click.group("customers", invoke_without_command=True)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def customers(as_json: bool) -> None:
-    """List customers with their sanction state, strikes and message counters."""
+@click.pass_context
+def customers(ctx: click.Context, as_json: bool) -> None:
+    """List customers with where each comes from, their sanction state, strikes and
+    message counters; `customers import` turns a CSV export into customer files."""
+    if ctx.invoked_subcommand is None:
+        _list(as_json)
+
+
+def _list(as_json: bool) -> None:
     config = load_config()
+    for line in customer_index(config).refused:
+        click.echo(f"warning: {line}", err=True)
 
     async def collect(store: Store) -> list[dict]:
         out = []
-        for c in config.customers:
+        for c in config.all_customers():
             st = await _state(store, c.name)
             counters = await _counters(store, f"cust:{c.name}")
             counts = await _window_counts(store, config, c.name, ("messages",))
             out.append(
                 {
                     "name": c.name,
+                    "source": c.origin,
                     **st,
                     "counters": counters,
                     "messages": None if counts is None else counts["messages"],
@@ -146,13 +172,17 @@ def customers(as_json: bool) -> None:
         echo_json(rows)
         return
     click.echo(
-        f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)"
+        f"{'CUSTOMER':20} {'SOURCE':13} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} "
+        "MESSAGES (of LIMIT/WINDOW)"
     )
     for r in rows:
         msgs = "rate limits off" if r["messages"] is None else _against(r["messages"])
         click.echo(
-            f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}"
+            f"{r['name']:20} {origin_kind(r['source']):13} {r['state']:8} "
+            f"{r['strikes_7d']:<11} {_when(r['since']):16} {msgs}"
         )
+    if note := customer_index(config).source_note:
+        click.echo(f"SOURCE: policies.toml's [[customers]], or [customer_source]: {note}")
     click.echo(
         "MESSAGES: the rate limiter's decaying counter, decayed over each window as "
         "it is compared with the limit; as the daemon last stored it"
@@ -201,6 +231,7 @@ def show(name: str, as_json: bool) -> None:
     st.update(
         {
             "name": name,
+            "source": c.origin,
             "contact": c.contact,
             "networks": [str(n) for n in c.networks],
             "logins": list(c.logins),
@@ -214,12 +245,24 @@ def show(name: str, as_json: bool) -> None:
         f"customer {name}: {st['state']} since {_when(st['since'])}"
         + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else "")
     )
+    click.echo(f"  source: {_origin_text(c.origin, config.path)}")
     click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
     click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
     for kind in _SHOWN:
         click.echo(f"  {kind}: " + ("rate limits off" if st[kind] is None else _against(st[kind])))
     for h in st["history"][:10]:
         click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
+
+
+def _origin_text(origin: str, config_path: str) -> str:
+    kind, _, where = origin.partition(":")
+    if kind == "files":
+        return f"file {where}"
+    if kind == "postgresql":
+        return "postgresql (the database's answer)"
+    if kind == "postgresql-snapshot":
+        return f"postgresql, from the snapshot {where} (the database was unreachable)"
+    return f"[[customers]] in {origin or config_path}"
 
 
 def _change(name: str, state: str, reason: str, as_json: bool) -> None:

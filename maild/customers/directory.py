@@ -136,7 +136,7 @@ class Refresher:
                     why,
                 )
                 return False
-            await self._accept(self.config, loaded, self.config.directory.index)
+            await self._accept(self.config, loaded, self.config.directory.current(initial_index))
             return True
 
     async def adopt(self, new: Config) -> None:
@@ -146,7 +146,7 @@ class Refresher:
         running policy stays); the same source is read again and any shrink accepted; a
         source that cannot be read keeps the customers in force."""
         async with self._lock:
-            previous: CustomerIndex | None = self.config.directory.index
+            previous: CustomerIndex | None = self.config.directory.current(initial_index)
             source = self.source
             if new.customer_source != self.config.customer_source:
                 source, previous = open_source(new), None

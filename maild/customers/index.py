@@ -154,7 +154,9 @@ class CustomerIndex:
 def origin_kind(origin: str) -> str:
     """ "files", "postgresql" or "policies.toml", from a Customer.origin ("files:PATH", ...)."""
     kind, sep, _ = origin.partition(":")
-    return kind if sep and kind in ("files", "postgresql") else "policies.toml"
+    if sep and kind == "files":
+        return kind
+    return "postgresql" if sep and kind.startswith("postgresql") else "policies.toml"
 
 
 class _Builder:

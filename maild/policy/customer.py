@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from maild.address import Address
 from maild.config import Config
+from maild.customers.directory import initial_index
 from maild.customers.index import CustomerIndex
 from maild.policy.context import Client, Identity
 
@@ -18,7 +19,7 @@ __all__ = ["CustomerIndex", "index", "resolve"]
 
 
 def index(config: Config) -> CustomerIndex:
-    return config.directory.index
+    return config.directory.current(initial_index)
 
 
 def resolve(
