@@ -259,7 +259,7 @@ def _origin_text(origin: str, config_path: str) -> str:
     if kind == "files":
         return f"file {where}"
     if kind == "postgresql":
-        return "postgresql (the database's answer)"
+        return f"postgresql {where} (its last answer)"
     if kind == "postgresql-snapshot":
         return f"postgresql, from the snapshot {where} (the database was unreachable)"
     return f"[[customers]] in {origin or config_path}"

@@ -259,7 +259,8 @@ class PostgresSource:
         except Exception as e:  # noqa: BLE001  asyncpg's errors, OSError, timeouts
             why = clean(e) or type(e).__name__
             raise SourceError(f"cannot query {self.describe()}: {why}") from None
-        return self._from_tables(*group_rows(rows, f"customers: {self.describe()}"), "postgresql")
+        tables, problems = group_rows(rows, f"customers: {self.describe()}")
+        return self._from_tables(tables, problems, f"postgresql:{redact(self.settings.dsn)}")
 
     async def _fetch(self) -> list[dict[str, Any]]:
         import asyncpg
@@ -309,7 +310,7 @@ class PostgresSource:
             problems,
             note,
             tables != self._tables,
-            (tables, good, origin == "postgresql"),
+            (tables, good, not origin.startswith("postgresql-snapshot:")),
         )
 
     def commit(self, loaded: Loaded) -> None:

@@ -66,3 +66,46 @@ def test_files_source_with_ten_thousand_files_changes_without_a_reload(postfix, 
         assert m.proc is not None and m.proc.poll() is None
     finally:
         m.stop()
+
+
+def test_postgresql_source_survives_a_restart_during_an_outage(postfix, tmp_path):
+    from tests.customers.test_postgresql import QUERY, SCHEMA
+    from tests.harness.postgres import Postgres, need_postgres
+
+    pg = Postgres(need_postgres()).start()
+    try:
+        url = pg.create_db("billing")
+        pg.psql(SCHEMA, "billing")
+        pg.psql(
+            "INSERT INTO accounts (handle) VALUES ('mover');"
+            "INSERT INTO account_ips VALUES (4, '127.0.0.11/32');"
+            "INSERT INTO account_domains VALUES (4, 'mover.example')",
+            "billing",
+        )
+        policy = front_policy(postfix.reinject_port)
+        policy["customer_source"] = {
+            "type": "postgresql",
+            "dsn": url,
+            "query": " ".join(QUERY.split()),
+            "refresh": "1s",
+        }
+        m = Maild(tmp_path / "m", policy).start(timeout=60)
+        try:
+            _published(m, 1)
+            assert _send(m, MOVER).data_code == 250
+            out = m.cli("customers")
+            assert "mover                postgresql" in out.stdout, out.stdout + out.stderr
+            pg.stop()
+            m.wait_log("customers: cannot query postgresql", timeout=30)
+            assert _send(m, MOVER).data_code == 250
+        finally:
+            m.stop()
+        m.start(timeout=60)  # a restart during the outage
+        try:
+            m.wait_log("using the snapshot")
+            assert _send(m, MOVER).data_code == 250
+            assert "customer=mover by=network" in m.wait_log("from=<boss@mover.example>")
+        finally:
+            m.stop()
+    finally:
+        pg.remove()
