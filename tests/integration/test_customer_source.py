@@ -52,6 +52,13 @@ def test_files_source_with_ten_thousand_files_changes_without_a_reload(postfix, 
         out = m.cli("customer", "show", "mover")
         assert f"source: file {d / 'mover.toml'}" in out.stdout, out.stdout + out.stderr
 
+        # Sanctions work on a customer from a file as on one from policies.toml.
+        assert m.cli("customer", "block", "mover", "--reason", "spam run").returncode == 0
+        r = _send(m, MOVER)
+        assert r.data_code != 250 and 554 in r.rcpt_codes, r.output
+        assert m.cli("customer", "unblock", "mover").returncode == 0
+        assert _send(m, MOVER).data_code == 250
+
         # A malformed file: logged with its name, key and fix; the version in force stays.
         (d / "mover.toml").write_text('networks = ["127.0.0.11/33"]\n')
         m.wait_log(f'customers: {d / "mover.toml"}: networks[0] = "127.0.0.11/33"', timeout=30)
