@@ -75,6 +75,7 @@ class Refresher:
         self._lock = asyncio.Lock()
         self._failing_since = 0.0
         self._failure_logged = 0.0
+        self._refusal_logged = -FAILURE_LOG_INTERVAL
         self.last_refresh = 0.0
         self.last_error = ""
 
@@ -130,12 +131,16 @@ class Refresher:
                 source.commit(loaded)
                 return False
             if not force and (why := self._shrinks(source, loaded)):
-                log.error(
-                    "customers: refresh refused: %s; the customers in force stay "
-                    "(`maild reload` accepts the change)",
-                    why,
-                )
+                now = time.monotonic()
+                if now - self._refusal_logged >= FAILURE_LOG_INTERVAL:
+                    self._refusal_logged = now
+                    log.error(
+                        "customers: refresh refused: %s; the customers in force stay "
+                        "(`maild reload` accepts the change)",
+                        why,
+                    )
                 return False
+            self._refusal_logged = -FAILURE_LOG_INTERVAL
             await self._accept(self.config, loaded, self.config.directory.current(initial_index))
             return True
 

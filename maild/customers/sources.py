@@ -27,6 +27,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,7 @@ class PostgresSource:
 
     def load(self) -> Loaded:
         try:
-            rows = asyncio.run(self._fetch())
+            rows = _run_apart(self._fetch)
         except Exception as e:  # noqa: BLE001  asyncpg's errors, OSError, timeouts
             why = clean(e) or type(e).__name__
             raise SourceError(f"cannot query {self.describe()}: {why}") from None
@@ -318,6 +319,17 @@ class PostgresSource:
         if live and tables != self._tables:
             write_snapshot(self.snapshot, tables)
         self._tables, self._good = tables, good
+
+
+def _run_apart(fn: Any) -> Any:
+    """fn() on an event loop of its own: this thread's, or a new thread's when this one
+    already runs a loop (a CLI command reading the source from inside its coroutine)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(fn())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(fn())).result()
 
 
 def write_snapshot(path: Path, tables: dict[str, dict[str, Any]]) -> None:

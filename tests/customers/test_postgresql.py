@@ -146,3 +146,13 @@ def test_check_config_names_what_a_postgresql_source_needs(tmp_path):
     assert 'customer_source.dsn = "mysql://x": expected a libpq URL' in text
     assert "customer_source.query is missing" in text
     assert 'customer_source.path = "/x": expected no value: it is for type = "files"' in text
+
+
+async def test_a_command_reading_the_source_inside_its_coroutine_gets_the_database(
+    tmp_path, billing
+):
+    """`maild report` looks customers up from inside asyncio.run(): the query must still run."""
+    _db, url = billing
+    config = _config(tmp_path, url)  # no refresher: the first lookup reads the source
+    shop = config.customer("shop")
+    assert shop is not None and shop.origin == f"postgresql:{url}"
