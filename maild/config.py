@@ -612,6 +612,10 @@ def _parse_customer_source(
         keys=customer_keys,
     )
     if kind == "files":
+        if not src.path.strip():
+            r.error(
+                "path", src.path, 'a directory of customer files, e.g. "/etc/maild/customers.d"'
+            )
         for key in ("dsn", "query", "snapshot"):
             if r.has(key):
                 r.error(key, r.table[key], 'no value: it is for type = "postgresql"')

@@ -134,3 +134,33 @@ async def test_settings_and_collisions_with_policies_toml(tmp_path, caplog):
     limits = customer_limits(config, config.customer("bulky"))
     assert [x.text for x in limits.messages] == ["5000/1h"]
     assert [x.text for x in limits.recipients] == ["9/1m"]
+
+
+def test_check_config_names_what_a_files_source_needs(tmp_path):
+    import pytest
+
+    from maild.components import parse
+    from maild.config import ConfigError
+    from tests.customers.conftest import policy
+
+    with pytest.raises(ConfigError) as e:
+        parse(
+            policy(
+                {
+                    "type": "files",
+                    "path": "",
+                    "refresh": "0s",
+                    "max_shrink": "150%",
+                    "dsn": "postgresql://x/y",
+                    "typo": 1,
+                }
+            )
+        )
+    text = str(e.value)
+    assert 'customer_source.path = "": expected a directory of customer files' in text
+    assert 'customer_source.refresh = "0s": expected a duration greater than zero' in text
+    assert 'customer_source.max_shrink = "150%": expected a share from "0%" to "100%"' in text
+    assert 'customer_source.dsn = "postgresql://x/y": expected no value' in text
+    assert "customer_source.typo: unknown key" in text
+    with pytest.raises(ConfigError, match="customer_source.type is missing"):
+        parse(policy({"path": "/x"}))
