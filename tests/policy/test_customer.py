@@ -138,3 +138,16 @@ def test_a_customer_in_force_keeps_its_records_against_a_newcomer_sorting_first(
     aaa = Customer(name="aaa", logins=("shared",), origin=f.format("aaa"))
     after = CustomerIndex.build([], [aaa, zed], before)
     assert after.by_login("shared").name == "zed" and after.by_name("aaa") is None
+
+
+def test_the_shipped_customers_table_resolves_as_before():
+    from maild.components import load
+
+    c = load("policies.toml")
+    assert not c.customer_source.enabled
+    i = resolve(c, Client(addr="192.0.2.77"))
+    assert (i.name, i.by, i.may_relay) == ("example-customer", "network", True)
+    i = resolve(c, Client(addr="198.51.100.1"), login="customer@customer.example")
+    assert (i.name, i.by) == ("example-customer", "login")
+    assert c.customer("example-customer").origin == "policies.toml"
+    assert [x.name for x in c.all_customers()] == ["example-customer"]
