@@ -71,6 +71,16 @@ def test_files_source_with_ten_thousand_files_changes_without_a_reload(postfix, 
         # policies.toml's [[customers]] work as ever
         assert _send(m, CUSTOMER_IP, frm="boss@acme.example").data_code == 250
         assert m.proc is not None and m.proc.poll() is None
+
+        # Back with only the mover: a shrink past max_shrink waits for a reload.
+        d.mkdir()
+        write_customer(d, "mover", 'networks = ["127.0.0.11/32"]\n')
+        m.wait_log("customers: refresh refused", timeout=30)
+        assert _send(m, MOVER).data_code == 250
+        r = m.cli("reload")
+        assert r.returncode == 0, r.stdout + r.stderr
+        m.wait_log("customers: in force: 2 (policies.toml=1 files=1)", timeout=30)
+        assert _send(m, MOVER).data_code == 250
     finally:
         m.stop()
 
