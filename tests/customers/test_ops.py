@@ -63,3 +63,42 @@ async def test_report_says_where_each_customer_comes_from(tmp_path):
         "shop": "files",
         "gone": "-",
     }
+
+
+async def test_customers_lists_each_ones_state_strikes_and_source(tmp_path):
+    import asyncio
+    import json
+
+    from click.testing import CliRunner
+
+    from maild.antispam.sanctions import set_state
+    from maild.cli import main
+    from maild.components import WIRING
+
+    d = _setup(tmp_path)
+    write_customer(d, "quiet", customer_toml(2))
+    config = load(str(tmp_path / "policies.toml"))
+    store = await WIRING.open_store(config.server.state, config.path)
+    try:
+        await set_state(store, "shop", "blocked", "spam run", "test")
+        for _ in range(2):
+            await store.execute(
+                "INSERT INTO strikes (ts, customer, rule, reason, session) "
+                "VALUES (?, 'shop', 'bulk', 'r', 's')",
+                (time.time(),),
+            )
+        await store.execute(
+            "INSERT INTO ratelimit_counters (key, value, ts, period) VALUES (?, 7, ?, 3600)",
+            ("cust:shop#1h", time.time()),
+        )
+    finally:
+        await store.close()
+    out = await asyncio.to_thread(
+        CliRunner().invoke, main, ["customers", "-c", str(tmp_path / "policies.toml"), "--json"]
+    )
+    rows = {r["name"]: r for r in json.loads(out.output)}
+    assert (rows["shop"]["state"], rows["shop"]["strikes_7d"]) == ("blocked", 2)
+    assert rows["shop"]["source"] == f"files:{d / 'shop.toml'}"
+    assert rows["shop"]["messages"][0]["count"] == 7
+    assert (rows["quiet"]["state"], rows["quiet"]["strikes_7d"]) == ("ok", 0)
+    assert rows["acme"]["source"].endswith("policies.toml")
