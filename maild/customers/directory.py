@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 
-from maild.config import Config
+from maild.config import Config, Customer
 from maild.customers.index import CustomerIndex
 from maild.customers.sources import FilesSource, Loaded, PostgresSource, SourceError, open_source
 
@@ -84,8 +85,28 @@ class Refresher:
         stops the start (SourceError), rather than serving customers as strangers."""
         async with self._lock:
             loaded = await self._first_read(self.source)
+            loaded = await self._against_snapshot(loaded)
             await self._accept(self.config, loaded, None)
             self._run()
+
+    async def _against_snapshot(self, loaded: Loaded) -> Loaded:
+        """At start, a database answer that lost more than max_shrink of the snapshot's
+        customers (a wrong query, a half-restored database) is refused for the snapshot."""
+        source = self.source
+        if not isinstance(source, PostgresSource) or not loaded.state[2]:
+            return loaded
+        try:
+            snap = await asyncio.to_thread(source.fallback)
+        except SourceError:
+            return loaded  # the first start: nothing to compare with
+        if why := self._shrink_message(source, snap.customers, loaded, "in the snapshot"):
+            log.error(
+                "customers: at start: %s; starting with the snapshot "
+                "(`maild reload` accepts the database's answer)",
+                why,
+            )
+            return snap
+        return loaded
 
     async def _first_read(self, source: Source | None) -> Loaded:
         if source is None:
@@ -130,7 +151,8 @@ class Refresher:
             if not loaded.changed:
                 source.commit(loaded)
                 return False
-            if not force and (why := self._shrinks(source, loaded)):
+            before = self.loaded.customers if self.loaded else ()
+            if not force and (why := self._shrink_message(source, before, loaded)):
                 now = time.monotonic()
                 if now - self._refusal_logged >= FAILURE_LOG_INTERVAL:
                     self._refusal_logged = now
@@ -175,14 +197,17 @@ class Refresher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _shrinks(self, source: Source, loaded: Loaded) -> str:
-        before = {c.name for c in (self.loaded.customers if self.loaded else ())}
+    def _shrink_message(
+        self, source: Source, before_: Iterable[Customer], loaded: Loaded, than: str = "in force"
+    ) -> str:
+        """Why loaded loses too many of the customers before, or ""."""
+        before = {c.name for c in before_}
         gone = before - {c.name for c in loaded.customers}
         share = self.config.customer_source.max_shrink
         if len(gone) > 1 and len(gone) > share * len(before):
             return (
                 f"{source.describe()} now has {len(loaded.customers)} customers: "
-                f"{len(gone)} of the {len(before)} in force are gone, more than max_shrink = "
+                f"{len(gone)} of the {len(before)} {than} are gone, more than max_shrink = "
                 f"{share:.0%}"
             )
         return ""

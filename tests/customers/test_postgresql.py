@@ -156,3 +156,22 @@ async def test_a_command_reading_the_source_inside_its_coroutine_gets_the_databa
     config = _config(tmp_path, url)  # no refresher: the first lookup reads the source
     shop = config.customer("shop")
     assert shop is not None and shop.origin == f"postgresql:{url}"
+
+
+async def test_at_start_an_answer_that_lost_most_customers_is_refused_for_the_snapshot(
+    tmp_path, pg, billing, caplog
+):
+    db, url = billing
+    first = Refresher(_config(tmp_path, url))
+    await first.start()  # writes the snapshot: shop and blog
+    await first.stop()
+    pg.psql("UPDATE accounts SET status = 'cancelled'", db)  # a wrong bulk update
+    config = _config(tmp_path, url)
+    r = Refresher(config)
+    await r.start()
+    await r.stop()
+    assert sorted(c.name for c in config.all_customers()) == ["blog", "shop"]
+    assert "2 of the 2 in the snapshot are gone" in caplog.text
+    again = _config(tmp_path, url)
+    await r.adopt(again)  # a reload accepts the database's answer
+    assert again.all_customers() == ()
