@@ -8,7 +8,7 @@ tests/test_bench_smoke.py runs to keep the scripts working). ``--write-docs`` re
 only the generated blocks of docs/BENCHMARKS.md (between ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->``), so the analysis written by hand around them stays.
 
-    python -m bench.run [--only throughput,latency,memory,retention,peers] [--preset quick]
+    python -m bench.run [--only throughput,latency,memory,retention,peers,customers] [--preset quick]
                         [--uvloop DIR] [--maild-src DIR] [--write-docs] [--json-dir DIR]
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 from bench.common import REPO, log, machine, table
 
 DOCS = REPO / "docs" / "BENCHMARKS.md"
-BENCHMARKS = ("throughput", "latency", "memory", "retention", "peers")
+BENCHMARKS = ("throughput", "latency", "memory", "retention", "peers", "customers")
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "full": {
@@ -35,6 +35,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "memory": ["--messages", "200000", "--idle", "500"],
         "retention": ["--mailboxes", "2000", "--messages", "1000000", "--reps", "3"],
         "peers": ["--messages", "3000", "--sessions", "20", "--size", "2048", "--reps", "5"],
+        "customers": ["--messages", "5000", "--sessions", "20", "--reps", "5"],
     },
     "quick": {
         "throughput": [
@@ -51,6 +52,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "memory": ["--messages", "20000", "--chunk", "5000", "--idle", "500"],
         "retention": ["--mailboxes", "400", "--messages", "200000", "--reps", "2"],
         "peers": ["--messages", "1000", "--sessions", "20", "--size", "2048", "--reps", "3"],
+        "customers": ["--files", "1000,10000", "--messages", "2000", "--reps", "3"],
     },
     "smoke": {
         "throughput": [
@@ -69,6 +71,20 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "memory": ["--messages", "100", "--chunk", "50", "--warmup", "20", "--idle", "5"],
         "retention": ["--mailboxes", "6", "--messages", "300", "--reps", "1"],
         "peers": ["--messages", "20", "--sessions", "2", "--size", "2048", "--reps", "1"],
+        "customers": [
+            "--sizes",
+            "100,1000",
+            "--files",
+            "100",
+            "--throughput-customers",
+            "200",
+            "--messages",
+            "20",
+            "--sessions",
+            "2",
+            "--reps",
+            "1",
+        ],
     },
 }
 

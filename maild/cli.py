@@ -88,6 +88,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
 
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
+    from maild.customers.sources import SourceError
     from maild.privs import PrivilegeError
     from maild.store.base import StoreError
 
@@ -96,7 +97,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     except PrivilegeError as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
-    except StoreError as e:
+    except (StoreError, SourceError) as e:
         # systemd's Restart= retries; the operator reads one line, not a traceback.
         click.echo(f"maild: {e}", err=True)
         sys.exit(1)
@@ -113,15 +114,25 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
 @config_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing when the file is valid.")
 def check_config(quiet: bool) -> None:
-    """Validate policies.toml: exit 0, or list every problem and exit 2."""
+    """Validate policies.toml (and read its [customer_source]): exit 0, or list every
+    problem and exit 2 (1 when only customer files or rows are bad)."""
+    from maild.policy.customer import index as customer_index
+
     config = load_config()
+    idx = customer_index(config)
+    for line in idx.refused:
+        click.echo(f"{config.path}: [customer_source]: {line}", err=True)
     if not quiet:
         s = config.server
+        counts = " ".join(f"{k}={v}" for k, v in idx.counts().items() if k != "policies.toml")
         click.echo(
             f"{config.path}: OK: mode={s.mode} listen={s.listen[0]}:{s.listen[1]} "
-            f"downstream={s.downstream[0]}:{s.downstream[1]} customers={len(config.customers)} "
-            f"hosted={len(config.hosted_domains)}"
+            f"downstream={s.downstream[0]}:{s.downstream[1]} customers={len(idx.customers)}"
+            + (f" ({counts})" if counts else "")
+            + f" hosted={len(config.hosted_domains)}"
         )
+    if idx.refused:
+        sys.exit(1)
 
 
 @main.command("log")
@@ -183,7 +194,9 @@ def log_cmd(
 
     rows, seen = run_async(fetch())
     if not seen and customer != "-" and config.customer(customer or "") is None:
-        known = ", ".join(c.name for c in config.customers) or "none"
+        from maild.antispam.cli import known_customers
+
+        known = known_customers(config)
         raise click.BadParameter(
             f"unknown customer {customer} (known: {known}; '-' for mail of "
             f"no customer): not in {config.path}, never in the decision log",

@@ -24,6 +24,8 @@ from maild import config as cfg
 from maild import dns, doctor, opscli, report
 from maild.antispam import cli as antispam_cli
 from maild.antispam import limiter, sanctions
+from maild.customers import cli as customers_cli
+from maild.customers import ops as customers_ops
 from maild.optin import cli as optin_cli
 from maild.optin import ledger
 from maild.optin import settings as optin_settings
@@ -122,6 +124,12 @@ COMPONENTS: tuple[Component, ...] = (
         commands=(headers_cli.check_message,),
     ),
     Component("identity", customer_keys={"permitted": identity.parse_permitted}),
+    Component(
+        "customers",
+        subcommands={"customers": (customers_cli.import_csv,)},
+        doctor_checks=(customers_ops.doctor_checks,),
+        preloads=("maild.customers.sources",),
+    ),
     Component("dns", sections={"dns": dns.parse_dns}, preloads=("maild.dns",)),
     Component(
         "ratelimit",

@@ -197,6 +197,25 @@ class Reader:
             self.error(name, value, f'a duration {more}such as "90s", "5m", "2h" or "7d"')
             return parse_duration(default)
 
+    def share(self, name: builtins.str, default: builtins.str) -> builtins.float:
+        """'10%' (or 0.1) into 0.1, from 0 to 100%."""
+        value = self._get(name, default)
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, builtins.str) and value.strip().endswith("%"):
+                share = builtins.float(value.strip()[:-1]) / 100
+            elif isinstance(value, builtins.int | builtins.float):
+                share = builtins.float(value)
+            else:
+                raise ValueError
+            if not 0 <= share <= 1:
+                raise ValueError
+            return share
+        except ValueError:
+            self.error(name, value, 'a share from "0%" to "100%", e.g. "10%"')
+            return builtins.float(default.rstrip("%")) / 100
+
     def size(self, name: builtins.str, default: builtins.str | builtins.int) -> builtins.int:
         value = self._get(name, default)
         try:
@@ -334,6 +353,61 @@ class Customer:
     contact: str = ""
     # Per-customer settings owned by other modules (parse's customer_keys), by key.
     ext: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Where the record came from, for the CLI and the logs: policies.toml, a file of the
+    # [customer_source] directory, "postgresql" (or its on-disk snapshot).
+    origin: str = field(default="", compare=False)
+
+
+SOURCE_TYPES = ("files", "postgresql")
+
+
+@dataclass(frozen=True)
+class CustomerSource:
+    """[customer_source]: customers kept outside policies.toml, refreshed without a reload."""
+
+    type: str = ""  # "" = only the [[customers]] of policies.toml
+    path: str = ""  # files: the directory of NAME.toml files
+    dsn: str = ""  # postgresql: libpq URL
+    query: str = ""  # postgresql: one row per network/login/domain/address (docs/policies.md)
+    refresh: float = 30.0
+    max_shrink: float = 0.10  # a refresh that loses more than this share is refused
+    snapshot: str = ""  # postgresql: last good rows, for a restart during an outage
+    connect_timeout: float = 10.0
+    # The components' parsers of the [[customers]] keys they own, so that a source's
+    # customer reads exactly like a policies.toml one.
+    keys: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.type)
+
+
+class CustomerDirectory:
+    """The customers in force for one Config: one immutable index, replaced whole.
+
+    A refresh of [customer_source] builds a new index off the event loop and publishes it
+    here with one assignment, so every reader sees either the old index or the new one,
+    never half of each. Without a publisher (a CLI command, a test) the first reader
+    builds it with the loader the composition root handed to parse()
+    (maild.customers.directory.initial_index), or with the one it passes itself.
+    """
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._index: Any = None
+        self.loader: Callable[[Config], Any] | None = None
+
+    def current(self, loader: Callable[[Config], Any] | None = None) -> Any:
+        idx = self._index
+        if idx is None:
+            load = self.loader or loader
+            if load is None:
+                return None
+            idx = self._index = load(self._config)
+        return idx
+
+    def publish(self, index: Any) -> None:
+        self._index = index
 
 
 @dataclass(frozen=True)
@@ -351,6 +425,12 @@ class Config:
     postmaster: Postmaster
     # Sections owned by other modules, parsed by them (parse's sections), by name.
     sections: dict[str, Any] = field(default_factory=dict)
+    customer_source: CustomerSource = field(default_factory=CustomerSource)
+    # [[customers]] plus the source's customers, as now (see CustomerDirectory).
+    directory: CustomerDirectory = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", CustomerDirectory(self))
 
     @property
     def hosted_domains(self) -> frozenset[str]:
@@ -358,7 +438,16 @@ class Config:
         return frozenset(self.postmaster.domains) | frozenset(self.postmaster.hostnames)
 
     def customer(self, name: str) -> Customer | None:
-        return next((c for c in self.customers if c.name == name), None)
+        """A customer in force by name, from policies.toml or [customer_source]."""
+        idx = self.directory.current()
+        if idx is None:  # parsed without the composition root: policies.toml alone
+            return next((c for c in self.customers if c.name == name), None)
+        return idx.by_name(name)
+
+    def all_customers(self) -> tuple[Customer, ...]:
+        """Every customer in force: policies.toml's, then the source's."""
+        idx = self.directory.current()
+        return self.customers if idx is None else idx.customers
 
 
 # A component's parser for its own top-level section: parser(reader) -> object, read back
@@ -459,40 +548,89 @@ def _parse_server(r: Reader) -> Server:
     return server
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_customer(
+    r: Reader, customer_keys: Mapping[str, CustomerParser], origin: str, default_name: str = ""
+) -> Customer:
+    """One customer table: a [[customers]] entry, a customer file, a database's rows."""
+    name = r.str("name", default_name or None, required=True)
+    if name and not _NAME.match(name):
+        r.error("name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)")
+    addresses = r.str_list("addresses", lower=True)
+    for i, a in enumerate(addresses):
+        if "@" not in a:
+            r.error(f"addresses[{i}]", a, 'a full address such as "news@partner.example"')
+    contact = r.str("contact", "")
+    if contact and "@" not in contact:
+        r.error("contact", contact, 'an email address such as "ops@customer.example"')
+    customer = Customer(
+        name=name,
+        networks=r.networks("networks"),
+        logins=r.str_list("logins"),
+        domains=r.domains("domains"),
+        addresses=addresses,
+        contact=contact,
+        ext={key: parser(r) for key, parser in customer_keys.items()},
+        origin=origin,
+    )
+    r.unknown()
+    return customer
+
+
 def _parse_customers(
-    readers: list[Reader], customer_keys: Mapping[str, CustomerParser]
+    readers: list[Reader], customer_keys: Mapping[str, CustomerParser], origin: str
 ) -> tuple[Customer, ...]:
     customers: list[Customer] = []
     names: set[str] = set()
     for r in readers:
-        name = r.str("name", required=True)
-        if name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
-            r.error(
-                "name", name, "letters, digits, '.', '_' or '-' (it is used in logs and the CLI)"
-            )
-        if name in names:
-            r.error("name", name, "a name no other customer has")
-        names.add(name)
-        addresses = r.str_list("addresses", lower=True)
-        for i, a in enumerate(addresses):
-            if "@" not in a:
-                r.error(f"addresses[{i}]", a, 'a full address such as "news@partner.example"')
-        contact = r.str("contact", "")
-        if contact and "@" not in contact:
-            r.error("contact", contact, 'an email address such as "ops@customer.example"')
-        customers.append(
-            Customer(
-                name=name,
-                networks=r.networks("networks"),
-                logins=r.str_list("logins"),
-                domains=r.domains("domains"),
-                addresses=addresses,
-                contact=contact,
-                ext={key: parser(r) for key, parser in customer_keys.items()},
-            )
-        )
-        r.unknown()
+        c = parse_customer(r, customer_keys, origin)
+        if c.name in names:
+            r.error("name", c.name, "a name no other customer has")
+        names.add(c.name)
+        customers.append(c)
     return tuple(customers)
+
+
+def _parse_customer_source(
+    r: Reader, customer_keys: Mapping[str, CustomerParser]
+) -> CustomerSource:
+    d = CustomerSource()
+    if not r.table:
+        return d
+    kind = r.str("type", None, choices=SOURCE_TYPES, required=True)
+    src = CustomerSource(
+        type=kind,
+        path=r.str("path", "/etc/maild/customers.d" if kind == "files" else ""),
+        dsn=r.str("dsn", ""),
+        query=r.str("query", ""),
+        refresh=r.duration("refresh", "30s", positive=True),
+        max_shrink=r.share("max_shrink", "10%"),
+        snapshot=r.str("snapshot", ""),
+        connect_timeout=r.duration("connect_timeout", d.connect_timeout, positive=True),
+        keys=customer_keys,
+    )
+    if kind == "files":
+        if not src.path.strip():
+            r.error(
+                "path", src.path, 'a directory of customer files, e.g. "/etc/maild/customers.d"'
+            )
+        for key in ("dsn", "query", "snapshot"):
+            if r.has(key):
+                r.error(key, r.table[key], 'no value: it is for type = "postgresql"')
+    if kind == "postgresql":
+        if r.has("path"):
+            r.error("path", r.table["path"], 'no value: it is for type = "files"')
+        if not src.dsn.startswith(("postgresql://", "postgres://")):
+            r.error("dsn", src.dsn, 'a libpq URL such as "postgresql://maild@db/billing"')
+        if not src.query.strip():
+            r.problems.append(
+                f"{r.key('query')} is missing: it is required (a SELECT returning columns "
+                "name, network, login, domain, address, contact, tier; see docs/policies.md)"
+            )
+    r.unknown()
+    return src
 
 
 def _parse_postmaster(r: Reader) -> Postmaster:
@@ -517,23 +655,33 @@ def parse(
     *,
     sections: Mapping[str, SectionParser] | None = None,
     customer_keys: Mapping[str, CustomerParser] | None = None,
+    customer_index: Callable[[Config], Any] | None = None,
 ) -> Config:
     """Validate a decoded TOML document; raise ConfigError with every problem.
 
     sections and customer_keys are the components' parsers, in the order their problems
-    are listed; without them only [server], [[customers]] and [postmaster] are known."""
+    are listed; without them only [server], [[customers]] and [postmaster] are known.
+    customer_index builds the config's customer index when it is first needed."""
     problems: list[str] = []
     root = Reader(data, "", problems)
     server = _parse_server(root.table_of("server"))
-    customers = _parse_customers(root.tables("customers"), customer_keys or {})
+    customers = _parse_customers(root.tables("customers"), customer_keys or {}, path)
+    source = _parse_customer_source(root.table_of("customer_source"), customer_keys or {})
     postmaster = _parse_postmaster(root.table_of("postmaster"))
     parsed = {name: parser(root.table_of(name)) for name, parser in (sections or {}).items()}
     root.unknown()
     if problems:
         raise ConfigError(path, problems)
-    return Config(
-        path=path, server=server, customers=customers, postmaster=postmaster, sections=parsed
+    config = Config(
+        path=path,
+        server=server,
+        customers=customers,
+        postmaster=postmaster,
+        sections=parsed,
+        customer_source=source,
     )
+    config.directory.loader = customer_index
+    return config
 
 
 def load(
@@ -541,6 +689,7 @@ def load(
     *,
     sections: Mapping[str, SectionParser] | None = None,
     customer_keys: Mapping[str, CustomerParser] | None = None,
+    customer_index: Callable[[Config], Any] | None = None,
 ) -> Config:
     """Read and validate policies.toml; raise ConfigError naming every problem."""
     p = Path(path)
@@ -558,4 +707,10 @@ def load(
         raise ConfigError(
             str(p), ["the file is nested too deeply to be a policy; check for runaway brackets"]
         ) from None
-    return parse(data, str(p), sections=sections, customer_keys=customer_keys)
+    return parse(
+        data,
+        str(p),
+        sections=sections,
+        customer_keys=customer_keys,
+        customer_index=customer_index,
+    )

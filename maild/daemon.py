@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from maild import config as cfg
 from maild import privs
+from maild.customers.directory import Refresher
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
 from maild.policy.customer import index as customer_index
@@ -149,6 +150,9 @@ class Daemon:
         self.proxy = Proxy(
             c, self.downstream, self.decisions, self.services, health=self.store.health
         )
+        # Before serving: each process reads [customer_source] and keeps its own index.
+        self.customers = Refresher(c)
+        await self.customers.start()
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -492,6 +496,7 @@ class Daemon:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
                 result["refused"].append(f"{e.path}: {p}")
             return
+        await self.customers.adopt(new)  # the new policy's index, published before the switch
         old = self.config
         from maild.web.settings import reload_note
 
@@ -506,7 +511,9 @@ class Daemon:
         self.budget.threshold = new.server.limits.spool_threshold
         if self.retention is not None:
             await self.retention.reload(new)
-        log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
+        log.info(
+            "reload: policy reloaded from %s: customers=%d", new.path, len(new.all_customers())
+        )
         if new.server.listen != self.listening and await self._listen(new.server.listen):
             result["applied"].append("listen")
         if _downstream_settings(new) != _downstream_settings(old):
@@ -594,6 +601,7 @@ class Daemon:
             await asyncio.sleep(0.1)
         if self.retention is not None:
             await self.retention.stop()
+        await self.customers.stop()
         self._housekeeping.cancel()
         await self.sanctions.drain()
         try:

@@ -18,6 +18,7 @@ from email.utils import format_datetime, localtime
 from typing import TYPE_CHECKING, Any
 
 from maild.config import Config, Reader
+from maild.customers.index import origin_kind
 from maild.store.base import Store
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ async def build(
         "customers": [
             {
                 "customer": c,
+                "source": _source(config, c),
                 "relayed": int(a or 0),
                 "rejected": int(b or 0),
                 "tempfailed": int(t or 0),
@@ -134,6 +136,12 @@ async def build(
     return report
 
 
+def _source(config: Config, name: str) -> str:
+    """Where the customer comes from now: policies.toml, files, postgresql, or "-"."""
+    c = config.customer(name) if name and name != "-" else None
+    return origin_kind(c.origin) if c is not None else "-"
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
@@ -152,9 +160,12 @@ def as_text(rep: dict) -> str:
     )
     for x in rep["refused"]:
         out.append(f"  {x['rule']:28} {x['action']:9} {x['count']}")
-    out += ["", "Per customer (relayed / rejected / tempfailed):"]
+    out += ["", "Per customer (relayed / rejected / tempfailed; from):"]
     for c in rep["customers"]:
-        out.append(f"  {c['customer']:28} {c['relayed']} / {c['rejected']} / {c['tempfailed']}")
+        out.append(
+            f"  {c['customer']:28} {c['relayed']} / {c['rejected']} / {c['tempfailed']}"
+            f"; {c.get('source', '-')}"
+        )
     out += ["", "Top senders (messages, recipients):"]
     for s in rep["top_senders"]:
         out.append(

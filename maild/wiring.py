@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maild import config as cfg
+from maild.customers.directory import initial_index
 from maild.store.base import Migrations, Store
 
 if TYPE_CHECKING:
@@ -30,10 +31,21 @@ class Wiring:
     preloads: Sequence[str]
 
     def parse(self, data: dict[str, Any], path: str = "policies.toml") -> cfg.Config:
-        return cfg.parse(data, path, sections=self.sections, customer_keys=self.customer_keys)
+        return cfg.parse(
+            data,
+            path,
+            sections=self.sections,
+            customer_keys=self.customer_keys,
+            customer_index=initial_index,
+        )
 
     def load(self, path: str | Path) -> cfg.Config:
-        return cfg.load(path, sections=self.sections, customer_keys=self.customer_keys)
+        return cfg.load(
+            path,
+            sections=self.sections,
+            customer_keys=self.customer_keys,
+            customer_index=initial_index,
+        )
 
     async def open_store(
         self,

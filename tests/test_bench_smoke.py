@@ -139,3 +139,13 @@ def test_write_docs_keeps_the_analysis(tmp_path):
     assert "analysis by hand" in text and "more analysis" in text
     assert "| new |" in text and "old" not in text
     assert "<!-- bench:machine -->" in text  # a missing block is appended
+
+
+def test_customers_smoke(tmp_path):
+    need_postfix()  # smtp-source and smtp-sink come with Postfix
+    r = run_bench("customers", tmp_path)
+    assert [s["customers"] for s in r["sizes"]] == [100, 1000]
+    for s in r["sizes"]:
+        assert all(finite(s[k]) and s[k] > 0 for k in ("miss_ns", "hit_ns", "build_s"))
+    assert finite(r["sizes"][0]["files_load_s"])
+    assert r["throughput"]["ratio"]["n"] == 1 and finite(r["throughput"]["ratio"]["median"])

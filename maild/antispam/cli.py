@@ -8,6 +8,7 @@ persisted by the daemon (it writes them every few seconds).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -16,9 +17,11 @@ import click
 
 from maild.antispam.limiter import Counter, counter_key, legacy_share, under
 from maild.antispam.sanctions import control, set_state
-from maild.clitools import echo_json, load_config, open_store, run_async
+from maild.clitools import config_option, echo_json, load_config, open_store, run_async
 from maild.config import Config
+from maild.customers.index import origin_kind
 from maild.daemonctl import apply_control
+from maild.policy.customer import index as customer_index
 from maild.store.base import Store
 
 
@@ -32,26 +35,50 @@ async def _with_store(config: Config, fn: Any) -> Any:
 
 def _need_customer(config: Config, name: str) -> None:
     if config.customer(name) is None:
-        known = ", ".join(c.name for c in config.customers) or "none"
         raise click.BadParameter(
-            f"no customer named {name!r} in {config.path} (known: {known})", param_hint="NAME"
+            f"no customer named {name!r} in {config.path}{_where_else(config)} "
+            f"(known: {known_customers(config)})",
+            param_hint="NAME",
         )
 
 
-async def _state(store: Store, name: str) -> dict:
-    row = await store.fetchone(
-        "SELECT state, since, reason, actor FROM sanctions WHERE customer = ?", (name,)
-    )
-    state = {"state": "ok", "since": None, "reason": "", "actor": ""}
-    if row:
-        state = {"state": row[0], "since": row[1], "reason": row[2], "actor": row[3]}
+def known_customers(config: Config, shown: int = 10) -> str:
+    """A few names, not a hundred thousand."""
+    names = [c.name for c in config.all_customers()]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more if names else "none"
+
+
+def _where_else(config: Config) -> str:
+    note = customer_index(config).source_note
+    return f" or its [customer_source] ({note})" if note else ""
+
+
+_OK = {"state": "ok", "since": None, "reason": "", "actor": ""}
+
+
+async def _states(store: Store, name: str | None = None) -> dict[str, dict]:
+    """Sanction state and strikes in 7 days, by customer: one customer's, or everyone's in
+    two queries (a provider lists 100,000 customers)."""
+    where, args = ("WHERE customer = ?", (name,)) if name is not None else ("", ())
+    out: dict[str, dict] = {}
+    for c, state, since, reason, actor in await store.fetchall(
+        f"SELECT customer, state, since, reason, actor FROM sanctions {where}", args
+    ):
+        out[c] = {"state": state, "since": since, "reason": reason, "actor": actor}
     week = time.time() - 7 * 86400
-    counted = await store.fetchone(
-        "SELECT COUNT(*) FROM strikes WHERE customer = ? AND ts >= ?", (name, week)
+    strikes = await store.fetchall(
+        f"SELECT customer, COUNT(*) FROM strikes {where or 'WHERE 1 = 1'} AND ts >= ? "
+        "GROUP BY customer",
+        (*args, week),
     )
-    assert counted is not None  # COUNT(*) without GROUP BY returns one row
-    state["strikes_7d"] = counted[0]
-    return state
+    for c, n in strikes:
+        out.setdefault(c, dict(_OK))["strikes_7d"] = n
+    return out
+
+
+async def _state(store: Store, name: str) -> dict:
+    return {"strikes_7d": 0, **_OK, **(await _states(store, name)).get(name, {})}
 
 
 async def _stored(store: Store, prefix: str) -> list[tuple]:
@@ -63,16 +90,34 @@ async def _stored(store: Store, prefix: str) -> list[tuple]:
     return [r for r in rows if under(r[0], prefix)]
 
 
-async def _counters(store: Store, prefix: str) -> dict[str, float]:
+async def _stored_by_customer(store: Store) -> dict[str, list[tuple]]:
+    """Every customer's stored counters ('cust:NAME...'), by name: one query."""
+    out: dict[str, list[tuple]] = {}
+    for row in await store.fetchall(
+        "SELECT key, value, ts, period FROM ratelimit_counters WHERE substr(key, 1, 5) = 'cust:'"
+    ):
+        name = re.split(r"[|:#]", row[0][len("cust:") :], maxsplit=1)[0]
+        out.setdefault(name, []).append(row)
+    return out
+
+
+def _counters_of(rows: list[tuple]) -> dict[str, float]:
     now = time.time()
-    return {
-        k: round(Counter(value=v, ts=ts).current(now, p), 2)
-        for k, v, ts, p in await _stored(store, prefix)
-    }
+    return {k: round(Counter(value=v, ts=ts).current(now, p), 2) for k, v, ts, p in rows}
+
+
+async def _counters(store: Store, prefix: str) -> dict[str, float]:
+    return _counters_of(await _stored(store, prefix))
 
 
 async def _window_counts(
     store: Store, config: Config, name: str, kinds: tuple[str, ...]
+) -> dict[str, list[dict]] | None:
+    return _windows_of(await _stored(store, f"cust:{name}"), config, name, kinds)
+
+
+def _windows_of(
+    rows: list[tuple], config: Config, name: str, kinds: tuple[str, ...]
 ) -> dict[str, list[dict]] | None:
     """The customer's counter against each of its windows, per kind (messages, recipients,
     bytes), as the limiter judges it (decayed over that window), in whole numbers; a
@@ -83,7 +128,7 @@ async def _window_counts(
     rl = config.sections.get("ratelimit")
     if rl is not None and not rl.enabled:
         return None
-    stored = {k: (v, ts) for k, v, ts, _p in await _stored(store, f"cust:{name}")}
+    stored = {k: (v, ts) for k, v, ts, _p in rows}
     limits = customer_limits(config, config.customer(name))
     now = time.time()
     out: dict[str, list[dict]] = {}
@@ -119,21 +164,34 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
-@click.command("customers")
+@click.group("customers", invoke_without_command=True)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def customers(as_json: bool) -> None:
-    """List customers with their sanction state, strikes and message counters."""
+@click.pass_context
+def customers(ctx: click.Context, as_json: bool) -> None:
+    """List customers with where each comes from, their sanction state, strikes and
+    message counters; `customers import` turns a CSV export into customer files."""
+    if ctx.invoked_subcommand is None:
+        _list(as_json)
+
+
+def _list(as_json: bool) -> None:
     config = load_config()
+    for line in customer_index(config).refused:
+        click.echo(f"warning: {line}", err=True)
 
     async def collect(store: Store) -> list[dict]:
         out = []
-        for c in config.customers:
-            st = await _state(store, c.name)
-            counters = await _counters(store, f"cust:{c.name}")
-            counts = await _window_counts(store, config, c.name, ("messages",))
+        states, stored = await _states(store), await _stored_by_customer(store)
+        for c in config.all_customers():
+            st = {"strikes_7d": 0, **_OK, **states.get(c.name, {})}
+            rows = [r for r in stored.get(c.name, []) if under(r[0], f"cust:{c.name}")]
+            counters = _counters_of(rows)
+            counts = _windows_of(rows, config, c.name, ("messages",))
             out.append(
                 {
                     "name": c.name,
+                    "source": c.origin,
                     **st,
                     "counters": counters,
                     "messages": None if counts is None else counts["messages"],
@@ -146,13 +204,17 @@ def customers(as_json: bool) -> None:
         echo_json(rows)
         return
     click.echo(
-        f"{'CUSTOMER':20} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} MESSAGES (of LIMIT/WINDOW)"
+        f"{'CUSTOMER':20} {'SOURCE':13} {'STATE':8} {'STRIKES(7d)':11} {'SINCE':16} "
+        "MESSAGES (of LIMIT/WINDOW)"
     )
     for r in rows:
         msgs = "rate limits off" if r["messages"] is None else _against(r["messages"])
         click.echo(
-            f"{r['name']:20} {r['state']:8} {r['strikes_7d']:<11} {_when(r['since']):16} {msgs}"
+            f"{r['name']:20} {origin_kind(r['source']):13} {r['state']:8} "
+            f"{r['strikes_7d']:<11} {_when(r['since']):16} {msgs}"
         )
+    if note := customer_index(config).source_note:
+        click.echo(f"SOURCE: policies.toml's [[customers]], or [customer_source]: {note}")
     click.echo(
         "MESSAGES: the rate limiter's decaying counter, decayed over each window as "
         "it is compared with the limit; as the daemon last stored it"
@@ -201,6 +263,7 @@ def show(name: str, as_json: bool) -> None:
     st.update(
         {
             "name": name,
+            "source": c.origin,
             "contact": c.contact,
             "networks": [str(n) for n in c.networks],
             "logins": list(c.logins),
@@ -214,12 +277,24 @@ def show(name: str, as_json: bool) -> None:
         f"customer {name}: {st['state']} since {_when(st['since'])}"
         + (f" ({st['reason']}, by {st['actor']})" if st["reason"] else "")
     )
+    click.echo(f"  source: {_origin_text(c.origin, config.path)}")
     click.echo(f"  contact: {c.contact or '-'}; domains: {', '.join(c.domains) or '-'}")
     click.echo(f"  strikes in 7 days: {st['strikes_7d']}")
     for kind in _SHOWN:
         click.echo(f"  {kind}: " + ("rate limits off" if st[kind] is None else _against(st[kind])))
     for h in st["history"][:10]:
         click.echo(f"  {_when(h['ts'])} {h['action']}: {h['reason']} ({h['actor']})")
+
+
+def _origin_text(origin: str, config_path: str) -> str:
+    kind, _, where = origin.partition(":")
+    if kind == "files":
+        return f"file {where}"
+    if kind == "postgresql":
+        return f"postgresql {where} (its last answer)"
+    if kind == "postgresql-snapshot":
+        return f"postgresql, from the snapshot {where} (the database was unreachable)"
+    return f"[[customers]] in {origin or config_path}"
 
 
 def _change(name: str, state: str, reason: str, as_json: bool) -> None:

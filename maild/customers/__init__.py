@@ -1,0 +1,1 @@
+"""Customers kept outside policies.toml ([customer_source]) and the index every lookup uses."""
