@@ -89,11 +89,12 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
     from maild.privs import PrivilegeError
+    from maild.smtp.tls import TLSConfigError
     from maild.store.base import StoreError
 
     try:
         run_serve(config, wiring(), allow_root=allow_root, init_state=init_state)
-    except PrivilegeError as e:
+    except (PrivilegeError, TLSConfigError) as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
     except StoreError as e:
@@ -115,6 +116,14 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
 def check_config(quiet: bool) -> None:
     """Validate policies.toml: exit 0, or list every problem and exit 2."""
     config = load_config()
+    if config.server.tls.enabled:
+        from maild.smtp.tls import TLSConfigError, build_context
+
+        try:
+            build_context(config.server.tls)
+        except TLSConfigError as e:
+            click.echo(f"{config.path}: {e}", err=True)
+            sys.exit(2)
     if not quiet:
         s = config.server
         click.echo(

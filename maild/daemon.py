@@ -35,9 +35,11 @@ from maild.sdnotify import notify
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
+from maild.smtp.front import Front
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
+from maild.smtp.tls import TLSConfigError
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 from maild.wiring import Wiring
@@ -87,7 +89,7 @@ class Daemon:
         self._listen_error = ""
         self._probe: asyncio.Task | None = None
 
-    def _protocol(self) -> MaildSMTP:
+    def _protocol(self, listener: str = "smtp") -> MaildSMTP:
         c = self.proxy.config
         return MaildSMTP(
             self.proxy,
@@ -96,7 +98,30 @@ class Daemon:
             trusted=c.server.trusted_upstreams,
             admission=self.admission,
             budget=self.budget,
+            front=self.front,
+            listener=listener,
         )
+
+    async def _start_tls_listeners(self, c: cfg.Config) -> None:
+        """[server.tls] implicit (465) and submission (587): bound at start, with the
+        certificate read while still root (maild.smtp.front)."""
+        self.front = Front(c.server)
+        self.tls_servers: list[asyncio.AbstractServer] = []
+        for kind, addrs in (
+            ("implicit", c.server.tls.implicit),
+            ("submission", c.server.tls.submission),
+        ):
+            for host, port in addrs:
+                self.tls_servers.append(
+                    await asyncio.get_running_loop().create_server(
+                        lambda kind=kind: self._protocol(kind),
+                        host=host or None,
+                        port=port,
+                        reuse_address=True,
+                        backlog=1024,
+                        start_serving=False,
+                    )
+                )
 
     def _is_customer(self, addr: str) -> bool:
         """A customer network's address: it may use the reserved session slots."""
@@ -116,6 +141,7 @@ class Daemon:
         # Bind first (port 25 may need root), then drop root before touching any state.
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
+        await self._start_tls_listeners(c)
         self.server = await loop.create_server(
             self._protocol,
             host=lhost or None,
@@ -152,6 +178,8 @@ class Daemon:
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
+        for server in self.tls_servers:
+            await server.start_serving()
         await self._start_retention()
         self._start_report()
         self.write_status()
@@ -322,6 +350,7 @@ class Daemon:
             "downstream_in_use": self.downstream.in_use,
             "downstream_idle": len(self.downstream._idle),
             "limits": self.limits_status(),
+            "front": self.front.status(),
             "decisions_pending": len(self.decisions.pending),
             "relayed": self.proxy.stats["relayed"],
             "rejected": self.proxy.stats["rejected"],
@@ -507,6 +536,11 @@ class Daemon:
         if self.retention is not None:
             await self.retention.reload(new)
         log.info("reload: policy reloaded from %s: customers=%d", new.path, len(new.customers))
+        try:
+            self.front.reload(new.server)  # the certificate, for the next handshake
+        except TLSConfigError as e:
+            log.error("error: reload: %s; the running certificate stays in use", e)
+            result["warnings"].append(str(e))
         if new.server.listen != self.listening and await self._listen(new.server.listen):
             result["applied"].append("listen")
         if _downstream_settings(new) != _downstream_settings(old):
@@ -584,6 +618,8 @@ class Daemon:
         notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        for server in getattr(self, "tls_servers", ()):
+            server.close()
         if self.web is not None:
             await self.web.stop()
         if self._probe is not None:

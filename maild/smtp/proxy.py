@@ -445,7 +445,7 @@ class Proxy:
         self._drop_conn(session, reusable=True, rset=True)
         ctx = self._context(session, address, params)
         try:
-            ctx.identity = resolve(self.config, session.client, sender=address)
+            ctx.identity = resolve(self.config, session.client, session.auth_login, address)
             if self._store_down():
                 return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
             await pipeline.mail(ctx)  # a refusal is given at RCPT (smtpd_delay_reject)
@@ -626,6 +626,8 @@ class Proxy:
             session.id,
             ctx.recipients,
             format_datetime(localtime()),
+            tls=session.tls,
+            authenticated=bool(session.auth_login),
         )
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)
