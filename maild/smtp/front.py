@@ -25,7 +25,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from maild.config import Server
 from maild.smtp import proxyproto
 from maild.smtp.sasl import AuthUnavailable, DovecotAuth, Failures, b64decode, parse_plain
-from maild.smtp.tls import build_context, describe, reload_context
+from maild.smtp.tls import build_context, certificate_summary, describe, reload_context
 
 if TYPE_CHECKING:
     from maild.smtp.server import MaildSession
@@ -51,6 +51,7 @@ class Front:
         )
         self.auth = DovecotAuth(server.auth.dovecot) if server.auth.enabled else None
         self.failures = Failures(server.auth)
+        self.certificate = certificate_summary(server.tls) if server.tls.enabled else {}
 
     def reload(self, server: Server) -> None:
         """New [server.tls] and [server.auth] for new sessions; TLSConfigError keeps the
@@ -65,15 +66,14 @@ class Front:
         self.settings = server
         self.auth = DovecotAuth(server.auth.dovecot) if server.auth.enabled else None
         self.failures.settings = server.auth
+        self.certificate = certificate_summary(server.tls) if server.tls.enabled else {}
 
     def status(self) -> dict[str, Any]:
-        from maild.smtp.tls import certificate_summary
-
         tls, auth = self.settings.tls, self.settings.auth
         return {
             "tls": (
                 {
-                    **certificate_summary(tls),
+                    **self.certificate,
                     "implicit": [f"{h}:{p}" for h, p in tls.implicit],
                     "submission": [f"{h}:{p}" for h, p in tls.submission],
                     "security_level": tls.security_level,

@@ -208,6 +208,20 @@ def test_a_command_pipelined_after_starttls_in_clear_is_not_run_inside_tls(tls_m
     t.close()
 
 
+def test_maild_status_shows_the_certificate_and_the_tls_listeners(tls_maild, certs):
+    _, cert, _ = certs
+
+    def status() -> str:
+        r = tls_maild.cli("status")
+        return r.stdout if r.returncode == 0 and "tls:" in r.stdout else ""
+
+    out = wait_until(status, timeout=20)
+    assert out, tls_maild.cli("status")
+    assert f"tls: {cert} (subject " in out and "TLSv1.2 or later" in out, out
+    assert f"implicit listeners: 127.0.0.1:{tls_maild.implicit}" in out
+    assert f"submission listeners: 127.0.0.1:{tls_maild.submission}" in out
+
+
 def test_sighup_loads_a_new_certificate_and_keeps_tls_sessions_in_flight(tls_maild, certs):
     d, cert, key = certs
     before = peer_cn(tls_maild.port)
