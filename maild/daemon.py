@@ -314,6 +314,16 @@ class Daemon:
                     "why": "root is given up once, at start",
                 }
             )
+        for key in ("implicit", "submission"):  # [server.tls] listeners
+            if getattr(file.tls, key) != getattr(run.tls, key):
+                out.append(
+                    {
+                        "key": f"tls.{key}",
+                        "file": ", ".join(map(_hostport, getattr(file.tls, key))),
+                        "running": ", ".join(map(_hostport, getattr(run.tls, key))),
+                        "why": "TLS listeners are bound once, at start",
+                    }
+                )
         if file.pid_file != self.pid_file:
             out.append(
                 {

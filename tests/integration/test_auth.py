@@ -153,3 +153,32 @@ def test_failed_logins_are_logged_without_the_password_and_limited(auth_maild):
     assert all("login=alice" in line for line in failures)
     assert "wrong-guess-pw" not in log and PASSWORD not in log
     assert base64.b64encode(b"wrong-guess-pw").decode() not in log
+
+
+def test_the_dovecot_auth_unix_socket_works_as_the_tcp_port_does(postfix, dovecot, tmp_path):
+    cert, key = make_cert(tmp_path / "tls")
+    policy = front_policy(postfix.reinject_port)
+    policy["server"]["tls"] = {"certificate": str(cert), "key": str(key)}
+    policy["server"]["auth"] = {"dovecot": str(dovecot.client_socket)}
+    with Maild(tmp_path / "m", policy).start() as m:
+        r = swaks(
+            m.port,
+            frm="alice@acme.example",
+            to="x@hosted.example",
+            bind=STRANGER,
+            auth=("alice", PASSWORD),
+            extra=["-tls"],
+            quit_after="AUTH",
+        )
+        assert "235 2.7.0 Authentication successful" in r.output, r.output + m.log()
+
+
+def test_help_lists_starttls_and_auth_when_they_are_on(auth_maild):
+    with socket.create_connection(
+        ("127.0.0.1", auth_maild.port), timeout=30, source_address=(STRANGER, 0)
+    ) as s:
+        f = s.makefile("rb")
+        _reply(f)
+        s.sendall(b"HELP\r\n")
+        listed = _reply(f).decode()
+        assert "AUTH" in listed and "STARTTLS" in listed, listed

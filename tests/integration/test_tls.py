@@ -285,3 +285,18 @@ def test_postfix_smtp_client_relays_through_maild_with_tls_encrypt(postfix, tls_
         assert b"(using TLSv1.3 with cipher" in msgs[0]
     finally:
         sender.stop()
+
+
+def test_a_changed_tls_listener_list_is_named_as_needing_a_restart(tls_maild):
+    implicit = tls_maild.policy["server"]["tls"]["implicit"]
+    tls_maild.policy["server"]["tls"]["implicit"] = [f"127.0.0.1:{free_port()}"]
+    tls_maild.write()
+    try:
+        r = tls_maild.cli("reload")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "[server] tls.implicit = 127.0.0.1:" in r.stderr
+        assert "TLS listeners are bound once, at start" in r.stderr
+    finally:
+        tls_maild.policy["server"]["tls"]["implicit"] = implicit
+        tls_maild.write()
+        assert tls_maild.cli("reload").returncode == 0
