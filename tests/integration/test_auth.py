@@ -7,8 +7,6 @@ customer owns. AUTH is over TLS only; failed logins are limited per address and 
 from __future__ import annotations
 
 import base64
-import socket
-import ssl
 
 import pytest
 
@@ -18,6 +16,7 @@ from tests.harness.maild import Maild
 from tests.harness.postfix import DovecotAuth
 from tests.harness.waits import wait_until
 from tests.integration.conftest import STRANGER, front_policy, need
+from tests.integration.wire import reply, session, starttls
 
 PASSWORD = "s3cret-Pass"
 
@@ -47,29 +46,8 @@ def auth_maild(postfix, dovecot, tmp_path_factory):
     m.stop()
 
 
-def _reply(f) -> bytes:
-    out = b""
-    while True:
-        line = f.readline()
-        out += line
-        if not line or line[3:4] != b"-":
-            return out
-
-
-def tls_session(port: int, source: str) -> tuple[ssl.SSLSocket, object]:
-    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
-    f = s.makefile("rb")
-    _reply(f)
-    s.sendall(b"EHLO client.example\r\n")
-    _reply(f)
-    s.sendall(b"STARTTLS\r\n")
-    _reply(f)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    t = ctx.wrap_socket(s)
-    tf = t.makefile("rb")
-    t.sendall(b"EHLO client.example\r\n")
-    ehlo = _reply(tf)
+def tls_session(port: int, source: str):
+    t, tf, ehlo = starttls(port, source)
     assert b"250-AUTH PLAIN LOGIN" in ehlo, ehlo
     return t, tf
 
@@ -109,24 +87,21 @@ def test_swaks_auth_login_is_checked_by_dovecot_too(auth_maild):
 
 
 def test_auth_is_neither_offered_nor_accepted_in_clear_text(auth_maild):
-    with socket.create_connection(
-        ("127.0.0.1", auth_maild.port), timeout=30, source_address=(STRANGER, 0)
-    ) as s:
-        f = s.makefile("rb")
-        _reply(f)
+    s, f = session(auth_maild.port)
+    with s:
         s.sendall(b"EHLO client.example\r\n")
-        assert b"AUTH" not in _reply(f)
+        assert b"AUTH" not in reply(f)
         s.sendall(b"AUTH PLAIN " + plain("alice", PASSWORD) + b"\r\n")
-        assert _reply(f).startswith(b"538 5.7.11 Encryption required")
+        assert reply(f).startswith(b"538 5.7.11 Encryption required")
 
 
 def test_a_login_dovecot_accepts_but_no_customer_owns_may_not_relay(auth_maild):
     t, tf = tls_session(auth_maild.port, STRANGER)
     t.sendall(b"AUTH PLAIN " + plain("bob", "bobpw") + b"\r\n")
-    assert _reply(tf).startswith(b"235 ")
+    assert reply(tf).startswith(b"235 ")
     t.sendall(b"MAIL FROM:<bob@outside.example>\r\nRCPT TO:<x@elsewhere.example>\r\n")
-    _reply(tf)
-    assert _reply(tf).startswith(b"554 5.7.1 ")
+    reply(tf)
+    assert reply(tf).startswith(b"554 5.7.1 ")
     t.close()
 
 
@@ -135,17 +110,17 @@ def test_failed_logins_are_logged_without_the_password_and_limited(auth_maild):
     for _ in range(3):
         t, tf = tls_session(auth_maild.port, source)
         t.sendall(b"AUTH PLAIN " + plain("alice", "wrong-guess-pw") + b"\r\n")
-        assert _reply(tf).startswith(b"535 5.7.8 Error: authentication failed")
+        assert reply(tf).startswith(b"535 5.7.8 Error: authentication failed")
         t.close()
     t, tf = tls_session(auth_maild.port, source)
     t.sendall(b"AUTH PLAIN " + plain("alice", PASSWORD) + b"\r\n")
-    assert _reply(tf).startswith(b"421 4.7.0 "), "the address is over its failures"
+    assert reply(tf).startswith(b"421 4.7.0 "), "the address is over its failures"
     t.close()
     # alice's failures count for her login from any address: the right password from
     # elsewhere is refused too, without asking Dovecot
     t, tf = tls_session(auth_maild.port, "127.0.0.45")
     t.sendall(b"AUTH PLAIN " + plain("alice", PASSWORD) + b"\r\n")
-    assert _reply(tf).startswith(b"535 5.7.8 ")
+    assert reply(tf).startswith(b"535 5.7.8 ")
     t.close()
     log = auth_maild.log()
     failures = [line for line in log.splitlines() if "SASL PLAIN authentication failed" in line]
@@ -174,11 +149,8 @@ def test_the_dovecot_auth_unix_socket_works_as_the_tcp_port_does(postfix, doveco
 
 
 def test_help_lists_starttls_and_auth_when_they_are_on(auth_maild):
-    with socket.create_connection(
-        ("127.0.0.1", auth_maild.port), timeout=30, source_address=(STRANGER, 0)
-    ) as s:
-        f = s.makefile("rb")
-        _reply(f)
+    s, f = session(auth_maild.port)
+    with s:
         s.sendall(b"HELP\r\n")
-        listed = _reply(f).decode()
+        listed = reply(f).decode()
         assert "AUTH" in listed and "STARTTLS" in listed, listed

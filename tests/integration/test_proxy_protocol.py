@@ -15,6 +15,7 @@ import pytest
 from tests.harness.maild import Maild
 from tests.harness.waits import wait_until
 from tests.integration.conftest import CUSTOMER_IP, STRANGER, front_policy
+from tests.integration.wire import reply
 
 BALANCER = "127.0.0.7"
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -27,15 +28,6 @@ def pp_maild(postfix, tmp_path_factory):
     m.start()
     yield m
     m.stop()
-
-
-def _reply(f) -> bytes:
-    out = b""
-    while True:
-        line = f.readline()
-        out += line
-        if not line or line[3:4] != b"-":
-            return out
 
 
 def v1(client: str, port: int = 40000) -> bytes:
@@ -53,16 +45,16 @@ def relay_attempt(port: int, source: str, header: bytes, answered: bool = False)
     with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as s:
         f = s.makefile("rb")
         s.sendall(header)
-        out = [_reply(f)]
+        out = [reply(f)]
         if answered:
-            out.append(_reply(f))
+            out.append(reply(f))
         for line in (
             b"EHLO client.example",
             b"MAIL FROM:<a@acme.example>",
             b"RCPT TO:<someone@elsewhere.example>",
         ):
             s.sendall(line + b"\r\n")
-            out.append(_reply(f))
+            out.append(reply(f))
         s.sendall(b"QUIT\r\n")
         return out
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 
@@ -22,6 +21,7 @@ from tests.harness.ports import free_port
 from tests.harness.postfix import Postfix
 from tests.harness.waits import wait_until
 from tests.integration.conftest import CUSTOMER_IP, STRANGER, front_policy, need
+from tests.integration.wire import client_context, reply, session, starttls
 
 
 @pytest.fixture(scope="module")
@@ -50,40 +50,8 @@ def tls_maild(postfix, certs, tmp_path_factory):
     m.stop()
 
 
-def _reply(f) -> bytes:
-    out = b""
-    while True:
-        line = f.readline()
-        out += line
-        if line[3:4] != b"-":
-            return out
-
-
-def _client_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def starttls_session(port: int, source: str = STRANGER) -> tuple[ssl.SSLSocket, object]:
-    """A session after EHLO, STARTTLS and EHLO again: (TLS socket, its reader)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
-    f = s.makefile("rb")
-    assert _reply(f).startswith(b"220 ")
-    s.sendall(b"EHLO client.example\r\n")
-    assert b"STARTTLS" in _reply(f)
-    s.sendall(b"STARTTLS\r\n")
-    assert _reply(f).startswith(b"220 ")
-    t = _client_context().wrap_socket(s, server_hostname="mx.hosted.example")
-    tf = t.makefile("rb")
-    t.sendall(b"EHLO client.example\r\n")
-    assert _reply(tf).startswith(b"250-")
-    return t, tf
-
-
 def peer_cn(port: int) -> str:
-    t, _ = starttls_session(port)
+    t, _, _ = starttls(port)
     der = t.getpeercert(binary_form=True)
     t.close()
     pem = ssl.DER_cert_to_PEM_cert(der)
@@ -160,51 +128,43 @@ def test_implicit_tls_listener_takes_swaks_tls_on_connect(postfix, tls_maild):
 
 
 def test_submission_listener_requires_starttls_before_mail(tls_maild):
-    with socket.create_connection(("127.0.0.1", tls_maild.submission), timeout=30) as s:
-        f = s.makefile("rb")
-        _reply(f)
+    s, f = session(tls_maild.submission)
+    with s:
         s.sendall(b"EHLO client.example\r\n")
-        ehlo = _reply(f)
+        ehlo = reply(f)
         assert b"STARTTLS" in ehlo and b"AUTH" not in ehlo
         s.sendall(b"MAIL FROM:<a@outside.example>\r\n")
-        assert _reply(f).startswith(b"530 5.7.0 Must issue a STARTTLS command first")
+        assert reply(f).startswith(b"530 5.7.0 Must issue a STARTTLS command first")
 
 
 def test_a_customer_must_use_tls_before_mail_a_stranger_need_not(tls_maild):
     for source, expect in ((CUSTOMER_IP, b"530 5.7.0 "), (STRANGER, b"250 ")):
-        with socket.create_connection(
-            ("127.0.0.1", tls_maild.port), timeout=30, source_address=(source, 0)
-        ) as s:
-            f = s.makefile("rb")
-            _reply(f)
+        s, f = session(tls_maild.port, source)
+        with s:
             s.sendall(b"EHLO client.example\r\nMAIL FROM:<a@acme.example>\r\n")
-            _reply(f)
-            assert _reply(f).startswith(expect), source
-    t, tf = starttls_session(tls_maild.port, source=CUSTOMER_IP)
+            reply(f)
+            assert reply(f).startswith(expect), source
+    t, tf, _ = starttls(tls_maild.port, source=CUSTOMER_IP)
     t.sendall(b"MAIL FROM:<a@acme.example>\r\n")
-    assert _reply(tf).startswith(b"250 ")
+    assert reply(tf).startswith(b"250 ")
     t.close()
 
 
 def test_a_command_pipelined_after_starttls_in_clear_is_not_run_inside_tls(tls_maild):
     """The STARTTLS plaintext injection (CVE-2011-0411 class): the MAIL sent in the same
     packet as STARTTLS must be discarded, not answered inside the TLS session."""
-    s = socket.create_connection(
-        ("127.0.0.1", tls_maild.port), timeout=30, source_address=(STRANGER, 0)
-    )
-    f = s.makefile("rb")
-    _reply(f)
+    s, f = session(tls_maild.port)
     s.sendall(b"EHLO client.example\r\n")
-    _reply(f)
+    reply(f)
     s.sendall(b"STARTTLS\r\nMAIL FROM:<injected@outside.example>\r\n")
-    assert _reply(f).startswith(b"220 ")
-    t = _client_context().wrap_socket(s, server_hostname="mx.hosted.example")
+    assert reply(f).startswith(b"220 ")
+    t = client_context().wrap_socket(s, server_hostname="mx.hosted.example")
     tf = t.makefile("rb")
     t.sendall(b"NOOP\r\n")
-    assert _reply(tf).startswith(b"250 "), "an injected reply came first"
+    assert reply(tf).startswith(b"250 "), "an injected reply came first"
     t.sendall(b"EHLO client.example\r\nRCPT TO:<x@hosted.example>\r\n")
-    _reply(tf)
-    assert _reply(tf).startswith(b"503 5.5.1 Error: need MAIL command")
+    reply(tf)
+    assert reply(tf).startswith(b"503 5.5.1 Error: need MAIL command")
     t.close()
 
 
@@ -226,7 +186,7 @@ def test_sighup_loads_a_new_certificate_and_keeps_tls_sessions_in_flight(tls_mai
     d, cert, key = certs
     before = peer_cn(tls_maild.port)
     assert "mx.hosted.example" in before
-    held, held_f = starttls_session(tls_maild.port)
+    held, held_f, _ = starttls(tls_maild.port)
     new_cert, new_key = make_cert(d / "renewed", cn="renewed.hosted.example")
     shutil.copy(new_cert, cert)
     shutil.copy(new_key, key)
@@ -235,7 +195,7 @@ def test_sighup_loads_a_new_certificate_and_keeps_tls_sessions_in_flight(tls_mai
     assert wait_until(lambda: tls_maild.log().count("reload: policy reloaded") > reloads)
     assert "renewed.hosted.example" in peer_cn(tls_maild.port)
     held.sendall(b"NOOP\r\n")
-    assert _reply(held_f).startswith(b"250 ")
+    assert reply(held_f).startswith(b"250 ")
     held.close()
 
 
