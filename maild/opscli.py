@@ -192,7 +192,7 @@ def status(as_json: bool) -> None:
         f"  sessions in flight: {st['sessions']}; downstream connections: "
         f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle"
     )
-    for line in _limits_lines(st.get("limits")) + _front_lines(st.get("front")):
+    for line in _limits_lines(st.get("limits")) + _front_lines(st.get("front"), st["mode"]):
         click.echo("  " + line)
     click.echo(
         f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
@@ -253,13 +253,14 @@ def reload() -> None:
         sys.exit(1)
 
 
-def _front_lines(front: dict | None) -> list[str]:
-    """[server.tls], [server.auth] and trusted_proxies as the daemon runs them."""
+def _front_lines(front: dict | None, mode: str) -> list[str]:
+    """[server.tls], [server.auth] and trusted_proxies as the daemon runs them (front
+    mode's; in before-queue mode Postfix's smtpd does TLS and AUTH)."""
     if front is None:
         return []
     tls, auth = front.get("tls"), front.get("auth")
     if not tls:
-        return ["tls: off (no [server.tls] certificate); auth: off"]
+        return ["tls: off (no [server.tls] certificate); auth: off"] if mode == "front" else []
     out = [
         f"tls: {tls['certificate']} (subject {tls.get('subject') or '?'}, not after "
         f"{tls.get('not_after') or '?'}), {tls['min_protocol']} or later, listen "

@@ -150,6 +150,7 @@ class FrontSMTP(SMTP):
         """Wrap the connection in TLS (what aiosmtpd's STARTTLS does); False, logged and
         closed, when the handshake fails. Bytes the client sent before its handshake are
         discarded by aiosmtpd's connection_made: no plaintext command runs inside TLS."""
+        assert self.tls_context is not None
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, self.tls_context, waiter, server_side=True
@@ -190,7 +191,7 @@ class FrontSMTP(SMTP):
                     assert self.transport is not None
                     self.transport.close()
                     return False
-                session.peer = real
+                session.peer = real  # type: ignore[assignment]  # aiosmtpd's is a (host, port)
         if self.listener == "implicit":
             return self.tls_context is not None and await self._start_tls()
         return True
