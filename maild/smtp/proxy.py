@@ -290,16 +290,17 @@ class Proxy:
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
 
-    def path_refused(self, session: MaildSession, stage: str, reply: str, address: Address) -> None:
-        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
+    def path_refused(
+        self, session: MaildSession, stage: str, reply: str, address: Address, rule: str
+    ) -> None:
+        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8,
+        TLS required)."""
         if stage == "MAIL":
             ctx = self._context(session, address, [])
-            ctx.identity = resolve(self.config, session.client, sender=address)
-            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
+            ctx.identity = resolve(self.config, session.client, session.auth_login, address)
+            self.record(session, "reject", stage, reply, rule=rule, ctx=ctx)
         else:
-            self.record(
-                session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx, rcpt=address
-            )
+            self.record(session, "reject", stage, reply, rule=rule, ctx=session.ctx, rcpt=address)
 
     async def xforward_refused(self, session: MaildSession) -> None:
         self.record(

@@ -535,7 +535,7 @@ class MaildSMTP(FrontSMTP, FastInit):
                     "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)"
                 )
             if reply is not None:
-                self.event_handler.path_refused(self._session, stage, reply, address)
+                self.event_handler.path_refused(self._session, stage, reply, address, "smtputf8")
                 await self.push(reply)
                 return True
         return False
@@ -547,15 +547,15 @@ class MaildSMTP(FrontSMTP, FastInit):
         if self._envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        if reply := self.tls_refused(self.admission.is_customer(self._session.client.addr)):
-            self.event_handler.record(self._session, "reject", "MAIL", reply, rule="tls")
-            await self.push(reply)
-            return
         parsed = self._parse("FROM:", arg, MAIL_PARAMS)
         if isinstance(parsed, str):
             await self.push(parsed)
             return
         address, params = parsed
+        if reply := self.tls_refused(self.admission.is_customer(self._session.client.addr)):
+            self.event_handler.path_refused(self._session, "MAIL", reply, address, "tls")
+            await self.push(reply)
+            return
         if address.route or (address.domain == "" and not address.is_null):
             # A reverse path must be a full address or <>.
             await self.push("553 5.1.7 Sender address rejected: need fully-qualified address")

@@ -148,6 +148,11 @@ def test_a_customer_must_use_tls_before_mail_a_stranger_need_not(tls_maild):
     t.sendall(b"MAIL FROM:<a@acme.example>\r\n")
     assert reply(tf).startswith(b"250 ")
     t.close()
+    line = wait_until(
+        lambda: next((x for x in tls_maild.log().splitlines() if "rule=tls" in x), None)
+    )
+    assert line and f"[{CUSTOMER_IP}]" in line and "530 5.7.0" in line, tls_maild.log()
+    assert "customer=acme" in line and "from=<a@acme.example>" in line, line
 
 
 def test_a_command_pipelined_after_starttls_in_clear_is_not_run_inside_tls(tls_maild):
