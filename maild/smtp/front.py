@@ -164,13 +164,14 @@ class FrontSMTP(SMTP):
             await waiter
         except (OSError, ssl.SSLError, EOFError) as e:
             session = self.session
-            client = session.client.label if session and session.client.addr else "unknown"
-            peer = session.peer if session else ""
+            peer = session.peer if session and isinstance(session.peer, tuple) else ("?", 0)
+            client = (
+                session.client.label if session and session.client.addr else f"unknown[{peer[0]}]"
+            )
             log.info(
-                "%s: TLS handshake failed: client=%s peer=%s: %s",
+                "%s: TLS handshake failed: client=%s: %s",
                 session.id if session else "-",
                 client,
-                peer,
                 getattr(e, "reason", None) or type(e).__name__,
             )
             self._original_transport.close()
@@ -192,9 +193,13 @@ class FrontSMTP(SMTP):
                     self.transport.close()
                     return False
                 session.peer = real  # type: ignore[assignment]  # aiosmtpd's is a (host, port)
-        if self.listener == "implicit":
-            return self.tls_context is not None and await self._start_tls()
-        return True
+        if self.listener != "implicit":
+            return True
+        if self.tls_context is None:  # [server.tls] removed by a reload: nothing to offer
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        return await self._start_tls()
 
     # ------------------------------------------------------------ STARTTLS
 

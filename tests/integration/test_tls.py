@@ -127,6 +127,32 @@ def test_implicit_tls_listener_takes_swaks_tls_on_connect(postfix, tls_maild):
     assert msgs and b"with ESMTPS id" in msgs[0]
 
 
+def test_a_failed_handshake_on_the_implicit_listener_is_one_log_line(tls_maild):
+    openssl = require_binary("openssl")
+    r = subprocess.run(
+        [
+            openssl,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{tls_maild.implicit}",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Cipher is (NONE)" in r.stdout, r.stdout
+    assert wait_until(
+        lambda: (
+            "TLS handshake failed: client=unknown[127.0.0.1]: UNSUPPORTED_PROTOCOL"
+            in tls_maild.log()
+        )
+    ), tls_maild.log()
+
+
 def test_submission_listener_requires_starttls_before_mail(tls_maild):
     s, f = session(tls_maild.submission)
     with s:
