@@ -18,6 +18,7 @@ import asyncio.sslproto as sslproto
 import logging
 import re
 import ssl
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, syntax
@@ -93,12 +94,17 @@ class FrontSMTP(SMTP):
 
     front: Front | None
     listener: str
+    needs_preamble: bool
     session: MaildSession | None
 
     def setup_front(self, front: Front | None, listener: str) -> None:
         self.front = front
         self.listener = listener
         self.tls_context = front.context if front is not None else None
+        # a PROXY header to read or a handshake to make before the greeting
+        self.needs_preamble = listener == "implicit" or bool(
+            front is not None and front.settings.trusted_proxies
+        )
         if self.tls_context is not None:
             tls = front.settings.tls  # type: ignore[union-attr]
             self.require_starttls = listener == "submission" or tls.security_level == "encrypt"
@@ -112,15 +118,16 @@ class FrontSMTP(SMTP):
         """AUTH is listed in HELP and accepted (over TLS) when Dovecot is configured."""
         return self.front is not None and self.front.auth is not None and bool(self.tls_context)
 
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+    def _call_handler_hook(self, command: str, *args: Any) -> Coroutine[Any, Any, Any]:
         """aiosmtpd's EHLO lines reach the handler with AUTH as maild offers it: over TLS
-        only, PLAIN and LOGIN (aiosmtpd would list its own mechanisms after STARTTLS)."""
+        only, PLAIN and LOGIN (aiosmtpd would list its own mechanisms after STARTTLS).
+        Not a coroutine itself: no extra frame on every hook of every message."""
         if command == "EHLO":
             lines = [r for r in args[1] if not r[4:].startswith("AUTH")]
             if self.auth_enabled and self.encrypted:
                 lines.insert(len(lines) - 1, "250-AUTH PLAIN LOGIN")
             args = (args[0], lines)
-        return await super()._call_handler_hook(command, *args)
+        return super()._call_handler_hook(command, *args)
 
     # ------------------------------------------------------------ connection
 

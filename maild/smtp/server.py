@@ -276,7 +276,7 @@ class MaildSMTP(FrontSMTP, FastInit):
         return any(ip.version == n.version and ip in n for n in self.trusted)
 
     async def _handle_client(self) -> None:
-        if not await self.front_preamble():  # PROXY header, implicit TLS
+        if self.needs_preamble and not await self.front_preamble():  # PROXY, implicit TLS
             return
         session = self._session
         peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
