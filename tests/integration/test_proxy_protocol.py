@@ -12,10 +12,12 @@ import struct
 
 import pytest
 
+from tests.harness.certs import make_cert
 from tests.harness.maild import Maild
+from tests.harness.ports import free_port
 from tests.harness.waits import wait_until
 from tests.integration.conftest import CUSTOMER_IP, STRANGER, front_policy
-from tests.integration.wire import reply
+from tests.integration.wire import client_context, reply
 
 BALANCER = "127.0.0.7"
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -23,9 +25,18 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 @pytest.fixture(scope="module")
 def pp_maild(postfix, tmp_path_factory):
+    root = tmp_path_factory.mktemp("maild-pp")
+    cert, key = make_cert(root / "tls")
     policy = front_policy(postfix.reinject_port, trusted_proxies=[f"{BALANCER}/32"])
-    m = Maild(tmp_path_factory.mktemp("maild-pp"), policy)
+    implicit = free_port()
+    policy["server"]["tls"] = {
+        "certificate": str(cert),
+        "key": str(key),
+        "implicit": [f"127.0.0.1:{implicit}"],
+    }
+    m = Maild(root, policy)
     m.start()
+    m.implicit = implicit
     yield m
     m.stop()
 
@@ -86,3 +97,19 @@ def test_a_trusted_proxy_that_sends_no_header_is_closed_without_a_banner(pp_mail
     assert wait_until(
         lambda: "PROXY protocol header refused from proxy 127.0.0.7" in pp_maild.log()
     )
+
+
+def test_on_the_implicit_tls_listener_the_proxy_header_comes_before_the_handshake(pp_maild):
+    s = socket.create_connection(
+        ("127.0.0.1", pp_maild.implicit), timeout=30, source_address=(BALANCER, 0)
+    )
+    s.sendall(v2(CUSTOMER_IP, 40002))
+    t = client_context().wrap_socket(s, server_hostname="mx.hosted.example")
+    f = t.makefile("rb")
+    assert reply(f).startswith(b"220 ")
+    for line in (b"EHLO client.example", b"MAIL FROM:<a@acme.example>"):
+        t.sendall(line + b"\r\n")
+        reply(f)
+    t.sendall(b"RCPT TO:<someone@elsewhere.example>\r\n")
+    assert reply(f).startswith(b"250 "), "the customer's network, named by the header"
+    t.close()
