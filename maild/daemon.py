@@ -35,7 +35,7 @@ from maild.sdnotify import notify
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
-from maild.smtp.front import Front
+from maild.smtp.front import Front, bind_listeners, listeners_changed
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
@@ -102,27 +102,6 @@ class Daemon:
             listener=listener,
         )
 
-    async def _start_tls_listeners(self, c: cfg.Config) -> None:
-        """[server.tls] implicit (465) and submission (587): bound at start, with the
-        certificate read while still root (maild.smtp.front)."""
-        self.front = Front(c.server)
-        self.tls_servers: list[asyncio.AbstractServer] = []
-        for kind, addrs in (
-            ("implicit", c.server.tls.implicit),
-            ("submission", c.server.tls.submission),
-        ):
-            for host, port in addrs:
-                self.tls_servers.append(
-                    await asyncio.get_running_loop().create_server(
-                        lambda kind=kind: self._protocol(kind),
-                        host=host or None,
-                        port=port,
-                        reuse_address=True,
-                        backlog=1024,
-                        start_serving=False,
-                    )
-                )
-
     def _is_customer(self, addr: str) -> bool:
         """A customer network's address: it may use the reserved session slots."""
         return customer_index(self.proxy.config).by_ip(_ip(addr)) is not None
@@ -141,7 +120,8 @@ class Daemon:
         # Bind first (port 25 may need root), then drop root before touching any state.
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
-        await self._start_tls_listeners(c)
+        self.front = Front(c.server)  # the certificate is read while still root
+        self.tls_servers = await bind_listeners(c.server.tls, self._protocol)
         self.server = await loop.create_server(
             self._protocol,
             host=lhost or None,
@@ -314,16 +294,7 @@ class Daemon:
                     "why": "root is given up once, at start",
                 }
             )
-        for key in ("implicit", "submission"):  # [server.tls] listeners
-            if getattr(file.tls, key) != getattr(run.tls, key):
-                out.append(
-                    {
-                        "key": f"tls.{key}",
-                        "file": ", ".join(map(_hostport, getattr(file.tls, key))),
-                        "running": ", ".join(map(_hostport, getattr(run.tls, key))),
-                        "why": "TLS listeners are bound once, at start",
-                    }
-                )
+        out += listeners_changed(file.tls, run.tls)
         if file.pid_file != self.pid_file:
             out.append(
                 {

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto as sslproto
+import functools
 import logging
 import re
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from maild.config import Server
+from maild.config import TLS, Server
 from maild.smtp import proxyproto
 from maild.smtp.sasl import AuthUnavailable, DovecotAuth, Failures, b64decode, parse_plain
 from maild.smtp.tls import build_context, certificate_summary, describe, reload_context
@@ -35,6 +36,10 @@ log = logging.getLogger("maild.smtp")
 
 LISTENERS = ("smtp", "submission", "implicit")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _hostports(addrs: tuple[tuple[str, int], ...]) -> list[str]:
+    return [f"{h}:{p}" for h, p in addrs]
 
 
 def shown_login(login: str) -> str:
@@ -75,8 +80,8 @@ class Front:
             "tls": (
                 {
                     **self.certificate,
-                    "implicit": [f"{h}:{p}" for h, p in tls.implicit],
-                    "submission": [f"{h}:{p}" for h, p in tls.submission],
+                    "implicit": _hostports(tls.implicit),
+                    "submission": _hostports(tls.submission),
                     "security_level": tls.security_level,
                     "customers": tls.customers,
                     "min_protocol": tls.min_protocol,
@@ -87,6 +92,44 @@ class Front:
             "auth": {"dovecot": auth.dovecot} if auth.enabled else None,
             "trusted_proxies": [str(n) for n in self.settings.trusted_proxies],
         }
+
+
+async def bind_listeners(
+    tls: TLS, protocol: Callable[[str], asyncio.Protocol]
+) -> list[asyncio.AbstractServer]:
+    """The [server.tls] implicit and submission listeners, bound (not yet serving)."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer] = []
+    for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission)):
+        for host, port in addrs:
+            servers.append(
+                await loop.create_server(
+                    functools.partial(protocol, kind),
+                    host=host or None,
+                    port=port,
+                    reuse_address=True,
+                    backlog=1024,
+                    start_serving=False,
+                )
+            )
+    return servers
+
+
+def listeners_changed(file: TLS, running: TLS) -> list[dict[str, str]]:
+    """The TLS listener lists the file changed, for the daemon's restart_needed."""
+    out = []
+    for key in ("implicit", "submission"):
+        new, old = getattr(file, key), getattr(running, key)
+        if new != old:
+            out.append(
+                {
+                    "key": f"tls.{key}",
+                    "file": ", ".join(_hostports(new)),
+                    "running": ", ".join(_hostports(old)),
+                    "why": "TLS listeners are bound once, at start",
+                }
+            )
+    return out
 
 
 class FrontSMTP(SMTP):
