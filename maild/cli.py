@@ -90,11 +90,12 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
     from maild.customers.sources import SourceError
     from maild.privs import PrivilegeError
+    from maild.smtp.tls import TLSConfigError
     from maild.store.base import StoreError
 
     try:
         run_serve(config, wiring(), allow_root=allow_root, init_state=init_state)
-    except PrivilegeError as e:
+    except (PrivilegeError, TLSConfigError) as e:
         click.echo(f"maild: {e}", err=True)
         sys.exit(2)
     except (StoreError, SourceError) as e:
@@ -122,6 +123,14 @@ def check_config(quiet: bool) -> None:
     idx = customer_index(config)
     for line in idx.refused:
         click.echo(f"{config.path}: [customer_source]: {line}", err=True)
+    if config.server.tls.enabled:
+        from maild.smtp.tls import TLSConfigError, build_context
+
+        try:
+            build_context(config.server.tls)
+        except TLSConfigError as e:
+            click.echo(f"{config.path}: {e}", err=True)
+            sys.exit(2)
     if not quiet:
         s = config.server
         counts = " ".join(f"{k}={v}" for k, v in idx.counts().items() if k != "policies.toml")

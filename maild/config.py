@@ -329,6 +329,36 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TLS:
+    """[server.tls]: front mode's certificate, its TLS listeners and who must use TLS."""
+
+    certificate: str = ""  # PEM path (with its chain); empty: no STARTTLS, no implicit TLS
+    key: str = ""  # PEM path
+    implicit: tuple[tuple[str, int], ...] = ()  # RFC 8314 listeners (465)
+    submission: tuple[tuple[str, int], ...] = ()  # STARTTLS required before MAIL/AUTH (587)
+    security_level: str = "may"  # on [server] listen: Postfix's smtpd_tls_security_level
+    customers: str = "may"  # "encrypt": customers must use TLS before MAIL
+    min_protocol: str = "TLSv1.2"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """[server.auth]: SMTP AUTH against Dovecot's auth service, over TLS only."""
+
+    dovecot: str = ""  # Postfix's smtpd_sasl_path: a Unix socket path or inet:HOST:PORT
+    max_failures: int = 5  # per client address and per login ...
+    failure_window: float = 600.0  # ... within this many seconds
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dovecot)
+
+
+@dataclass(frozen=True)
 class Server:
     mode: str = "before-queue"
     listen: tuple[str, int] = ("127.0.0.1", 10025)
@@ -341,6 +371,9 @@ class Server:
     downstream_timeout: float = 60.0
     downstream_pool: int = 8
     limits: Limits = field(default_factory=Limits)
+    trusted_proxies: tuple[Network, ...] = ()  # PROXY protocol v1/v2 required from these
+    tls: TLS = field(default_factory=TLS)
+    auth: Auth = field(default_factory=Auth)
 
 
 @dataclass(frozen=True)
@@ -513,6 +546,59 @@ def _parse_limits(r: Reader) -> Limits:
     return lim
 
 
+TLS_LEVELS = ("may", "encrypt")
+TLS_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(.+)$")
+
+
+def _listeners(r: Reader, name: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for i, v in enumerate(r.str_list(name)):
+        try:
+            out.append(parse_hostport(v, "0.0.0.0"))
+        except ValueError:
+            r.error(f"{name}[{i}]", v, 'HOST:PORT with a port from 1 to 65535, e.g. "0.0.0.0:465"')
+    return tuple(out)
+
+
+def _parse_tls(r: Reader) -> TLS:
+    d = TLS()
+    tls = TLS(
+        certificate=r.str("certificate", ""),
+        key=r.str("key", ""),
+        implicit=_listeners(r, "implicit"),
+        submission=_listeners(r, "submission"),
+        security_level=r.str("security_level", d.security_level, choices=TLS_LEVELS),
+        customers=r.str("customers", d.customers, choices=TLS_LEVELS),
+        min_protocol=r.str("min_protocol", d.min_protocol, choices=TLS_PROTOCOLS),
+    )
+    if bool(tls.certificate) != bool(tls.key):
+        missing = "key" if tls.certificate else "certificate"
+        r.problems.append(f"{r.key(missing)} is missing: certificate and key go together")
+    elif not tls.enabled and (
+        tls.implicit or tls.submission or "encrypt" in (tls.security_level, tls.customers)
+    ):
+        r.problems.append(f"{r.prefix}: TLS listeners and security levels need certificate and key")
+    r.unknown()
+    return tls
+
+
+def _parse_auth(r: Reader) -> Auth:
+    d = Auth()
+    raw = r.str("max_failures", f"{d.max_failures}/10m")
+    m = _RATE.match(raw)
+    try:
+        count, window = (int(m.group(1)), parse_duration(m.group(2))) if m else (0, 0.0)
+        if count < 1 or window <= 0:
+            raise ValueError
+    except ValueError:
+        r.error("max_failures", raw, 'failures per period, e.g. "5/10m"')
+        count, window = d.max_failures, d.failure_window
+    auth = Auth(dovecot=r.str("dovecot", ""), max_failures=count, failure_window=window)
+    r.unknown()
+    return auth
+
+
 def _parse_server(r: Reader) -> Server:
     d = Server()
     server = Server(
@@ -527,7 +613,16 @@ def _parse_server(r: Reader) -> Server:
         downstream_timeout=r.duration("downstream_timeout", d.downstream_timeout, positive=True),
         downstream_pool=r.int("downstream_pool", d.downstream_pool, minimum=0, maximum=1000),
         limits=_parse_limits(r.table_of("limits")),
+        trusted_proxies=r.networks("trusted_proxies"),
+        tls=_parse_tls(r.table_of("tls")),
+        auth=_parse_auth(r.table_of("auth")),
     )
+    if server.auth.enabled and not server.tls.enabled:
+        r.error(
+            "auth.dovecot",
+            server.auth.dovecot,
+            "[server.tls] certificate and key as well: AUTH is offered over TLS only",
+        )
     if server.hostname and not is_hostname(server.hostname):
         r.error("hostname", server.hostname, 'a fully qualified host name, e.g. "mx1.example.net"')
     if server.downstream_timeout >= 100:

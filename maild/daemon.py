@@ -36,9 +36,11 @@ from maild.sdnotify import notify
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
+from maild.smtp.front import Front, bind_listeners, listeners_changed
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
+from maild.smtp.tls import TLSConfigError
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
 from maild.wiring import Wiring
@@ -88,7 +90,7 @@ class Daemon:
         self._listen_error = ""
         self._probe: asyncio.Task | None = None
 
-    def _protocol(self) -> MaildSMTP:
+    def _protocol(self, listener: str = "smtp") -> MaildSMTP:
         c = self.proxy.config
         return MaildSMTP(
             self.proxy,
@@ -97,6 +99,8 @@ class Daemon:
             trusted=c.server.trusted_upstreams,
             admission=self.admission,
             budget=self.budget,
+            front=self.front,
+            listener=listener,
         )
 
     def _is_customer(self, addr: str) -> bool:
@@ -117,6 +121,8 @@ class Daemon:
         # Bind first (port 25 may need root), then drop root before touching any state.
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
+        self.front = Front(c.server)  # the certificate is read while still root
+        self.tls_servers = await bind_listeners(c.server.tls, self._protocol)
         self.server = await loop.create_server(
             self._protocol,
             host=lhost or None,
@@ -156,6 +162,8 @@ class Daemon:
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
+        for server in self.tls_servers:
+            await server.start_serving()
         await self._start_retention()
         self._start_report()
         self.write_status()
@@ -290,6 +298,7 @@ class Daemon:
                     "why": "root is given up once, at start",
                 }
             )
+        out += listeners_changed(file.tls, run.tls)
         if file.pid_file != self.pid_file:
             out.append(
                 {
@@ -326,6 +335,7 @@ class Daemon:
             "downstream_in_use": self.downstream.in_use,
             "downstream_idle": len(self.downstream._idle),
             "limits": self.limits_status(),
+            "front": self.front.status(),
             "decisions_pending": len(self.decisions.pending),
             "relayed": self.proxy.stats["relayed"],
             "rejected": self.proxy.stats["rejected"],
@@ -514,6 +524,11 @@ class Daemon:
         log.info(
             "reload: policy reloaded from %s: customers=%d", new.path, len(new.all_customers())
         )
+        try:
+            self.front.reload(new.server)  # the certificate, for the next handshake
+        except TLSConfigError as e:
+            log.error("error: reload: %s; the running certificate stays in use", e)
+            result["warnings"].append(str(e))
         if new.server.listen != self.listening and await self._listen(new.server.listen):
             result["applied"].append("listen")
         if _downstream_settings(new) != _downstream_settings(old):
@@ -591,6 +606,8 @@ class Daemon:
         notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        for server in getattr(self, "tls_servers", ()):
+            server.close()
         if self.web is not None:
             await self.web.stop()
         if self._probe is not None:

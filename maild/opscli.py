@@ -192,7 +192,7 @@ def status(as_json: bool) -> None:
         f"  sessions in flight: {st['sessions']}; downstream connections: "
         f"{st['downstream_in_use']} in use, {st['downstream_idle']} idle"
     )
-    for line in _limits_lines(st.get("limits")):
+    for line in _limits_lines(st.get("limits")) + _front_lines(st.get("front"), st["mode"]):
         click.echo("  " + line)
     click.echo(
         f"  since start: relayed {st['relayed']}, rejected {st['rejected']}, "
@@ -251,6 +251,28 @@ def reload() -> None:
             click.echo(f"  not in effect until a restart: {_pending(r)}", err=True)
         click.echo("  restart maild to apply them (systemctl restart maild)", err=True)
         sys.exit(1)
+
+
+def _front_lines(front: dict | None, mode: str) -> list[str]:
+    """[server.tls], [server.auth] and trusted_proxies as the daemon runs them (front
+    mode's; in before-queue mode Postfix's smtpd does TLS and AUTH)."""
+    if front is None:
+        return []
+    tls, auth = front.get("tls"), front.get("auth")
+    if not tls:
+        return ["tls: off (no [server.tls] certificate); auth: off"] if mode == "front" else []
+    out = [
+        f"tls: {tls['certificate']} (subject {tls.get('subject') or '?'}, not after "
+        f"{tls.get('not_after') or '?'}), {tls['min_protocol']} or later, listen "
+        f"{tls['security_level']}, customers {tls['customers']}"
+    ]
+    for kind in ("implicit", "submission"):
+        if tls[kind]:
+            out.append(f"{kind} listeners: {', '.join(tls[kind])}")
+    out.append(f"auth: dovecot {auth['dovecot']}" if auth else "auth: off")
+    if front.get("trusted_proxies"):
+        out.append(f"PROXY protocol from: {', '.join(front['trusted_proxies'])}")
+    return out
 
 
 def _pending(r: dict) -> str:

@@ -64,10 +64,10 @@ def import_csv(csv_file: str, target: str | None, replace: bool, as_json: bool) 
         for p in problems:
             click.echo(f"  {p}", err=True)
         sys.exit(2)
-    status = {"new": [], "changed": [], "unchanged": []}
+    status: dict[str, list[str]] = {"new": [], "changed": [], "unchanged": []}
     for fname, text in files.items():
-        p = out / fname
-        old = p.read_text() if p.is_file() else None
+        dest = out / fname
+        old = dest.read_text() if dest.is_file() else None
         status["new" if old is None else "unchanged" if old == text else "changed"].append(fname)
     if status["changed"] and not replace:
         shown = ", ".join(status["changed"][:10])

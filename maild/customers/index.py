@@ -65,8 +65,8 @@ class NetworkMap(Generic[T]):
         return self
 
     def get(self, ip: IP) -> T | None:
-        if ip.version == 6 and ip.ipv4_mapped:  # type: ignore[union-attr]
-            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
         n = int(ip)
         for shift, _plen, table in self._lengths[ip.version]:
             v = table.get(n >> shift)

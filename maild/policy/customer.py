@@ -19,7 +19,8 @@ __all__ = ["CustomerIndex", "index", "resolve"]
 
 
 def index(config: Config) -> CustomerIndex:
-    return config.directory.current(initial_index)
+    idx: CustomerIndex = config.directory.current(initial_index)
+    return idx
 
 
 def resolve(

@@ -32,7 +32,9 @@ class SessionHooks(Protocol):
     def apply_xforward(self, session: MaildSession) -> None:
         """session.xforward changed: it defines the client that policy sees."""
 
-    def path_refused(self, session: MaildSession, stage: str, reply: str, address: Address) -> None:
+    def path_refused(
+        self, session: MaildSession, stage: str, reply: str, address: Address, rule: str
+    ) -> None:
         """A MAIL or RCPT refused by the protocol rules before any policy ran."""
 
     def data_aborted(self, session: MaildSession, abort: Abort) -> None:

@@ -290,16 +290,17 @@ class Proxy:
     def session_lost(self, session: MaildSession) -> None:
         self._drop_conn(session, reusable=False)
 
-    def path_refused(self, session: MaildSession, stage: str, reply: str, address: Address) -> None:
-        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8)."""
+    def path_refused(
+        self, session: MaildSession, stage: str, reply: str, address: Address, rule: str
+    ) -> None:
+        """A MAIL or RCPT refused by the protocol rules before any policy ran (SMTPUTF8,
+        TLS required)."""
         if stage == "MAIL":
             ctx = self._context(session, address, [])
-            ctx.identity = resolve(self.config, session.client, sender=address)
-            self.record(session, "reject", stage, reply, rule="smtputf8", ctx=ctx)
+            ctx.identity = resolve(self.config, session.client, session.auth_login, address)
+            self.record(session, "reject", stage, reply, rule=rule, ctx=ctx)
         else:
-            self.record(
-                session, "reject", stage, reply, rule="smtputf8", ctx=session.ctx, rcpt=address
-            )
+            self.record(session, "reject", stage, reply, rule=rule, ctx=session.ctx, rcpt=address)
 
     async def xforward_refused(self, session: MaildSession) -> None:
         self.record(
@@ -445,7 +446,7 @@ class Proxy:
         self._drop_conn(session, reusable=True, rset=True)
         ctx = self._context(session, address, params)
         try:
-            ctx.identity = resolve(self.config, session.client, sender=address)
+            ctx.identity = resolve(self.config, session.client, session.auth_login, address)
             if self._store_down():
                 return self._tempfail(session, ctx, "MAIL", TEMPFAIL_INTERNAL, "store")
             await pipeline.mail(ctx)  # a refusal is given at RCPT (smtpd_delay_reject)
@@ -626,6 +627,8 @@ class Proxy:
             session.id,
             ctx.recipients,
             format_datetime(localtime()),
+            tls=session.tls,
+            authenticated=bool(session.auth_login),
         )
         added += customer_header(ctx.identity)
         added += b"".join(header_line(n, v) for n, v in ctx.add_headers)

@@ -15,6 +15,7 @@ from maild.policy.context import Client
 
 _AUTH = re.compile(r"\(Authenticated sender:\s*([^)\s]+)\s*\)", re.I)
 _SAFE = re.compile(r"[^\x21-\x7e]")
+_SAFE_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
 def _tok(value: str, default: str) -> str:
@@ -24,19 +25,31 @@ def _tok(value: str, default: str) -> str:
 
 
 def received_header(
-    client: Client, hostname: str, session_id: str, recipients: list[Address], date: str
+    client: Client,
+    hostname: str,
+    session_id: str,
+    recipients: list[Address],
+    date: str,
+    *,
+    tls: str = "",
+    authenticated: bool = False,
 ) -> bytes:
+    """RFC 5321 4.4's trace line; over TLS with Postfix's "(using ...)" comment and
+    RFC 3848's ESMTPS/ESMTPSA."""
     helo = _tok(client.helo, "unknown")
     name = _tok(client.name, "unknown")
     addr = _tok(client.addr, "UNAVAILABLE")
     if ":" in addr and not addr.upper().startswith("IPV6:"):
         addr = "IPv6:" + addr
     proto = _tok(client.proto, "SMTP")
+    if proto == "ESMTP" and (tls or authenticated):
+        proto = "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    using = f"\r\n\t(using {_SAFE_TEXT.sub('', tls)})" if tls else ""
     for_clause = ""
     if len(recipients) == 1 and recipients[0].addr:
         for_clause = f"\r\n\tfor <{_tok(recipients[0].addr, '')}>"
     return (
-        f"Received: from {helo} ({name} [{addr}])\r\n"
+        f"Received: from {helo} ({name} [{addr}]){using}\r\n"
         f"\tby {hostname} (maild) with {proto} id {session_id}{for_clause};\r\n"
         f"\t{date}\r\n"
     ).encode("ascii")

@@ -7,9 +7,10 @@ What this subclass adds to aiosmtpd 1.4.6, and why:
 - XFORWARD, advertised and accepted only from trusted upstreams (550 5.7.0 otherwise).
 - SMTPUTF8 (RFC 6531 3.4): a non-ASCII path or parameter only in a transaction that
   declared it, and only valid UTF-8 (553 5.6.7); aiosmtpd would pass either on.
-- AUTH, STARTTLS and BDAT, which maild does not offer, answered as Postfix answers them
-  when they are off (BDAT ends the session: its chunk would be read as commands), and
-  left out of HELP.
+- STARTTLS, implicit TLS, AUTH and the PROXY protocol in front mode (maild.smtp.front);
+  without [server.tls] STARTTLS and AUTH are answered as Postfix answers them when they
+  are off and left out of HELP. BDAT, which maild does not offer, ends the session (its
+  chunk would be read as commands).
 - DATA is read with SMTP smuggling in mind: aiosmtpd passes bare LF and bare CR inside
   data untouched, and Postfix's own smtpd_forbid_bare_newline exempts $mynetworks, so
   the re-injection smtpd would take `\\n.\\n` as end of data. maild refuses any bare CR
@@ -27,9 +28,9 @@ import ipaddress
 import logging
 import re
 import secrets
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import Envelope, Session, syntax
 
 from maild.address import (
     Address,
@@ -47,6 +48,7 @@ from maild.smtp.admission import Admission, Refusal, Slot
 from maild.smtp.budget import Budget, Content
 from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
 from maild.smtp.data import Abort, AbortKind, ClientEOF, read_data
+from maild.smtp.front import Front, FrontSMTP
 from maild.smtp.hooks import SessionHooks
 from maild.smtp.sessions import SessionCounter
 
@@ -115,6 +117,8 @@ class MaildSession(Session):
         # MAIL FROM as the downstream gets it, at the first accepted RCPT (no downstream
         # connection for a transaction without a recipient).
         self.mail_line = ""
+        self.tls = ""  # "TLSv1.3 with cipher ..." once encrypted (maild.smtp.tls.describe)
+        self.auth_login = ""  # the SMTP AUTH login Dovecot accepted (maild.smtp.front)
 
 
 class MaildEnvelope(Envelope):
@@ -173,23 +177,7 @@ class _StrictReader:
         return getattr(self._reader, name)
 
 
-def _only_when_offered(command: str, when: str, reply: str) -> Any:
-    """aiosmtpd's smtp_COMMAND where MaildSMTP.`when` is true; elsewhere `reply`, and
-    HELP does not list the command."""
-    base = getattr(SMTP, "smtp_" + command)
-
-    @syntax(base.__smtp_syntax__, when=when)
-    async def method(self: SMTP, arg: str) -> None:
-        if not getattr(self, when):
-            await self.push(reply)
-            return
-        await base(self, arg)
-
-    method.__name__ = method.__qualname__ = "smtp_" + command
-    return method
-
-
-class MaildSMTP(FastInit):
+class MaildSMTP(FrontSMTP, FastInit):
     """One SMTP session. Policy and relaying live in the handler (maild.smtp.proxy)."""
 
     event_handler: SessionHooks
@@ -205,6 +193,8 @@ class MaildSMTP(FastInit):
         trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
         admission: Admission,
         budget: Budget,
+        front: Front | None = None,
+        listener: str = "smtp",
         **kwargs: Any,
     ):
         limits = settings.limits
@@ -234,6 +224,7 @@ class MaildSMTP(FastInit):
         # timer must not run out (that would hang up on a message Postfix then commits).
         self._hook_timeout = settings.downstream_timeout * 3 + 10
         self._deadline = 0.0  # when the idle timer really expires (see _reset_timeout)
+        self.setup_front(front, listener)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         self._reset_timeout(max(self._hook_timeout, self._timeout_duration))
@@ -285,6 +276,8 @@ class MaildSMTP(FastInit):
         return any(ip.version == n.version and ip in n for n in self.trusted)
 
     async def _handle_client(self) -> None:
+        if self.needs_preamble and not await self.front_preamble():  # PROXY, implicit TLS
+            return
         session = self._session
         peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
         addr = str(peer[0])
@@ -435,21 +428,7 @@ class MaildSMTP(FastInit):
 
     # ---------------------------------------------------------------- what is offered
 
-    # SMTP AUTH: off until maild has an authenticator (front-mode AUTH, after STARTTLS).
-    # Switching it on is setting this with aiosmtpd's authenticator and TLS arguments:
-    # EHLO then offers AUTH (aiosmtpd's rule: after STARTTLS), HELP lists it, and
-    # smtp_AUTH hands over to aiosmtpd's.
-    auth_enabled: ClassVar[bool] = False
-
-    # Postfix's replies with smtpd_sasl_auth_enable = no and without TLS. aiosmtpd's own
-    # are "538 Encryption required" (as if AUTH would work after a STARTTLS maild lacks)
-    # and "454 TLS not available" (a temporary failure: try TLS again later).
-    smtp_AUTH = _only_when_offered(
-        "AUTH", "auth_enabled", "503 5.5.1 Error: authentication not enabled"
-    )
-    smtp_STARTTLS = _only_when_offered(
-        "STARTTLS", "tls_context", "502 5.5.1 Error: command not implemented"
-    )
+    # STARTTLS and AUTH: maild.smtp.front.FrontSMTP.
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         """BDAT, although CHUNKING is not offered: the chunk that follows cannot be told
@@ -556,7 +535,7 @@ class MaildSMTP(FastInit):
                     "send MAIL FROM with SMTPUTF8 (RFC 6531 3.4)"
                 )
             if reply is not None:
-                self.event_handler.path_refused(self._session, stage, reply, address)
+                self.event_handler.path_refused(self._session, stage, reply, address, "smtputf8")
                 await self.push(reply)
                 return True
         return False
@@ -573,6 +552,10 @@ class MaildSMTP(FastInit):
             await self.push(parsed)
             return
         address, params = parsed
+        if reply := self.tls_refused(self.admission.is_customer(self._session.client.addr)):
+            self.event_handler.path_refused(self._session, "MAIL", reply, address, "tls")
+            await self.push(reply)
+            return
         if address.route or (address.domain == "" and not address.is_null):
             # A reverse path must be a full address or <>.
             await self.push("553 5.1.7 Sender address rejected: need fully-qualified address")

@@ -330,6 +330,12 @@ service anvil {{
                 )
             time.sleep(0.05)
 
+    @property
+    def client_socket(self) -> Path:
+        """Dovecot's own auth-client Unix socket (the auth protocol, as on the TCP port)."""
+        assert self._rundir is not None, "not started"
+        return self._rundir / "run" / "auth-client"
+
     def _log_tail(self) -> str:
         try:
             return _tail(self.log_path.read_text(errors="replace"))
