@@ -12,26 +12,53 @@ accepted; maild's RSS before the load, its peak, and 10 s after the crowd left (
 p99 < 2 s, peak < 400 MB, after within 20% of before).
 
     python -m bench.hostile [--seconds 60] [--big-only] [--code DIR] [--json FILE]
+                            [--direct] [--profile FILE] [--trace DIR [--trace-memory]]
 
 --code DIR runs maild from another checkout (PYTHONPATH), e.g. the code before issue 15,
 for the before/after comparison; --big-only runs the 30 big messages and the probes
 without the rest of the crowd (the event loop's responsiveness while big messages are
 read, checked and relayed).
+
+Finding where the time goes: each probe's replies are timed (connect, 220, EHLO, MAIL,
+RCPT, 354, final reply) and reported per step; --direct adds a third probe that sends
+the customer's message straight to Postfix's re-injection port under the same crowd
+(Postfix's own share of the latency); --profile FILE samples maild with py-spy during
+the probe window (raw stacks to FILE, the per-function summary printed); --trace DIR
+loads bench/_trace into maild (event-loop iteration and callback times; with
+--trace-memory tracemalloc too) and writes its reports to DIR before the load (1), at
+the end of the probes (2) and 10 s after the crowd left (3).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, log, machine, raise_nofile, rss_kb, table, verdict
+from bench.common import (
+    BIN,
+    emit,
+    log,
+    machine,
+    proc_times,
+    raise_nofile,
+    rss_kb,
+    table,
+    tree_cpu,
+    verdict,
+)
+from bench.profile import summarise
 from tests.harness.maild import Maild
 from tests.harness.postfix import Postfix
 from tests.integration.conftest import HOSTED, front_policy
@@ -48,6 +75,8 @@ FULL = Crowd(idle=1000, slowloris=200, holders=100, big=30)
 TARGET_P99 = 2.0
 TARGET_PEAK_MB = 400.0
 TARGET_AFTER = 0.20
+STEPS = ("connect", "220", "EHLO", "MAIL", "RCPT", "DATA", "dot")
+TRACE = Path(__file__).resolve().parent / "_trace"
 
 
 class Sampler(threading.Thread):
@@ -70,9 +99,73 @@ class Sampler(threading.Thread):
         self.join(2)
 
 
-def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str, Any]:
-    if code:
-        os.environ["PYTHONPATH"] = code
+@dataclass(frozen=True)
+class Tools:
+    """What else a run measures (see the module's docstring)."""
+
+    direct: bool = False
+    profile: str | None = None
+    trace: str | None = None
+    trace_memory: bool = False
+
+
+def _py_spy(pid: int, seconds: int, raw: str) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(BIN / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    argv = [spy, "record", "-p", str(pid), "-r", "100", "-d", str(seconds), "-f", "raw", "-o", raw]
+    # --native (C frames: the garbage collector, the allocator) must stop the process
+    # for each sample; without it py-spy reads it as it runs.
+    argv.append("--native" if os.environ.get("BENCH_PY_SPY_NATIVE") else "--nonblocking")
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _cpu(maild: int, crowd: int, postfix: int | None) -> dict[str, float]:
+    """CPU seconds so far: maild's (and the time its threads waited for a CPU, from
+    schedstat), the crowd's, Postfix's tree and the whole machine's busy time."""
+    waited = 0.0
+    for task in os.listdir(f"/proc/{maild}/task"):
+        with contextlib.suppress(OSError):
+            waited += int(Path(f"/proc/{maild}/task/{task}/schedstat").read_text().split()[1])
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in cpu]
+    idle = ticks[3] + ticks[4]
+    tck = os.sysconf("SC_CLK_TCK")
+    return {
+        "maild": sum(proc_times(maild)[:2]),
+        "maild_waited_for_cpu": waited / 1e9,
+        "crowd": sum(proc_times(crowd)[:2]),
+        "postfix": tree_cpu([postfix]) if postfix else float("nan"),
+        "machine_busy": (sum(ticks) - idle) / tck,
+        "machine_all": sum(ticks) / tck,
+    }
+
+
+def _trace_report(pid: int, trace: str, n: int) -> None:
+    """maild's bench/_trace report n (SIGUSR2), waited for."""
+    os.kill(pid, signal.SIGUSR2)
+    path = Path(trace) / f"{n}.json"
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def run(
+    seconds: int, crowd: Crowd, code: str | None, workdir: Path, tools: Tools = Tools()
+) -> dict[str, Any]:
+    paths = [code] if code else []
+    if tools.trace:
+        Path(tools.trace).mkdir(parents=True, exist_ok=True)
+        paths.insert(0, str(TRACE))
+        os.environ["MAILD_TRACE_DIR"] = tools.trace
+        if tools.trace_memory:
+            os.environ["MAILD_TRACE_MEMORY"] = "1"
+    if paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths)
     raise_nofile(20000)
     pf = Postfix(
         workdir / "pf",
@@ -89,20 +182,34 @@ def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str
         assert m.proc is not None
         pid = m.proc.pid
         asyncio.run(probes(m.port, 0, count=3))  # warm-up: imports, pools, caches
+        if tools.trace:
+            _trace_report(pid, tools.trace, 1)
         before = rss_kb(pid)
         sampler = Sampler(pid)
         sampler.start()
         log(f"crowd: {crowd}")
+        direct = pf.reinject_port if tools.direct else None
         with CrowdProcess(m.port, crowd) as cp:
             ready = cp.wait_ready(300)
             log(f"crowd in (ready={ready}); probing for {seconds}s")
+            spy = _py_spy(pid, seconds, tools.profile) if tools.profile else None
+            load = [os.getloadavg()[0]]
+            cpu0 = _cpu(pid, cp.proc.pid, pf.master_pid())
             t0 = time.monotonic()
-            results = asyncio.run(probes(m.port, seconds))
+            results = asyncio.run(probes(m.port, seconds, direct_port=direct))
             window = time.monotonic() - t0
+            cpu1 = _cpu(pid, cp.proc.pid, pf.master_pid())
+            load.append(os.getloadavg()[0])
+            if tools.trace:
+                _trace_report(pid, tools.trace, 2)
             stats = cp.stop()
+        if spy is not None:
+            spy.wait(60)
         time.sleep(10)
         after = rss_kb(pid)
         sampler.stop()
+        if tools.trace:
+            _trace_report(pid, tools.trace, 3)
         status = m.cli("status", "--json").stdout
     finally:
         m.stop()
@@ -117,17 +224,49 @@ def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str
         "rss_after_kb": after,
         "code": code or "this checkout",
         "status": status,
+        "loadavg_start_end": load,
+        "cpu_seconds": {k: cpu1[k] - cpu0[k] for k in cpu0},
+        "profile": (
+            summarise(Path(tools.profile))
+            if tools.profile and Path(tools.profile).exists()
+            else None
+        ),
     }
-    for who in ("customer", "postmaster"):
+    for who in ("customer", "postmaster", "postfix"):
         rs = [r for r in results if r.who == who]
-        ok = [r.seconds for r in rs if r.code == 250]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.code == 250]
+        secs = [r.seconds for r in ok]
         out[who] = {
             "sent": len(rs),
             "accepted": len(ok),
             "failures": [f"{r.code} {r.reply[:120]}" for r in rs if r.code != 250][:10],
-            "p50": percentile(ok, 50),
-            "p99": percentile(ok, 99),
-            "max": max(ok, default=float("nan")),
+            "p50": percentile(secs, 50),
+            "p99": percentile(secs, 99),
+            "max": max(secs, default=float("nan")),
+            "steps": step_stats(ok),
+            "slowest": [
+                {"seconds": r.seconds, "steps": r.steps}
+                for r in sorted(ok, key=lambda r: -r.seconds)[:3]
+            ],
+        }
+    return out
+
+
+def step_stats(results: list[Any]) -> dict[str, dict[str, float]]:
+    """Per step, the time from the previous reply to this one: p50, p99, max, and its
+    share of all the probes' time."""
+    total = sum(r.seconds for r in results) or 1.0
+    out = {}
+    for i, step in enumerate(STEPS):
+        prev = STEPS[i - 1] if i else None
+        d = [r.steps[step] - (r.steps[prev] if prev else 0.0) for r in results if step in r.steps]
+        out[step] = {
+            "p50": percentile(d, 50),
+            "p99": percentile(d, 99),
+            "max": max(d, default=float("nan")),
+            "share": sum(d) / total,
         }
     return out
 
@@ -135,7 +274,9 @@ def run(seconds: int, crowd: Crowd, code: str | None, workdir: Path) -> dict[str
 def report(r: dict[str, Any]) -> str:
     mb = 1024.0
     rows = []
-    for who in ("customer", "postmaster"):
+    for who in ("customer", "postmaster", "postfix"):
+        if who not in r:
+            continue
         p = r[who]
         rows.append(
             (
@@ -148,6 +289,26 @@ def report(r: dict[str, Any]) -> str:
             )
         )
     lines = [table(("probe", "accepted", "p50 s", "p99 s", "max s", "first failures"), rows), ""]
+    for who in ("customer", "postmaster", "postfix"):
+        if who not in r:
+            continue
+        st = r[who]["steps"]
+        lines.append(
+            table(
+                (f"{who}: step", "p50 s", "p99 s", "max s", "share of time"),
+                [
+                    (
+                        k,
+                        f"{v['p50']:.3f}",
+                        f"{v['p99']:.3f}",
+                        f"{v['max']:.3f}",
+                        f"{v['share']:.0%}",
+                    )
+                    for k, v in st.items()
+                ],
+            )
+        )
+        lines.append("")
     before, peak, after = (r["rss_before_kb"] / mb, r["rss_peak_kb"] / mb, r["rss_after_kb"] / mb)
     grow = (after - before) / before
     p99 = max(r["customer"]["p99"], r["postmaster"]["p99"])
@@ -180,6 +341,20 @@ def report(r: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append("crowd saw: " + ", ".join(f"{k} {v}" for k, v in sorted(r["crowd_stats"].items())))
+    lines.append(
+        "load average at the start / end of the probes: {:.2f} / {:.2f}".format(
+            *r["loadavg_start_end"]
+        )
+    )
+    c = r["cpu_seconds"]
+    lines.append(
+        f"CPU in the {r['window']:.0f} s of probes: maild {c['maild']:.1f} s (and "
+        f"{c['maild_waited_for_cpu']:.1f} s waiting for a CPU), the crowd {c['crowd']:.1f} s, "
+        f"Postfix {c['postfix']:.1f} s; the machine {c['machine_busy']:.0f} of "
+        f"{c['machine_all']:.0f} CPU-seconds busy"
+    )
+    if r["profile"]:
+        lines += ["", "maild's samples (py-spy) during the probes:", r["profile"]]
     return "\n".join(lines)
 
 
@@ -193,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=FULL.big)
     ap.add_argument("--code", help="run maild from this checkout (PYTHONPATH)")
     ap.add_argument("--json")
+    ap.add_argument("--direct", action="store_true", help="also probe Postfix directly")
+    ap.add_argument("--profile", help="py-spy's raw samples of maild to this file")
+    ap.add_argument("--trace", help="bench/_trace's reports from maild to this directory")
+    ap.add_argument("--trace-memory", action="store_true", help="with --trace: tracemalloc")
     a = ap.parse_args(argv)
     crowd = Crowd(
         idle=0 if a.big_only else a.idle,
@@ -201,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         big=a.big,
     )
     with tempfile.TemporaryDirectory(prefix="maild-hostile-") as d:
-        r = run(a.seconds, crowd, a.code, Path(d))
+        tools = Tools(a.direct, a.profile, a.trace, a.trace_memory)
+        r = run(a.seconds, crowd, a.code, Path(d), tools)
     r["machine"] = machine()
     emit(r, report(r), a.json)
     return 0

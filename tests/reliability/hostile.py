@@ -332,44 +332,63 @@ class ProbeResult:
     reply: str
     seconds: float
     rcpt: str = ""
+    # When each reply came, seconds from the start of connect: "connect" (the TCP
+    # handshake), "220", "EHLO", "MAIL", "RCPT", "DATA" (the 354), "dot" (the final reply).
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 async def probe_one(
-    port: int, src: str, sender: str, rcpt: str, who: str, timeout: float = 120.0
+    port: int,
+    src: str,
+    sender: str,
+    rcpt: str,
+    who: str,
+    timeout: float = 120.0,
+    *,
+    host: str = "127.0.0.1",
 ) -> ProbeResult:
     """One complete session; the final reply and the time from connect to it (-2 if
     maild did not answer within `timeout`)."""
+    steps: dict[str, float] = {}
     try:
-        result = await asyncio.wait_for(_probe(port, src, sender, rcpt, who), timeout)
+        result = await asyncio.wait_for(_probe(host, port, src, sender, rcpt, who, steps), timeout)
     except TimeoutError:
         result = ProbeResult(who, "", -2, f"no answer within {timeout:g}s", timeout)
     result.rcpt = rcpt
+    result.steps = steps
     return result
 
 
-async def _probe(port: int, src: str, sender: str, rcpt: str, who: str) -> ProbeResult:
+async def _probe(
+    host: str, port: int, src: str, sender: str, rcpt: str, who: str, steps: dict[str, float]
+) -> ProbeResult:
     subject = f"{who}-{uuid.uuid4().hex[:16]}"
     t0 = time.monotonic()
+
+    def result(code: int, reply: str) -> ProbeResult:
+        return ProbeResult(who, subject, code, reply, time.monotonic() - t0)
+
     try:
-        r, w = await _open(port, src)
+        r, w = await asyncio.open_connection(host, port, local_addr=(src, 0))
     except OSError as e:
-        return ProbeResult(who, subject, -1, repr(e), time.monotonic() - t0)
+        return result(-1, repr(e))
+    steps["connect"] = time.monotonic() - t0
     try:
         got = await read_reply(r)
+        steps["220"] = time.monotonic() - t0
         if not got.startswith(b"220"):
-            return ProbeResult(who, subject, int(got[:3]), got.decode(), time.monotonic() - t0)
-        for line in (
-            b"EHLO probe.example\r\n",
-            f"MAIL FROM:<{sender}>\r\n".encode(),
-            f"RCPT TO:<{rcpt}>\r\n".encode(),
-            b"DATA\r\n",
+            return result(int(got[:3]), got.decode())
+        for step, line in (
+            ("EHLO", b"EHLO probe.example\r\n"),
+            ("MAIL", f"MAIL FROM:<{sender}>\r\n".encode()),
+            ("RCPT", f"RCPT TO:<{rcpt}>\r\n".encode()),
+            ("DATA", b"DATA\r\n"),
         ):
             w.write(line)
             got = await read_reply(r)
+            steps[step] = time.monotonic() - t0
             if got[:1] not in b"23":
-                return ProbeResult(
-                    who, subject, int(got[:3]), got.decode().strip(), time.monotonic() - t0
-                )
+                return result(int(got[:3]), got.decode().strip())
         w.write(
             f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
             f"Message-ID: <{subject}@probe.example>\r\n"
@@ -378,13 +397,14 @@ async def _probe(port: int, src: str, sender: str, rcpt: str, who: str) -> Probe
             + b".\r\n"
         )
         final = await read_reply(r)
-        took = time.monotonic() - t0
+        steps["dot"] = time.monotonic() - t0
+        done = result(int(final[:3]), final.decode().strip())
         w.write(b"QUIT\r\n")
         with contextlib.suppress(ConnectionError):
             await read_reply(r)
-        return ProbeResult(who, subject, int(final[:3]), final.decode().strip(), took)
+        return done
     except (ConnectionError, OSError) as e:
-        return ProbeResult(who, subject, -1, repr(e), time.monotonic() - t0)
+        return result(-1, repr(e))
     finally:
         w.close()
 
@@ -441,14 +461,20 @@ def _prose() -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-async def probes(port: int, seconds: float, *, count: int | None = None) -> list[ProbeResult]:
+async def probes(
+    port: int, seconds: float, *, count: int | None = None, direct_port: int | None = None
+) -> list[ProbeResult]:
     """The customer and the stranger-to-postmaster probe, each starting a message every
-    second (the next at once when one took longer) for `seconds`, or `count` each."""
+    second (the next at once when one took longer) for `seconds`, or `count` each.
+
+    `direct_port`: a third probe, "postfix", sends the customer's message straight to
+    that port (the downstream maild relays to), so what Postfix itself takes under the
+    same load can be told from what maild adds."""
     out: list[ProbeResult] = []
     end = time.monotonic() + seconds
 
     async def every_second(
-        src: str, sender: str, rcpts: tuple[str, ...], who: str, offset: float
+        port: int, src: str, sender: str, rcpts: tuple[str, ...], who: str, offset: float
     ) -> None:
         await asyncio.sleep(offset)
         i = 0
@@ -458,10 +484,19 @@ async def probes(port: int, seconds: float, *, count: int | None = None) -> list
             i += 1
             await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    await asyncio.gather(
-        every_second(CUSTOMER_IP, "ann@acme.example", CUSTOMER_RCPTS, "customer", 0.0),
-        every_second(STRANGER_IP, "someone@outside.example", (POSTMASTER_RCPT,), "postmaster", 0.5),
-    )
+    lanes = [
+        every_second(port, CUSTOMER_IP, "ann@acme.example", CUSTOMER_RCPTS, "customer", 0.0),
+        every_second(
+            port, STRANGER_IP, "someone@outside.example", (POSTMASTER_RCPT,), "postmaster", 0.5
+        ),
+    ]
+    if direct_port is not None:
+        lanes.append(
+            every_second(
+                direct_port, CUSTOMER_IP, "ann@acme.example", CUSTOMER_RCPTS, "postfix", 0.25
+            )
+        )
+    await asyncio.gather(*lanes)
     return out
 
 

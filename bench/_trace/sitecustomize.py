@@ -1,0 +1,210 @@
+"""Loaded into `maild serve` by bench/hostile.py --trace: where the event loop's time goes,
+and what the heap holds (bench only; maild never imports this).
+
+bench.hostile puts this directory first on maild's PYTHONPATH with MAILD_TRACE_DIR set:
+
+* every loop iteration's busy time (from the selector's return to the next select: how
+  long a ready client waits at most) and every callback's duration, summed per callback
+  (a task step is named by its coroutine), with the slowest kept;
+* with MAILD_TRACE_MEMORY=1, tracemalloc from the start;
+* on SIGUSR2, a report N.json in MAILD_TRACE_DIR: the loop figures since the last one, a
+  census of live objects by type, glibc's mallinfo2, /proc's smaps_rollup, CPython's
+  allocator statistics (sys._debugmallocstats) and, with tracemalloc, a snapshot file.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("MAILD_TRACE_DIR"):
+    import asyncio.events
+    import collections
+    import ctypes
+    import gc
+    import json
+    import selectors
+    import signal
+    import sys
+    import time
+    import tracemalloc
+
+    _DIR = os.environ["MAILD_TRACE_DIR"]
+    if os.environ.get("MAILD_TRACE_MEMORY"):
+        tracemalloc.start(12)
+
+    _BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, float("inf"))
+
+    class _Loop:
+        def __init__(self) -> None:
+            self.reset()
+
+        def reset(self) -> None:
+            self.t0 = time.perf_counter()
+            self.iterations = collections.Counter()  # busy-time bucket -> iterations
+            self.busy = 0.0
+            self.slowest_iterations: list[tuple[float, int]] = []
+            self.by_callback: collections.Counter[str] = collections.Counter()
+            self.calls: collections.Counter[str] = collections.Counter()
+            self.slow: list[tuple[float, str]] = []
+            self.selected_at: float | None = None
+            self.callbacks_this_iteration = 0
+            self.gc_seconds: collections.Counter[int] = collections.Counter()
+            self.gc_cpu: collections.Counter[int] = collections.Counter()
+            self.gc_runs: collections.Counter[int] = collections.Counter()
+            self.gc_longest = 0.0
+
+    _loop = _Loop()
+    _gc_started = [0.0, 0.0]
+
+    def _gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            _gc_started[:] = time.perf_counter(), time.thread_time()
+            return
+        d = time.perf_counter() - _gc_started[0]
+        _loop.gc_cpu[info["generation"]] += time.thread_time() - _gc_started[1]
+        _loop.gc_seconds[info["generation"]] += d
+        _loop.gc_runs[info["generation"]] += 1
+        _loop.gc_longest = max(_loop.gc_longest, d)
+
+    gc.callbacks.append(_gc_timer)
+
+    def _bucket(d: float) -> str:
+        for b in _BUCKETS:
+            if d <= b:
+                return f"<={b:g}"
+        return "inf"
+
+    def _label(h: asyncio.events.Handle) -> str:
+        cb = h._callback
+        owner = getattr(cb, "__self__", None)
+        if isinstance(owner, asyncio.Task):
+            coro = owner.get_coro()
+            return f"task {getattr(coro, '__qualname__', repr(coro))}"
+        name = getattr(cb, "__qualname__", None) or repr(cb)
+        if owner is not None and not isinstance(owner, type):
+            name = f"{type(owner).__qualname__}.{getattr(cb, '__name__', name)}"
+        return name
+
+    _run = asyncio.events.Handle._run
+
+    def _timed_run(self: asyncio.events.Handle) -> None:
+        t = time.perf_counter()
+        try:
+            _run(self)
+        finally:
+            d = time.perf_counter() - t
+            _loop.callbacks_this_iteration += 1
+            if d >= 0.0005:
+                label = _label(self)
+                _loop.by_callback[label] += d
+                _loop.calls[label] += 1
+                if d >= 0.02:
+                    _loop.slow.append((d, label))
+                    if len(_loop.slow) > 400:
+                        _loop.slow.sort(reverse=True)
+                        del _loop.slow[200:]
+
+    asyncio.events.Handle._run = _timed_run  # type: ignore[method-assign]
+
+    _select = selectors.EpollSelector.select
+
+    def _timed_select(self: selectors.EpollSelector, timeout: float | None = None) -> list:
+        now = time.perf_counter()
+        if _loop.selected_at is not None:
+            busy = now - _loop.selected_at
+            _loop.busy += busy
+            _loop.iterations[_bucket(busy)] += 1
+            if busy >= 0.05:
+                _loop.slowest_iterations.append((busy, _loop.callbacks_this_iteration))
+        _loop.callbacks_this_iteration = 0
+        try:
+            return _select(self, timeout)
+        finally:
+            _loop.selected_at = time.perf_counter()
+
+    selectors.EpollSelector.select = _timed_select  # type: ignore[method-assign]
+
+    def _mallinfo() -> dict[str, int]:
+        class Mallinfo2(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        try:
+            f = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            return {}
+        f.restype = Mallinfo2
+        m = f()
+        return {n: getattr(m, n) for n, _ in Mallinfo2._fields_}
+
+    def _pymalloc_stats(path: str) -> str:
+        """sys._debugmallocstats writes to the C stderr: sent to a file for the call."""
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(path, "w") as f:
+                os.dup2(f.fileno(), 2)
+                sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        with open(path) as f:
+            return f.read()
+
+    _seq = [0]
+
+    def _report(_signum: int, _frame: object) -> None:
+        _seq[0] += 1
+        n = _seq[0]
+        gc.collect()
+        census = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        with open("/proc/self/smaps_rollup") as f:
+            smaps = {
+                k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in f if ":" in ln[:30])
+            }
+        stats = _pymalloc_stats(os.path.join(_DIR, f"{n}.pymalloc.txt"))
+        wall = time.perf_counter() - _loop.t0
+        out = {
+            "seq": n,
+            "wall": wall,
+            "loop_busy": _loop.busy,
+            "iterations": dict(_loop.iterations),
+            "slowest_iterations": sorted(_loop.slowest_iterations, reverse=True)[:30],
+            "callbacks_by_time": _loop.by_callback.most_common(40),
+            "calls": {k: _loop.calls[k] for k, _ in _loop.by_callback.most_common(40)},
+            "slow_callbacks": sorted(_loop.slow, reverse=True)[:60],
+            "census": census.most_common(60),
+            "gc_count": gc.get_count(),
+            "gc_seconds_by_generation": dict(_loop.gc_seconds),
+            "gc_runs_by_generation": dict(_loop.gc_runs),
+            "gc_cpu_by_generation": dict(_loop.gc_cpu),
+            "gc_longest": _loop.gc_longest,
+            "gc_objects": sum(census.values()),
+            "mallinfo2": _mallinfo(),
+            "smaps_rollup_kb": smaps,
+            "pymalloc_tail": stats.splitlines()[-12:],
+            "threads": len(os.listdir("/proc/self/task")),
+        }
+        if tracemalloc.is_tracing():
+            tracemalloc.take_snapshot().dump(os.path.join(_DIR, f"{n}.tracemalloc"))
+            out["tracemalloc_traced"] = tracemalloc.get_traced_memory()
+        with open(os.path.join(_DIR, f"{n}.json"), "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        _loop.reset()
+        if n == 1 and os.environ.get("MAILD_TRACE_FREEZE"):  # experiment: gc.freeze()
+            gc.freeze()
+
+    signal.signal(signal.SIGUSR2, _report)
