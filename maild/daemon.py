@@ -37,6 +37,7 @@ from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
 from maild.smtp.front import Front, bind_listeners, listeners_changed
+from maild.smtp.gate import Door, Gate
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
@@ -90,7 +91,25 @@ class Daemon:
         self._listen_error = ""
         self._probe: asyncio.Task | None = None
 
-    def _protocol(self, listener: str = "smtp") -> MaildSMTP:
+    def _protocol(self, listener: str = "smtp") -> Gate | MaildSMTP:
+        """Admission control first (maild.smtp.gate); a session only for a connection
+        that has a slot. On an implicit-TLS listener, and from a trusted proxy, the
+        client is known only after the handshake or the PROXY header: the session asks
+        admission control itself then."""
+        c = self.proxy.config
+        if listener == "implicit":
+            return self._session(listener)
+        door = Door(
+            lambda: self._session(listener),
+            self.admission,
+            c.server.trusted_upstreams,
+            c.server.hostname,
+            self.proxy.session_refused,
+            c.server.trusted_proxies,
+        )
+        return Gate(door)
+
+    def _session(self, listener: str = "smtp") -> MaildSMTP:
         c = self.proxy.config
         return MaildSMTP(
             self.proxy,

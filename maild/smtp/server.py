@@ -49,6 +49,7 @@ from maild.smtp.budget import Budget, Content
 from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
 from maild.smtp.data import Abort, AbortKind, ClientEOF, read_data
 from maild.smtp.front import Front, FrontSMTP
+from maild.smtp.gate import is_trusted, peer_address
 from maild.smtp.hooks import SessionHooks
 from maild.smtp.sessions import SessionCounter
 
@@ -183,6 +184,9 @@ class MaildSMTP(FrontSMTP, FastInit):
     event_handler: SessionHooks
     session: MaildSession | None
     envelope: MaildEnvelope | None
+    # Its session slot, from admission control at connect (maild.smtp.gate); None for a
+    # server built without the gate.
+    admitted: Slot | None = None
 
     def __init__(
         self,
@@ -268,40 +272,36 @@ class MaildSMTP(FrontSMTP, FastInit):
     ) -> None:
         super()._cb_client_connected(_StrictReader(reader, self), writer)  # type: ignore[arg-type]
 
-    def is_trusted(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip.version == n.version and ip in n for n in self.trusted)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.session is not None:  # released in connection_lost, whenever that comes
+            self.session.slot = self.admitted
 
     async def _handle_client(self) -> None:
         if self.needs_preamble and not await self.front_preamble():  # PROXY, implicit TLS
             return
         session = self._session
-        peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
-        addr = str(peer[0])
-        if addr.startswith("::ffff:"):
-            addr = addr[7:]
-        trusted = self.is_trusted(addr)
-        session.client = Client(addr=addr, port=str(peer[1]), trusted_peer=trusted, name="unknown")
-        slot = self.admission.admit(
-            addr,
-            reserved=trusted or self.admission.is_customer(addr),
-            exempt=trusted,
-            notify=self._admission_event,
-        )
-        if isinstance(slot, Refusal):
-            self.event_handler.session_refused(session, slot)
-            await self.push(slot.reply.replace(" 4.7.0 ", f" 4.7.0 {self.hostname} ", 1))
-            if self.transport is not None:
-                self.transport.close()
-            return
-        session.slot = slot
+        addr, port = peer_address(session.peer)
+        trusted = is_trusted(addr, self.trusted)
+        session.client = Client(addr=addr, port=port, trusted_peer=trusted, name="unknown")
+        if session.slot is None:  # admitted here: the client was known only after the preamble
+            slot = self.admission.admit(
+                addr,
+                reserved=trusted or self.admission.is_customer(addr),
+                exempt=trusted,
+                notify=self._admission_event,
+            )
+            if isinstance(slot, Refusal):
+                self.event_handler.session_refused(session, slot)
+                await self.push(slot.reply.replace(" 4.7.0 ", f" 4.7.0 {self.hostname} ", 1))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            session.slot = slot
         self.counter.add()
         self.counter.client_add(addr)
         session.counted = True
-        self._timeout_duration = self.admission.command_timeout(slot)
+        self._timeout_duration = self.admission.command_timeout(session.slot)
         await super()._handle_client()
 
     def waiting(self, idle: bool) -> None:

@@ -44,6 +44,7 @@ from maild import dns as maild_dns
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream
+from maild.smtp.gate import Door
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
 from maild.smtp.sessions import SessionCounter
@@ -89,7 +90,7 @@ class InProcessMaild:
         self.budget = Budget(
             c.server.limits.memory_in_flight, c.server.limits.spool_threshold, tempfile.gettempdir()
         )
-        self.server = await self.loop.create_server(
+        door = Door(
             lambda: MaildSMTP(
                 self.proxy,
                 settings=c.server,
@@ -98,9 +99,12 @@ class InProcessMaild:
                 admission=self.admission,
                 budget=self.budget,
             ),
-            "127.0.0.1",
-            0,
+            self.admission,
+            c.server.trusted_upstreams,
+            c.server.hostname,
+            self.proxy.session_refused,
         )
+        self.server = await self.loop.create_server(door.factory, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:

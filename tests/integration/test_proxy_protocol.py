@@ -113,3 +113,31 @@ def test_on_the_implicit_tls_listener_the_proxy_header_comes_before_the_handshak
     t.sendall(b"RCPT TO:<someone@elsewhere.example>\r\n")
     assert reply(f).startswith(b"250 "), "the customer's network, named by the header"
     t.close()
+
+
+def test_admission_counts_the_client_the_proxy_names_not_the_proxy(pp_maild):
+    """max_sessions_per_ip (20) is per real client: 21 sessions through the balancer for
+    21 clients are all served (admitted at connect, by the balancer's address, the 21st
+    would hear 421), and the 21st session of one client is refused."""
+    held: list[socket.socket] = []
+
+    def greeting(client: str, port: int) -> bytes:
+        s = socket.create_connection(
+            ("127.0.0.1", pp_maild.port), timeout=30, source_address=(BALANCER, 0)
+        )
+        held.append(s)
+        s.sendall(v1(client, port))
+        return reply(s.makefile("rb"))
+
+    try:
+        for i in range(21):
+            assert greeting(f"198.51.100.{i + 1}", 41000 + i).startswith(b"220 "), i
+        for s in held:
+            s.close()
+        held.clear()
+        lines = [greeting("203.0.113.9", 42000 + i) for i in range(21)]
+        assert all(x.startswith(b"220 ") for x in lines[:20]), lines
+        assert lines[20].startswith(b"421 4.7.0 "), lines[20]
+    finally:
+        for s in held:
+            s.close()
