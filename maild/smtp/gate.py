@@ -17,36 +17,16 @@ before a byte is read from it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from maild.policy.context import Client
 from maild.smtp.admission import Admission, Refusal, Slot
+from maild.smtp.peer import Networks, is_trusted, peer_address
 
 if TYPE_CHECKING:
     from maild.smtp.server import MaildSession, MaildSMTP
-
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def peer_address(peer: Any) -> tuple[str, str]:
-    """(address, port) of a peername, an IPv4-mapped IPv6 address as its IPv4 form."""
-    if not isinstance(peer, tuple):
-        return "", "0"
-    addr = str(peer[0])
-    if addr.startswith("::ffff:"):
-        addr = addr[7:]
-    return addr, str(peer[1])
-
-
-def is_trusted(addr: str, trusted: Networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in trusted)
 
 
 def _unset(_event: str) -> None:

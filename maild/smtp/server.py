@@ -49,8 +49,8 @@ from maild.smtp.budget import Budget, Content
 from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
 from maild.smtp.data import Abort, AbortKind, ClientEOF, read_data
 from maild.smtp.front import Front, FrontSMTP
-from maild.smtp.gate import is_trusted, peer_address
 from maild.smtp.hooks import SessionHooks
+from maild.smtp.peer import is_trusted, peer_address
 from maild.smtp.sessions import SessionCounter
 
 if TYPE_CHECKING:
