@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP, syntax
 
 from maild.config import TLS, Server
+from maild.netaddr import is_trusted
 from maild.smtp import proxyproto
 from maild.smtp.sasl import AuthUnavailable, DovecotAuth, Failures, b64decode, parse_plain
 from maild.smtp.tls import build_context, certificate_summary, describe, reload_context
@@ -236,7 +237,7 @@ class FrontSMTP(SMTP):
         front = self.front
         if front is not None and front.settings.trusted_proxies:
             peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
-            if proxyproto.from_proxy(str(peer[0]), front.settings.trusted_proxies):
+            if is_trusted(str(peer[0]), front.settings.trusted_proxies):
                 real = await proxyproto.read_header(self._reader, session.id, str(peer[0]))
                 if real is None:
                     assert self.transport is not None

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from maild.netaddr import Networks, is_trusted, peer_address
 from maild.policy.context import Client
 from maild.smtp.admission import Admission, Refusal, Slot
-from maild.smtp.peer import Networks, is_trusted, peer_address
 
 if TYPE_CHECKING:
     from maild.smtp.server import MaildSession, MaildSMTP

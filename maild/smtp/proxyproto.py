@@ -17,21 +17,9 @@ from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
 
-from maild.config import Network
-
 log = logging.getLogger("maild.smtp")
 
 PROXY_TIMEOUT = 5.0  # Postfix's smtpd_upstream_proxy_timeout
-
-
-def from_proxy(addr: str, proxies: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in proxies)
 
 
 async def read_header(reader: Any, session_id: str, peer: str) -> tuple[str, int] | None:

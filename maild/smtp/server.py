@@ -42,6 +42,7 @@ from maild.address import (
     split_arg,
 )
 from maild.config import Server
+from maild.netaddr import is_trusted, peer_address
 from maild.policy.context import Client, Context
 from maild.smtp import xforward
 from maild.smtp.admission import Admission, Refusal, Slot
@@ -50,7 +51,6 @@ from maild.smtp.compat import JUNK_COMMAND_LIMITS, SUPPORTED, FastInit
 from maild.smtp.data import Abort, AbortKind, ClientEOF, read_data
 from maild.smtp.front import Front, FrontSMTP
 from maild.smtp.hooks import SessionHooks
-from maild.smtp.peer import is_trusted, peer_address
 from maild.smtp.sessions import SessionCounter
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ address cap does not apply to `trusted_proxies`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -20,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from maild.config import Network
+from maild.netaddr import is_trusted
 from maild.web.guard import client_key
 
 log = logging.getLogger("maild.web")
@@ -93,7 +93,7 @@ class CappedSite(web.BaseSite):
         key = client_key(addr)
         if len(self.open) >= self.max_connections:
             why = f"max_connections = {self.max_connections}"
-        elif not self._trusted(addr) and (
+        elif not is_trusted(addr, self.trusted) and (
             sum(1 for k in self.open.values() if k == key) >= self.max_per_ip
         ):
             why = f"max_connections_per_ip = {self.max_per_ip}"
@@ -109,13 +109,6 @@ class CappedSite(web.BaseSite):
 
     def opened(self, addr: str, transport: asyncio.Transport) -> None:
         self.open[transport] = client_key(addr)
-
-    def _trusted(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in n for n in self.trusted)
 
     async def start(self) -> None:
         await super().start()
