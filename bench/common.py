@@ -302,7 +302,13 @@ class MaildProc:
             return 0
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        try:
+            return rss_kb(self.pid)
+        except (OSError, RuntimeError) as e:
+            code = self.proc.poll() if self.proc is not None else None
+            raise RuntimeError(
+                f"maild (pid {self.pid}, exit {code}) is gone: {e}\n{self.tail()}"
+            ) from e
 
     def stop(self) -> None:
         if self.proc is None:

@@ -442,8 +442,11 @@ class Postfwd(Addon):
         return {"smtpd_recipient_restrictions": f"check_policy_service inet:127.0.0.1:{self.port}"}
 
     def master(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
-            return int(self.pidfile.read_text().split()[0])
+        """postfwd's pid, only while that pid is still postfwd (pid numbers are reused)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(self.pidfile.read_text().split()[0])
+            if b"postfwd" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
         return None
 
     def pids(self) -> list[int]:

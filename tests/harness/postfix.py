@@ -344,10 +344,10 @@ service anvil {{
 
     def stop(self) -> None:
         master_pid = self._master_pid()
-        if master_pid and _pid_alive(master_pid):
+        if master_pid and self._conf is not None and _pid_alive(master_pid, str(self._conf)):
             with contextlib.suppress(OSError):
                 os.kill(master_pid, signal.SIGTERM)  # what "doveadm stop" does
-            _wait_pid_gone(master_pid, 10.0, kill=True)
+            _wait_pid_gone(master_pid, str(self._conf), 10.0, kill=True)
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
@@ -410,35 +410,40 @@ def _run_tty_stderr(cmd: list[str], timeout: float) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, owner: str) -> bool:
+    """Whether pid is a live process of the instance whose config path is owner.
+
+    A master.pid file outlives a killed master, and this machine's pid space is
+    small (pid_max 32768) and busy: the number may already belong to another
+    test's process, which a bare kill would take down. So the process must name
+    the config, on its command line (dovecot -c) or in MAIL_CONFIG (Postfix).
+    """
+    proc = Path(f"/proc/{pid}")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still "exists"; treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        # A zombie still "exists"; treat it as gone.
+        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        named = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
     except (OSError, IndexError):
-        return True
+        return False
+    words = named.split(b"\0")
+    return owner.encode() in words or f"MAIL_CONFIG={owner}".encode() in words
 
 
-def _wait_pid_gone(pid: int, timeout: float, *, kill: bool) -> bool:
+def _wait_pid_gone(pid: int, owner: str, timeout: float, *, kill: bool) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not _pid_alive(pid, owner):
             return True
         time.sleep(0.05)
-    if kill:
+    if kill and _pid_alive(pid, owner):
         for target in (-pid, pid):  # process group first: takes the children too
             with contextlib.suppress(OSError):
                 os.kill(target, signal.SIGKILL)
         end = time.monotonic() + 5
-        while time.monotonic() < end and _pid_alive(pid):
+        while time.monotonic() < end and _pid_alive(pid, owner):
             time.sleep(0.05)
-    return not _pid_alive(pid)
+    return not _pid_alive(pid, owner)
 
 
 class Postfix:
@@ -652,7 +657,7 @@ class Postfix:
     @property
     def running(self) -> bool:
         pid = self.master_pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and _pid_alive(pid, str(self.etc))
 
     def master_pid(self) -> int | None:
         try:
@@ -719,7 +724,7 @@ class Postfix:
                         raise PostfixError(
                             f"postfix never listened on 127.0.0.1:{port}\n{self.log_tail()}"
                         )
-                    if pid is not None and not _pid_alive(pid):
+                    if pid is not None and not _pid_alive(pid, str(self.etc)):
                         raise PostfixError(f"postfix master died\n{self.log_tail()}")
                     time.sleep(0.05)
         except BaseException:
@@ -733,13 +738,13 @@ class Postfix:
             return
         pid = self.master_pid()
         try:
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and _pid_alive(pid, str(self.etc)):
                 with contextlib.suppress(subprocess.TimeoutExpired, PostfixError):
                     self._postfix("stop", timeout=30)
-                if not _wait_pid_gone(pid, 10.0, kill=False):
+                if not _wait_pid_gone(pid, str(self.etc), 10.0, kill=False):
                     with contextlib.suppress(subprocess.TimeoutExpired, PostfixError):
                         self._postfix("abort", timeout=15)
-                    _wait_pid_gone(pid, 5.0, kill=True)
+                    _wait_pid_gone(pid, str(self.etc), 5.0, kill=True)
         finally:
             if self.dovecot is not None:
                 self.dovecot.stop()
