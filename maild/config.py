@@ -14,6 +14,7 @@ import builtins
 import difflib
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -321,6 +322,10 @@ class Server:
     user: str = ""
     downstream_timeout: float = 60.0
     downstream_pool: int = 8
+    # Worker processes accepting on the listening socket (maild/workers); "auto" = the
+    # CPUs this process may run on, resolved when the file is read.
+    workers: int = 1
+    workers_auto: bool = False
     limits: Limits = field(default_factory=Limits)
 
 
@@ -424,6 +429,27 @@ def _parse_limits(r: Reader) -> Limits:
     return lim
 
 
+MAX_WORKERS = 256
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container sees it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parse_workers(r: Reader) -> dict[str, Any]:
+    value = r._get("workers", "auto")
+    if value == "auto":
+        return {"workers": cpus(), "workers_auto": True}
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        r.error("workers", value, f'"auto" or a whole number from 1 to {MAX_WORKERS}')
+        return {"workers": 1, "workers_auto": False}
+    return {"workers": value, "workers_auto": False}
+
+
 def _parse_server(r: Reader) -> Server:
     d = Server()
     server = Server(
@@ -438,6 +464,7 @@ def _parse_server(r: Reader) -> Server:
         downstream_timeout=r.duration("downstream_timeout", d.downstream_timeout, positive=True),
         downstream_pool=r.int("downstream_pool", d.downstream_pool, minimum=0, maximum=1000),
         limits=_parse_limits(r.table_of("limits")),
+        **_parse_workers(r),
     )
     if server.hostname and not is_hostname(server.hostname):
         r.error("hostname", server.hostname, 'a fully qualified host name, e.g. "mx1.example.net"')
