@@ -222,3 +222,16 @@ def test_status_shows_the_workers_and_sigterm_stops_them_all(postfix, m):
     for pid in pids:
         assert f"(pid {pid}) stopped: exit status 0" in log
     assert log.rstrip().endswith("daemon stopped")
+
+
+def test_reload_finds_the_supervisor_in_the_process_table(postfix, tmp_path):
+    """No status file where the edited policy looks, no pid_file: the CLI looks for the
+    `maild serve` of this policies.toml, which the workers' processes share."""
+    md = Maild(tmp_path / "m", policy(postfix.reinject_port))
+    with md:
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        md.policy["server"]["state"] = str(tmp_path / "elsewhere" / "maild.db")
+        md.write()
+        r = md.cli("reload")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "not in effect until a restart: [server] state" in r.stderr
