@@ -292,6 +292,15 @@ class Daemon:
                     "why": "root is given up once, at start",
                 }
             )
+        if file.workers != run.workers:
+            out.append(
+                {
+                    "key": "workers",
+                    "file": str(file.workers),
+                    "running": str(run.workers),
+                    "why": "the worker processes are started once, at start",
+                }
+            )
         if file.pid_file != self.pid_file:
             out.append(
                 {

@@ -215,6 +215,8 @@ def test_status_shows_the_workers_and_sigterm_stops_them_all(postfix, m):
             rf"(?m)^    worker \d: pid {pid} running, up \d+s, sessions \d+, restarts 0$", out
         ), out
     assert "workers: 2 (auto" not in out and "workers: 2" in out
+    doc = m.cli("doctor").stdout
+    assert f"2 workers (pids {' '.join(str(p) for p in pids)}), restarts 0" in doc, doc
     supervisor = m.proc.pid
     assert m.stop() == 0
     assert not any(alive(p) for p in [*pids, supervisor])
