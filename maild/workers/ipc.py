@@ -43,7 +43,11 @@ class RemoteError(RuntimeError):
     """The handler at the other end raised; the message names the exception."""
 
 
-class Channel:
+class Channel(asyncio.Protocol):
+    """Frames in and out of one socketpair end. A Protocol, not streams: a frame costs no
+    coroutine on either side, and the frames written in one turn of the event loop go
+    out in one write."""
+
     def __init__(self, sock: socket.socket, handler: Handler, *, name: str = "") -> None:
         self.sock = sock
         self.handler = handler
@@ -53,22 +57,72 @@ class Channel:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._serving: asyncio.Task | None = None
+        self._transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._outbox: list[bytes] = []
+        self._receiving = False  # in data_received: answers go out together at its end
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self.sock.setblocking(False)
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
-        self._serving = asyncio.get_running_loop().create_task(self._serve())
+        self._loop = asyncio.get_running_loop()
+        await self._loop.connect_accepted_socket(lambda: self, self.sock)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._inbox
+        buf += data
+        pos = 0
+        self._receiving = True
+        try:
+            while len(buf) - pos >= _LEN.size:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes")
+                end = pos + _LEN.size + n
+                if len(buf) < end:
+                    break
+                mid, kind, args = pickle.loads(memoryview(buf)[pos + _LEN.size : end])
+                pos = end
+                if mid < 0:
+                    self._answered(-mid, kind, args)
+                else:
+                    self._dispatch(mid, kind, args)
+        except Exception as e:  # noqa: BLE001  a bad frame ends the channel, logged once
+            log.error("error: workers: channel %s: %s: %s", self.name, type(e).__name__, e)
+            del buf[:]
+            self._close()
+            return
+        finally:
+            self._receiving = False
+        del buf[:pos]
+        self._flush()
 
     # ------------------------------------------------------------------ sending
 
     def _write(self, frame: tuple) -> None:
-        if self.closed or self._writer is None:
+        if self.closed or self._transport is None:
             raise ChannelClosed(f"channel {self.name} is closed")
         data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_LEN.pack(len(data)) + data)
+        if not self._outbox and not self._receiving:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._outbox.append(_LEN.pack(len(data)))
+        self._outbox.append(data)
+
+    def _flush(self) -> None:
+        """Notices wait for the end of this turn of the loop (one write for all); a call,
+        and the answers to a batch of frames received, go at once."""
+        out, self._outbox = self._outbox, []
+        if out and not self.closed and self._transport is not None:
+            self._transport.write(b"".join(out))
 
     def send(self, kind: str, *args: Any) -> None:
         """A notice: no answer, no wait."""
@@ -77,37 +131,17 @@ class Channel:
     async def call(self, kind: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         """Ask and wait for the answer (ChannelClosed, RemoteError or TimeoutError)."""
         mid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._waiting[mid] = fut
+        timer = loop.call_later(timeout, _expire, fut)
         try:
             self._write((mid, kind, args))
-            return await asyncio.wait_for(fut, timeout)
+            self._flush()
+            return await fut
         finally:
+            timer.cancel()
             self._waiting.pop(mid, None)
-
-    # ------------------------------------------------------------------ receiving
-
-    async def _serve(self) -> None:
-        assert self._reader is not None
-        try:
-            while True:
-                head = await self._reader.readexactly(_LEN.size)
-                (n,) = _LEN.unpack(head)
-                if n > MAX_FRAME:
-                    raise ValueError(f"frame of {n} bytes")
-                mid, kind, args = pickle.loads(await self._reader.readexactly(n))
-                if mid < 0:
-                    self._answered(-mid, kind, args)
-                else:
-                    self._dispatch(mid, kind, args)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001  a bad frame ends the channel, logged once
-            log.error("error: workers: channel %s: %s: %s", self.name, type(e).__name__, e)
-        finally:
-            self._close()
 
     def _answered(self, mid: int, status: str, value: Any) -> None:
         fut = self._waiting.get(mid)
@@ -158,8 +192,8 @@ class Channel:
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"channel {self.name} closed"))
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
         for fn in self.on_close:
             try:
                 fn()
@@ -167,9 +201,11 @@ class Channel:
                 log.exception("workers: on_close of %s", self.name)
 
     async def close(self) -> None:
-        """Close our end (the peer sees end of file) and stop reading."""
+        """Close our end (the peer sees end of file), after what is queued to go."""
+        self._flush()
         self._close()
-        if self._serving is not None and self._serving is not asyncio.current_task():
-            self._serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._serving
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())

@@ -182,11 +182,15 @@ class StateHost:
             self.limiter.release(res)
         self.held.clear()
 
-    async def on_reserve(self, rid: int, checks: list[Check]) -> Over | None:
+    def on_reserve(self, rid: int, checks: list[Check]) -> Any:
+        """Over | None; answered at once unless the counters are shared with other nodes
+        (then a coroutine: a sync with PostgreSQL may come first)."""
         res = self.held.get(rid)
         if res is None:
             res = self.held[rid] = Reservation()
-        return await self.limiter.try_reserve_async(res, checks)
+        if self.limiter.shared is None:
+            return self.limiter.try_reserve(res, checks)
+        return self.limiter.try_reserve_async(res, checks)
 
     def on_check(self, key: str, rate: Rate, n: float) -> float | None:
         return self.limiter.check(key, rate, n)
