@@ -127,9 +127,9 @@ def test_one_campaign_score_for_bulk_detection_across_workers(postfix, m):
     mark = len(m.log())
     codes = [send(m, 400 + i, "127.0.0.9", body=body) for i in range(24)]
     assert codes == [250] * 19 + [550] * 5, codes
-    assert {
-        int(p) for p in re.findall(r"maild\[(\d+)\]: \w+: relay:", m.log()[mark:])
-    } == set(running(m))
+    assert {int(p) for p in re.findall(r"maild\[(\d+)\]: \w+: relay:", m.log()[mark:])} == set(
+        running(m)
+    )
 
 
 def test_a_block_is_in_every_worker_when_the_command_returns(postfix, m):
@@ -237,3 +237,65 @@ def test_reload_finds_the_supervisor_in_the_process_table(postfix, tmp_path):
         r = md.cli("reload")
         assert r.returncode == 1, r.stdout + r.stderr
         assert "not in effect until a restart: [server] state" in r.stderr
+
+
+def test_ready_only_when_every_worker_listens_and_all_run_unprivileged(
+    postfix, tmp_path, monkeypatch
+):
+    """READY=1 (with the workers in STATUS=) after both workers' "started" lines; root
+    given up before the fork server, so every process of the tree is the user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to test dropping root")
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="maild-workers-", dir="/tmp"))
+    d.chmod(0o755)
+    sock_path = d / "notify.sock"  # where the unprivileged supervisor can write
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(sock_path))
+    sock_path.chmod(0o777)
+    rx.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    try:
+        p = policy(postfix.reinject_port)
+        p["server"].update(user="nobody", state=str(d / "state" / "maild.db"))
+        md = Maild(d / "m", p)
+        (d / "m").chmod(0o755)
+        with md:
+            ready = rx.recv(1000).decode()
+            assert ready.startswith("READY=1\n"), ready
+            assert re.search(
+                r"STATUS=2 workers listening on 127\.0\.0\.1:\d+ \(pids \d+, \d+\)", ready
+            )
+            log = md.log()
+            assert "worker 0 started" in log and "worker 1 started" in log
+            pids = [int(x) for x in re.findall(r"\d+", ready.split("pids ")[1])]
+            tree = [md.proc.pid, *pids, *_children(md.proc.pid)]
+            for pid in set(tree):
+                uid = [
+                    int(x)
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("Uid:")
+                    for x in line.split()[1:]
+                ]
+                assert uid == [65534] * 4, (pid, uid)
+            assert send(md, 500, "127.0.0.9") == 250
+    finally:
+        rx.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
