@@ -14,7 +14,6 @@ sessions finish and exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -264,7 +263,7 @@ class Worker(Daemon):
         await self.downstream.close()
         await self.decisions.stop()
         await self.store.close()
-        with contextlib.suppress(Exception):
+        if not self.channel.closed:  # the last counts, for the supervisor's totals
             tell(self.channel, "stats", self.stats())
         await self.channel.close()
         log.info("worker %d stopped: pid=%d", self.index, os.getpid())
