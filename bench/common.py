@@ -106,8 +106,10 @@ def bench_policy(
     downstream_port: int,
     nameserver: str,
     shipped: Path = SHIPPED_POLICY,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """The shipped policies.toml with exactly the DEVIATIONS above; every rule stays on."""
+    """The shipped policies.toml with exactly the DEVIATIONS above; every rule stays on.
+    `[server] workers` is set (1 unless asked): the default "auto" depends on the machine."""
     doc = tomllib.loads(shipped.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     server = doc.setdefault("server", {})
@@ -118,6 +120,7 @@ def bench_policy(
             "downstream": f"127.0.0.1:{downstream_port}",
             "state": str(workdir / "state" / "maild.db"),
             "trusted_upstreams": [],
+            "workers": workers,
         }
     )
     server.pop("user", None)

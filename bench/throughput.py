@@ -15,7 +15,10 @@ Configurations (all on 127.0.0.1, smtp-source -s SESSIONS -m MESSAGES -l SIZE):
 * ``sink``            smtp-source -> smtp-sink (the ceiling of the load generator);
 * ``maild>sink``      smtp-source -> maild -> smtp-sink (maild's own ceiling);
 * ``...+uvloop``      the maild configurations again with uvloop, when it can be
-                      imported (``--uvloop DIR`` or installed).
+                      imported (``--uvloop DIR`` or installed);
+* ``...+wN``          the maild configurations again with ``[server] workers = N``
+                      (``--workers 1,2``; the plain names are workers = 1), each compared
+                      with workers = 1 within the same repetition (issue 16: >= 1.7x).
 
 "Postfix alone" is the public smtpd because that is what clients talk to when maild is
 not there; with maild, clients talk to maild and maild to the re-injection smtpd (fewer
@@ -23,6 +26,7 @@ restrictions, same cleanup/queue/qmgr work). Each run must have every message ac
 (smtp-source aborts on a refusal; maild's log is checked for one relay line per message).
 
     python -m bench.throughput [--sessions 20,100] [--sizes 2048,102400] [--reps 5]
+    python -m bench.throughput --no-postfix --sessions 20 --sizes 2048 --workers 1,2
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from bench.common import (
 
 TARGET_POSTFIX_RATIO = 0.85
 TARGET_SINK_RATE = 2000.0
+TARGET_WORKERS_RATIO = 1.7  # workers = 2 over workers = 1 on a 2-core machine (issue 16)
 
 
 @dataclass
@@ -95,8 +100,10 @@ class Rig:
         with_postfix: bool = True,
         maild_in_front_of: tuple[str, ...] = ("sink", "postfix"),
         compare_src: str | None = None,
+        workers: tuple[int, ...] = (1,),
     ) -> None:
         self.workdir = workdir
+        self.workers = workers
         # a second maild tree (a proposal applied) measured alongside, as "...@patched"
         self.srcs: list[tuple[str, str | None]] = [("", None)]
         if compare_src:
@@ -127,14 +134,16 @@ class Rig:
             if down not in self.maild_in_front_of:
                 continue
             for loop in self.loops:
-                for suffix, src in self.srcs:
-                    name = f"maild>{down}" + ("+uvloop" if loop == "uvloop" else "") + suffix
+                for (suffix, src), n in [(x, n) for x in self.srcs for n in self.workers]:
+                    name = f"maild>{down}" + ("+uvloop" if loop == "uvloop" else "")
+                    name += (f"+w{n}" if n != 1 else "") + suffix
                     wd = self.workdir / name.replace(">", "-").replace("+", "-").replace("@", "-")
                     policy = bench_policy(
                         wd,
                         listen_port=new_port(),
                         downstream_port=port,
                         nameserver=self.dns.nameserver,
+                        workers=n,
                     )
                     log(f"starting {name}" + (f" from {src}" if src else ""))
                     self.mailds[name] = MaildProc(
@@ -208,10 +217,21 @@ def measure(rig: Rig, combos: list[Combo], reps: int) -> None:
                 combo.rates.setdefault(name, Stat()).add(r.rate)
                 log(f"   rep {rep + 1} {name:22s} {r.rate:8.0f} msg/s ({r.seconds:.2f} s)")
             for name, rate in rates.items():
+                if (one := workers_one(name)) in rates:
+                    combo.ratios.setdefault(name + " / w1", Stat()).add(rate / rates[one])
                 if name.startswith("maild>postfix") and "postfix" in rates:
                     combo.ratios.setdefault(name, Stat()).add(rate / rates["postfix"])
                 elif name.startswith("maild>sink") and "sink" in rates:
                     combo.ratios.setdefault(name, Stat()).add(rate / rates["sink"])
+
+
+def workers_one(name: str) -> str:
+    """'maild>sink+w2' -> 'maild>sink' (the same configuration with workers = 1); other
+    names map to '' (no such comparison)."""
+    base, sep, rest = name.partition("+w")
+    if not sep or not rest[:1].isdigit():
+        return ""
+    return base + rest.lstrip("0123456789")
 
 
 def report(combos: list[Combo], info: dict[str, Any], cmd: str, reps: int) -> str:
@@ -228,11 +248,13 @@ def report(combos: list[Combo], info: dict[str, Any], cmd: str, reps: int) -> st
         row += [
             c.ratios[n].fmt(".0%") if n in c.ratios else "-" for n in names if n.startswith("maild")
         ]
+        row += [c.ratios[n + " / w1"].fmt(".2f") + "x" for n in names if n + " / w1" in c.ratios]
         rows.append(row)
     headers = ["sessions", "size", "msgs/run"] + [f"{n} msg/s" for n in names]
     headers += [
         f"{n} / {'postfix' if 'postfix' in n else 'sink'}" for n in names if n.startswith("maild")
     ]
+    headers += [f"{n} / w1" for n in names if any(n + " / w1" in c.ratios for c in combos)]
     lines = [
         f"Measured {info['date']} with `{cmd}`: {reps} repetitions per point, "
         "configurations alternated; median (min-max). Ratios are taken within each "
@@ -244,13 +266,23 @@ def report(combos: list[Combo], info: dict[str, Any], cmd: str, reps: int) -> st
     trows = []
     for c in combos:
         for n, st in c.ratios.items():
-            if n.startswith("maild>postfix"):
+            if n.startswith("maild>postfix") and not n.endswith(" / w1"):
                 trows.append(
                     [
                         f">= 85% of Postfix alone ({n})",
                         f"{c.sessions} sessions, {c.size // 1024} KB",
                         st.fmt(".0%"),
                         verdict(st.median >= TARGET_POSTFIX_RATIO),
+                    ]
+                )
+        for n, st in c.ratios.items():
+            if n.endswith(" / w1"):
+                trows.append(
+                    [
+                        f">= {TARGET_WORKERS_RATIO}x workers = 1 ({n})",
+                        f"{c.sessions} sessions, {c.size // 1024} KB",
+                        st.fmt(".2f") + "x",
+                        verdict(st.median >= TARGET_WORKERS_RATIO),
                     ]
                 )
         for n, st in c.rates.items():
@@ -290,6 +322,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="also measure maild from this tree (a proposal applied), as ...@patched",
     )
+    ap.add_argument(
+        "--workers",
+        default="1",
+        help="[server] workers values to measure, comma-separated (e.g. 1,2: each N > 1 "
+        "is compared with 1 in the same repetition)",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args(argv)
@@ -308,7 +346,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="maild-bench-tp-"))
     info = machine()
-    rig = Rig(workdir, loops, uv, with_postfix=not args.no_postfix, compare_src=args.compare_src)
+    rig = Rig(
+        workdir,
+        loops,
+        uv,
+        with_postfix=not args.no_postfix,
+        compare_src=args.compare_src,
+        workers=tuple(parse_ints(args.workers)) or (1,),
+    )
     try:
         rig.start()
         measure(rig, combos, args.reps)

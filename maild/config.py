@@ -14,6 +14,7 @@ import builtins
 import difflib
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -370,6 +371,10 @@ class Server:
     user: str = ""
     downstream_timeout: float = 60.0
     downstream_pool: int = 8
+    # Worker processes accepting on the listening socket (maild/workers); "auto" = the
+    # CPUs this process may run on, resolved when the file is read.
+    workers: int = 1
+    workers_auto: bool = False
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[Network, ...] = ()  # PROXY protocol v1/v2 required from these
     tls: TLS = field(default_factory=TLS)
@@ -599,6 +604,27 @@ def _parse_auth(r: Reader) -> Auth:
     return auth
 
 
+MAX_WORKERS = 256
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container sees it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parse_workers(r: Reader) -> dict[str, Any]:
+    value = r._get("workers", "auto")
+    if value == "auto":
+        return {"workers": cpus(), "workers_auto": True}
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        r.error("workers", value, f'"auto" or a whole number from 1 to {MAX_WORKERS}')
+        return {"workers": 1, "workers_auto": False}
+    return {"workers": value, "workers_auto": False}
+
+
 def _parse_server(r: Reader) -> Server:
     d = Server()
     server = Server(
@@ -616,6 +642,7 @@ def _parse_server(r: Reader) -> Server:
         trusted_proxies=r.networks("trusted_proxies"),
         tls=_parse_tls(r.table_of("tls")),
         auth=_parse_auth(r.table_of("auth")),
+        **_parse_workers(r),
     )
     if server.auth.enabled and not server.tls.enabled:
         r.error(

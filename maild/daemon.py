@@ -21,9 +21,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from maild import config as cfg
 from maild import privs
@@ -155,15 +155,7 @@ class Daemon:
         self.started_with = c.server
         self.pid_file = c.server.pid_file
         self._status_paths = {self.status_path}
-        if os.geteuid() == 0:
-            if c.server.user:
-                uid, gid = privs.drop(c.server.user, state_path, self.wiring.preloads)
-                log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
-            elif not self.allow_root:
-                raise privs.PrivilegeError(
-                    'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
-                    "or pass --allow-root"
-                )
+        self._drop_root(state_path)
         self.store = await self.wiring.open_store(
             c.server.state, c.path, check=True, init=self.init_state
         )
@@ -189,7 +181,8 @@ class Daemon:
         if c.server.pid_file:
             Path(c.server.pid_file).write_text(f"{os.getpid()}\n")
         log.info(
-            "daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s",
+            "daemon started: version=%s mode=%s listen=%s:%d downstream=%s:%d state=%s "
+            "workers=1 (one process)",
             _version(),
             c.server.mode,
             lhost,
@@ -200,6 +193,19 @@ class Daemon:
         )
         # A missing downstream would otherwise show only as the first message's 451.
         self._probe = loop.create_task(self.check_downstream("start"))
+
+    def _drop_root(self, state_path: str) -> None:
+        """After binding, before touching any state: become [server] user."""
+        c = self.config
+        if os.geteuid() == 0:
+            if c.server.user:
+                uid, gid = privs.drop(c.server.user, state_path, self.wiring.preloads)
+                log.info("privileges: running as user=%s uid=%d gid=%d", c.server.user, uid, gid)
+            elif not self.allow_root:
+                raise privs.PrivilegeError(
+                    'refusing to run as root: set [server] user = "maild" (an unprivileged user), '
+                    "or pass --allow-root"
+                )
 
     async def _start_antispam(self) -> None:
         """Rate-limit counters (loaded from the store), campaigns, sanctions."""
@@ -318,6 +324,15 @@ class Daemon:
                 }
             )
         out += listeners_changed(file.tls, run.tls)
+        if file.workers != run.workers:
+            out.append(
+                {
+                    "key": "workers",
+                    "file": str(file.workers),
+                    "running": str(run.workers),
+                    "why": "the worker processes are started once, at start",
+                }
+            )
         if file.pid_file != self.pid_file:
             out.append(
                 {
@@ -525,6 +540,10 @@ class Daemon:
                 log.error("reload refused, keeping the running policy: %s: %s", e.path, p)
                 result["refused"].append(f"{e.path}: {p}")
             return
+        await self._apply(new, result)
+
+    async def _apply(self, new: cfg.Config, result: dict) -> None:
+        """A new policy that parsed and validated: put it in effect."""
         await self.customers.adopt(new)  # the new policy's index, published before the switch
         old = self.config
         from maild.web.settings import reload_note
@@ -658,6 +677,10 @@ class Daemon:
                 os.unlink(self.pid_file)
         log.info("daemon stopped")
 
+    def ready_status(self) -> str:
+        """systemd's STATUS= line at READY."""
+        return "one process (workers = 1)"
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         # Before start: the CLI may find the daemon (pid_file, process table) before it is
@@ -686,7 +709,7 @@ class Daemon:
         ready.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
-        notify(f"READY=1\nMAINPID={os.getpid()}")
+        notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.ready_status()}")
         await self.stop_event.wait()
         await self.stop()
 
@@ -767,12 +790,25 @@ def serve(
 ) -> None:
     for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
         signal.signal(sig, signal.SIG_IGN)
-    daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)
+    daemon: Daemon
+    if config.server.workers > 1:
+        from maild.workers.supervisor import Supervisor
+
+        sup = Supervisor(config, wiring, allow_root=allow_root, init_state=init_state)
+        sup.prepare()  # bind, drop root, fork the fork server: before any loop or thread
+        daemon = sup
+    else:
+        daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)
+    run_loop(daemon.run())
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run, on uvloop where it is installed (a faster event loop)."""
     try:
-        import uvloop  # optional: faster event loop when installed
+        import uvloop
     except ImportError:
         uvloop = None
     if uvloop is not None:
-        uvloop.run(daemon.run())
+        uvloop.run(main)
     else:
-        asyncio.run(daemon.run())
+        asyncio.run(main)

@@ -93,7 +93,18 @@ def pid_serving(config_path: str) -> int | None:
                 found.append(int(d.name))
         except (OSError, ValueError):
             continue  # gone, or not ours to read
-    return found[0] if len(found) == 1 else None
+    # With [server] workers the supervisor's children (fork server, workers) share its
+    # command line: the daemon is the one whose parent is not among them.
+    roots = [pid for pid in found if _ppid(pid) not in found]
+    return roots[0] if len(roots) == 1 else None
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def _config_arg(argv: list[str]) -> str | None:

@@ -133,10 +133,29 @@ def check_daemon(config: Config) -> Finding:
             f"pid {st['pid']} has not updated its status for {age:.0f}s",
             "the daemon may be hung: check `journalctl -u maild`, then restart it",
         )
+    workers = st.get("workers") or []
+    down = [w for w in workers if w["state"] != "running"]
+    if down:
+        return warn(
+            "daemon",
+            f"pid {st['pid']}: "
+            + "; ".join(
+                f"worker {w['index']} {w['state']} (restarts {w['restarts']}, last exit: "
+                f"{w['last_exit'] or '-'})"
+                for w in down
+            ),
+            "a worker that keeps dying says why in the log: journalctl -u maild",
+        )
+    how = (
+        f"; {len(workers)} workers (pids {' '.join(str(w['pid']) for w in workers)}), "
+        f"restarts {sum(w['restarts'] for w in workers)}"
+        if workers
+        else "; one process (workers = 1)"
+    )
     return ok(
         "daemon",
         f"pid {st['pid']} up {time.time() - st['started']:.0f}s, "
-        f"{st['sessions']} sessions in flight",
+        f"{st['sessions']} sessions in flight{how}",
     )
 
 

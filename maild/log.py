@@ -51,11 +51,19 @@ class _Formatter(logging.Formatter):
 
 
 class _Syslog(logging.handlers.SysLogHandler):
-    """SysLogHandler that writes 'maild[PID]: message', as syslog(3) would."""
+    """SysLogHandler that writes 'maild[PID]: message', as syslog(3) would; the PID of
+    the process that logs (a worker forked from the supervisor has its own)."""
 
     def __init__(self, address: str):
         super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        self.ident = f"maild[{os.getpid()}]: "
+
+    @property
+    def ident(self) -> str:
+        return f"maild[{os.getpid()}]: "
+
+    @ident.setter
+    def ident(self, value: str) -> None:
+        pass
 
 
 class _Stderr(logging.StreamHandler):
@@ -110,7 +118,7 @@ def setup(
     if not isinstance(handler, _Syslog):
         handler.setFormatter(
             _Formatter(
-                f"%(asctime)s {socket.gethostname()} maild[{os.getpid()}]: %(message)s",
+                f"%(asctime)s {socket.gethostname()} maild[%(process)d]: %(message)s",
                 datefmt="%b %d %H:%M:%S",
             )
         )

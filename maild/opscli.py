@@ -186,6 +186,8 @@ def status(as_json: bool) -> None:
         f"listen {st['listen']} -> {st['downstream']}"
     )
     click.echo(f"  state: {st.get('state', '-')}")
+    for line in workers_lines(st):
+        click.echo("  " + line)
     for r in st.get("restart_needed", []):
         click.echo(f"  not in effect until a restart: {_pending(r)}")
     click.echo(
@@ -280,6 +282,25 @@ def _pending(r: dict) -> str:
     empty = '""'
     why = f": {r['why']}" if r["why"] else ""
     return f"[server] {r['key']} = {r['file'] or empty} (running: {r['running'] or empty}){why}"
+
+
+def workers_lines(st: dict) -> list[str]:
+    """`maild status` and `maild doctor`: the worker processes (maild.workers)."""
+    workers = st.get("workers")
+    if not workers:
+        return ["workers: 1 (one process)"]
+    setting = st.get("workers_setting")
+    how = " (auto: the CPUs this process may use)" if setting == "auto" else ""
+    now = time.time()
+    lines = [f"workers: {len(workers)}{how}; limits are the host's, each worker has a share"]
+    for w in workers:
+        up = f", up {round(now - w['started'])}s" if w["state"] == "running" else ""
+        last = f", last exit: {w['last_exit']}" if w["last_exit"] and w["restarts"] else ""
+        lines.append(
+            f"  worker {w['index']}: pid {w['pid']} {w['state']}{up}, sessions {w['sessions']}, "
+            f"restarts {w['restarts']}{last}"
+        )
+    return lines
 
 
 def _limits_lines(lim: dict | None) -> list[str]:

@@ -30,6 +30,7 @@ def test_unit_runs_unprivileged_with_notify_and_reload():
         ("ProtectSystem", "strict"),
         ("PrivateTmp", "yes"),
         ("CapabilityBoundingSet", ""),
+        ("KillMode", "mixed"),  # the supervisor stops its workers itself
     ]:
         assert s[key] == value, key
     assert "/var/lib/maild" in s["ReadWritePaths"]

@@ -140,6 +140,14 @@ class Campaigns:
         base = c.score() if c is not None else 0.0
         return c, base + math.sqrt(max(recipients, 1))
 
+    async def score_async(
+        self, customer: str, sig: tuple[int, ...], recipients: int
+    ) -> tuple[int, float]:
+        """(copies of the matching campaign so far, its score with this copy): what the
+        bulk rule asks, also of a worker's campaigns (maild.workers.shared)."""
+        c, score = self.score_with(customer, sig, recipients)
+        return (c.count if c is not None else 0), score
+
     def add(self, customer: str, sig: tuple[int, ...], recipients: int) -> Campaign:
         """Count one accepted copy."""
         now = self.clock()

@@ -162,6 +162,7 @@ class Reservation:
 
     items: list[tuple[str, float, float]] = field(default_factory=list)  # (key, n, period)
     done: bool = False
+    rid: int = 0  # with workers: the supervisor's reservation it stands for (maild.workers)
 
 
 ALLOWANCE = 0.1  # share of a key's remaining room a node may admit between syncs
@@ -231,6 +232,10 @@ class Limiter:
         if cur + c.pending + n <= rate.limit:
             return None
         return seconds_until_free(cur, c.pending, n, rate)
+
+    async def check_async(self, key: str, rate: Rate, n: float = 1.0) -> float | None:
+        """check(), as a worker's limiter answers it (maild.workers.shared)."""
+        return self.check(key, rate, n)
 
     def reserve(self, res: Reservation, key: str, rate: Rate, n: float = 1.0) -> None:
         key = counter_key(key, rate)

@@ -174,6 +174,12 @@ class Sanctions:
         self.applied: set[int] = set()
         self.tasks: set[asyncio.Task] = set()
         self.on_control: list[Callable[[str, str], None]] = []
+        # Called when `blocked` changed (with workers: pushed to every worker).
+        self.on_change: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        for fn in self.on_change:
+            fn()
 
     @property
     def settings(self) -> SanctionsConfig:
@@ -185,6 +191,7 @@ class Sanctions:
             "SELECT customer, reason, since, actor FROM sanctions WHERE state = 'blocked'"
         )
         self.blocked = {c: Block(r, s, a) for c, r, s, a in rows}
+        self._changed()
         row = await self.store.fetchone("SELECT COALESCE(MAX(id), 0) FROM control")
         if not self.last_control:  # at start: everything so far is already in the state read
             self.last_control = row[0] if row else 0
@@ -307,11 +314,13 @@ class Sanctions:
     ) -> None:
         await set_state(self.store, customer, "blocked", reason, actor, now=now)
         self.blocked[customer] = Block(reason, now or self.clock(), actor)
+        self._changed()
         await self._notify(customer, "block", reason, strikes)
 
     async def unblock(self, customer: str, actor: str, reason: str = "unblocked") -> None:
         await set_state(self.store, customer, "ok", reason, actor, clear=True, now=self.clock())
         self.blocked.pop(customer, None)
+        self._changed()
 
     async def _notify(self, customer: str, action: str, reason: str, strikes: int) -> None:
         if self.notifier is None or not self.settings.notify:

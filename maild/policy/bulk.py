@@ -66,7 +66,7 @@ def message_signature(ctx: Context) -> tuple[int, ...] | None:
 
 
 @rule(Stage.DATA, "bulk")
-def bulk(ctx: Context) -> Verdict | None:
+async def bulk(ctx: Context) -> Verdict | None:
     campaigns = ctx.services.campaigns
     cfg = section(ctx)
     if campaigns is None or not cfg.enabled or ctx.identity.customer is None or ctx.message is None:
@@ -74,9 +74,9 @@ def bulk(ctx: Context) -> Verdict | None:
     sig = message_signature(ctx)
     if sig is None:
         return None
-    campaign, score = campaigns.score_with(ctx.identity.name, sig, len(ctx.recipients))
+    copies, score = await campaigns.score_async(ctx.identity.name, sig, len(ctx.recipients))
     ctx.notes["bulk-score"] = score
-    ctx.notes["bulk-copies"] = (campaign.count if campaign else 0) + 1
+    ctx.notes["bulk-copies"] = copies + 1
     if score < cfg.threshold or any(ex(ctx) for ex in EXEMPTIONS):
         return None
     return reject(

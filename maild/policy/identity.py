@@ -405,7 +405,7 @@ def null_sender(ctx: Context) -> Finding | None:
     status="5.7.1",
     summary="at most null_sender_rate messages with MAIL FROM:<> per customer",
 )
-def null_sender_rate(ctx: Context) -> Finding | None:
+async def null_sender_rate(ctx: Context) -> Finding | None:
     """Counted in the shared rate limiter (persistent, charged only once delivered)."""
     limiter = ctx.services.limiter
     if ctx.sender is None or not ctx.sender.is_null or limiter is None:
@@ -413,11 +413,11 @@ def null_sender_rate(ctx: Context) -> Finding | None:
     rate = settings(ctx).null_sender_rate
     key = f"null-sender:{ctx.identity.name}"
     if ctx.notes.get("dry-run"):
-        wait = limiter.check(key, rate)
+        wait = await limiter.check_async(key, rate)
     else:
         res = ctx.notes.setdefault(_NULL_RES, Reservation())
         assert isinstance(res, Reservation)
-        over = limiter.try_reserve(res, [("null-sender", key, rate, 1.0)])
+        over = await limiter.try_reserve_async(res, [("null-sender", key, rate, 1.0)])
         wait = over.retry_after if over is not None else None
     if wait is None:
         return None

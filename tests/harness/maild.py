@@ -85,6 +85,9 @@ class Maild:
         server.setdefault("listen", f"127.0.0.1:{self.port}")
         server.setdefault("state", str(self.root / "state.db"))
         server.setdefault("hostname", "mx.hosted.example")
+        # One process unless a test asks for workers (tests/integration/test_workers.py):
+        # the default, "auto", would make the process model depend on the machine.
+        server.setdefault("workers", 1)
         self.policy = policy
         self.config = self.root / "policies.toml"
         self.logfile = self.root / "maild.log"

@@ -116,3 +116,55 @@ async def test_requests_are_counted_per_address(ledger):
         )
     assert await ledger.count_requests("l.example", "A@x.example", 0) == 2
     assert await ledger.count_requests("l.example", "b@x.example", 0) == 0
+
+
+def _append_from_a_process(path: str, who: str, n: int, start: float) -> None:
+    """One writer process (as one of `[server] workers`): n appends to one list."""
+    import time
+
+    async def run() -> None:
+        store = await open_store(path)
+        try:
+            ledger = Ledger(store)
+            time.sleep(max(0.0, start - time.time()))  # every process begins at once
+            for i in range(n):
+                await ledger.append(
+                    list_id="l.example",
+                    address=f"{who}{i}@x.example",
+                    kind=Kind.REQUEST,
+                    channel="api",
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+async def test_writers_in_several_processes_never_fork_a_chain(tmp_path):
+    """Workers are processes, each with its own SQLite connection: their appends queue on
+    SQLite's write lock (BEGIN IMMEDIATE) and the chain stays one line."""
+    import multiprocessing
+    import time
+
+    path = str(tmp_path / "s.db")
+    first = await open_store(path)  # creates the schema before the writers start
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 2.0
+    procs = [
+        ctx.Process(target=_append_from_a_process, args=(path, f"w{k}-", 25, start))
+        for k in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        await asyncio.to_thread(p.join, 120)
+    try:
+        assert [p.exitcode for p in procs] == [0] * 4
+        ledger = Ledger(first)
+        events = await ledger.events_of_list("l.example")
+        assert [e.seq for e in events] == list(range(1, 101))
+        assert len({e.address for e in events}) == 100
+        assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:], strict=False))
+        assert (await verify_all(ledger)).ok
+    finally:
+        await first.close()

@@ -91,4 +91,4 @@ async def test_unidentified_senders_are_not_scored():
     )
     ctx.recipients = [parse_path("<x@hosted.example>")]
     ctx.message = Message(b"Subject: x\r\n\r\n" + TEXT.format(name="a", n=1).encode() + b"\r\n")
-    assert bulk.bulk(ctx) is None
+    assert await bulk.bulk(ctx) is None
