@@ -447,6 +447,11 @@ class CustomerDirectory:
     def publish(self, index: Any) -> None:
         self._index = index
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A config sent to a worker (maild.workers) goes without the index, which can be
+        # 100,000 customers: every process keeps its own (maild.customers.directory).
+        return {**self.__dict__, "_index": None}
+
 
 @dataclass(frozen=True)
 class Postmaster:

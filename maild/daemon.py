@@ -159,17 +159,8 @@ class Daemon:
         self.store = await self.wiring.open_store(
             c.server.state, c.path, check=True, init=self.init_state
         )
-        self.decisions = DecisionLog(self.store)
-        self.decisions.start()
+        await self._start_pipeline(c)
         host, port = c.server.downstream
-        self.downstream = _downstream(c)
-        self.services = Services(sessions=self.counter)
-        self.proxy = Proxy(
-            c, self.downstream, self.decisions, self.services, health=self.store.health
-        )
-        # Before serving: each process reads [customer_source] and keeps its own index.
-        self.customers = Refresher(c)
-        await self.customers.start()
         await self._start_antispam()
         await self._start_web()
         await self.server.start_serving()
@@ -193,6 +184,20 @@ class Daemon:
         )
         # A missing downstream would otherwise show only as the first message's 451.
         self._probe = loop.create_task(self.check_downstream("start"))
+
+    async def _start_pipeline(self, c: cfg.Config) -> None:
+        """What every process that decides on mail has, on its open store: the decision
+        log, the downstream pool, the proxy, and its own customer index."""
+        self.decisions = DecisionLog(self.store)
+        self.decisions.start()
+        self.downstream = _downstream(c)
+        self.services = Services(sessions=self.counter)
+        self.proxy = Proxy(
+            c, self.downstream, self.decisions, self.services, health=self.store.health
+        )
+        # Before serving: each process reads [customer_source] and keeps its own index.
+        self.customers = Refresher(c)
+        await self.customers.start()
 
     def _drop_root(self, state_path: str) -> None:
         """After binding, before touching any state: become [server] user."""

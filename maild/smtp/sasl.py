@@ -20,6 +20,7 @@ import itertools
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from maild.config import Auth
@@ -122,6 +123,8 @@ class Failures:
         self.settings = settings
         self.clock = clock
         self._seen: dict[str, deque[float]] = {}
+        # With [server] workers > 1: tells the other workers, so the limit is the host's.
+        self.on_failure: Callable[[str, str], None] | None = None
 
     def _recent(self, key: str) -> int:
         q = self._seen.get(key)
@@ -141,6 +144,12 @@ class Failures:
         )
 
     def failed(self, addr: str, login: str) -> None:
+        self.record(addr, login)
+        if self.on_failure is not None:
+            self.on_failure(addr, login)
+
+    def record(self, addr: str, login: str) -> None:
+        """A failure, here or (with workers) in another process of this maild."""
         now = self.clock()
         for key in ("ip:" + addr, "login:" + login.casefold()):
             self._seen.setdefault(key, deque()).append(now)

@@ -36,13 +36,11 @@ from typing import Any
 
 from maild import config as cfg
 from maild import privs
-from maild.daemon import Daemon, _downstream, _hostport
+from maild.daemon import Daemon, _hostport
 from maild.daemonctl import monotonic
-from maild.policy.services import Services
 from maild.sdnotify import notify
-from maild.smtp.proxy import Proxy
+from maild.smtp.front import Front
 from maild.store.base import resolve_state_path
-from maild.store.core import DecisionLog
 from maild.wiring import Wiring
 from maild.workers import forkserver, worker
 from maild.workers.forkserver import ForkServer
@@ -140,10 +138,18 @@ class Supervisor(Daemon):
         state_path = resolve_state_path(c.server.state, c.path)
         privs.check_files(c.path, state_path)
         self.listen_sock = bind(c.server.listen)
+        tls = c.server.tls
+        self.tls_socks = [
+            (kind, bind(addr))
+            for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission))
+            for addr in addrs
+        ]
+        self.front = Front(c.server)  # the key is read while still root; the workers inherit it
         self._drop_root(state_path)
         privs.preload(self.wiring.preloads)
         self.fork_pid, self.fork_sock = forkserver.start(
-            self.listen_sock, partial(worker.main, self.wiring)
+            self.listen_sock,
+            partial(worker.main, self.wiring, front=self.front, tls_socks=self.tls_socks),
         )
 
     async def start(self) -> None:
@@ -157,13 +163,8 @@ class Supervisor(Daemon):
         self.store = await self.wiring.open_store(
             c.server.state, c.path, check=True, init=self.init_state
         )
-        self.decisions = DecisionLog(self.store)
-        self.decisions.start()
-        self.downstream = _downstream(c)  # the supervisor's mail: notices, confirmations
-        self.services = Services(sessions=self.counter)
-        self.proxy = Proxy(
-            c, self.downstream, self.decisions, self.services, health=self.store.health
-        )
+        # its downstream carries the supervisor's own mail: notices, confirmations
+        await self._start_pipeline(c)
         await self._start_antispam()
         self.sanctions.on_change.append(self._blocked_changed)
         self.sanctions.on_control.append(self._forward_control)
@@ -248,6 +249,11 @@ class Supervisor(Daemon):
         if kind == "listening":
             slot.state = "running"
             self._wake()
+            return None
+        if kind == "auth_failed":  # every other worker counts it too: the host's limit
+            for ch in self._channels(but=slot):
+                with contextlib.suppress(ChannelClosed):
+                    ch.send("auth_failed", *args)
             return None
         if kind == "stats":
             if slot.state in ("starting", "running"):  # not a dead process's last word
@@ -393,6 +399,8 @@ class Supervisor(Daemon):
             t.cancel()
         await self.forks.close()
         self.listen_sock.close()
+        for _kind, sock in self.tls_socks:
+            sock.close()
         await super().stop()
 
     # ------------------------------------------------------------------ status

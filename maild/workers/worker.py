@@ -14,21 +14,24 @@ sessions finish and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from maild import config as cfg
-from maild.daemon import Daemon, _downstream, _downstream_settings
+from maild.daemon import Daemon, _downstream_settings
 from maild.daemonctl import SIG_CONTROL
-from maild.policy.services import Services
-from maild.smtp.proxy import Proxy
+from maild.smtp.front import Front
+from maild.smtp.tls import TLSConfigError
 from maild.store.base import StoreError
-from maild.store.core import DecisionLog, heartbeat
+from maild.store.core import heartbeat
 from maild.wiring import Wiring
 from maild.workers.ipc import Channel
 from maild.workers.shared import (
@@ -110,9 +113,14 @@ class Worker(Daemon):
         channel_sock: socket.socket,
         listen: socket.socket,
         index: int,
+        *,
+        front: Front,
+        tls_socks: Sequence[tuple[str, socket.socket]] = (),
     ) -> None:
         self.index = index
         self.listen_sock = listen
+        self.tls_socks = tls_socks
+        self._front = front
         self.channel = Channel(channel_sock, self._handle, name=f"worker {index}")
         self._wiring = wiring
         self.sanctions: WorkerSanctions | None = None  # type: ignore[assignment]
@@ -128,6 +136,10 @@ class Worker(Daemon):
         Daemon.__init__(
             self, view(config, self.index, self.workers), self._wiring, shutdown_grace=grace
         )
+        # The supervisor's, read while it was root: the TLS context and the Dovecot
+        # client; a failed login here is told to the others (_auth_failed).
+        self.front = self._front
+        self.front.failures.on_failure = partial(tell, self.channel, "auth_failed")
         self.channel.on_close.append(self.stop_event.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -140,13 +152,7 @@ class Worker(Daemon):
         self._configure_services(c)
         # The supervisor ran the migrations and checked the file at its start.
         self.store = await self.wiring.open_store(c.server.state, c.path, migrate=False)
-        self.decisions = DecisionLog(self.store)
-        self.decisions.start()
-        self.downstream = _downstream(c)
-        self.services = Services(sessions=self.counter)
-        self.proxy = Proxy(
-            c, self.downstream, self.decisions, self.services, health=self.store.health
-        )
+        await self._start_pipeline(c)
         await self._start_antispam()
         from maild.web.settings import section
 
@@ -155,6 +161,8 @@ class Worker(Daemon):
         self._set_blocked(await ask(self.channel, "ready"))
         self.listening, self.started_with = c.server.listen, c.server
         self.server = Acceptor(self.listen_sock, self._protocol)  # type: ignore[assignment]
+        tls = [Acceptor(sock, partial(self._protocol, kind)) for kind, sock in self.tls_socks]
+        self.tls_servers = tls  # type: ignore[assignment]
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         tell(self.channel, "listening", os.getpid())
         log.info("worker %d started: pid=%d", self.index, os.getpid())
@@ -199,13 +207,19 @@ class Worker(Daemon):
         if kind == "stop":
             self.stop_event.set()
             return True
+        if kind == "auth_failed":  # in another worker: counted here too
+            self.front.failures.record(*args)
+            return True
         raise ValueError(f"unknown request {kind!r}")
 
     async def _apply_from_supervisor(self, new: cfg.Config) -> list[str]:
         """The supervisor read and checked the file once; apply its result here."""
         new = view(new, self.index, self.workers)
+        await self.customers.adopt(new)
         old = self.config
         self._configure_services(new)
+        with contextlib.suppress(TLSConfigError):  # the supervisor logged it
+            self.front.reload(new.server)
         self.config = new
         self.proxy.config = new
         self.optin.config = new
@@ -254,11 +268,14 @@ class Worker(Daemon):
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        for server in self.tls_servers:
+            server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace
         while self.counter.total > 0 and loop.time() < deadline:
             await asyncio.sleep(0.1)
         self._housekeeping.cancel()
+        await self.customers.stop()
         await self.optin.stop()
         await self.downstream.close()
         await self.decisions.stop()
@@ -269,10 +286,19 @@ class Worker(Daemon):
         log.info("worker %d stopped: pid=%d", self.index, os.getpid())
 
 
-def main(wiring: Wiring, index: int, channel_sock: socket.socket, listen: socket.socket) -> int:
+def main(
+    wiring: Wiring,
+    index: int,
+    channel_sock: socket.socket,
+    listen: socket.socket,
+    *,
+    front: Front,
+    tls_socks: Sequence[tuple[str, socket.socket]] = (),
+) -> int:
     """The forked worker's life; its exit status for the supervisor's log."""
     try:
-        asyncio.run(Worker(wiring, channel_sock, listen, index).run())
+        worker = Worker(wiring, channel_sock, listen, index, front=front, tls_socks=tls_socks)
+        asyncio.run(worker.run())
     except StoreError as e:
         log.error("error: worker %d: %s", index, e)
         return 1
