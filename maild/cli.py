@@ -84,7 +84,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     import logging
 
     from maild import log as mlog
-    from maild.daemon import serve as run_serve
+    from maild.serving import serve as run_serve
 
     config = load_config()
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)

@@ -21,9 +21,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from maild import config as cfg
 from maild import privs
@@ -788,32 +788,3 @@ def _version() -> str:
     from maild import __version__
 
     return __version__
-
-
-def serve(
-    config: cfg.Config, wiring: Wiring, *, allow_root: bool = False, init_state: bool = False
-) -> None:
-    for sig in (signal.SIGHUP, SIG_CONTROL):  # until run() handles them: never die of one
-        signal.signal(sig, signal.SIG_IGN)
-    daemon: Daemon
-    if config.server.workers > 1:
-        from maild.workers.supervisor import Supervisor
-
-        sup = Supervisor(config, wiring, allow_root=allow_root, init_state=init_state)
-        sup.prepare()  # bind, drop root, fork the fork server: before any loop or thread
-        daemon = sup
-    else:
-        daemon = Daemon(config, wiring, allow_root=allow_root, init_state=init_state)
-    run_loop(daemon.run())
-
-
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """asyncio.run, on uvloop where it is installed (a faster event loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    if uvloop is not None:
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
