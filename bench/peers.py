@@ -541,9 +541,10 @@ count_mode: 1
 class MaildAddon(Addon):
     """maild with the bench policy (every rule on), before-queue or front."""
 
-    def __init__(self, workdir: Path, dns: Any, mode: str) -> None:
+    def __init__(self, workdir: Path, dns: Any, mode: str, workers: int = 1) -> None:
         super().__init__(workdir, dns)
         self.mode = mode
+        self.workers = workers  # [server] workers: CPU is counted over the whole tree
         self.name = f"maild-{mode}"
         self.maild: MaildProc | None = None
         self.port = 0
@@ -558,6 +559,7 @@ class MaildAddon(Addon):
             listen_port=self.port,
             downstream_port=downstream_port,
             nameserver=self.dns.nameserver,
+            workers=self.workers,
         )
         if self.mode == "before-queue":
             # Postfix's smtpd is the upstream here: it passes the client on with XFORWARD
@@ -688,7 +690,9 @@ class Peer:
         }
 
 
-def make_peers(names: Sequence[str], workdir: Path, dns: Any, install: bool) -> list[Peer]:
+def make_peers(
+    names: Sequence[str], workdir: Path, dns: Any, install: bool, workers: int = 1
+) -> list[Peer]:
     """Every configuration asked for; the ones whose component is missing say why."""
     debs = sorted({p for n in names for p in DEB_NEEDS.get(n, ())})
     missing_debs = set(install_debs(debs) if install else [p for p in debs if not deb_installed(p)])
@@ -696,8 +700,8 @@ def make_peers(names: Sequence[str], workdir: Path, dns: Any, install: bool) -> 
         "postfix": lambda wd: None,
         "rspamd": lambda wd: Rspamd(wd, dns),
         "postfwd": lambda wd: Postfwd(wd, dns),
-        "maild-before-queue": lambda wd: MaildAddon(wd, dns, "before-queue"),
-        "maild-front": lambda wd: MaildAddon(wd, dns, "front"),
+        "maild-before-queue": lambda wd: MaildAddon(wd, dns, "before-queue", workers),
+        "maild-front": lambda wd: MaildAddon(wd, dns, "front", workers),
     }
     peers = []
     for name in names:
@@ -835,6 +839,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="do not apt-get/pip install what is missing (report it instead)",
     )
+    ap.add_argument(
+        "--maild-workers",
+        type=int,
+        default=1,
+        help="[server] workers for both maild configurations (their CPU is the whole tree's)",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args(argv)
@@ -851,7 +861,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     info = machine()
     dns = start_dns()
-    peers = make_peers(names, workdir, dns, install=not args.no_install)
+    peers = make_peers(names, workdir, dns, install=not args.no_install, workers=args.maild_workers)
     try:
         for p in peers:
             if not p.missing:
