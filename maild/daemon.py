@@ -44,6 +44,7 @@ from maild.smtp.sessions import SessionCounter
 from maild.smtp.tls import TLSConfigError
 from maild.store.base import StoreError, is_postgres, resolve_state_path
 from maild.store.core import DecisionLog
+from maild.web.settings import restart_needed as web_restart_needed
 from maild.wiring import Wiring
 
 if TYPE_CHECKING:  # imported where each starts (aiohttp only when [web] is on)
@@ -67,6 +68,7 @@ class Daemon:
         init_state: bool = False,
     ):
         self.config = config
+        self.started_config = config  # what the listeners were built from
         self.wiring = wiring  # the components: their sections, schemas, preloads
         self.allow_root = allow_root
         self.init_state = init_state
@@ -329,6 +331,7 @@ class Daemon:
                 }
             )
         out += listeners_changed(file.tls, run.tls)
+        out += web_restart_needed(self.started_config, self.config)
         if file.workers != run.workers:
             out.append(
                 {
@@ -551,9 +554,6 @@ class Daemon:
         """A new policy that parsed and validated: put it in effect."""
         await self.customers.adopt(new)  # the new policy's index, published before the switch
         old = self.config
-        from maild.web.settings import reload_note
-
-        reload_note(self.config, new)
         self._configure_services(new)
         self._configure_campaigns(new)
         self._schedule_report(new)
@@ -583,8 +583,9 @@ class Daemon:
             self._move_pid_file(new.server.pid_file)
         for r in self.restart_needed():
             log.warning(
-                "warning: reload: [server] %s = %s is not in effect (running: %s): %s; "
+                "warning: reload: [%s] %s = %s is not in effect (running: %s): %s; "
                 "restart maild to apply it",
+                r.get("section", "server"),
                 r["key"],
                 r["file"] or '""',
                 r["running"] or '""',

@@ -281,7 +281,8 @@ def _pending(r: dict) -> str:
     """One restart_needed entry of the status file, as `maild status` and `reload` print it."""
     empty = '""'
     why = f": {r['why']}" if r["why"] else ""
-    return f"[server] {r['key']} = {r['file'] or empty} (running: {r['running'] or empty}){why}"
+    where = r.get("section", "server")
+    return f"[{where}] {r['key']} = {r['file'] or empty} (running: {r['running'] or empty}){why}"
 
 
 def workers_lines(st: dict) -> list[str]:

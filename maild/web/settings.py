@@ -136,18 +136,34 @@ def confirm_url(config: object, token: str) -> str:
     return f"{w.base_url}/confirm/{token}" if w.enabled and w.base_url else ""
 
 
-def reload_note(old: object, new: object) -> None:
-    """SIGHUP: base_url's host, limits, trusted_proxies and require_one_click apply at
-    once; what the listeners and routes were built from does not."""
-    a, b = section(old), section(new)
-    if (a.enabled, a.listen, a.metrics, a.metrics_listen, urlsplit(a.base_url).path) != (
-        b.enabled,
-        b.listen,
-        b.metrics,
-        b.metrics_listen,
-        urlsplit(b.base_url).path,
-    ):
-        log.warning(
-            "warning: reload: [web] enabled, listen, metrics, metrics_listen and the "
-            "path of base_url take effect only after a restart"
-        )
+def _built_from(w: WebConfig) -> dict[str, str]:
+    """What the listeners and routes were built from, as the status file shows it."""
+
+    def hp(addr: tuple[str, int] | None) -> str:
+        return f"{addr[0]}:{addr[1]}" if addr else ""
+
+    return {
+        "enabled": str(w.enabled).lower(),
+        "listen": hp(w.listen),
+        "metrics": str(w.metrics).lower(),
+        "metrics_listen": hp(w.metrics_listen),
+        "base_url": urlsplit(w.base_url).path,
+    }
+
+
+def restart_needed(running: object, file: object) -> list[dict[str, str]]:
+    """[web] keys in the file that only a restart puts in effect (base_url by its path:
+    its host applies at once, as do the limits, trusted_proxies and require_one_click)."""
+    a, b = _built_from(section(running)), _built_from(section(file))
+    why = "the web listeners and their routes are built once, at start"
+    return [
+        {
+            "section": "web",
+            "key": k + (" (path)" if k == "base_url" else ""),
+            "file": b[k],
+            "running": a[k],
+            "why": why,
+        }
+        for k in a
+        if a[k] != b[k]
+    ]

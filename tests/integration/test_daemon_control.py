@@ -116,6 +116,30 @@ def test_reload_names_a_state_change_that_needs_a_restart_and_exits_1(postfix, t
         assert not elsewhere.exists()
 
 
+def test_reload_names_a_web_listener_change_that_needs_a_restart(postfix, tmp_path):
+    old, new = free_port(), free_port()
+    policy = front_policy(postfix.reinject_port)
+    policy["web"] = {
+        "enabled": True,
+        "listen": f"127.0.0.1:{old}",
+        "base_url": f"http://127.0.0.1:{old}",
+    }
+    m = Maild(tmp_path / "m", policy)
+    with m:
+        m.policy["web"]["listen"] = f"127.0.0.1:{new}"
+        m.write()
+        r = m.cli("reload")
+        assert r.returncode == 1, r.stdout + r.stderr
+        pending = f"[web] listen = 127.0.0.1:{new} (running: 127.0.0.1:{old})"
+        assert f"not in effect until a restart: {pending}" in r.stderr, r.stderr
+        assert f"not in effect until a restart: {pending}" in m.cli("status").stdout
+        assert (
+            f"warning: reload: {pending.replace(' (running', ' is not in effect (running')}"
+            in m.log()
+        )
+        assert port_open(old) and not port_open(new)  # the running listener stays
+
+
 def _free_privileged_port() -> int:
     for port in range(1023, 900, -1):
         with socket.socket() as s:

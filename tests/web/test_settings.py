@@ -74,15 +74,17 @@ def test_plain_http_only_for_a_loopback_host():
     assert section(c).base_url == "http://127.0.0.1:8025"
 
 
-def test_reload_says_which_changes_wait_for_a_restart(caplog):
-    from maild.web.settings import reload_note
+def test_which_web_changes_wait_for_a_restart():
+    from maild.web.settings import restart_needed
 
     on = {"enabled": True, "base_url": "https://x.example/maild"}
     old = parse({**MINIMAL, "web": on})
-    reload_note(old, parse({**MINIMAL, "web": {**on, "client_limit": 3}}))
-    assert "take effect only after a restart" not in caplog.text
-    reload_note(old, parse({**MINIMAL, "web": {**on, "listen": "127.0.0.1:8099"}}))
-    assert (
-        "[web] enabled, listen, metrics, metrics_listen and the path of base_url take "
-        "effect only after a restart" in caplog.text
-    )
+    # limits and base_url's host apply at once
+    same = {**on, "client_limit": 3, "base_url": "https://y.example/maild"}
+    assert restart_needed(old, parse({**MINIMAL, "web": same})) == []
+    moved = {**on, "listen": "127.0.0.1:8099", "base_url": "https://x.example/lists"}
+    got = restart_needed(old, parse({**MINIMAL, "web": moved}))
+    assert [(r["section"], r["key"], r["file"], r["running"]) for r in got] == [
+        ("web", "listen", "127.0.0.1:8099", "127.0.0.1:8025"),
+        ("web", "base_url (path)", "/lists", "/maild"),
+    ]
