@@ -90,6 +90,7 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
     mlog.setup(log_target, logging.DEBUG if debug else logging.INFO)
     from maild.customers.sources import SourceError
     from maild.privs import PrivilegeError
+    from maild.smtp.front import BindError
     from maild.smtp.tls import TLSConfigError
     from maild.store.base import StoreError
 
@@ -102,11 +103,10 @@ def serve(log_target: str, debug: bool, allow_root: bool, init_state: bool) -> N
         # systemd's Restart= retries; the operator reads one line, not a traceback.
         click.echo(f"maild: {e}", err=True)
         sys.exit(1)
+    except BindError as e:
+        raise click.ClickException(str(e.strerror)) from None
     except OSError as e:
-        raise click.ClickException(
-            f"cannot serve: {e.strerror or e} "
-            f"(listen = {config.server.listen[0]}:{config.server.listen[1]})"
-        ) from None
+        raise click.ClickException(f"cannot serve: {e.strerror or e}") from None
     except KeyboardInterrupt:
         pass
 

@@ -17,6 +17,7 @@ import asyncio
 import asyncio.sslproto as sslproto
 import functools
 import logging
+import os
 import re
 import ssl
 from collections.abc import Callable, Coroutine
@@ -95,24 +96,48 @@ class Front:
         }
 
 
+class BindError(OSError):
+    """A listener that cannot be bound, named as policies.toml names it."""
+
+    def __init__(self, key: str, addr: tuple[str, int], err: OSError):
+        host, port = addr
+        # asyncio's own strerror repeats the address: the system's text for the errno
+        why = os.strerror(err.errno) if err.errno else str(err)
+        if port < 1024 and os.geteuid() != 0:
+            why += " (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
+        super().__init__(err.errno, f"cannot listen on {host or '*'}:{port} ({key}): {why}")
+
+
+def tls_listeners(tls: TLS) -> list[tuple[str, tuple[str, int]]]:
+    """(kind, address) of every [server.tls] implicit and submission listener."""
+    return [
+        (kind, addr)
+        for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission))
+        for addr in addrs
+    ]
+
+
 async def bind_listeners(
     tls: TLS, protocol: Callable[[str], asyncio.Protocol]
 ) -> list[asyncio.AbstractServer]:
     """The [server.tls] implicit and submission listeners, bound (not yet serving)."""
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
-    for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission)):
-        for host, port in addrs:
-            servers.append(
-                await loop.create_server(
-                    functools.partial(protocol, kind),
-                    host=host or None,
-                    port=port,
-                    reuse_address=True,
-                    backlog=1024,
-                    start_serving=False,
-                )
+    for kind, (host, port) in tls_listeners(tls):
+        try:
+            server = await loop.create_server(
+                functools.partial(protocol, kind),
+                host=host or None,
+                port=port,
+                reuse_address=True,
+                backlog=1024,
+                start_serving=False,
             )
+        except OSError as e:
+            for s in servers:
+                s.close()
+            raise BindError(f"[server.tls] {kind}", (host, port), e) from None
+        servers.append(server)
     return servers
 
 

@@ -39,7 +39,7 @@ from maild import privs
 from maild.daemon import Daemon, _hostport
 from maild.daemonctl import monotonic
 from maild.sdnotify import notify
-from maild.smtp.front import Front
+from maild.smtp.front import BindError, Front, tls_listeners
 from maild.store.base import resolve_state_path
 from maild.wiring import Wiring
 from maild.workers import forkserver, worker
@@ -77,8 +77,15 @@ class Slot:
         return ch if ch is not None and not ch.closed else None
 
 
-def bind(addr: tuple[str, int]) -> socket.socket:
-    """The listening socket the workers share (bound before root is dropped)."""
+def bind(key: str, addr: tuple[str, int]) -> socket.socket:
+    """A listening socket the workers share (bound before root is dropped)."""
+    try:
+        return _bind(addr)
+    except OSError as e:
+        raise BindError(key, addr, e) from None
+
+
+def _bind(addr: tuple[str, int]) -> socket.socket:
     host, port = addr
     if not host:
         family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
@@ -137,12 +144,9 @@ class Supervisor(Daemon):
         c = self.config
         state_path = resolve_state_path(c.server.state, c.path)
         privs.check_files(c.path, state_path)
-        self.listen_sock = bind(c.server.listen)
-        tls = c.server.tls
+        self.listen_sock = bind("[server] listen", c.server.listen)
         self.tls_socks = [
-            (kind, bind(addr))
-            for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission))
-            for addr in addrs
+            (kind, bind(f"[server.tls] {kind}", addr)) for kind, addr in tls_listeners(c.server.tls)
         ]
         self.front = Front(c.server)  # the key is read while still root; the workers inherit it
         self._drop_root(state_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 
@@ -291,3 +292,31 @@ def test_a_changed_tls_listener_list_is_named_as_needing_a_restart(tls_maild):
         tls_maild.policy["server"]["tls"]["implicit"] = implicit
         tls_maild.write()
         assert tls_maild.cli("reload").returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tls_port_taken_by_another_process_is_named_at_start(certs, tmp_path, workers):
+    _, cert, key = certs
+    holder = socket.create_server(("127.0.0.1", 0))
+    taken = holder.getsockname()[1]
+    policy = front_policy(9, workers=workers, listen=f"127.0.0.1:{free_port()}")
+    policy["server"]["tls"] = {
+        "certificate": str(cert),
+        "key": str(key),
+        "implicit": [f"127.0.0.1:{taken}"],
+    }
+    m = Maild(tmp_path / "m", policy)
+    m.write()
+    with holder:
+        r = subprocess.run(
+            [*m.cli_argv("serve"), "--log", "stderr", "--allow-root"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (
+        f"cannot listen on 127.0.0.1:{taken} ([server.tls] implicit): Address already in use"
+        in r.stderr
+    ), r.stderr
+    assert "Traceback" not in r.stderr
