@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from maild.config import Network
+from maild.netaddr import is_trusted, peer_address
 
 CSRF_COOKIE = "maild_csrf"
 _MAX_KEYS = 100_000
@@ -36,16 +37,9 @@ CLIENT_SECONDS = 20.0  # for the headers (and an idle keep-alive), and again for
 
 
 def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Network, ...]) -> str:
-    """The address a request came from, believing X-Forwarded-For only from `trusted`."""
-
-    def is_trusted(a: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(a)
-        except ValueError:
-            return False
-        return any(ip in n for n in trusted)
-
-    if not is_trusted(peer):
+    """The address a request came from, believing X-Forwarded-For only from `trusted`
+    (the test SMTP uses, maild.netaddr: an IPv4-mapped peer is its IPv4 address)."""
+    if not is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
     for hop in reversed(hops):
@@ -53,7 +47,7 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Netwo
             ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a garbled header: the proxy itself is all we know
-        if not is_trusted(hop):
+        if not is_trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
 
@@ -61,7 +55,7 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: tuple[Netwo
 def client_of(request: web.Request, settings: Any) -> str:
     """The client of an aiohttp request under the [web] settings' trusted proxies."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    addr = str(peer[0]) if peer else (request.remote or "")
+    addr = peer_address(peer)[0] if peer else (request.remote or "")
     return client_address(
         addr, request.headers.getall("X-Forwarded-For", []), settings.trusted_proxies
     )

@@ -229,6 +229,10 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies():
     )
     assert guard.client_address("10.0.0.2", ["junk"], proxies) == "10.0.0.2"
     assert guard.client_address("10.0.0.2", [], proxies) == "10.0.0.2"
+    # a proxy reaching a dual-stack listener over IPv4 is still the trusted proxy, and an
+    # IPv4-mapped hop is judged as its IPv4 address, as SMTP judges them (maild.netaddr)
+    assert guard.client_address("::ffff:10.0.0.2", ["198.51.100.7"], proxies) == "198.51.100.7"
+    assert guard.client_address("10.0.0.2", ["1.2.3.4, ::ffff:10.0.0.9"], proxies) == "1.2.3.4"
 
 
 def test_limiter_window_slides():
