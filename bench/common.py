@@ -304,6 +304,15 @@ class MaildProc:
         except OSError:
             return 0
 
+    def tree_rss_kb(self) -> dict[int, int]:
+        """RSS of the process and every descendant (with [server] workers: the supervisor,
+        the fork server and the workers), by pid."""
+        out = {self.pid: self.rss_kb()}
+        for pid in descendants(self.pid):
+            with contextlib.suppress(OSError, RuntimeError):
+                out[pid] = rss_kb(pid)
+        return out
+
     def rss_kb(self) -> int:
         try:
             return rss_kb(self.pid)
@@ -334,6 +343,22 @@ def proc_times(pid: int) -> tuple[float, float, float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     return tuple(int(f) / tck for f in fields[11:15])  # type: ignore[return-value]
+
+
+def descendants(root: int) -> list[int]:
+    """The pids below root in the process tree, nearest first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def tree_cpu(roots: Iterable[int]) -> float:

@@ -76,12 +76,16 @@ def measure_one(
     workdir: Path, loop: str, uv: str | None, args: argparse.Namespace, dns: Any, sink_port: int
 ) -> dict[str, Any]:
     policy = bench_policy(
-        workdir, listen_port=new_port(), downstream_port=sink_port, nameserver=dns.nameserver
+        workdir,
+        listen_port=new_port(),
+        downstream_port=sink_port,
+        nameserver=dns.nameserver,
+        workers=args.workers,
     )
     m = MaildProc(workdir, policy, loop=loop, uvloop_dir=uv).start()
     out: dict[str, Any] = {"loop": loop}
     try:
-        time.sleep(2)
+        time.sleep(2 if args.workers == 1 else 5)
         out["before_kb"] = m.rss_kb()
         # idle connections first, on the fresh process, then again after the load
         out["idle"] = [idle_cost(m, args.idle)]
@@ -90,6 +94,7 @@ def measure_one(
             raise RuntimeError(f"warm-up failed: {r.output}\n{m.tail()}")
         time.sleep(3)
         out["warm_kb"] = m.rss_kb()
+        out["warm_each"] = m.tree_rss_kb()
         sampler = Sampler(m)
         sampler.start()
         sent = 0
@@ -110,6 +115,7 @@ def measure_one(
         time.sleep(10)
         sampler.stop()
         out["after_kb"] = m.rss_kb()
+        out["after_each"] = m.tree_rss_kb()
         rss = [s[2] for s in sampler.samples] or [out["after_kb"]]
         out["peak_kb"] = max(rss + [out["after_kb"]])
         out["checkpoints"] = checkpoints
@@ -121,6 +127,12 @@ def measure_one(
     warm = out["warm_kb"]
     out["growth"] = (out["after_kb"] - warm) / warm
     out["peak_growth"] = (out["peak_kb"] - warm) / warm
+    # every process of the tree (the workers of [server] workers), warm-up to after
+    out["each_growth"] = {
+        str(pid): (out["after_each"][pid] - kb) / kb
+        for pid, kb in out["warm_each"].items()
+        if pid in out["after_each"]
+    }
     return out
 
 
@@ -156,6 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--idle", type=int, default=500)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="[server] workers; RSS and growth are then also read for every process",
+    )
     ap.add_argument("--loops", default="asyncio", help="asyncio, uvloop or both")
     ap.add_argument("--uvloop", default=None)
     ap.add_argument("--workdir", default=None)
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         idle_each = max(i["kb_each"] for i in r["idle"])
         rows.append(
             [
-                r["loop"],
+                r["loop"]
+                + (f", the supervisor of {args.workers} workers" if args.workers > 1 else ""),
                 f"{r['before_kb'] / mb:.1f}",
                 f"{r['warm_kb'] / mb:.1f}",
                 f"{r['peak_kb'] / mb:.1f}",
@@ -199,6 +218,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{args.messages / r['seconds']:.0f}",
             ]
         )
+        if args.workers > 1:
+            worst = max(r["each_growth"].values())
+            each = ", ".join(
+                f"{pid}: {r['warm_each'][int(pid)] / mb:.1f} -> "
+                f"{r['after_each'][int(pid)] / mb:.1f} MB ({g:+.1%})"
+                for pid, g in r["each_growth"].items()
+            )
+            trows.append(
+                [
+                    f"RSS of every process flat within 10% ({args.workers} workers, {r['loop']})",
+                    f"largest growth {worst:+.1%} (warm -> after, by pid: {each})",
+                    verdict(abs(worst) <= TARGET_GROWTH),
+                ]
+            )
         trows += [
             [
                 f"RSS flat within 10% over {args.messages:,} messages ({r['loop']})",
