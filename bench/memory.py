@@ -137,17 +137,22 @@ def measure_one(
 
 
 def idle_cost(m: MaildProc, n: int) -> dict[str, float]:
-    """RSS per parked session: open n, settle, measure, close."""
+    """RSS per parked session: open n, settle, measure, close (with workers, of the
+    whole tree: the sessions are in the workers)."""
     if n <= 0:
         return {"n": 0, "kb_each": 0.0}
-    base = m.rss_kb()
+
+    def rss() -> int:
+        return sum(m.tree_rss_kb().values())
+
+    base = rss()
 
     async def go() -> int:
         writers = await park(m.port, n)
         await asyncio.sleep(2)
-        rss = m.rss_kb()
+        with_idle = rss()
         await unpark(writers)
-        return rss
+        return with_idle
 
     with_idle = asyncio.run(go())
     time.sleep(1)
@@ -156,7 +161,7 @@ def idle_cost(m: MaildProc, n: int) -> dict[str, float]:
         "base_kb": base,
         "with_kb": with_idle,
         "kb_each": (with_idle - base) / n,
-        "after_close_kb": m.rss_kb(),
+        "after_close_kb": rss(),
     }
 
 
