@@ -205,6 +205,11 @@ def end_process(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
             proc.wait(5)
 
 
+def _knows_workers(src: str) -> bool:
+    """Whether the maild tree at src has [server] workers (bench/cpu.py compares trees)."""
+    return (Path(src) / "maild" / "workers").is_dir()
+
+
 class MaildProc:
     """``maild serve`` as a subprocess, with a chosen event loop.
 
@@ -260,7 +265,13 @@ class MaildProc:
 
     def start(self, timeout: float = 30.0) -> MaildProc:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(render(self.policy))
+        policy = self.policy
+        if not _knows_workers(self.src):  # a tree from before [server] workers: one process
+            policy = {
+                **policy,
+                "server": {k: v for k, v in policy["server"].items() if k != "workers"},
+            }
+        self.config.write_text(render(policy))
         args = [str(MAILD), "serve", "-c", str(self.config), "--log", str(self.logfile)]
         if os.geteuid() == 0:
             args.append("--allow-root")

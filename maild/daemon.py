@@ -36,7 +36,7 @@ from maild.sdnotify import notify
 from maild.smtp.admission import Admission
 from maild.smtp.budget import Budget
 from maild.smtp.downstream import Downstream, DownstreamError, DownstreamRefused
-from maild.smtp.front import BindError, Front, bind_listeners, listeners_changed
+from maild.smtp.front import Front, bind, bind_listeners, listeners_changed
 from maild.smtp.gate import Door, Gate
 from maild.smtp.proxy import Proxy
 from maild.smtp.server import MaildSMTP
@@ -143,17 +143,7 @@ class Daemon:
         lhost, lport = c.server.listen
         loop = asyncio.get_running_loop()
         self.front = Front(c.server)  # the certificate is read while still root
-        try:
-            self.server = await loop.create_server(
-                self._protocol,
-                host=lhost or None,
-                port=lport,
-                reuse_address=True,
-                backlog=1024,
-                start_serving=False,
-            )
-        except OSError as e:
-            raise BindError("[server] listen", c.server.listen, e) from None
+        self.server = await bind("[server] listen", c.server.listen, self._protocol)
         self.tls_servers = await bind_listeners(c.server.tls, self._protocol)
         # What is in effect: a reload may change listen, never state or user.
         self.listening = c.server.listen

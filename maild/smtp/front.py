@@ -117,27 +117,37 @@ def tls_listeners(tls: TLS) -> list[tuple[str, tuple[str, int]]]:
     ]
 
 
+async def bind(
+    key: str, addr: tuple[str, int], protocol: Callable[[], asyncio.Protocol]
+) -> asyncio.AbstractServer:
+    """One listener, bound and not yet serving; BindError names it as `key`."""
+    host, port = addr
+    try:
+        return await asyncio.get_running_loop().create_server(
+            protocol,
+            host=host or None,
+            port=port,
+            reuse_address=True,
+            backlog=1024,
+            start_serving=False,
+        )
+    except OSError as e:
+        raise BindError(key, addr, e) from None
+
+
 async def bind_listeners(
     tls: TLS, protocol: Callable[[str], asyncio.Protocol]
 ) -> list[asyncio.AbstractServer]:
     """The [server.tls] implicit and submission listeners, bound (not yet serving)."""
-    loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
-    for kind, (host, port) in tls_listeners(tls):
-        try:
-            server = await loop.create_server(
-                functools.partial(protocol, kind),
-                host=host or None,
-                port=port,
-                reuse_address=True,
-                backlog=1024,
-                start_serving=False,
-            )
-        except OSError as e:
-            for s in servers:
-                s.close()
-            raise BindError(f"[server.tls] {kind}", (host, port), e) from None
-        servers.append(server)
+    try:
+        for kind, addr in tls_listeners(tls):
+            key = f"[server.tls] {kind}"
+            servers.append(await bind(key, addr, functools.partial(protocol, kind)))
+    except BindError:
+        for s in servers:
+            s.close()
+        raise
     return servers
 
 

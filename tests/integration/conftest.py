@@ -14,7 +14,7 @@ import pytest
 from tests.harness import require_binary, require_root
 from tests.harness.dns import shared_server as shared_dns_server
 from tests.harness.maild import Maild
-from tests.harness.postfix import Postfix
+from tests.harness.postfix import DovecotAuth, Postfix
 
 STRANGER = "127.0.0.5"
 CUSTOMER_IP = "127.0.0.9"
@@ -26,6 +26,19 @@ def need(*binaries: str) -> None:
     for b in binaries:
         require_binary(b)
     require_root()
+
+
+AUTH_PASSWORD = "s3cret-Pass"  # alice's, the acme customer's login
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory):
+    """A real Dovecot auth service: alice (acme's login) and bob (no customer's)."""
+    need("dovecot")
+    d = DovecotAuth(tmp_path_factory.mktemp("dovecot"), {"alice": AUTH_PASSWORD, "bob": "bobpw"})
+    d.start()
+    yield d
+    d.stop()
 
 
 def front_policy(downstream_port: int, **server: object) -> dict:

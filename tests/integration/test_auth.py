@@ -13,21 +13,11 @@ import pytest
 from tests.harness.certs import make_cert
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
-from tests.harness.postfix import DovecotAuth
 from tests.harness.waits import wait_until
-from tests.integration.conftest import STRANGER, front_policy, need
+from tests.integration.conftest import AUTH_PASSWORD, STRANGER, front_policy
 from tests.integration.wire import reply, session, starttls
 
-PASSWORD = "s3cret-Pass"
-
-
-@pytest.fixture(scope="module")
-def dovecot(tmp_path_factory):
-    need("dovecot")
-    d = DovecotAuth(tmp_path_factory.mktemp("dovecot"), {"alice": PASSWORD, "bob": "bobpw"})
-    d.start()
-    yield d
-    d.stop()
+PASSWORD = AUTH_PASSWORD
 
 
 @pytest.fixture(scope="module")

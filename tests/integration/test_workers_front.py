@@ -18,23 +18,12 @@ from tests.harness.certs import make_cert
 from tests.harness.clients import swaks
 from tests.harness.maild import Maild
 from tests.harness.ports import free_port
-from tests.harness.postfix import DovecotAuth
 from tests.harness.waits import wait_until
-from tests.integration.conftest import STRANGER, front_policy, need
+from tests.integration.conftest import STRANGER, front_policy
 from tests.integration.test_workers import running
 from tests.integration.wire import reply, starttls
 
-PASSWORD = "s3cret-Pass"
 MAX_FAILURES = 3
-
-
-@pytest.fixture(scope="module")
-def dovecot(tmp_path_factory):
-    need("dovecot")
-    d = DovecotAuth(tmp_path_factory.mktemp("dovecot"), {"alice": PASSWORD})
-    d.start()
-    yield d
-    d.stop()
 
 
 @pytest.fixture(scope="module")
