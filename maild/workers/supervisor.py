@@ -46,6 +46,7 @@ from maild.workers import forkserver, worker
 from maild.workers.forkserver import ForkServer
 from maild.workers.ipc import Channel, ChannelClosed, RemoteError
 from maild.workers.shared import StateHost, push_blocked, push_control
+from maild.workers.worker import stop_listening
 
 log = logging.getLogger("maild")
 
@@ -381,6 +382,8 @@ class Supervisor(Daemon):
             if ch is not None:
                 with contextlib.suppress(ChannelClosed):
                     ch.send("stop")
+        # new connections refused at once, as one process's closed listener does
+        stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace + KILL_AFTER
         while any(s.state not in ("stopped", "restarting") for s in self.slots):
