@@ -69,6 +69,9 @@ class Slot:
     last_exit: str = ""
     channel: Channel | None = None
     host: StateHost | None = None
+    # The policy the worker was given (at "hello", or sent since): a worker that was
+    # starting during a reload is sent the new one when it listens.
+    config: cfg.Config | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     # Counts of the processes that ended (the status shows totals since the start).
     retired: dict[str, int] = field(default_factory=dict)
@@ -244,12 +247,15 @@ class Supervisor(Daemon):
 
     def _handle(self, slot: Slot, host: StateHost, kind: str, args: tuple) -> Any:
         if kind == "hello":
+            slot.config = self.config
             return self.config, self.n, self.shutdown_grace
         if kind == "ready":
             return dict(self.sanctions.blocked)
         if kind == "listening":
             slot.state = "running"
             self._wake()
+            if slot.config is not self.config:  # a reload while it was starting
+                self._later(self._send_config(slot, self.config, {"applied": [], "warnings": []}))
             return None
         if kind == "auth_failed":  # every other worker counts it too: the host's limit
             for ch in self._channels(but=slot):
@@ -350,20 +356,25 @@ class Supervisor(Daemon):
 
     async def _apply(self, new: cfg.Config, result: dict) -> None:
         await super()._apply(new, result)
-
-        async def one(slot: Slot, ch: Channel) -> None:
-            try:
-                for what in await ch.call("config", new, timeout=30.0):
-                    if what not in result["applied"]:
-                        result["applied"].append(what)
-            except (ChannelClosed, RemoteError, TimeoutError) as e:
-                why = f"worker {slot.index} (pid {slot.pid}) did not apply it: {e}"
-                log.error("error: reload: %s", why)
-                result["warnings"].append(why)
-
-        live = [(s, ch) for s in self.slots if (ch := s.live_channel()) is not None]
-        await asyncio.gather(*(one(s, ch) for s, ch in live))
+        # A worker still starting is not ready for it: it is sent the policy when it
+        # listens (_handle "listening"); one restarting asks for it at its "hello".
+        live = [s for s in self.slots if s.state == "running" and s.live_channel() is not None]
+        await asyncio.gather(*(self._send_config(s, new, result) for s in live))
         log.info("reload: applied in %d of %d workers", len(live), self.n)
+
+    async def _send_config(self, slot: Slot, new: cfg.Config, result: dict) -> None:
+        ch = slot.live_channel()
+        if slot.config is new or ch is None:
+            return  # sent already (it listened during the reload), or it is gone
+        slot.config = new
+        try:
+            for what in await ch.call("config", new, timeout=30.0):
+                if what not in result["applied"]:
+                    result["applied"].append(what)
+        except (ChannelClosed, RemoteError, TimeoutError) as e:
+            why = f"worker {slot.index} (pid {slot.pid}) did not apply it: {e}"
+            log.error("error: reload: %s", why)
+            result["warnings"].append(why)
 
     async def _listen(self, addr: tuple[str, int]) -> bool:
         self._listen_error = (

@@ -135,7 +135,10 @@ class Worker(Daemon):
         self.index = index
         self.listen_sock = listen
         self.tls_socks = tls_socks
-        self._front = front
+        # The supervisor's, read while it was root: the TLS context and the Dovecot
+        # client; a failed login another worker saw is counted even before "hello".
+        self.front = front
+        self._stop_asked = False  # "stop" may come before the Daemon state exists
         self.channel = Channel(channel_sock, self._handle, name=f"worker {index}")
         self._wiring = wiring
         self.sanctions: WorkerSanctions | None = None  # type: ignore[assignment]
@@ -151,9 +154,9 @@ class Worker(Daemon):
         Daemon.__init__(
             self, view(config, self.index, self.workers), self._wiring, shutdown_grace=grace
         )
-        # The supervisor's, read while it was root: the TLS context and the Dovecot
-        # client; a failed login here is told to the others (_auth_failed).
-        self.front = self._front
+        if self._stop_asked:
+            self.stop_event.set()
+        # a failed login here is told to the others
         self.front.failures.on_failure = partial(tell, self.channel, "auth_failed")
         self.channel.on_close.append(self._supervisor_gone)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,7 +230,9 @@ class Worker(Daemon):
         if kind == "config":
             return self._apply_from_supervisor(args[0])
         if kind == "stop":
-            self.stop_event.set()
+            self._stop_asked = True
+            if hasattr(self, "stop_event"):
+                self.stop_event.set()
             return True
         if kind == "auth_failed":  # in another worker: counted here too
             self.front.failures.record(*args)

@@ -10,13 +10,24 @@ flight is never 250'd without delivery.
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
+import subprocess
+
+import pytest
 
 from tests.harness.maild import Maild
+from tests.harness.postgres import Postgres, need_postgres
 from tests.harness.waits import wait_until
-from tests.integration.test_workers import alive, policy, running, send
+from tests.integration.test_workers import (
+    alive,
+    policy,
+    running,
+    send,
+    status,
+)
 
 
 def refused(port: int) -> bool:
@@ -104,4 +115,70 @@ def test_sigterm_lets_sessions_finish_and_refuses_new_connections_meanwhile(post
         assert sum(b"the body of draining" in x for x in got) == 1
         assert md.proc is not None and md.proc.wait(timeout=60) == 0
     finally:
+        md.stop()
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = Postgres(need_postgres()).start()
+    yield server
+    server.remove()
+
+
+def locks_on(pg: Postgres, db: str, table: str, granted: bool) -> int:
+    return int(
+        pg.psql(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            f"WHERE c.relname = '{table}' AND l.granted = {str(granted).lower()}",
+            db,
+        ).strip()
+    )
+
+
+def test_a_reload_while_a_worker_starts_is_in_force_in_it_once_it_listens(pg, postfix, tmp_path):
+    """Worker 1 is killed and, restarting, waits in its first read of the state store (a
+    lock the test holds on the sanctions table) when the policy is reloaded: once it
+    listens it runs the new policy, as the running worker does."""
+    db = "workers_reload"
+    p = policy(postfix.reinject_port)
+    p["server"]["state"] = pg.create_db(db)
+    md = Maild(tmp_path / "m", p)
+    md.start()
+    holder = None
+    try:
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        shares = status(md)["limits"]["admission"]["max_sessions"]
+        holder = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", f"{pg.bindir}/psql", "-h", str(pg.sock)]
+            + ["-p", str(pg.port), "-d", db, "-q", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdin is not None
+        holder.stdin.write("BEGIN;\nLOCK TABLE sanctions IN ACCESS EXCLUSIVE MODE;\n")
+        holder.stdin.flush()
+        assert wait_until(lambda: locks_on(pg, db, "sanctions", True), timeout=20)
+        victim = running(md)[1]
+        os.kill(victim, signal.SIGKILL)
+        md.wait_log(f"(pid {victim}) died")
+        # the new worker 1 got the policy ("hello") and waits for the table
+        assert wait_until(lambda: locks_on(pg, db, "sanctions", False), timeout=20)
+        md.policy["server"]["limits"] = {"max_sessions": 40}
+        assert shares != 40
+        md.write()
+        r = md.cli("reload")
+        assert "did not apply it" not in r.stderr, r.stderr
+        assert r.returncode == 0, r.stdout + r.stderr
+        holder.stdin.write("COMMIT;\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        # 20 + 20: the restarted worker enforces its share of the new limit too
+        assert wait_until(
+            lambda: status(md)["limits"]["admission"]["max_sessions"] == 40, timeout=20
+        ), status(md)["limits"]["admission"]
+        assert "did not apply it" not in md.log()
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
         md.stop()
