@@ -22,7 +22,11 @@ from tests.harness.maild import Maild
 from tests.harness.postgres import Postgres, need_postgres
 from tests.harness.waits import wait_until
 from tests.integration.test_workers import (
+    LIMIT,
+    LIMITED,
     alive,
+    in_parallel,
+    pids_with,
     policy,
     running,
     send,
@@ -182,3 +186,21 @@ def test_a_reload_while_a_worker_starts_is_in_force_in_it_once_it_listens(pg, po
         if holder is not None and holder.poll() is None:
             holder.kill()
         md.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rate_limit_is_exact_on_postgresql_in_one_process_as_across_workers(
+    pg, postfix, tmp_path, workers
+):
+    """Sessions at once, on the shared (PostgreSQL) counters: exactly the limit admitted.
+    Concurrent syncs of one key must not each send the same unsynced increments."""
+    p = policy(postfix.reinject_port)
+    p["server"].update(state=pg.create_db(f"workers_limit_{workers}"), workers=workers)
+    md = Maild(tmp_path / "m", p)
+    with md:
+        if workers > 1:
+            assert wait_until(lambda: len(running(md)) == workers, timeout=20)
+        codes = in_parallel(lambda i: send(md, i, LIMITED, "a@limited.example"), 2 * LIMIT)
+        assert codes.count(250) == LIMIT, codes
+        if workers > 1:
+            assert pids_with(md, "relay") == set(running(md))
