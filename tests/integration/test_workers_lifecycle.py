@@ -204,3 +204,36 @@ def test_a_rate_limit_is_exact_on_postgresql_in_one_process_as_across_workers(
         assert codes.count(250) == LIMIT, codes
         if workers > 1:
             assert pids_with(md, "relay") == set(running(md))
+
+
+def test_killed_workers_release_what_their_sessions_reserved(postfix, tmp_path):
+    """Sessions of a 20/1h customer hold reservations at RCPT; both workers are killed:
+    the limit is whole again for the restarted workers (a crash never shrinks it)."""
+    md = Maild(tmp_path / "m", policy(postfix.reinject_port))
+    with md:
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        held = []
+        for i in range(5):
+            s = smtplib.SMTP(
+                "127.0.0.1",
+                md.port,
+                local_hostname="client.limited.example",
+                timeout=30,
+                source_address=(LIMITED, 0),
+            )
+            s.ehlo("client.limited.example")
+            assert s.mail("a@limited.example")[0] == 250
+            assert s.rcpt(f"held{i}@outside.example")[0] == 250
+            held.append(s)
+        victims = running(md)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        for pid in victims:
+            md.wait_log(f"(pid {pid}) died: killed by signal 9")
+        assert wait_until(
+            lambda: len(running(md)) == 2 and not set(running(md)) & set(victims), timeout=30
+        )
+        for s in held:
+            s.close()
+        codes = in_parallel(lambda i: send(md, 600 + i, LIMITED, "a@limited.example"), LIMIT + 5)
+        assert codes.count(250) == LIMIT, codes
