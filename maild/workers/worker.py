@@ -213,6 +213,13 @@ class Worker(Daemon):
         host's listeners for us: shut them down, finish the sessions, exit."""
         if self.channel.peer_closed:
             stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
+            log.error(
+                "error: worker %d (pid %d): the supervisor is gone; listeners shut down, "
+                "sessions in flight %d finish (their mail tempfailed), then the worker exits",
+                self.index,
+                os.getpid(),
+                self.counter.total,
+            )
         self.stop_event.set()
 
     # ------------------------------------------------------------------ the channel
