@@ -43,7 +43,7 @@ from maild.smtp.front import Front
 from maild.store.base import resolve_state_path
 from maild.wiring import Wiring
 from maild.workers import forkserver, worker
-from maild.workers.forkserver import ForkServer
+from maild.workers.forkserver import ForkServer, describe
 from maild.workers.ipc import Channel, ChannelClosed, RemoteError
 from maild.workers.shared import StateHost, push_blocked, push_control
 from maild.workers.worker import stop_listening
@@ -95,18 +95,6 @@ def bind(addr: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def describe(status: int) -> str:
-    """A wait status as the log says it: 'exit status 1' or 'killed by signal 9 (SIGKILL)'."""
-    if os.WIFSIGNALED(status):
-        n = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(n).name
-        except ValueError:
-            name = "?"
-        return f"killed by signal {n} ({name})"
-    return f"exit status {os.WEXITSTATUS(status)}"
-
-
 class Supervisor(Daemon):
     def __init__(
         self,
@@ -132,6 +120,7 @@ class Supervisor(Daemon):
         self._changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._forwarded: list[tuple[str, str]] = []
+        self._fatal = ""  # why maild stops by itself (exit 1, for systemd to restart it)
 
     # ------------------------------------------------------------------ start
 
@@ -173,7 +162,7 @@ class Supervisor(Daemon):
         self.sanctions.on_change.append(self._blocked_changed)
         self.sanctions.on_control.append(self._forward_control)
         await self._start_web()
-        self.forks = ForkServer(self.fork_pid, self.fork_sock, self._exited)
+        self.forks = ForkServer(self.fork_pid, self.fork_sock, self._exited, self._forks_gone)
         self.forks.start()
         for slot in self.slots:
             await self._spawn(slot)
@@ -238,6 +227,7 @@ class Supervisor(Daemon):
         )
         ch = Channel(mine, partial(self._handle, slot, host), name=f"worker {slot.index}")
         ch.on_close.append(host.release_all)
+        ch.on_close.append(partial(self._channel_closed, slot, ch))
         slot.channel, slot.host = ch, host
         await ch.start()
 
@@ -268,6 +258,32 @@ class Supervisor(Daemon):
                 self._aggregate()
             return None
         return host.handle(kind, args)
+
+    def _forks_gone(self) -> None:
+        """The fork server died: no worker can be restarted, and no worker's end would be
+        heard. Stop (the workers finish their sessions) and exit 1: systemd's Restart=
+        starts maild again, whole, rather than a host that loses a worker at every crash."""
+        if self.stopping:
+            return
+        why = f"the fork server (pid {self.fork_pid}) {self.forks.exit_status()}"
+        if self.booting:
+            self._boot_failure = why
+            self._wake()
+            return
+        self._fatal = f"{why}: workers cannot be restarted; stopping, for a restart"
+        log.error("error: %s", self._fatal)
+        self.stop_event.set()
+
+    def _channel_closed(self, slot: Slot, ch: Channel) -> None:
+        """Without the fork server, a worker's channel closing is all we hear of its end."""
+        if self.forks.gone and slot.channel is ch and slot.state != "stopped":
+            slot.state, slot.last_exit = "stopped", "its channel closed"
+            self._wake()
+
+    async def run(self) -> None:
+        await super().run()
+        if self._fatal:
+            raise WorkerStartError(self._fatal)
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -466,7 +482,8 @@ class Supervisor(Daemon):
 
 
 class WorkerStartError(OSError):
-    """A worker did not come up: `maild serve` exits (1, one line), for systemd to see."""
+    """A worker did not come up, or the fork server died: `maild serve` exits (1, one
+    line), for systemd to restart it."""
 
 
 _MAX_KEYS = frozenset({"busiest_client"})

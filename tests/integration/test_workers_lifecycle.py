@@ -24,6 +24,7 @@ from tests.harness.waits import wait_until
 from tests.integration.test_workers import (
     LIMIT,
     LIMITED,
+    _children,
     alive,
     in_parallel,
     pids_with,
@@ -239,3 +240,26 @@ def test_killed_workers_release_what_their_sessions_reserved(postfix, tmp_path):
             s.close()
         codes = in_parallel(lambda i: send(md, 600 + i, LIMITED, "a@limited.example"), LIMIT + 5)
         assert codes.count(250) == LIMIT, codes
+
+
+def test_a_killed_fork_server_stops_maild_for_a_restart(postfix, tmp_path):
+    """Without the fork server no worker can be restarted and no worker's end is heard:
+    maild says so, stops its workers and exits 1 (systemd's Restart= brings it back
+    whole) instead of running on, silently, with fewer workers at every crash."""
+    md = Maild(tmp_path / "m", policy(postfix.reinject_port))
+    md.start()
+    try:
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        workers = running(md)
+        assert md.proc is not None
+        (forks,) = [p for p in _children(md.proc.pid) if set(_children(p)) == set(workers)]
+        os.kill(forks, signal.SIGKILL)
+        assert md.proc.wait(timeout=60) == 1
+        log = md.log()
+        assert f"error: the fork server (pid {forks}) killed by signal 9 (SIGKILL)" in log
+        assert "workers cannot be restarted; stopping, for a restart" in log
+        for pid in workers:
+            assert f"worker {workers.index(pid)} stopped: pid={pid}" in log
+        assert wait_until(lambda: not any(alive(p) for p in workers), timeout=20)
+    finally:
+        md.stop()
