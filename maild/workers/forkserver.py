@@ -166,13 +166,17 @@ class ForkServer:
             elif words[0] == "exit":
                 self.on_exit(int(words[1]), int(words[2]))
 
-    def exit_status(self) -> str:
-        """How the fork server ended, once it has ('exited' while not yet reaped)."""
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return "exited"
-        return describe(status) if pid else "exited"
+    async def exit_status(self) -> str:
+        """How the fork server ended (its socket closes a moment before it can be reaped)."""
+        for _ in range(40):
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                return describe(status)
+            await asyncio.sleep(0.05)
+        return "exited"
 
     async def close(self) -> None:
         """Close our end: the fork server stops (after SIGTERM to any worker left)."""

@@ -263,9 +263,13 @@ class Supervisor(Daemon):
         """The fork server died: no worker can be restarted, and no worker's end would be
         heard. Stop (the workers finish their sessions) and exit 1: systemd's Restart=
         starts maild again, whole, rather than a host that loses a worker at every crash."""
+        if not self.stopping:
+            self._later(self._forks_lost())
+
+    async def _forks_lost(self) -> None:
+        why = f"the fork server (pid {self.fork_pid}) {await self.forks.exit_status()}"
         if self.stopping:
             return
-        why = f"the fork server (pid {self.fork_pid}) {self.forks.exit_status()}"
         if self.booting:
             self._boot_failure = why
             self._wake()
