@@ -338,6 +338,10 @@ class Supervisor(Daemon):
             return
         try:
             await self._spawn(slot)
+            ch = slot.live_channel()
+            if self.stopping and ch is not None:  # forked as the stop began: it missed it
+                with contextlib.suppress(ChannelClosed):
+                    ch.send("stop")
         except (OSError, TimeoutError) as e:
             log.error("error: worker %d: cannot fork: %s; trying again", slot.index, e)
             slot.backoff = min(max(slot.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
