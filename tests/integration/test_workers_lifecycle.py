@@ -11,6 +11,7 @@ flight is never 250'd without delivery.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -263,3 +264,19 @@ def test_a_killed_fork_server_stops_maild_for_a_restart(postfix, tmp_path):
         assert wait_until(lambda: not any(alive(p) for p in workers), timeout=20)
     finally:
         md.stop()
+
+
+def test_a_block_while_a_worker_restarts_is_in_force_in_the_restarted_one(postfix, tmp_path):
+    md = Maild(tmp_path / "m", policy(postfix.reinject_port))
+    with md:
+        assert wait_until(lambda: len(running(md)) == 2, timeout=20)
+        victim = running(md)[1]
+        os.kill(victim, signal.SIGKILL)
+        md.wait_log(f"(pid {victim}) died")
+        r = md.cli("customer", "block", "acme", "--reason", "while restarting")
+        assert r.returncode == 0, r.stderr
+        assert wait_until(lambda: len(running(md)) == 2 and victim not in running(md), timeout=20)
+        mark = len(md.log())
+        assert in_parallel(lambda i: send(md, 700 + i, "127.0.0.9"), 20) == [554] * 20
+        refused_by = {int(p) for p in re.findall(r"maild\[(\d+)\]: \w+: reject:", md.log()[mark:])}
+        assert refused_by == set(running(md))
