@@ -31,6 +31,7 @@ which fails, and the message is tempfailed, never accepted unchecked.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -202,6 +203,7 @@ class Limiter:
         self.legacy: dict[str, tuple[float, float, float]] = {}
         self.seeds: dict[str, tuple[float, float, float]] = {}
         self.adopted: set[str] = set()
+        self._sync_lock = asyncio.Lock()
 
     def share(self, store: Store) -> None:
         """Share counters with the other nodes through store (PostgreSQL)."""
@@ -310,7 +312,16 @@ class Limiter:
     async def sync(self, store: Store, keys: list[str] | None = None) -> int:
         """Shared mode: add this node's unsynced increments to the global counters and
         read them back, atomically per key (one statement); keys=None syncs every key
-        with unsynced increments."""
+        with unsynced increments.
+
+        One sync at a time: a sync takes the unsynced increments when it starts and
+        subtracts them when it returns, so two at once (concurrent sessions past their
+        allowance) would both send the same increments, and the counter would grow by
+        more than was admitted."""
+        async with self._sync_lock:
+            return await self._sync(store, keys)
+
+    async def _sync(self, store: Store, keys: list[str] | None) -> int:
         if keys is None:
             keys = [k for k, d in self.delta.items() if d > 0] + list(self.seeds)
         keys = sorted(set(keys))  # one lock order on every node: no deadlocks

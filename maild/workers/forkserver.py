@@ -100,13 +100,33 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             ctl.send(f"exit {pid} {status}".encode())
 
 
+def describe(status: int) -> str:
+    """A wait status as the log says it: 'exit status 1' or 'killed by signal 9 (SIGKILL)'."""
+    if os.WIFSIGNALED(status):
+        n = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(n).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {n} ({name})"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
 class ForkServer:
     """The supervisor's side: ask for a worker, hear of every worker's end."""
 
-    def __init__(self, pid: int, sock: socket.socket, on_exit: Callable[[int, int], None]):
+    def __init__(
+        self,
+        pid: int,
+        sock: socket.socket,
+        on_exit: Callable[[int, int], None],
+        on_gone: Callable[[], None] = lambda: None,
+    ):
         self.pid = pid
         self.sock = sock
         self.on_exit = on_exit
+        self.on_gone = on_gone  # it died: no worker can be forked, none's end is heard
+        self.gone = False
         self._spawning: dict[int, asyncio.Future[int]] = {}
         self._reader: asyncio.Task | None = None
 
@@ -132,9 +152,11 @@ class ForkServer:
             except OSError:
                 msg = b""
             if not msg:
+                self.gone = True
                 for fut in self._spawning.values():
                     if not fut.done():
                         fut.set_exception(ConnectionError("the fork server is gone"))
+                self.on_gone()
                 return
             words = msg.decode().split()
             if words[0] == "spawned":
@@ -144,8 +166,21 @@ class ForkServer:
             elif words[0] == "exit":
                 self.on_exit(int(words[1]), int(words[2]))
 
+    async def exit_status(self) -> str:
+        """How the fork server ended (its socket closes a moment before it can be reaped)."""
+        for _ in range(40):
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                return describe(status)
+            await asyncio.sleep(0.05)
+        return "exited"
+
     async def close(self) -> None:
         """Close our end: the fork server stops (after SIGTERM to any worker left)."""
+        self.on_gone = lambda: None
         self.sock.close()
         if self._reader is not None:
             self._reader.cancel()

@@ -54,6 +54,7 @@ class Channel(asyncio.Protocol):
         self.name = name
         self.on_close: list[Callable[[], None]] = []
         self.closed = False
+        self.peer_closed = False  # the other end went away first (not a bad frame, not us)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -74,6 +75,8 @@ class Channel(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.peer_closed = True
         self._close()
 
     def data_received(self, data: bytes) -> None:

@@ -53,10 +53,11 @@ async def ask(channel: Channel, kind: str, *args: Any) -> Any:
 
 
 def tell(channel: Channel, kind: str, *args: Any) -> None:
-    try:
-        channel.send(kind, *args)
-    except ChannelClosed:
-        log.error("error: workers: %s not sent: the supervisor is gone", kind)
+    """A notice; none once the channel is closed (the worker said so once, and stops:
+    a commit or release for a supervisor that is gone has nobody to count it)."""
+    if channel.closed:
+        return
+    channel.send(kind, *args)
 
 
 # --------------------------------------------------------------------------- worker side

@@ -43,9 +43,10 @@ from maild.smtp.front import BindError, Front, tls_listeners
 from maild.store.base import resolve_state_path
 from maild.wiring import Wiring
 from maild.workers import forkserver, worker
-from maild.workers.forkserver import ForkServer
+from maild.workers.forkserver import ForkServer, describe
 from maild.workers.ipc import Channel, ChannelClosed, RemoteError
 from maild.workers.shared import StateHost, push_blocked, push_control
+from maild.workers.worker import stop_listening
 
 log = logging.getLogger("maild")
 
@@ -68,6 +69,9 @@ class Slot:
     last_exit: str = ""
     channel: Channel | None = None
     host: StateHost | None = None
+    # The policy the worker was given (at "hello", or sent since): a worker that was
+    # starting during a reload is sent the new one when it listens.
+    config: cfg.Config | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     # Counts of the processes that ended (the status shows totals since the start).
     retired: dict[str, int] = field(default_factory=dict)
@@ -98,18 +102,6 @@ def _bind(addr: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def describe(status: int) -> str:
-    """A wait status as the log says it: 'exit status 1' or 'killed by signal 9 (SIGKILL)'."""
-    if os.WIFSIGNALED(status):
-        n = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(n).name
-        except ValueError:
-            name = "?"
-        return f"killed by signal {n} ({name})"
-    return f"exit status {os.WEXITSTATUS(status)}"
-
-
 class Supervisor(Daemon):
     def __init__(
         self,
@@ -135,6 +127,7 @@ class Supervisor(Daemon):
         self._changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._forwarded: list[tuple[str, str]] = []
+        self._fatal = ""  # why maild stops by itself (exit 1, for systemd to restart it)
 
     # ------------------------------------------------------------------ start
 
@@ -173,7 +166,7 @@ class Supervisor(Daemon):
         self.sanctions.on_change.append(self._blocked_changed)
         self.sanctions.on_control.append(self._forward_control)
         await self._start_web()
-        self.forks = ForkServer(self.fork_pid, self.fork_sock, self._exited)
+        self.forks = ForkServer(self.fork_pid, self.fork_sock, self._exited, self._forks_gone)
         self.forks.start()
         for slot in self.slots:
             await self._spawn(slot)
@@ -238,6 +231,7 @@ class Supervisor(Daemon):
         )
         ch = Channel(mine, partial(self._handle, slot, host), name=f"worker {slot.index}")
         ch.on_close.append(host.release_all)
+        ch.on_close.append(partial(self._channel_closed, slot, ch))
         slot.channel, slot.host = ch, host
         await ch.start()
 
@@ -247,12 +241,15 @@ class Supervisor(Daemon):
 
     def _handle(self, slot: Slot, host: StateHost, kind: str, args: tuple) -> Any:
         if kind == "hello":
+            slot.config = self.config
             return self.config, self.n, self.shutdown_grace
         if kind == "ready":
             return dict(self.sanctions.blocked)
         if kind == "listening":
             slot.state = "running"
             self._wake()
+            if slot.config is not self.config:  # a reload while it was starting
+                self._later(self._send_config(slot, self.config, {"applied": [], "warnings": []}))
             return None
         if kind == "auth_failed":  # every other worker counts it too: the host's limit
             for ch in self._channels(but=slot):
@@ -265,6 +262,36 @@ class Supervisor(Daemon):
                 self._aggregate()
             return None
         return host.handle(kind, args)
+
+    def _forks_gone(self) -> None:
+        """The fork server died: no worker can be restarted, and no worker's end would be
+        heard. Stop (the workers finish their sessions) and exit 1: systemd's Restart=
+        starts maild again, whole, rather than a host that loses a worker at every crash."""
+        if not self.stopping:
+            self._later(self._forks_lost())
+
+    async def _forks_lost(self) -> None:
+        why = f"the fork server (pid {self.fork_pid}) {await self.forks.exit_status()}"
+        if self.stopping:
+            return
+        if self.booting:
+            self._boot_failure = why
+            self._wake()
+            return
+        self._fatal = f"{why}: workers cannot be restarted; stopping, for a restart"
+        log.error("error: %s", self._fatal)
+        self.stop_event.set()
+
+    def _channel_closed(self, slot: Slot, ch: Channel) -> None:
+        """Without the fork server, a worker's channel closing is all we hear of its end."""
+        if self.forks.gone and slot.channel is ch and slot.state != "stopped":
+            slot.state, slot.last_exit = "stopped", "its channel closed"
+            self._wake()
+
+    async def run(self) -> None:
+        await super().run()
+        if self._fatal:
+            raise WorkerStartError(self._fatal)
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -315,6 +342,10 @@ class Supervisor(Daemon):
             return
         try:
             await self._spawn(slot)
+            ch = slot.live_channel()
+            if self.stopping and ch is not None:  # forked as the stop began: it missed it
+                with contextlib.suppress(ChannelClosed):
+                    ch.send("stop")
         except (OSError, TimeoutError) as e:
             log.error("error: worker %d: cannot fork: %s; trying again", slot.index, e)
             slot.backoff = min(max(slot.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
@@ -353,20 +384,25 @@ class Supervisor(Daemon):
 
     async def _apply(self, new: cfg.Config, result: dict) -> None:
         await super()._apply(new, result)
-
-        async def one(slot: Slot, ch: Channel) -> None:
-            try:
-                for what in await ch.call("config", new, timeout=30.0):
-                    if what not in result["applied"]:
-                        result["applied"].append(what)
-            except (ChannelClosed, RemoteError, TimeoutError) as e:
-                why = f"worker {slot.index} (pid {slot.pid}) did not apply it: {e}"
-                log.error("error: reload: %s", why)
-                result["warnings"].append(why)
-
-        live = [(s, ch) for s in self.slots if (ch := s.live_channel()) is not None]
-        await asyncio.gather(*(one(s, ch) for s, ch in live))
+        # A worker still starting is not ready for it: it is sent the policy when it
+        # listens (_handle "listening"); one restarting asks for it at its "hello".
+        live = [s for s in self.slots if s.state == "running" and s.live_channel() is not None]
+        await asyncio.gather(*(self._send_config(s, new, result) for s in live))
         log.info("reload: applied in %d of %d workers", len(live), self.n)
+
+    async def _send_config(self, slot: Slot, new: cfg.Config, result: dict) -> None:
+        ch = slot.live_channel()
+        if slot.config is new or ch is None:
+            return  # sent already (it listened during the reload), or it is gone
+        slot.config = new
+        try:
+            for what in await ch.call("config", new, timeout=30.0):
+                if what not in result["applied"]:
+                    result["applied"].append(what)
+        except (ChannelClosed, RemoteError, TimeoutError) as e:
+            why = f"worker {slot.index} (pid {slot.pid}) did not apply it: {e}"
+            log.error("error: reload: %s", why)
+            result["warnings"].append(why)
 
     async def _listen(self, addr: tuple[str, int]) -> bool:
         self._listen_error = (
@@ -385,6 +421,8 @@ class Supervisor(Daemon):
             if ch is not None:
                 with contextlib.suppress(ChannelClosed):
                     ch.send("stop")
+        # new connections refused at once, as one process's closed listener does
+        stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace + KILL_AFTER
         while any(s.state not in ("stopped", "restarting") for s in self.slots):
@@ -456,7 +494,8 @@ class Supervisor(Daemon):
 
 
 class WorkerStartError(OSError):
-    """A worker did not come up: `maild serve` exits (1, one line), for systemd to see."""
+    """A worker did not come up, or the fork server died: `maild serve` exits (1, one
+    line), for systemd to restart it."""
 
 
 _MAX_KEYS = frozenset({"busiest_client"})

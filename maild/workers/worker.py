@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -72,7 +73,11 @@ class Acceptor:
             conn, _addr = self.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another worker took it
-        except OSError as e:  # EMFILE and the like: say so, and let the next wake-up retry
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # shut down (stop_listening): the host stops
+                self.close()
+                return
+            # EMFILE and the like: say so, and let the next wake-up retry
             log.error("error: accept: %s", e.strerror or e)
             return
         conn.setblocking(False)
@@ -91,6 +96,16 @@ class Acceptor:
         if self.open:
             self.open = False
             self.loop.remove_reader(self.sock.fileno())
+
+
+def stop_listening(socks: Sequence[socket.socket]) -> None:
+    """Shut the shared listening sockets down in every process that holds them: the
+    kernel refuses new connections (the client tries the next MX) and resets those
+    queued, rather than queueing them for workers that will not accept again, and a
+    maild started again can bind the port while the sessions in flight finish."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
 
 
 def view(c: cfg.Config, index: int, workers: int) -> cfg.Config:
@@ -120,7 +135,10 @@ class Worker(Daemon):
         self.index = index
         self.listen_sock = listen
         self.tls_socks = tls_socks
-        self._front = front
+        # The supervisor's, read while it was root: the TLS context and the Dovecot
+        # client; a failed login another worker saw is counted even before "hello".
+        self.front = front
+        self._stop_asked = False  # "stop" may come before the Daemon state exists
         self.channel = Channel(channel_sock, self._handle, name=f"worker {index}")
         self._wiring = wiring
         self.sanctions: WorkerSanctions | None = None  # type: ignore[assignment]
@@ -136,11 +154,11 @@ class Worker(Daemon):
         Daemon.__init__(
             self, view(config, self.index, self.workers), self._wiring, shutdown_grace=grace
         )
-        # The supervisor's, read while it was root: the TLS context and the Dovecot
-        # client; a failed login here is told to the others (_auth_failed).
-        self.front = self._front
+        if self._stop_asked:
+            self.stop_event.set()
+        # a failed login here is told to the others
         self.front.failures.on_failure = partial(tell, self.channel, "auth_failed")
-        self.channel.on_close.append(self.stop_event.set)
+        self.channel.on_close.append(self._supervisor_gone)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         await self.start()
@@ -190,6 +208,20 @@ class Worker(Daemon):
         else:
             self.sanctions.blocked = dict(blocked)
 
+    def _supervisor_gone(self) -> None:
+        """The channel closed. If the supervisor went away (killed), nobody stops the
+        host's listeners for us: shut them down, finish the sessions, exit."""
+        if self.channel.peer_closed:
+            stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
+            log.error(
+                "error: worker %d (pid %d): the supervisor is gone; listeners shut down, "
+                "sessions in flight %d finish (their mail tempfailed), then the worker exits",
+                self.index,
+                os.getpid(),
+                self.counter.total,
+            )
+        self.stop_event.set()
+
     # ------------------------------------------------------------------ the channel
 
     def _handle(self, kind: str, args: tuple) -> Any:
@@ -205,7 +237,9 @@ class Worker(Daemon):
         if kind == "config":
             return self._apply_from_supervisor(args[0])
         if kind == "stop":
-            self.stop_event.set()
+            self._stop_asked = True
+            if hasattr(self, "stop_event"):
+                self.stop_event.set()
             return True
         if kind == "auth_failed":  # in another worker: counted here too
             self.front.failures.record(*args)
@@ -254,7 +288,8 @@ class Worker(Daemon):
         while True:
             await asyncio.sleep(STATS_EVERY)
             tick += 1
-            tell(self.channel, "stats", self.stats())
+            if not self.channel.closed:  # the supervisor is gone: nobody to tell
+                tell(self.channel, "stats", self.stats())
             if tick % 2:
                 continue
             self.budget.settle()

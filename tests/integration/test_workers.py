@@ -52,7 +52,11 @@ def m(postfix, tmp_path):
 
 
 def status(m: Maild) -> dict:
-    return json.loads((m.root / "maild.status.json").read_text())
+    """The status file, beside the state (under var/ when the state is on PostgreSQL)."""
+    path = m.root / "maild.status.json"
+    if not path.exists():
+        path = m.root / "var" / "maild.status.json"
+    return json.loads(path.read_text())
 
 
 def running(m: Maild) -> list[int]:
