@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maild import config as cfg
-from maild import privs
+from maild import gcpolicy, privs
 from maild.customers.directory import Refresher
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
@@ -530,6 +530,7 @@ class Daemon:
             finally:
                 self.last_reload = result
                 self.write_status()
+                gcpolicy.settle()
                 notify("READY=1")
 
     async def _reload(self, result: dict) -> None:
@@ -707,6 +708,7 @@ class Daemon:
                     await store.close()
             raise
         ready.set()
+        gcpolicy.settle()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.ready_status()}")
