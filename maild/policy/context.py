@@ -99,6 +99,20 @@ class Message:
         return self.spooled_size or len(self.content)
 
     @cached_property
+    def plain_body(self) -> bytes | None:
+        """The body, when the header section ends at the first CRLF CRLF (every line
+        before it a header field: the header parse left nothing over) and there is no
+        Content-Type or Content-Transfer-Encoding field: text/plain in US-ASCII, whose
+        content is the body's bytes as they are. None for any other message."""
+        counts = self.field_counts
+        if "content-type" in counts or "content-transfer-encoding" in counts:
+            return None
+        end = self.content.find(b"\r\n\r\n")
+        if end < 0 or self.headers.get_payload() != "":
+            return None
+        return self.content[end + 4 :]
+
+    @cached_property
     def field_counts(self) -> dict[str, int]:
         """How often each header field occurs, by lower-case name (RFC 5322 3.6 limits)."""
         counts: dict[str, int] = {}
