@@ -17,6 +17,7 @@ from functools import cached_property
 
 from maild.address import Address
 from maild.config import Config, Customer
+from maild.netaddr import parse_ip
 from maild.policy.services import Services
 from maild.policy.verdict import Verdict
 
@@ -43,10 +44,7 @@ class Client:
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        try:
-            return ipaddress.ip_address(self.addr)
-        except ValueError:
-            return None
+        return parse_ip(self.addr)
 
     @property
     def label(self) -> str:

@@ -67,7 +67,9 @@ class FastInit(SMTP):
                 for mname, mfunc in inspect.getmembers(obj)
                 if mname.startswith("auth_")
             )
-            hooks = tuple(m for m in dir(handler) if m.startswith("handle_"))
+            hooks = tuple(
+                (m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_")
+            )
             ehlo = getattr(handler, "handle_EHLO", None)
             ver = (
                 None
@@ -76,7 +78,7 @@ class FastInit(SMTP):
             )
             if ehlo is not None and ver != "new":
                 raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
-            methods = tuple(m for m in dir(self) if m.startswith("smtp_"))
+            methods = tuple((m.replace("smtp_", ""), m) for m in dir(self) if m.startswith("smtp_"))
             names = self._names[key] = (auth, hooks, ver, methods)
         return names
 
@@ -85,7 +87,11 @@ class FastInit(SMTP):
         decode_data=False, hostname=..., ident="ESMTP maild", timeout=...,
         command_call_limit=JUNK_COMMAND_LIMITS) without the per-connection introspection."""
         self.__ident__ = "ESMTP maild"
-        self.loop = _aiosmtpd.make_loop()
+        # make_loop() finds the running loop too, under warnings.catch_warnings (4 us)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = _aiosmtpd.make_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
@@ -119,9 +125,9 @@ class FastInit(SMTP):
             mech: _aiosmtpd._AuthMechAttr(getattr(self if is_self else handler, mname), is_self)
             for mech, mname, is_self in auth
         }
-        self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
+        self._handle_hooks = {k: getattr(handler, m) for k, m in hooks}
         self._ehlo_hook_ver = ver
-        self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}
+        self._smtp_methods = {k: getattr(self, m) for k, m in methods}
         # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
         self._enforce_call_limit = True
         self._call_limit_base = JUNK_COMMAND_LIMITS
