@@ -90,11 +90,15 @@ def split_arg(arg: str) -> tuple[str, str]:
 
 
 def _closing_bracket(s: str) -> int:
-    if '"' not in s:  # no quoted string, so no escape either: the first ">" closes it
-        end = s.find(">")
-        if end < 0:
-            raise PathError("unterminated <address>")
-        return end
+    if '"' in s:
+        return _scan_closing_bracket(s)
+    end = s.find(">")  # no quoted string, so no escape either: the first ">" closes it
+    if end < 0:
+        raise PathError("unterminated <address>")
+    return end
+
+
+def _scan_closing_bracket(s: str) -> int:
     in_quote = escaped = False
     for i, ch in enumerate(s):
         if escaped:

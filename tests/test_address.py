@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from maild import address
 from maild.address import (
     PathError,
     canonical,
@@ -129,33 +130,22 @@ def test_declares_smtputf8():
     assert not declares_smtputf8([])
 
 
-def _reference_closing_bracket(s: str) -> int | None:
-    in_quote = escaped = False
-    for i, ch in enumerate(s):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and in_quote:
-            escaped = True
-        elif ch == '"':
-            in_quote = not in_quote
-        elif ch == ">" and not in_quote:
-            return i
-    return None
-
-
 @given(st.text(alphabet=' <>"\\a@\x01\x7f', max_size=30))
 def test_split_arg_and_control_characters_as_the_character_loops_had_it(text):
-    # split_arg finds the closing ">" by find() when there is no quote; parse_path finds
-    # control characters by a pattern: the same answers as one character at a time.
+    # Without a quote the closing ">" is found by find(), and control characters by a
+    # pattern: the same answers as the character-by-character scan.
     s = text.lstrip()
+    try:
+        expected: int | None = address._scan_closing_bracket(s)
+    except PathError:
+        expected = None
     if s.startswith("<"):
-        end = _reference_closing_bracket(s)
-        if end is None:
+        if expected is None:
             with pytest.raises(PathError):
                 split_arg(text)
         else:
-            assert split_arg(text) == (s[: end + 1], s[end + 1 :].strip())
-    path = split_arg(text)[0] if _reference_closing_bracket(s) is not None else "<a@b>"
+            assert split_arg(text) == (s[: expected + 1], s[expected + 1 :].strip())
+    path = split_arg(text)[0] if not s.startswith("<") or expected is not None else "<a@b>"
     inner = path[1:-1] if path.startswith("<") and path.endswith(">") else path
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in inner):
         with pytest.raises(PathError, match="control characters"):
