@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.policy
 import hashlib
+import operator
 import re
 import struct
 from collections.abc import Set
@@ -189,4 +190,6 @@ def signature(words: list[str]) -> tuple[int, ...] | None:
 
 def similarity(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """How many of the 32 minima agree."""
-    return sum(x == y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("signatures of different lengths")
+    return sum(map(operator.eq, a, b))

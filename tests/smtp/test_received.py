@@ -3,8 +3,12 @@
 import email.parser
 import email.policy
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from maild.address import parse_path
 from maild.policy.context import Client
+from maild.smtp import xforward
 from maild.smtp.downstream import Reply
 from maild.smtp.received import authenticated_login, received_header
 from maild.smtp.xforward import xtext
@@ -55,6 +59,12 @@ def test_xtext_round_trip():
         assert " " not in enc and "=" not in enc
         assert _xtext_decode(enc).encode("latin-1").decode("utf-8") == s
     assert _xtext_decode("bad+Z1") is None
+
+
+@given(st.text(max_size=40))
+def test_xtext_is_the_character_by_character_encoding(s):
+    # text with nothing to encode is returned as it is: the same as encoding each character
+    assert xtext(s) == xforward._xtext_chars(s)
 
 
 def test_multiline_reply_rendering():
