@@ -162,3 +162,13 @@ def test_cpu_smoke_with_the_floor(tmp_path):
     assert set(per) == {"maild", "bare aiosmtpd (floor)"}
     assert all(finite(v["median"]) and v["median"] > 0 for v in per.values()), per
     assert "bare aiosmtpd (floor)" in r["markdown"]
+
+
+def test_profile_smoke_with_the_cpu_sampler():
+    # bench/profile.py --sampler cpu: samples from inside maild (bench/_cpusample), no py-spy
+    need_postfix()
+    from bench import profile
+
+    text = profile.main(["--sampler", "cpu", "--seconds", "2", "--sessions", "2", "--top", "40"])
+    assert "cpu samples" in text and "inclusive:" in text
+    assert "(maild/smtp/server.py)" in text
