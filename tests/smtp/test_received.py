@@ -70,3 +70,15 @@ def test_xtext_is_the_character_by_character_encoding(s):
 def test_multiline_reply_rendering():
     assert Reply(250, "one\ntwo").smtp() == "250-one\r\n250 two"
     assert Reply(550, "5.1.1 no").smtp() == "550 5.1.1 no"
+
+
+def test_the_date_is_format_datetime_of_localtime_within_each_second():
+    # made once a second: the same text as formatting the local time of each call
+    import datetime
+    from email.utils import format_datetime
+
+    from maild.smtp.received import date_now
+
+    for t in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.0, 1_799_999_999.5, 1_800_003_600.4):
+        expected = format_datetime(datetime.datetime.fromtimestamp(t).astimezone())
+        assert date_now(t) == expected
