@@ -1,7 +1,7 @@
 """Address parsing keeps what aiosmtpd would lose, and finds every possible destination."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maild import address
@@ -130,6 +130,7 @@ def test_declares_smtputf8():
     assert not declares_smtputf8([])
 
 
+@settings(deadline=None)  # a property, not a timing: the machine is shared
 @given(st.text(alphabet=' <>"\\a@\x01\x7f', max_size=30))
 def test_split_arg_and_control_characters_as_the_character_loops_had_it(text):
     # Without a quote the closing ">" is found by find(), and control characters by a

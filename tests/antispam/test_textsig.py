@@ -81,6 +81,7 @@ def test_normalise_any_text(text):
     assert normalise(text) == reference_normalise(text)
 
 
+@settings(deadline=None)  # a property, not a timing: the machine is shared
 @given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
 def test_normalise_ascii_text(text):
     # ASCII text takes the ASCII tokeniser: the same words as the Unicode one
@@ -119,7 +120,7 @@ BODY_PIECES = [
 ]
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(
     st.lists(st.sampled_from(HEADER_LINES), max_size=8),
     st.booleans(),

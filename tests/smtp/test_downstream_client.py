@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maild.smtp import downstream
@@ -151,6 +151,7 @@ async def test_bdat_where_the_downstream_offers_chunking():
         srv.close()
 
 
+@settings(deadline=None)  # a property, not a timing: the machine is shared
 @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\n."]), max_size=20))
 def test_line_endings_and_dot_stuffing_are_the_substitutions(pieces):
     # the shortcuts for text with nothing to change give what the patterns give

@@ -3,7 +3,7 @@
 import email.parser
 import email.policy
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maild.address import parse_path
@@ -61,6 +61,7 @@ def test_xtext_round_trip():
     assert _xtext_decode("bad+Z1") is None
 
 
+@settings(deadline=None)  # a property, not a timing: the machine is shared
 @given(st.text(max_size=40))
 def test_xtext_is_the_character_by_character_encoding(s):
     # text with nothing to encode is returned as it is: the same as encoding each character
