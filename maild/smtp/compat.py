@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, AnyStr, ClassVar
 
 import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP
@@ -45,7 +46,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 _sanitized_log = _aiosmtpd.sanitized_log
 
 
-def sanitized_log(func: Any, msg: str, *args: Any, **kwargs: Any) -> None:
+def sanitized_log(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any) -> None:
     """aiosmtpd's sanitized_log, called with its logger's debug or info twice for every
     command line, masks AUTH credentials in its arguments (a regular expression, 4 us)
     before the logger drops the record: here only when the logger would write it."""
