@@ -7,24 +7,32 @@ a proposal): maild from this checkout and maild from ``--compare-src`` run side 
 in front of the same smtp-sink (or Postfix), each fed the same smtp-source load in turn,
 alternated, and the CPU seconds each consumed are divided by the messages it relayed.
 
+`--floor` adds, in the same rotation, the floor of the chosen stack: a bare aiosmtpd
+server whose handler only answers 250 (no downstream, no rules, no log line), so a
+tree's CPU per message can be read against what aiosmtpd and asyncio alone cost.
+
     python -m bench.cpu [--compare-src TREE] [--messages 2000] [--sessions 20]
                         [--size 2048] [--reps 3] [--downstream sink|postfix]
-                        [--uvloop DIR] [--loops asyncio|uvloop|both]
+                        [--uvloop DIR] [--loops asyncio|uvloop|both] [--floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    NO_UVLOOP,
     MaildProc,
     Stat,
     bench_policy,
     bench_postfix,
+    end_process,
     log,
     new_port,
     proc_times,
@@ -35,6 +43,43 @@ from bench.common import (
     table,
     uvloop_path,
 )
+
+# aiosmtpd with a handler that answers 250 to DATA: the stack's floor (--floor).
+_BARE = """
+import asyncio, sys
+from aiosmtpd.smtp import SMTP
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
+async def main(port):
+    loop = asyncio.get_running_loop()
+    await loop.create_server(lambda: SMTP(Handler()), "127.0.0.1", port, backlog=1024)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+class BareAiosmtpd:
+    """The floor: the bare aiosmtpd server above, on asyncio, as a subprocess."""
+
+    def __init__(self) -> None:
+        self.port = new_port()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONPATH"] = str(NO_UVLOOP)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BARE, str(self.port)], stdout=subprocess.PIPE, env=env
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the bare aiosmtpd server did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        end_process(self.proc)
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -55,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--loops", default="asyncio", choices=("asyncio", "uvloop", "both"))
     ap.add_argument("--uvloop", default=None, help="directory holding uvloop (pip --target)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--floor", action="store_true", help="also run a bare aiosmtpd server")
     args = ap.parse_args(argv)
 
     from tests.harness.sink import SmtpSink
@@ -67,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         srcs.append(("maild@patched", args.compare_src))
     dns = start_dns()
     sink = pf = None
-    mailds: dict[str, MaildProc] = {}
+    mailds: dict[str, MaildProc | BareAiosmtpd] = {}
     try:
         if args.downstream == "postfix":
             pf = bench_postfix(workdir / "pf")
@@ -86,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mailds[key] = MaildProc(
                     wd, policy, loop=loop, src=src, uvloop_dir=uvloop_path(args.uvloop)
                 ).start()
+        if args.floor:
+            mailds["bare aiosmtpd (floor)"] = BareAiosmtpd()
         for m in mailds.values():  # warm-up: imports, pools, DNS cache
             smtp_source(m.port, sessions=args.sessions, messages=args.sessions * 4, size=args.size)
         per_msg = {k: Stat() for k in mailds}
@@ -93,15 +141,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rep in range(args.reps):
             for key in rotate(list(mailds), rep):
                 m = mailds[key]
-                before, relayed0 = cpu_times(m.pid), m.count_log(": relay: DATA")
+                bare = isinstance(m, BareAiosmtpd)
+                before = cpu_times(m.pid)
+                relayed0 = 0 if bare else m.count_log(": relay: DATA")
                 r = smtp_source(
                     m.port, sessions=args.sessions, messages=args.messages, size=args.size
                 )
                 if r.returncode != 0:
-                    raise RuntimeError(f"smtp-source into {key} failed:\n{r.output}\n{m.tail()}")
+                    tail = "" if bare else m.tail()
+                    raise RuntimeError(f"smtp-source into {key} failed:\n{r.output}\n{tail}")
                 after = cpu_times(m.pid)
                 user, system = after[0] - before[0], after[1] - before[1]
-                n = max(m.count_log(": relay: DATA") - relayed0, 1)
+                n = args.messages if bare else max(m.count_log(": relay: DATA") - relayed0, 1)
                 per_msg[key].add(1e6 * (user + system) / n)
                 user_msg[key].add(1e6 * user / n)
                 log(

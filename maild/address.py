@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 # ESMTP parameter keyword=value (RFC 5321 4.1.2: esmtp-keyword / esmtp-value).
 _PARAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+)?$")
+_CTRL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class PathError(ValueError):
@@ -89,6 +90,15 @@ def split_arg(arg: str) -> tuple[str, str]:
 
 
 def _closing_bracket(s: str) -> int:
+    if '"' in s:
+        return _scan_closing_bracket(s)
+    end = s.find(">")  # no quoted string, so no escape either: the first ">" closes it
+    if end < 0:
+        raise PathError("unterminated <address>")
+    return end
+
+
+def _scan_closing_bracket(s: str) -> int:
     in_quote = escaped = False
     for i, ch in enumerate(s):
         if escaped:
@@ -106,7 +116,7 @@ def parse_path(path: str) -> Address:
     """Parse one SMTP path (`<...>`, or a bare address) without losing anything."""
     raw = path
     inner = path[1:-1] if path.startswith("<") and path.endswith(">") else path
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in inner):
+    if _CTRL.search(inner):
         # Never valid in a path (RFC 5321 4.1.2), and the downstream client refuses them.
         raise PathError("control characters in address")
     if inner == "":

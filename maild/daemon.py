@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -26,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from maild import config as cfg
-from maild import privs
+from maild import gcpolicy, privs
 from maild.customers.directory import Refresher
 from maild.daemonctl import SIG_CONTROL, monotonic
 from maild.doctor import downstream_verdict
+from maild.netaddr import parse_ip
 from maild.policy.customer import index as customer_index
 from maild.policy.services import Services
 from maild.sdnotify import notify
@@ -126,7 +126,7 @@ class Daemon:
 
     def _is_customer(self, addr: str) -> bool:
         """A customer network's address: it may use the reserved session slots."""
-        return customer_index(self.proxy.config).by_ip(_ip(addr)) is not None
+        return customer_index(self.proxy.config).by_ip(parse_ip(addr)) is not None
 
     def _configure_services(self, c: cfg.Config) -> None:
         """Module-level services rules use (DNS resolver, ...), set from the config."""
@@ -531,6 +531,7 @@ class Daemon:
             finally:
                 self.last_reload = result
                 self.write_status()
+                gcpolicy.settle()
                 notify("READY=1")
 
     async def _reload(self, result: dict) -> None:
@@ -706,6 +707,7 @@ class Daemon:
                     await store.close()
             raise
         ready.set()
+        gcpolicy.settle()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.ready_status()}")
@@ -756,13 +758,6 @@ def _budget(c: cfg.Config) -> Budget:
     )
     lim = c.server.limits
     return Budget(lim.memory_in_flight, lim.spool_threshold, spool)
-
-
-def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(addr)
-    except ValueError:
-        return None
 
 
 def _hostport(addr: tuple[str, int]) -> str:

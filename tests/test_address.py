@@ -1,9 +1,10 @@
 """Address parsing keeps what aiosmtpd would lose, and finds every possible destination."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from maild import address
 from maild.address import (
     PathError,
     canonical,
@@ -127,3 +128,26 @@ def test_declares_smtputf8():
     assert declares_smtputf8(["BODY=8BITMIME", "smtputf8"])
     assert not declares_smtputf8(["BODY=8BITMIME", "SMTPUTF8=yes"])
     assert not declares_smtputf8([])
+
+
+@settings(deadline=None)  # a property, not a timing: the machine is shared
+@given(st.text(alphabet=' <>"\\a@\x01\x7f', max_size=30))
+def test_split_arg_and_control_characters_as_the_character_loops_had_it(text):
+    # Without a quote the closing ">" is found by find(), and control characters by a
+    # pattern: the same answers as the character-by-character scan.
+    s = text.lstrip()
+    try:
+        expected: int | None = address._scan_closing_bracket(s)
+    except PathError:
+        expected = None
+    if s.startswith("<"):
+        if expected is None:
+            with pytest.raises(PathError):
+                split_arg(text)
+        else:
+            assert split_arg(text) == (s[: expected + 1], s[expected + 1 :].strip())
+    path = split_arg(text)[0] if not s.startswith("<") or expected is not None else "<a@b>"
+    inner = path[1:-1] if path.startswith("<") and path.endswith(">") else path
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in inner):
+        with pytest.raises(PathError, match="control characters"):
+            parse_path(path)

@@ -149,3 +149,26 @@ def test_customers_smoke(tmp_path):
         assert all(finite(s[k]) and s[k] > 0 for k in ("miss_ns", "hit_ns", "build_s"))
     assert finite(r["sizes"][0]["files_load_s"])
     assert r["throughput"]["ratio"]["n"] == 1 and finite(r["throughput"]["ratio"]["median"])
+
+
+def test_cpu_smoke_with_the_floor(tmp_path):
+    # bench/cpu.py, with the bare aiosmtpd server (--floor) in the rotation
+    need_postfix()
+    from bench import cpu
+
+    tiny = ["--messages", "20", "--sessions", "2", "--reps", "1", "--floor"]
+    r = cpu.main([*tiny, "--workdir", str(tmp_path)])
+    per = r["per_message_us"]
+    assert set(per) == {"maild", "bare aiosmtpd (floor)"}
+    assert all(finite(v["median"]) and v["median"] > 0 for v in per.values()), per
+    assert "bare aiosmtpd (floor)" in r["markdown"]
+
+
+def test_profile_smoke_with_the_cpu_sampler():
+    # bench/profile.py --sampler cpu: samples from inside maild (bench/_cpusample), no py-spy
+    need_postfix()
+    from bench import profile
+
+    text = profile.main(["--sampler", "cpu", "--seconds", "2", "--sessions", "2", "--top", "40"])
+    assert "cpu samples" in text and "inclusive:" in text
+    assert "(maild/smtp/server.py)" in text

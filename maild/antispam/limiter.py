@@ -32,6 +32,7 @@ which fails, and the message is tempfailed, never accepted unchecked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -91,10 +92,15 @@ class Rate:
     @property
     def window(self) -> str:
         """The period in its largest whole unit: 3600 -> '1h', 5400 -> '90m'."""
-        for unit in "wdhm":
-            if self.period % _UNIT[unit] == 0:
-                return f"{int(self.period // _UNIT[unit])}{unit}"
-        return f"{int(self.period)}s"
+        return _window(self.period)
+
+
+@functools.lru_cache(maxsize=256)  # a few periods, asked for every counter of every message
+def _window(period: float) -> str:
+    for unit in "wdhm":
+        if period % _UNIT[unit] == 0:
+            return f"{int(period // _UNIT[unit])}{unit}"
+    return f"{int(period)}s"
 
 
 _WINDOW = re.compile(r"#\d+[smhdw]$")

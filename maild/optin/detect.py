@@ -31,11 +31,12 @@ _URI = re.compile(r"<([^<>]*)>")
 
 def list_signals(h: email.message.Message) -> list[str]:
     """The header evidence that a message is list mail, for the refusal reason."""
+    present = {name.lower() for name in h}  # one pass, not one get() per name
     out = []
-    if h.get("List-Id") is not None:
+    if "list-id" in present:
         out.append("List-Id")
-    out += [name for name in RFC2369 if h.get(name) is not None]
-    prec = str(h.get("Precedence", "")).strip().lower()
+    out += [name for name in RFC2369 if name.lower() in present]
+    prec = str(h.get("Precedence", "")).strip().lower() if "precedence" in present else ""
     if prec in ("bulk", "list"):
         out.append(f"Precedence: {prec}")
     return out

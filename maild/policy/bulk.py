@@ -60,7 +60,8 @@ def message_signature(ctx: Context) -> tuple[int, ...] | None:
     h = ctx.message.headers
     names = [n for n, _ in email.utils.getaddresses([str(v) for v in h.get_all("To", [])])]
     volatile = volatile_tokens([a.addr for a in ctx.recipients], names)
-    sig = signature(normalise(body_text(ctx.message.content), volatile))
+    m = ctx.message
+    sig = signature(normalise(body_text(m.content, plain_body=m.plain_body), volatile))
     ctx.notes["bulk-sig"] = sig
     return sig
 

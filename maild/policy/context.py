@@ -17,6 +17,7 @@ from functools import cached_property
 
 from maild.address import Address
 from maild.config import Config, Customer
+from maild.netaddr import parse_ip
 from maild.policy.services import Services
 from maild.policy.verdict import Verdict
 
@@ -43,10 +44,7 @@ class Client:
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        try:
-            return ipaddress.ip_address(self.addr)
-        except ValueError:
-            return None
+        return parse_ip(self.addr)
 
     @property
     def label(self) -> str:
@@ -97,6 +95,20 @@ class Message:
     @property
     def size(self) -> int:
         return self.spooled_size or len(self.content)
+
+    @cached_property
+    def plain_body(self) -> bytes | None:
+        """The body, when the header section ends at the first CRLF CRLF (every line
+        before it a header field: the header parse left nothing over) and there is no
+        Content-Type or Content-Transfer-Encoding field: text/plain in US-ASCII, whose
+        content is the body's bytes as they are. None for any other message."""
+        counts = self.field_counts
+        if "content-type" in counts or "content-transfer-encoding" in counts:
+            return None
+        end = self.content.find(b"\r\n\r\n")
+        if end < 0 or self.headers.get_payload() != "":
+            return None
+        return self.content[end + 4 :]
 
     @cached_property
     def field_counts(self) -> dict[str, int]:

@@ -13,8 +13,10 @@ fails a test instead of a connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, AnyStr, ClassVar
 
 import aiosmtpd.smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP
@@ -38,6 +40,25 @@ JUNK_COMMAND_LIMITS = {
     "XFORWARD": 100,
     "*": 100_000,
 }
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+_sanitized_log = _aiosmtpd.sanitized_log
+
+
+def sanitized_log(func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, called with its logger's debug or info twice for every
+    command line, masks AUTH credentials in its arguments (a regular expression, 4 us)
+    before the logger drops the record: here only when the logger would write it."""
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+if SUPPORTED:
+    _aiosmtpd.sanitized_log = sanitized_log  # the name _handle_client looks up
 
 
 class FastInit(SMTP):
@@ -67,7 +88,9 @@ class FastInit(SMTP):
                 for mname, mfunc in inspect.getmembers(obj)
                 if mname.startswith("auth_")
             )
-            hooks = tuple(m for m in dir(handler) if m.startswith("handle_"))
+            hooks = tuple(
+                (m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_")
+            )
             ehlo = getattr(handler, "handle_EHLO", None)
             ver = (
                 None
@@ -76,7 +99,7 @@ class FastInit(SMTP):
             )
             if ehlo is not None and ver != "new":
                 raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
-            methods = tuple(m for m in dir(self) if m.startswith("smtp_"))
+            methods = tuple((m.replace("smtp_", ""), m) for m in dir(self) if m.startswith("smtp_"))
             names = self._names[key] = (auth, hooks, ver, methods)
         return names
 
@@ -85,7 +108,11 @@ class FastInit(SMTP):
         decode_data=False, hostname=..., ident="ESMTP maild", timeout=...,
         command_call_limit=JUNK_COMMAND_LIMITS) without the per-connection introspection."""
         self.__ident__ = "ESMTP maild"
-        self.loop = _aiosmtpd.make_loop()
+        # make_loop() finds the running loop too, under warnings.catch_warnings (4 us)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = _aiosmtpd.make_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
@@ -119,9 +146,9 @@ class FastInit(SMTP):
             mech: _aiosmtpd._AuthMechAttr(getattr(self if is_self else handler, mname), is_self)
             for mech, mname, is_self in auth
         }
-        self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
+        self._handle_hooks = {k: getattr(handler, m) for k, m in hooks}
         self._ehlo_hook_ver = ver
-        self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}
+        self._smtp_methods = {k: getattr(self, m) for k, m in methods}
         # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
         self._enforce_call_limit = True
         self._call_limit_base = JUNK_COMMAND_LIMITS

@@ -76,6 +76,22 @@ class Reply:
         )
 
 
+def crlf_lines(data: bytes) -> bytes:
+    """Every line ending as CRLF. Three counts tell that there is no bare CR or LF (each
+    CRLF counts once in all three): the common case, without a substitution pass."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf == data.count(b"\r"):
+        return data
+    return _LINE_ENDINGS.sub(b"\r\n", data)
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """A dot that starts a line doubled (RFC 5321 4.5.2); as it is when there is none."""
+    if data[:1] != b"." and b"\n." not in data:
+        return data
+    return _LEADING_DOT.sub(b"..", data)
+
+
 class _Client(asyncio.Protocol):
     """One SMTP client connection: replies are parsed in order and handed to the
     commands waiting for them, first come first served, so commands can be pipelined
@@ -502,7 +518,7 @@ class Downstream:
         """
         client = conn.client
         timeout = timeout or self.timeout
-        message = _LINE_ENDINGS.sub(b"\r\n", message)
+        message = crlf_lines(message)
         if not message.endswith(b"\r\n") and not rest_size:
             message += b"\r\n"
         conn.content_sent = False
@@ -514,7 +530,7 @@ class Downstream:
             if r.code == 250:
                 conn.transactions += 1
             return r
-        message = _LEADING_DOT.sub(b"..", message)
+        message = dot_stuffed(message)
         r = await client.reply(client.send(b"DATA\r\n", 1)[0], timeout)
         if r.code != 354:
             return r
@@ -543,7 +559,7 @@ class Downstream:
                 client.close()
                 return
             if stuff and block:
-                out = _INNER_DOT.sub(b"..", block)
+                out = _INNER_DOT.sub(b"..", block) if b"\n." in block else block
                 if at_line_start and out[:1] == b".":
                     out = b"." + out
                 at_line_start = block.endswith(b"\n")

@@ -17,7 +17,6 @@ import logging
 import re
 import time
 from collections import Counter
-from email.utils import format_datetime, localtime
 
 from maild import log as mlog
 from maild.address import Address
@@ -39,7 +38,7 @@ from maild.smtp.downstream import (
     Reply,
 )
 from maild.smtp.own_headers import customer_header, header_line, strip_own_headers
-from maild.smtp.received import authenticated_login, received_header
+from maild.smtp.received import authenticated_login, date_now, received_header
 from maild.smtp.server import MaildEnvelope, MaildSession, MaildSMTP
 from maild.store.base import Health, StoreError
 from maild.store.core import DecisionLog, DecisionRow
@@ -626,7 +625,7 @@ class Proxy:
             ctx.config.server.hostname,
             session.id,
             ctx.recipients,
-            format_datetime(localtime()),
+            date_now(),
             tls=session.tls,
             authenticated=bool(session.auth_login),
         )

@@ -7,8 +7,11 @@ message, and its id is maild's session id, which is also in maild's log lines.
 
 from __future__ import annotations
 
+import datetime
 import email.message
 import re
+import time
+from email.utils import format_datetime
 
 from maild.address import Address
 from maild.policy.context import Client
@@ -16,6 +19,21 @@ from maild.policy.context import Client
 _AUTH = re.compile(r"\(Authenticated sender:\s*([^)\s]+)\s*\)", re.I)
 _SAFE = re.compile(r"[^\x21-\x7e]")
 _SAFE_TEXT = re.compile(r"[^\x20-\x7e]")
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def date_now(t: float | None = None) -> str:
+    """email.utils.format_datetime(localtime()), the Received line's date (of time t):
+    made once a second (it has no finer resolution), not for every message (8 us)."""
+    global _last_date
+    if t is None:
+        t = time.time()
+    second = int(t)
+    if _last_date[0] != second:
+        _last_date = (second, format_datetime(datetime.datetime.fromtimestamp(t).astimezone()))
+    return _last_date[1]
 
 
 def _tok(value: str, default: str) -> str:

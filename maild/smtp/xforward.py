@@ -8,6 +8,7 @@ Values are RFC 3461 xtext; "[UNAVAILABLE]" means unknown.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -24,8 +25,17 @@ class Counter(Protocol):
     def client_remove(self, addr: str) -> None: ...
 
 
+_XCHARS = re.compile(r"[!-*,-<>-~]*")  # '!'..'~' but '+' and '=': xtext as they are
+
+
 def xtext(value: str) -> str:
     """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' as +HH."""
+    if _XCHARS.fullmatch(value):  # a host name, an address, a port: nothing to encode
+        return value
+    return _xtext_chars(value)
+
+
+def _xtext_chars(value: str) -> str:
     return "".join(
         c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
         for c in value.encode("utf-8", "surrogateescape").decode("latin-1")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import socket
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 from maild.store.base import Store, StoreError
 
@@ -71,6 +72,9 @@ class DecisionRow:
 
 
 COLUMNS = tuple(DecisionRow.__dataclass_fields__)
+# A row's values in column order: dataclasses.astuple deep-copies every field, and the
+# fields are all str, int or float.
+_values = operator.attrgetter(*COLUMNS)
 _INSERT = f"INSERT INTO decisions({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -117,7 +121,7 @@ class DecisionLog:
             return
         rows, self.pending = self.pending, []
         try:
-            await self.store.executemany(_INSERT, [astuple(r) for r in rows])
+            await self.store.executemany(_INSERT, [_values(r) for r in rows])
         except StoreError as e:
             if not self.retry_delay:  # once per outage, and the cause only if health did not
                 health = getattr(self.store, "health", None)

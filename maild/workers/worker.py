@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from maild import config as cfg
+from maild import gcpolicy
 from maild.daemon import Daemon, _downstream_settings
 from maild.daemonctl import SIG_CONTROL
 from maild.smtp.front import Front
@@ -182,6 +183,7 @@ class Worker(Daemon):
         tls = [Acceptor(sock, partial(self._protocol, kind)) for kind, sock in self.tls_socks]
         self.tls_servers = tls  # type: ignore[assignment]
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        gcpolicy.settle()
         tell(self.channel, "listening", os.getpid())
         log.info("worker %d started: pid=%d", self.index, os.getpid())
 
@@ -264,6 +266,7 @@ class Worker(Daemon):
         if _downstream_settings(new) != _downstream_settings(old):
             await self._replace_downstream(new)
             applied.append("downstream")
+        gcpolicy.settle()
         return applied
 
     def stats(self) -> dict[str, Any]:

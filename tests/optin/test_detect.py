@@ -30,6 +30,15 @@ def test_signals():
     ]
     assert list_signals(hdrs("Precedence: BULK")) == ["Precedence: bulk"]
     assert list_signals(hdrs("Precedence: junk", "Subject: hi")) == []
+    # field names in any case, and a name with a space before its colon is another field
+    assert list_signals(
+        hdrs("LIST-ID: x", "list-unsubscribe: <mailto:u@x>", "precedence: List")
+    ) == [
+        "List-Id",
+        "List-Unsubscribe",
+        "Precedence: list",
+    ]
+    assert list_signals(hdrs("List-Post : <mailto:x@y>")) == []
     assert header_list_id(hdrs("List-Id: News <News.Acme.Example>")) == "news.acme.example"
     assert header_list_id(hdrs("Subject: x")) == ""
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from maild.smtp import downstream
 from maild.smtp.downstream import Downstream, DownstreamError
 
 
@@ -146,3 +149,14 @@ async def test_bdat_where_the_downstream_offers_chunking():
         ds.release(conn, reusable=False)
     finally:
         srv.close()
+
+
+@settings(deadline=None)  # a property, not a timing: the machine is shared
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\n."]), max_size=20))
+def test_line_endings_and_dot_stuffing_are_the_substitutions(pieces):
+    # the shortcuts for text with nothing to change give what the patterns give
+    data = b"".join(pieces)
+    assert downstream.crlf_lines(data) == downstream._LINE_ENDINGS.sub(b"\r\n", data)
+    assert downstream.dot_stuffed(data) == downstream._LEADING_DOT.sub(b"..", data)
+    inner = downstream._INNER_DOT.sub(b"..", data)
+    assert (inner if b"\n." in data else data) == inner  # _write_rest's shortcut

@@ -3,8 +3,12 @@
 import email.parser
 import email.policy
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from maild.address import parse_path
 from maild.policy.context import Client
+from maild.smtp import xforward
 from maild.smtp.downstream import Reply
 from maild.smtp.received import authenticated_login, received_header
 from maild.smtp.xforward import xtext
@@ -57,6 +61,25 @@ def test_xtext_round_trip():
     assert _xtext_decode("bad+Z1") is None
 
 
+@settings(deadline=None)  # a property, not a timing: the machine is shared
+@given(st.text(max_size=40))
+def test_xtext_is_the_character_by_character_encoding(s):
+    # text with nothing to encode is returned as it is: the same as encoding each character
+    assert xtext(s) == xforward._xtext_chars(s)
+
+
 def test_multiline_reply_rendering():
     assert Reply(250, "one\ntwo").smtp() == "250-one\r\n250 two"
     assert Reply(550, "5.1.1 no").smtp() == "550 5.1.1 no"
+
+
+def test_the_date_is_format_datetime_of_localtime_within_each_second():
+    # made once a second: the same text as formatting the local time of each call
+    import datetime
+    from email.utils import format_datetime
+
+    from maild.smtp.received import date_now
+
+    for t in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.0, 1_799_999_999.5, 1_800_003_600.4):
+        expected = format_datetime(datetime.datetime.fromtimestamp(t).astimezone())
+        assert date_now(t) == expected
