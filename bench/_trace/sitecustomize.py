@@ -8,8 +8,20 @@ bench.hostile puts this directory first on maild's PYTHONPATH with MAILD_TRACE_D
   (a task step is named by its coroutine), with the slowest kept;
 * with MAILD_TRACE_MEMORY=1, tracemalloc from the start;
 * on SIGUSR2, a report N.json in MAILD_TRACE_DIR: the loop figures since the last one, a
-  census of live objects by type, glibc's mallinfo2, /proc's smaps_rollup, CPython's
-  allocator statistics (sys._debugmallocstats) and, with tracemalloc, a snapshot file.
+  census of live objects by type, glibc's mallinfo2, /proc's smaps_rollup and RSS by
+  kind of mapping (glibc's heap, anonymous: CPython's arenas), CPython's allocator
+  statistics (sys._debugmallocstats, its arena summary in the report), the memory
+  budget's state, objects the collector freed per generation and, with tracemalloc, a
+  snapshot file.
+
+Experiments, each behind its own variable (they change what they measure):
+MAILD_TRACE_PINNED=1 lists the small objects living in memory mapped since report 1 (what
+keeps CPython's arenas from being returned after a load) by type, bytes and the daemon's
+attribute that reaches them; MAILD_TRACE_TRIM=1 calls malloc_trim(0) at each report and
+records RSS before and after; MAILD_TRACE_SAVEALL=1 keeps the cyclic garbage between
+reports 1 and 2 and counts it by type (memory grows meanwhile); MAILD_TRACE_GC_EVERY=S
+runs a full collection every S seconds; MAILD_TRACE_FREEZE=1 calls gc.freeze() after
+report 1.
 """
 
 from __future__ import annotations
