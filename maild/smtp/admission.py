@@ -100,6 +100,10 @@ class LogOnce:
             self._unsaid.pop(k, None)
 
 
+def _released(_event: str) -> None:
+    """A released slot's notify."""
+
+
 @dataclass(eq=False)
 class Slot:
     """One admitted session, as admission control sees it."""
@@ -272,10 +276,11 @@ class Admission:
                     victim, most = found, held
         if victim is None:
             return False
+        notify = victim.notify  # release() unsets it
         self.release(victim)
         self.shed_count += 1
         self._stress_shed += 1
-        victim.notify("shed")
+        notify("shed")
         return True
 
     @staticmethod
@@ -320,6 +325,7 @@ class Admission:
         if slot.released:
             return
         slot.released = True
+        slot.notify = _released  # never called again; it names the session (a cycle)
         self.total -= 1
         if not slot.exempt:
             n = self.per_ip.get(slot.addr, 0) - 1
