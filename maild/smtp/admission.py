@@ -56,7 +56,12 @@ STRESS_END = 0.75
 
 class LogOnce:
     """Once per key per `window` seconds: say() is True for the first event of a window
-    and returns how many were left unsaid since the last line (for "N more")."""
+    and returns how many were left unsaid since the last line (for "N more").
+
+    A key is forgotten a window after its window is over (looked for once a window, as
+    the connection-rate table is pruned): a crowd of many addresses must not leave an
+    entry per address behind for good, and a client still at it in the next window is
+    told how many were unsaid. One back later than that starts a new count."""
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class LogOnce:
         self.max_keys = max_keys
         self._last: dict[Any, float] = {}
         self._unsaid: dict[Any, int] = {}
+        self._pruned = clock()
 
     def say(self, key: Any) -> tuple[bool, int]:
         now = self.clock()
@@ -77,18 +83,25 @@ class LogOnce:
             self._unsaid[key] = self._unsaid.get(key, 0) + 1
             return False, 0
         if len(self._last) >= self.max_keys:
-            self._forget(now)
+            self._forget(now, self.window)
+        elif now - self._pruned >= self.window:
+            self._forget(now, 2 * self.window)
         self._last[key] = now
         return True, self._unsaid.pop(key, 0)
 
-    def _forget(self, now: float) -> None:
-        for k in [k for k, t in self._last.items() if now - t >= self.window]:
+    def _forget(self, now: float, age: float) -> None:
+        self._pruned = now
+        for k in [k for k, t in self._last.items() if now - t >= age]:
             del self._last[k]
             self._unsaid.pop(k, None)
         while len(self._last) >= self.max_keys:
             k = next(iter(self._last))
             del self._last[k]
             self._unsaid.pop(k, None)
+
+
+def _released(_event: str) -> None:
+    """A released slot's notify."""
 
 
 @dataclass(eq=False)
@@ -263,10 +276,11 @@ class Admission:
                     victim, most = found, held
         if victim is None:
             return False
+        notify = victim.notify  # release() unsets it
         self.release(victim)
         self.shed_count += 1
         self._stress_shed += 1
-        victim.notify("shed")
+        notify("shed")
         return True
 
     @staticmethod
@@ -311,6 +325,7 @@ class Admission:
         if slot.released:
             return
         slot.released = True
+        slot.notify = _released  # never called again; it names the session (a cycle)
         self.total -= 1
         if not slot.exempt:
             n = self.per_ip.get(slot.addr, 0) - 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, AnyStr, ClassVar
 
 import aiosmtpd.smtp as _aiosmtpd
@@ -61,12 +61,74 @@ if SUPPORTED:
     _aiosmtpd.sanitized_log = sanitized_log  # the name _handle_client looks up
 
 
+class _Bound(Mapping[str, Any]):
+    """One of aiosmtpd's per-connection tables (command name -> what to call), made from
+    names when it is looked at rather than as a dict of bound methods per connection."""
+
+    __slots__ = ("_obj", "_names", "_value")
+
+    def __init__(self, obj: Any, names: dict[str, Any], value: Callable[[Any, Any], Any]):
+        self._obj, self._names, self._value = obj, names, value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._value(self._obj, self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _auth(obj: Any, entry: tuple[str, bool]) -> Any:
+    mname, is_self = entry
+    return _aiosmtpd._AuthMechAttr(getattr(obj if is_self else obj.event_handler, mname), is_self)
+
+
+class _Table:
+    """aiosmtpd's _smtp_methods, _handle_hooks or _auth_methods for a FastInit session.
+
+    SMTP.__init__ stores them on every connection: some 30 bound methods of the session
+    and of the handler, and three dicts, per session; the session's own bound methods
+    make each closed session a reference cycle that waits for a full collection of the
+    garbage collector (bench.hostile: hundreds of dead sessions at a time under a crowd,
+    the memory peak that CPython's allocator then keeps). A non-data descriptor: where
+    SMTP.__init__ ran (an unsupported aiosmtpd), its instance dicts take precedence."""
+
+    def __init__(self, which: int):
+        self.which = which
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        names = obj._tables(obj.event_handler)[self.which]
+        if self.which == 0:
+            return _Bound(obj, names, _auth)
+        target = obj if self.which == 2 else obj.event_handler
+        return _Bound(target, names, getattr)
+
+
+def _members(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """inspect.getmembers(obj) for the names starting with prefix (all of them would
+    read the _Tables, which ask for these)."""
+    for name in dir(obj):
+        if name.startswith(prefix):
+            try:
+                yield name, getattr(obj, name)
+            except AttributeError:  # as getmembers skips it
+                continue
+
+
 class FastInit(SMTP):
     """Mixed into maild's SMTP subclass; _fast_init replaces SMTP.__init__ when SUPPORTED."""
 
     line_length_limit: int
 
     _names: ClassVar[dict[tuple[type, type], tuple[Any, ...]]] = {}
+    _table_names: ClassVar[dict[tuple[type, type], tuple[dict[str, Any], ...]]] = {}
+    _auth_methods = _Table(0)
+    _handle_hooks = _Table(1)
+    _smtp_methods = _Table(2)
 
     def _introspect(self, handler: Any) -> tuple[Any, ...]:
         key = (type(self), type(handler))
@@ -85,8 +147,7 @@ class FastInit(SMTP):
                     obj is self,
                 )
                 for obj in (self, handler)
-                for mname, mfunc in inspect.getmembers(obj)
-                if mname.startswith("auth_")
+                for mname, mfunc in _members(obj, "auth_")
             )
             hooks = tuple(
                 (m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_")
@@ -102,6 +163,20 @@ class FastInit(SMTP):
             methods = tuple((m.replace("smtp_", ""), m) for m in dir(self) if m.startswith("smtp_"))
             names = self._names[key] = (auth, hooks, ver, methods)
         return names
+
+    def _tables(self, handler: Any) -> tuple[dict[str, Any], ...]:
+        """The names behind the _Tables: AUTH mechanism -> (method name, of the session),
+        hook -> handler method name, command -> session method name."""
+        key = (type(self), type(handler))
+        tables = self._table_names.get(key)
+        if tables is None:
+            auth, hooks, _ver, methods = self._introspect(handler)
+            tables = self._table_names[key] = (
+                {mech: (mname, is_self) for mech, mname, is_self in auth},
+                dict(hooks),
+                dict(methods),
+            )
+        return tables
 
     def _fast_init(self, handler: Any, limits: ServerLimits, hostname: str) -> None:
         """SMTP.__init__(handler, data_size_limit=..., enable_SMTPUTF8=True,
@@ -141,14 +216,8 @@ class FastInit(SMTP):
         self._auth_callback = _aiosmtpd.login_always_fail
         self._authenticator = None
         self._auth_required = False
-        auth, hooks, ver, methods = self._introspect(handler)
-        self._auth_methods = {
-            mech: _aiosmtpd._AuthMechAttr(getattr(self if is_self else handler, mname), is_self)
-            for mech, mname, is_self in auth
-        }
-        self._handle_hooks = {k: getattr(handler, m) for k, m in hooks}
-        self._ehlo_hook_ver = ver
-        self._smtp_methods = {k: getattr(self, m) for k, m in methods}
+        # _auth_methods, _handle_hooks and _smtp_methods: the class's _Tables
+        self._ehlo_hook_ver = self._introspect(handler)[2]
         # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
         self._enforce_call_limit = True
         self._call_limit_base = JUNK_COMMAND_LIMITS

@@ -129,6 +129,18 @@ class MaildEnvelope(Envelope):
         self.mail_params: list[str] = []
 
 
+class _Ended:
+    """A session's _handler_coroutine once its task is over: aiosmtpd's connection_lost
+    and eof_received still cancel it."""
+
+    @staticmethod
+    def cancel(_msg: object = None) -> bool:
+        return False
+
+
+_ENDED = _Ended()
+
+
 class _StrictReader:
     """Wraps the StreamReader so command lines must end in CRLF and hold no bare CR.
 
@@ -274,8 +286,21 @@ class MaildSMTP(FrontSMTP, FastInit):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._client_connected_cb = None  # called; a bound method of self is a cycle
         if self.session is not None:  # released in connection_lost, whenever that comes
             self.session.slot = self.admitted
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.add_done_callback(self._let_go)
+
+    def _let_go(self, _task: asyncio.Task[None]) -> None:
+        """The session's task is over: drop the references that lead back to the session
+        (the reader naming it, the task whose exception holds its frames), so reference
+        counting frees it now, not the garbage collector's next full collection, which
+        traversed hundreds of dead sessions at a time on the event loop under a crowd (a
+        memory peak CPython's allocator then keeps). The command tables are the class's
+        (compat._Table), not a cycle of bound methods per session."""
+        self._reader = self._writer = None  # type: ignore[assignment]
+        self._handler_coroutine = _ENDED  # type: ignore[assignment]
 
     async def _handle_client(self) -> None:
         if self.needs_preamble and not await self.front_preamble():  # PROXY, implicit TLS
@@ -337,7 +362,8 @@ class MaildSMTP(FrontSMTP, FastInit):
         self.event_handler.session_shed(session, reply)
         if isinstance(transport, asyncio.WriteTransport):
             transport.write(f"421 4.7.0 {self.hostname} {reply[10:]}\r\n".encode())
-        self._reader.closed = True  # type: ignore[attr-defined]
+        if self._reader is not None:  # None once the session's task is over
+            self._reader.closed = True  # type: ignore[attr-defined]
         transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -349,25 +375,11 @@ class MaildSMTP(FrontSMTP, FastInit):
             self.counter.client_remove(session.client.addr)
             session.counted = False
             self.event_handler.session_lost(session)
-        super().connection_lost(error)
-        task = self._handler_coroutine
-        if task is not None:  # cancelled just now, unless it had ended
-            task.add_done_callback(self._unlink)
-
-    def _unlink(self, _task: object = None) -> None:
-        """The session has ended: drop what makes the protocol a reference cycle (its
-        command table of its own bound methods, the reader naming it, its task, its
-        slot's callback), so reference counting frees the session's ~75 objects at
-        once instead of the garbage collector, which traversed them on the event loop."""
-        self._smtp_methods.clear()
-        self._auth_methods.clear()
-        self._handle_hooks.clear()
-        self._handler_coroutine = None
-        self._client_connected_cb = None
-        self._reader = self._writer = None  # type: ignore[assignment]
+        # released: its notify callback is a bound method of this session (a cycle)
         self.admitted = None
-        if self.session is not None:
-            self.session.slot = None
+        if session is not None:
+            session.slot = None
+        super().connection_lost(error)  # cancels the task; _let_go runs when it ends
 
     def eof_received(self) -> bool | None:
         """A half-close: answer every command the client sent before it, then close.
@@ -436,7 +448,8 @@ class MaildSMTP(FrontSMTP, FastInit):
     def close_after_reply(self) -> None:
         """Close once what was pushed so far (or the reply being returned to aiosmtpd) is
         flushed (transport.close flushes); read no further command meanwhile."""
-        self._reader.closed = True  # type: ignore[attr-defined]
+        if self._reader is not None:  # None once the session's task is over
+            self._reader.closed = True  # type: ignore[attr-defined]
 
         def close() -> None:
             if self.transport is not None:

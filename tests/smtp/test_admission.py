@@ -228,6 +228,21 @@ def test_log_once_forgets_old_keys_when_full(clock):
     assert once.say("c")[0] and once.say("a")[0]
 
 
+def test_log_once_forgets_a_key_a_window_after_its_window(clock):
+    """Refusals of a crowd from many addresses are logged once per address per minute;
+    the addresses must not stay in the table for good (until 100,000 of them)."""
+    once = LogOnce(clock=clock)
+    for i in range(50):
+        assert once.say(f"198.51.100.{i}")[0]
+        assert not once.say(f"198.51.100.{i}")[0]  # within the minute: unsaid
+    clock.now += 61
+    assert once.say("198.51.100.0") == (True, 1)  # at it in the next minute: "1 more"
+    clock.now += 61
+    assert once.say("192.0.2.1") == (True, 0)
+    assert set(once._last) == {"198.51.100.0", "192.0.2.1"} and not once._unsaid
+    assert once.say("198.51.100.7") == (True, 0)  # back much later: a new count
+
+
 def test_limits_are_checked_by_check_config():
     from maild.config import ConfigError
 

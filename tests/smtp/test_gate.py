@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import tempfile
+import weakref
 
 from maild.config import Server, parse
 from maild.smtp.admission import Admission, Refusal
@@ -16,6 +17,7 @@ from maild.smtp.budget import Budget
 from maild.smtp.gate import Door
 from maild.smtp.server import MaildSession, MaildSMTP
 from maild.smtp.sessions import SessionCounter
+from tests.harness.waits import wait_until_async
 
 
 class Handler:
@@ -139,3 +141,45 @@ async def wait_for(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert loop.time() < end, "condition not met"
         await asyncio.sleep(0.01)
+
+
+async def _session_gone(port: int, built: list[MaildSMTP], handler: Handler, quit: bool) -> bool:
+    """One admitted session (EHLO, then QUIT or a hang-up), ended: whether reference
+    counting alone freed it."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    await r.readline()
+    w.write(b"EHLO client.example\r\n")
+    while (await r.readline())[3:4] != b" ":
+        pass
+    lost = handler.lost
+    if quit:
+        w.write(b"QUIT\r\n")
+        assert (await r.readline()).startswith(b"221 ")
+    w.close()
+    await w.wait_closed()
+
+    async def ended() -> bool:  # connection lost, and the session's task over
+        task = built[-1]._handler_coroutine
+        return handler.lost > lost and (not isinstance(task, asyncio.Task) or task.done())
+
+    assert await wait_until_async(ended)
+    session = weakref.ref(built.pop())
+    await asyncio.sleep(0)  # the loop's last handles of the connection
+    return session() is None
+
+
+async def test_an_ended_session_is_freed_without_the_garbage_collector():
+    """A closed session used to be a web of reference cycles (its command tables' bound
+    methods, the stream writer, the strict reader, the slot's notify, the task's
+    exception and its frames) that only a full collection freed: under a crowd, hundreds
+    of dead sessions waited for it at a time. Reference counting frees it now."""
+    admission, handler, built, server, port, counter = await serve()
+    gc.collect()
+    gc.disable()
+    try:
+        assert await _session_gone(port, built, handler, quit=True)
+        assert await _session_gone(port, built, handler, quit=False)
+    finally:
+        gc.enable()
+        server.close()
+        await server.wait_closed()
