@@ -318,11 +318,8 @@ class MaildProc:
     def tree_rss_kb(self) -> dict[int, int]:
         """RSS of the process and every descendant (with [server] workers: the supervisor,
         the fork server and the workers), by pid."""
-        out = {self.pid: self.rss_kb()}
-        for pid in descendants(self.pid):
-            with contextlib.suppress(OSError, RuntimeError):
-                out[pid] = rss_kb(pid)
-        return out
+        self.rss_kb()  # maild itself gone is an error that names its exit and log
+        return tree_rss_kb(self.pid)
 
     def rss_kb(self) -> int:
         try:
@@ -354,6 +351,15 @@ def proc_times(pid: int) -> tuple[float, float, float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     return tuple(int(f) / tck for f in fields[11:15])  # type: ignore[return-value]
+
+
+def tree_rss_kb(root: int) -> dict[int, int]:
+    """RSS of root and of every descendant still there, by pid."""
+    out = {root: rss_kb(root)}
+    for pid in descendants(root):
+        with contextlib.suppress(OSError, RuntimeError):
+            out[pid] = rss_kb(pid)
+    return out
 
 
 def descendants(root: int) -> list[int]:

@@ -12,7 +12,11 @@ accepted; maild's RSS before the load, its peak, and 10 s after the crowd left (
 p99 < 2 s, peak < 400 MB, after within 20% of before).
 
     python -m bench.hostile [--seconds 60] [--big-only] [--code DIR] [--json FILE]
-                            [--direct] [--profile FILE] [--trace DIR [--trace-memory]]
+                            [--workers N] [--direct] [--profile FILE]
+                            [--trace DIR [--trace-memory]]
+
+--workers N runs maild with [server] workers = N (1 by default, as the earlier rows of
+docs/BENCHMARKS.md section 6): RSS and CPU are then every process's together.
 
 --code DIR runs maild from another checkout (PYTHONPATH), e.g. the code before issue 15,
 for the before/after comparison; --big-only runs the 30 big messages and the probes
@@ -48,14 +52,15 @@ from typing import Any
 
 from bench.common import (
     BIN,
+    descendants,
     emit,
     log,
     machine,
     proc_times,
     raise_nofile,
-    rss_kb,
     table,
     tree_cpu,
+    tree_rss_kb,
     verdict,
 )
 from bench.profile import summarise
@@ -79,6 +84,12 @@ STEPS = ("connect", "220", "EHLO", "MAIL", "RCPT", "DATA", "dot")
 TRACE = Path(__file__).resolve().parent / "_trace"
 
 
+def maild_rss_kb(pid: int) -> int:
+    """maild's RSS: with [server] workers, the supervisor's, the fork server's and every
+    worker's together (the memory budget is the host's, split between the workers)."""
+    return sum(tree_rss_kb(pid).values())
+
+
 class Sampler(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -89,7 +100,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                self.peak = max(self.peak, rss_kb(self.pid))
+                self.peak = max(self.peak, maild_rss_kb(self.pid))
             except (OSError, RuntimeError):
                 return
             self._halt.wait(0.25)
@@ -128,15 +139,18 @@ def _cpu(maild: int, crowd: int, postfix: int | None) -> dict[str, float]:
     """CPU seconds so far: maild's (and the time its threads waited for a CPU, from
     schedstat), the crowd's, Postfix's tree and the whole machine's busy time."""
     waited = 0.0
-    for task in os.listdir(f"/proc/{maild}/task"):
+    for pid in (maild, *descendants(maild)):
         with contextlib.suppress(OSError):
-            waited += int(Path(f"/proc/{maild}/task/{task}/schedstat").read_text().split()[1])
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    stat = Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
+                    waited += int(stat.split()[1])
     cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     ticks = [int(x) for x in cpu]
     idle = ticks[3] + ticks[4]
     tck = os.sysconf("SC_CLK_TCK")
     return {
-        "maild": sum(proc_times(maild)[:2]),
+        "maild": tree_cpu([maild]),
         "maild_waited_for_cpu": waited / 1e9,
         "crowd": sum(proc_times(crowd)[:2]),
         "postfix": tree_cpu([postfix]) if postfix else float("nan"),
@@ -155,7 +169,12 @@ def _trace_report(pid: int, trace: str, n: int) -> None:
 
 
 def run(
-    seconds: int, crowd: Crowd, code: str | None, workdir: Path, tools: Tools = Tools()
+    seconds: int,
+    crowd: Crowd,
+    code: str | None,
+    workdir: Path,
+    tools: Tools = Tools(),
+    workers: int = 1,
 ) -> dict[str, Any]:
     paths = [code] if code else []
     if tools.trace:
@@ -176,6 +195,7 @@ def run(
     pf.start()
     policy = front_policy(pf.reinject_port)
     policy["postmaster"]["domains"] = ["hosted.example", BIG_DOMAIN]
+    policy["server"]["workers"] = workers
     m = Maild(workdir / "maild", policy)
     try:
         m.start(timeout=60)
@@ -184,7 +204,8 @@ def run(
         asyncio.run(probes(m.port, 0, count=3))  # warm-up: imports, pools, caches
         if tools.trace:
             _trace_report(pid, tools.trace, 1)
-        before = rss_kb(pid)
+        before = maild_rss_kb(pid)
+        before_each = tree_rss_kb(pid)
         sampler = Sampler(pid)
         sampler.start()
         log(f"crowd: {crowd}")
@@ -206,7 +227,8 @@ def run(
         if spy is not None:
             spy.wait(60)
         time.sleep(10)
-        after = rss_kb(pid)
+        after = maild_rss_kb(pid)
+        after_each = tree_rss_kb(pid)
         sampler.stop()
         if tools.trace:
             _trace_report(pid, tools.trace, 3)
@@ -222,6 +244,8 @@ def run(
         "rss_before_kb": before,
         "rss_peak_kb": sampler.peak,
         "rss_after_kb": after,
+        "rss_each_kb": {"before": before_each, "after": after_each},
+        "workers": workers,
         "code": code or "this checkout",
         "status": status,
         "loadavg_start_end": load,
@@ -340,6 +364,15 @@ def report(r: dict[str, Any]) -> str:
         )
     )
     lines.append("")
+    if r.get("workers", 1) > 1:
+        each = r["rss_each_kb"]
+        lines.append(
+            f"workers = {r['workers']}: RSS is every process's together; before / after by pid: "
+            + ", ".join(
+                f"{pid} {kb / mb:.0f} / {each['after'].get(pid, 0) / mb:.0f} MB"
+                for pid, kb in each["before"].items()
+            )
+        )
     lines.append("crowd saw: " + ", ".join(f"{k} {v}" for k, v in sorted(r["crowd_stats"].items())))
     lines.append(
         "load average at the start / end of the probes: {:.2f} / {:.2f}".format(
@@ -368,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=FULL.big)
     ap.add_argument("--code", help="run maild from this checkout (PYTHONPATH)")
     ap.add_argument("--json")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="[server] workers (RSS and CPU: all processes)"
+    )
     ap.add_argument("--direct", action="store_true", help="also probe Postfix directly")
     ap.add_argument("--profile", help="py-spy's raw samples of maild to this file")
     ap.add_argument("--trace", help="bench/_trace's reports from maild to this directory")
@@ -381,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="maild-hostile-") as d:
         tools = Tools(a.direct, a.profile, a.trace, a.trace_memory)
-        r = run(a.seconds, crowd, a.code, Path(d), tools)
+        r = run(a.seconds, crowd, a.code, Path(d), tools, a.workers)
     r["machine"] = machine()
     emit(r, report(r), a.json)
     return 0
