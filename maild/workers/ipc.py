@@ -121,8 +121,9 @@ class Channel(asyncio.Protocol):
         self._outbox.append(data)
 
     def _flush(self) -> None:
-        """Notices wait for the end of this turn of the loop (one write for all); a call,
-        and the answers to a batch of frames received, go at once."""
+        """Notices and calls wait for the end of this turn of the loop: the frames of
+        every session that ran in it go out in one write (one wake-up of the peer, not
+        one per call); the answers to a batch of frames received go at its end."""
         out, self._outbox = self._outbox, []
         if out and not self.closed and self._transport is not None:
             self._transport.write(b"".join(out))
@@ -140,7 +141,6 @@ class Channel(asyncio.Protocol):
         timer = loop.call_later(timeout, _expire, fut)
         try:
             self._write((mid, kind, args))
-            self._flush()
             return await fut
         finally:
             timer.cancel()
