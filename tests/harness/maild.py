@@ -168,7 +168,9 @@ class Maild:
         return rc
 
     def __enter__(self) -> Maild:
-        return self.start()
+        """`with Maild(...) as m` starts it; `with Maild(...).start() as m` must not start
+        a second maild (the first would be left running, never stopped)."""
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -125,7 +125,7 @@ def test_the_dovecot_auth_unix_socket_works_as_the_tcp_port_does(postfix, doveco
     policy = front_policy(postfix.reinject_port)
     policy["server"]["tls"] = {"certificate": str(cert), "key": str(key)}
     policy["server"]["auth"] = {"dovecot": str(dovecot.client_socket)}
-    with Maild(tmp_path / "m", policy).start() as m:
+    with Maild(tmp_path / "m", policy) as m:
         r = swaks(
             m.port,
             frm="alice@acme.example",
