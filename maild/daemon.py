@@ -546,16 +546,10 @@ class Daemon:
 
     async def _apply(self, new: cfg.Config, result: dict) -> None:
         """A new policy that parsed and validated: put it in effect."""
-        await self.customers.adopt(new)  # the new policy's index, published before the switch
         old = self.config
-        self._configure_services(new)
+        await self._switch(new)
         self._configure_campaigns(new)
         self._schedule_report(new)
-        self.config = new
-        self.proxy.config = new
-        self.admission.limits = new.server.limits
-        self.budget.total = new.server.limits.memory_in_flight
-        self.budget.threshold = new.server.limits.spool_threshold
         if self.retention is not None:
             await self.retention.reload(new)
         log.info(
@@ -585,6 +579,18 @@ class Daemon:
                 r["running"] or '""',
                 r["why"],
             )
+
+    async def _switch(self, new: cfg.Config) -> None:
+        """What every process serving SMTP does with a new policy (one process, or each
+        worker): the customer index published first, then the services the rules use and
+        the config the proxy, admission control and the memory budget read."""
+        await self.customers.adopt(new)
+        self._configure_services(new)
+        self.config = new
+        self.proxy.config = new
+        lim = new.server.limits
+        self.admission.limits = lim
+        self.budget.total, self.budget.threshold = lim.memory_in_flight, lim.spool_threshold
 
     async def _listen(self, addr: tuple[str, int]) -> bool:
         """Bind the new address before closing the old listener: no moment without one,

@@ -266,17 +266,11 @@ class Worker(Daemon):
     async def _apply_from_supervisor(self, new: cfg.Config) -> list[str]:
         """The supervisor read and checked the file once; apply its result here."""
         new = view(new, self.index, self.workers)
-        await self.customers.adopt(new)
         old = self.config
-        self._configure_services(new)
+        await self._switch(new)
         with contextlib.suppress(TLSConfigError):  # the supervisor logged it
             self.front.reload(new.server)
-        self.config = new
-        self.proxy.config = new
         self.optin.config = new
-        lim = new.server.limits
-        self.admission.limits = lim
-        self.budget.total, self.budget.threshold = lim.memory_in_flight, lim.spool_threshold
         applied = []
         if _downstream_settings(new) != _downstream_settings(old):
             await self._replace_downstream(new)
