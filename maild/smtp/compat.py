@@ -125,33 +125,29 @@ class FastInit(SMTP):
     line_length_limit: int
 
     _names: ClassVar[dict[tuple[type, type], tuple[Any, ...]]] = {}
-    _table_names: ClassVar[dict[tuple[type, type], tuple[dict[str, Any], ...]]] = {}
     _auth_methods = _Table(0)
     _handle_hooks = _Table(1)
     _smtp_methods = _Table(2)
 
-    def _introspect(self, handler: Any) -> tuple[Any, ...]:
+    def _tables(self, handler: Any) -> tuple[Any, ...]:
+        """Once per (session class, handler class): the names behind the _Tables (AUTH
+        mechanism -> (method name, of the session), hook -> handler method name,
+        command -> session method name) and the EHLO hook's version."""
         key = (type(self), type(handler))
         names = self._names.get(key)
         if names is None:
             import inspect
 
-            auth = tuple(
-                (
-                    getattr(
-                        mfunc,
-                        "__auth_mechanism_name__",
-                        mname.replace("auth_", "").replace("__", "-"),
-                    ),
-                    mname,
-                    obj is self,
-                )
+            auth = {
+                getattr(
+                    mfunc,
+                    "__auth_mechanism_name__",
+                    mname.replace("auth_", "").replace("__", "-"),
+                ): (mname, obj is self)
                 for obj in (self, handler)
                 for mname, mfunc in _members(obj, "auth_")
-            )
-            hooks = tuple(
-                (m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_")
-            )
+            }
+            hooks = {m.replace("handle_", ""): m for m in dir(handler) if m.startswith("handle_")}
             ehlo = getattr(handler, "handle_EHLO", None)
             ver = (
                 None
@@ -160,23 +156,9 @@ class FastInit(SMTP):
             )
             if ehlo is not None and ver != "new":
                 raise RuntimeError("maild's fast SMTP init needs the 5-argument handle_EHLO")
-            methods = tuple((m.replace("smtp_", ""), m) for m in dir(self) if m.startswith("smtp_"))
-            names = self._names[key] = (auth, hooks, ver, methods)
+            methods = {m.replace("smtp_", ""): m for m in dir(self) if m.startswith("smtp_")}
+            names = self._names[key] = (auth, hooks, methods, ver)
         return names
-
-    def _tables(self, handler: Any) -> tuple[dict[str, Any], ...]:
-        """The names behind the _Tables: AUTH mechanism -> (method name, of the session),
-        hook -> handler method name, command -> session method name."""
-        key = (type(self), type(handler))
-        tables = self._table_names.get(key)
-        if tables is None:
-            auth, hooks, _ver, methods = self._introspect(handler)
-            tables = self._table_names[key] = (
-                {mech: (mname, is_self) for mech, mname, is_self in auth},
-                dict(hooks),
-                dict(methods),
-            )
-        return tables
 
     def _fast_init(self, handler: Any, limits: ServerLimits, hostname: str) -> None:
         """SMTP.__init__(handler, data_size_limit=..., enable_SMTPUTF8=True,
@@ -217,7 +199,7 @@ class FastInit(SMTP):
         self._authenticator = None
         self._auth_required = False
         # _auth_methods, _handle_hooks and _smtp_methods: the class's _Tables
-        self._ehlo_hook_ver = self._introspect(handler)[2]
+        self._ehlo_hook_ver = self._tables(handler)[3]
         # command_call_limit=JUNK_COMMAND_LIMITS, as SMTP.__init__ sets it up for a dict
         self._enforce_call_limit = True
         self._call_limit_base = JUNK_COMMAND_LIMITS

@@ -108,10 +108,11 @@ class BindError(OSError):
         super().__init__(err.errno, f"cannot listen on {host or '*'}:{port} ({key}): {why}")
 
 
-def tls_listeners(tls: TLS) -> list[tuple[str, tuple[str, int]]]:
-    """(kind, address) of every [server.tls] implicit and submission listener."""
+def tls_listeners(tls: TLS) -> list[tuple[str, str, tuple[str, int]]]:
+    """(kind, policies.toml key, address) of every [server.tls] implicit and submission
+    listener."""
     return [
-        (kind, addr)
+        (kind, f"[server.tls] {kind}", addr)
         for kind, addrs in (("implicit", tls.implicit), ("submission", tls.submission))
         for addr in addrs
     ]
@@ -141,8 +142,7 @@ async def bind_listeners(
     """The [server.tls] implicit and submission listeners, bound (not yet serving)."""
     servers: list[asyncio.AbstractServer] = []
     try:
-        for kind, addr in tls_listeners(tls):
-            key = f"[server.tls] {kind}"
+        for kind, key, addr in tls_listeners(tls):
             servers.append(await bind(key, addr, functools.partial(protocol, kind)))
     except BindError:
         for s in servers:

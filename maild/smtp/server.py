@@ -375,11 +375,9 @@ class MaildSMTP(FrontSMTP, FastInit):
             self.counter.client_remove(session.client.addr)
             session.counted = False
             self.event_handler.session_lost(session)
-        # released: its notify callback is a bound method of this session (a cycle)
-        self.admitted = None
-        if session is not None:
-            session.slot = None
-        super().connection_lost(error)  # cancels the task; _let_go runs when it ends
+        # cancels the task; _let_go runs when it ends (the released slot's notify no
+        # longer names this session: Admission.release)
+        super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
         """A half-close: answer every command the client sent before it, then close.

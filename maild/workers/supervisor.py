@@ -139,7 +139,7 @@ class Supervisor(Daemon):
         privs.check_files(c.path, state_path)
         self.listen_sock = bind("[server] listen", c.server.listen)
         self.tls_socks = [
-            (kind, bind(f"[server.tls] {kind}", addr)) for kind, addr in tls_listeners(c.server.tls)
+            (kind, bind(key, addr)) for kind, key, addr in tls_listeners(c.server.tls)
         ]
         self.front = Front(c.server)  # the key is read while still root; the workers inherit it
         self._drop_root(state_path)
@@ -422,7 +422,7 @@ class Supervisor(Daemon):
                 with contextlib.suppress(ChannelClosed):
                     ch.send("stop")
         # new connections refused at once, as one process's closed listener does
-        stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
+        stop_listening(self.listen_sock, self.tls_socks)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_grace + KILL_AFTER
         while any(s.state not in ("stopped", "restarting") for s in self.slots):

@@ -114,12 +114,12 @@ class Acceptor:
             self.loop.remove_reader(self.sock.fileno())
 
 
-def stop_listening(socks: Sequence[socket.socket]) -> None:
+def stop_listening(listen: socket.socket, tls_socks: Sequence[tuple[str, socket.socket]]) -> None:
     """Shut the shared listening sockets down in every process that holds them: the
     kernel refuses new connections (the client tries the next MX) and resets those
     queued, rather than queueing them for workers that will not accept again, and a
     maild started again can bind the port while the sessions in flight finish."""
-    for sock in socks:
+    for sock in (listen, *(sock for _kind, sock in tls_socks)):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RD)
 
@@ -229,7 +229,7 @@ class Worker(Daemon):
         """The channel closed. If the supervisor went away (killed), nobody stops the
         host's listeners for us: shut them down, finish the sessions, exit."""
         if self.channel.peer_closed:
-            stop_listening([self.listen_sock, *(sock for _kind, sock in self.tls_socks)])
+            stop_listening(self.listen_sock, self.tls_socks)
             log.error(
                 "error: worker %d (pid %d): the supervisor is gone; listeners shut down, "
                 "sessions in flight %d finish (their mail tempfailed), then the worker exits",
@@ -300,8 +300,7 @@ class Worker(Daemon):
         while True:
             await asyncio.sleep(STATS_EVERY)
             tick += 1
-            if not self.channel.closed:  # the supervisor is gone: nobody to tell
-                tell(self.channel, "stats", self.stats())
+            tell(self.channel, "stats", self.stats())  # none once the supervisor is gone
             if tick % 2:
                 continue
             self.budget.settle()
